@@ -1,0 +1,49 @@
+"""`flashlm convert`: pick the source reader for a path and write the model folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .source import SUPPORTED_SOURCES, ConversionError, Source
+from .writer import write_model
+
+
+def open_source(path) -> Source:
+    """A GGUF file or a Hugging Face folder (config.json + *.safetensors) as a Source."""
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file or folder")
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            from .gguf_source import GGUFSource
+            return GGUFSource(path)
+        raise ConversionError(f"{path}: not a GGUF file (magic {magic!r}); supported: " + "; ".join(SUPPORTED_SOURCES))
+    if (path / "config.json").exists():
+        from .hf_source import HFSource
+        return HFSource(path)
+    raise ConversionError(f"{path}: a folder without config.json; supported: " + "; ".join(SUPPORTED_SOURCES))
+
+
+def convert(src, out_dir, *, dtype: str = "f16", force: bool = False, progress: bool = True) -> Path:
+    """Convert a checkpoint into a flashlm model folder; returns its path."""
+    source = open_source(src)
+    try:
+        return write_model(source, out_dir, dtype=dtype, force=force, progress=progress)
+    finally:
+        source.close()
+
+
+def plan(src) -> dict:
+    """What a conversion would produce, without writing anything (for --dry-run)."""
+    source = open_source(src)
+    try:
+        return {"config": source.config.to_dict(), "source": source.info.description}
+    finally:
+        source.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+    print(json.dumps(plan(sys.argv[1]), indent=1))

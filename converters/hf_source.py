@@ -1,0 +1,289 @@
+"""Hugging Face checkpoint folders (config.json + safetensors) as a conversion Source.
+
+Only headers are read up front: every tensor's file, dtype and offsets come from `read_header`, so a
+multi-gigabyte model is indexed without loading it, and `load()` reads exactly one tensor. HF Llama-family
+Q/K weights are already in the rotate-half RoPE layout the canonical names promise, so no permutation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from converters.source import SUPPORTED_SOURCES, ConversionError, SourceInfo, expected_tensors
+from runtime.config import ModelConfig
+from runtime.safetensors_file import SafetensorsError, read_header, read_tensor
+
+LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+OPT_ARCHS = ("OPTForCausalLM",)
+ROPE_TYPES = (None, "default", "linear", "llama3")   # the scaling kinds the runtime implements
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+# HF module path (inside a layer, or top level) -> canonical prefix; ".weight"/".bias" is carried over.
+LLAMA_LAYER = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
+    "self_attn.o_proj": "attn.o",
+    "mlp.gate_proj": "ffn.gate", "mlp.up_proj": "ffn.up", "mlp.down_proj": "ffn.down",
+}
+LLAMA_TOP = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "lm_head"}
+LLAMA_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+OPT_LAYER = {
+    "self_attn_layer_norm": "attn_norm", "final_layer_norm": "ffn_norm",
+    "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
+    "self_attn.out_proj": "attn.o", "fc1": "ffn.up", "fc2": "ffn.down",
+}
+OPT_TOP = {"model.decoder.embed_tokens.weight": "tok_embeddings",
+           "model.decoder.embed_positions.weight": "pos_embeddings",
+           "model.decoder.final_layer_norm.weight": "norm.weight",
+           "model.decoder.final_layer_norm.bias": "norm.bias",
+           "lm_head.weight": "lm_head"}
+OPT_LAYER_RE = re.compile(r"model\.decoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: cannot read JSON ({e})") from None
+
+
+def _ids(v) -> list[int]:
+    """eos_token_id may be null, an int or a list."""
+    if v is None:
+        return []
+    return [int(x) for x in (v if isinstance(v, list) else [v])]
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+def _rope(cfg: dict, where: Path) -> tuple[float, dict | None]:
+    """(rope_theta, scaling dict or None). transformers 5 writes both into `rope_parameters`;
+    older configs have top-level `rope_theta` and `rope_scaling` (with "type" instead of "rope_type")."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0)
+    kind = params.pop("rope_type", None) or params.pop("type", None)
+    params.pop("type", None)
+    if kind not in ROPE_TYPES:
+        raise ConversionError(f"{where}: RoPE scaling type {kind!r} is not supported (supported: linear, llama3)")
+    return theta, (None if kind in (None, "default") else {"rope_type": kind, **params})
+
+
+def _llama_config(cfg: dict, arch: str, where: Path) -> ModelConfig:
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
+    if cfg.get("mlp_bias"):
+        raise ConversionError(f"{where}: mlp_bias=true is not supported")
+    max_pos = int(cfg["max_position_embeddings"])
+    window = cfg.get("sliding_window")
+    # Qwen2 carries sliding_window even when use_sliding_window is false; only an active window matters.
+    if cfg.get("use_sliding_window", True) and window is not None and window < max_pos:
+        raise ConversionError(f"{where}: sliding-window attention not supported "
+                              f"(sliding_window {window} < max_position_embeddings {max_pos})")
+    theta, scaling = _rope(cfg, where)
+    heads = int(cfg["num_attention_heads"])
+    attn_bias = bool(cfg.get("attention_bias", False))
+    return ModelConfig(
+        architecture="llama", vocab_size=int(cfg["vocab_size"]), d_model=int(cfg["hidden_size"]),
+        n_layers=int(cfg["num_hidden_layers"]), n_heads=heads,
+        n_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+        n_ff=int(cfg["intermediate_size"]), ffn_kind="swiglu", norm_kind="rms",
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), pos_kind="rope", max_position=max_pos,
+        rope_theta=theta, rope_scaling=scaling, tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attn_qkv_bias=attn_bias or arch == "Qwen2ForCausalLM", attn_out_bias=attn_bias)
+
+
+def _opt_config(cfg: dict, where: Path) -> ModelConfig:
+    d = int(cfg["hidden_size"])
+    refuse = {
+        "do_layer_norm_before=false (post-norm OPT, e.g. opt-350m)": not cfg.get("do_layer_norm_before", True),
+        f"word_embed_proj_dim {cfg.get('word_embed_proj_dim')} != hidden_size {d}":
+            cfg.get("word_embed_proj_dim", d) != d,
+        f"activation_function {cfg.get('activation_function')!r} (only relu)":
+            cfg.get("activation_function", "relu") != "relu",
+        "enable_bias=false": not cfg.get("enable_bias", True),
+        "layer_norm_elementwise_affine=false": not cfg.get("layer_norm_elementwise_affine", True),
+    }
+    for what, bad in refuse.items():
+        if bad:
+            raise ConversionError(f"{where}: OPT with {what} is not supported")
+    heads = int(cfg["num_attention_heads"])
+    return ModelConfig(
+        architecture="opt", vocab_size=int(cfg["vocab_size"]), d_model=d,
+        n_layers=int(cfg["num_hidden_layers"]), n_heads=heads, n_kv_heads=heads, head_dim=d // heads,
+        n_ff=int(cfg["ffn_dim"]), ffn_kind="relu", norm_kind="layer", norm_eps=1e-5,  # nn.LayerNorm default
+        pos_kind="learned", max_position=int(cfg["max_position_embeddings"]), pos_offset=2,
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        attn_qkv_bias=True, attn_out_bias=True, ffn_bias=True)
+
+
+def parse_config(cfg: dict, generation: dict, where: Path) -> ModelConfig:
+    arch = (cfg.get("architectures") or [None])[0]
+    try:
+        if arch in LLAMA_ARCHS:
+            c = _llama_config(cfg, arch, where)
+        elif arch in OPT_ARCHS:
+            c = _opt_config(cfg, where)
+        else:
+            raise ConversionError(f"{where}: architecture {arch!r} is not supported; supported sources: "
+                                  + "; ".join(SUPPORTED_SOURCES))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConversionError(f"{where}: missing or invalid field ({e!r})") from None
+    bos = cfg.get("bos_token_id", generation.get("bos_token_id"))
+    c.bos_token_id = None if bos is None else int(bos)
+    # Instruct models often list extra stop tokens (e.g. Llama 3's <|eot_id|>) only in generation_config.
+    eos = _ids(cfg.get("eos_token_id")) + _ids(generation.get("eos_token_id"))
+    c.eos_token_ids = list(dict.fromkeys(eos))
+    return c
+
+
+# --------------------------------------------------------------------------------------------- tensors
+
+def canonical_name(hf_name: str, arch: str) -> str | None:
+    """Canonical name for an HF tensor name, or None when it is not a weight we know."""
+    opt = arch == "opt"
+    if opt and hf_name.startswith("decoder."):   # older OPT checkpoints omit the "model." prefix
+        hf_name = "model." + hf_name
+    top, layer, layer_re = (OPT_TOP, OPT_LAYER, OPT_LAYER_RE) if opt else (LLAMA_TOP, LLAMA_LAYER, LLAMA_LAYER_RE)
+    if hf_name in top:
+        return top[hf_name]
+    m = layer_re.fullmatch(hf_name)
+    if m and m[2] in layer:
+        return f"layers.{m[1]}.{layer[m[2]]}.{m[3]}"
+    return None
+
+
+def _ignorable(hf_name: str, config: ModelConfig) -> bool:
+    # Old Llama checkpoints store the RoPE table; tied models may still store a copy of lm_head.
+    return hf_name.endswith("rotary_emb.inv_freq") or (config.tied_embeddings and hf_name == "lm_head.weight")
+
+
+def _weight_files(folder: Path) -> list[str]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index}: no weight_map")
+        return sorted(set(weight_map.values()))
+    if (folder / "model.safetensors").exists():
+        return ["model.safetensors"]
+    raise ConversionError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                          "(only safetensors weights are supported)")
+
+
+class HFSource:
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        config_path = self.folder / "config.json"
+        if not config_path.exists():
+            raise ConversionError(f"{config_path}: not found; expected a Hugging Face model folder")
+        raw_cfg = _read_json(config_path)
+        generation = self._optional_json("generation_config.json") or {}
+        self.config = parse_config(raw_cfg, generation, config_path)
+        self.files = _weight_files(self.folder)
+        self._index = self._index_tensors()   # canonical -> (path, header info, data_start)
+        self._check_shapes()
+        self.info = SourceInfo(
+            tokenizer_json=self._optional_text("tokenizer.json"),
+            chat_template=self._chat_template(),
+            generation_config=generation,
+            special_tokens=self._special_tokens(),
+            description={"format": "hf", "path": str(self.folder), "architecture": raw_cfg["architectures"][0],
+                         "files": self.files,
+                         "bytes": sum(os.path.getsize(self.folder / f) for f in self.files)})
+
+    # -- Source protocol
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(info["shape"]) for name, (_, info, _) in self._index.items()}
+
+    def load(self, name: str) -> np.ndarray:
+        path, info, data_start = self._index[name]
+        try:
+            arr = read_tensor(path, info, data_start)   # bf16 comes back widened to f32
+        except (OSError, SafetensorsError) as e:
+            raise ConversionError(f"cannot read {name}: {e}") from None   # both errors name the file
+        return arr.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        pass   # no file stays open between load() calls
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- indexing
+
+    def _index_tensors(self) -> dict:
+        index = {}
+        for fname in self.files:
+            path = self.folder / fname
+            if not path.exists():
+                raise ConversionError(f"{path}: weight file listed in the index is missing")
+            try:
+                header, data_start, _ = read_header(path)
+            except SafetensorsError as e:   # its message already names the file
+                raise ConversionError(str(e)) from None
+            except OSError as e:
+                raise ConversionError(f"{path}: {e}") from None
+            for hf_name, info in header.items():
+                name = canonical_name(hf_name, self.config.architecture)
+                if _ignorable(hf_name, self.config):
+                    continue
+                if name is None:
+                    raise ConversionError(f"{path}: unexpected tensor {hf_name!r}; this model variant is not supported")
+                if info["dtype"] not in FLOAT_DTYPES:
+                    raise ConversionError(f"{path}: tensor {hf_name!r} has dtype {info['dtype']}, expected a float type")
+                index[name] = (path, info, data_start)
+        return index
+
+    def _check_shapes(self) -> None:
+        where = ", ".join(self.files)
+        expected, got = expected_tensors(self.config), self.shapes()
+        for name, shape in expected.items():
+            if name not in got:
+                raise ConversionError(f"{self.folder}: tensor {name} is missing from {where}")
+            if got[name] != shape:
+                raise ConversionError(f"{self._index[name][0]}: tensor {name} has shape {list(got[name])}, "
+                                      f"config.json implies {list(shape)}")
+        extra = sorted(set(got) - set(expected))
+        if extra:
+            raise ConversionError(f"{self.folder}: tensors {extra} in {where} are not used by this config")
+
+    # -- tokenizer and generation side files
+
+    def _optional_text(self, fname: str) -> str | None:
+        path = self.folder / fname
+        return path.read_text(encoding="utf-8") if path.exists() else None
+
+    def _optional_json(self, fname: str) -> dict | None:
+        path = self.folder / fname
+        return _read_json(path) if path.exists() else None
+
+    def _chat_template(self) -> str | None:
+        # transformers prefers a chat_template.jinja file over the tokenizer_config.json entry.
+        text = self._optional_text("chat_template.jinja")
+        if text is not None:
+            return text
+        tmpl = (self._optional_json("tokenizer_config.json") or {}).get("chat_template")
+        if isinstance(tmpl, list):   # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), None)
+        return tmpl
+
+    def _special_tokens(self) -> dict:
+        tok_cfg = self._optional_json("tokenizer_config.json") or {}
+        out = {}
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            v = tok_cfg.get(key)
+            if isinstance(v, dict):   # AddedToken serialised as {"content": "<s>", "lstrip": ...}
+                v = v.get("content")
+            if isinstance(v, str):
+                out[key] = v
+        return out

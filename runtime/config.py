@@ -1,0 +1,70 @@
+"""What a model is (ModelConfig, from the manifest) and how this device runs it (RuntimeConfig)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+FORMAT_VERSION = 1
+SUPPORTED_ARCHITECTURES = ("llama", "opt")
+
+
+@dataclass
+class ModelConfig:
+    architecture: str            # "llama" (Llama/Mistral/Qwen2-style) or "opt"
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_ff: int                    # FFN neurons per layer
+    ffn_kind: str                # "swiglu" (gate, up, down) or "relu" (up, down)
+    norm_kind: str               # "rms" or "layer"
+    norm_eps: float
+    pos_kind: str                # "rope" or "learned"
+    max_position: int            # context length the model was trained for
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None   # HF rope_scaling dict (e.g. llama3), None = plain RoPE
+    pos_offset: int = 0          # OPT's learned positions start at index 2
+    tied_embeddings: bool = False
+    attn_qkv_bias: bool = False  # Qwen2 / OPT
+    attn_out_bias: bool = False  # OPT
+    ffn_bias: bool = False       # OPT: up bias per neuron (in the bundle), down bias per output (dense)
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {self.architecture!r}; supported: {SUPPORTED_ARCHITECTURES}")
+        if self.ffn_kind not in ("swiglu", "relu"):
+            raise ValueError(f"unsupported ffn_kind {self.ffn_kind!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def bundle_parts(self) -> list[tuple[str, int]]:
+        """(name, length in elements) of one neuron's bundle row, in storage order."""
+        d = self.d_model
+        parts = [("gate", d), ("up", d), ("down", d)] if self.ffn_kind == "swiglu" else [("up", d), ("down", d)]
+        if self.ffn_bias:
+            parts.append(("up_bias", 1))
+        return parts
+
+    @property
+    def bundle_elems(self) -> int:
+        return sum(n for _, n in self.bundle_parts)
+
+
+@dataclass
+class RuntimeConfig:
+    """How this device runs a model: set from a device profile and CLI flags, never from globals."""
+    ctx_len: int = 2048          # KV cache length (tokens)
+    threads: int | None = None   # compute threads for numba; None = all cores

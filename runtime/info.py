@@ -1,0 +1,56 @@
+"""`flashlm info`: what a model folder holds and how much memory running it needs."""
+from __future__ import annotations
+
+import numpy as np
+
+from .modelfile import ModelFolder
+from .safetensors_file import read_header
+
+RUNTIME_OVERHEAD = 160 * 2**20   # Python + numpy + numba + compiled kernels, measured RSS before loading
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def model_info(folder: ModelFolder, *, ctx_len: int = 2048) -> dict:
+    """Sizes by part and the resident-memory estimate of running everything in DRAM."""
+    c = folder.config
+    header, _, _ = read_header(folder.file("dense.safetensors"))
+    dense = {}
+    for name, t in header.items():
+        if name.startswith("__pad__"):
+            continue
+        part = ("embeddings" if "embeddings" in name or name == "lm_head" else
+                "attention" if ".attn." in name else "norms+biases")
+        dense[part] = dense.get(part, 0) + t["data_offsets"][1] - t["data_offsets"][0]
+    b = folder.bundles
+    ffn_bytes = c.n_layers * c.n_ff * b["stride_bytes"]
+    ctx = min(ctx_len, c.max_position)
+    kv = 2 * c.n_layers * ctx * c.n_kv_heads * c.head_dim * 4
+    dense_total = sum(dense.values())
+    resident = dense_total + ffn_bytes + kv + RUNTIME_OVERHEAD
+    n_params = sum(int(np.prod(t["shape"])) for n, t in header.items() if not n.startswith("__pad__")) \
+        + c.n_layers * c.n_ff * c.bundle_elems
+    return {
+        "config": c.to_dict(),
+        "dtype": folder.manifest["dtype"],
+        "bytes": {"dense": dense, "ffn_bundles": ffn_bytes, "kv_cache": kv},
+        "summary": {
+            "model": str(folder.path),
+            "architecture": f"{c.architecture} ({c.ffn_kind} FFN, {c.norm_kind} norm, {c.pos_kind} positions)",
+            "parameters": f"{n_params / 1e6:,.1f} M",
+            "layers": c.n_layers,
+            "d_model / n_ff": f"{c.d_model} / {c.n_ff}",
+            "heads (q / kv) x dim": f"{c.n_heads} / {c.n_kv_heads} x {c.head_dim}",
+            "vocab": c.vocab_size,
+            "context (trained)": c.max_position,
+            "storage dtype": folder.manifest["dtype"],
+            "dense bytes": f"{_mib(dense_total)} (" + ", ".join(f"{k} {_mib(v)}" for k, v in dense.items()) + ")",
+            "FFN bundle bytes": f"{_mib(ffn_bytes)} ({c.n_ff} rows/layer, {b['row_bytes']} B/row, "
+                                f"stride {b['stride_bytes']} B, aligned {b['alignment']})",
+            f"KV cache @ {ctx} ctx": _mib(kv),
+            "resident estimate": f"{_mib(resident)} (dense + all FFN + KV + {_mib(RUNTIME_OVERHEAD)} runtime)",
+            "source": folder.manifest.get("source", {}).get("path", "?"),
+        },
+    }

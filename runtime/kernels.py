@@ -1,0 +1,191 @@
+"""The numba kernels: every hot loop of a forward pass lives here, over plain preallocated arrays.
+
+Weights come either as float32 or as uint16 holding IEEE f16 bits (numba has no float16 type on CPU);
+`f32()` widens either one in-register, so f16 weights are never converted in bulk per token.
+Activations are [T, ...] so prefill (T tokens) and decode (T = 1) share one code path.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+JIT = dict(cache=True, fastmath=True, nogil=True)
+
+
+@intrinsic
+def f32(typingctx, x):
+    """uint16 (f16 bits) -> float32 via LLVM fpext (one vcvtph2ps/fcvt); float32 passes through."""
+    if isinstance(x, types.Integer) and x.bitwidth == 16:
+        def codegen(context, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(x), codegen
+    if x == types.float32:
+        def codegen(context, builder, sig, args):
+            return args[0]
+        return types.float32(x), codegen
+    return None
+
+
+@njit(**JIT)
+def _dot(w, off, x, n):
+    # w[off:off+n] . x[:n]
+    acc = np.float32(0.0)
+    for j in range(n):
+        acc += f32(w[off + j]) * x[j]
+    return acc
+
+
+@njit(**JIT)
+def _widen(w, off, n, out):
+    for j in range(n):
+        out[j] = f32(w[off + j])
+
+
+@njit(parallel=True, **JIT)
+def matmul(x, w, out):
+    """out[T, n] = x[T, d] @ w[n, d].T  (w f32 or f16 bits)."""
+    T, d = x.shape
+    n = w.shape[0]
+    nblocks = (n + 31) // 32
+    for b in prange(nblocks):
+        if T == 1:
+            for i in range(b * 32, min(n, b * 32 + 32)):
+                out[0, i] = _dot(w[i], 0, x[0], d)
+        else:
+            row = np.empty(d, np.float32)     # widened once, reused by all T tokens
+            for i in range(b * 32, min(n, b * 32 + 32)):
+                _widen(w[i], 0, d, row)
+                for t in range(T):
+                    out[t, i] = _dot(row, 0, x[t], d)
+
+
+@njit(**JIT)
+def rmsnorm(x, w, eps, out):
+    """out[T, d] = x / rms(x) * w."""
+    T, d = x.shape
+    for t in range(T):
+        ss = np.float32(0.0)
+        for j in range(d):
+            ss += x[t, j] * x[t, j]
+        scale = np.float32(1.0) / np.sqrt(ss / d + np.float32(eps))
+        for j in range(d):
+            out[t, j] = x[t, j] * scale * w[j]
+
+
+@njit(**JIT)
+def layernorm(x, w, b, eps, out):
+    """out[T, d] = (x - mean) / std * w + b."""
+    T, d = x.shape
+    for t in range(T):
+        mean = np.float32(0.0)
+        for j in range(d):
+            mean += x[t, j]
+        mean /= d
+        var = np.float32(0.0)
+        for j in range(d):
+            var += (x[t, j] - mean) * (x[t, j] - mean)
+        scale = np.float32(1.0) / np.sqrt(var / d + np.float32(eps))
+        for j in range(d):
+            out[t, j] = (x[t, j] - mean) * scale * w[j] + b[j]
+
+
+@njit(**JIT)
+def rope(x, cos, sin):
+    """Rotate-half RoPE in place: x[T, heads, hd], cos/sin[T, hd/2] for each token's position."""
+    T, H, hd = x.shape
+    half = hd // 2
+    for t in range(T):
+        for h in range(H):
+            for j in range(half):
+                a = x[t, h, j]
+                b = x[t, h, j + half]
+                x[t, h, j] = a * cos[t, j] - b * sin[t, j]
+                x[t, h, j + half] = b * cos[t, j] + a * sin[t, j]
+
+
+@njit(parallel=True, **JIT)
+def attention(q, k_cache, v_cache, pos0, out):
+    """Causal GQA: q[T, H, hd] at positions pos0.., caches [ctx, Hkv, hd] already hold them; out[T, H, hd]."""
+    T, H, hd = q.shape
+    group = H // k_cache.shape[1]
+    scale = np.float32(1.0 / math.sqrt(hd))
+    for th in prange(T * H):
+        t = th // H
+        h = th % H
+        kv = h // group
+        n = pos0 + t + 1
+        scores = np.empty(n, np.float32)
+        best = np.float32(-np.inf)
+        for p in range(n):
+            s = np.float32(0.0)
+            for j in range(hd):
+                s += q[t, h, j] * k_cache[p, kv, j]
+            s *= scale
+            scores[p] = s
+            best = max(best, s)
+        total = np.float32(0.0)
+        for p in range(n):
+            e = np.exp(scores[p] - best)
+            scores[p] = e
+            total += e
+        for j in range(hd):
+            out[t, h, j] = 0.0
+        for p in range(n):
+            wgt = scores[p] / total
+            for j in range(hd):
+                out[t, h, j] += wgt * v_cache[p, kv, j]
+
+
+@njit(parallel=True, **JIT)
+def ffn_bundles(h, rows, n_rows, swiglu, in_off, gate_off, down_off, bias_off, partial, out):
+    """FFN over the first n_rows bundle rows (one neuron each; order does not matter).
+
+    h[T, d] normalized input; rows[N, stride] f32 or f16 bits; swiglu: a = silu(gate.h) * (up.h),
+    else a = relu(up.h + bias) (bias_off < 0: no bias). partial[C, T, d] holds one accumulator per
+    chunk of neurons so threads never write the same memory; out[T, d] = their sum.
+    """
+    T, d = h.shape
+    C = partial.shape[0]
+    for c in prange(C):
+        acc = partial[c]
+        acc[:, :] = 0.0
+        row = np.empty(rows.shape[1], np.float32)
+        for r in range(c * n_rows // C, (c + 1) * n_rows // C):
+            w = rows[r]
+            if T > 1:
+                _widen(w, 0, rows.shape[1], row)
+            for t in range(T):
+                x = h[t]
+                if T > 1:
+                    u = _dot(row, in_off, x, d)
+                else:
+                    u = _dot(w, in_off, x, d)
+                if swiglu:
+                    g = _dot(row, gate_off, x, d) if T > 1 else _dot(w, gate_off, x, d)
+                    a = g / (np.float32(1.0) + np.exp(-g)) * u
+                else:
+                    if bias_off >= 0:
+                        u += f32(w[bias_off])
+                    a = max(u, np.float32(0.0))
+                    if a == 0.0:
+                        continue                  # ReLU sparsity: an inactive neuron adds nothing
+                for j in range(d):
+                    acc[t, j] += a * f32(w[down_off + j])
+    for t in range(T):
+        for j in range(d):
+            s = np.float32(0.0)
+            for c in range(C):
+                s += partial[c, t, j]
+            out[t, j] = s
+
+
+def set_threads(n: int | None) -> int:
+    """Use n compute threads (None: all cores numba sees). Returns the count in use."""
+    if n:
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    return numba.get_num_threads()

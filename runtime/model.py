@@ -1,0 +1,156 @@
+"""The forward pass: token ids -> logits, with a KV cache. One layer = attention + FFN over bundle rows."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from . import kernels as K
+from .config import ModelConfig, RuntimeConfig
+from .modelfile import ModelFolder, read_verified, tensors_from_buffer
+
+
+def rope_tables(c: ModelConfig, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [n_pos, head_dim/2] as the checkpoint's RoPE variant defines them (HF semantics)."""
+    hd = c.head_dim
+    inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    scaling = c.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        scaled = np.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+        inv_freq = np.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif kind != "default":
+        raise ValueError(f"RoPE scaling type {kind!r} is not supported")
+    angles = np.outer(np.arange(n_pos, dtype=np.float64), inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+class Model:
+    """Batch-1 decoder with every weight resident: dense tensors and all FFN bundle rows in DRAM."""
+
+    def __init__(self, folder: ModelFolder, runtime: RuntimeConfig | None = None):
+        runtime = runtime or RuntimeConfig()
+        t0 = time.perf_counter()
+        self.config = c = folder.config
+        self.folder = folder
+        self.threads = K.set_threads(runtime.threads)
+        self.ctx_len = min(runtime.ctx_len, c.max_position)
+        self.w = tensors_from_buffer(folder.file("dense.safetensors"), read_verified(folder, "dense.safetensors"))
+        ffn = tensors_from_buffer(folder.file("ffn.safetensors"), read_verified(folder, "ffn.safetensors"))
+        self.ffn_rows = [ffn[f"layers.{i}.ffn.bundles"] for i in range(c.n_layers)]   # [n_ff, stride]
+        parts = {p["name"]: p["offset"] for p in folder.bundles["parts"]}
+        self.in_off = parts["up"]
+        self.gate_off = parts.get("gate", 0)
+        self.down_off = parts["down"]
+        self.bias_off = parts.get("up_bias", -1)
+        self.lm_head = self.w["tok_embeddings"] if c.tied_embeddings else self.w["lm_head"]
+        self.cos, self.sin = rope_tables(c, self.ctx_len) if c.pos_kind == "rope" else (None, None)
+        kv_shape = (c.n_layers, self.ctx_len, c.n_kv_heads, c.head_dim)
+        self.k_cache = np.zeros(kv_shape, np.float32)   # [layer, position, kv head, head_dim]
+        self.v_cache = np.zeros(kv_shape, np.float32)
+        self.history: list[int] = []                    # token ids whose K/V are in the cache, in order
+        self.partial = np.zeros((self.threads, 1, c.d_model), np.float32)
+        self.load_seconds = time.perf_counter() - t0
+
+    # --- helpers -------------------------------------------------------------------------------------
+    def _norm(self, x, prefix, out):
+        c = self.config
+        if c.norm_kind == "rms":
+            K.rmsnorm(x, self.w[prefix + ".weight"], c.norm_eps, out)
+        else:
+            K.layernorm(x, self.w[prefix + ".weight"], self.w[prefix + ".bias"], c.norm_eps, out)
+
+    def _linear(self, x, name, out):
+        K.matmul(x, self.w[name + ".weight"], out)
+        bias = self.w.get(name + ".bias")
+        if bias is not None:
+            out += bias
+
+    def embed(self, tokens: np.ndarray, pos0: int) -> np.ndarray:
+        emb = self.w["tok_embeddings"][tokens]
+        x = emb.view(np.float16).astype(np.float32) if emb.dtype == np.uint16 else emb.astype(np.float32)
+        if self.config.pos_kind == "learned":
+            pos = self.w["pos_embeddings"][pos0 + self.config.pos_offset: pos0 + self.config.pos_offset + len(tokens)]
+            x += pos.view(np.float16).astype(np.float32) if pos.dtype == np.uint16 else pos
+        return x
+
+    # --- the forward pass ----------------------------------------------------------------------------
+    def ffn(self, layer: int, h: np.ndarray, out: np.ndarray) -> None:
+        """out[T, d] = FFN(h) over this layer's resident bundle rows."""
+        rows = self.ffn_rows[layer]
+        T = h.shape[0]
+        if self.partial.shape[1] < T:
+            self.partial = np.zeros((self.threads, T, self.config.d_model), np.float32)
+        K.ffn_bundles(h, rows, rows.shape[0], self.config.ffn_kind == "swiglu", self.in_off, self.gate_off,
+                      self.down_off, self.bias_off, self.partial[:, :T], out)
+
+    def forward(self, tokens, *, all_logits: bool = False) -> np.ndarray:
+        """Run `tokens` at positions self.pos.. and append them to the KV cache.
+
+        Returns logits [T, vocab] if all_logits else [1, vocab] for the last token.
+        """
+        c = self.config
+        tokens = np.asarray(tokens, dtype=np.int64)
+        T, pos0 = len(tokens), self.pos
+        if pos0 + T > self.ctx_len:
+            raise ValueError(f"context full: {pos0} + {T} tokens exceed the context length {self.ctx_len} (--ctx)")
+        H, Hkv, hd, d = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
+        x = self.embed(tokens, pos0)                          # [T, d] residual stream
+        xn = np.empty_like(x)
+        q = np.empty((T, H * hd), np.float32)
+        k = np.empty((T, Hkv * hd), np.float32)
+        v = np.empty((T, Hkv * hd), np.float32)
+        att = np.empty((T, H, hd), np.float32)
+        o = np.empty((T, d), np.float32)
+        for layer in range(c.n_layers):
+            p = f"layers.{layer}."
+            self._norm(x, p + "attn_norm", xn)
+            self._linear(xn, p + "attn.q", q)
+            self._linear(xn, p + "attn.k", k)
+            self._linear(xn, p + "attn.v", v)
+            q3, k3 = q.reshape(T, H, hd), k.reshape(T, Hkv, hd)
+            if c.pos_kind == "rope":
+                K.rope(q3, self.cos[pos0:pos0 + T], self.sin[pos0:pos0 + T])
+                K.rope(k3, self.cos[pos0:pos0 + T], self.sin[pos0:pos0 + T])
+            self.k_cache[layer, pos0:pos0 + T] = k3
+            self.v_cache[layer, pos0:pos0 + T] = v.reshape(T, Hkv, hd)
+            K.attention(q3, self.k_cache[layer], self.v_cache[layer], pos0, att)
+            self._linear(att.reshape(T, H * hd), p + "attn.o", o)
+            x += o
+            self._norm(x, p + "ffn_norm", xn)
+            self.ffn(layer, xn, o)
+            x += o
+            if c.ffn_bias:
+                x += self.w[p + "ffn.down.bias"]
+        self.history.extend(int(t) for t in tokens)
+        if not all_logits:
+            x = x[-1:]
+        xn = np.empty_like(x)
+        self._norm(x, "norm", xn)
+        logits = np.empty((len(x), c.vocab_size), np.float32)
+        K.matmul(xn, self.lm_head, logits)
+        return logits
+
+    @property
+    def pos(self) -> int:
+        return len(self.history)
+
+    def reset(self, pos: int = 0) -> None:
+        """Forget the KV cache from position `pos` on (0: start a new sequence)."""
+        del self.history[pos:]
+
+    def warmup(self) -> None:
+        """Compile (or load from the numba cache) every kernel, for decode and for prefill shapes."""
+        saved = list(self.history)
+        self.history.clear()
+        self.forward([0, 0])
+        self.forward([0])
+        self.history[:] = saved

@@ -1,0 +1,93 @@
+"""Tiny random Hugging Face checkpoints built offline with transformers, for converter and runtime tests.
+
+Weights are drawn with std 0.2 (transformers' default init of 0.02 and zero biases would make every
+logit nearly equal, so wrong math could still "match"); norm weights are 1 plus noise.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+VOCAB = 300
+SPECIALS = ["<unk>", "<s>", "</s>"]   # ids 0, 1, 2: the bos/eos ids written into the model configs
+BOS, EOS = 1, 2
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world! This is a tiny tokenizer for testing flashlm.",
+    "Large language models stream sparse neurons from flash memory.",
+    "user: what is the capital of France? assistant: Paris is the capital.",
+    "Numbers 0123456789 and punctuation, like commas; colons: and dashes - too.",
+] * 4
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, max_position_embeddings=128,
+              bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0)
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():   # tied lm_head is the same Parameter: listed once
+            noise = torch.randn(p.shape, generator=g)
+            is_norm_weight = "norm" in name and name.endswith("weight")
+            p.copy_(1.0 + 0.1 * noise if is_norm_weight else 0.2 * noise)
+
+
+def _write_tokenizer(folder: Path) -> None:
+    """A byte-level BPE trained in memory, its vocab filling exactly the model's vocab."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": {"content": "<unk>", "lstrip": False, "rstrip": False}, "chat_template": CHAT_TEMPLATE}))
+
+
+def _save(model, folder: Path, seed: int, *, dtype=torch.float32, sharded=False) -> Path:
+    _randomize(model, seed)
+    model.to(dtype).save_pretrained(folder, safe_serialization=True,
+                                    **({"max_shard_size": "40KB"} if sharded else {}))
+    _write_tokenizer(folder)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": BOS, "eos_token_id": EOS, "do_sample": True, "temperature": 0.7, "top_p": 0.9}))
+    return folder
+
+
+def make_llama(folder, seed: int = 0, *, tied: bool, n_kv_heads: int = 2, dtype=torch.float32,
+               sharded: bool = False, qwen2: bool = False) -> Path:
+    """Llama (or Qwen2 with q/k/v biases) with intermediate 160, deliberately not a multiple of 64."""
+    cls, cfg_cls = ((transformers.Qwen2ForCausalLM, transformers.Qwen2Config) if qwen2 else
+                    (transformers.LlamaForCausalLM, transformers.LlamaConfig))
+    cfg = cfg_cls(**COMMON, num_hidden_layers=2, num_key_value_heads=n_kv_heads, intermediate_size=160,
+                  rope_theta=50000.0, rms_norm_eps=1e-5, tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    return _save(cls(cfg), Path(folder), seed, dtype=dtype, sharded=sharded)
+
+
+def make_opt(folder, seed: int = 0) -> Path:
+    cfg = transformers.OPTConfig(**COMMON, num_hidden_layers=3, ffn_dim=192, word_embed_proj_dim=64,
+                                 do_layer_norm_before=True, activation_function="relu", dropout=0.0)
+    torch.manual_seed(seed)
+    return _save(transformers.OPTForCausalLM(cfg), Path(folder), seed)
+
+
+def load_reference(folder) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def reference_logits(folder, token_ids) -> np.ndarray:
+    """[T, vocab] float32 logits from transformers for one sequence."""
+    model = load_reference(folder)
+    with torch.no_grad():
+        out = model(torch.tensor([list(token_ids)], dtype=torch.long))
+    return out.logits[0].float().numpy()
