@@ -1,0 +1,85 @@
+"""Numba kernels against plain numpy references."""
+import numpy as np
+import pytest
+
+from runtime import kernels as K
+
+
+def _f16(a):
+    return a.astype(np.float16).view(np.uint16)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("half", [False, True])
+def test_matmul(T, half):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((T, 70)).astype(np.float32)
+    w = rng.standard_normal((45, 70)).astype(np.float32)
+    out = np.empty((T, 45), np.float32)
+    K.matmul(x, _f16(w) if half else w, out)
+    ref = x @ (w.astype(np.float16).astype(np.float32) if half else w).T
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_f16_widening_handles_every_class():
+    bits = np.array([0, 1, 0x3FF, 0x400, 0x3C00, 0x7BFF, 0x8001, 0xC000, 0x8000], np.uint16)  # 0, subnormals, normals
+    # row i of `w` holds only element i, so out[i] is that element widened (NaN/inf excluded by design)
+    w = np.zeros((len(bits), len(bits)), np.uint16)
+    w[np.arange(len(bits)), np.arange(len(bits))] = bits
+    res = np.empty((1, len(bits)), np.float32)
+    K.matmul(np.ones((1, len(bits)), np.float32), w, res)
+    np.testing.assert_array_equal(res[0], bits.view(np.float16).astype(np.float32))
+
+
+def _ffn_reference(h, gate, up, down, bias, swiglu):
+    u = h @ up.T
+    if swiglu:
+        g = h @ gate.T
+        a = g / (1 + np.exp(-g)) * u
+    else:
+        a = np.maximum(u + bias, 0)
+    return a @ down.T
+
+
+@pytest.mark.parametrize("swiglu", [True, False])
+@pytest.mark.parametrize("T", [1, 3])
+def test_ffn_bundles_matches_numpy_in_any_row_order(swiglu, T):
+    rng = np.random.default_rng(1)
+    d, n = 24, 50
+    h = rng.standard_normal((T, d)).astype(np.float32)
+    gate, up = rng.standard_normal((2, n, d)).astype(np.float32)
+    down = rng.standard_normal((d, n)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    if swiglu:
+        rows = np.concatenate([gate, up, down.T, np.zeros((n, 5), np.float32)], axis=1)
+        offs = (d, 0, 2 * d, -1)
+    else:
+        rows = np.concatenate([up, down.T, bias[:, None]], axis=1)
+        offs = (0, 0, d, 2 * d)
+    ref = _ffn_reference(h, gate, up, down, bias, swiglu)
+    for perm in (np.arange(n), rng.permutation(n)):
+        r = np.ascontiguousarray(rows[perm])
+        out = np.empty((T, d), np.float32)
+        K.ffn_bundles(h, r, n, swiglu, *offs, np.zeros((3, T, d), np.float32), out)
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    # only the first n_rows rows count: the rest of a cache matrix is free space
+    out = np.empty((T, d), np.float32)
+    K.ffn_bundles(h, rows, 20, swiglu, *offs, np.zeros((2, T, d), np.float32), out)
+    np.testing.assert_allclose(out, _ffn_reference(h, gate[:20], up[:20], down[:, :20], bias[:20], swiglu),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_attention_is_causal_gqa():
+    rng = np.random.default_rng(2)
+    T, H, Hkv, hd, pos0 = 3, 4, 2, 8, 2
+    q = rng.standard_normal((T, H, hd)).astype(np.float32)
+    kc = rng.standard_normal((10, Hkv, hd)).astype(np.float32)
+    vc = rng.standard_normal((10, Hkv, hd)).astype(np.float32)
+    out = np.empty_like(q)
+    K.attention(q, kc, vc, pos0, out)
+    for t in range(T):
+        for h in range(H):
+            n = pos0 + t + 1
+            s = kc[:n, h // 2] @ q[t, h] / np.sqrt(hd)
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(out[t, h], (p / p.sum()) @ vc[:n, h // 2], rtol=1e-5, atol=1e-5)
