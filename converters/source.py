@@ -61,8 +61,8 @@ def expected_tensors(c: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def is_ffn_bundle_tensor(name: str) -> bool:
-    """Tensors that go into the per-layer row-column bundles (ffn.down.bias stays dense)."""
-    return ".ffn." in name and not name.endswith("ffn.down.bias")
+    """Tensors that go into the per-layer row-column bundles (biases stay dense)."""
+    return ".ffn." in name and name.endswith(".weight")
 
 
 @dataclass

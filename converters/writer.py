@@ -3,7 +3,7 @@
 Folder layout (see manifest.json for the exact offsets):
   dense.safetensors   embeddings, attention, norms, lm_head; 2-D weights in the storage dtype, 1-D in f32
   ffn.safetensors     per layer `layers.{i}.ffn.bundles` [n_ff, stride_elems]: row i = neuron i's
-                      gate row | up row | down column | up bias, zero-padded to `stride_bytes`
+                      gate row | up row | down column, zero-padded to `stride_bytes`
   tokenizer.json, chat_template.jinja, generation_config.json, manifest.json (written last)
 
 The folder is built under a temporary name beside the destination and renamed only when complete, so a
@@ -136,15 +136,13 @@ def write_model(source: Source, out_dir, *, dtype: str = "f16", force: bool = Fa
 
 
 def _bundle_rows(source: Source, config, layer: int, np_dtype, stride_elems: int) -> np.ndarray:
-    """[n_ff, stride_elems]: neuron i's gate row, up row, down column (and up bias) side by side."""
+    """[n_ff, stride_elems]: neuron i's gate row, up row and down column side by side."""
     p = f"layers.{layer}.ffn."
     rows = np.zeros((config.n_ff, stride_elems), dtype=np_dtype)
     col = 0
     for part, length in config.bundle_parts:
         if part == "down":
             w = source.load(p + "down.weight").T          # [d, n_ff] -> column i becomes row i
-        elif part == "up_bias":
-            w = source.load(p + "up.bias")[:, None]
         else:
             w = source.load(p + part + ".weight")
         rows[:, col:col + length] = w

@@ -29,7 +29,7 @@ class ModelConfig:
     tied_embeddings: bool = False
     attn_qkv_bias: bool = False  # Qwen2 / OPT
     attn_out_bias: bool = False  # OPT
-    ffn_bias: bool = False       # OPT: up bias per neuron (in the bundle), down bias per output (dense)
+    ffn_bias: bool = False       # OPT: up bias per neuron, down bias per output (both dense)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -53,10 +53,8 @@ class ModelConfig:
     def bundle_parts(self) -> list[tuple[str, int]]:
         """(name, length in elements) of one neuron's bundle row, in storage order."""
         d = self.d_model
-        parts = [("gate", d), ("up", d), ("down", d)] if self.ffn_kind == "swiglu" else [("up", d), ("down", d)]
-        if self.ffn_bias:
-            parts.append(("up_bias", 1))
-        return parts
+        # Biases stay dense: one extra element would push a 16 KiB OPT-6.7B row into a fifth 4 KiB block.
+        return [("gate", d), ("up", d), ("down", d)] if self.ffn_kind == "swiglu" else [("up", d), ("down", d)]
 
     @property
     def bundle_elems(self) -> int:

@@ -142,12 +142,13 @@ def attention(q, k_cache, v_cache, pos0, out):
 
 
 @njit(parallel=True, **JIT)
-def ffn_bundles(h, rows, n_rows, swiglu, in_off, gate_off, down_off, bias_off, partial, out):
+def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, swiglu, in_off, gate_off, down_off, partial, out):
     """FFN over the first n_rows bundle rows (one neuron each; order does not matter).
 
-    h[T, d] normalized input; rows[N, stride] f32 or f16 bits; swiglu: a = silu(gate.h) * (up.h),
-    else a = relu(up.h + bias) (bias_off < 0: no bias). partial[C, T, d] holds one accumulator per
-    chunk of neurons so threads never write the same memory; out[T, d] = their sum.
+    h[T, d] normalized input; rows[N, stride] f32 or f16 bits; neuron_of_row[N] which neuron a row
+    holds (indexes up_bias[n_ff]; empty up_bias = no bias); swiglu: a = silu(gate.h) * (up.h), else
+    a = relu(up.h + bias). partial[C, T, d] holds one accumulator per chunk of neurons so threads never
+    write the same memory; out[T, d] = their sum.
     """
     T, d = h.shape
     C = partial.shape[0]
@@ -169,8 +170,8 @@ def ffn_bundles(h, rows, n_rows, swiglu, in_off, gate_off, down_off, bias_off, p
                     g = _dot(row, gate_off, x, d) if T > 1 else _dot(w, gate_off, x, d)
                     a = g / (np.float32(1.0) + np.exp(-g)) * u
                 else:
-                    if bias_off >= 0:
-                        u += f32(w[bias_off])
+                    if up_bias.size:
+                        u += up_bias[neuron_of_row[r]]
                     a = max(u, np.float32(0.0))
                     if a == 0.0:
                         continue                  # ReLU sparsity: an inactive neuron adds nothing

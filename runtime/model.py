@@ -50,7 +50,8 @@ class Model:
         self.in_off = parts["up"]
         self.gate_off = parts.get("gate", 0)
         self.down_off = parts["down"]
-        self.bias_off = parts.get("up_bias", -1)
+        self.all_neurons = np.arange(c.n_ff, dtype=np.int32)    # resident rows are in neuron order
+        self.no_bias = np.zeros(0, np.float32)
         self.lm_head = self.w["tok_embeddings"] if c.tied_embeddings else self.w["lm_head"]
         self.cos, self.sin = rope_tables(c, self.ctx_len) if c.pos_kind == "rope" else (None, None)
         kv_shape = (c.n_layers, self.ctx_len, c.n_kv_heads, c.head_dim)
@@ -89,8 +90,9 @@ class Model:
         T = h.shape[0]
         if self.partial.shape[1] < T:
             self.partial = np.zeros((self.threads, T, self.config.d_model), np.float32)
-        K.ffn_bundles(h, rows, rows.shape[0], self.config.ffn_kind == "swiglu", self.in_off, self.gate_off,
-                      self.down_off, self.bias_off, self.partial[:, :T], out)
+        bias = self.w.get(f"layers.{layer}.ffn.up.bias", self.no_bias)
+        K.ffn_bundles(h, rows, rows.shape[0], self.all_neurons, bias, self.config.ffn_kind == "swiglu",
+                      self.in_off, self.gate_off, self.down_off, self.partial[:, :T], out)
 
     def forward(self, tokens, *, all_logits: bool = False) -> np.ndarray:
         """Run `tokens` at positions self.pos.. and append them to the KV cache.

@@ -53,15 +53,19 @@ def test_bundle_rows_hold_gate_up_down_of_one_neuron(llama_src, tmp_path, dtype)
         assert not rows[i, 3 * d:].any(), "padding is zero"
 
 
-def test_opt_bundle_has_up_bias(tmp_path):
+def test_opt_bundle_is_up_row_and_down_column_bias_dense(tmp_path):
     src = tm.make_opt(tmp_path / "opt")
     out = convert(src, tmp_path / "m.flashlm", dtype="f32", progress=False)
     parts = json.loads((out / "manifest.json").read_text())["bundles"]["parts"]
-    assert [p["name"] for p in parts] == ["up", "down", "up_bias"]
+    assert [p["name"] for p in parts] == ["up", "down"]
+    s = HFSource(src)
     with safe_open(str(out / "ffn.safetensors"), framework="numpy") as f:
         rows = f.get_tensor("layers.0.ffn.bundles")
-    bias = HFSource(src).load("layers.0.ffn.up.bias")
-    np.testing.assert_array_equal(rows[:, parts[2]["offset"]], bias)
+    with safe_open(str(out / "dense.safetensors"), framework="numpy") as f:
+        np.testing.assert_array_equal(f.get_tensor("layers.0.ffn.up.bias"), s.load("layers.0.ffn.up.bias"))
+    d = s.config.d_model
+    np.testing.assert_array_equal(rows[:, :d], s.load("layers.0.ffn.up.weight"))
+    np.testing.assert_array_equal(rows[:, d:2 * d], s.load("layers.0.ffn.down.weight").T)
 
 
 class _FailingSource:

@@ -52,19 +52,19 @@ def test_ffn_bundles_matches_numpy_in_any_row_order(swiglu, T):
     bias = rng.standard_normal(n).astype(np.float32)
     if swiglu:
         rows = np.concatenate([gate, up, down.T, np.zeros((n, 5), np.float32)], axis=1)
-        offs = (d, 0, 2 * d, -1)
+        offs, b = (d, 0, 2 * d), np.zeros(0, np.float32)
     else:
-        rows = np.concatenate([up, down.T, bias[:, None]], axis=1)
-        offs = (0, 0, d, 2 * d)
+        rows = np.concatenate([up, down.T], axis=1)
+        offs, b = (0, 0, d), bias
     ref = _ffn_reference(h, gate, up, down, bias, swiglu)
-    for perm in (np.arange(n), rng.permutation(n)):
+    for perm in (np.arange(n, dtype=np.int32), rng.permutation(n).astype(np.int32)):
         r = np.ascontiguousarray(rows[perm])
         out = np.empty((T, d), np.float32)
-        K.ffn_bundles(h, r, n, swiglu, *offs, np.zeros((3, T, d), np.float32), out)
+        K.ffn_bundles(h, r, n, perm, b, swiglu, *offs, np.zeros((3, T, d), np.float32), out)
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
     # only the first n_rows rows count: the rest of a cache matrix is free space
     out = np.empty((T, d), np.float32)
-    K.ffn_bundles(h, rows, 20, swiglu, *offs, np.zeros((2, T, d), np.float32), out)
+    K.ffn_bundles(h, rows, 20, np.arange(n, dtype=np.int32), b, swiglu, *offs, np.zeros((2, T, d), np.float32), out)
     np.testing.assert_allclose(out, _ffn_reference(h, gate[:20], up[:20], down[:, :20], bias[:20], swiglu),
                                rtol=1e-4, atol=1e-4)
 
