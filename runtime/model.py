@@ -59,6 +59,7 @@ class Model:
         self.v_cache = np.zeros(kv_shape, np.float32)
         self.history: list[int] = []                    # token ids whose K/V are in the cache, in order
         self.partial = np.zeros((self.threads, 1, c.d_model), np.float32)
+        self.on_ffn_input = None                        # calibration hook: f(layer, h[T, d])
         self.load_seconds = time.perf_counter() - t0
 
     # --- helpers -------------------------------------------------------------------------------------
@@ -86,6 +87,8 @@ class Model:
     # --- the forward pass ----------------------------------------------------------------------------
     def ffn(self, layer: int, h: np.ndarray, out: np.ndarray) -> None:
         """out[T, d] = FFN(h) over this layer's resident bundle rows."""
+        if self.on_ffn_input is not None:
+            self.on_ffn_input(layer, h)
         rows = self.ffn_rows[layer]
         T = h.shape[0]
         if self.partial.shape[1] < T:

@@ -1,0 +1,251 @@
+"""`flashlm calibrate`: train the per-layer sparsity predictors from the model's own activations.
+
+1. Run the dense model over calibration tokens (a user text file, or text the model generates itself
+   from varied prompts) and record every layer's normalized FFN input h.
+2. Per layer, compute the target from the layer's own bundle rows: the ReLU pre-activation up.h + b,
+   or the SwiGLU contribution |silu(gate.h) * up.h|.
+3. Fit a reduced-rank linear regression h -> target (least squares, then keep the top r directions of
+   the fitted values), for ranks 32..256, and keep the smallest rank that reaches the recall goal on
+   held-out tokens. Deeper layers are free to need more rank.
+4. Set the rule: ReLU -> the threshold that keeps `recall` of the truly active neurons on the training
+   tokens; SwiGLU -> keep the top `keep` fraction by predicted contribution.
+5. Record, per layer, activation frequency (hot-neuron order) and how many neurons a sliding window of
+   k tokens holds (cache sizing), and write predictor.safetensors + its entry in the manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from runtime.config import RuntimeConfig
+from runtime.model import Model
+from runtime.modelfile import open_folder
+from runtime.predictor import PREDICTOR_FILE
+from runtime.safetensors_file import plan_file
+
+log = logging.getLogger("flashlm")
+
+RANKS = (32, 64, 128, 256)
+WINDOWS = (1, 2, 4, 8)
+PROMPTS = [
+    "The history of the Roman Empire", "How to bake bread at home:", "def quicksort(arr):",
+    "Photosynthesis is the process", "Dear hiring manager,", "The weather today in London",
+    "A short story about a robot who", "The key ideas of quantum mechanics are", "Ingredients: 2 cups of flour",
+    "In 1969, astronauts", "The stock market fell sharply", "Write a poem about the sea.",
+    "Explain how a car engine works.", "The best way to learn a language is", "Chapter 1\n\nIt was a cold morning",
+    "import numpy as np\n", "Q: What is the capital of Japan?\nA:", "The rules of chess are simple:",
+    "Climate change affects", "My favourite recipe for soup",
+]
+
+
+def generated_tokens(model: Model, tokenizer, n_tokens: int, *, seed: int = 0, progress: bool = True) -> list[list[int]]:
+    """Text the model writes itself from varied prompts (temperature 0.8), as token id sequences."""
+    from runtime.sampling import Sampler, SamplingParams
+    sampler = Sampler(SamplingParams(temperature=0.8, top_p=0.95, seed=seed))
+    per_prompt = max(32, n_tokens // len(PROMPTS))
+    seqs, total = [], 0
+    with tqdm(total=n_tokens, desc="Generating calibration text", unit="tok", disable=not progress,
+              file=sys.stderr) as bar:
+        for prompt in PROMPTS:
+            model.reset()
+            ids = tokenizer.encode(prompt)
+            logits = model.forward(ids)[-1]
+            for _ in range(per_prompt):
+                t = sampler(logits, ids)
+                ids.append(t)
+                if tokenizer.is_eos(t) or model.pos >= model.ctx_len:
+                    break
+                logits = model.forward([t])[-1]
+            seqs.append(ids)
+            total += len(ids)
+            bar.update(len(ids))
+            if total >= n_tokens:
+                break
+    return seqs
+
+
+def record_ffn_inputs(model: Model, seqs: list[list[int]], *, progress: bool = True) -> list[np.ndarray]:
+    """Run every sequence through the dense model; returns per layer h [N, d] (f32)."""
+    rec: list[list[np.ndarray]] = [[] for _ in range(model.config.n_layers)]
+    model.on_ffn_input = lambda layer, h: rec[layer].append(h.copy())
+    try:
+        for ids in tqdm(seqs, desc="Recording activations", disable=not progress, file=sys.stderr):
+            model.reset()
+            for start in range(0, len(ids), 128):
+                model.forward(ids[start:start + 128])
+    finally:
+        model.on_ffn_input = None
+        model.reset()
+    return [np.concatenate(r) for r in rec]
+
+
+def layer_targets(model: Model, layer: int, h: np.ndarray) -> np.ndarray:
+    """[N, n_ff]: what the predictor must estimate, computed exactly from the layer's bundle rows."""
+    c = model.config
+    rows = model.ffn_rows[layer]
+    rows = rows.view(np.float16).astype(np.float32) if rows.dtype == np.uint16 else rows
+    d = c.d_model
+    u = h @ rows[:, model.in_off:model.in_off + d].T
+    if c.ffn_kind == "relu":
+        bias = model.w.get(f"layers.{layer}.ffn.up.bias")
+        return u + bias if bias is not None else u
+    g = h @ rows[:, model.gate_off:model.gate_off + d].T
+    return np.abs(g / (1 + np.exp(-g)) * u)
+
+
+def fit_directions(h: np.ndarray, y: np.ndarray, max_rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares y ~ [h, 1] @ w, and the top `max_rank` directions v [n_ff, r] of the fitted values.
+
+    Truncating w to w @ v[:, :r] @ v[:, :r].T is the reduced-rank regression of rank r, so every rank
+    shares one decomposition (of the small [N, N] Gram matrix, not the [N, n_ff] fit).
+    """
+    x = np.concatenate([h, np.ones((len(h), 1), np.float32)], axis=1).astype(np.float64)
+    w, *_ = np.linalg.lstsq(x, y.astype(np.float64), rcond=None)       # [d+1, n_ff]
+    fitted = x @ w
+    evals, evecs = np.linalg.eigh(fitted @ fitted.T)
+    top = np.argsort(evals)[::-1][:max_rank]
+    v = fitted.T @ evecs[:, top] / np.sqrt(np.maximum(evals[top], 1e-30))
+    return w, v
+
+
+def truncate(w: np.ndarray, v: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predictor factors of rank r: A [r, d], B [n_ff, r], c [n_ff]."""
+    vr = v[:, :rank]
+    return (w[:-1] @ vr).T.astype(np.float32), vr.astype(np.float32), (w[-1] @ vr @ vr.T).astype(np.float32)
+
+
+def _scores(h, a, b, c):
+    return (h @ a.T) @ b.T + c
+
+
+def _topk_mask(s: np.ndarray, k: int) -> np.ndarray:
+    idx = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    m = np.zeros(s.shape, bool)
+    np.put_along_axis(m, idx, True, axis=1)
+    return m
+
+
+def evaluate(kind: str, s_train, y_train, s_test, y_test, *, recall: float, keep: int) -> dict:
+    """Rule parameters from the training tokens, quality on the held-out tokens."""
+    if kind == "relu":
+        active = y_train > 0
+        threshold = float(np.quantile(s_train[active], 1 - recall)) if active.any() else 0.0
+        pred, true = s_test > threshold, y_test > 0
+        return {"rule": "threshold", "threshold": threshold,
+                "recall": float((pred & true).sum() / max(true.sum(), 1)),
+                "predicted_fraction": float(pred.mean()), "true_fraction": float(true.mean())}
+    pred, true = _topk_mask(s_test, keep), _topk_mask(y_test, keep)
+    return {"rule": "topk", "keep": keep,
+            "recall": float((pred & true).sum() / true.sum()),
+            "contribution_recall": float((y_test * pred).sum() / (y_test * true).sum()),
+            "predicted_fraction": keep / y_test.shape[1]}
+
+
+def window_stats(active_by_token: np.ndarray, windows=WINDOWS) -> dict:
+    """active_by_token [N, n_ff] bool in token order: neurons a window of k tokens holds, and what it misses."""
+    n_tok, n_ff = active_by_token.shape
+    out = {}
+    for k in windows:
+        held, missed = [], []
+        for t in range(k, n_tok):
+            union = active_by_token[t - k:t].any(axis=0)
+            held.append(union.sum())
+            nxt = active_by_token[t]
+            missed.append((nxt & ~union).sum() / max(nxt.sum(), 1))
+        if held:
+            out[str(k)] = {"mean_held": float(np.mean(held)) / n_ff, "max_held": int(np.max(held + [0])),
+                           "miss_fraction": float(np.mean(missed))}
+    return out
+
+
+def calibrate(path, *, text_file=None, n_tokens: int = 2048, keep: float = 0.5, recall: float = 0.99,
+              ranks=RANKS, holdout: float = 0.2, threads: int | None = None, seed: int = 0,
+              progress: bool = True) -> dict:
+    """Train and store predictors for the model folder at `path`; returns the calibration report."""
+    from runtime.tokenizer import Tokenizer
+    folder = open_folder(path)
+    c = folder.config
+    t0 = time.perf_counter()
+    model = Model(folder, RuntimeConfig(ctx_len=min(1024, c.max_position), threads=threads))
+    tokenizer = Tokenizer.from_folder(folder.path, folder.manifest)
+    if text_file:
+        ids = tokenizer.encode(Path(text_file).read_text())[:n_tokens]
+        seqs = [ids[i:i + 512] for i in range(0, len(ids), 512)]
+        source = str(text_file)
+    else:
+        seqs = generated_tokens(model, tokenizer, n_tokens, seed=seed, progress=progress)
+        source = "self-generated"
+    hs = record_ffn_inputs(model, seqs, progress=progress)
+    n = len(hs[0])
+    rng = np.random.default_rng(seed)
+    test = np.zeros(n, bool)
+    test[rng.choice(n, int(n * holdout), replace=False)] = True
+    k_keep = max(1, int(round(keep * c.n_ff)))
+    tensors, layer_meta, report_layers = {}, [], []
+    for layer in tqdm(range(c.n_layers), desc="Fitting predictors", disable=not progress, file=sys.stderr):
+        h, y = hs[layer], layer_targets(model, layer, hs[layer])
+        best = None
+        max_rank = min(max(ranks), c.d_model, c.n_ff, int((~test).sum()))
+        w, v = fit_directions(h[~test], y[~test], max_rank)
+        for r in sorted(ranks):
+            r = min(r, max_rank)
+            a, b, cc = truncate(w, v, r)
+            q = evaluate(c.ffn_kind, _scores(h[~test], a, b, cc), y[~test], _scores(h[test], a, b, cc), y[test],
+                         recall=recall, keep=k_keep)
+            q["rank"] = r
+            score = q["recall"] if c.ffn_kind == "relu" else q["contribution_recall"]
+            best_score = None if best is None else (best[1]["recall"] if c.ffn_kind == "relu"
+                                                    else best[1]["contribution_recall"])
+            if best is None or score > best_score + 0.005:
+                best = ((a, b, cc), q)
+            goal = recall - 0.01 if c.ffn_kind == "relu" else 0.97
+            if score >= goal or r >= max_rank:
+                break
+        (a, b, cc), q = best
+        truth = (y > 0) if c.ffn_kind == "relu" else _topk_mask(y, k_keep)
+        predicted = (_scores(h, a, b, cc) > q["threshold"]) if c.ffn_kind == "relu" \
+            else _topk_mask(_scores(h, a, b, cc), k_keep)
+        hot = np.argsort(-truth.mean(axis=0), kind="stable").astype(np.int32)
+        q["windows"] = window_stats(predicted)
+        q["hot_top5pct_share"] = float(truth[:, hot[:max(1, c.n_ff // 20)]].sum() / max(truth.sum(), 1))
+        p = f"layers.{layer}.predictor."
+        tensors[p + "A"], tensors[p + "B"] = a.astype(np.float16), b.astype(np.float16)
+        tensors[p + "c"], tensors[p + "hot"] = cc, hot
+        layer_meta.append({k: q[k] for k in ("rule", "threshold", "keep", "rank") if k in q})
+        report_layers.append(q)
+        log.info("layer %d: rank %d recall %.3f predicted %.2f", layer, q["rank"], q["recall"], q["predicted_fraction"])
+    report = {"tokens": n, "holdout": holdout, "source": source, "keep": keep, "recall_goal": recall,
+              "seconds": round(time.perf_counter() - t0, 1), "layers": report_layers}
+    _write_predictors(folder, tensors, layer_meta, report)
+    return report
+
+
+def _write_predictors(folder, tensors: dict, layer_meta: list, report: dict) -> None:
+    """predictor.safetensors and the manifest entry, each replaced atomically."""
+    names = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int32): "I32"}
+    plan = [(name, names[t.dtype], list(t.shape)) for name, t in tensors.items()]
+    header, offsets = plan_file(plan, align=64, metadata={"layers": json.dumps(layer_meta),
+                                                          "report": json.dumps(report)})
+    path = folder.file(PREDICTOR_FILE)
+    tmp = path.with_suffix(".partial")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        for name, t in tensors.items():
+            f.seek(offsets[name])
+            f.write(np.ascontiguousarray(t).tobytes())
+    data = tmp.read_bytes()
+    os.replace(tmp, path)
+    manifest = dict(folder.manifest)
+    manifest["files"] = dict(manifest["files"])
+    manifest["files"][PREDICTOR_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    mtmp = folder.file("manifest.json.partial")
+    mtmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(mtmp, folder.file("manifest.json"))
