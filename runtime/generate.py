@@ -136,6 +136,7 @@ def stream_generate(model: Model, tokenizer, prompt: list[int], params: Sampling
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
+        text += decoder.flush()           # a reply cut inside a UTF-8 character ends as decode() shows it
         if len(text) > emitted:
             yield text[emitted:]
     finally:

