@@ -90,14 +90,15 @@ def record_ffn_inputs(model: Model, seqs: list[list[int]], *, progress: bool = T
 def layer_targets(model: Model, layer: int, h: np.ndarray) -> np.ndarray:
     """[N, n_ff]: what the predictor must estimate, computed exactly from the layer's bundle rows."""
     c = model.config
-    rows = model.ffn_rows[layer]
+    rows = model.ffn_backend.layer_rows[layer]          # calibration runs in dense mode
     rows = rows.view(np.float16).astype(np.float32) if rows.dtype == np.uint16 else rows
     d = c.d_model
-    u = h @ rows[:, model.in_off:model.in_off + d].T
+    k = model.kernel
+    u = h @ rows[:, k.in_off:k.in_off + d].T
     if c.ffn_kind == "relu":
         bias = model.w.get(f"layers.{layer}.ffn.up.bias")
         return u + bias if bias is not None else u
-    g = h @ rows[:, model.gate_off:model.gate_off + d].T
+    g = h @ rows[:, k.gate_off:k.gate_off + d].T
     return np.abs(g / (1 + np.exp(-g)) * u)
 
 

@@ -66,3 +66,11 @@ class RuntimeConfig:
     """How this device runs a model: set from a device profile and CLI flags, never from globals."""
     ctx_len: int = 2048          # KV cache length (tokens)
     threads: int | None = None   # compute threads for numba; None = all cores
+    mode: str = "dense"          # dense | flash | naive | hybrid | mmap  (see runtime/ffn.py)
+    budget: str | None = None    # "60%", "0.6", "512MiB": resident bytes allowed (None = unlimited)
+    window: int | None = None    # sliding window in tokens (None: largest the budget allows)
+    pin: float = 0.0             # fraction of each layer's hottest neurons kept resident for good
+    io: str = "direct"           # direct (O_DIRECT) | buffered (page cache)
+    io_threads: int = 4          # reader threads, each looping over its share of a batch of reads
+    max_gap_bytes: int = 0       # coalesce reads across gaps up to this size (reads a little extra)
+    layer_io: str = "auto"       # flash mode per layer: auto (cheaper of sparse/stream) | sparse | stream

@@ -8,6 +8,8 @@ import numpy as np
 
 from . import kernels as K
 from .config import ModelConfig, RuntimeConfig
+from .ffn import BundleKernel
+from .memory import build_ffn, plan_memory
 from .modelfile import ModelFolder, read_verified, tensors_from_buffer
 
 
@@ -34,31 +36,31 @@ def rope_tables(c: ModelConfig, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Model:
-    """Batch-1 decoder with every weight resident: dense tensors and all FFN bundle rows in DRAM."""
+    """Batch-1 decoder: dense weights resident, FFN rows wherever the run mode puts them (runtime/ffn.py)."""
 
     def __init__(self, folder: ModelFolder, runtime: RuntimeConfig | None = None):
-        runtime = runtime or RuntimeConfig()
+        self.runtime = runtime = runtime or RuntimeConfig()
         t0 = time.perf_counter()
         self.config = c = folder.config
         self.folder = folder
+        predictors, calibration = None, None
+        if runtime.mode == "flash":
+            from .predictor import load_predictors
+            predictors, calibration = load_predictors(folder.path)
+        self.plan = plan_memory(folder, runtime, calibration)      # refuses before anything big is read
         self.threads = K.set_threads(runtime.threads)
         self.ctx_len = min(runtime.ctx_len, c.max_position)
         self.w = tensors_from_buffer(folder.file("dense.safetensors"), read_verified(folder, "dense.safetensors"))
-        ffn = tensors_from_buffer(folder.file("ffn.safetensors"), read_verified(folder, "ffn.safetensors"))
-        self.ffn_rows = [ffn[f"layers.{i}.ffn.bundles"] for i in range(c.n_layers)]   # [n_ff, stride]
         parts = {p["name"]: p["offset"] for p in folder.bundles["parts"]}
-        self.in_off = parts["up"]
-        self.gate_off = parts.get("gate", 0)
-        self.down_off = parts["down"]
-        self.all_neurons = np.arange(c.n_ff, dtype=np.int32)    # resident rows are in neuron order
-        self.no_bias = np.zeros(0, np.float32)
+        self.kernel = BundleKernel(c, parts, self.threads)
+        biases = [self.w.get(f"layers.{i}.ffn.up.bias") for i in range(c.n_layers)]
+        self.ffn_backend = build_ffn(folder, runtime, self.plan, self.kernel, biases, predictors)
         self.lm_head = self.w["tok_embeddings"] if c.tied_embeddings else self.w["lm_head"]
         self.cos, self.sin = rope_tables(c, self.ctx_len) if c.pos_kind == "rope" else (None, None)
         kv_shape = (c.n_layers, self.ctx_len, c.n_kv_heads, c.head_dim)
         self.k_cache = np.zeros(kv_shape, np.float32)   # [layer, position, kv head, head_dim]
         self.v_cache = np.zeros(kv_shape, np.float32)
         self.history: list[int] = []                    # token ids whose K/V are in the cache, in order
-        self.partial = np.zeros((self.threads, 1, c.d_model), np.float32)
         self.on_ffn_input = None                        # calibration hook: f(layer, h[T, d])
         self.load_seconds = time.perf_counter() - t0
 
@@ -86,16 +88,10 @@ class Model:
 
     # --- the forward pass ----------------------------------------------------------------------------
     def ffn(self, layer: int, h: np.ndarray, out: np.ndarray) -> None:
-        """out[T, d] = FFN(h) over this layer's resident bundle rows."""
+        """out[T, d] = FFN(h), with the rows the run mode provides."""
         if self.on_ffn_input is not None:
             self.on_ffn_input(layer, h)
-        rows = self.ffn_rows[layer]
-        T = h.shape[0]
-        if self.partial.shape[1] < T:
-            self.partial = np.zeros((self.threads, T, self.config.d_model), np.float32)
-        bias = self.w.get(f"layers.{layer}.ffn.up.bias", self.no_bias)
-        K.ffn_bundles(h, rows, rows.shape[0], self.all_neurons, bias, self.config.ffn_kind == "swiglu",
-                      self.in_off, self.gate_off, self.down_off, self.partial[:, :T], out)
+        self.ffn_backend(layer, h, out)
 
     def forward(self, tokens, *, all_logits: bool = False) -> np.ndarray:
         """Run `tokens` at positions self.pos.. and append them to the KV cache.
@@ -153,9 +149,27 @@ class Model:
         del self.history[pos:]
 
     def warmup(self) -> None:
-        """Compile (or load from the numba cache) every kernel, for decode and for prefill shapes."""
-        saved = list(self.history)
-        self.history.clear()
-        self.forward([0, 0])
-        self.forward([0])
-        self.history[:] = saved
+        """Compile (or load from the numba cache) every kernel for this model's dtypes, decode and prefill
+        shapes, on scratch arrays: nothing is read from flash and no cache changes."""
+        c = self.config
+        wdt = self.w["layers.0.attn.q.weight"].dtype
+        rows_dt = np.uint16 if self.folder.bundles["dtype"] == "F16" else np.float32
+        for T in (1, 2):
+            x = np.ones((T, c.d_model), np.float32)
+            o = np.empty((T, 4), np.float32)
+            K.matmul(x, np.zeros((4, c.d_model), wdt), o)
+            K.matmul(x, np.zeros((4, c.d_model), np.uint16), o)
+            self._norm(x, "norm", np.empty_like(x))
+            q = np.ones((T, c.n_heads, c.head_dim), np.float32)
+            kv = np.ones((T + 1, c.n_kv_heads, c.head_dim), np.float32)
+            K.attention(q, kv, kv, 0, np.empty_like(q))
+            if c.pos_kind == "rope":
+                K.rope(q, self.cos[:T], self.sin[:T])
+            rows = np.zeros((2, self.folder.bundles["stride_bytes"] // np.dtype(rows_dt).itemsize), rows_dt)
+            for bias in (None, np.zeros(2, np.float32)):
+                self.kernel(x, rows, 2, np.arange(2, dtype=np.int32), bias, np.empty_like(x))
+        if c.norm_kind == "layer":
+            K.layernorm(x, np.ones(c.d_model, np.float32), np.zeros(c.d_model, np.float32), 1e-5, np.empty_like(x))
+
+    def close(self) -> None:
+        self.ffn_backend.close()

@@ -1,0 +1,295 @@
+"""Where a layer's FFN bundle rows come from, one class per run mode:
+
+  dense   ResidentFFN  every row in DRAM (read once at load, sha256-checked)
+  naive   StreamingFFN every layer's rows read from flash every token (the paper's naive baseline)
+  hybrid  StreamingFFN the first layers resident as the budget allows, the rest read every token
+  mmap    MmapFFN      rows used through a memory map whose pages are dropped after each layer
+  flash   SparseFFN    predictor -> sliding-window neuron cache -> read only the missing rows
+
+All of them end in the same kernel, `ffn_bundles`, over some rows; what differs is which rows are in
+DRAM and what it costs to get them there. Each records the per-token accounting of the paper's
+Table 3 (flash I/O, memory management, compute) in a FlashStats.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernels as K
+from .config import ModelConfig
+
+
+@dataclass
+class FlashStats:
+    tokens: int = 0          # decode tokens and prefill chunks that ran the FFN
+    io_s: float = 0.0        # waiting for flash reads
+    mm_s: float = 0.0        # cache bookkeeping: evict (delete-by-swap), append, pin
+    predict_s: float = 0.0   # predictor matmuls + selection
+    ffn_s: float = 0.0       # FFN kernel time not hidden behind I/O
+    bytes_read: int = 0
+    reads: int = 0
+    wanted: int = 0          # neurons the predictor asked for (sum over layers and tokens)
+    hits: int = 0            # ... of which already resident
+    streamed_layers: int = 0  # layer-tokens where streaming the whole layer was cheaper than sparse reads
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.wanted if self.wanted else 0.0
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+class BundleKernel:
+    """Runs ffn_bundles for one model's bundle layout over any set of rows."""
+
+    def __init__(self, config: ModelConfig, parts: dict, threads: int):
+        self.swiglu = config.ffn_kind == "swiglu"
+        self.in_off, self.gate_off, self.down_off = parts["up"], parts.get("gate", 0), parts["down"]
+        self.d = config.d_model
+        self.threads = threads
+        self.partial = np.zeros((threads, 1, config.d_model), np.float32)
+        self.no_bias = np.zeros(0, np.float32)
+
+    def __call__(self, h, rows, n_rows, neuron_of_row, bias, out) -> None:
+        T = h.shape[0]
+        if self.partial.shape[1] < T:
+            self.partial = np.zeros((self.threads, T, self.d), np.float32)
+        K.ffn_bundles(h, rows, n_rows, neuron_of_row, self.no_bias if bias is None else bias, self.swiglu,
+                      self.in_off, self.gate_off, self.down_off, self.partial[:, :T], out)
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """Zeroed page-aligned array (anonymous mmap), so direct I/O can read into it."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.uint8)[:nbytes].view(dtype).reshape(shape)
+
+
+class ResidentFFN:
+    """Every layer's rows in DRAM."""
+
+    def __init__(self, layer_rows: list[np.ndarray], kernel: BundleKernel, biases: list):
+        self.layer_rows, self.kernel, self.biases = layer_rows, kernel, biases
+        self.all_neurons = np.arange(layer_rows[0].shape[0], dtype=np.int32)
+        self.stats = FlashStats()
+
+    def __call__(self, layer, h, out):
+        rows = self.layer_rows[layer]
+        self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
+
+    def close(self):
+        pass
+
+
+class StreamingFFN:
+    """Layers in `resident` stay in DRAM; every other layer is read whole from flash each time it runs.
+
+    The read of the next streamed layer starts before the current one computes (double buffering),
+    the best a no-sparsity baseline can do with the same reader.
+    """
+
+    def __init__(self, reader, resident: dict[int, np.ndarray], kernel: BundleKernel, biases: list,
+                 n_layers: int, n_rows: int, row_elems: int, dtype):
+        self.reader, self.resident, self.kernel, self.biases = reader, resident, kernel, biases
+        self.streamed = [i for i in range(n_layers) if i not in resident]   # in execution order
+        self.buffers = [aligned_empty((n_rows, row_elems), dtype) for _ in range(2)]
+        self.all_neurons = np.arange(n_rows, dtype=np.int32)
+        self.pool = ThreadPoolExecutor(1)
+        self.pending = {}                 # layer -> (buffer, future)
+        self.stats = FlashStats()
+
+    def _start(self, j: int) -> None:
+        layer = self.streamed[j]
+        if layer not in self.pending:
+            buf = self.buffers[j % 2]
+            self.pending[layer] = (buf, self.pool.submit(self.reader.read_layer, layer, buf))
+
+    def __call__(self, layer, h, out):
+        if layer in self.resident:
+            rows = self.resident[layer]
+            self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
+            return
+        j = self.streamed.index(layer)
+        t0 = time.perf_counter()
+        self._start(j)
+        buf, fut = self.pending.pop(layer)
+        fut.result()
+        if j + 1 < len(self.streamed):
+            self._start(j + 1)            # the other buffer: its previous layer has been computed
+        t1 = time.perf_counter()
+        self.stats.io_s += t1 - t0
+        self.kernel(h, buf, buf.shape[0], self.all_neurons, self.biases[layer], out)
+        self.stats.ffn_s += time.perf_counter() - t1
+
+    def close(self):
+        for _, fut in self.pending.values():
+            fut.result()
+        self.pool.shutdown()
+
+
+def _proc_read_bytes() -> int:
+    """Bytes this process has caused to be read from storage (Linux /proc/self/io), 0 if unknown."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class MmapFFN:
+    """Rows used straight from a memory map of ffn.safetensors, pages dropped after each layer.
+
+    This is what llama.cpp's mmap degrades to when the page cache cannot hold the model: every token
+    faults every FFN page back in. Bytes read are what the kernel reports for this process.
+    """
+
+    def __init__(self, path, layer_offsets, n_rows, row_elems, dtype, kernel: BundleKernel, biases: list):
+        self.file = open(path, "rb")
+        self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
+        whole = np.frombuffer(self.map, dtype=np.uint8)
+        nbytes = n_rows * row_elems * np.dtype(dtype).itemsize
+        self.spans = [(off, nbytes) for off in layer_offsets]
+        self.layers = [whole[off:off + nbytes].view(dtype).reshape(n_rows, row_elems) for off in layer_offsets]
+        self.kernel, self.biases = kernel, biases
+        self.all_neurons = np.arange(n_rows, dtype=np.int32)
+        self.stats = FlashStats()
+
+    def __call__(self, layer, h, out):
+        before = _proc_read_bytes()
+        t0 = time.perf_counter()
+        rows = self.layers[layer]
+        self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
+        off, nbytes = self.spans[layer]
+        start = off - off % mmap.PAGESIZE
+        self.map.madvise(mmap.MADV_DONTNEED, start, off + nbytes - start)
+        os.posix_fadvise(self.file.fileno(), start, off + nbytes - start, os.POSIX_FADV_DONTNEED)
+        self.stats.ffn_s += time.perf_counter() - t0      # faults (I/O) and compute are inseparable here
+        self.stats.bytes_read += _proc_read_bytes() - before
+
+    def close(self):
+        self.layers = []
+        self.map.close()
+        self.file.close()
+
+
+class SparseFFN:
+    """The flash path: predictor -> neuron cache (sliding window) -> read only the missing rows.
+
+    Per call: predict the neurons this layer needs; admit them into the layer's cache (evict those that
+    left the window by swap-with-last, append the missing); read the missing rows from flash in the
+    background while the kernel runs over the rows that were already resident; then add the new rows,
+    and stream any overflow (more neurons than the cache holds) through a bounded scratch buffer.
+    When reading the missing rows one by one would cost more than streaming the whole layer
+    sequentially (estimated from the reader's measured speeds), the layer is streamed instead.
+    """
+
+    def __init__(self, reader, predictors, caches, kernel: BundleKernel, biases: list, *,
+                 scratch_rows: int, row_elems: int, dtype, n_rows: int, row_bytes: int, stride_bytes: int,
+                 layer_io: str = "auto"):
+        if layer_io not in ("auto", "sparse", "stream"):
+            raise ValueError(f"layer_io must be auto, sparse or stream, not {layer_io!r}")
+        self.layer_io = layer_io
+        self.reader, self.predictors, self.caches = reader, predictors, caches
+        self.kernel, self.biases = kernel, biases
+        self.n_rows, self.row_bytes, self.stride_bytes = n_rows, row_bytes, stride_bytes
+        self.scratch = aligned_empty((max(1, scratch_rows), row_elems), dtype)
+        self.scratch_ids = np.zeros(len(self.scratch), np.int32)
+        self.tmp = np.zeros((1, kernel.d), np.float32)
+        self.pool = ThreadPoolExecutor(1)
+        self.stats = FlashStats()
+        # Measured costs (seconds per random read, seconds per byte streamed), refined as reads happen.
+        self.sec_per_read = 40e-6 / max(1, reader.threads)
+        self.sec_per_byte = 1 / 1.0e9
+        self.choices: list[str] = []        # per layer: "sparse" or "stream", the last decision
+
+    def load_pinned(self) -> None:
+        for layer, cache in enumerate(self.caches):
+            if cache.needs_pinned_load:
+                adm = cache.load_pinned()
+                self.reader.read_rows(layer, adm.missing, cache.rows, adm.dest_rows)
+
+    def _add(self, h, rows, n, ids, layer, out) -> None:
+        T = h.shape[0]
+        if self.tmp.shape[0] < T:
+            self.tmp = np.zeros((T, self.kernel.d), np.float32)
+        self.kernel(h, rows, n, ids, self.biases[layer], self.tmp[:T])
+        out += self.tmp[:T]
+
+    def _stream(self, layer, neurons, h, out) -> None:
+        """FFN over `neurons` read through the scratch buffer, chunk by chunk; adds into out."""
+        cap = len(self.scratch)
+        for start in range(0, len(neurons), cap):
+            chunk = neurons[start:start + cap]
+            t0 = time.perf_counter()
+            self.reader.read_rows(layer, chunk, self.scratch, np.arange(len(chunk), dtype=np.int32))
+            t1 = time.perf_counter()
+            self.stats.io_s += t1 - t0
+            self.scratch_ids[:len(chunk)] = chunk
+            self._add(h, self.scratch, len(chunk), self.scratch_ids, layer, out)
+            self.stats.ffn_s += time.perf_counter() - t1
+
+    def _sparse_cost(self, missing: np.ndarray) -> float:
+        if len(missing) == 0:
+            return 0.0
+        runs = 1 + int(np.count_nonzero(np.diff(np.sort(missing)) > 1))
+        return runs * self.sec_per_read + len(missing) * self.stride_bytes * self.sec_per_byte
+
+    def __call__(self, layer, h, out):
+        cache, pred = self.caches[layer], self.predictors[layer]
+        st = self.stats
+        t0 = time.perf_counter()
+        wanted = pred.predict(h)
+        t1 = time.perf_counter()
+        st.predict_s += t1 - t0
+        missing_now = wanted[cache.row_of_neuron[wanted] < 0]
+        st.wanted += len(wanted)
+        st.hits += len(wanted) - len(missing_now)
+        stream_cost = self.n_rows * self.stride_bytes * self.sec_per_byte
+        if self.layer_io == "stream" or (self.layer_io == "auto" and self._sparse_cost(missing_now) > stream_cost):
+            # Streaming the layer is cheaper: compute it whole (exact), leave the cache as it is.
+            self.choices[layer:layer + 1] = ["stream"]
+            st.streamed_layers += 1
+            out[:] = 0.0
+            self._measure(lambda: self._stream(layer, np.arange(self.n_rows, dtype=np.int32), h, out),
+                          streamed=True)
+            return
+        self.choices[layer:layer + 1] = ["sparse"]
+        adm = cache.step(wanted)
+        t2 = time.perf_counter()
+        st.mm_s += t2 - t1
+        n_valid = cache.n - len(adm.missing)
+        fut = self.pool.submit(self.reader.read_rows, layer, adm.missing, cache.rows, adm.dest_rows) \
+            if len(adm.missing) else None
+        self.kernel(h, cache.rows, n_valid, cache.neuron_of_row, self.biases[layer], out)
+        t3 = time.perf_counter()
+        st.ffn_s += t3 - t2
+        if fut is not None:
+            before = self.reader.stats.reads
+            fut.result()
+            t4 = time.perf_counter()
+            st.io_s += t4 - t3
+            n_reads = self.reader.stats.reads - before
+            if n_reads:
+                self.sec_per_read = 0.8 * self.sec_per_read + 0.2 * (t4 - t2) / n_reads
+            self._add(h, cache.rows[n_valid:], len(adm.missing), cache.neuron_of_row[n_valid:], layer, out)
+            st.ffn_s += time.perf_counter() - t4
+        if len(adm.overflow):
+            self._stream(layer, adm.overflow, h, out)
+
+    def _measure(self, fn, *, streamed: bool) -> None:
+        before_b, before_t = self.reader.stats.bytes_read, self.reader.stats.seconds
+        fn()
+        nbytes = self.reader.stats.bytes_read - before_b
+        if streamed and nbytes:
+            self.sec_per_byte = 0.8 * self.sec_per_byte + 0.2 * (self.reader.stats.seconds - before_t) / nbytes
+
+    def close(self):
+        self.pool.shutdown()

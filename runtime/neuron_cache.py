@@ -1,0 +1,362 @@
+"""Per-layer DRAM neuron cache with a sliding window ("LLM in a flash", section 3.3).
+
+The FFN of a layer is stored on flash as bundle rows (row i = everything neuron i needs). The cache
+keeps in DRAM every neuron wanted in the last `window` tokens, in one preallocated matrix `rows`
+whose first `n` rows are live; `kernels.ffn_bundles(h, cache.rows, cache.n, cache.neuron_of_row, ...)`
+computes over them in any order. Per token, `step(wanted)`:
+
+1. advances the step counter and stamps `last_used[wanted] = step`;
+2. evicts every resident, unpinned neuron not wanted in the last `window` steps (this one included)
+   by delete-by-swap-with-last: the last live row's data and index move into the hole, n -= 1
+   (no reallocation, no compaction pass);
+3. appends the wanted neurons that are not resident at rows n, n+1, ... and returns them as an
+   `Admission` so the caller reads them from flash into `rows[dest_rows]`.
+
+If the capacity cannot hold every missing neuron, resident unpinned neurons not wanted now are
+evicted least recently used first; whatever still does not fit is returned as `overflow` (the caller
+streams those through a scratch buffer). A neuron wanted at the current step is never evicted;
+overflow priority follows the order of `wanted` (earlier entries get a cache row first).
+
+Pinned neurons (hot neurons from calibration statistics) are never evicted and count against the
+capacity. They are admitted by `load_pinned()` / `pin()`, which return an `Admission` like `step()`.
+`reset()` clears everything, pinned rows included (their data is treated as invalid), and sets
+`needs_pinned_load`; `step()` refuses to run until the caller has called `load_pinned()` and read
+the rows it names.
+
+The bookkeeping loops are numba kernels over plain arrays; `NeuronCache` is a thin wrapper.
+"""
+from __future__ import annotations
+
+import mmap
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from numba import njit
+
+JIT = dict(cache=True, fastmath=True, nogil=True)
+
+NEVER = np.int32(np.iinfo(np.int32).min // 2)   # last_used of a neuron never wanted (no overflow on t - window)
+_NO_STEP = -1                                   # a step value no last_used ever holds: protects nothing
+
+
+# ----------------------------------------------------------------------------------------- kernels
+@njit(**JIT)
+def _mark(wanted, t, row_of_neuron, last_used, missing):
+    """last_used[wanted] = t; wanted neurons not resident go to missing[:m] (duplicates dropped).
+
+    Returns (hits, m)."""
+    hits = 0
+    m = 0
+    for k in range(wanted.shape[0]):
+        i = wanted[k]
+        if last_used[i] == t:           # already seen at this step
+            continue
+        last_used[i] = t
+        if row_of_neuron[i] >= 0:
+            hits += 1
+        else:
+            missing[m] = i
+            m += 1
+    return hits, m
+
+
+@njit(**JIT)
+def _remove_row(r, n, rows, neuron_of_row, row_of_neuron):
+    """Delete-by-swap: drop live row r; row n-1's data and index move into the hole. Returns n - 1."""
+    last = n - 1
+    row_of_neuron[neuron_of_row[r]] = -1
+    if r != last:
+        moved = neuron_of_row[last]
+        for j in range(rows.shape[1]):
+            rows[r, j] = rows[last, j]
+        neuron_of_row[r] = moved
+        row_of_neuron[moved] = r
+    neuron_of_row[last] = -1
+    return last
+
+
+@njit(**JIT)
+def _evict_window(t, window, n, rows, neuron_of_row, row_of_neuron, last_used, pinned):
+    """Evict every live, unpinned neuron with last_used <= t - window. Returns (n, evicted).
+
+    Walks the live rows backwards: rows above r are already known to stay, so the row that
+    delete-by-swap moves into a hole never needs a second look."""
+    oldest = t - window
+    evicted = 0
+    for r in range(n - 1, -1, -1):
+        i = neuron_of_row[r]
+        if not pinned[i] and last_used[i] <= oldest:
+            n = _remove_row(r, n, rows, neuron_of_row, row_of_neuron)
+            evicted += 1
+    return n, evicted
+
+
+@njit(**JIT)
+def _evict_lru(count, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinned):
+    """Evict up to `count` live, unpinned neurons not wanted at step t, least recently used first.
+
+    Returns (n, evicted)."""
+    cand = np.empty(n, np.int32)
+    age = np.empty(n, np.int64)
+    c = 0
+    for r in range(n):
+        i = neuron_of_row[r]
+        if not pinned[i] and last_used[i] != t:
+            cand[c] = i
+            age[c] = last_used[i]
+            c += 1
+    k = min(count, c)
+    if k <= 0:
+        return n, 0
+    order = np.argsort(age[:c], kind="mergesort")
+    for q in range(k):
+        i = cand[order[q]]
+        n = _remove_row(row_of_neuron[i], n, rows, neuron_of_row, row_of_neuron)
+    return n, k
+
+
+@njit(**JIT)
+def _append(missing, m, n, neuron_of_row, row_of_neuron, dest):
+    """missing[:m] take rows n, n+1, ...; dest[:m] gets those rows. Returns the new n."""
+    for k in range(m):
+        i = missing[k]
+        neuron_of_row[n] = i
+        row_of_neuron[i] = n
+        dest[k] = n
+        n += 1
+    return n
+
+
+@njit(**JIT)
+def _admit(missing, m, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinned, dest):
+    """Give rows to missing[:m], evicting LRU unpinned neurons not wanted at step t if short of room.
+
+    The first `fit` of missing get dest[:fit]; missing[fit:m] overflow. Returns (n, fit, lru_evicted)."""
+    capacity = rows.shape[0]
+    lru = 0
+    short = m - (capacity - n)
+    if short > 0:
+        n, lru = _evict_lru(short, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinned)
+    fit = min(m, capacity - n)
+    n = _append(missing, fit, n, neuron_of_row, row_of_neuron, dest)
+    return n, fit, lru
+
+
+@njit(**JIT)
+def _step(wanted, t, window, n, rows, neuron_of_row, row_of_neuron, last_used, pinned, missing, dest):
+    """One token: mark, evict out-of-window, append. Returns (n, hits, fit, m, window_evicted, lru_evicted)."""
+    hits, m = _mark(wanted, t, row_of_neuron, last_used, missing)
+    n, evicted = _evict_window(t, window, n, rows, neuron_of_row, row_of_neuron, last_used, pinned)
+    n, fit, lru = _admit(missing, m, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinned, dest)
+    return n, hits, fit, m, evicted, lru
+
+
+# ------------------------------------------------------------------------------------- python side
+def page_aligned_empty(shape: tuple[int, ...], dtype) -> tuple[np.ndarray, mmap.mmap]:
+    """A writable array backed by anonymous mmap (page-aligned, so direct I/O can read into it).
+
+    Returns (array, mmap); keep the mmap referenced as long as the array is used."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    mm = mmap.mmap(-1, max(1, count * dtype.itemsize))
+    return np.frombuffer(mm, dtype, count=count).reshape(shape), mm
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What the caller must read from flash after `step()` / `pin()` / `load_pinned()`.
+
+    missing[k] goes into rows[dest_rows[k]] (dest_rows are consecutive); overflow are wanted neurons
+    that got no cache row this step (stream them through a scratch buffer)."""
+    missing: np.ndarray     # int32 neuron ids
+    dest_rows: np.ndarray   # int32 row indices into NeuronCache.rows
+    overflow: np.ndarray    # int32 neuron ids
+
+    @property
+    def n_reads(self) -> int:
+        return len(self.missing) + len(self.overflow)
+
+
+@dataclass
+class CacheStats:
+    """Accumulated over `step()` calls (pin/load_pinned reads are not counted)."""
+    steps: int = 0
+    hits: int = 0         # wanted and already resident
+    misses: int = 0       # wanted, not resident, loaded into the cache
+    overflow: int = 0     # wanted, not resident, no room: streamed through scratch
+    evictions: int = 0    # window evictions + LRU (capacity-pressure) evictions
+    lru_evictions: int = 0
+    seconds: float = 0.0  # wall time inside step()
+
+    @property
+    def wanted(self) -> int:
+        return self.hits + self.misses + self.overflow
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.wanted if self.wanted else 0.0
+
+
+_EMPTY = np.zeros(0, np.int32)
+
+
+class NeuronCache:
+    """Sliding-window DRAM cache of one layer's FFN bundle rows (see module docstring)."""
+
+    def __init__(self, n_neurons: int, capacity: int, row_elems: int, dtype, *, window: int,
+                 pinned: np.ndarray | None = None):
+        if n_neurons < 1 or capacity < 1 or row_elems < 1:
+            raise ValueError("n_neurons, capacity and row_elems must be >= 1")
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        self.n_neurons = int(n_neurons)
+        self.capacity = int(min(capacity, n_neurons))
+        self.row_elems = int(row_elems)
+        self.window = int(window)
+        self.rows, self._mm = page_aligned_empty((self.capacity, self.row_elems), dtype)
+        self.neuron_of_row = np.full(self.capacity, -1, np.int32)
+        self.row_of_neuron = np.full(self.n_neurons, -1, np.int32)
+        self.last_used = np.full(self.n_neurons, NEVER, np.int32)
+        self.is_pinned = np.zeros(self.n_neurons, np.bool_)
+        self._missing = np.empty(self.n_neurons, np.int32)   # scratch: a step's missing neurons
+        self._dest = np.empty(self.n_neurons, np.int32)
+        self._n = 0
+        self._t = 0
+        self.needs_pinned_load = False
+        self.stats = CacheStats()
+        if pinned is not None and len(pinned):
+            self.is_pinned[self._checked(pinned)] = True
+            self._check_pinned_fits()
+            self.needs_pinned_load = True
+
+    # ---- views
+    @property
+    def n(self) -> int:
+        """Live rows: rows[:n] hold neurons neuron_of_row[:n]."""
+        return self._n
+
+    @property
+    def step_count(self) -> int:
+        return self._t
+
+    @property
+    def live_rows(self) -> np.ndarray:
+        return self.rows[:self._n]
+
+    @property
+    def pinned(self) -> np.ndarray:
+        return np.flatnonzero(self.is_pinned).astype(np.int32)
+
+    def resident(self) -> np.ndarray:
+        """Resident neuron ids in row order (a copy)."""
+        return self.neuron_of_row[:self._n].copy()
+
+    # ---- operations
+    def step(self, wanted: np.ndarray) -> Admission:
+        """Admit one token's wanted neurons; the caller then reads `missing` into rows[dest_rows]."""
+        t0 = time.perf_counter()
+        if self.needs_pinned_load:
+            raise RuntimeError("pinned neurons are not loaded: call load_pinned() and read its rows first")
+        wanted = self._checked(wanted)
+        self._t += 1
+        n, hits, fit, m, evicted, lru = _step(
+            wanted, self._t, self.window, self._n, self.rows, self.neuron_of_row, self.row_of_neuron,
+            self.last_used, self.is_pinned, self._missing, self._dest)
+        self._n = n
+        adm = Admission(self._missing[:fit].copy(), self._dest[:fit].copy(),
+                        self._missing[fit:m].copy() if m > fit else _EMPTY.copy())
+        s = self.stats
+        s.steps += 1
+        s.hits += hits
+        s.misses += fit
+        s.overflow += m - fit
+        s.evictions += evicted + lru
+        s.lru_evictions += lru
+        s.seconds += time.perf_counter() - t0
+        return adm
+
+    def pin(self, neurons: np.ndarray) -> Admission:
+        """Add `neurons` to the pinned set and admit every pinned neuron not resident.
+
+        On an empty cache (fresh or after reset()) the pinned neurons land at rows 0..p-1. Clears
+        `needs_pinned_load`: the caller must read the returned rows. Unpinned residents are evicted
+        (LRU first) if room is needed."""
+        neurons = self._checked(neurons)
+        was = self.is_pinned[neurons].copy()
+        self.is_pinned[neurons] = True
+        try:
+            self._check_pinned_fits()
+        except ValueError:
+            self.is_pinned[neurons] = was
+            raise
+        todo = self.pinned
+        todo = todo[self.row_of_neuron[todo] < 0]
+        m = len(todo)
+        self._missing[:m] = todo
+        n, fit, _ = _admit(self._missing, m, _NO_STEP, self._n, self.rows, self.neuron_of_row,
+                           self.row_of_neuron, self.last_used, self.is_pinned, self._dest)
+        assert fit == m, "pinned neurons must always fit"
+        self._n = n
+        self.needs_pinned_load = False
+        return Admission(todo.astype(np.int32), self._dest[:m].copy(), _EMPTY.copy())
+
+    def load_pinned(self) -> Admission:
+        """Admit the pinned set (after construction or reset()); read the returned rows from flash."""
+        return self.pin(_EMPTY)
+
+    def reset(self, *, stats: bool = True) -> None:
+        """Empty the cache, pinned rows included (their data is treated as invalid), and restart the
+        step counter; if anything is pinned, `needs_pinned_load` is set: call load_pinned() again."""
+        self.neuron_of_row.fill(-1)
+        self.row_of_neuron.fill(-1)
+        self.last_used.fill(NEVER)
+        self._n = 0
+        self._t = 0
+        self.needs_pinned_load = bool(self.is_pinned.any())
+        if stats:
+            self.stats = CacheStats()
+
+    # ---- helpers
+    def _checked(self, neurons) -> np.ndarray:
+        a = np.ascontiguousarray(neurons, dtype=np.int32).reshape(-1)
+        if a.size and (int(a.min()) < 0 or int(a.max()) >= self.n_neurons):
+            raise ValueError(f"neuron ids must be in [0, {self.n_neurons})")
+        return a
+
+    def _check_pinned_fits(self) -> None:
+        p = int(self.is_pinned.sum())
+        if p > self.capacity:
+            raise ValueError(f"{p} pinned neurons exceed the capacity {self.capacity}")
+
+
+# ------------------------------------------------------------------------------------- calibration
+def window_union_sizes(active_sets: list[np.ndarray], n_neurons: int,
+                       windows: tuple[int, ...] = (1, 2, 4, 8)) -> dict[int, dict[str, float]]:
+    """Sliding-window statistics of a token sequence's active-neuron sets.
+
+    For each k in windows:
+      "union":   mean over tokens t of |S[t-k+1] ∪ ... ∪ S[t]| / n_neurons (windows truncated at the
+                 start: what a window-k cache holds after token t, i.e. its DRAM footprint);
+      "to_read": mean over tokens t >= 1 with a non-empty set of |S[t] \\ (S[t-k] ∪ ... ∪ S[t-1])| / |S[t]|
+                 (the fraction of a token's neurons a window-k cache must still read from flash).
+    Duplicate ids in a set count once.
+    """
+    windows = tuple(int(k) for k in windows)
+    last_seen = np.full(n_neurons, np.iinfo(np.int64).min // 2, np.int64)
+    union = {k: 0.0 for k in windows}
+    to_read = {k: 0.0 for k in windows}
+    n_read = 0
+    T = len(active_sets)
+    for t, s in enumerate(active_sets):
+        s = np.unique(np.asarray(s, dtype=np.int64))
+        if t > 0 and s.size:
+            prev = last_seen[s]
+            for k in windows:               # covered iff seen in tokens t-k .. t-1
+                to_read[k] += np.count_nonzero(prev < t - k) / s.size
+            n_read += 1
+        last_seen[s] = t
+        for k in windows:                   # in the union iff seen in tokens t-k+1 .. t
+            union[k] += np.count_nonzero(last_seen > t - k) / n_neurons
+    return {k: {"union": union[k] / T if T else 0.0,
+                "to_read": to_read[k] / n_read if n_read else 0.0} for k in windows}
