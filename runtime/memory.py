@@ -71,7 +71,7 @@ class MemoryPlan:
         out = [f"memory plan ({self.mode}): {_mib(self.total)} of "
                f"{_mib(self.budget) if self.budget else 'unlimited'} budget; model {_mib(self.model_bytes)}",
                f"  dense weights {_mib(self.dense)}, KV cache {_mib(self.kv_cache)}, activations {_mib(self.activations)}"]
-        if self.mode == "flash":
+        if self.mode == "flash" and self.capacities:
             n_ff = max(self.capacities) if self.capacities else 0
             out.append(f"  predictors {_mib(self.predictors)}, neuron caches {_mib(self.ffn_resident)} "
                        f"(window {self.window}, {min(self.capacities)}..{n_ff} rows/layer), scratch {_mib(self.scratch)}")
@@ -150,8 +150,8 @@ def _plan_flash(plan: MemoryPlan, folder: ModelFolder, rt: RuntimeConfig, calibr
     room = None if plan.budget is None else plan.budget - plan.total
     if room is not None and room < c.n_layers * max(1, max(pin)) * stride:
         raise BudgetError(f"budget {_mib(plan.budget)} is too small for flash mode: the fixed parts need "
-                          f"{_mib(plan.total)} ({', '.join(plan.lines()[1:2]).strip()}, predictors "
-                          f"{_mib(plan.predictors)}), leaving {_mib(max(room, 0))} for neuron caches; "
+                          f"{_mib(plan.total)} (dense {_mib(plan.dense)}, KV cache {_mib(plan.kv_cache)}, predictors "
+                          f"{_mib(plan.predictors)}, scratch {_mib(plan.scratch + plan.activations)}), leaving {_mib(max(room, 0))} for neuron caches; "
                           f"raise --budget or lower --ctx")
     if rt.window:
         window = rt.window
