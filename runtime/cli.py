@@ -18,11 +18,34 @@ def _err(*lines: str) -> None:
 
 
 # --- shared flags ----------------------------------------------------------------------------------
-def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
+def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_list: bool = False) -> None:
     p.add_argument("-c", "--ctx", type=int, default=2048, help="context length (KV cache tokens)")
     p.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: all cores)")
-    p.add_argument("--stats", action="store_true", help="print load time, TTFT, tokens/s, peak RSS to stderr")
+    if mode_list:
+        p.add_argument("--mode", default=None, help="comma list of dense, flash, naive, hybrid, mmap "
+                       "(default: flash when --budget is given, else dense)")
+    else:
+        p.add_argument("--mode", default=None, choices=["dense", "flash", "naive", "hybrid", "mmap"],
+                       help="where FFN rows live (default: flash when --budget is given, else dense)")
+    p.add_argument("--budget", default=None, help="resident memory for the model: 60%%, 0.6, 512MiB, 2GB")
+    p.add_argument("--window", type=int, default=None, help="sliding window in tokens (default: largest that fits)")
+    p.add_argument("--pin", type=float, default=0.0, help="fraction of each layer's hottest neurons kept resident")
+    p.add_argument("--io", default="direct", choices=["direct", "buffered"], help="flash reads: O_DIRECT or page cache")
+    p.add_argument("--io-threads", type=int, default=4, help="reader threads")
+    p.add_argument("--max-gap", type=int, default=0, help="coalesce reads across gaps up to this many bytes")
+    p.add_argument("--layer-io", default="auto", choices=["auto", "sparse", "stream"],
+                   help="flash mode: per layer, sparse reads, streaming the layer, or the cheaper (measured)")
+    if stats:
+        p.add_argument("--stats", action="store_true", help="print load time, TTFT, tokens/s, flash I/O, peak RSS")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _runtime_config(args):
+    from .config import RuntimeConfig
+    mode = (args.mode or ("flash" if args.budget is not None else "dense")).split(",")[0]
+    return RuntimeConfig(ctx_len=args.ctx, threads=args.threads, mode=mode, budget=args.budget, window=args.window,
+                         pin=args.pin, io=args.io, io_threads=args.io_threads, max_gap_bytes=args.max_gap,
+                         layer_io=args.layer_io)
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -46,7 +69,6 @@ def _sampling(args, manifest: dict):
 
 def _load(model_arg, args):
     """(Model, Tokenizer) for a folder, or for the embedded default model when model_arg is None."""
-    from .config import RuntimeConfig
     from .default_model import default_model_folder
     from .model import Model
     from .modelfile import open_folder
@@ -54,7 +76,9 @@ def _load(model_arg, args):
     path = Path(model_arg) if model_arg else default_model_folder(progress=not args.no_progress)
     t0 = time.perf_counter()
     folder = open_folder(path)
-    model = Model(folder, RuntimeConfig(ctx_len=args.ctx, threads=args.threads))
+    model = Model(folder, _runtime_config(args))
+    if model.runtime.mode != "dense" or args.verbose:
+        _err(*model.plan.lines())
     tokenizer = Tokenizer.from_folder(folder.path, folder.manifest)
     model.warmup()
     model.load_seconds = time.perf_counter() - t0
@@ -86,9 +110,30 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _stats_lines(stats, model) -> list[str]:
+    """The generation figures, plus the flash accounting of the paper's Table 3 when FFN rows stream."""
+    lines = stats.lines()
+    fs = model.ffn_backend.stats
+    reader = getattr(model.ffn_backend, "reader", None)
+    if model.runtime.mode != "dense" and fs.tokens:
+        n = fs.tokens
+        nbytes = reader.stats.bytes_read if reader else fs.bytes_read
+        reads = reader.stats.reads if reader else 0
+        lines += [f"flash (per decode token):   I/O {1e3 * fs.io_s / n:.2f} ms, memory mgmt {1e3 * (fs.mm_s + fs.predict_s) / n:.2f} ms, "
+                  f"FFN compute {1e3 * fs.ffn_s / n:.2f} ms; {nbytes / n / 2**20:.2f} MiB in {reads / n:.0f} reads"
+                  + (f" ({nbytes / fs.io_s / 1e6:.0f} MB/s)" if fs.io_s else ""),
+                  f"neuron cache:        hit {100 * fs.hit_rate:.1f} %, window {model.plan.window}"
+                  + (f", streamed {100 * fs.streamed_layers / (n * model.config.n_layers):.0f} % of layer-steps"
+                     if model.runtime.mode == "flash" else "")]
+    if model.plan.budget:
+        lines.append(f"budget:              {model.plan.budget / 2**20:.1f} MiB for the model "
+                     f"(+ runtime overhead); peak RSS {stats.peak_rss / 2**20:.1f} MiB")
+    return lines
+
+
 def _print_stats(stats, model) -> None:
     stats.load_s = model.load_seconds
-    _err("", *stats.lines())
+    _err("", *_stats_lines(stats, model))
 
 
 def cmd_run(args) -> int:
@@ -153,7 +198,7 @@ def cmd_chat(args) -> int:
                 messages.clear()
                 _err(f"(system message {'set' if system else 'cleared'}; conversation cleared)")
             elif cmd == "/stats":
-                _err(*(stats.lines() if stats else ["(no reply yet)"]))
+                _err(*(_stats_lines(stats, model) if stats else ["(no reply yet)"]))
             else:
                 _err(CHAT_HELP)
             continue
@@ -179,7 +224,59 @@ def cmd_chat(args) -> int:
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
         if args.stats:
-            _err(*stats.lines())
+            _err(*_stats_lines(stats, model))
+
+
+def cmd_calibrate(args) -> int:
+    from converters.calibrate import calibrate
+    report = calibrate(args.model, text_file=args.file, n_tokens=args.tokens, keep=args.keep, recall=args.recall,
+                       threads=args.threads, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print("| layer | rank | rule | recall | contribution recall | predicted active | window 4 holds | window 4 misses |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for i, q in enumerate(report["layers"]):
+        w = q["windows"].get("4", {})
+        print(f"| {i} | {q['rank']} | {q['rule']} | {q['recall']:.3f} | {q.get('contribution_recall', float('nan')):.3f} "
+              f"| {100 * q['predicted_fraction']:.1f} % | {100 * w.get('mean_held', 0):.1f} % | {100 * w.get('miss_fraction', 0):.1f} % |")
+    _err(f"calibrated on {report['tokens']} tokens ({report['source']}) in {report['seconds']} s; "
+         f"predictors written to {args.model}/predictor.safetensors")
+    return 0
+
+
+def cmd_ppl(args) -> int:
+    from .model import Model
+    from .modelfile import open_folder
+    from .perplexity import perplexity
+    from .tokenizer import Tokenizer
+    folder = open_folder(args.model)
+    rt = _runtime_config(args)
+    model = Model(folder, rt)
+    if rt.mode != "dense":
+        _err(*model.plan.lines())
+    model.warmup()
+    ids = Tokenizer.from_folder(folder.path, folder.manifest).encode(Path(args.file).read_text())
+    if args.max_tokens:
+        ids = ids[:args.max_tokens]
+    chunk = args.chunk or (128 if rt.mode == "dense" else 1)
+    result = perplexity(model, ids, chunk=chunk, progress=not args.no_progress)
+    print(f"perplexity: {result['perplexity']:.4f}")
+    _err(f"{result['tokens']} tokens, mode {rt.mode}, chunk {chunk}")
+    model.close()
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import as_json_lines, bench, bench_one, table
+    rt = _runtime_config(args)
+    if args.one:
+        print(as_json_lines(bench_one(args.model, rt, pp=args.n_prompt, tg=args.n_gen, reps=args.reps)))
+        return 0
+    modes = [m.strip() for m in (args.mode or rt.mode).split(",")]
+    rows = bench(args.model, modes, rt, pp=args.n_prompt, tg=args.n_gen, reps=args.reps)
+    print(as_json_lines(rows) if args.json else table(rows))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +315,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     _add_runtime_flags(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("calibrate", help="train the per-layer sparsity predictors", formatter_class=fmt)
+    p.add_argument("model")
+    p.add_argument("-f", "--file", default=None, help="calibration text (default: text the model generates)")
+    p.add_argument("--tokens", type=int, default=2048, help="calibration tokens")
+    p.add_argument("--keep", type=float, default=0.5, help="SwiGLU: fraction of neurons kept per token")
+    p.add_argument("--recall", type=float, default=0.99, help="ReLU: recall of active neurons to aim for")
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("ppl", help="perplexity of a text file under a run mode", formatter_class=fmt)
+    p.add_argument("model")
+    p.add_argument("-f", "--file", required=True, help="text file")
+    p.add_argument("-n", "--max-tokens", type=int, default=None, help="use only the first N tokens")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="tokens per forward (default: 128 dense, 1 otherwise = as decoding sees the model)")
+    _add_runtime_flags(p, stats=False)
+    p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("bench", help="llama-bench-like table of run modes", formatter_class=fmt)
+    p.add_argument("model")
+    p.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens (pp test; 0 = skip)")
+    p.add_argument("-n", "--n-gen", type=int, default=32, help="generated tokens (tg test; 0 = skip)")
+    p.add_argument("-r", "--reps", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="one JSON object per row")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    _add_runtime_flags(p, stats=False, mode_list=True)
+    p.set_defaults(func=cmd_bench)
     return ap
 
 

@@ -82,6 +82,7 @@ def generate_step(model: Model, prompt: list[int], sampler: Sampler, stats: Gene
     """Yield up to max_tokens sampled ids; the caller stops early by closing the generator."""
     t0 = time.perf_counter()
     logits = prefill(model, prompt, stats)
+    model.reset_io_stats()
     history = list(prompt)
     for i in range(max_tokens):
         token = sampler(logits, history)

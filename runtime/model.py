@@ -132,6 +132,7 @@ class Model:
             if c.ffn_bias:
                 x += self.w[p + "ffn.down.bias"]
         self.history.extend(int(t) for t in tokens)
+        self.ffn_backend.stats.tokens += T
         if not all_logits:
             x = x[-1:]
         xn = np.empty_like(x)
@@ -170,6 +171,13 @@ class Model:
                 self.kernel(x, rows, 2, np.arange(2, dtype=np.int32), bias, np.empty_like(x))
         if c.norm_kind == "layer":
             K.layernorm(x, np.ones(c.d_model, np.float32), np.zeros(c.d_model, np.float32), 1e-5, np.empty_like(x))
+
+    def reset_io_stats(self) -> None:
+        """Start the flash accounting afresh (e.g. after prefill, so figures describe decoding)."""
+        self.ffn_backend.stats.reset()
+        reader = getattr(self.ffn_backend, "reader", None)
+        if reader is not None:
+            reader.reset_stats()
 
     def close(self) -> None:
         self.ffn_backend.close()

@@ -1,0 +1,153 @@
+"""`flashlm bench`: llama-bench-style table of run modes, one model, one machine, one invocation.
+
+Each mode runs in its own child process so its peak RSS is its own. Prompts are random token ids,
+decode feeds one token per step with no sampling and no EOS; every test is repeated -r times after a
+warm-up. Bytes read, reads, hit rate and the I/O / memory-management / compute split are measured
+during the decode repetitions (the paper's Table 3 columns).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from .config import RuntimeConfig
+from .generate import peak_rss_bytes
+from .model import Model
+from .modelfile import open_folder
+
+
+def _io(backend) -> tuple[int, int]:
+    reader = getattr(backend, "reader", None)
+    if reader is not None:
+        return reader.stats.bytes_read, reader.stats.reads
+    return backend.stats.bytes_read, backend.stats.reads
+
+
+def _drop_page_cache(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, seed: int = 0) -> list[dict]:
+    """Rows for one mode, measured in this process."""
+    folder = open_folder(folder_path)
+    _drop_page_cache(folder.file("ffn.safetensors"))
+    t0 = time.perf_counter()
+    model = Model(folder, rt)
+    model.warmup()
+    load_s = time.perf_counter() - t0
+    c = model.config
+    ids = np.random.default_rng(seed).integers(0, c.vocab_size, size=pp + tg + 1)
+    base = {"model": folder.path.name, "size": model.plan.model_bytes, "budget": model.plan.budget,
+            "window": model.plan.window or None, "mode": rt.mode, "threads": model.threads,
+            "io": rt.io if rt.mode not in ("dense", "mmap") else None, "load_s": round(load_s, 2)}
+    rows = []
+    if pp:
+        times = []
+        for r in range(reps + 1):
+            model.reset()
+            t = time.perf_counter()
+            for s in range(0, pp, 128):
+                model.forward(ids[s:min(pp, s + 128)])
+            if r:
+                times.append(time.perf_counter() - t)
+        rows.append(_row(base, f"pp{pp}", pp, times))
+    if tg:
+        times, io_before, stats = [], None, model.ffn_backend.stats
+        for r in range(reps + 1):
+            model.reset()
+            model.forward(ids[:1])
+            if r == 1:
+                model.reset_io_stats()
+                io_before = _io(model.ffn_backend)
+            t = time.perf_counter()
+            for i in range(tg):
+                model.forward(ids[1 + i:2 + i])
+            if r:
+                times.append(time.perf_counter() - t)
+        n = tg * reps
+        nbytes, nreads = (a - b for a, b in zip(_io(model.ffn_backend), io_before))
+        row = _row(base, f"tg{tg}", tg, times)
+        total = sum(times)
+        io_ms, mm_ms = 1e3 * stats.io_s / n, 1e3 * (stats.mm_s + stats.predict_s) / n
+        row.update(bytes_per_token=nbytes / n, reads_per_token=nreads / n,
+                   hit_rate=stats.hit_rate if stats.wanted else None,
+                   io_ms=io_ms, mm_ms=mm_ms, compute_ms=1e3 * total / n - io_ms - mm_ms,
+                   streamed_layer_fraction=stats.streamed_layers / (n * c.n_layers) if rt.mode == "flash" else None,
+                   flash_mb_s=nbytes / stats.io_s / 1e6 if stats.io_s else None)
+        rows.append(row)
+    model.close()
+    for row in rows:
+        row["peak_rss"] = peak_rss_bytes()
+    return rows
+
+
+def _row(base: dict, test: str, n: int, times: list[float]) -> dict:
+    tps = [n / t for t in times]
+    return dict(base, test=test, avg_ts=statistics.mean(tps),
+                stddev_ts=statistics.stdev(tps) if len(tps) > 1 else 0.0, samples_ts=tps)
+
+
+def bench(folder_path, modes: list[str], rt: RuntimeConfig, *, pp: int, tg: int, reps: int) -> list[dict]:
+    """Run every mode in a child process (`flashlm bench --one`) and collect their rows."""
+    rows = []
+    for mode in modes:
+        cmd = [sys.executable, "-m", "runtime", "bench", str(folder_path), "--one", "--json", "--mode", mode,
+               "-p", str(pp), "-n", str(tg), "-r", str(reps), "--ctx", str(rt.ctx_len), "--io", rt.io,
+               "--io-threads", str(rt.io_threads), "--layer-io", rt.layer_io, "--pin", str(rt.pin)]
+        if rt.threads:
+            cmd += ["--threads", str(rt.threads)]
+        if rt.budget is not None and mode != "dense":
+            cmd += ["--budget", str(rt.budget)]
+        if rt.window:
+            cmd += ["--window", str(rt.window)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            rows.append({"mode": mode, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
+            continue
+        rows += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return rows
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return str(n)
+
+
+def table(rows: list[dict]) -> str:
+    head = ["model", "size", "budget", "window", "mode", "test", "t/s", "MiB/tok", "reads/tok", "hit %",
+            "io ms", "mm ms", "compute ms", "peak RSS"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| | | | | {r['mode']} | error: {r['error']} |")
+            continue
+        tg = r["test"].startswith("tg")
+        cells = [r["model"], _fmt_bytes(r["size"]), _fmt_bytes(r["budget"]), str(r["window"] or "-"), r["mode"],
+                 r["test"], f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}",
+                 f"{r['bytes_per_token'] / 2**20:.2f}" if tg else "-",
+                 f"{r['reads_per_token']:.0f}" if tg else "-",
+                 f"{100 * r['hit_rate']:.1f}" if tg and r.get("hit_rate") is not None else "-",
+                 f"{r['io_ms']:.2f}" if tg else "-", f"{r['mm_ms']:.2f}" if tg else "-",
+                 f"{r['compute_ms']:.2f}" if tg else "-", _fmt_bytes(r["peak_rss"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def as_json_lines(rows: list[dict]) -> str:
+    return "\n".join(json.dumps(r) for r in rows)
+

@@ -1,0 +1,40 @@
+"""`flashlm ppl`: perplexity of a text under a run mode, i.e. what sparsity costs in quality."""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+from tqdm import tqdm
+
+from .model import Model
+
+
+def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    return z[np.arange(len(targets)), targets] - np.log(np.exp(z).sum(axis=-1))
+
+
+def perplexity(model: Model, ids: list[int], *, chunk: int, window: int | None = None,
+               progress: bool = True) -> dict:
+    """exp(mean negative log-likelihood) of ids[1:] given the preceding tokens.
+
+    Tokens go through the model `chunk` at a time: chunk 1 is how decoding sees the model (each token's
+    FFN predicted and read on its own), larger chunks are faster prefill-style passes. The text is cut
+    into windows of at most the context length, each starting from an empty KV cache.
+    """
+    window = min(window or model.ctx_len, model.ctx_len)
+    nll, count = 0.0, 0
+    with tqdm(total=len(ids) - 1, desc="Perplexity", unit="tok", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(ids) - 1, window):
+            seq = ids[start:start + window + 1]
+            model.reset()
+            for s in range(0, len(seq) - 1, chunk):
+                part = seq[s:min(s + chunk, len(seq) - 1)]
+                logits = model.forward(part, all_logits=True)
+                lp = _log_softmax_at(logits, np.asarray(seq[s + 1:s + 1 + len(part)]))
+                nll -= lp.sum()
+                count += len(part)
+                bar.update(len(part))
+    return {"perplexity": math.exp(nll / count), "tokens": count, "nll": nll / count}
