@@ -54,14 +54,40 @@ class BundleKernel:
         self.d = config.d_model
         self.threads = threads
         self.partial = np.zeros((threads, 1, config.d_model), np.float32)
+        self.scratch = None               # f32 block of widened rows for prompt-sized batches
         self.no_bias = np.zeros(0, np.float32)
 
     def __call__(self, h, rows, n_rows, neuron_of_row, bias, out) -> None:
         T = h.shape[0]
+        if T >= K.BLAS_MIN_TOKENS:
+            self._batched(h, rows, n_rows, neuron_of_row, bias, out)
+            return
         if self.partial.shape[1] < T:
             self.partial = np.zeros((self.threads, T, self.d), np.float32)
         K.ffn_bundles(h, rows, n_rows, neuron_of_row, self.no_bias if bias is None else bias, self.swiglu,
-                      self.in_off, self.gate_off, self.down_off, self.partial[:, :T], out)
+                      self.in_off, self.gate_off, self.down_off, self.partial, out)
+
+
+    def _batched(self, h, rows, n_rows, neuron_of_row, bias, out) -> None:
+        """Prompt-sized T: widen blocks of bundle rows to f32 and let BLAS do the three products."""
+        d = self.d
+        block = max(1, K.BLAS_BLOCK_BYTES // (4 * rows.shape[1]))
+        if self.scratch is None or self.scratch.shape != (block, rows.shape[1]):
+            self.scratch = np.empty((block, rows.shape[1]), np.float32)
+        out[:] = 0.0
+        for lo in range(0, n_rows, block):
+            hi = min(n_rows, lo + block)
+            w = self.scratch[:hi - lo]
+            K.widen_rows(rows, lo, hi, w)
+            u = h @ w[:, self.in_off:self.in_off + d].T                        # [T, block]
+            if self.swiglu:
+                g = h @ w[:, self.gate_off:self.gate_off + d].T
+                a = g / (1.0 + np.exp(-g)) * u
+            else:
+                if bias is not None:
+                    u += bias[neuron_of_row[lo:hi]]
+                a = np.maximum(u, 0.0)
+            out += a @ w[:, self.down_off:self.down_off + d]
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:

@@ -15,6 +15,7 @@ Why it is built this way (measured on a 2-core VM with a virtio disk, see ../sha
 from __future__ import annotations
 
 import errno
+import itertools
 import mmap
 import os
 import queue
@@ -85,7 +86,7 @@ class _Plan:
         total_blocks = int((be[seg_last] - bs[seg_first]).sum())
 
         # Cap runs at the staging size, and cut big reads (a whole layer, long runs) into about one piece
-        # per worker so all of them read in parallel. Caps are whole rows, so rows never straddle pieces:
+        # per worker so all of them read in parallel (but not below 64 KiB, where reads get less efficient). Caps are whole rows, so rows never straddle pieces:
         # rows of a segment sit on a grid of row_blocks starting at the segment's first row.
         want = -(-total_blocks // threads)
         cap = min(cap_blocks, max(want, MIN_SPLIT_BYTES // BLOCK))
@@ -108,13 +109,8 @@ class _Plan:
                   & ((out_addr + dst[lo] * stride) % BLOCK == 0))
             direct[ok] = dst[lo][ok] * stride
 
-        # One contiguous group of runs per worker, balanced by bytes.
-        before = np.cumsum(length) - length
-        worker = before * threads // max(int(length.sum()), 1)
-        cuts = np.searchsorted(worker, np.arange(threads + 1))
         cols = [off.tolist(), length.tolist(), lo.tolist(), hi.tolist(), consecutive.tolist(), direct.tolist()]
-        self.tasks = [list(zip(*(c[cuts[w]:cuts[w + 1]] for c in cols)))
-                      for w in range(threads) if cuts[w + 1] > cuts[w]]
+        self.runs = list(zip(*cols))
 
 
 def _read_full(fd: int, buf: memoryview, offset: int, need: int) -> tuple[int, int]:
@@ -131,10 +127,18 @@ def _read_full(fd: int, buf: memoryview, offset: int, need: int) -> tuple[int, i
     return got, calls
 
 
-def _do_task(fd, stage_mv, stage_np, runs, job):
+def _do_task(fd, stage_mv, stage_np, runs, claim, job):
     ns_arr, dst_arr, ns, dst, out2d, out_mv, layer_off, stride = job
     nbytes = ncalls = 0
-    for off, length, lo, hi, consecutive, direct in runs:
+    n = len(runs)
+    while True:
+        # Workers claim runs one at a time from a shared counter (next() on itertools.count is atomic
+        # under the GIL), so a worker that drew fast reads takes more: the call ends about one read after
+        # the disk finishes, instead of waiting for the unluckiest fixed share.
+        i = next(claim)
+        if i >= n:
+            break
+        off, length, lo, hi, consecutive, direct = runs[i]
         if direct >= 0:
             b, c = _read_full(fd, out_mv[direct:direct + length], off, length)
         else:
@@ -166,12 +170,12 @@ def _worker(tasks: queue.SimpleQueue, fd: int, stage: mmap.mmap) -> None:
         item = tasks.get()
         if item is None:
             break
-        runs, job, done = item
+        runs, claim, job, done = item
         try:
-            done.put((*_do_task(fd, stage_mv, stage_np, runs, job), None))
+            done.put((*_do_task(fd, stage_mv, stage_np, runs, claim, job), None))
         except BaseException as e:  # noqa: BLE001 - handed to the caller, who re-raises it
             done.put((0, 0, e))
-        del item, runs, job, done   # drop references to the caller's `out` before blocking again
+        del item, runs, claim, job, done   # drop references to the caller's `out` before blocking again
     del stage_np
     stage_mv.release()
 
@@ -323,11 +327,13 @@ class FlashReader:
         # Lists too: workers mostly index single elements, and Python ints are much cheaper there.
         job = (plan.ns, plan.dst, plan.ns.tolist(), plan.dst.tolist(), out_u8, out_mv, layer_off, self.stride_bytes)
         done: queue.SimpleQueue = queue.SimpleQueue()
-        for q, runs in zip(self._queues, plan.tasks):
-            q.put((runs, job, done))
+        claim = itertools.count()
+        busy = self._queues[:len(plan.runs)]              # one task per worker that has something to do
+        for q in busy:
+            q.put((plan.runs, claim, job, done))
         nbytes = ncalls = 0
         error = None
-        for _ in plan.tasks:
+        for _ in busy:
             b, c, e = done.get()
             nbytes, ncalls = nbytes + b, ncalls + c
             error = error or e

@@ -64,6 +64,33 @@ def matmul(x, w, out):
                     out[t, i] = _dot(row, 0, x[t], d)
 
 
+@njit(parallel=True, **JIT)
+def widen_rows(w, lo, hi, out):
+    """out[:hi-lo] = w[lo:hi] as float32 (f16 bits or f32 in), for BLAS on prompt-sized batches."""
+    for i in prange(hi - lo):
+        _widen(w[lo + i], 0, w.shape[1], out[i])
+
+
+BLAS_MIN_TOKENS = 8     # from this many tokens on, widening weights once and calling BLAS wins
+BLAS_BLOCK_BYTES = 4 << 20
+
+
+def matmul_batched(x, w, out, scratch=None):
+    """out[T, n] = x @ w.T for prompt-sized T: widen blocks of w to f32, then BLAS (numpy) per block."""
+    n, d = w.shape
+    block = max(1, BLAS_BLOCK_BYTES // (4 * d))
+    if scratch is None or scratch.shape[0] < block or scratch.shape[1] != d:
+        scratch = np.empty((block, d), np.float32)
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        if w.dtype == np.float32:
+            out[:, lo:hi] = x @ w[lo:hi].T
+        else:
+            widen_rows(w, lo, hi, scratch)
+            out[:, lo:hi] = x @ scratch[:hi - lo].T
+    return scratch
+
+
 @njit(**JIT)
 def rmsnorm(x, w, eps, out):
     """out[T, d] = x / rms(x) * w."""
@@ -147,27 +174,20 @@ def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, swiglu, in_off, gate_of
 
     h[T, d] normalized input; rows[N, stride] f32 or f16 bits; neuron_of_row[N] which neuron a row
     holds (indexes up_bias[n_ff]; empty up_bias = no bias); swiglu: a = silu(gate.h) * (up.h), else
-    a = relu(up.h + bias). partial[C, T, d] holds one accumulator per chunk of neurons so threads never
-    write the same memory; out[T, d] = their sum.
+    a = relu(up.h + bias). Each of the C = partial.shape[0] chunks of rows accumulates into its own
+    contiguous buffer (threads never share memory), then out[T, d] = their sum.
     """
     T, d = h.shape
     C = partial.shape[0]
     for c in prange(C):
-        acc = partial[c]
-        acc[:, :] = 0.0
-        row = np.empty(rows.shape[1], np.float32)
+        acc = np.zeros((T, d), np.float32)
         for r in range(c * n_rows // C, (c + 1) * n_rows // C):
             w = rows[r]
-            if T > 1:
-                _widen(w, 0, rows.shape[1], row)
             for t in range(T):
                 x = h[t]
-                if T > 1:
-                    u = _dot(row, in_off, x, d)
-                else:
-                    u = _dot(w, in_off, x, d)
+                u = _dot(w, in_off, x, d)
                 if swiglu:
-                    g = _dot(row, gate_off, x, d) if T > 1 else _dot(w, gate_off, x, d)
+                    g = _dot(w, gate_off, x, d)
                     a = g / (np.float32(1.0) + np.exp(-g)) * u
                 else:
                     if up_bias.size:
@@ -175,14 +195,21 @@ def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, swiglu, in_off, gate_of
                     a = max(u, np.float32(0.0))
                     if a == 0.0:
                         continue                  # ReLU sparsity: an inactive neuron adds nothing
-                for j in range(d):
-                    acc[t, j] += a * f32(w[down_off + j])
+                _axpy(a, w, down_off, acc[t], d)
+        partial[c, :T] = acc
     for t in range(T):
         for j in range(d):
             s = np.float32(0.0)
             for c in range(C):
                 s += partial[c, t, j]
             out[t, j] = s
+
+
+@njit(**JIT)
+def _axpy(a, w, off, y, n):
+    # y[:n] += a * w[off:off+n]
+    for j in range(n):
+        y[j] += a * f32(w[off + j])
 
 
 def set_threads(n: int | None) -> int:

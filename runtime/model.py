@@ -61,6 +61,7 @@ class Model:
         self.k_cache = np.zeros(kv_shape, np.float32)   # [layer, position, kv head, head_dim]
         self.v_cache = np.zeros(kv_shape, np.float32)
         self.history: list[int] = []                    # token ids whose K/V are in the cache, in order
+        self._blas_scratch = None
         self.on_ffn_input = None                        # calibration hook: f(layer, h[T, d])
         self.load_seconds = time.perf_counter() - t0
 
@@ -73,10 +74,16 @@ class Model:
             K.layernorm(x, self.w[prefix + ".weight"], self.w[prefix + ".bias"], c.norm_eps, out)
 
     def _linear(self, x, name, out):
-        K.matmul(x, self.w[name + ".weight"], out)
+        self._matmul(x, self.w[name + ".weight"], out)
         bias = self.w.get(name + ".bias")
         if bias is not None:
             out += bias
+
+    def _matmul(self, x, w, out):
+        if x.shape[0] >= K.BLAS_MIN_TOKENS:
+            self._blas_scratch = K.matmul_batched(x, w, out, self._blas_scratch)
+        else:
+            K.matmul(x, w, out)
 
     def embed(self, tokens: np.ndarray, pos0: int) -> np.ndarray:
         emb = self.w["tok_embeddings"][tokens]
@@ -138,7 +145,7 @@ class Model:
         xn = np.empty_like(x)
         self._norm(x, "norm", xn)
         logits = np.empty((len(x), c.vocab_size), np.float32)
-        K.matmul(xn, self.lm_head, logits)
+        self._matmul(xn, self.lm_head, logits)
         return logits
 
     @property
@@ -160,6 +167,8 @@ class Model:
             o = np.empty((T, 4), np.float32)
             K.matmul(x, np.zeros((4, c.d_model), wdt), o)
             K.matmul(x, np.zeros((4, c.d_model), np.uint16), o)
+            K.widen_rows(np.zeros((4, c.d_model), wdt), 0, 4, np.empty((4, c.d_model), np.float32))
+            K.widen_rows(np.zeros((4, 8), rows_dt), 0, 4, np.empty((4, 8), np.float32))
             self._norm(x, "norm", np.empty_like(x))
             q = np.ones((T, c.n_heads, c.head_dim), np.float32)
             kv = np.ones((T + 1, c.n_kv_heads, c.head_dim), np.float32)
