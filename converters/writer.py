@@ -163,7 +163,6 @@ def _write_side_files(tmp: Path, source: Source) -> None:
 def _manifest(tmp: Path, source: Source, dtype: str, st_name: str, row_bytes: int, stride_bytes: int,
               offsets: dict, ffn_plan) -> dict:
     config = source.config
-    item = 2 if st_name == "F16" else 4
     parts, col = [], 0
     for name, length in config.bundle_parts:
         parts.append({"name": name, "offset": col, "length": length})

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import mmap
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from numba import njit

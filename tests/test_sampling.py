@@ -1,6 +1,5 @@
 """Sampling rules against hand-computed expectations."""
 import numpy as np
-import pytest
 
 from runtime.sampling import Sampler, SamplingParams
 
