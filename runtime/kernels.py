@@ -66,10 +66,13 @@ def matmul(x, w, out):
                     out[t, i] = _dot(row, x[t], d)
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def widen_rows(w, lo, hi, out):
-    """out[:hi-lo] = w[lo:hi] as float32 (f16 bits or f32 in), for BLAS on prompt-sized batches."""
-    for i in prange(hi - lo):
+    """out[:hi-lo] = w[lo:hi] as float32 (f16 bits or f32 in), for BLAS on prompt-sized batches.
+
+    Single-threaded on purpose: OpenBLAS threads spin after each call and starve a parallel region
+    started right after (measured 10x slower)."""
+    for i in range(hi - lo):
         _widen(w[lo + i], w.shape[1], out[i])
 
 
