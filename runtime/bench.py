@@ -110,6 +110,8 @@ def bench(folder_path, modes: list[str], rt: RuntimeConfig, *, pp: int, tg: int,
             cmd += ["--budget", str(rt.budget)]
         if rt.window:
             cmd += ["--window", str(rt.window)]
+        if rt.profile:
+            cmd += ["--profile", str(rt.profile)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             rows.append({"mode": mode, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})

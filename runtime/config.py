@@ -74,3 +74,4 @@ class RuntimeConfig:
     io_threads: int = 4          # reader threads, each looping over its share of a batch of reads
     max_gap_bytes: int = 0       # coalesce reads across gaps up to this size (reads a little extra)
     layer_io: str = "auto"       # flash mode per layer: auto (cheaper of sparse/stream) | sparse | stream
+    profile: str | None = None   # device profile (devices/NAME.toml or a path): measured flash speeds

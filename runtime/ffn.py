@@ -202,7 +202,10 @@ class MmapFFN:
 
     def close(self):
         self.layers = []
-        self.map.close()
+        try:
+            self.map.close()
+        except BufferError:     # a caller still holds a view of the rows; the map closes when it is freed
+            pass
         self.file.close()
 
 
@@ -219,15 +222,17 @@ class SparseFFN:
 
     def __init__(self, reader, predictors, caches, kernel: BundleKernel, biases: list, *,
                  scratch_rows: int, row_elems: int, dtype, n_rows: int, row_bytes: int, stride_bytes: int,
-                 layer_io: str = "auto"):
+                 layer_io: str = "auto", resident: dict | None = None):
         if layer_io not in ("auto", "sparse", "stream"):
             raise ValueError(f"layer_io must be auto, sparse or stream, not {layer_io!r}")
         self.layer_io = layer_io
         self.reader, self.predictors, self.caches = reader, predictors, caches
+        self.resident = resident or {}            # layers the planner keeps whole in DRAM
         self.kernel, self.biases = kernel, biases
         self.n_rows, self.row_bytes, self.stride_bytes = n_rows, row_bytes, stride_bytes
         self.scratch = aligned_empty((max(1, scratch_rows), row_elems), dtype)
         self.scratch_ids = np.zeros(len(self.scratch), np.int32)
+        self.all_neurons = np.arange(n_rows, dtype=np.int32)
         self.tmp = np.zeros((1, kernel.d), np.float32)
         self.pool = ThreadPoolExecutor(1)
         self.stats = FlashStats()
@@ -238,7 +243,7 @@ class SparseFFN:
 
     def load_pinned(self) -> None:
         for layer, cache in enumerate(self.caches):
-            if cache.needs_pinned_load:
+            if cache is not None and cache.needs_pinned_load:
                 adm = cache.load_pinned()
                 self.reader.read_rows(layer, adm.missing, cache.rows, adm.dest_rows)
 
@@ -271,6 +276,15 @@ class SparseFFN:
     def __call__(self, layer, h, out):
         cache, pred = self.caches[layer], self.predictors[layer]
         st = self.stats
+        if layer in self.resident:
+            rows = self.resident[layer]
+            self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
+            return
+        if cache is None:                          # planned as a streamed layer
+            st.streamed_layers += 1
+            out[:] = 0.0
+            self._measure(lambda: self._stream(layer, self.all_neurons, h, out), streamed=True)
+            return
         t0 = time.perf_counter()
         wanted = pred.predict(h)
         t1 = time.perf_counter()
@@ -284,8 +298,7 @@ class SparseFFN:
             self.choices[layer:layer + 1] = ["stream"]
             st.streamed_layers += 1
             out[:] = 0.0
-            self._measure(lambda: self._stream(layer, np.arange(self.n_rows, dtype=np.int32), h, out),
-                          streamed=True)
+            self._measure(lambda: self._stream(layer, self.all_neurons, h, out), streamed=True)
             return
         self.choices[layer:layer + 1] = ["sparse"]
         adm = cache.step(wanted)

@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from .memory import PREFILL_CHUNK   # tokens per prefill forward; bounds scratch memory for long prompts
 from .model import Model
 from .sampling import Sampler, SamplingParams
 
-PREFILL_CHUNK = 128   # tokens per prefill forward; bounds scratch memory for long prompts
 
 
 def peak_rss_bytes() -> int:

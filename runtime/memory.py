@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import ModelConfig, RuntimeConfig
+from .kernels import BLAS_BLOCK_BYTES
 from .modelfile import ModelFolder
 from .predictor import PREDICTOR_FILE
 
 MODES = ("dense", "flash", "naive", "hybrid", "mmap")
 WINDOW_CHOICES = (8, 4, 2, 1)
 SCRATCH_BYTES = 4 << 20          # streaming buffer for overflow / whole-layer streaming in flash mode
+PREFILL_CHUNK = 128              # tokens per prefill forward (runtime/generate.py)
 RUNTIME_OVERHEAD = 200 << 20     # Python, numpy, numba + compiled kernels, reader threads: not in the budget
 
 
@@ -60,8 +62,11 @@ class MemoryPlan:
     scratch: int = 0
     ffn_resident: int = 0         # neuron caches (flash) or resident layers (hybrid/dense)
     window: int = 0
-    capacities: list[int] = field(default_factory=list)   # flash: rows per layer
-    resident_layers: list[int] = field(default_factory=list)  # hybrid: layers kept in DRAM
+    capacities: list[int] = field(default_factory=list)   # flash: neuron-cache rows per layer (0 = no cache)
+    resident_layers: list[int] = field(default_factory=list)  # hybrid/flash: layers kept whole in DRAM
+    layer_kinds: list[str] = field(default_factory=list)  # flash: "sparse" | "resident" | "stream" per layer
+    est_io_ms: float = 0.0                                  # flash: estimated flash time per token
+    speeds_source: str = ""
 
     @property
     def total(self) -> int:
@@ -71,10 +76,15 @@ class MemoryPlan:
         out = [f"memory plan ({self.mode}): {_mib(self.total)} of "
                f"{_mib(self.budget) if self.budget else 'unlimited'} budget; model {_mib(self.model_bytes)}",
                f"  dense weights {_mib(self.dense)}, KV cache {_mib(self.kv_cache)}, activations {_mib(self.activations)}"]
-        if self.mode == "flash" and self.capacities:
-            n_ff = max(self.capacities) if self.capacities else 0
-            out.append(f"  predictors {_mib(self.predictors)}, neuron caches {_mib(self.ffn_resident)} "
-                       f"(window {self.window}, {min(self.capacities)}..{n_ff} rows/layer), scratch {_mib(self.scratch)}")
+        if self.mode == "flash" and self.layer_kinds:
+            caps = [cap for cap in self.capacities if cap]
+            kinds = {k: self.layer_kinds.count(k) for k in ("sparse", "resident", "stream")}
+            out.append(f"  layers: {kinds['sparse']} sparse (window {self.window}"
+                       + (f", caches {min(caps)}..{max(caps)} rows" if caps else "")
+                       + f"), {kinds['resident']} resident, {kinds['stream']} streamed; "
+                       f"FFN in DRAM {_mib(self.ffn_resident)}, predictors {_mib(self.predictors)}, "
+                       f"scratch {_mib(self.scratch)}")
+            out.append(f"  estimated flash time {self.est_io_ms:.1f} ms/token (read speeds: {self.speeds_source})")
         elif self.mode in ("hybrid", "naive"):
             out.append(f"  resident FFN layers {len(self.resident_layers)} ({_mib(self.ffn_resident)}), "
                        f"streaming buffers {_mib(self.scratch)}")
@@ -104,9 +114,10 @@ def plan_memory(folder: ModelFolder, rt: RuntimeConfig, calibration: dict | None
     model_bytes = dense + ffn_bytes
     budget = parse_size(rt.budget, model_bytes) if rt.budget is not None else None
     ctx = min(rt.ctx_len, c.max_position)
+    # Activations: a prefill chunk's per-token buffers, two logit rows, attention scores, BLAS blocks.
+    activations = 4 * (12 * c.d_model * PREFILL_CHUNK + 2 * c.vocab_size + c.n_heads * ctx) + 2 * BLAS_BLOCK_BYTES
     plan = MemoryPlan(rt.mode, budget, model_bytes, dense,
-                      kv_cache=2 * c.n_layers * ctx * c.n_kv_heads * c.head_dim * 4,
-                      activations=(8 * c.d_model + 2 * c.vocab_size) * 4 * 128 + 128 * ctx * 4 * c.n_heads)
+                      kv_cache=2 * c.n_layers * ctx * c.n_kv_heads * c.head_dim * 4, activations=activations)
     if rt.mode == "dense":
         plan.ffn_resident = ffn_bytes
     elif rt.mode == "mmap":
@@ -131,39 +142,104 @@ def plan_memory(folder: ModelFolder, rt: RuntimeConfig, calibration: dict | None
     return plan
 
 
+def predictor_bytes_per_layer(folder: ModelFolder) -> list[int]:
+    from .safetensors_file import read_header
+    header, _, _ = read_header(folder.file(PREDICTOR_FILE))
+    out = [0] * folder.config.n_layers
+    for name, t in header.items():
+        if name.startswith("layers.") and ".predictor." in name and not name.endswith(".hot"):
+            out[int(name.split(".")[1])] += t["data_offsets"][1] - t["data_offsets"][0]
+    return out
+
+
 def _plan_flash(plan: MemoryPlan, folder: ModelFolder, rt: RuntimeConfig, calibration: dict) -> None:
+    """Per layer: keep it resident, run it sparse (predictor + window cache) or stream it whole.
+
+    The choice minimizes the estimated flash time per token within the budget, from the device's
+    measured read speeds and the calibrated window statistics: a sparse layer costs its predictor and
+    the rows its window held at most, and per token reads the rows the window missed (random reads of
+    one bundle each); a streamed layer reads all its rows sequentially; a resident layer costs its
+    bytes once. Greedy by time saved per byte, for each window size; the best window wins.
+    """
+    from .device import load_speeds
     c = folder.config
     stride = folder.bundles["stride_bytes"]
-    pred_info = folder.manifest["files"].get(PREDICTOR_FILE)
-    if pred_info is None:
+    if PREDICTOR_FILE not in folder.manifest["files"]:
         raise BudgetError(f"{folder.path}: flash mode needs predictors; run `flashlm calibrate {folder.path}`")
-    plan.predictors = pred_info["bytes"]
+    speeds = load_speeds(rt.profile, rt.io_threads)
+    layer_bytes = c.n_ff * stride
+    pred = predictor_bytes_per_layer(folder)
+    stats = calibration.get("layers") or [{} for _ in range(c.n_layers)]
+    n_pin = int(rt.pin * c.n_ff)
     plan.scratch = max(SCRATCH_BYTES, 64 * stride)
-    layers = calibration.get("layers") or [{} for _ in range(c.n_layers)]
-    pin = [int(rt.pin * c.n_ff) for _ in range(c.n_layers)]
-
-    def wanted(k: int) -> list[int]:
-        # Rows a window of k tokens needed at most during calibration (+ pinned), per layer.
-        return [min(c.n_ff, pin[i] + int(layers[i].get("windows", {}).get(str(k), {}).get("max_held", c.n_ff)))
-                for i in range(c.n_layers)]
-
     room = None if plan.budget is None else plan.budget - plan.total
-    if room is not None and room < c.n_layers * max(1, max(pin)) * stride:
+    if room is not None and room < 0:
         raise BudgetError(f"budget {_mib(plan.budget)} is too small for flash mode: the fixed parts need "
-                          f"{_mib(plan.total)} (dense {_mib(plan.dense)}, KV cache {_mib(plan.kv_cache)}, predictors "
-                          f"{_mib(plan.predictors)}, scratch {_mib(plan.scratch + plan.activations)}), leaving {_mib(max(room, 0))} for neuron caches; "
-                          f"raise --budget or lower --ctx")
-    if rt.window:
-        window = rt.window
-    else:
-        window = next((k for k in WINDOW_CHOICES if room is None or sum(wanted(k)) * stride <= room), 1)
-    want = wanted(window) if str(window) in layers[0].get("windows", {}) else [c.n_ff] * c.n_layers
-    if room is not None and sum(want) * stride > room:
-        scale = room / (sum(want) * stride)   # too little room for the window: shrink all caches alike
-        want = [max(pin[i] + 1, int(w * scale)) for i, w in enumerate(want)]
+                          f"{_mib(plan.total)} (dense {_mib(plan.dense)}, KV cache {_mib(plan.kv_cache)}, "
+                          f"scratch {_mib(plan.scratch + plan.activations)}); raise --budget or lower --ctx")
+    stream_s = speeds.stream_seconds(layer_bytes)
+    windows = [rt.window] if rt.window else [k for k in WINDOW_CHOICES if str(k) in stats[0].get("windows", {})] or [1]
+
+    def sparse_option(i: int, k: int):
+        w = stats[i].get("windows", {}).get(str(k))
+        if w is None:       # no calibration figures for this window: assume it needs the whole layer
+            return pred[i] + layer_bytes, 0.0
+        need = min(c.n_ff, n_pin + w["max_held"])
+        misses = w["miss_fraction"] * stats[i]["predicted_fraction"] * c.n_ff
+        return pred[i] + need * stride, misses * speeds.random_seconds(stride)
+
+    best = None
+    for k in windows:
+        kinds, mem, cost = _greedy(c.n_layers, room, layer_bytes, stream_s,
+                                   [sparse_option(i, k) for i in range(c.n_layers)], rt.layer_io)
+        if best is None or cost < best[2] - 1e-9:
+            best = (kinds, mem, cost, k)
+    kinds, _, cost, window = best
     plan.window = window
-    plan.capacities = want
-    plan.ffn_resident = sum(want) * stride
+    plan.layer_kinds = kinds
+    plan.capacities = [min(c.n_ff, n_pin + stats[i].get("windows", {}).get(str(window), {}).get("max_held", c.n_ff))
+                       if kinds[i] == "sparse" else 0 for i in range(c.n_layers)]
+    plan.predictors = sum(pred[i] for i in range(c.n_layers) if kinds[i] == "sparse")
+    plan.resident_layers = [i for i, kind in enumerate(kinds) if kind == "resident"]
+    plan.ffn_resident = sum(plan.capacities) * stride + len(plan.resident_layers) * layer_bytes
+    if room is not None and plan.ffn_resident + plan.predictors > room:
+        # Forced sparse everywhere (layer_io="sparse") with too little room: shrink every cache alike.
+        scale = (room - plan.predictors) / max(1, sum(plan.capacities) * stride)
+        if scale <= 0:
+            raise BudgetError(f"budget {_mib(plan.budget)} is too small for flash mode with sparse layers: "
+                              f"predictors alone need {_mib(plan.predictors)} beyond the fixed parts")
+        plan.capacities = [max(n_pin + 1, int(cap * scale)) if cap else 0 for cap in plan.capacities]
+        plan.ffn_resident = sum(plan.capacities) * stride
+    plan.est_io_ms = 1e3 * cost
+    plan.speeds_source = speeds.source
+
+
+def _greedy(n_layers, room, layer_bytes, stream_s, sparse, layer_io):
+    """Start with every layer streamed; upgrade the layer that saves most time per extra byte until
+    the room is used. sparse[i] = (bytes, seconds per token) of running layer i sparse."""
+    if layer_io == "sparse":
+        return ["sparse"] * n_layers, sum(m for m, _ in sparse), sum(t for _, t in sparse)
+    kinds = ["stream"] * n_layers
+    cost = [stream_s] * n_layers
+    mem = [0] * n_layers
+    free = float("inf") if room is None else room
+    while True:
+        choice = None
+        for i in range(n_layers):
+            options = [("resident", layer_bytes, 0.0)]
+            if layer_io == "auto" and kinds[i] == "stream":
+                options.append(("sparse", *sparse[i]))
+            for kind, m, t in options:
+                extra, saved = m - mem[i], cost[i] - t
+                if saved > 0 and extra <= free:
+                    ratio = saved / max(extra, 1)
+                    if choice is None or ratio > choice[0]:
+                        choice = (ratio, i, kind, m, t)
+        if choice is None:
+            return kinds, sum(mem), sum(cost)
+        _, i, kind, m, t = choice
+        free -= m - mem[i]
+        kinds[i], mem[i], cost[i] = kind, m, t
 
 
 def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel, biases: list, predictors=None):
@@ -194,11 +270,15 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel, 
         return StreamingFFN(reader, resident, kernel, biases, c.n_layers, c.n_ff, row_elems, dtype)
     n_pin = int(rt.pin * c.n_ff)
     caches = [NeuronCache(c.n_ff, cap, row_elems, dtype, window=plan.window,
-                          pinned=predictors[i].hot[:n_pin] if n_pin else None)
+                          pinned=predictors[i].hot[:n_pin] if n_pin else None) if cap else None
               for i, cap in enumerate(plan.capacities)]
+    resident = {}
+    for i in plan.resident_layers:
+        resident[i] = np.empty((c.n_ff, row_elems), dtype)
+        reader.read_layer(i, resident[i])
     ffn = SparseFFN(reader, predictors, caches, kernel, biases, scratch_rows=plan.scratch // b["stride_bytes"],
                     row_elems=row_elems, dtype=dtype, n_rows=c.n_ff, row_bytes=b["row_bytes"],
-                    stride_bytes=b["stride_bytes"], layer_io=rt.layer_io)
+                    stride_bytes=b["stride_bytes"], layer_io=rt.layer_io, resident=resident)
     ffn.load_pinned()
     reader.reset_stats()
     return ffn

@@ -45,9 +45,13 @@ class Model:
         self.folder = folder
         predictors, calibration = None, None
         if runtime.mode == "flash":
-            from .predictor import load_predictors
-            predictors, calibration = load_predictors(folder.path)
+            from .predictor import calibration_report
+            calibration = calibration_report(folder.path)
         self.plan = plan_memory(folder, runtime, calibration)      # refuses before anything big is read
+        if runtime.mode == "flash":
+            from .predictor import load_predictors
+            sparse = [i for i, kind in enumerate(self.plan.layer_kinds) if kind == "sparse"]
+            predictors = load_predictors(folder.path, sparse)
         self.threads = K.set_threads(runtime.threads)
         self.ctx_len = min(runtime.ctx_len, c.max_position)
         self.w = tensors_from_buffer(folder.file("dense.safetensors"), read_verified(folder, "dense.safetensors"))

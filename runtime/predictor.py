@@ -1,12 +1,14 @@
 """Per-layer sparsity predictors: which FFN neurons will the next token need?
 
-A predictor is low rank, d -> r -> n_ff: score = (h @ A.T) @ B.T + c, from the layer's normalized FFN
-input h. What the score estimates depends on the FFN (see converters/calibrate.py):
-- ReLU family: the pre-activation up.h + b; neurons with score > threshold are predicted active.
-- SwiGLU: the contribution |silu(gate.h) * up.h|; the `keep` neurons with the largest scores are used
-  (SwiGLU is not naturally sparse, so a count, not a sign, decides).
-Stored in predictor.safetensors: layers.{i}.predictor.A [r, d], .B [n_ff, r] (f16), .c [n_ff] (f32),
-.hot [n_ff] (neurons by calibration frequency), with each layer's rule and statistics in the metadata.
+Each predictor is built from low-rank maps d -> r -> n_ff, est = (h @ A.T) @ B.T + c, of the layer's
+normalized FFN input h, fitted to the layer's own projections (see converters/calibrate.py):
+- ReLU family: one map estimates the pre-activation up.h + b; neurons whose estimate is above a
+  calibrated threshold are predicted active.
+- SwiGLU: two maps estimate gate.h and up.h; the score is the estimated contribution
+  |silu(gate) * up|, and the `keep` neurons with the largest scores are used (SwiGLU is not naturally
+  sparse, and the sign of the gate alone is a poor guide).
+Stored in predictor.safetensors as layers.{i}.predictor.{up,gate}.{A [r, d], B [n_ff, r], c [n_ff]} and
+layers.{i}.predictor.hot [n_ff] (neurons by calibration frequency), rule and rank in the metadata.
 """
 from __future__ import annotations
 
@@ -23,27 +25,45 @@ PREDICTOR_FILE = "predictor.safetensors"
 
 
 @dataclass
-class LayerPredictor:
-    A: np.ndarray            # [r, d] f16 bits (uint16), widened inside the matmul kernel
-    B: np.ndarray            # [n_ff, r] f16 bits
+class LowRank:
+    A: np.ndarray            # [r, d] f16 bits (uint16, widened inside the matmul kernel) or f32
+    B: np.ndarray            # [n_ff, r] f16 bits or f32
     c: np.ndarray            # [n_ff] f32
-    rule: str                # "threshold" or "topk"
-    threshold: float = 0.0
-    keep: int = 0            # neurons kept per token for "topk"
-    hot: np.ndarray | None = None   # neuron ids ordered by calibration activation frequency, hottest first
 
-    @property
-    def nbytes(self) -> int:
-        return self.A.nbytes + self.B.nbytes + self.c.nbytes
-
-    def scores(self, h: np.ndarray) -> np.ndarray:
-        """h [T, d] -> scores [T, n_ff]."""
+    def __call__(self, h: np.ndarray) -> np.ndarray:
         z = np.empty((h.shape[0], self.A.shape[0]), np.float32)
         K.matmul(h, self.A, z)
         s = np.empty((h.shape[0], self.B.shape[0]), np.float32)
         K.matmul(z, self.B, s)
         s += self.c
         return s
+
+    @property
+    def nbytes(self) -> int:
+        return self.A.nbytes + self.B.nbytes + self.c.nbytes
+
+
+def swiglu_score(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    return np.abs(gate / (1.0 + np.exp(-gate)) * up)
+
+
+@dataclass
+class LayerPredictor:
+    up: LowRank
+    gate: LowRank | None     # SwiGLU only
+    rule: str                # "threshold" (ReLU) or "topk" (SwiGLU)
+    threshold: float = 0.0
+    keep: int = 0            # neurons kept per token for "topk"
+    hot: np.ndarray | None = None   # neuron ids ordered by calibration activation frequency, hottest first
+
+    @property
+    def nbytes(self) -> int:
+        return self.up.nbytes + (self.gate.nbytes if self.gate else 0)
+
+    def scores(self, h: np.ndarray) -> np.ndarray:
+        """h [T, d] -> scores [T, n_ff]: estimated pre-activation (ReLU) or contribution (SwiGLU)."""
+        up = self.up(h)
+        return up if self.gate is None else swiglu_score(self.gate(h), up)
 
     def select(self, scores: np.ndarray) -> np.ndarray:
         """Predicted neuron ids (int32, sorted) for one token's scores [n_ff]."""
@@ -60,17 +80,37 @@ class LayerPredictor:
         return np.unique(np.concatenate([self.select(row) for row in s])).astype(np.int32)
 
 
-def load_predictors(folder: Path) -> tuple[list[LayerPredictor], dict]:
-    """(one LayerPredictor per layer, calibration report) from a model folder."""
+def _open(folder: Path):
     path = Path(folder) / PREDICTOR_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no predictors; run `flashlm calibrate {folder}` first")
     header, start, meta = read_header(path)
-    layers = json.loads(meta["layers"])
+    return path, header, start, meta
+
+
+def calibration_report(folder: Path) -> dict:
+    """The calibration report stored with the predictors (per-layer recall, window statistics)."""
+    return json.loads(_open(folder)[3].get("report", "{}"))
+
+
+def load_predictors(folder: Path, layers=None) -> list[LayerPredictor | None]:
+    """One LayerPredictor per layer in `layers` (default all); None for the others."""
+    path, header, start, meta = _open(folder)
+    infos = json.loads(meta["layers"])
+
+    def low_rank(prefix: str) -> LowRank | None:
+        if prefix + ".A" not in header:
+            return None
+        t = {k: read_tensor(path, header[f"{prefix}.{k}"], start) for k in ("A", "B", "c")}
+        half = {k: t[k].view(np.uint16) if t[k].dtype == np.float16 else t[k] for k in ("A", "B")}
+        return LowRank(half["A"], half["B"], t["c"])
+
+    wanted = set(range(len(infos)) if layers is None else layers)
     out = []
-    for i, info in enumerate(layers):
-        t = {k: read_tensor(path, header[f"layers.{i}.predictor.{k}"], start) for k in ("A", "B", "c", "hot")}
-        out.append(LayerPredictor(A=t["A"].view(np.uint16), B=t["B"].view(np.uint16), c=t["c"], rule=info["rule"],
+    for i, info in enumerate(infos):
+        p = f"layers.{i}.predictor"
+        out.append(LayerPredictor(up=low_rank(p + ".up"), gate=low_rank(p + ".gate"), rule=info["rule"],
                                   threshold=info.get("threshold", 0.0), keep=info.get("keep", 0),
-                                  hot=t["hot"].astype(np.int32)))
-    return out, json.loads(meta.get("report", "{}"))
+                                  hot=read_tensor(path, header[p + ".hot"], start).astype(np.int32))
+                   if i in wanted else None)
+    return out

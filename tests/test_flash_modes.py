@@ -129,3 +129,18 @@ def test_parse_budget(text, total, expected):
 def test_parse_budget_rejects_garbage():
     with pytest.raises(ValueError, match="budget"):
         parse_size("lots", 100)
+
+
+def test_planner_chooses_sparse_only_where_it_saves_flash_time():
+    from runtime.memory import _greedy
+    layer, stream_s = 1000, 1.0
+    cheap = [(300, 0.1)] * 4          # ReLU-like: small window cache, few misses
+    costly = [(300, 1.2)] * 4         # dense-ish SwiGLU on slow random reads: worse than streaming
+    kinds, mem, cost = _greedy(4, 1200, layer, stream_s, cheap, "auto")
+    assert kinds == ["sparse"] * 4 and mem == 1200 and cost == pytest.approx(0.4)
+    kinds, mem, cost = _greedy(4, 2100, layer, stream_s, costly, "auto")
+    assert kinds.count("resident") == 2 and kinds.count("sparse") == 0 and cost == pytest.approx(2.0)
+    kinds, _, _ = _greedy(4, 5000, layer, stream_s, cheap, "auto")
+    assert kinds == ["resident"] * 4, "with room for everything, nothing is read per token"
+    kinds, _, _ = _greedy(4, 0, layer, stream_s, cheap, "stream")
+    assert kinds == ["stream"] * 4
