@@ -222,7 +222,7 @@ class SparseFFN:
 
     def __init__(self, reader, predictors, caches, kernel: BundleKernel, biases: list, *,
                  scratch_rows: int, row_elems: int, dtype, n_rows: int, row_bytes: int, stride_bytes: int,
-                 layer_io: str = "auto", resident: dict | None = None):
+                 speeds, layer_io: str = "auto", resident: dict | None = None):
         if layer_io not in ("auto", "sparse", "stream"):
             raise ValueError(f"layer_io must be auto, sparse or stream, not {layer_io!r}")
         self.layer_io = layer_io
@@ -236,10 +236,9 @@ class SparseFFN:
         self.tmp = np.zeros((1, kernel.d), np.float32)
         self.pool = ThreadPoolExecutor(1)
         self.stats = FlashStats()
-        # Measured costs (seconds per random read, seconds per byte streamed), refined as reads happen.
-        self.sec_per_read = 40e-6 / max(1, reader.threads)
-        self.sec_per_byte = 1 / 1.0e9
-        self.choices: list[str] = []        # per layer: "sparse" or "stream", the last decision
+        # Device read speeds (profile or defaults): the same cost model the planner used.
+        self.row_read_s = speeds.random_seconds(stride_bytes)
+        self.layer_stream_s = speeds.stream_seconds(n_rows * stride_bytes)
 
     def load_pinned(self) -> None:
         for layer, cache in enumerate(self.caches):
@@ -267,12 +266,6 @@ class SparseFFN:
             self._add(h, self.scratch, len(chunk), self.scratch_ids, layer, out)
             self.stats.ffn_s += time.perf_counter() - t1
 
-    def _sparse_cost(self, missing: np.ndarray) -> float:
-        if len(missing) == 0:
-            return 0.0
-        runs = 1 + int(np.count_nonzero(np.diff(np.sort(missing)) > 1))
-        return runs * self.sec_per_read + len(missing) * self.stride_bytes * self.sec_per_byte
-
     def __call__(self, layer, h, out):
         cache, pred = self.caches[layer], self.predictors[layer]
         st = self.stats
@@ -283,7 +276,7 @@ class SparseFFN:
         if cache is None:                          # planned as a streamed layer
             st.streamed_layers += 1
             out[:] = 0.0
-            self._measure(lambda: self._stream(layer, self.all_neurons, h, out), streamed=True)
+            self._stream(layer, self.all_neurons, h, out)
             return
         t0 = time.perf_counter()
         wanted = pred.predict(h)
@@ -292,15 +285,14 @@ class SparseFFN:
         missing_now = wanted[cache.row_of_neuron[wanted] < 0]
         st.wanted += len(wanted)
         st.hits += len(wanted) - len(missing_now)
-        stream_cost = self.n_rows * self.stride_bytes * self.sec_per_byte
-        if self.layer_io == "stream" or (self.layer_io == "auto" and self._sparse_cost(missing_now) > stream_cost):
-            # Streaming the layer is cheaper: compute it whole (exact), leave the cache as it is.
-            self.choices[layer:layer + 1] = ["stream"]
+        if self.layer_io == "stream" or (self.layer_io == "auto"
+                                         and len(missing_now) * self.row_read_s > self.layer_stream_s):
+            # Streaming the layer is cheaper (typically a prompt's union): compute it whole, exactly,
+            # and leave the cache as it is.
             st.streamed_layers += 1
             out[:] = 0.0
-            self._measure(lambda: self._stream(layer, self.all_neurons, h, out), streamed=True)
+            self._stream(layer, self.all_neurons, h, out)
             return
-        self.choices[layer:layer + 1] = ["sparse"]
         adm = cache.step(wanted)
         t2 = time.perf_counter()
         st.mm_s += t2 - t1
@@ -311,24 +303,13 @@ class SparseFFN:
         t3 = time.perf_counter()
         st.ffn_s += t3 - t2
         if fut is not None:
-            before = self.reader.stats.reads
             fut.result()
             t4 = time.perf_counter()
             st.io_s += t4 - t3
-            n_reads = self.reader.stats.reads - before
-            if n_reads:
-                self.sec_per_read = 0.8 * self.sec_per_read + 0.2 * (t4 - t2) / n_reads
             self._add(h, cache.rows[n_valid:], len(adm.missing), cache.neuron_of_row[n_valid:], layer, out)
             st.ffn_s += time.perf_counter() - t4
         if len(adm.overflow):
             self._stream(layer, adm.overflow, h, out)
-
-    def _measure(self, fn, *, streamed: bool) -> None:
-        before_b, before_t = self.reader.stats.bytes_read, self.reader.stats.seconds
-        fn()
-        nbytes = self.reader.stats.bytes_read - before_b
-        if streamed and nbytes:
-            self.sec_per_byte = 0.8 * self.sec_per_byte + 0.2 * (self.reader.stats.seconds - before_t) / nbytes
 
     def close(self):
         self.pool.shutdown()

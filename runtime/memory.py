@@ -276,9 +276,11 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel, 
     for i in plan.resident_layers:
         resident[i] = np.empty((c.n_ff, row_elems), dtype)
         reader.read_layer(i, resident[i])
+    from .device import load_speeds
     ffn = SparseFFN(reader, predictors, caches, kernel, biases, scratch_rows=plan.scratch // b["stride_bytes"],
                     row_elems=row_elems, dtype=dtype, n_rows=c.n_ff, row_bytes=b["row_bytes"],
-                    stride_bytes=b["stride_bytes"], layer_io=rt.layer_io, resident=resident)
+                    stride_bytes=b["stride_bytes"], speeds=load_speeds(rt.profile, rt.io_threads),
+                    layer_io=rt.layer_io, resident=resident)
     ffn.load_pinned()
     reader.reset_stats()
     return ffn
