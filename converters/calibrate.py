@@ -186,7 +186,7 @@ def window_stats(active_by_token: np.ndarray, windows=WINDOWS) -> dict:
     return out
 
 
-def calibrate(path, *, text_file=None, n_tokens: int = 2048, keep: float = 0.5, recall: float = 0.99,
+def calibrate(path, *, text_file=None, random_tokens: bool = False, n_tokens: int = 2048, keep: float = 0.5, recall: float = 0.99,
               ranks=RANKS, holdout: float = 0.2, threads: int | None = None, seed: int = 0,
               progress: bool = True) -> dict:
     """Train and store predictors for the model folder at `path`; returns the calibration report."""
@@ -196,7 +196,12 @@ def calibrate(path, *, text_file=None, n_tokens: int = 2048, keep: float = 0.5, 
     t0 = time.perf_counter()
     model = Model(folder, RuntimeConfig(ctx_len=min(1024, c.max_position), threads=threads))
     tokenizer = Tokenizer.from_folder(folder.path, folder.manifest)
-    if text_file:
+    if random_tokens:
+        # For synthetic models, whose "language" is uniformly random token ids.
+        ids = np.random.default_rng(seed).integers(0, c.vocab_size, n_tokens).tolist()
+        seqs = [ids[i:i + 512] for i in range(0, len(ids), 512)]
+        source = "random token ids"
+    elif text_file:
         ids = tokenizer.encode(Path(text_file).read_text())[:n_tokens]
         seqs = [ids[i:i + 512] for i in range(0, len(ids), 512)]
         source = str(text_file)

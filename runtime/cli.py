@@ -230,7 +230,7 @@ def cmd_chat(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from converters.calibrate import calibrate
-    report = calibrate(args.model, text_file=args.file, n_tokens=args.tokens, keep=args.keep, recall=args.recall,
+    report = calibrate(args.model, text_file=args.file, random_tokens=args.random_tokens, n_tokens=args.tokens, keep=args.keep, recall=args.recall,
                        threads=args.threads, progress=not args.no_progress)
     if args.json:
         print(json.dumps(report, indent=1))
@@ -320,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="train the per-layer sparsity predictors", formatter_class=fmt)
     p.add_argument("model")
     p.add_argument("-f", "--file", default=None, help="calibration text (default: text the model generates)")
+    p.add_argument("--random-tokens", action="store_true", help="calibrate on random token ids (synthetic models)")
     p.add_argument("--tokens", type=int, default=2048, help="calibration tokens")
     p.add_argument("--keep", type=float, default=0.5, help="SwiGLU: fraction of neurons kept per token")
     p.add_argument("--recall", type=float, default=0.99, help="ReLU: recall of active neurons to aim for")
