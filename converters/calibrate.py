@@ -6,9 +6,9 @@
    for SwiGLU, gate.h. Both are linear in h, so a low-rank linear map can estimate them well; the
    SwiGLU score is then the estimated contribution |silu(gate) * up| (regressing the contribution
    itself, a nonlinear function, captured far less of it: measured 0.75 vs more on SmolLM2).
-3. Fit a reduced-rank ridge regression h -> target (then keep the top r directions of the fitted
-   values), for ranks 16..128, and keep the smallest rank within a point of the best held-out
-   quality. Deeper layers are free to need more rank.
+3. Reduce each projection to rank r along the top r directions of its outputs on the recorded
+   inputs (the exact weights are known, so nothing is regressed), for ranks 16..128, and keep the
+   smallest rank within a point of the best held-out quality. Deeper layers may need more rank.
 4. Set the rule: ReLU -> the threshold that keeps `recall` of the truly active neurons on the training
    tokens; SwiGLU -> keep the top `keep` fraction by predicted contribution.
 5. Record, per layer, activation frequency (hot-neuron order) and how many neurons a sliding window of
@@ -89,18 +89,27 @@ def record_ffn_inputs(model: Model, seqs: list[list[int]], *, progress: bool = T
     return [np.concatenate(r) for r in rec]
 
 
-def layer_targets(model: Model, layer: int, h: np.ndarray) -> dict[str, np.ndarray]:
-    """{"up": [N, n_ff] (+ bias), "gate": [N, n_ff] (SwiGLU)}: the layer's exact projections of h."""
+def layer_projections(model: Model, layer: int) -> dict[str, np.ndarray]:
+    """{"up": w [d+1, n_ff], "gate": ... (SwiGLU)}: the layer's projections as one linear map of [h, 1].
+
+    The predictor targets are exactly linear in h with these known weights, so nothing needs to be
+    regressed (with fewer calibration tokens than d a regression would overfit); calibration data only
+    decides which low-rank directions of the map matter for real inputs.
+    """
     c = model.config
     rows = model.ffn_backend.layer_rows[layer]          # calibration runs in dense mode
     rows = rows.view(np.float16).astype(np.float32) if rows.dtype == np.uint16 else rows
-    d = c.d_model
-    k = model.kernel
-    u = h @ rows[:, k.in_off:k.in_off + d].T
-    if c.ffn_kind == "relu":
-        bias = model.w.get(f"layers.{layer}.ffn.up.bias")
-        return {"up": u + bias if bias is not None else u}
-    return {"up": u, "gate": h @ rows[:, k.gate_off:k.gate_off + d].T}
+    d, k = c.d_model, model.kernel
+    bias = model.w.get(f"layers.{layer}.ffn.up.bias")
+    up_b = bias if bias is not None and c.ffn_kind == "relu" else np.zeros(c.n_ff, np.float32)
+    out = {"up": np.vstack([rows[:, k.in_off:k.in_off + d].T, up_b[None, :]])}
+    if c.ffn_kind == "swiglu":
+        out["gate"] = np.vstack([rows[:, k.gate_off:k.gate_off + d].T, np.zeros((1, c.n_ff), np.float32)])
+    return out
+
+
+def _with_one(h: np.ndarray) -> np.ndarray:
+    return np.concatenate([h, np.ones((len(h), 1), np.float32)], axis=1)
 
 
 def _combine(est: dict) -> np.ndarray:
@@ -108,23 +117,17 @@ def _combine(est: dict) -> np.ndarray:
     return est["up"] if "gate" not in est else swiglu_score(est["gate"], est["up"])
 
 
-def fit_directions(h: np.ndarray, y: np.ndarray, max_rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """Least squares y ~ [h, 1] @ w, and the top `max_rank` directions v [n_ff, r] of the fitted values.
+def fit_directions(h: np.ndarray, w: np.ndarray, max_rank: int) -> np.ndarray:
+    """The top `max_rank` directions v [n_ff, r] of the map's outputs [h, 1] @ w on real inputs.
 
-    Truncating w to w @ v[:, :r] @ v[:, :r].T is the reduced-rank regression of rank r, so every rank
-    shares one decomposition (of the small [N, N] Gram matrix, not the [N, n_ff] fit).
+    Truncating w to w @ v[:, :r] @ v[:, :r].T is the rank-r map closest to w on these inputs (the
+    reduced-rank regression of the exact targets), so every rank shares one decomposition, taken of
+    the small [N, N] Gram matrix rather than of the [N, n_ff] outputs.
     """
-    x = np.concatenate([h, np.ones((len(h), 1), np.float32)], axis=1).astype(np.float64)
-    # Ridge, not plain least squares: RMSNorm outputs have a few huge outlier features, and the
-    # unregularized fit answers with huge, cancelling coefficients that do not generalize.
-    gram = x.T @ x
-    ridge = 1e-3 * np.trace(gram) / len(gram)
-    w = np.linalg.solve(gram + ridge * np.eye(len(gram)), x.T @ y.astype(np.float64))   # [d+1, n_ff]
-    fitted = x @ w
+    fitted = _with_one(h).astype(np.float64) @ w
     evals, evecs = np.linalg.eigh(fitted @ fitted.T)
     top = np.argsort(evals)[::-1][:max_rank]
-    v = fitted.T @ evecs[:, top] / np.sqrt(np.maximum(evals[top], 1e-30))
-    return w, v
+    return fitted.T @ evecs[:, top] / np.sqrt(np.maximum(evals[top], 1e-30))
 
 
 def truncate(w: np.ndarray, v: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -216,10 +219,10 @@ def calibrate(path, *, text_file=None, random_tokens: bool = False, n_tokens: in
     k_keep = max(1, int(round(keep * c.n_ff)))
     tensors, layer_meta, report_layers = {}, [], []
     for layer in tqdm(range(c.n_layers), desc="Fitting predictors", disable=not progress, file=sys.stderr):
-        h, targets = hs[layer], layer_targets(model, layer, hs[layer])
-        y = _combine(targets)
+        h, maps = hs[layer], layer_projections(model, layer)
+        y = _combine({name: _with_one(h) @ w for name, w in maps.items()})
         max_rank = min(max(ranks), c.d_model, c.n_ff, int((~test).sum()))
-        directions = {name: fit_directions(h[~test], t[~test], max_rank) for name, t in targets.items()}
+        directions = {name: (w, fit_directions(h[~test], w, max_rank)) for name, w in maps.items()}
         fits = []
         for r in sorted({min(r, max_rank) for r in ranks}):
             factors = {name: truncate(w, v, r) for name, (w, v) in directions.items()}

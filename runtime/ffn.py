@@ -22,6 +22,7 @@ import numpy as np
 
 from . import kernels as K
 from .config import ModelConfig
+from .flash_reader import aligned_empty
 
 
 @dataclass
@@ -88,12 +89,6 @@ class BundleKernel:
                     u += bias[neuron_of_row[lo:hi]]
                 a = np.maximum(u, 0.0)
             out += a @ w[:, self.down_off:self.down_off + d]
-
-
-def aligned_empty(shape, dtype) -> np.ndarray:
-    """Zeroed page-aligned array (anonymous mmap), so direct I/O can read into it."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.uint8)[:nbytes].view(dtype).reshape(shape)
 
 
 class ResidentFFN:

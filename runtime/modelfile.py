@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import FORMAT_VERSION, ModelConfig
+from .flash_reader import aligned_empty
 from .safetensors_file import DTYPES, SafetensorsError, read_header
 
 
@@ -61,7 +61,7 @@ def read_verified(folder: ModelFolder, name: str) -> np.ndarray:
     path = folder.file(name)
     expected = folder.manifest["files"][name]["sha256"]
     size = os.path.getsize(path)
-    buf = np.frombuffer(mmap.mmap(-1, max(size, 1)), dtype=np.uint8)[:size]   # anonymous = page aligned
+    buf = aligned_empty((size,), np.uint8)
     h = hashlib.sha256()
     chunk = 1 << 24
     with open(path, "rb", buffering=0) as f:

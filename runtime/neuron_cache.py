@@ -27,12 +27,13 @@ The bookkeeping loops are numba kernels over plain arrays; `NeuronCache` is a th
 """
 from __future__ import annotations
 
-import mmap
 import time
 from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
+
+from .flash_reader import aligned_empty
 
 JIT = dict(cache=True, fastmath=True, nogil=True)
 
@@ -153,16 +154,6 @@ def _step(wanted, t, window, n, rows, neuron_of_row, row_of_neuron, last_used, p
 
 
 # ------------------------------------------------------------------------------------- python side
-def page_aligned_empty(shape: tuple[int, ...], dtype) -> tuple[np.ndarray, mmap.mmap]:
-    """A writable array backed by anonymous mmap (page-aligned, so direct I/O can read into it).
-
-    Returns (array, mmap); keep the mmap referenced as long as the array is used."""
-    dtype = np.dtype(dtype)
-    count = int(np.prod(shape))
-    mm = mmap.mmap(-1, max(1, count * dtype.itemsize))
-    return np.frombuffer(mm, dtype, count=count).reshape(shape), mm
-
-
 @dataclass(frozen=True, slots=True)
 class Admission:
     """What the caller must read from flash after `step()` / `pin()` / `load_pinned()`.
@@ -214,7 +205,7 @@ class NeuronCache:
         self.capacity = int(min(capacity, n_neurons))
         self.row_elems = int(row_elems)
         self.window = int(window)
-        self.rows, self._mm = page_aligned_empty((self.capacity, self.row_elems), dtype)
+        self.rows = aligned_empty((self.capacity, self.row_elems), dtype)   # direct I/O reads land here
         self.neuron_of_row = np.full(self.capacity, -1, np.int32)
         self.row_of_neuron = np.full(self.n_neurons, -1, np.int32)
         self.last_used = np.full(self.n_neurons, NEVER, np.int32)
