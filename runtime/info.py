@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import RuntimeConfig
+from .memory import RUNTIME_OVERHEAD, plan_memory
 from .modelfile import ModelFolder
 from .safetensors_file import read_header
-
-RUNTIME_OVERHEAD = 160 * 2**20   # Python + numpy + numba + compiled kernels, measured RSS before loading
 
 
 def _mib(n: int) -> str:
@@ -27,9 +27,10 @@ def model_info(folder: ModelFolder, *, ctx_len: int = 2048) -> dict:
     b = folder.bundles
     ffn_bytes = c.n_layers * c.n_ff * b["stride_bytes"]
     ctx = min(ctx_len, c.max_position)
-    kv = 2 * c.n_layers * ctx * c.n_kv_heads * c.head_dim * 4
+    plan = plan_memory(folder, RuntimeConfig(ctx_len=ctx))          # dense mode: everything resident
+    kv = plan.kv_cache
     dense_total = sum(dense.values())
-    resident = dense_total + ffn_bytes + kv + RUNTIME_OVERHEAD
+    resident = plan.total + RUNTIME_OVERHEAD
     n_params = sum(int(np.prod(t["shape"])) for n, t in header.items() if not n.startswith("__pad__")) \
         + c.n_layers * c.n_ff * c.bundle_elems
     return {
@@ -50,7 +51,8 @@ def model_info(folder: ModelFolder, *, ctx_len: int = 2048) -> dict:
             "FFN bundle bytes": f"{_mib(ffn_bytes)} ({c.n_ff} rows/layer, {b['row_bytes']} B/row, "
                                 f"stride {b['stride_bytes']} B, aligned {b['alignment']})",
             f"KV cache @ {ctx} ctx": _mib(kv),
-            "resident estimate": f"{_mib(resident)} (dense + all FFN + KV + {_mib(RUNTIME_OVERHEAD)} runtime)",
+            "resident estimate": f"{_mib(resident)} (dense + all FFN + KV + activations {_mib(plan.activations)} "
+                                 f"+ ~{_mib(RUNTIME_OVERHEAD)} runtime); --budget runs in less (flashlm run --budget)",
             "source": folder.manifest.get("source", {}).get("path", "?"),
         },
     }
