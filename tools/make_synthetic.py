@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import shutil
 import sys
