@@ -23,7 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 from runtime.config import FORMAT_VERSION
-from runtime.safetensors_file import plan_file
+from runtime.modelfile import ROW_CRC_TENSOR, row_crc32
+from runtime.safetensors_file import DTYPES, plan_file
 
 from .source import ConversionError, Source, expected_tensors, is_ffn_bundle_tensor
 
@@ -60,7 +61,7 @@ class _FileWriter:
 
     def __init__(self, path: Path, plan: list[tuple[str, str, list[int]]], align: int, metadata: dict):
         header, self.offsets = plan_file(plan, align=align, metadata=metadata)
-        self.sizes = {name: int(np.prod(shape)) * (2 if dt == "F16" else 4) for name, dt, shape in plan}
+        self.sizes = {name: int(np.prod(shape)) * np.dtype(DTYPES[dt]).itemsize for name, dt, shape in plan}
         end = max((self.offsets[n] + self.sizes[n] for n, _, _ in plan), default=len(header))
         self.f = open(path, "wb")
         self.f.write(header)
@@ -101,6 +102,9 @@ def write_model(source: Source, out_dir, *, dtype: str = "f16", force: bool = Fa
     stride_bytes = bundle_stride(row_bytes)
     ffn_plan = [(f"layers.{i}.ffn.bundles", st_name, [config.n_ff, stride_bytes // item])
                 for i in range(config.n_layers)]
+    # CRC-32 of every stored bundle row: flash mode never reads ffn.safetensors whole, so its sha256
+    # cannot be checked at load; each row read from flash is checked against this instead.
+    dense_plan.append((ROW_CRC_TENSOR, "U32", [config.n_layers, config.n_ff]))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
@@ -114,12 +118,15 @@ def write_model(source: Source, out_dir, *, dtype: str = "f16", force: bool = Fa
         total = sum(dense.sizes.values()) + sum(ffn.sizes.values())
         with tqdm(total=total, unit="B", unit_scale=True, desc="Writing", disable=not progress,
                   file=sys.stderr) as bar:
-            for name, dt, _ in dense_plan:
+            for name, dt, _ in dense_plan[:-1]:
                 bar.update(dense.write(name, source.load(name).astype(np.float16 if dt == "F16" else np.float32)))
+            crc = np.zeros((config.n_layers, config.n_ff), np.uint32)
             for i in range(config.n_layers):
                 rows = _bundle_rows(source, config, i, np_dtype, stride_bytes // item)
+                crc[i] = row_crc32(rows)
                 bar.update(ffn.write(f"layers.{i}.ffn.bundles", rows))
                 del rows
+            dense.write(ROW_CRC_TENSOR, crc)
         dense.close()
         ffn.close()
         _write_side_files(tmp, source)

@@ -112,6 +112,8 @@ def bench(folder_path, modes: list[str], rt: RuntimeConfig, *, pp: int, tg: int,
             cmd += ["--window", str(rt.window)]
         if rt.profile:
             cmd += ["--profile", str(rt.profile)]
+        if not rt.verify_reads:
+            cmd += ["--no-verify"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             rows.append({"mode": mode, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})

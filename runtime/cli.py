@@ -36,6 +36,7 @@ def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_l
     p.add_argument("--layer-io", default="auto", choices=["auto", "sparse", "stream"],
                    help="flash mode: per layer, sparse reads, streaming the layer, or the cheaper (measured)")
     p.add_argument("--profile", default=None, help="device profile: devices/NAME.toml or a path (flash read speeds)")
+    p.add_argument("--no-verify", action="store_true", help="skip the CRC-32 check of bundle rows read from flash")
     if stats:
         p.add_argument("--stats", action="store_true", help="print load time, TTFT, tokens/s, flash I/O, peak RSS")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -46,7 +47,7 @@ def _runtime_config(args):
     mode = (args.mode or ("flash" if args.budget is not None else "dense")).split(",")[0]
     return RuntimeConfig(ctx_len=args.ctx, threads=args.threads, mode=mode, budget=args.budget, window=args.window,
                          pin=args.pin, io=args.io, io_threads=args.io_threads, max_gap_bytes=args.max_gap,
-                         layer_io=args.layer_io, profile=args.profile)
+                         layer_io=args.layer_io, profile=args.profile, verify_reads=not args.no_verify)
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:

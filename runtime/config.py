@@ -75,3 +75,4 @@ class RuntimeConfig:
     max_gap_bytes: int = 0       # coalesce reads across gaps up to this size (reads a little extra)
     layer_io: str = "auto"       # flash mode per layer: auto (cheaper of sparse/stream) | sparse | stream
     profile: str | None = None   # device profile (devices/NAME.toml or a path): measured flash speeds
+    verify_reads: bool = True    # check every bundle row read from flash against its CRC-32

@@ -23,6 +23,7 @@ import numpy as np
 from . import kernels as K
 from .config import ModelConfig
 from .flash_reader import aligned_empty
+from .modelfile import check_rows
 
 
 @dataclass
@@ -115,8 +116,9 @@ class StreamingFFN:
     """
 
     def __init__(self, reader, resident: dict[int, np.ndarray], kernel: BundleKernel, biases: list,
-                 n_layers: int, n_rows: int, row_elems: int, dtype):
+                 n_layers: int, n_rows: int, row_elems: int, dtype, row_crc=None):
         self.reader, self.resident, self.kernel, self.biases = reader, resident, kernel, biases
+        self.row_crc = row_crc                    # [n_layers, n_rows] or None: no verification
         self.streamed = [i for i in range(n_layers) if i not in resident]   # in execution order
         self.buffers = [aligned_empty((n_rows, row_elems), dtype) for _ in range(2)]
         self.all_neurons = np.arange(n_rows, dtype=np.int32)
@@ -128,7 +130,11 @@ class StreamingFFN:
         layer = self.streamed[j]
         if layer not in self.pending:
             buf = self.buffers[j % 2]
-            self.pending[layer] = (buf, self.pool.submit(self.reader.read_layer, layer, buf))
+            self.pending[layer] = (buf, self.pool.submit(self._read_layer, layer, buf))
+
+    def _read_layer(self, layer, buf):
+        self.reader.read_layer(layer, buf)
+        check_rows(buf, self.all_neurons, self.row_crc, self.reader.path, layer)
 
     def __call__(self, layer, h, out):
         if layer in self.resident:
@@ -204,6 +210,10 @@ class MmapFFN:
         self.file.close()
 
 
+def _consecutive(rows: np.ndarray) -> bool:
+    return len(rows) > 0 and int(rows[-1]) - int(rows[0]) == len(rows) - 1
+
+
 class SparseFFN:
     """The flash path: predictor -> neuron cache (sliding window) -> read only the missing rows.
 
@@ -217,12 +227,13 @@ class SparseFFN:
 
     def __init__(self, reader, predictors, caches, kernel: BundleKernel, biases: list, *,
                  scratch_rows: int, row_elems: int, dtype, n_rows: int, row_bytes: int, stride_bytes: int,
-                 speeds, layer_io: str = "auto", resident: dict | None = None):
+                 speeds, layer_io: str = "auto", resident: dict | None = None, row_crc=None):
         if layer_io not in ("auto", "sparse", "stream"):
             raise ValueError(f"layer_io must be auto, sparse or stream, not {layer_io!r}")
         self.layer_io = layer_io
         self.reader, self.predictors, self.caches = reader, predictors, caches
         self.resident = resident or {}            # layers the planner keeps whole in DRAM
+        self.row_crc = row_crc                    # [n_layers, n_rows] or None: no verification
         self.kernel, self.biases = kernel, biases
         self.n_rows, self.row_bytes, self.stride_bytes = n_rows, row_bytes, stride_bytes
         self.scratch = aligned_empty((max(1, scratch_rows), row_elems), dtype)
@@ -239,7 +250,15 @@ class SparseFFN:
         for layer, cache in enumerate(self.caches):
             if cache is not None and cache.needs_pinned_load:
                 adm = cache.load_pinned()
-                self.reader.read_rows(layer, adm.missing, cache.rows, adm.dest_rows)
+                self._read(layer, adm.missing, cache.rows, adm.dest_rows)
+
+    def _read(self, layer, neurons, out, out_rows) -> None:
+        """Read rows and check them (in the calling thread: zlib releases the GIL, so a background
+        read's check overlaps with compute)."""
+        self.reader.read_rows(layer, neurons, out, out_rows)
+        if self.row_crc is not None and len(neurons):
+            check_rows(out[out_rows[0]:out_rows[0] + len(neurons)] if _consecutive(out_rows) else out[out_rows],
+                       neurons, self.row_crc, self.reader.path, layer)
 
     def _add(self, h, rows, n, ids, layer, out) -> None:
         T = h.shape[0]
@@ -254,7 +273,7 @@ class SparseFFN:
         for start in range(0, len(neurons), cap):
             chunk = neurons[start:start + cap]
             t0 = time.perf_counter()
-            self.reader.read_rows(layer, chunk, self.scratch, np.arange(len(chunk), dtype=np.int32))
+            self._read(layer, chunk, self.scratch, np.arange(len(chunk), dtype=np.int32))
             t1 = time.perf_counter()
             self.stats.io_s += t1 - t0
             self.scratch_ids[:len(chunk)] = chunk
@@ -292,7 +311,7 @@ class SparseFFN:
         t2 = time.perf_counter()
         st.mm_s += t2 - t1
         n_valid = cache.n - len(adm.missing)
-        fut = self.pool.submit(self.reader.read_rows, layer, adm.missing, cache.rows, adm.dest_rows) \
+        fut = self.pool.submit(self._read, layer, adm.missing, cache.rows, adm.dest_rows) \
             if len(adm.missing) else None
         self.kernel(h, cache.rows, n_valid, cache.neuron_of_row, self.biases[layer], out)
         t3 = time.perf_counter()

@@ -242,11 +242,12 @@ def _greedy(n_layers, room, layer_bytes, stream_s, sparse, layer_io):
         kinds[i], mem[i], cost[i] = kind, m, t
 
 
-def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel, biases: list, predictors=None):
+def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel, biases: list, predictors=None,
+              row_crc=None):
     """The FFN backend the plan calls for (see runtime/ffn.py)."""
     from .ffn import MmapFFN, ResidentFFN, SparseFFN, StreamingFFN
     from .flash_reader import FlashReader
-    from .modelfile import read_verified, tensors_from_buffer
+    from .modelfile import check_rows, read_verified, tensors_from_buffer
     from .neuron_cache import NeuronCache
     c, b = folder.config, folder.bundles
     dtype = np.uint16 if b["dtype"] == "F16" else np.float32
@@ -260,27 +261,25 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel, 
     reader = FlashReader(path, layer_offsets=b["layer_offsets"], stride_bytes=b["stride_bytes"], n_rows=c.n_ff,
                          mode=rt.io, threads=rt.io_threads, max_gap_bytes=rt.max_gap_bytes,
                          row_bytes=b["stride_bytes"])
-    if rt.mode in ("naive", "hybrid"):
-        resident = {}
-        for i in plan.resident_layers:
-            rows = np.empty((c.n_ff, row_elems), dtype)
-            reader.read_layer(i, rows)
-            resident[i] = rows
-        reader.reset_stats()
-        return StreamingFFN(reader, resident, kernel, biases, c.n_layers, c.n_ff, row_elems, dtype)
-    n_pin = int(rt.pin * c.n_ff)
-    caches = [NeuronCache(c.n_ff, cap, row_elems, dtype, window=plan.window,
-                          pinned=predictors[i].hot[:n_pin] if n_pin else None) if cap else None
-              for i, cap in enumerate(plan.capacities)]
+    row_crc = row_crc if rt.verify_reads else None
+    all_rows = np.arange(c.n_ff, dtype=np.int32)
     resident = {}
     for i in plan.resident_layers:
         resident[i] = np.empty((c.n_ff, row_elems), dtype)
         reader.read_layer(i, resident[i])
+        check_rows(resident[i], all_rows, row_crc, path, i)
+    if rt.mode in ("naive", "hybrid"):
+        reader.reset_stats()
+        return StreamingFFN(reader, resident, kernel, biases, c.n_layers, c.n_ff, row_elems, dtype, row_crc)
+    n_pin = int(rt.pin * c.n_ff)
+    caches = [NeuronCache(c.n_ff, cap, row_elems, dtype, window=plan.window,
+                          pinned=predictors[i].hot[:n_pin] if n_pin else None) if cap else None
+              for i, cap in enumerate(plan.capacities)]
     from .device import load_speeds
     ffn = SparseFFN(reader, predictors, caches, kernel, biases, scratch_rows=plan.scratch // b["stride_bytes"],
                     row_elems=row_elems, dtype=dtype, n_rows=c.n_ff, row_bytes=b["row_bytes"],
                     stride_bytes=b["stride_bytes"], speeds=load_speeds(rt.profile, rt.io_threads),
-                    layer_io=rt.layer_io, resident=resident)
+                    layer_io=rt.layer_io, resident=resident, row_crc=row_crc)
     ffn.load_pinned()
     reader.reset_stats()
     return ffn

@@ -10,7 +10,7 @@ from . import kernels as K
 from .config import ModelConfig, RuntimeConfig
 from .ffn import BundleKernel
 from .memory import build_ffn, plan_memory
-from .modelfile import ModelFolder, read_verified, tensors_from_buffer
+from .modelfile import ROW_CRC_TENSOR, ModelFolder, read_verified, tensors_from_buffer
 
 
 def rope_tables(c: ModelConfig, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +58,8 @@ class Model:
         parts = {p["name"]: p["offset"] for p in folder.bundles["parts"]}
         self.kernel = BundleKernel(c, parts, self.threads)
         biases = [self.w.get(f"layers.{i}.ffn.up.bias") for i in range(c.n_layers)]
-        self.ffn_backend = build_ffn(folder, runtime, self.plan, self.kernel, biases, predictors)
+        self.ffn_backend = build_ffn(folder, runtime, self.plan, self.kernel, biases, predictors,
+                                     row_crc=self.w.get(ROW_CRC_TENSOR))
         self.lm_head = self.w["tok_embeddings"] if c.tied_embeddings else self.w["lm_head"]
         self.cos, self.sin = rope_tables(c, self.ctx_len) if c.pos_kind == "rope" else (None, None)
         kv_shape = (c.n_layers, self.ctx_len, c.n_kv_heads, c.head_dim)

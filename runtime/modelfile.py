@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,27 @@ from .flash_reader import aligned_empty
 from .safetensors_file import DTYPES, SafetensorsError, read_header
 
 
+ROW_CRC_TENSOR = "ffn.row_crc32"    # [n_layers, n_ff] uint32 in dense.safetensors
+
+
 class ModelFileError(Exception):
     """A model folder that is missing, incomplete or corrupt; the message names the file."""
+
+
+def row_crc32(rows: np.ndarray) -> np.ndarray:
+    """CRC-32 of each row's stored bytes, padding included. rows: [n, stride] any dtype."""
+    raw = np.ascontiguousarray(rows).view(np.uint8).reshape(len(rows), -1)
+    return np.fromiter((zlib.crc32(r) for r in raw), dtype=np.uint32, count=len(rows))
+
+
+def check_rows(rows: np.ndarray, neurons: np.ndarray, expected: np.ndarray | None, path, layer: int) -> None:
+    """Raise ModelFileError if a row read from flash does not match its CRC-32 from conversion."""
+    if expected is None or not len(neurons):
+        return
+    bad = np.flatnonzero(row_crc32(rows) != expected[layer][neurons])
+    if len(bad):
+        raise ModelFileError(f"{path}: layer {layer} neuron {int(neurons[bad[0]])} (and {len(bad) - 1} more rows) "
+                             f"fail their CRC-32: the bundle file is corrupt; re-convert the model")
 
 
 @dataclass

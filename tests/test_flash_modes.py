@@ -144,3 +144,27 @@ def test_planner_chooses_sparse_only_where_it_saves_flash_time():
     assert kinds == ["resident"] * 4, "with room for everything, nothing is read per token"
     kinds, _, _ = _greedy(4, 0, layer, stream_s, cheap, "stream")
     assert kinds == ["stream"] * 4
+
+
+@pytest.mark.parametrize("mode, extra", [("naive", {}), ("flash", {"layer_io": "sparse", "window": 1})])
+def test_corrupted_bundle_row_is_detected_when_read(opt_folder, tmp_path, mode, extra):
+    import shutil
+    from runtime.modelfile import ModelFileError
+    broken = tmp_path / "broken.flashlm"
+    shutil.copytree(opt_folder, broken)
+    folder = open_folder(broken)
+    b = folder.bundles
+    offset = b["layer_offsets"][1] + 5 * b["stride_bytes"] + 10        # layer 1, neuron 5
+    with open(broken / "ffn.safetensors", "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+    model = Model(open_folder(broken), RuntimeConfig(mode=mode, io="buffered", **extra))
+    if mode == "flash":   # make sure neuron 5 of layer 1 is wanted
+        preds = model.ffn_backend.predictors
+        preds[1].select = lambda scores: np.arange(model.config.n_ff, dtype=np.int32)
+    with pytest.raises(ModelFileError, match=r"layer 1 neuron 5 .*CRC-32"):
+        for t in IDS[:3]:
+            model.forward([t])
+    model.close()
