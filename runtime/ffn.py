@@ -116,10 +116,11 @@ class StreamingFFN:
     """
 
     def __init__(self, reader, resident: dict[int, np.ndarray], kernel: BundleKernel, biases: list,
-                 n_layers: int, n_rows: int, row_elems: int, dtype, row_crc=None):
+                 n_layers: int, n_rows: int, row_elems: int, dtype, row_crc=None, streamed=None):
         self.reader, self.resident, self.kernel, self.biases = reader, resident, kernel, biases
         self.row_crc = row_crc                    # [n_layers, n_rows] or None: no verification
-        self.streamed = [i for i in range(n_layers) if i not in resident]   # in execution order
+        # Layers read whole every time, in execution order (default: all that are not resident).
+        self.streamed = streamed if streamed is not None else [i for i in range(n_layers) if i not in resident]
         self.buffers = [aligned_empty((n_rows, row_elems), dtype) for _ in range(2)]
         self.all_neurons = np.arange(n_rows, dtype=np.int32)
         self.pool = ThreadPoolExecutor(1)
@@ -227,13 +228,14 @@ class SparseFFN:
 
     def __init__(self, reader, predictors, caches, kernel: BundleKernel, biases: list, *,
                  scratch_rows: int, row_elems: int, dtype, n_rows: int, row_bytes: int, stride_bytes: int,
-                 speeds, layer_io: str = "auto", resident: dict | None = None, row_crc=None):
+                 speeds, layer_io: str = "auto", resident: dict | None = None, row_crc=None, streamer=None):
         if layer_io not in ("auto", "sparse", "stream"):
             raise ValueError(f"layer_io must be auto, sparse or stream, not {layer_io!r}")
         self.layer_io = layer_io
         self.reader, self.predictors, self.caches = reader, predictors, caches
         self.resident = resident or {}            # layers the planner keeps whole in DRAM
         self.row_crc = row_crc                    # [n_layers, n_rows] or None: no verification
+        self.streamer = streamer                  # StreamingFFN for the layers planned as streamed
         self.kernel, self.biases = kernel, biases
         self.n_rows, self.row_bytes, self.stride_bytes = n_rows, row_bytes, stride_bytes
         self.scratch = aligned_empty((max(1, scratch_rows), row_elems), dtype)
@@ -289,8 +291,10 @@ class SparseFFN:
             return
         if cache is None:                          # planned as a streamed layer
             st.streamed_layers += 1
-            out[:] = 0.0
-            self._stream(layer, self.all_neurons, h, out)
+            io_before, ffn_before = self.streamer.stats.io_s, self.streamer.stats.ffn_s
+            self.streamer(layer, h, out)
+            st.io_s += self.streamer.stats.io_s - io_before
+            st.ffn_s += self.streamer.stats.ffn_s - ffn_before
             return
         t0 = time.perf_counter()
         wanted = pred.predict(h)
@@ -326,4 +330,6 @@ class SparseFFN:
             self._stream(layer, adm.overflow, h, out)
 
     def close(self):
+        if self.streamer is not None:
+            self.streamer.close()
         self.pool.shutdown()

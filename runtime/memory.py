@@ -190,11 +190,24 @@ def _plan_flash(plan: MemoryPlan, folder: ModelFolder, rt: RuntimeConfig, calibr
 
     best = None
     for k in windows:
-        kinds, mem, cost = _greedy(c.n_layers, room, layer_bytes, stream_s,
-                                   [sparse_option(i, k) for i in range(c.n_layers)], rt.layer_io)
-        if best is None or cost < best[2] - 1e-9:
-            best = (kinds, mem, cost, k)
-    kinds, _, cost, window = best
+        for buffers in (0, 2 * layer_bytes):
+            # Streamed layers are read whole into two layer buffers (the next one is read while this one
+            # computes, as hybrid does); a plan without streamed layers does not pay for them.
+            r = None if room is None else room - buffers
+            if r is not None and r < 0:
+                continue
+            kinds, mem, cost = _greedy(c.n_layers, r, layer_bytes, stream_s,
+                                       [sparse_option(i, k) for i in range(c.n_layers)], rt.layer_io)
+            if ("stream" in kinds) != bool(buffers):
+                continue
+            if best is None or cost < best[2] - 1e-9:
+                best = (kinds, mem, cost, k, buffers)
+    if best is None:
+        raise BudgetError(f"budget {_mib(plan.budget)} is too small for flash mode: after the fixed parts "
+                          f"({_mib(plan.total)}) it cannot hold two FFN layer buffers ({_mib(2 * layer_bytes)}) "
+                          f"nor every layer's predictor and cache; raise --budget or lower --ctx")
+    kinds, _, cost, window, buffers = best
+    plan.scratch += buffers
     plan.window = window
     plan.layer_kinds = kinds
     plan.capacities = [min(c.n_ff, n_pin + stats[i].get("windows", {}).get(str(window), {}).get("max_held", c.n_ff))
@@ -271,6 +284,9 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel, 
     if rt.mode in ("naive", "hybrid"):
         reader.reset_stats()
         return StreamingFFN(reader, resident, kernel, biases, c.n_layers, c.n_ff, row_elems, dtype, row_crc)
+    streamed = [i for i, kind in enumerate(plan.layer_kinds) if kind == "stream"]
+    streamer = StreamingFFN(reader, {}, kernel, biases, c.n_layers, c.n_ff, row_elems, dtype, row_crc,
+                            streamed=streamed) if streamed else None
     n_pin = int(rt.pin * c.n_ff)
     caches = [NeuronCache(c.n_ff, cap, row_elems, dtype, window=plan.window,
                           pinned=predictors[i].hot[:n_pin] if n_pin else None) if cap else None
@@ -279,7 +295,7 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel, 
     ffn = SparseFFN(reader, predictors, caches, kernel, biases, scratch_rows=plan.scratch // b["stride_bytes"],
                     row_elems=row_elems, dtype=dtype, n_rows=c.n_ff, row_bytes=b["row_bytes"],
                     stride_bytes=b["stride_bytes"], speeds=load_speeds(rt.profile, rt.io_threads),
-                    layer_io=rt.layer_io, resident=resident, row_crc=row_crc)
+                    layer_io=rt.layer_io, resident=resident, row_crc=row_crc, streamer=streamer)
     ffn.load_pinned()
     reader.reset_stats()
     return ffn
