@@ -171,7 +171,7 @@ def _plan_flash(plan: MemoryPlan, folder: ModelFolder, rt: RuntimeConfig, calibr
     pred = predictor_bytes_per_layer(folder)
     stats = calibration.get("layers") or [{} for _ in range(c.n_layers)]
     n_pin = int(rt.pin * c.n_ff)
-    plan.scratch = max(SCRATCH_BYTES, 64 * stride)
+    sparse_scratch = max(SCRATCH_BYTES, 64 * stride)   # overflow rows of sparse layers stream through it
     room = None if plan.budget is None else plan.budget - plan.total
     if room is not None and room < 0:
         raise BudgetError(f"budget {_mib(plan.budget)} is too small for flash mode: the fixed parts need "
@@ -191,17 +191,20 @@ def _plan_flash(plan: MemoryPlan, folder: ModelFolder, rt: RuntimeConfig, calibr
     best = None
     for k in windows:
         for buffers in (0, 2 * layer_bytes):
-            # Streamed layers are read whole into two layer buffers (the next one is read while this one
-            # computes, as hybrid does); a plan without streamed layers does not pay for them.
-            r = None if room is None else room - buffers
-            if r is not None and r < 0:
-                continue
-            kinds, mem, cost = _greedy(c.n_layers, r, layer_bytes, stream_s,
-                                       [sparse_option(i, k) for i in range(c.n_layers)], rt.layer_io)
-            if ("stream" in kinds) != bool(buffers):
-                continue
-            if best is None or cost < best[2] - 1e-9:
-                best = (kinds, mem, cost, k, buffers)
+            for scratch in (0, sparse_scratch):
+                # Streamed layers are read whole into two layer buffers (the next is read while this one
+                # computes, as hybrid does), sparse layers need the overflow scratch: a plan pays only
+                # for what it uses.
+                r = None if room is None else room - buffers - scratch
+                if (r is not None and r < 0) or (not scratch and rt.layer_io == "sparse"):
+                    continue
+                kinds, mem, cost = _greedy(c.n_layers, r, layer_bytes, stream_s,
+                                           [sparse_option(i, k) for i in range(c.n_layers)],
+                                           rt.layer_io if scratch else "stream")
+                if ("stream" in kinds) != bool(buffers) or ("sparse" in kinds) != bool(scratch):
+                    continue
+                if best is None or cost < best[2] - 1e-9:
+                    best = (kinds, mem, cost, k, buffers + scratch)
     if best is None:
         raise BudgetError(f"budget {_mib(plan.budget)} is too small for flash mode: after the fixed parts "
                           f"({_mib(plan.total)}) it cannot hold two FFN layer buffers ({_mib(2 * layer_bytes)}) "
@@ -292,7 +295,8 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel, 
                           pinned=predictors[i].hot[:n_pin] if n_pin else None) if cap else None
               for i, cap in enumerate(plan.capacities)]
     from .device import load_speeds
-    ffn = SparseFFN(reader, predictors, caches, kernel, biases, scratch_rows=plan.scratch // b["stride_bytes"],
+    sparse_scratch_rows = max(SCRATCH_BYTES // b["stride_bytes"], 64) if "sparse" in plan.layer_kinds else 1
+    ffn = SparseFFN(reader, predictors, caches, kernel, biases, scratch_rows=sparse_scratch_rows,
                     row_elems=row_elems, dtype=dtype, n_rows=c.n_ff, row_bytes=b["row_bytes"],
                     stride_bytes=b["stride_bytes"], speeds=load_speeds(rt.profile, rt.io_threads),
                     layer_io=rt.layer_io, resident=resident, row_crc=row_crc, streamer=streamer)
