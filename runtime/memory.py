@@ -218,6 +218,7 @@ def _plan_flash(plan: MemoryPlan, folder: ModelFolder, rt: RuntimeConfig, calibr
     plan.predictors = sum(pred[i] for i in range(c.n_layers) if kinds[i] == "sparse")
     plan.resident_layers = [i for i, kind in enumerate(kinds) if kind == "resident"]
     plan.ffn_resident = sum(plan.capacities) * stride + len(plan.resident_layers) * layer_bytes
+    room = None if room is None else room - buffers
     if room is not None and plan.ffn_resident + plan.predictors > room:
         # Forced sparse everywhere (layer_io="sparse") with too little room: shrink every cache alike.
         scale = (room - plan.predictors) / max(1, sum(plan.capacities) * stride)
