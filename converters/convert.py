@@ -1,7 +1,6 @@
 """`flashlm convert`: pick the source reader for a path and write the model folder."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .source import SUPPORTED_SOURCES, ConversionError, Source
@@ -43,7 +42,3 @@ def plan(src) -> dict:
     finally:
         source.close()
 
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-    print(json.dumps(plan(sys.argv[1]), indent=1))

@@ -237,7 +237,6 @@ class SparseFFN:
         self.row_crc = row_crc                    # [n_layers, n_rows] or None: no verification
         self.streamer = streamer                  # StreamingFFN for the layers planned as streamed
         self.kernel, self.biases = kernel, biases
-        self.n_rows, self.row_bytes, self.stride_bytes = n_rows, row_bytes, stride_bytes
         self.scratch = aligned_empty((max(1, scratch_rows), row_elems), dtype)
         self.scratch_ids = np.zeros(len(self.scratch), np.int32)
         self.all_neurons = np.arange(n_rows, dtype=np.int32)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 from .memory import PREFILL_CHUNK   # tokens per prefill forward; bounds scratch memory for long prompts
@@ -33,7 +33,6 @@ class GenerationStats:
     ttft_s: float = 0.0           # prefill + first sample
     finish_reason: str = ""
     peak_rss: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def prompt_tps(self) -> float:
