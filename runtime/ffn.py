@@ -227,7 +227,7 @@ class SparseFFN:
     """
 
     def __init__(self, reader, predictors, caches, kernel: BundleKernel, biases: list, *,
-                 scratch_rows: int, row_elems: int, dtype, n_rows: int, row_bytes: int, stride_bytes: int,
+                 scratch_rows: int, row_elems: int, dtype, n_rows: int, stride_bytes: int,
                  speeds, layer_io: str = "auto", resident: dict | None = None, row_crc=None, streamer=None):
         if layer_io not in ("auto", "sparse", "stream"):
             raise ValueError(f"layer_io must be auto, sparse or stream, not {layer_io!r}")

@@ -298,7 +298,7 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel, 
     from .device import load_speeds
     sparse_scratch_rows = max(SCRATCH_BYTES // b["stride_bytes"], 64) if "sparse" in plan.layer_kinds else 1
     ffn = SparseFFN(reader, predictors, caches, kernel, biases, scratch_rows=sparse_scratch_rows,
-                    row_elems=row_elems, dtype=dtype, n_rows=c.n_ff, row_bytes=b["row_bytes"],
+                    row_elems=row_elems, dtype=dtype, n_rows=c.n_ff,
                     stride_bytes=b["stride_bytes"], speeds=load_speeds(rt.profile, rt.io_threads),
                     layer_io=rt.layer_io, resident=resident, row_crc=row_crc, streamer=streamer)
     ffn.load_pinned()
