@@ -121,7 +121,8 @@ class StreamingFFN:
         self.row_crc = row_crc                    # [n_layers, n_rows] or None: no verification
         # Layers read whole every time, in execution order (default: all that are not resident).
         self.streamed = streamed if streamed is not None else [i for i in range(n_layers) if i not in resident]
-        self.buffers = [aligned_empty((n_rows, row_elems), dtype) for _ in range(2)]
+        # Two layer buffers only when something streams (the plan counts them only then).
+        self.buffers = [aligned_empty((n_rows, row_elems), dtype) for _ in range(2)] if self.streamed else []
         self.all_neurons = np.arange(n_rows, dtype=np.int32)
         self.pool = ThreadPoolExecutor(1)
         self.pending = {}                 # layer -> (buffer, future)
@@ -228,14 +229,13 @@ class SparseFFN:
 
     def __init__(self, reader, predictors, caches, kernel: BundleKernel, biases: list, *,
                  scratch_rows: int, row_elems: int, dtype, n_rows: int, stride_bytes: int,
-                 speeds, layer_io: str = "auto", resident: dict | None = None, row_crc=None, streamer=None):
+                 speeds, whole_layers, layer_io: str = "auto", row_crc=None):
         if layer_io not in ("auto", "sparse", "stream"):
             raise ValueError(f"layer_io must be auto, sparse or stream, not {layer_io!r}")
         self.layer_io = layer_io
         self.reader, self.predictors, self.caches = reader, predictors, caches
-        self.resident = resident or {}            # layers the planner keeps whole in DRAM
         self.row_crc = row_crc                    # [n_layers, n_rows] or None: no verification
-        self.streamer = streamer                  # StreamingFFN for the layers planned as streamed
+        self.whole_layers = whole_layers          # StreamingFFN for the layers planned resident or streamed
         self.kernel, self.biases = kernel, biases
         self.scratch = aligned_empty((max(1, scratch_rows), row_elems), dtype)
         self.scratch_ids = np.zeros(len(self.scratch), np.int32)
@@ -284,16 +284,13 @@ class SparseFFN:
     def __call__(self, layer, h, out):
         cache, pred = self.caches[layer], self.predictors[layer]
         st = self.stats
-        if layer in self.resident:
-            rows = self.resident[layer]
-            self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
-            return
-        if cache is None:                          # planned as a streamed layer
-            st.streamed_layers += 1
-            io_before, ffn_before = self.streamer.stats.io_s, self.streamer.stats.ffn_s
-            self.streamer(layer, h, out)
-            st.io_s += self.streamer.stats.io_s - io_before
-            st.ffn_s += self.streamer.stats.ffn_s - ffn_before
+        if cache is None:                          # planned resident or streamed: no predictor, whole layer
+            whole = self.whole_layers
+            st.streamed_layers += layer not in whole.resident
+            io_before, ffn_before = whole.stats.io_s, whole.stats.ffn_s
+            whole(layer, h, out)
+            st.io_s += whole.stats.io_s - io_before
+            st.ffn_s += whole.stats.ffn_s - ffn_before
             return
         t0 = time.perf_counter()
         wanted = pred.predict(h)
@@ -302,8 +299,7 @@ class SparseFFN:
         missing_now = wanted[cache.row_of_neuron[wanted] < 0]
         st.wanted += len(wanted)
         st.hits += len(wanted) - len(missing_now)
-        if self.layer_io == "stream" or (self.layer_io == "auto"
-                                         and len(missing_now) * self.row_read_s > self.layer_stream_s):
+        if self.layer_io == "auto" and len(missing_now) * self.row_read_s > self.layer_stream_s:
             # Streaming the layer is cheaper (typically a prompt's union): compute it whole, exactly,
             # and leave the cache as it is.
             st.streamed_layers += 1
@@ -329,6 +325,5 @@ class SparseFFN:
             self._stream(layer, adm.overflow, h, out)
 
     def close(self):
-        if self.streamer is not None:
-            self.streamer.close()
+        self.whole_layers.close()
         self.pool.shutdown()

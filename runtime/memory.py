@@ -289,8 +289,8 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel, 
         reader.reset_stats()
         return StreamingFFN(reader, resident, kernel, biases, c.n_layers, c.n_ff, row_elems, dtype, row_crc)
     streamed = [i for i, kind in enumerate(plan.layer_kinds) if kind == "stream"]
-    streamer = StreamingFFN(reader, {}, kernel, biases, c.n_layers, c.n_ff, row_elems, dtype, row_crc,
-                            streamed=streamed) if streamed else None
+    whole_layers = StreamingFFN(reader, resident, kernel, biases, c.n_layers, c.n_ff, row_elems, dtype, row_crc,
+                                streamed=streamed)
     n_pin = int(rt.pin * c.n_ff)
     caches = [NeuronCache(c.n_ff, cap, row_elems, dtype, window=plan.window,
                           pinned=predictors[i].hot[:n_pin] if n_pin else None) if cap else None
@@ -300,7 +300,7 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel, 
     ffn = SparseFFN(reader, predictors, caches, kernel, biases, scratch_rows=sparse_scratch_rows,
                     row_elems=row_elems, dtype=dtype, n_rows=c.n_ff,
                     stride_bytes=b["stride_bytes"], speeds=load_speeds(rt.profile, rt.io_threads),
-                    layer_io=rt.layer_io, resident=resident, row_crc=row_crc, streamer=streamer)
+                    whole_layers=whole_layers, layer_io=rt.layer_io, row_crc=row_crc)
     ffn.load_pinned()
     reader.reset_stats()
     return ffn
