@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from runtime.config import RuntimeConfig
-from runtime.model import Model
-from runtime.modelfile import open_folder
-from runtime.predictor import PREDICTOR_FILE, swiglu_score
-from runtime.safetensors_file import plan_file
+from flashlm.runtime.config import RuntimeConfig
+from flashlm.runtime.model import Model
+from flashlm.runtime.modelfile import open_folder
+from flashlm.runtime.predictor import PREDICTOR_FILE, swiglu_score
+from flashlm.runtime.safetensors_file import plan_file
 
 log = logging.getLogger("flashlm")
 
@@ -50,7 +50,7 @@ PROMPTS = [
 
 def generated_tokens(model: Model, tokenizer, n_tokens: int, *, seed: int = 0, progress: bool = True) -> list[list[int]]:
     """Text the model writes itself from varied prompts (temperature 0.8), as token id sequences."""
-    from runtime.sampling import Sampler, SamplingParams
+    from flashlm.runtime.sampling import Sampler, SamplingParams
     sampler = Sampler(SamplingParams(temperature=0.8, top_p=0.95, seed=seed))
     per_prompt = max(32, n_tokens // len(PROMPTS))
     seqs, total = [], 0
@@ -193,7 +193,7 @@ def calibrate(path, *, text_file=None, random_tokens: bool = False, n_tokens: in
               ranks=RANKS, holdout: float = 0.2, threads: int | None = None, seed: int = 0,
               progress: bool = True) -> dict:
     """Train and store predictors for the model folder at `path`; returns the calibration report."""
-    from runtime.tokenizer import Tokenizer
+    from flashlm.runtime.tokenizer import Tokenizer
     folder = open_folder(path)
     c = folder.config
     t0 = time.perf_counter()

@@ -15,8 +15,8 @@ import gguf
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from converters.source import SUPPORTED_SOURCES, ConversionError, SourceInfo, expected_tensors
-from runtime.config import ModelConfig
+from flashlm.converters.source import SUPPORTED_SOURCES, ConversionError, SourceInfo, expected_tensors
+from flashlm.runtime.config import ModelConfig
 
 # llama.cpp token types (tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4

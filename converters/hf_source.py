@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.source import SUPPORTED_SOURCES, ConversionError, SourceInfo, expected_tensors
-from runtime.config import ModelConfig
-from runtime.safetensors_file import SafetensorsError, read_header, read_tensor
+from flashlm.converters.source import SUPPORTED_SOURCES, ConversionError, SourceInfo, expected_tensors
+from flashlm.runtime.config import ModelConfig
+from flashlm.runtime.safetensors_file import SafetensorsError, read_header, read_tensor
 
 LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 OPT_ARCHS = ("OPTForCausalLM",)

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from runtime.config import ModelConfig
+from flashlm.runtime.config import ModelConfig
 
 SUPPORTED_SOURCES = (
     "GGUF files with general.architecture 'llama' (SmolLM2, TinyLlama, Llama 2/3, Mistral in GGUF)",

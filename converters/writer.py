@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from runtime.config import FORMAT_VERSION
-from runtime.modelfile import ROW_CRC_TENSOR, row_crc32
-from runtime.safetensors_file import DTYPES, plan_file
+from flashlm.runtime.config import FORMAT_VERSION
+from flashlm.runtime.modelfile import ROW_CRC_TENSOR, row_crc32
+from flashlm.runtime.safetensors_file import DTYPES, plan_file
 
 from .source import ConversionError, Source, expected_tensors, is_ffn_bundle_tensor
 

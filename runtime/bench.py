@@ -101,7 +101,7 @@ def bench(folder_path, modes: list[str], rt: RuntimeConfig, *, pp: int, tg: int,
     """Run every mode in a child process (`flashlm bench --one`) and collect their rows."""
     rows = []
     for mode in modes:
-        cmd = [sys.executable, "-m", "runtime", "bench", str(folder_path), "--one", "--json", "--mode", mode,
+        cmd = [sys.executable, "-m", "flashlm", "bench", str(folder_path), "--one", "--json", "--mode", mode,
                "-p", str(pp), "-n", str(tg), "-r", str(reps), "--ctx", str(rt.ctx_len), "--io", rt.io,
                "--io-threads", str(rt.io_threads), "--layer-io", rt.layer_io, "--pin", str(rt.pin)]
         if rt.threads:

@@ -89,7 +89,7 @@ def _load(model_arg, args):
 
 # --- verbs -----------------------------------------------------------------------------------------
 def cmd_convert(args) -> int:
-    from converters.convert import convert, plan
+    from flashlm.converters.convert import convert, plan
     if args.dry_run:
         print(json.dumps(plan(args.source), indent=1))
         return 0
@@ -230,7 +230,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from converters.calibrate import calibrate
+    from flashlm.converters.calibrate import calibrate
     report = calibrate(args.model, text_file=args.file, random_tokens=args.random_tokens, n_tokens=args.tokens, keep=args.keep, recall=args.recall,
                        threads=args.threads, progress=not args.no_progress)
     if args.json:
@@ -355,7 +355,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="flashlm: %(message)s", stream=sys.stderr)
-    from converters.source import ConversionError
+    from flashlm.converters.source import ConversionError
     from .modelfile import ModelFileError
     try:
         return args.func(args) or 0

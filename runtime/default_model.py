@@ -36,7 +36,7 @@ def default_model_folder(*, progress: bool = True) -> Path:
     src = embedded_gguf()
     out = cache_dir() / "models" / f"SmolLM2-135M-Instruct-{src.stat().st_size}.flashlm"
     if not (out / "manifest.json").exists():
-        from converters.convert import convert
+        from flashlm.converters.convert import convert
         log.warning("converting the embedded SmolLM2-135M-Instruct to %s (first use only)", out)
         convert(src, out, dtype="f16", force=True, progress=progress)
     return out

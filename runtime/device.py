@@ -8,6 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:     # Python 3.10
+    import tomli as tomllib
+
 # Without a profile: what DESIGN.md measured on a 2-core VM with a virtio disk (O_DIRECT, 4 threads).
 DEFAULT_RANDOM_MB_S = {4096: 150.0, 16384: 500.0, 65536: 1100.0, 262144: 1600.0, 1048576: 1600.0}
 DEFAULT_SEQUENTIAL_MB_S = 1200.0
@@ -33,16 +38,22 @@ class FlashSpeeds:
         return nbytes / (self.sequential_mb_s * 1e6)
 
 
+def shipped_profile(name: str):
+    """The profile NAME.toml shipped as package data (the project's devices/ folder), or None."""
+    from importlib.resources import files
+    entry = files("flashlm.devices") / f"{name}.toml"
+    return Path(str(entry)) if entry.is_file() else None
+
+
 def load_speeds(profile: str | Path | None, threads: int) -> FlashSpeeds:
     """Speeds at `threads` concurrent reads from a profile TOML (path or name in devices/), or defaults."""
     if profile is None:
         return FlashSpeeds(dict(DEFAULT_RANDOM_MB_S), DEFAULT_SEQUENTIAL_MB_S)
     path = Path(profile)
     if not path.exists():
-        path = Path(__file__).resolve().parent.parent / "devices" / f"{profile}.toml"
-    if not path.exists():
+        path = shipped_profile(str(profile))
+    if path is None or not path.exists():
         raise FileNotFoundError(f"{profile}: no such device profile (a TOML path or a name in devices/)")
-    import tomllib
     try:
         flash = tomllib.loads(path.read_text())["flash"]
         idx = min(range(len(flash["threads"])), key=lambda i: abs(flash["threads"][i] - threads))

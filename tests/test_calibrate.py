@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 import tiny_models as tm
-from converters.calibrate import calibrate
-from converters.convert import convert
-from runtime.config import RuntimeConfig
-from runtime.model import Model
-from runtime.modelfile import open_folder, read_verified
-from runtime.predictor import calibration_report, load_predictors
+from flashlm.converters.calibrate import calibrate
+from flashlm.converters.convert import convert
+from flashlm.runtime.config import RuntimeConfig
+from flashlm.runtime.model import Model
+from flashlm.runtime.modelfile import open_folder, read_verified
+from flashlm.runtime.predictor import calibration_report, load_predictors
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import tiny_models as tm
 
 
 def flashlm(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "runtime", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flashlm", *map(str, args)], capture_output=True, text=True,
                           input=stdin, timeout=300)
 
 
@@ -27,9 +27,9 @@ def test_run_stdout_is_only_the_generated_text(model):
     r = flashlm("run", model, "-p", "hello world", "-n", "8", "--temp", "0", "--stats")
     assert r.returncode == 0, r.stderr
     assert "tokens/s" in r.stderr and "tokens/s" not in r.stdout
-    from runtime.modelfile import open_folder
-    from runtime.model import Model
-    from runtime.tokenizer import Tokenizer
+    from flashlm.runtime.modelfile import open_folder
+    from flashlm.runtime.model import Model
+    from flashlm.runtime.tokenizer import Tokenizer
     folder = open_folder(model)
     m, tok = Model(folder), Tokenizer.from_folder(folder.path, folder.manifest)
     ids = tok.encode("hello world")

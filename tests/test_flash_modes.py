@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 
 import tiny_models as tm
-from converters.calibrate import calibrate
-from converters.convert import convert
-from runtime import modelfile
-from runtime.config import RuntimeConfig
-from runtime.memory import BudgetError, parse_size, plan_memory
-from runtime.model import Model
-from runtime.modelfile import open_folder
+from flashlm.converters.calibrate import calibrate
+from flashlm.converters.convert import convert
+from flashlm.runtime import modelfile
+from flashlm.runtime.config import RuntimeConfig
+from flashlm.runtime.memory import BudgetError, parse_size, plan_memory
+from flashlm.runtime.model import Model
+from flashlm.runtime.modelfile import open_folder
 
 IDS = [1, 5, 17, 42, 7, 99, 3, 8, 250, 11, 64, 0, 2, 180, 33, 5, 77, 120, 9, 15]
 
@@ -76,7 +76,7 @@ def test_flash_with_oracle_predictor_is_exact(opt_folder, capacity_fraction):
     ffn = model.ffn_backend
     ffn.predictors = _oracles(opt_folder)
     if capacity_fraction < 1:
-        from runtime.neuron_cache import NeuronCache
+        from flashlm.runtime.neuron_cache import NeuronCache
         cap = int(folder.config.n_ff * capacity_fraction)
         ffn.caches = [NeuronCache(folder.config.n_ff, cap, c.row_elems, c.rows.dtype, window=2) for c in ffn.caches]
     pre = model.forward(IDS[:6], all_logits=True)
@@ -105,8 +105,8 @@ def test_budget_too_small_is_refused_before_loading(opt_folder, monkeypatch):
     def no_read(*a, **k):
         raise AssertionError("weights were read before the budget check")
     monkeypatch.setattr(modelfile, "read_verified", no_read)
-    import runtime.model
-    monkeypatch.setattr(runtime.model, "read_verified", no_read)
+    import flashlm.runtime.model
+    monkeypatch.setattr(flashlm.runtime.model, "read_verified", no_read)
     with pytest.raises(BudgetError, match="too small"):
         Model(open_folder(opt_folder), RuntimeConfig(mode="flash", budget="1%"))
     with pytest.raises(BudgetError, match="too small"):
@@ -132,7 +132,7 @@ def test_parse_budget_rejects_garbage():
 
 
 def test_planner_chooses_sparse_only_where_it_saves_flash_time():
-    from runtime.memory import _greedy
+    from flashlm.runtime.memory import _greedy
     layer, stream_s = 1000, 1.0
     cheap = [(300, 0.1)] * 4          # ReLU-like: small window cache, few misses
     costly = [(300, 1.2)] * 4         # dense-ish SwiGLU on slow random reads: worse than streaming
@@ -149,7 +149,7 @@ def test_planner_chooses_sparse_only_where_it_saves_flash_time():
 @pytest.mark.parametrize("mode, extra", [("naive", {}), ("flash", {"layer_io": "sparse", "window": 1})])
 def test_corrupted_bundle_row_is_detected_when_read(opt_folder, tmp_path, mode, extra):
     import shutil
-    from runtime.modelfile import ModelFileError
+    from flashlm.runtime.modelfile import ModelFileError
     broken = tmp_path / "broken.flashlm"
     shutil.copytree(opt_folder, broken)
     folder = open_folder(broken)

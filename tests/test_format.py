@@ -6,12 +6,12 @@ import pytest
 from safetensors import safe_open
 
 import tiny_models as tm
-from converters.convert import convert
-from converters.hf_source import HFSource
-from converters.source import ConversionError
-from converters.writer import bundle_stride, write_model
-from runtime.model import Model
-from runtime.modelfile import ModelFileError, open_folder
+from flashlm.converters.convert import convert
+from flashlm.converters.hf_source import HFSource
+from flashlm.converters.source import ConversionError
+from flashlm.converters.writer import bundle_stride, write_model
+from flashlm.runtime.model import Model
+from flashlm.runtime.modelfile import ModelFileError, open_folder
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from tokenizers import Tokenizer
 
-from converters.gguf_source import GGUFSource, _bytes_to_unicode, permute_qk, unpermute_qk
-from converters.source import ConversionError, SUPPORTED_SOURCES, expected_tensors
+from flashlm.converters.gguf_source import GGUFSource, _bytes_to_unicode, permute_qk, unpermute_qk
+from flashlm.converters.source import ConversionError, SUPPORTED_SOURCES, expected_tensors
 
 TEXTS = [
     "Hello world",

@@ -10,8 +10,8 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 
 import tiny_models
-from converters.hf_source import HFSource, parse_config
-from converters.source import ConversionError, expected_tensors
+from flashlm.converters.hf_source import HFSource, parse_config
+from flashlm.converters.source import ConversionError, expected_tensors
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from runtime import kernels as K
+from flashlm.runtime import kernels as K
 
 
 def _f16(a):

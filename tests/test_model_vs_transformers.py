@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 import tiny_models as tm
-from converters.convert import convert
-from runtime.model import Model
-from runtime.modelfile import open_folder
+from flashlm.converters.convert import convert
+from flashlm.runtime.model import Model
+from flashlm.runtime.modelfile import open_folder
 
 TOLERANCE = {"f32": 1e-4, "f16": 2e-2}
 IDS = [1, 5, 17, 42, 7, 99, 3, 8, 250, 11, 64, 0, 2, 180, 33, 5, 77, 120, 9, 15, 260, 4, 6, 12]

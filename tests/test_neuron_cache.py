@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from runtime.neuron_cache import Admission, NeuronCache, window_union_sizes
+from flashlm.runtime.neuron_cache import Admission, NeuronCache, window_union_sizes
 
 
 def _read(cache: NeuronCache, adm: Admission) -> None:

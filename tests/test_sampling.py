@@ -1,7 +1,7 @@
 """Sampling rules against hand-computed expectations."""
 import numpy as np
 
-from runtime.sampling import Sampler, SamplingParams
+from flashlm.runtime.sampling import Sampler, SamplingParams
 
 LOGITS = np.array([1.0, 3.0, 2.9, -1.0, 0.5], np.float32)
 

@@ -3,12 +3,12 @@ loading the same GGUF. Q4_1 dequantizes exactly, so f32 storage must give the sa
 import numpy as np
 import pytest
 
-from converters.convert import convert
-from runtime.generate import GenerationStats, stream_generate
-from runtime.model import Model
-from runtime.modelfile import open_folder
-from runtime.sampling import SamplingParams
-from runtime.tokenizer import Tokenizer
+from flashlm.converters.convert import convert
+from flashlm.runtime.generate import GenerationStats, stream_generate
+from flashlm.runtime.model import Model
+from flashlm.runtime.modelfile import open_folder
+from flashlm.runtime.sampling import SamplingParams
+from flashlm.runtime.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.source import expected_tensors
-from converters.writer import write_model
-from runtime.model import Model
-from runtime.modelfile import open_folder
+from flashlm.converters.source import expected_tensors
+from flashlm.converters.writer import write_model
+from flashlm.runtime.model import Model
+from flashlm.runtime.modelfile import open_folder
 
 _spec = importlib.util.spec_from_file_location(
     "make_synthetic", Path(__file__).resolve().parent.parent / "tools" / "make_synthetic.py")

@@ -2,7 +2,7 @@
 import jinja2
 import pytest
 
-from runtime.tokenizer import ChatTemplateError, Tokenizer
+from flashlm.runtime.tokenizer import ChatTemplateError, Tokenizer
 
 STREAM_TEXTS = [
     "Hello 👋🏽 世界",

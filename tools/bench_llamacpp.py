@@ -34,9 +34,9 @@ def _timed(fn, reps: int) -> list[float]:
 
 
 def bench_flashlm(folder: Path, threads: int, pp: int, tg: int, reps: int, vocab_ids: np.ndarray) -> dict:
-    from runtime.config import RuntimeConfig
-    from runtime.model import Model
-    from runtime.modelfile import open_folder
+    from flashlm.runtime.config import RuntimeConfig
+    from flashlm.runtime.model import Model
+    from flashlm.runtime.modelfile import open_folder
     model = Model(open_folder(folder), RuntimeConfig(ctx_len=pp + tg + 8, threads=threads))
     model.warmup()
 
@@ -72,7 +72,7 @@ def bench_llamacpp(gguf: Path, threads: int, pp: int, tg: int, reps: int, vocab_
 
 
 def convert_in_child(gguf: Path, out: Path, dtype: str) -> dict:
-    code = ("import resource,sys,time; sys.path.insert(0, %r); from converters.convert import convert; "
+    code = ("import resource,sys,time; sys.path.insert(0, %r); from flashlm.converters.convert import convert; "
             "t=time.perf_counter(); convert(%r, %r, dtype=%r, force=True, progress=False); "
             "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
             % (str(Path(__file__).resolve().parent.parent), str(gguf), str(out), dtype))
@@ -81,7 +81,7 @@ def convert_in_child(gguf: Path, out: Path, dtype: str) -> dict:
 
 
 def main() -> int:
-    from runtime.default_model import embedded_gguf
+    from flashlm.runtime.default_model import embedded_gguf
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", type=Path, default=None, help="default: the embedded SmolLM2-135M Q4_1")
     ap.add_argument("--threads", type=int, default=2)

@@ -30,7 +30,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from runtime.flash_reader import DirectIOUnsupported, FlashReader, aligned_empty  # noqa: E402
+from flashlm.runtime.flash_reader import DirectIOUnsupported, FlashReader, aligned_empty  # noqa: E402
 
 SIZES = [4096, 16384, 65536, 262144, 1 << 20]
 THREADS = [1, 4, 16, 32]

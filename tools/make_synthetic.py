@@ -78,9 +78,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from converters.source import SourceInfo, expected_tensors, is_ffn_bundle_tensor  # noqa: E402
-from converters.writer import STORAGE_DTYPES, bundle_stride, write_model  # noqa: E402
-from runtime.config import ModelConfig  # noqa: E402
+from flashlm.converters.source import SourceInfo, expected_tensors, is_ffn_bundle_tensor  # noqa: E402
+from flashlm.converters.writer import STORAGE_DTYPES, bundle_stride, write_model  # noqa: E402
+from flashlm.runtime.config import ModelConfig  # noqa: E402
 
 THRESHOLD_SPREAD = 0.3     # s: std of the per-neuron threshold inside the hot and the cold group
 FFN_SCALE = 0.3            # per-coordinate std of the FFN output (the residual starts at std 1)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def _flashlm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runtime", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flashlm", *args], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parent.parent)
 
 

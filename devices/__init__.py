@@ -1,0 +1,1 @@
+"""Device profiles shipped with flashlm (TOML package data); see README.md here."""

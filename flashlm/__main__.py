@@ -1,0 +1,5 @@
+import sys
+
+from flashlm.runtime.cli import main
+
+sys.exit(main())
