@@ -97,14 +97,12 @@ def layer_projections(model: Model, layer: int) -> dict[str, np.ndarray]:
     decides which low-rank directions of the map matter for real inputs.
     """
     c = model.config
-    rows = model.ffn_backend.layer_rows[layer]          # calibration runs in dense mode
-    rows = rows.view(np.float16).astype(np.float32) if rows.dtype == np.uint16 else rows
-    d, k = c.d_model, model.kernel
+    rows, layout = model.ffn_backend.layer_rows[layer], model.folder.bundles   # calibration runs dense
     bias = model.w.get(f"layers.{layer}.ffn.up.bias")
     up_b = bias if bias is not None and c.ffn_kind == "relu" else np.zeros(c.n_ff, np.float32)
-    out = {"up": np.vstack([rows[:, k.in_off:k.in_off + d].T, up_b[None, :]])}
+    out = {"up": np.vstack([layout.decode_part(rows, "up").T, up_b[None, :]])}
     if c.ffn_kind == "swiglu":
-        out["gate"] = np.vstack([rows[:, k.gate_off:k.gate_off + d].T, np.zeros((1, c.n_ff), np.float32)])
+        out["gate"] = np.vstack([layout.decode_part(rows, "gate").T, np.zeros((1, c.n_ff), np.float32)])
     return out
 
 

@@ -12,6 +12,8 @@ from typing import Protocol
 import numpy as np
 
 from flashlm.runtime.config import ModelConfig
+from flashlm.runtime.errors import FlashlmError
+from flashlm.runtime.schema import expected_tensors, is_ffn_bundle_tensor  # noqa: F401 (re-exported)
 
 SUPPORTED_SOURCES = (
     "GGUF files with general.architecture 'llama' (SmolLM2, TinyLlama, Llama 2/3, Mistral in GGUF)",
@@ -20,49 +22,8 @@ SUPPORTED_SOURCES = (
 )
 
 
-class ConversionError(Exception):
+class ConversionError(FlashlmError):
     """A source that cannot be converted; the message names the file and the problem."""
-
-
-def expected_tensors(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical tensor a source must provide for config `c`, with its shape."""
-    d, hd, ff = c.d_model, c.head_dim, c.n_ff
-    q, kv = c.n_heads * hd, c.n_kv_heads * hd
-    t: dict[str, tuple[int, ...]] = {"tok_embeddings": (c.vocab_size, d), "norm.weight": (d,)}
-    if c.norm_kind == "layer":
-        t["norm.bias"] = (d,)
-    if c.pos_kind == "learned":
-        t["pos_embeddings"] = (c.max_position + c.pos_offset, d)
-    if not c.tied_embeddings:
-        t["lm_head"] = (c.vocab_size, d)
-    for i in range(c.n_layers):
-        p = f"layers.{i}."
-        t[p + "attn_norm.weight"] = (d,)
-        t[p + "ffn_norm.weight"] = (d,)
-        if c.norm_kind == "layer":
-            t[p + "attn_norm.bias"] = (d,)
-            t[p + "ffn_norm.bias"] = (d,)
-        t[p + "attn.q.weight"] = (q, d)
-        t[p + "attn.k.weight"] = (kv, d)
-        t[p + "attn.v.weight"] = (kv, d)
-        t[p + "attn.o.weight"] = (d, q)
-        if c.attn_qkv_bias:
-            t[p + "attn.q.bias"], t[p + "attn.k.bias"], t[p + "attn.v.bias"] = (q,), (kv,), (kv,)
-        if c.attn_out_bias:
-            t[p + "attn.o.bias"] = (d,)
-        if c.ffn_kind == "swiglu":
-            t[p + "ffn.gate.weight"] = (ff, d)
-        t[p + "ffn.up.weight"] = (ff, d)
-        t[p + "ffn.down.weight"] = (d, ff)
-        if c.ffn_bias:
-            t[p + "ffn.up.bias"] = (ff,)
-            t[p + "ffn.down.bias"] = (d,)
-    return t
-
-
-def is_ffn_bundle_tensor(name: str) -> bool:
-    """Tensors that go into the per-layer row-column bundles (biases stay dense)."""
-    return ".ffn." in name and name.endswith(".weight")
 
 
 @dataclass

@@ -25,11 +25,11 @@ from tqdm import tqdm
 from flashlm.runtime.config import FORMAT_VERSION
 from flashlm.runtime.modelfile import ROW_CRC_TENSOR, row_crc32
 from flashlm.runtime.safetensors_file import DTYPES, plan_file
+from flashlm.runtime.storage import STORAGE_TYPES, StorageType
 
 from .source import ConversionError, Source, expected_tensors, is_ffn_bundle_tensor
 
 DIRECT_IO_BLOCK = 4096
-STORAGE_DTYPES = {"f16": ("F16", np.float16), "f32": ("F32", np.float32)}
 CONVERTER_VERSION = "0.1.0"
 
 
@@ -83,8 +83,8 @@ class _FileWriter:
 def write_model(source: Source, out_dir, *, dtype: str = "f16", force: bool = False,
                 progress: bool = True) -> Path:
     """Convert `source` into the flashlm folder `out_dir`. Returns the folder path."""
-    if dtype not in STORAGE_DTYPES:
-        raise ConversionError(f"unknown storage dtype {dtype!r}; choose one of {sorted(STORAGE_DTYPES)}")
+    if dtype not in STORAGE_TYPES:
+        raise ConversionError(f"unknown storage dtype {dtype!r}; choose one of {sorted(STORAGE_TYPES)}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ConversionError(f"{out_dir} already exists (use --force to replace it)")
@@ -93,14 +93,14 @@ def write_model(source: Source, out_dir, *, dtype: str = "f16", force: bool = Fa
     if shapes != expected_tensors(config):
         missing = set(expected_tensors(config)) - set(shapes)
         raise ConversionError(f"source tensors do not match the model config (missing: {sorted(missing)[:5]})")
-    st_name, np_dtype = STORAGE_DTYPES[dtype]
-
-    dense_plan = [(n, st_name if len(s) == 2 else "F32", list(s)) for n, s in shapes.items()
-                  if not is_ffn_bundle_tensor(n)]
-    item = np.dtype(np_dtype).itemsize
-    row_bytes = config.bundle_elems * item
+    st = STORAGE_TYPES[dtype]
+    # 2-D weights in the storage type (as stored: block types change the last dimension), 1-D in f32.
+    dense_plan = [(n, st.safetensors_dtype, list(st.stored_shape(s))) if len(s) == 2 else (n, "F32", list(s))
+                  for n, s in shapes.items() if not is_ffn_bundle_tensor(n)]
+    item = st.view_dtype.itemsize
+    row_bytes = st.row_bytes(config.bundle_elems)
     stride_bytes = bundle_stride(row_bytes)
-    ffn_plan = [(f"layers.{i}.ffn.bundles", st_name, [config.n_ff, stride_bytes // item])
+    ffn_plan = [(f"layers.{i}.ffn.bundles", st.safetensors_dtype, [config.n_ff, stride_bytes // item])
                 for i in range(config.n_layers)]
     # CRC-32 of every stored bundle row: flash mode never reads ffn.safetensors whole, so its sha256
     # cannot be checked at load; each row read from flash is checked against this instead.
@@ -119,10 +119,11 @@ def write_model(source: Source, out_dir, *, dtype: str = "f16", force: bool = Fa
         with tqdm(total=total, unit="B", unit_scale=True, desc="Writing", disable=not progress,
                   file=sys.stderr) as bar:
             for name, dt, _ in dense_plan[:-1]:
-                bar.update(dense.write(name, source.load(name).astype(np.float16 if dt == "F16" else np.float32)))
+                w = source.load(name)
+                bar.update(dense.write(name, st.encode(w) if w.ndim == 2 else w.astype(np.float32)))
             crc = np.zeros((config.n_layers, config.n_ff), np.uint32)
             for i in range(config.n_layers):
-                rows = _bundle_rows(source, config, i, np_dtype, stride_bytes // item)
+                rows = _bundle_rows(source, config, i, st, stride_bytes // item)
                 crc[i] = row_crc32(rows)
                 bar.update(ffn.write(f"layers.{i}.ffn.bundles", rows))
                 del rows
@@ -130,7 +131,8 @@ def write_model(source: Source, out_dir, *, dtype: str = "f16", force: bool = Fa
         dense.close()
         ffn.close()
         _write_side_files(tmp, source)
-        manifest = _manifest(tmp, source, dtype, st_name, row_bytes, stride_bytes, ffn.offsets, ffn_plan)
+        manifest = _manifest(tmp, source, st, row_bytes, stride_bytes, ffn.offsets, ffn_plan,
+                             [n for n, _, s in dense_plan if len(s) == 2 and n != ROW_CRC_TENSOR])
         manifest["converter"]["seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         if out_dir.exists():
@@ -142,17 +144,19 @@ def write_model(source: Source, out_dir, *, dtype: str = "f16", force: bool = Fa
     return out_dir
 
 
-def _bundle_rows(source: Source, config, layer: int, np_dtype, stride_elems: int) -> np.ndarray:
-    """[n_ff, stride_elems]: neuron i's gate row, up row and down column side by side."""
+def _bundle_rows(source: Source, config, layer: int, st: StorageType, stride_items: int) -> np.ndarray:
+    """[n_ff, stride_items]: neuron i's gate row, up row and down column side by side, each stored
+    in `st` (a block type blocks each part on its own, so parts start on block boundaries)."""
     p = f"layers.{layer}.ffn."
-    rows = np.zeros((config.n_ff, stride_elems), dtype=np_dtype)
+    rows = np.zeros((config.n_ff, stride_items), dtype=st.view_dtype)
     col = 0
     for part, length in config.bundle_parts:
         if part == "down":
             w = source.load(p + "down.weight").T          # [d, n_ff] -> column i becomes row i
         else:
             w = source.load(p + part + ".weight")
-        rows[:, col:col + length] = w
+        start = st.row_items(col)
+        rows[:, start:start + st.row_items(length)] = st.encode(w)
         col += length
         del w
     return rows
@@ -167,8 +171,8 @@ def _write_side_files(tmp: Path, source: Source) -> None:
     (tmp / "generation_config.json").write_text(json.dumps(info.generation_config, indent=1))
 
 
-def _manifest(tmp: Path, source: Source, dtype: str, st_name: str, row_bytes: int, stride_bytes: int,
-              offsets: dict, ffn_plan) -> dict:
+def _manifest(tmp: Path, source: Source, st: StorageType, row_bytes: int, stride_bytes: int,
+              offsets: dict, ffn_plan, weights: list[str]) -> dict:
     config = source.config
     parts, col = [], 0
     for name, length in config.bundle_parts:
@@ -179,11 +183,14 @@ def _manifest(tmp: Path, source: Source, dtype: str, st_name: str, row_bytes: in
         "format": "flashlm",
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
-        "dtype": dtype,
+        "dtype": st.name,
+        # Tensors whose storage type their safetensors dtype does not tell (block types are stored as bytes).
+        "tensor_storage": {n: st.name for n in weights} if st.block_elems > 1 else {},
         "bundles": {
             "file": "ffn.safetensors",
             "tensor": "layers.{layer}.ffn.bundles",
-            "dtype": st_name,
+            "dtype": st.safetensors_dtype,
+            "storage": st.name,
             "parts": parts,                      # element offsets inside a row
             "row_bytes": row_bytes,
             "stride_bytes": stride_bytes,

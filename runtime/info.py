@@ -6,7 +6,6 @@ import numpy as np
 from .config import RuntimeConfig
 from .memory import RUNTIME_OVERHEAD, plan_memory
 from .modelfile import ModelFolder
-from .safetensors_file import read_header
 
 
 def _mib(n: int) -> str:
@@ -16,26 +15,23 @@ def _mib(n: int) -> str:
 def model_info(folder: ModelFolder, *, ctx_len: int = 2048) -> dict:
     """Sizes by part and the resident-memory estimate of running everything in DRAM."""
     c = folder.config
-    header, _, _ = read_header(folder.file("dense.safetensors"))
     dense = {}
-    for name, t in header.items():
-        if name.startswith("__pad__"):
-            continue
+    for name, t in folder.dense.items():
         part = ("embeddings" if "embeddings" in name or name == "lm_head" else
                 "attention" if ".attn." in name else "norms+biases")
-        dense[part] = dense.get(part, 0) + t["data_offsets"][1] - t["data_offsets"][0]
+        dense[part] = dense.get(part, 0) + t.nbytes
     b = folder.bundles
-    ffn_bytes = c.n_layers * c.n_ff * b["stride_bytes"]
+    ffn_bytes = c.n_layers * b.layer_bytes
     ctx = min(ctx_len, c.max_position)
     plan = plan_memory(folder, RuntimeConfig(ctx_len=ctx))          # dense mode: everything resident
     kv = plan.kv_cache
     dense_total = sum(dense.values())
     resident = plan.total + RUNTIME_OVERHEAD
-    n_params = sum(int(np.prod(t["shape"])) for n, t in header.items() if not n.startswith("__pad__")) \
+    n_params = sum(int(np.prod(t.shape)) for t in folder.dense.values() if t.storage is not None) \
         + c.n_layers * c.n_ff * c.bundle_elems
     return {
         "config": c.to_dict(),
-        "dtype": folder.manifest["dtype"],
+        "dtype": folder.storage.name,
         "bytes": {"dense": dense, "ffn_bundles": ffn_bytes, "kv_cache": kv},
         "summary": {
             "model": str(folder.path),
@@ -46,10 +42,10 @@ def model_info(folder: ModelFolder, *, ctx_len: int = 2048) -> dict:
             "heads (q / kv) x dim": f"{c.n_heads} / {c.n_kv_heads} x {c.head_dim}",
             "vocab": c.vocab_size,
             "context (trained)": c.max_position,
-            "storage dtype": folder.manifest["dtype"],
+            "storage dtype": folder.storage.name,
             "dense bytes": f"{_mib(dense_total)} (" + ", ".join(f"{k} {_mib(v)}" for k, v in dense.items()) + ")",
-            "FFN bundle bytes": f"{_mib(ffn_bytes)} ({c.n_ff} rows/layer, {b['row_bytes']} B/row, "
-                                f"stride {b['stride_bytes']} B, aligned {b['alignment']})",
+            "FFN bundle bytes": f"{_mib(ffn_bytes)} ({c.n_ff} rows/layer, {b.row_bytes} B/row, "
+                                f"stride {b.stride_bytes} B, aligned {b.alignment})",
             f"KV cache @ {ctx} ctx": _mib(kv),
             "resident estimate": f"{_mib(resident)} (dense + all FFN + KV + activations {_mib(plan.activations)} "
                                  f"+ ~{_mib(RUNTIME_OVERHEAD)} runtime); --budget runs in less (flashlm run --budget)",

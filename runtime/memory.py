@@ -96,22 +96,15 @@ class MemoryPlan:
         return out
 
 
-def _dense_bytes(folder: ModelFolder) -> int:
-    from .safetensors_file import read_header
-    header, _, _ = read_header(folder.file("dense.safetensors"))
-    return sum(t["data_offsets"][1] - t["data_offsets"][0] for t in header.values())
-
-
 def plan_memory(folder: ModelFolder, rt: RuntimeConfig, calibration: dict | None = None) -> MemoryPlan:
     """Decide what is resident for rt.mode within rt.budget; raises BudgetError if it cannot fit."""
     c: ModelConfig = folder.config
     if rt.mode not in MODES:
         raise ValueError(f"unknown mode {rt.mode!r}; choose one of {MODES}")
-    b = folder.bundles
-    layer_bytes = c.n_ff * b["stride_bytes"]
-    ffn_bytes = c.n_layers * layer_bytes
-    dense = _dense_bytes(folder)
-    model_bytes = dense + ffn_bytes
+    layer_bytes = folder.bundles.layer_bytes
+    dense = sum(t.nbytes for t in folder.dense.values())
+    model_bytes = folder.model_bytes
+    ffn_bytes = model_bytes - dense
     budget = parse_size(rt.budget, model_bytes) if rt.budget is not None else None
     ctx = min(rt.ctx_len, c.max_position)
     # Activations: a prefill chunk's per-token buffers, two logit rows, attention scores, BLAS blocks.
@@ -163,8 +156,8 @@ def _plan_flash(plan: MemoryPlan, folder: ModelFolder, rt: RuntimeConfig, calibr
     """
     from .device import load_speeds
     c = folder.config
-    stride = folder.bundles["stride_bytes"]
-    if PREDICTOR_FILE not in folder.manifest["files"]:
+    stride = folder.bundles.stride_bytes
+    if PREDICTOR_FILE not in folder.files:
         raise BudgetError(f"{folder.path}: flash mode needs predictors; run `flashlm calibrate {folder.path}`")
     speeds = load_speeds(rt.profile, rt.io_threads)
     layer_bytes = c.n_ff * stride
@@ -264,20 +257,18 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel, 
     """The FFN backend the plan calls for (see runtime/ffn.py)."""
     from .ffn import MmapFFN, ResidentFFN, SparseFFN, StreamingFFN
     from .flash_reader import FlashReader
-    from .modelfile import check_rows, read_verified, tensors_from_buffer
+    from .modelfile import bundle_layers, check_rows, read_verified
     from .neuron_cache import NeuronCache
     c, b = folder.config, folder.bundles
-    dtype = np.uint16 if b["dtype"] == "F16" else np.float32
-    row_elems = b["stride_bytes"] // np.dtype(dtype).itemsize
-    path = folder.file(b["file"])
+    dtype, row_elems = b.dtype, b.stride_items
+    path = folder.file(b.file)
     if rt.mode == "dense":
-        ffn = tensors_from_buffer(path, read_verified(folder, b["file"]))
-        return ResidentFFN([ffn[f"layers.{i}.ffn.bundles"] for i in range(c.n_layers)], kernel, biases)
+        return ResidentFFN(bundle_layers(folder, read_verified(folder, b.file)), kernel, biases)
     if rt.mode == "mmap":
-        return MmapFFN(path, b["layer_offsets"], c.n_ff, row_elems, dtype, kernel, biases)
-    reader = FlashReader(path, layer_offsets=b["layer_offsets"], stride_bytes=b["stride_bytes"], n_rows=c.n_ff,
+        return MmapFFN(path, b.layer_offsets, c.n_ff, row_elems, dtype, kernel, biases)
+    reader = FlashReader(path, layer_offsets=b.layer_offsets, stride_bytes=b.stride_bytes, n_rows=c.n_ff,
                          mode=rt.io, threads=rt.io_threads, max_gap_bytes=rt.max_gap_bytes,
-                         row_bytes=b["stride_bytes"])
+                         row_bytes=b.stride_bytes)
     row_crc = row_crc if rt.verify_reads else None
     all_rows = np.arange(c.n_ff, dtype=np.int32)
     resident = {}
@@ -296,10 +287,10 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel, 
                           pinned=predictors[i].hot[:n_pin] if n_pin else None) if cap else None
               for i, cap in enumerate(plan.capacities)]
     from .device import load_speeds
-    sparse_scratch_rows = max(SCRATCH_BYTES // b["stride_bytes"], 64) if "sparse" in plan.layer_kinds else 1
+    sparse_scratch_rows = max(SCRATCH_BYTES // b.stride_bytes, 64) if "sparse" in plan.layer_kinds else 1
     ffn = SparseFFN(reader, predictors, caches, kernel, biases, scratch_rows=sparse_scratch_rows,
                     row_elems=row_elems, dtype=dtype, n_rows=c.n_ff,
-                    stride_bytes=b["stride_bytes"], speeds=load_speeds(rt.profile, rt.io_threads),
+                    stride_bytes=b.stride_bytes, speeds=load_speeds(rt.profile, rt.io_threads),
                     whole_layers=whole_layers, layer_io=rt.layer_io, row_crc=row_crc)
     ffn.load_pinned()
     reader.reset_stats()

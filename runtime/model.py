@@ -51,12 +51,11 @@ class Model:
         if runtime.mode == "flash":
             from .predictor import load_predictors
             sparse = [i for i, kind in enumerate(self.plan.layer_kinds) if kind == "sparse"]
-            predictors = load_predictors(folder.path, sparse)
+            predictors = load_predictors(folder.path, c, sparse)
         self.threads = K.set_threads(runtime.threads)
         self.ctx_len = min(runtime.ctx_len, c.max_position)
-        self.w = tensors_from_buffer(folder.file("dense.safetensors"), read_verified(folder, "dense.safetensors"))
-        parts = {p["name"]: p["offset"] for p in folder.bundles["parts"]}
-        self.kernel = BundleKernel(c, parts, self.threads)
+        self.w = tensors_from_buffer(read_verified(folder, "dense.safetensors"), folder.dense)
+        self.kernel = BundleKernel(c, folder.bundles.item_offsets(), self.threads)
         biases = [self.w.get(f"layers.{i}.ffn.up.bias") for i in range(c.n_layers)]
         self.ffn_backend = build_ffn(folder, runtime, self.plan, self.kernel, biases, predictors,
                                      row_crc=self.w.get(ROW_CRC_TENSOR))
@@ -91,11 +90,10 @@ class Model:
             K.matmul(x, w, out)
 
     def embed(self, tokens: np.ndarray, pos0: int) -> np.ndarray:
-        emb = self.w["tok_embeddings"][tokens]
-        x = emb.view(np.float16).astype(np.float32) if emb.dtype == np.uint16 else emb.astype(np.float32)
+        x = self.folder.dense["tok_embeddings"].storage.decode(self.w["tok_embeddings"][tokens])
         if self.config.pos_kind == "learned":
-            pos = self.w["pos_embeddings"][pos0 + self.config.pos_offset: pos0 + self.config.pos_offset + len(tokens)]
-            x += pos.view(np.float16).astype(np.float32) if pos.dtype == np.uint16 else pos
+            lo = pos0 + self.config.pos_offset
+            x += self.folder.dense["pos_embeddings"].storage.decode(self.w["pos_embeddings"][lo:lo + len(tokens)])
         return x
 
     # --- the forward pass ----------------------------------------------------------------------------
@@ -166,7 +164,7 @@ class Model:
         shapes, on scratch arrays: nothing is read from flash and no cache changes."""
         c = self.config
         wdt = self.w["layers.0.attn.q.weight"].dtype
-        rows_dt = np.uint16 if self.folder.bundles["dtype"] == "F16" else np.float32
+        rows_dt = self.folder.bundles.dtype
         for T in (1, 2):
             x = np.ones((T, c.d_model), np.float32)
             o = np.empty((T, 4), np.float32)
@@ -180,7 +178,7 @@ class Model:
             K.attention(q, kv, kv, 0, np.empty_like(q))
             if c.pos_kind == "rope":
                 K.rope(q, self.cos[:T], self.sin[:T])
-            rows = np.zeros((2, self.folder.bundles["stride_bytes"] // np.dtype(rows_dt).itemsize), rows_dt)
+            rows = np.zeros((2, self.folder.bundles.stride_items), rows_dt)
             for bias in (None, np.zeros(2, np.float32)):
                 self.kernel(x, rows, 2, np.arange(2, dtype=np.int32), bias, np.empty_like(x))
         if c.norm_kind == "layer":

@@ -1,4 +1,5 @@
-"""Open a flashlm model folder: read and check the manifest, read files verified against their sha256."""
+"""Open a flashlm model folder: parse and check the manifest into typed objects, read files verified
+against their sha256."""
 from __future__ import annotations
 
 import hashlib
@@ -11,14 +12,17 @@ from pathlib import Path
 import numpy as np
 
 from .config import FORMAT_VERSION, ModelConfig
-from .flash_reader import aligned_empty
+from .errors import FlashlmError
+from .flash_reader import BLOCK, aligned_empty
 from .safetensors_file import DTYPES, SafetensorsError, read_header
+from .schema import ConfigError, config_from_dict, expected_dense_tensors
+from .storage import BundleLayout, BundlePart, StorageError, StorageType, TensorEntry, float_storage_of, storage_type
 
 
 ROW_CRC_TENSOR = "ffn.row_crc32"    # [n_layers, n_ff] uint32 in dense.safetensors
 
 
-class ModelFileError(Exception):
+class ModelFileError(FlashlmError):
     """A model folder that is missing, incomplete or corrupt; the message names the file."""
 
 
@@ -38,22 +42,151 @@ def check_rows(rows: np.ndarray, neurons: np.ndarray, expected: np.ndarray | Non
                              f"fail their CRC-32: the bundle file is corrupt; re-convert the model")
 
 
+@dataclass(frozen=True)
+class FileEntry:
+    bytes: int
+    sha256: str
+
+
 @dataclass
 class ModelFolder:
+    """A model folder parsed and checked once at open: every later step reads these typed fields."""
     path: Path
-    manifest: dict
+    manifest: dict                        # the raw manifest, for side data (generation config, tokens)
     config: ModelConfig
+    storage: StorageType                  # storage of the dense 2-D weights
+    files: dict[str, FileEntry]
+    dense: dict[str, TensorEntry]         # dense.safetensors, every tensor checked against the config
+    bundles: BundleLayout                 # ffn.safetensors
 
     def file(self, name: str) -> Path:
         return self.path / name
 
     @property
-    def bundles(self) -> dict:
-        return self.manifest["bundles"]
+    def model_bytes(self) -> int:
+        """Dense tensors plus every FFN layer, as stored (padding included)."""
+        return sum(t.nbytes for t in self.dense.values()) + self.config.n_layers * self.bundles.layer_bytes
+
+
+def _field(mpath: Path, where: str, value, kind, *, positive: bool = False):
+    if not isinstance(value, kind) or isinstance(value, bool) or (positive and value <= 0):
+        raise ModelFileError(f"{mpath}: {where} is {value!r}, expected a{' positive' if positive else 'n'} "
+                             f"{getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _files(mpath: Path, manifest: dict) -> dict[str, FileEntry]:
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ModelFileError(f"{mpath}: files is missing or not an object")
+    out = {}
+    for name, info in files.items():
+        if not isinstance(info, dict) or "/" in name or name in ("", ".", ".."):
+            raise ModelFileError(f"{mpath}: files.{name} is malformed")
+        out[name] = FileEntry(_field(mpath, f"files.{name}.bytes", info.get("bytes"), int),
+                              _field(mpath, f"files.{name}.sha256", info.get("sha256"), str))
+    for name in ("dense.safetensors", "ffn.safetensors"):
+        if name not in out:
+            raise ModelFileError(f"{mpath}: files has no {name}")
+    return out
+
+
+def _header(path: Path):
+    try:
+        return read_header(path)
+    except SafetensorsError as e:
+        raise ModelFileError(str(e)) from None
+
+
+def _dense_tensors(path: Path, config: ModelConfig, overrides: dict) -> dict[str, TensorEntry]:
+    """dense.safetensors' tensors, each expected one present with the shape the config implies."""
+    header, data_start, _ = _header(path)
+    out = {}
+    for name, info in header.items():
+        if name.startswith("__pad__"):
+            continue
+        begin, end = info["data_offsets"]
+        storage = storage_type(overrides[name]) if name in overrides else float_storage_of(info["dtype"])
+        dtype = storage.view_dtype if storage else np.dtype(DTYPES[info["dtype"]])
+        shape = tuple(info["shape"])
+        if storage is not None and name in overrides:      # block types: the header holds the stored shape
+            shape = shape[:-1] + (shape[-1] * dtype.itemsize // storage.block_bytes * storage.block_elems,)
+        out[name] = TensorEntry(name, shape, storage, dtype, data_start + begin, end - begin)
+    for name, shape in expected_dense_tensors(config).items():
+        t = out.get(name)
+        if t is None:
+            raise ModelFileError(f"{path}: tensor {name!r} is missing (the config needs it)")
+        if t.shape != shape:
+            raise ModelFileError(f"{path}: tensor {name!r} has shape {list(t.shape)}, the config implies {list(shape)}")
+        if len(shape) == 1 and t.dtype != np.float32:
+            raise ModelFileError(f"{path}: tensor {name!r} is {t.dtype}; norms and biases must be F32")
+        if len(shape) == 2 and t.storage is None:
+            raise ModelFileError(f"{path}: tensor {name!r} has dtype {header[name]['dtype']}, not a storage type")
+    crc = out.get(ROW_CRC_TENSOR)
+    if crc is not None and (crc.shape != (config.n_layers, config.n_ff) or crc.dtype != np.uint32):
+        raise ModelFileError(f"{path}: tensor {ROW_CRC_TENSOR!r} is {crc.dtype} {list(crc.shape)}, "
+                             f"expected uint32 {[config.n_layers, config.n_ff]}")
+    return out
+
+
+def _bundle_layout(folder: Path, mpath: Path, manifest: dict, config: ModelConfig) -> BundleLayout:
+    b = manifest.get("bundles")
+    if not isinstance(b, dict):
+        raise ModelFileError(f"{mpath}: bundles is missing or not an object")
+    try:
+        storage = storage_type(b.get("storage", b.get("dtype")))
+    except StorageError as e:
+        raise ModelFileError(f"{mpath}: bundles.dtype: {e}") from None
+    if b.get("dtype", storage.safetensors_dtype) != storage.safetensors_dtype:
+        raise ModelFileError(f"{mpath}: bundles.dtype {b.get('dtype')!r} is not how {storage.name} is stored "
+                             f"({storage.safetensors_dtype})")
+    name = _field(mpath, "bundles.file", b.get("file"), str)
+    if name not in manifest["files"]:
+        raise ModelFileError(f"{mpath}: bundles.file {name!r} is not listed in files")
+    row_bytes = _field(mpath, "bundles.row_bytes", b.get("row_bytes"), int, positive=True)
+    stride = _field(mpath, "bundles.stride_bytes", b.get("stride_bytes"), int, positive=True)
+    alignment = _field(mpath, "bundles.alignment", b.get("alignment"), int, positive=True)
+    parts_in = b.get("parts")
+    want = config.bundle_parts
+    if not isinstance(parts_in, list) or [p.get("name") if isinstance(p, dict) else None for p in parts_in] \
+            != [n for n, _ in want]:
+        raise ModelFileError(f"{mpath}: bundles.parts must be {[n for n, _ in want]} for a {config.ffn_kind} FFN")
+    parts, col = [], 0
+    for p, (pname, length) in zip(parts_in, want):
+        if p.get("offset") != col or p.get("length") != length:
+            raise ModelFileError(f"{mpath}: bundles.parts.{pname} is at {p.get('offset')} length {p.get('length')}, "
+                                 f"the config implies {col} length {length}")
+        parts.append(BundlePart(pname, col, length, storage.row_bytes(col)))
+        col += length
+    if row_bytes != storage.row_bytes(col):
+        raise ModelFileError(f"{mpath}: bundles.row_bytes is {row_bytes}, {storage.name} rows of {col} elements "
+                             f"are {storage.row_bytes(col)}")
+    if stride < row_bytes or stride % storage.view_dtype.itemsize or not (stride % BLOCK == 0 or BLOCK % stride == 0):
+        raise ModelFileError(f"{mpath}: bundles.stride_bytes {stride} must hold a row ({row_bytes} B) and be a "
+                             f"multiple or a divisor of {BLOCK}")
+    offsets = b.get("layer_offsets")
+    if not isinstance(offsets, list) or len(offsets) != config.n_layers:
+        raise ModelFileError(f"{mpath}: bundles.layer_offsets must list {config.n_layers} offsets")
+    layout = BundleLayout(name, storage, tuple(parts), row_bytes, stride, alignment,
+                          tuple(_field(mpath, "bundles.layer_offsets", o, int) for o in offsets), config.n_ff)
+    # The file itself: one [n_ff, stride] tensor per layer exactly where the manifest says.
+    path = folder / name
+    header, data_start, _ = _header(path)
+    for i, off in enumerate(layout.layer_offsets):
+        t = header.get(f"layers.{i}.ffn.bundles")
+        if t is None:
+            raise ModelFileError(f"{path}: tensor 'layers.{i}.ffn.bundles' is missing")
+        if (list(t["shape"]) != [config.n_ff, layout.stride_items] or t["dtype"] != storage.safetensors_dtype
+                or data_start + t["data_offsets"][0] != off or off % alignment):
+            raise ModelFileError(f"{path}: layer {i}'s bundles are {t['dtype']} {t['shape']} at byte "
+                                 f"{data_start + t['data_offsets'][0]}; the manifest implies {storage.safetensors_dtype} "
+                                 f"{[config.n_ff, layout.stride_items]} at {off} (aligned to {alignment})")
+    return layout
 
 
 def open_folder(path) -> ModelFolder:
-    """Read manifest.json and check that every listed file exists with its recorded size."""
+    """Read manifest.json and check it against its schema and the files it lists: sizes, tensor shapes
+    and the bundle layout must match the config, so no kernel ever runs on a shape nobody checked."""
     path = Path(path)
     mpath = path / "manifest.json"
     if not path.is_dir():
@@ -62,24 +195,40 @@ def open_folder(path) -> ModelFolder:
         raise ModelFileError(f"{mpath}: missing; the folder is not a complete flashlm model")
     try:
         manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFileError(f"{mpath}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ModelFileError(f"{mpath}: not a JSON object")
     if manifest.get("format") != "flashlm" or manifest.get("format_version") != FORMAT_VERSION:
         raise ModelFileError(f"{mpath}: format {manifest.get('format')!r} version {manifest.get('format_version')!r} "
                              f"is not flashlm version {FORMAT_VERSION}; re-convert the model")
-    for name, info in manifest["files"].items():
+    files = _files(mpath, manifest)
+    for name, info in files.items():
         f = path / name
         if not f.exists():
             raise ModelFileError(f"{f}: listed in the manifest but missing")
-        if f.stat().st_size != info["bytes"]:
-            raise ModelFileError(f"{f}: {f.stat().st_size} bytes, manifest says {info['bytes']}; truncated or replaced")
-    return ModelFolder(path, manifest, ModelConfig.from_dict(manifest["config"]))
+        if f.stat().st_size != info.bytes:
+            raise ModelFileError(f"{f}: {f.stat().st_size} bytes, manifest says {info.bytes}; truncated or replaced")
+    try:
+        config = config_from_dict(manifest.get("config"))
+        storage = storage_type(manifest.get("dtype", "f32"))
+    except (ConfigError, StorageError) as e:
+        raise ModelFileError(f"{mpath}: {e}") from None
+    overrides = manifest.get("tensor_storage", {})
+    if not isinstance(overrides, dict) or not all(isinstance(v, str) for v in overrides.values()):
+        raise ModelFileError(f"{mpath}: tensor_storage must map tensor names to storage type names")
+    try:
+        dense = _dense_tensors(path / "dense.safetensors", config, overrides)
+        bundles = _bundle_layout(path, mpath, manifest, config)
+    except StorageError as e:
+        raise ModelFileError(f"{mpath}: {e}") from None
+    return ModelFolder(path, manifest, config, storage, files, dense, bundles)
 
 
 def read_verified(folder: ModelFolder, name: str) -> np.ndarray:
     """Read a whole file into page-aligned memory, checking its sha256 on the way. Returns uint8 [bytes]."""
     path = folder.file(name)
-    expected = folder.manifest["files"][name]["sha256"]
+    expected = folder.files[name].sha256
     size = os.path.getsize(path)
     buf = aligned_empty((size,), np.uint8)
     h = hashlib.sha256()
@@ -96,17 +245,13 @@ def read_verified(folder: ModelFolder, name: str) -> np.ndarray:
     return buf
 
 
-def tensors_from_buffer(path: Path, buf: np.ndarray) -> dict[str, np.ndarray]:
-    """Views into `buf` (a whole safetensors file) per tensor; f16 stays as uint16 bits for the kernels."""
-    try:
-        header, data_start, _ = read_header(path)
-    except SafetensorsError as e:
-        raise ModelFileError(str(e)) from None
-    out = {}
-    for name, info in header.items():
-        if name.startswith("__pad__"):
-            continue
-        begin, end = info["data_offsets"]
-        dtype = np.uint16 if info["dtype"] == "F16" else DTYPES[info["dtype"]]
-        out[name] = buf[data_start + begin:data_start + end].view(dtype).reshape(info["shape"])
-    return out
+def tensors_from_buffer(buf: np.ndarray, entries: dict[str, TensorEntry]) -> dict[str, np.ndarray]:
+    """Views into `buf` (a whole file read by read_verified) per checked tensor, as the kernels take them."""
+    return {t.name: buf[t.offset:t.offset + t.nbytes].view(t.dtype).reshape(
+        t.storage.stored_shape(t.shape) if t.storage else t.shape) for t in entries.values()}
+
+
+def bundle_layers(folder: ModelFolder, buf: np.ndarray) -> list[np.ndarray]:
+    """Per layer the [n_ff, stride_items] array of bundle rows inside `buf` (the whole bundle file)."""
+    b = folder.bundles
+    return [buf[off:off + b.layer_bytes].view(b.dtype).reshape(b.n_rows, b.stride_items) for off in b.layer_offsets]

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from . import kernels as K
+from .modelfile import ModelFileError
 from .safetensors_file import read_header, read_tensor
+from .storage import float_storage_of
 
 PREDICTOR_FILE = "predictor.safetensors"
 
@@ -83,7 +85,7 @@ class LayerPredictor:
 def _open(folder: Path):
     path = Path(folder) / PREDICTOR_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no predictors; run `flashlm calibrate {folder}` first")
+        raise ModelFileError(f"{path}: no predictors; run `flashlm calibrate {folder}` first")
     header, start, meta = read_header(path)
     return path, header, start, meta
 
@@ -93,24 +95,52 @@ def calibration_report(folder: Path) -> dict:
     return json.loads(_open(folder)[3].get("report", "{}"))
 
 
-def load_predictors(folder: Path, layers=None) -> list[LayerPredictor | None]:
-    """One LayerPredictor per layer in `layers` (default all); None for the others."""
+def load_predictors(folder: Path, config, layers=None) -> list[LayerPredictor | None]:
+    """One LayerPredictor per layer in `layers` (default all); None for the others. Every tensor's
+    shape is checked against `config` (ModelConfig): the matmul kernels index by those shapes."""
     path, header, start, meta = _open(folder)
-    infos = json.loads(meta["layers"])
+    try:
+        infos = json.loads(meta["layers"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path}: metadata 'layers' is missing or not JSON ({e})") from None
+    if not isinstance(infos, list) or len(infos) != config.n_layers:
+        raise ModelFileError(f"{path}: predictors for {len(infos)} layers, the model has {config.n_layers}")
+    d, n_ff = config.d_model, config.n_ff
+
+    def tensor(name: str, shape) -> np.ndarray:
+        info = header.get(name)
+        if info is None:
+            raise ModelFileError(f"{path}: tensor {name!r} is missing")
+        if tuple(info["shape"]) != tuple(shape) or (len(shape) == 2 and float_storage_of(info["dtype"]) is None):
+            raise ModelFileError(f"{path}: tensor {name!r} is {info['dtype']} {info['shape']}, expected a float "
+                                 f"{list(shape)} for this model")
+        t = read_tensor(path, info, start)
+        return t.view(float_storage_of(info["dtype"]).view_dtype) if len(shape) == 2 else t.astype(np.float32)
 
     def low_rank(prefix: str) -> LowRank | None:
         if prefix + ".A" not in header:
             return None
-        t = {k: read_tensor(path, header[f"{prefix}.{k}"], start) for k in ("A", "B", "c")}
-        half = {k: t[k].view(np.uint16) if t[k].dtype == np.float16 else t[k] for k in ("A", "B")}
-        return LowRank(half["A"], half["B"], t["c"])
+        rank = header[prefix + ".A"]["shape"][0]
+        return LowRank(tensor(prefix + ".A", (rank, d)), tensor(prefix + ".B", (n_ff, rank)),
+                       tensor(prefix + ".c", (n_ff,)))
+
+    def hot(name: str) -> np.ndarray:
+        h = read_tensor(path, header[name], start) if name in header else None
+        if h is None or h.shape != (n_ff,) or h.dtype.kind not in "iu" or (len(h) and (h.min() < 0 or h.max() >= n_ff)):
+            raise ModelFileError(f"{path}: tensor {name!r} must list {n_ff} neuron ids below {n_ff}")
+        return h.astype(np.int32)
 
     wanted = set(range(len(infos)) if layers is None else layers)
     out = []
     for i, info in enumerate(infos):
         p = f"layers.{i}.predictor"
-        out.append(LayerPredictor(up=low_rank(p + ".up"), gate=low_rank(p + ".gate"), rule=info["rule"],
+        if i not in wanted:
+            out.append(None)
+            continue
+        up, gate = low_rank(p + ".up"), low_rank(p + ".gate")
+        if up is None or (gate is None) != (config.ffn_kind != "swiglu"):
+            raise ModelFileError(f"{path}: layer {i} predictor maps do not fit a {config.ffn_kind} FFN")
+        out.append(LayerPredictor(up=up, gate=gate, rule=info["rule"],
                                   threshold=info.get("threshold", 0.0), keep=info.get("keep", 0),
-                                  hot=read_tensor(path, header[p + ".hot"], start).astype(np.int32))
-                   if i in wanted else None)
+                                  hot=hot(p + ".hot")))
     return out

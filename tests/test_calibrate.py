@@ -41,7 +41,7 @@ def test_relu_predictor_recall_on_held_out_tokens(calibrated):
 
 def test_swiglu_predictor_ranks_contributions(calibrated):
     folder, report = calibrated["llama"]
-    preds = load_predictors(folder)
+    preds = load_predictors(folder, open_folder(folder).config)
     for p, layer in zip(preds, report["layers"]):
         assert p.rule == "topk" and p.gate is not None and p.keep == layer["keep"]
         # random top-50% would capture ~50% of the contribution mass

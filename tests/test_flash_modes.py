@@ -48,7 +48,7 @@ def _oracles(folder):
     d = dense.config.d_model
     out = []
     for i, rows in enumerate(dense.ffn_backend.layer_rows):
-        up = rows.view(np.float16).astype(np.float32)[:, :d]
+        up = dense.folder.bundles.decode_part(rows, "up")
         out.append(OraclePredictor(up, dense.w[f"layers.{i}.ffn.up.bias"]))
     return out
 
@@ -60,7 +60,7 @@ def test_streaming_modes_equal_dense(opt_folder, mode):
     if mode == "hybrid":   # room for the fixed parts and one and a half FFN layers
         folder = open_folder(opt_folder)
         fixed = plan_memory(folder, RuntimeConfig(mode="naive")).total
-        budget = str(int(fixed + 1.5 * folder.config.n_ff * folder.bundles["stride_bytes"]))
+        budget = str(int(fixed + 1.5 * folder.config.n_ff * folder.bundles.stride_bytes))
     got, stats, model = _logits(opt_folder, mode=mode, budget=budget, io="buffered")
     np.testing.assert_allclose(got, ref, atol=1e-5)
     if mode == "hybrid":
@@ -84,7 +84,7 @@ def test_flash_with_oracle_predictor_is_exact(opt_folder, capacity_fraction):
     np.testing.assert_allclose(np.concatenate([pre, np.stack(dec)]), ref, atol=1e-5)
     st = ffn.stats
     assert st.wanted > 0 and 0 < st.hits < st.wanted
-    useful = (st.wanted - st.hits) * folder.bundles["stride_bytes"]
+    useful = (st.wanted - st.hits) * folder.bundles.stride_bytes
     assert ffn.reader.stats.bytes_read >= useful * (0.99 if capacity_fraction == 1 else 0)
     if capacity_fraction < 1:
         assert sum(c.stats.overflow for c in ffn.caches) > 0, "small caches must stream the surplus"
@@ -96,7 +96,7 @@ def test_flash_reads_far_less_than_naive(opt_folder):
     _, flash, m2 = _logits(opt_folder, mode="flash", window=4, io="buffered", layer_io="sparse")
     n_naive = m1.ffn_backend.reader.stats.bytes_read
     n_flash = m2.ffn_backend.reader.stats.bytes_read
-    layer_bytes = m1.config.n_ff * m1.folder.bundles["stride_bytes"]
+    layer_bytes = m1.config.n_ff * m1.folder.bundles.stride_bytes
     assert n_naive == layer_bytes * m1.config.n_layers * (1 + len(IDS) - 6)   # every layer, every forward
     assert n_flash < n_naive
 
@@ -115,7 +115,7 @@ def test_budget_too_small_is_refused_before_loading(opt_folder, monkeypatch):
 
 def test_flash_without_predictors_says_calibrate(tmp_path):
     out = convert(tm.make_opt(tmp_path / "src"), tmp_path / "m.flashlm", progress=False)
-    with pytest.raises(FileNotFoundError, match="flashlm calibrate"):
+    with pytest.raises(modelfile.ModelFileError, match="flashlm calibrate"):
         Model(open_folder(out), RuntimeConfig(mode="flash"))
 
 

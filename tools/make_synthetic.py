@@ -79,7 +79,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flashlm.converters.source import SourceInfo, expected_tensors, is_ffn_bundle_tensor  # noqa: E402
-from flashlm.converters.writer import STORAGE_DTYPES, bundle_stride, write_model  # noqa: E402
+from flashlm.converters.writer import bundle_stride, write_model  # noqa: E402
+from flashlm.runtime.storage import STORAGE_TYPES  # noqa: E402
 from flashlm.runtime.config import ModelConfig  # noqa: E402
 
 THRESHOLD_SPREAD = 0.3     # s: std of the per-neuron threshold inside the hot and the cold group
@@ -281,11 +282,11 @@ class SyntheticReluSource:
 
 def model_bytes(source: SyntheticReluSource, dtype: str = "f16") -> int:
     """Bytes the written folder's two safetensors files will take (weights + bundle padding)."""
-    item = np.dtype(STORAGE_DTYPES[dtype][1]).itemsize
+    st = STORAGE_TYPES[dtype]
     c = source.config
-    dense = sum(int(np.prod(s)) * (item if len(s) == 2 else 4) for n, s in source.shapes().items()
+    dense = sum(st.nbytes(s) if len(s) == 2 else 4 * int(np.prod(s)) for n, s in source.shapes().items()
                 if not is_ffn_bundle_tensor(n))
-    return dense + c.n_layers * c.n_ff * bundle_stride(c.bundle_elems * item)
+    return dense + c.n_layers * c.n_ff * bundle_stride(st.row_bytes(c.bundle_elems))
 
 
 def _folder_bytes(path: Path) -> int:
@@ -307,7 +308,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hot-fraction", type=float, default=0.05, help="fraction of neurons that are hot")
     ap.add_argument("--hot-activity", type=float, default=0.5, help="mean activation probability of a hot neuron")
     ap.add_argument("--noise", type=float, default=0.05, help="full-rank share of each up row's norm")
-    ap.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), default="f16")
+    ap.add_argument("--dtype", choices=sorted(STORAGE_TYPES), default="f16")
     ap.add_argument("--force", action="store_true", help="replace an existing output folder")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
