@@ -154,7 +154,7 @@ def test_corrupted_bundle_row_is_detected_when_read(opt_folder, tmp_path, mode, 
     shutil.copytree(opt_folder, broken)
     folder = open_folder(broken)
     b = folder.bundles
-    offset = b["layer_offsets"][1] + 5 * b["stride_bytes"] + 10        # layer 1, neuron 5
+    offset = b.layer_offsets[1] + 5 * b.stride_bytes + 10        # layer 1, neuron 5
     with open(broken / "ffn.safetensors", "r+b") as f:
         f.seek(offset)
         byte = f.read(1)
