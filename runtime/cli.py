@@ -1,4 +1,4 @@
-"""`flashlm` command line: convert, info, run, chat. Only this module prints; stdout carries generated
+"""`flashlm` command line: convert, info, run, chat, serve. Only this module prints; stdout carries generated
 text only, everything else (progress, logs, stats) goes to stderr so output can be piped."""
 from __future__ import annotations
 
@@ -229,6 +229,38 @@ def cmd_chat(args) -> int:
             _err(*_stats_lines(stats, model))
 
 
+def _serve_loader(args):
+    """How `serve` loads its model (on the engine's thread, while /health answers 503)."""
+    return _load(args.model, args)
+
+
+def cmd_serve(args) -> int:
+    import os
+    from .engine import Engine
+    from .server import HttpServer, ServerSettings
+    if args.memory_limit is not None:
+        # For now the limit is the model's resident budget (the planner's --budget); a whole-process
+        # limit will take over this flag without changing its spelling.
+        if args.budget is not None:
+            raise ValueError("give --memory-limit or --budget, not both")
+        args.budget = args.memory_limit
+    if args.queue < 0:
+        raise ValueError(f"--queue must be >= 0, got {args.queue}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("FLASHLM_API_KEY") or None
+    engine = Engine(lambda: _serve_loader(args), queue_size=args.queue)
+    try:
+        server = HttpServer(engine, ServerSettings(host=args.host, port=args.port, api_key=api_key))
+    except OSError as e:
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    if api_key is None and server.host not in ("127.0.0.1", "::1", "localhost"):
+        _err(f"flashlm serve: warning: listening on {server.host} without --api-key: anyone who can reach "
+             f"this port can use the model")
+    _err(f"flashlm serve: listening on {server.url}/v1 (OpenAI API; GET /health), loading the model...")
+    server.run(on_ready=lambda: _err(f"flashlm serve: {engine.name} ready in {engine.load_seconds:.1f} s "
+                                     f"(context {engine.ctx_len} tokens, queue {args.queue})"))
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from flashlm.converters.calibrate import calibrate
     report = calibrate(args.model, text_file=args.file, random_tokens=args.random_tokens, n_tokens=args.tokens, keep=args.keep, recall=args.recall,
@@ -317,6 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     _add_runtime_flags(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)",
+                       formatter_class=fmt)
+    p.add_argument("model", nargs="?", default=None, help="model folder (default: embedded SmolLM2)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port (0: any free port)")
+    p.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="memory for the model, as --budget: 60%%, 512MiB, 2GB")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $FLASHLM_API_KEY, else no key)")
+    p.add_argument("--queue", type=int, default=4,
+                   help="requests that may wait while one generates; more get 503 + Retry-After")
+    _add_runtime_flags(p, stats=False)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("calibrate", help="train the per-layer sparsity predictors", formatter_class=fmt)
     p.add_argument("model")

@@ -111,8 +111,12 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 def stream_generate(model: Model, tokenizer, prompt: list[int], params: SamplingParams, *,
                     max_tokens: int = 256, stop: list[str] | tuple = (),
-                    stats: GenerationStats | None = None) -> Iterator[str]:
-    """Yield text pieces as they become printable; stops on EOS, stop strings or max_tokens."""
+                    stats: GenerationStats | None = None, cancel=None) -> Iterator[str]:
+    """Yield text pieces as they become printable; stops on EOS, stop strings or max_tokens.
+
+    `cancel` (a threading.Event, or anything with is_set()) is checked before every token, also those
+    that print nothing yet, so a server stops a generation whose client went away within one token.
+    """
     stats = stats if stats is not None else GenerationStats()
     stats.finish_reason = "length"
     decoder = tokenizer.decoder()
@@ -121,6 +125,9 @@ def stream_generate(model: Model, tokenizer, prompt: list[int], params: Sampling
     steps = generate_step(model, prompt, Sampler(params), stats, max_tokens)
     try:
         for token in steps:
+            if cancel is not None and cancel.is_set():
+                stats.finish_reason = "cancelled"
+                return
             if tokenizer.is_eos(token):
                 stats.finish_reason = "stop"
                 break
