@@ -231,7 +231,7 @@ def _options(body: dict, allowed: set[str], settings: ServerSettings) -> Options
     penalties = [body.get(k) for k in ("repeat_penalty", "repetition_penalty") if body.get(k) is not None]
     o.sampling = dict(
         temperature=_number(body.get("temperature"), "temperature", 0.0, 2.0),
-        top_p=_number(body.get("top_p"), "top_p", 0.0, 1.0),
+        top_p=_number(body.get("top_p"), "top_p", 0.0, 1.0, lo_open=True),
         top_k=_integer(body.get("top_k"), "top_k", 0, 2**31 - 1),
         min_p=_number(body.get("min_p"), "min_p", 0.0, 1.0),
         repetition_penalty=_number(penalties[0] if penalties else None, "repetition_penalty", 0.0, 10.0, lo_open=True),
@@ -417,7 +417,10 @@ class _Api:
             raise ApiError(400, f"this model's context length is {ctx} tokens and the prompt has {len(ids)}, "
                            f"leaving no room for a reply (serve --ctx sets the context length)",
                            param=param, code="context_length_exceeded")
-        params = SamplingParams.from_generation_config(engine.generation_config, **options.sampling)
+        try:                         # the checks of runtime/sampling.py, where it has them, apply on top of ours
+            params = SamplingParams.from_generation_config(engine.generation_config, **options.sampling)
+        except ValueError as e:
+            raise ApiError(400, f"sampling parameters: {e}") from None
         gen = GenerationRequest(list(ids), params, min(options.max_tokens or room, room), options.stop)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

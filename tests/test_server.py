@@ -236,6 +236,7 @@ def chat_body(**over):
     ("/v1/chat/completions", chat_body(temperature="hot"), 400, "temperature"),
     ("/v1/chat/completions", chat_body(temperature=-1), 400, "temperature"),
     ("/v1/chat/completions", chat_body(top_p=2), 400, "top_p"),
+    ("/v1/chat/completions", chat_body(top_p=0), 400, "top_p"),
     ("/v1/chat/completions", chat_body(top_k=-5), 400, "top_k"),
     ("/v1/chat/completions", chat_body(min_p=2), 400, "min_p"),
     ("/v1/chat/completions", chat_body(repeat_penalty=0), 400, "repetition_penalty"),
