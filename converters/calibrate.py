@@ -28,8 +28,9 @@ import numpy as np
 from tqdm import tqdm
 
 from flashlm.runtime.config import RuntimeConfig
+from flashlm.runtime.loader import load
+from flashlm.runtime.memory import PREFILL_CHUNK
 from flashlm.runtime.model import Model
-from flashlm.runtime.modelfile import open_folder
 from flashlm.runtime.predictor import PREDICTOR_FILE, swiglu_score
 from flashlm.runtime.safetensors_file import plan_file
 
@@ -81,8 +82,8 @@ def record_ffn_inputs(model: Model, seqs: list[list[int]], *, progress: bool = T
     try:
         for ids in tqdm(seqs, desc="Recording activations", disable=not progress, file=sys.stderr):
             model.reset()
-            for start in range(0, len(ids), 128):
-                model.forward(ids[start:start + 128])
+            for start in range(0, len(ids), PREFILL_CHUNK):
+                model.forward(ids[start:start + PREFILL_CHUNK])
     finally:
         model.on_ffn_input = None
         model.reset()
@@ -191,12 +192,9 @@ def calibrate(path, *, text_file=None, random_tokens: bool = False, n_tokens: in
               ranks=RANKS, holdout: float = 0.2, threads: int | None = None, seed: int = 0,
               progress: bool = True) -> dict:
     """Train and store predictors for the model folder at `path`; returns the calibration report."""
-    from flashlm.runtime.tokenizer import Tokenizer
-    folder = open_folder(path)
-    c = folder.config
     t0 = time.perf_counter()
-    model = Model(folder, RuntimeConfig(ctx_len=min(1024, c.max_position), threads=threads))
-    tokenizer = Tokenizer.from_folder(folder.path, folder.manifest)
+    model, tokenizer, _ = load(path, RuntimeConfig(ctx_len=1024, threads=threads), warmup=False)
+    folder, c = model.folder, model.config
     if random_tokens:
         # For synthetic models, whose "language" is uniformly random token ids.
         ids = np.random.default_rng(seed).integers(0, c.vocab_size, n_tokens).tolist()

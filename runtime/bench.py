@@ -18,7 +18,8 @@ import numpy as np
 
 from .config import RuntimeConfig
 from .generate import peak_rss_bytes
-from .model import Model
+from .loader import load
+from .memory import PREFILL_CHUNK
 from .modelfile import open_folder
 
 
@@ -40,15 +41,13 @@ def _drop_page_cache(path) -> None:
 def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, seed: int = 0) -> list[dict]:
     """Rows for one mode, measured in this process."""
     folder = open_folder(folder_path)
-    _drop_page_cache(folder.file("ffn.safetensors"))
-    t0 = time.perf_counter()
-    model = Model(folder, rt)
-    model.warmup()
-    load_s = time.perf_counter() - t0
+    _drop_page_cache(folder.file(folder.bundles.file))     # a cold start: load and flash reads hit the disk
+    model, _, plan = load(folder_path, rt)
+    load_s = model.load_seconds
     c = model.config
     ids = np.random.default_rng(seed).integers(0, c.vocab_size, size=pp + tg + 1)
-    base = {"model": folder.path.name, "size": model.plan.model_bytes, "budget": model.plan.budget,
-            "window": model.plan.window or None, "mode": rt.mode, "threads": model.threads,
+    base = {"model": folder.path.name, "size": plan.model_bytes, "budget": plan.budget,
+            "window": plan.window or None, "mode": rt.mode, "threads": model.threads,
             "io": rt.io if rt.mode not in ("dense", "mmap") else None, "load_s": round(load_s, 2)}
     rows = []
     if pp:
@@ -56,8 +55,8 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
         for r in range(reps + 1):
             model.reset()
             t = time.perf_counter()
-            for s in range(0, pp, 128):
-                model.forward(ids[s:min(pp, s + 128)])
+            for s in range(0, pp, PREFILL_CHUNK):
+                model.forward(ids[s:min(pp, s + PREFILL_CHUNK)])
             if r:
                 times.append(time.perf_counter() - t)
         rows.append(_row(base, f"pp{pp}", pp, times))
@@ -103,7 +102,8 @@ def bench(folder_path, modes: list[str], rt: RuntimeConfig, *, pp: int, tg: int,
     for mode in modes:
         cmd = [sys.executable, "-m", "flashlm", "bench", str(folder_path), "--one", "--json", "--mode", mode,
                "-p", str(pp), "-n", str(tg), "-r", str(reps), "--ctx", str(rt.ctx_len), "--io", rt.io,
-               "--io-threads", str(rt.io_threads), "--layer-io", rt.layer_io, "--pin", str(rt.pin)]
+               "--io-threads", str(rt.io_threads), "--layer-io", rt.layer_io, "--pin", str(rt.pin),
+               "--max-gap", str(rt.max_gap_bytes)]
         if rt.threads:
             cmd += ["--threads", str(rt.threads)]
         if rt.budget is not None and mode != "dense":

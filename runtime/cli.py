@@ -1,5 +1,8 @@
-"""`flashlm` command line: convert, info, run, chat, serve. Only this module prints; stdout carries generated
-text only, everything else (progress, logs, stats) goes to stderr so output can be piped."""
+"""`flashlm` command line: convert, info, run, chat, serve, calibrate, ppl, bench.
+
+Only this module prints; stdout carries generated text only, everything else (progress, logs, stats)
+goes to stderr so output can be piped. The project's own errors (FlashlmError) become one line;
+anything else is a bug and keeps its traceback (with -v, every error shows its traceback)."""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +10,24 @@ import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
+from .errors import FlashlmError
+
 log = logging.getLogger("flashlm")
+DESCRIPTION = "On-device LLM inference that streams sparse FFN neurons from flash (LLM in a flash)."
+
+
+class InputError(FlashlmError):
+    """A file named on the command line that cannot be read."""
+
+
+def _read_text(path) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({e.strerror if isinstance(e, OSError) else e})") from None
 
 
 def _err(*lines: str) -> None:
@@ -71,19 +89,10 @@ def _sampling(args, manifest: dict):
 
 def _load(model_arg, args):
     """(Model, Tokenizer) for a folder, or for the embedded default model when model_arg is None."""
-    from .default_model import default_model_folder
-    from .model import Model
-    from .modelfile import open_folder
-    from .tokenizer import Tokenizer
-    path = Path(model_arg) if model_arg else default_model_folder(progress=not args.no_progress)
-    t0 = time.perf_counter()
-    folder = open_folder(path)
-    model = Model(folder, _runtime_config(args))
+    from .loader import load
+    model, tokenizer, plan = load(model_arg, _runtime_config(args), progress=not args.no_progress)
     if model.runtime.mode != "dense" or args.verbose:
-        _err(*model.plan.lines())
-    tokenizer = Tokenizer.from_folder(folder.path, folder.manifest)
-    model.warmup()
-    model.load_seconds = time.perf_counter() - t0
+        _err(*plan.lines())
     return model, tokenizer
 
 
@@ -142,7 +151,7 @@ def cmd_run(args) -> int:
     from .generate import GenerationStats, stream_generate
     prompt = args.prompt
     if args.file:
-        prompt = Path(args.file).read_text()
+        prompt = _read_text(args.file)
     if prompt is None or prompt == "-":
         prompt = sys.stdin.read()
     model, tok = _load(args.model, args)
@@ -280,20 +289,15 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_ppl(args) -> int:
-    from .model import Model
-    from .modelfile import open_folder
+    from .memory import PREFILL_CHUNK
     from .perplexity import perplexity
-    from .tokenizer import Tokenizer
-    folder = open_folder(args.model)
-    rt = _runtime_config(args)
-    model = Model(folder, rt)
-    if rt.mode != "dense":
-        _err(*model.plan.lines())
-    model.warmup()
-    ids = Tokenizer.from_folder(folder.path, folder.manifest).encode(Path(args.file).read_text())
+    text = _read_text(args.file)
+    model, tok = _load(args.model, args)
+    rt = model.runtime
+    ids = tok.encode(text)
     if args.max_tokens:
         ids = ids[:args.max_tokens]
-    chunk = args.chunk or (128 if rt.mode == "dense" else 1)
+    chunk = args.chunk or (PREFILL_CHUNK if rt.mode == "dense" else 1)
     result = perplexity(model, ids, chunk=chunk, progress=not args.no_progress)
     print(f"perplexity: {result['perplexity']:.4f}")
     _err(f"{result['tokens']} tokens, mode {rt.mode}, chunk {chunk}")
@@ -314,9 +318,9 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="flashlm", description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog="flashlm", description=DESCRIPTION,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log what happens; errors show their traceback")
     sub = ap.add_subparsers(dest="verb", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
@@ -381,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", required=True, help="text file")
     p.add_argument("-n", "--max-tokens", type=int, default=None, help="use only the first N tokens")
     p.add_argument("--chunk", type=int, default=None,
-                   help="tokens per forward (default: 128 dense, 1 otherwise = as decoding sees the model)")
+                   help="tokens per forward (default: a prefill chunk dense, 1 otherwise = as decoding sees the model)")
     _add_runtime_flags(p, stats=False)
     p.set_defaults(func=cmd_ppl)
 
@@ -401,11 +405,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="flashlm: %(message)s", stream=sys.stderr)
-    from flashlm.converters.source import ConversionError
-    from .modelfile import ModelFileError
     try:
         return args.func(args) or 0
-    except (ConversionError, ModelFileError, FileNotFoundError, ValueError) as e:
+    except FlashlmError as e:
+        if args.verbose:
+            traceback.print_exc()
         _err(f"flashlm {args.verb}: error: {e}")
         return 1
     except KeyboardInterrupt:

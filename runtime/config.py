@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .errors import FlashlmError
+
 FORMAT_VERSION = 1
 SUPPORTED_ARCHITECTURES = ("llama", "opt")
 
@@ -76,3 +78,27 @@ class RuntimeConfig:
     layer_io: str = "auto"       # flash mode per layer: auto (cheaper of sparse/stream) | sparse | stream
     profile: str | None = None   # device profile (devices/NAME.toml or a path): measured flash speeds
     verify_reads: bool = True    # check every bundle row read from flash against its CRC-32
+
+    def __post_init__(self):
+        def bad(field: str, why: str):
+            raise RuntimeConfigError(f"{field} {getattr(self, field)!r}: {why}")
+        if self.ctx_len < 1:
+            bad("ctx_len", "the context must hold at least one token")
+        if self.threads is not None and self.threads < 1:
+            bad("threads", "use at least one thread")
+        if self.window is not None and self.window < 1:
+            bad("window", "the window is at least one token")
+        if not 0.0 <= self.pin < 1.0:
+            bad("pin", "the pinned fraction is in [0, 1)")
+        if self.io not in ("direct", "buffered"):
+            bad("io", "use direct or buffered")
+        if self.io_threads < 1:
+            bad("io_threads", "use at least one reader thread")
+        if self.max_gap_bytes < 0:
+            bad("max_gap_bytes", "a gap is not negative")
+        if self.layer_io not in ("auto", "sparse", "stream"):
+            bad("layer_io", "use auto, sparse or stream")
+
+
+class RuntimeConfigError(FlashlmError):
+    """A runtime setting out of range; the message names it."""

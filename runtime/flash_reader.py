@@ -29,11 +29,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import FlashlmError
+
 BLOCK = 4096                   # alignment unit for O_DIRECT (512 often works; 4096 always does)
 MIN_SPLIT_BYTES = 64 * 1024    # don't cut a run below this just to keep every worker busy
 
 
-class DirectIOUnsupported(OSError):
+class DirectIOUnsupported(OSError, FlashlmError):
     """The filesystem refused O_DIRECT (e.g. older tmpfs, some FUSE/overlay setups)."""
 
 

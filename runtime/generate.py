@@ -11,10 +11,15 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+from .errors import FlashlmError
 from .memory import PREFILL_CHUNK   # tokens per prefill forward; bounds scratch memory for long prompts
 from .model import Model
 from .sampling import Sampler, SamplingParams
 
+
+
+class PromptError(FlashlmError):
+    """A prompt that is empty or longer than the context."""
 
 
 def peak_rss_bytes() -> int:
@@ -56,7 +61,7 @@ class GenerationStats:
 def prefill(model: Model, prompt: list[int], stats: GenerationStats):
     """Run the prompt, reusing the longest prefix already in the KV cache; returns last logits [vocab]."""
     if not prompt:
-        raise ValueError("empty prompt")
+        raise PromptError("empty prompt")
     common = 0
     for a, b in zip(model.history, prompt):
         if a != b:
@@ -65,7 +70,7 @@ def prefill(model: Model, prompt: list[int], stats: GenerationStats):
     common = min(common, len(prompt) - 1)       # always run at least one token to get logits
     model.reset(common)
     if len(prompt) > model.ctx_len:
-        raise ValueError(f"prompt of {len(prompt)} tokens exceeds the context length {model.ctx_len} (--ctx)")
+        raise PromptError(f"prompt of {len(prompt)} tokens exceeds the context length {model.ctx_len} (--ctx)")
     t0 = time.perf_counter()
     logits = None
     for start in range(common, len(prompt), PREFILL_CHUNK):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import ModelConfig, RuntimeConfig
+from .errors import FlashlmError
 from .kernels import BLAS_BLOCK_BYTES
 from .modelfile import ModelFolder
 from .predictor import PREDICTOR_FILE
@@ -24,8 +25,8 @@ PREFILL_CHUNK = 128              # tokens per prefill forward (runtime/generate.
 RUNTIME_OVERHEAD = 160 << 20     # measured: RSS of Python + numpy + numba + loaded kernels + a tiny model: 151 MiB
 
 
-class BudgetError(ValueError):
-    pass
+class BudgetError(ValueError, FlashlmError):
+    """A budget that is unreadable or too small for the run mode; says what would fit."""
 
 
 def parse_size(text: str, total: int) -> int:
@@ -33,7 +34,7 @@ def parse_size(text: str, total: int) -> int:
     s = str(text).strip()
     m = re.fullmatch(r"([\d.]+(?:e\d+)?)\s*([kmgt]?i?b?|%)?", s.lower())
     if not m:
-        raise ValueError(f"cannot read budget {text!r}: use 60%, 0.6, 512MiB or 2GB")
+        raise BudgetError(f"cannot read budget {text!r}: use 60%, 0.6, 512MiB or 2GB")
     value, unit = float(m.group(1)), m.group(2) or ""
     if unit == "%":
         return int(total * value / 100)
@@ -42,7 +43,7 @@ def parse_size(text: str, total: int) -> int:
     scale = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
              "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
     if unit not in scale:
-        raise ValueError(f"cannot read budget {text!r}: unknown unit {unit!r}")
+        raise BudgetError(f"cannot read budget {text!r}: unknown unit {unit!r}")
     return int(value * scale[unit])
 
 
@@ -100,7 +101,7 @@ def plan_memory(folder: ModelFolder, rt: RuntimeConfig, calibration: dict | None
     """Decide what is resident for rt.mode within rt.budget; raises BudgetError if it cannot fit."""
     c: ModelConfig = folder.config
     if rt.mode not in MODES:
-        raise ValueError(f"unknown mode {rt.mode!r}; choose one of {MODES}")
+        raise BudgetError(f"unknown mode {rt.mode!r}; choose one of {MODES}")
     layer_bytes = folder.bundles.layer_bytes
     dense = sum(t.nbytes for t in folder.dense.values())
     model_bytes = folder.model_bytes

@@ -8,9 +8,14 @@ import numpy as np
 
 from . import kernels as K
 from .config import ModelConfig, RuntimeConfig
+from .errors import FlashlmError
 from .ffn import BundleKernel
 from .memory import build_ffn, plan_memory
-from .modelfile import ROW_CRC_TENSOR, ModelFolder, read_verified, tensors_from_buffer
+from .modelfile import ROW_CRC_TENSOR, ModelFileError, ModelFolder, read_verified, tensors_from_buffer
+
+
+class ContextFull(FlashlmError):
+    """More tokens than the KV cache holds (--ctx)."""
 
 
 def rope_tables(c: ModelConfig, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -30,7 +35,7 @@ def rope_tables(c: ModelConfig, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
         mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
         inv_freq = np.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
     elif kind != "default":
-        raise ValueError(f"RoPE scaling type {kind!r} is not supported")
+        raise ModelFileError(f"RoPE scaling type {kind!r} is not supported")
     angles = np.outer(np.arange(n_pos, dtype=np.float64), inv_freq)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
@@ -112,7 +117,7 @@ class Model:
         tokens = np.asarray(tokens, dtype=np.int64)
         T, pos0 = len(tokens), self.pos
         if pos0 + T > self.ctx_len:
-            raise ValueError(f"context full: {pos0} + {T} tokens exceed the context length {self.ctx_len} (--ctx)")
+            raise ContextFull(f"context full: {pos0} + {T} tokens exceed the context length {self.ctx_len} (--ctx)")
         H, Hkv, hd, d = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
         x = self.embed(tokens, pos0)                          # [T, d] residual stream
         xn = np.empty_like(x)

@@ -13,6 +13,8 @@ import struct
 
 import numpy as np
 
+from .errors import FlashlmError
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 DTYPES = {
@@ -24,7 +26,7 @@ DTYPE_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtyp
                np.dtype(np.int32): "I32", np.dtype(np.uint16): "U16", np.dtype(np.int64): "I64"}
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(ValueError, FlashlmError):
     pass
 
 

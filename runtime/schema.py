@@ -9,6 +9,7 @@ import types
 import typing
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig
+from .errors import FlashlmError
 
 # Sizes every kernel indexes with: zero or negative values make them divide by zero or write out of bounds.
 POSITIVE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "n_ff", "max_position")
@@ -17,7 +18,7 @@ CHOICES = {"architecture": SUPPORTED_ARCHITECTURES, "ffn_kind": ("swiglu", "relu
 MAX_DIM = 1 << 24       # far above any real model; a bigger value is a corrupt or hostile manifest
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, FlashlmError):
     """A config field of the wrong type or out of range; `field` names it."""
 
     def __init__(self, field: str, problem: str):

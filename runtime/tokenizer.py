@@ -16,10 +16,12 @@ import jinja2.ext
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
+
+from .errors import FlashlmError
 from tokenizers.decoders import DecodeStream
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(ValueError, FlashlmError):
     """A chat template is missing, invalid, or refused the conversation (via `raise_exception`)."""
 
 

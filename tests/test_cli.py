@@ -77,3 +77,20 @@ def test_chat_repl_commands(model):
     r = flashlm("chat", model, "-n", "4", "--temp", "0", stdin="hello\n/stats\n/reset\n/system be nice\nhi\n/bye\n")
     assert r.returncode == 0, r.stderr
     assert "conversation cleared" in r.stderr and "tokens/s" in r.stderr
+
+
+def test_verbose_errors_keep_their_traceback():
+    r = flashlm("-v", "info", "/tmp")
+    assert r.returncode == 1 and "Traceback" in r.stderr and "manifest.json: missing" in r.stderr.splitlines()[-1]
+
+
+def test_bad_runtime_setting_is_one_line(model):
+    r = flashlm("run", model, "-p", "hi", "--ctx", "0")
+    assert r.returncode == 1 and r.stderr.strip() == "flashlm run: error: ctx_len 0: the context must hold at least one token"
+
+
+def test_help_describes_the_tool_in_whole_sentences():
+    r = flashlm("--help")
+    assert r.returncode == 0
+    description = r.stdout.split("\n\n")[1].replace("\n", " ")
+    assert description.startswith("On-device LLM inference") and description.rstrip().endswith(".")
