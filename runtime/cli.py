@@ -20,7 +20,7 @@ DESCRIPTION = "On-device LLM inference that streams sparse FFN neurons from flas
 
 
 class InputError(FlashlmError):
-    """A file named on the command line that cannot be read."""
+    """A command-line argument that cannot be used (an unreadable file, conflicting flags)."""
 
 
 def _read_text(path) -> str:
@@ -251,16 +251,16 @@ def cmd_serve(args) -> int:
         # For now the limit is the model's resident budget (the planner's --budget); a whole-process
         # limit will take over this flag without changing its spelling.
         if args.budget is not None:
-            raise ValueError("give --memory-limit or --budget, not both")
+            raise InputError("give --memory-limit or --budget, not both")
         args.budget = args.memory_limit
     if args.queue < 0:
-        raise ValueError(f"--queue must be >= 0, got {args.queue}")
+        raise InputError(f"--queue must be >= 0, got {args.queue}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("FLASHLM_API_KEY") or None
     engine = Engine(lambda: _serve_loader(args), queue_size=args.queue)
     try:
         server = HttpServer(engine, ServerSettings(host=args.host, port=args.port, api_key=api_key))
     except OSError as e:
-        raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+        raise InputError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     if api_key is None and server.host not in ("127.0.0.1", "::1", "localhost"):
         _err(f"flashlm serve: warning: listening on {server.host} without --api-key: anyone who can reach "
              f"this port can use the model")
