@@ -159,7 +159,7 @@ class Engine:
         try:
             self.model, self.tokenizer = self._loader()
         except BaseException as e:       # reported to the caller (the CLI prints it); the thread ends
-            log.error("loading the model failed: %s", e)
+            log.debug("loading the model failed", exc_info=True)
             with self._cv:
                 self.state, self.error = "failed", e
             if self._on_failure is not None:
@@ -181,16 +181,19 @@ class Engine:
                         break
                     job = self._running = self._waiting.popleft()
                 try:
-                    self._execute(job)
+                    last = self._execute(job)
                 finally:
                     with self._cv:
                         self._running = None
+                # Reported once the engine is free, so a client that has its answer sees an idle /health.
+                self._report(job, last)
         finally:
             with self._cv:
                 self.state = "stopped"
             self.model.close()
 
-    def _execute(self, job: Job) -> None:
+    def _execute(self, job: Job) -> Finished | Failed:
+        """Run a job, reporting its pieces; returns its last event for the caller to report."""
         req = job.request
         started = time.perf_counter()
         stats = GenerationStats(load_s=self.load_seconds)
@@ -202,13 +205,12 @@ class Engine:
         except Exception as e:
             log.exception("generation failed")
             self.model.reset()           # the KV cache may hold a half-written step: start clean
-            self._report(job, Failed(e))
-            return
+            return Failed(e)
         finally:
             elapsed = time.perf_counter() - started
             self._mean_job_s = 0.7 * self._mean_job_s + 0.3 * elapsed
         reason = "length" if stats.finish_reason == "context" else stats.finish_reason
-        self._report(job, Finished(reason, stats, started - job.submitted))
+        return Finished(reason, stats, started - job.submitted)
 
     def _report(self, job: Job, event) -> None:
         try:

@@ -24,7 +24,7 @@ from flashlm.runtime.sampling import SamplingParams
 from flashlm.runtime.server import HttpServer, ServerSettings
 from flashlm.runtime.tokenizer import Tokenizer
 
-WAIT = 60            # seconds: an upper bound for anything to happen, never a measured duration
+WAIT = 120           # seconds: an upper bound for anything to happen, never a measured duration
 BODY_LIMIT = 64 * 1024
 
 
@@ -407,14 +407,16 @@ def test_a_client_that_drops_cancels_its_generation(folder, stream):
                 got += s.recv(65536)
         wait_for(lambda: model.calls == 3, "three forward passes")
         s.close()
-        # At most one more forward pass runs before the cancel is seen; release them one at a time.
-        for _ in range(20):
+        # Release forward passes one at a time until the generation stops: uncancelled it would need 100
+        # (max_tokens), cancelled it stops one pass after the server notices (milliseconds, or a few
+        # passes on a loaded machine).
+        for _ in range(60):
             if health(srv.port)[1]["running"] == 0:
                 break
             model.release()
-            time.sleep(0.05)
-        assert health(srv.port)[1]["running"] == 0
-        assert model.calls <= 5, f"{model.calls} forward passes after the client left (max_tokens 100)"
+            time.sleep(0.1)
+        assert health(srv.port)[1]["running"] == 0, "the generation went on after its client left"
+        assert model.calls < 60
         model.release(100)
         assert raw(srv.port, "POST", "/v1/chat/completions", json.dumps(chat_body()).encode())[0] == 200
 
@@ -463,8 +465,15 @@ def test_cli_serves_until_interrupted(folder):
     assert proc.returncode in (0, 130) and "Traceback" not in err, err
 
 
-def test_cli_refuses_a_missing_model_in_one_line():
-    r = subprocess.run([sys.executable, "-m", "flashlm", "serve", "/nonexistent.flashlm", "--port", "0"],
+@pytest.mark.parametrize("args, message", [
+    (["/nonexistent.flashlm"], "nonexistent.flashlm"),
+    (["MODEL", "--mode", "hybrid", "--memory-limit", "1KiB"], "too small"),      # --memory-limit is the budget
+    (["MODEL", "--memory-limit", "50%", "--budget", "50%"], "not both"),
+])
+def test_cli_refuses_bad_setups_in_one_line(folder, args, message):
+    args = [str(folder) if a == "MODEL" else a for a in args]
+    r = subprocess.run([sys.executable, "-m", "flashlm", "serve", *args, "--port", "0"],
                        capture_output=True, text=True, timeout=WAIT)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("flashlm serve: error:")
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("flashlm serve: error:") and message in last, r.stderr
