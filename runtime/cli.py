@@ -239,7 +239,7 @@ def cmd_chat(args) -> int:
 
 
 def _serve_loader(args):
-    """How `serve` loads its model (on the engine's thread, while /health answers 503)."""
+    """How `serve` loads its model: runtime/loader.load() via _load, on the engine's thread while /health answers 503."""
     return _load(args.model, args)
 
 
