@@ -31,7 +31,7 @@ from flashlm.runtime.config import RuntimeConfig
 from flashlm.runtime.loader import load
 from flashlm.runtime.memory import PREFILL_CHUNK
 from flashlm.runtime.model import Model
-from flashlm.runtime.predictor import PREDICTOR_FILE, swiglu_score
+from flashlm.runtime.predictor import PREDICTOR_FILE, gated_score
 from flashlm.runtime.safetensors_file import plan_file
 
 log = logging.getLogger("flashlm")
@@ -102,7 +102,7 @@ def layer_projections(model: Model, layer: int) -> dict[str, np.ndarray]:
     bias = model.w.get(f"layers.{layer}.ffn.up.bias")
     up_b = bias if bias is not None and c.ffn_kind == "relu" else np.zeros(c.n_ff, np.float32)
     out = {"up": np.vstack([layout.decode_part(rows, "up").T, up_b[None, :]])}
-    if c.ffn_kind == "swiglu":
+    if c.gated:
         out["gate"] = np.vstack([layout.decode_part(rows, "gate").T, np.zeros((1, c.n_ff), np.float32)])
     return out
 
@@ -111,9 +111,9 @@ def _with_one(h: np.ndarray) -> np.ndarray:
     return np.concatenate([h, np.ones((len(h), 1), np.float32)], axis=1)
 
 
-def _combine(est: dict) -> np.ndarray:
-    """What the rule ranks: the pre-activation (ReLU) or the contribution |silu(gate) * up| (SwiGLU)."""
-    return est["up"] if "gate" not in est else swiglu_score(est["gate"], est["up"])
+def _combine(est: dict, ffn_kind: str) -> np.ndarray:
+    """What the rule ranks: the pre-activation (ReLU) or the contribution |act(gate) * up| (gated)."""
+    return est["up"] if "gate" not in est else gated_score(est["gate"], est["up"], ffn_kind)
 
 
 def fit_directions(h: np.ndarray, w: np.ndarray, max_rank: int) -> np.ndarray:
@@ -216,14 +216,14 @@ def calibrate(path, *, text_file=None, random_tokens: bool = False, n_tokens: in
     tensors, layer_meta, report_layers = {}, [], []
     for layer in tqdm(range(c.n_layers), desc="Fitting predictors", disable=not progress, file=sys.stderr):
         h, maps = hs[layer], layer_projections(model, layer)
-        y = _combine({name: _with_one(h) @ w for name, w in maps.items()})
+        y = _combine({name: _with_one(h) @ w for name, w in maps.items()}, c.ffn_kind)
         max_rank = min(max(ranks), c.d_model, c.n_ff, int((~test).sum()))
         directions = {name: (w, fit_directions(h[~test], w, max_rank)) for name, w in maps.items()}
         fits = []
         for r in sorted({min(r, max_rank) for r in ranks}):
             factors = {name: truncate(w, v, r) for name, (w, v) in directions.items()}
-            s_train = _combine({n: _scores(h[~test], *f) for n, f in factors.items()})
-            s_test = _combine({n: _scores(h[test], *f) for n, f in factors.items()})
+            s_train = _combine({n: _scores(h[~test], *f) for n, f in factors.items()}, c.ffn_kind)
+            s_test = _combine({n: _scores(h[test], *f) for n, f in factors.items()}, c.ffn_kind)
             q = evaluate(c.ffn_kind, s_train, y[~test], s_test, y[test], recall=recall, keep=k_keep)
             q["rank"] = r
             fits.append((factors, q))
@@ -235,7 +235,7 @@ def calibrate(path, *, text_file=None, random_tokens: bool = False, n_tokens: in
         else:
             top = max(q["contribution_recall"] for _, q in fits)
             factors, q = next(f for f in fits if f[1]["contribution_recall"] >= top - 0.01)
-        s_all = _combine({n: _scores(h, *f) for n, f in factors.items()})
+        s_all = _combine({n: _scores(h, *f) for n, f in factors.items()}, c.ffn_kind)
         truth = (y > 0) if c.ffn_kind == "relu" else _topk_mask(y, k_keep)
         predicted = (s_all > q["threshold"]) if c.ffn_kind == "relu" else _topk_mask(s_all, k_keep)
         hot = np.argsort(-truth.mean(axis=0), kind="stable").astype(np.int32)

@@ -1,8 +1,10 @@
-"""Llama-architecture GGUF files (llama.cpp's format) as a converter Source.
+"""GGUF files (llama.cpp's format) of the llama, qwen2, qwen3 and gemma3 architectures as a converter Source.
 
 Tensors are read through gguf's memory map one at a time and dequantized to float32. GGUF stores
-dims fastest-first (ne[0] = in_features), so the reader's numpy view is already [out, in]. llama.cpp's
-converter interleaves the Q/K rows of every head for its RoPE kernel; `unpermute_qk` undoes that.
+dims fastest-first (ne[0] = in_features), so the reader's numpy view is already [out, in]. For the
+`llama` architecture only, llama.cpp's converter interleaves the Q/K rows of every head for its RoPE
+kernel; `unpermute_qk` undoes that (qwen2/qwen3/gemma3 use NeoX-style RoPE, stored unpermuted).
+What each architecture's metadata means beyond the shared keys is in `architecture_fields`.
 The tokenizer lives in metadata, so `tokenizer.json` is rebuilt from it the way transformers'
 GGUF loader builds its tokenizer (checked by tests against `AutoTokenizer(..., gguf_file=...)`).
 """
@@ -13,7 +15,7 @@ import re
 
 import gguf
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from flashlm.converters.source import SUPPORTED_SOURCES, ConversionError, SourceInfo, expected_tensors
 from flashlm.runtime.config import ModelConfig
@@ -28,9 +30,16 @@ _LAYER_NAMES = {
     "attn_output.weight": "attn.o.weight", "attn_q.bias": "attn.q.bias", "attn_k.bias": "attn.k.bias",
     "attn_v.bias": "attn.v.bias", "attn_output.bias": "attn.o.bias",
     "ffn_gate.weight": "ffn.gate.weight", "ffn_up.weight": "ffn.up.weight", "ffn_down.weight": "ffn.down.weight",
+    "attn_q_norm.weight": "attn.q_norm.weight", "attn_k_norm.weight": "attn.k_norm.weight",      # qwen3, gemma3
+    "post_attention_norm.weight": "attn_post_norm.weight", "post_ffw_norm.weight": "ffn_post_norm.weight",  # gemma3
 }
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 # Chat models end a turn with these rather than with the file's eos token.
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>")
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+# llama.cpp's Gemma 3 constants for what older files do not state (llama-model.cpp, LLM_ARCH_GEMMA3).
+GEMMA3_SWA_PATTERN = 6            # every 6th layer is global, the others slide
+GEMMA3_LOCAL_ROPE_BASE = 10000.0  # RoPE base of the sliding layers
+GEMMA3_27B_LAYERS = 62            # Gemma 3 27B scales attention by 1/sqrt(d/heads) instead of 1/sqrt(head_dim)
 
 # Pre-tokenizer split patterns, keyed by tokenizer.ggml.pre (same patterns as llama.cpp's llama-vocab).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -68,8 +77,8 @@ class GGUFSource:
             self._reader = gguf.GGUFReader(self.path)
         except Exception as e:  # the reader fails with assorted numpy/struct errors on short or garbled files
             raise ConversionError(f"{self.path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from e
-        arch = self._meta("general.architecture")
-        if arch != "llama":
+        self.arch = arch = self._meta("general.architecture")
+        if arch not in GGUF_ARCHITECTURES:
             raise ConversionError(f"{self.path}: GGUF architecture {arch!r} is not supported; supported: "
                                   + "; ".join(SUPPORTED_SOURCES))
         self._tensors = self._index_tensors()
@@ -90,10 +99,12 @@ class GGUFSource:
         if np.may_share_memory(w, t.data):   # F32 comes back as a view into the memory map
             w = w.copy()
         w = w.astype(np.float32, copy=False).reshape(tuple(reversed(t.shape.tolist())))
-        if name.endswith((".attn.q.weight", ".attn.q.bias")):
-            w = unpermute_qk(w, self.config.n_heads)
-        elif name.endswith((".attn.k.weight", ".attn.k.bias")):
-            w = unpermute_qk(w, self.config.n_kv_heads)
+        # (gemma3's norm weights need no change: llama.cpp's converter already stored the multiplier 1 + w)
+        if self.arch == "llama":
+            if name.endswith((".attn.q.weight", ".attn.q.bias")):
+                w = unpermute_qk(w, self.config.n_heads)
+            elif name.endswith((".attn.k.weight", ".attn.k.bias")):
+                w = unpermute_qk(w, self.config.n_kv_heads)
         return w
 
     def close(self) -> None:
@@ -122,43 +133,84 @@ class GGUFSource:
                                       "llama3 rope scaling from GGUF is not supported yet")
             name = canonical_name(t.name)
             if name is None:
-                raise ConversionError(f"{self.path}: unexpected tensor {t.name!r} for a llama model")
+                raise ConversionError(f"{self.path}: unexpected tensor {t.name!r} for a {self.arch} model")
             tensors[name] = t
         return tensors
 
     def _read_config(self) -> ModelConfig:
-        if self._meta("llama.expert_count", 0):
-            raise ConversionError(f"{self.path}: mixture-of-experts llama GGUFs (Mixtral) are not supported")
-        d = int(self._require("llama.embedding_length"))
-        n_heads = int(self._require("llama.attention.head_count"))
-        n_kv = int(self._meta("llama.attention.head_count_kv", n_heads))
-        head_dim = int(self._meta("llama.attention.key_length", d // n_heads))
-        rope_dim = int(self._meta("llama.rope.dimension_count", head_dim))
+        a = self.arch
+        if self._meta(f"{a}.expert_count", 0):
+            raise ConversionError(f"{self.path}: mixture-of-experts GGUFs (Mixtral, Qwen MoE) are not supported")
+        d = int(self._require(f"{a}.embedding_length"))
+        n_heads = int(self._require(f"{a}.attention.head_count"))
+        n_kv = int(self._meta(f"{a}.attention.head_count_kv", n_heads))
+        head_dim = int(self._meta(f"{a}.attention.key_length", d // n_heads))
+        rope_dim = int(self._meta(f"{a}.rope.dimension_count", head_dim))
         if rope_dim != head_dim:
             raise ConversionError(f"{self.path}: partial RoPE (rope.dimension_count {rope_dim} != head_dim "
                                   f"{head_dim}) is not supported")
+        value_dim = int(self._meta(f"{a}.attention.value_length", head_dim))
+        if value_dim != head_dim:
+            raise ConversionError(f"{self.path}: attention.value_length {value_dim} != key_length {head_dim} "
+                                  "is not supported")
         embd = self._tensors.get("tok_embeddings")
         vocab = int(embd.shape[1]) if embd is not None else len(self._meta("tokenizer.ggml.tokens", []))
         fields = dict(
-            architecture="llama", vocab_size=vocab, d_model=d, n_layers=int(self._require("llama.block_count")),
-            n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, n_ff=int(self._require("llama.feed_forward_length")),
-            ffn_kind="swiglu", norm_kind="rms", norm_eps=float(self._require("llama.attention.layer_norm_rms_epsilon")),
-            pos_kind="rope", max_position=int(self._require("llama.context_length")),
-            rope_theta=float(self._meta("llama.rope.freq_base", 10000.0)), rope_scaling=self._rope_scaling(),
+            architecture="llama", vocab_size=vocab, d_model=d, n_layers=int(self._require(f"{a}.block_count")),
+            n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, n_ff=int(self._require(f"{a}.feed_forward_length")),
+            ffn_kind="swiglu", norm_kind="rms", norm_eps=float(self._require(f"{a}.attention.layer_norm_rms_epsilon")),
+            pos_kind="rope", max_position=int(self._require(f"{a}.context_length")),
+            rope_theta=float(self._meta(f"{a}.rope.freq_base", 10000.0)), rope_scaling=self._rope_scaling(),
             tied_embeddings="lm_head" not in self._tensors,
             attn_qkv_bias="layers.0.attn.q.bias" in self._tensors,
             attn_out_bias="layers.0.attn.o.bias" in self._tensors,
             bos_token_id=self._meta("tokenizer.ggml.bos_token_id"), eos_token_ids=self._eos_ids())
+        fields.update(self.architecture_fields(fields))
         try:
             return ModelConfig(**fields)
         except ValueError as e:   # ModelConfig's own consistency checks (e.g. heads vs kv heads)
             raise ConversionError(f"{self.path}: {e}") from e
 
+    # --- what each architecture adds to the shared keys ----------------------------------------
+    def architecture_fields(self, shared: dict) -> dict:
+        """ModelConfig fields particular to this file's architecture (the shared ones are in `shared`)."""
+        if self.arch == "qwen3":
+            return {"qk_norm": True}
+        if self.arch == "gemma3":
+            return self._gemma3_fields(shared)
+        return {}   # llama, qwen2 (its q/k/v biases are found among the tensors)
+
+    def _gemma3_fields(self, shared: dict) -> dict:
+        a, n_layers, d = self.arch, shared["n_layers"], shared["d_model"]
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if self._meta(f"{a}.{key}"):
+                raise ConversionError(f"{self.path}: {a}.{key} (logit soft-capping) is not supported")
+        window = int(self._meta(f"{a}.attention.sliding_window", 0))
+        pattern = self._meta(f"{a}.attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
+        if window <= 0:                    # llama.cpp: no window stated, every layer global
+            sliding = []
+        elif isinstance(pattern, list):    # one flag per layer, true = sliding
+            if len(pattern) != n_layers:
+                raise ConversionError(f"{self.path}: {a}.attention.sliding_window_pattern has {len(pattern)} "
+                                      f"entries for {n_layers} layers")
+            sliding = [i for i, slides in enumerate(pattern) if slides]
+        else:                              # every pattern-th layer is global (llama.cpp's set_swa_pattern)
+            sliding = [i for i in range(n_layers) if int(pattern) <= 0 or (i + 1) % int(pattern) != 0]
+        heads = shared["n_heads"]
+        query_scalar = d // heads if n_layers == GEMMA3_27B_LAYERS else shared["head_dim"]
+        scale = self._meta(f"{a}.attention.scale")
+        return dict(
+            architecture="gemma3", ffn_kind="geglu", qk_norm=True, sandwich_norm=True, embed_scale=d ** 0.5,
+            attn_scale=float(scale) if scale else query_scalar ** -0.5,
+            sliding_window=window if sliding else None, sliding_layers=sliding,
+            rope_local_theta=float(self._meta(f"{a}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE)))
+
     def _rope_scaling(self) -> dict | None:
-        kind = self._meta("llama.rope.scaling.type")
-        factor = self._meta("llama.rope.scaling.factor")
-        if kind is None and self._meta("llama.rope.scale_linear") is not None:  # older files
-            kind, factor = "linear", self._meta("llama.rope.scale_linear")
+        a = self.arch
+        kind = self._meta(f"{a}.rope.scaling.type")
+        factor = self._meta(f"{a}.rope.scaling.factor")
+        if kind is None and self._meta(f"{a}.rope.scale_linear") is not None:  # older files
+            kind, factor = "linear", self._meta(f"{a}.rope.scale_linear")
         if kind in (None, "none"):
             return None
         if kind == "linear":
@@ -210,6 +262,9 @@ class GGUFSource:
         if kind == "gpt2":
             tok = _byte_level_bpe(tokens, types, merges or [], self._meta("tokenizer.ggml.pre", "default"), self.path)
             add_bos_default = False
+        elif kind == "llama" and self.arch == "gemma3":
+            tok = _gemma_sentencepiece(tokens, merges)
+            add_bos_default = True
         elif kind == "llama":
             if merges is None:
                 merges = _merges_from_scores(tokens, self._require("tokenizer.ggml.scores"))
@@ -220,8 +275,11 @@ class GGUFSource:
         # llama.cpp matches control, unknown and user-defined tokens whole in the input text.
         tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
                                 for t, k in zip(tokens, types) if k in (CONTROL, UNKNOWN)])
+        # ... but only as the ids the vocabulary gives them: a spelling it lacks (Gemma's "  " tokens, looked up
+        # as "▁▁") would become a new id past the model's vocabulary.
+        vocab = tok.get_vocab(with_added_tokens=False)
         tok.add_tokens([AddedToken(t, normalized=False, special=False)
-                        for t, k in zip(tokens, types) if k == USER_DEFINED])
+                        for t, k in zip(tokens, types) if k == USER_DEFINED and t in vocab])
         tok.post_processor = self._post_processor(tokens, add_bos_default)
         return tok.to_str()
 
@@ -278,6 +336,23 @@ def _merges_from_scores(tokens, scores) -> list[tuple[str, str]]:
              for k in range(1, len(tok)) if tok[:k] in vocab and tok[k:] in vocab]
     found.sort(key=lambda m: (-m[2], -len(m[0]), -len(m[1])))
     return [(left, right) for left, right, _ in found]
+
+
+def _gemma_sentencepiece(tokens, merges) -> Tokenizer:
+    """Gemma's sentencepiece vocabulary, built as transformers' GGUF loader builds it (GemmaTokenizer):
+    whitespace-only tokens of several spaces are stored as spaces but looked up as "▁▁..."; the file has
+    no merges and its scores do not follow the merge order, its token order does; spaces become "▁" with
+    no prefix space and no splitting, unknown bytes fall back to <0xXX> tokens."""
+    tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    if merges is None:
+        merges = _merges_from_scores(tokens, [-float(i) for i in range(len(tokens))])
+    elif isinstance(merges[0], str):
+        merges = [tuple(m.split(" ", 1)) for m in merges]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, unk_token="<unk>",
+                               fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return tok
 
 
 def _sentencepiece_bpe(tokens, merges, add_space_prefix: bool) -> Tokenizer:

@@ -17,7 +17,8 @@ from flashlm.converters.source import SUPPORTED_SOURCES, ConversionError, Source
 from flashlm.runtime.config import ModelConfig
 from flashlm.runtime.safetensors_file import SafetensorsError, read_header, read_tensor
 
-LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+GEMMA3_ARCHS = ("Gemma3ForCausalLM",)   # the text-only model; Gemma3ForConditionalGeneration (vision) is refused
 OPT_ARCHS = ("OPTForCausalLM",)
 ROPE_TYPES = (None, "default", "linear", "llama3")   # the scaling kinds the runtime implements
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
@@ -28,7 +29,12 @@ LLAMA_LAYER = {
     "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
     "self_attn.o_proj": "attn.o",
     "mlp.gate_proj": "ffn.gate", "mlp.up_proj": "ffn.up", "mlp.down_proj": "ffn.down",
+    "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm",   # Qwen3
 }
+# Gemma 3 names its norms by position: post_attention_layernorm is the sandwich norm after attention,
+# pre_feedforward_layernorm is what Llama calls post_attention_layernorm.
+GEMMA3_LAYER = {**LLAMA_LAYER, "post_attention_layernorm": "attn_post_norm",
+                "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "ffn_post_norm"}
 LLAMA_TOP = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "norm.weight",
              "lm_head.weight": "lm_head"}
 LLAMA_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -95,7 +101,61 @@ def _llama_config(cfg: dict, arch: str, where: Path) -> ModelConfig:
         n_ff=int(cfg["intermediate_size"]), ffn_kind="swiglu", norm_kind="rms",
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), pos_kind="rope", max_position=max_pos,
         rope_theta=theta, rope_scaling=scaling, tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attn_qkv_bias=attn_bias or arch == "Qwen2ForCausalLM", attn_out_bias=attn_bias)
+        attn_qkv_bias=attn_bias or arch == "Qwen2ForCausalLM", attn_out_bias=attn_bias,
+        qk_norm=arch == "Qwen3ForCausalLM")
+
+
+def _gemma3_layer_types(cfg: dict, n_layers: int) -> list[str]:
+    """transformers 5 lists layer_types; older configs give sliding_window_pattern (every Nth layer global)."""
+    types = cfg.get("layer_types")
+    if types is None:
+        pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]
+    if len(types) != n_layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise ValueError(f"layer_types {types} is not one of sliding_attention/full_attention per layer")
+    return list(types)
+
+
+def _gemma3_rope(cfg: dict, where: Path) -> tuple[float, dict | None, float]:
+    """(global base, global scaling, local base). transformers 5 keys rope_parameters by layer type."""
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params:
+        theta, scaling = _rope({"rope_parameters": params["full_attention"]}, where)
+        local, local_scaling = _rope({"rope_parameters": params.get("sliding_attention") or {}}, where)
+        if local_scaling is not None:
+            raise ConversionError(f"{where}: RoPE scaling on sliding layers is not supported")
+    else:
+        theta, scaling = _rope(cfg, where)
+        local = float(cfg.get("rope_local_base_freq", 10000.0))
+    return theta, scaling, local
+
+
+def _gemma3_config(cfg: dict, where: Path) -> ModelConfig:
+    refuse = {
+        f"hidden_activation {cfg.get('hidden_activation')!r} (only gelu_pytorch_tanh)":
+            cfg.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"),
+        "final_logit_softcapping": cfg.get("final_logit_softcapping") is not None,
+        "attn_logit_softcapping": cfg.get("attn_logit_softcapping") is not None,
+        "use_bidirectional_attention": bool(cfg.get("use_bidirectional_attention")),
+        "attention_bias": bool(cfg.get("attention_bias")),
+    }
+    for what, bad in refuse.items():
+        if bad:
+            raise ConversionError(f"{where}: Gemma 3 with {what} is not supported")
+    d, heads, n_layers = int(cfg["hidden_size"]), int(cfg["num_attention_heads"]), int(cfg["num_hidden_layers"])
+    types = _gemma3_layer_types(cfg, n_layers)
+    theta, scaling, local = _gemma3_rope(cfg, where)
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    return ModelConfig(
+        architecture="gemma3", vocab_size=int(cfg["vocab_size"]), d_model=d, n_layers=n_layers, n_heads=heads,
+        n_kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=int(cfg.get("head_dim") or d // heads),
+        n_ff=int(cfg["intermediate_size"]), ffn_kind="geglu", norm_kind="rms",
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), pos_kind="rope", max_position=int(cfg["max_position_embeddings"]),
+        rope_theta=theta, rope_scaling=scaling, tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        qk_norm=True, sandwich_norm=True, embed_scale=d ** 0.5,
+        attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5,
+        sliding_window=int(cfg["sliding_window"]) if sliding else None, sliding_layers=sliding,
+        rope_local_theta=local)
 
 
 def _opt_config(cfg: dict, where: Path) -> ModelConfig:
@@ -127,6 +187,8 @@ def parse_config(cfg: dict, generation: dict, where: Path) -> ModelConfig:
     try:
         if arch in LLAMA_ARCHS:
             c = _llama_config(cfg, arch, where)
+        elif arch in GEMMA3_ARCHS:
+            c = _gemma3_config(cfg, where)
         elif arch in OPT_ARCHS:
             c = _opt_config(cfg, where)
         else:
@@ -149,7 +211,8 @@ def canonical_name(hf_name: str, arch: str) -> str | None:
     opt = arch == "opt"
     if opt and hf_name.startswith("decoder."):   # older OPT checkpoints omit the "model." prefix
         hf_name = "model." + hf_name
-    top, layer, layer_re = (OPT_TOP, OPT_LAYER, OPT_LAYER_RE) if opt else (LLAMA_TOP, LLAMA_LAYER, LLAMA_LAYER_RE)
+    top, layer, layer_re = ((OPT_TOP, OPT_LAYER, OPT_LAYER_RE) if opt else
+                            (LLAMA_TOP, GEMMA3_LAYER if arch == "gemma3" else LLAMA_LAYER, LLAMA_LAYER_RE))
     if hf_name in top:
         return top[hf_name]
     m = layer_re.fullmatch(hf_name)
@@ -208,7 +271,10 @@ class HFSource:
             arr = read_tensor(path, info, data_start)   # bf16 comes back widened to f32
         except (OSError, SafetensorsError) as e:
             raise ConversionError(f"cannot read {name}: {e}") from None   # both errors name the file
-        return arr.astype(np.float32, copy=False)
+        arr = arr.astype(np.float32, copy=False)
+        if self.config.architecture == "gemma3" and name.endswith("norm.weight"):
+            arr = arr + np.float32(1.0)   # Gemma's RMSNorm scales by (1 + w): the canonical weight is the multiplier
+        return arr
 
     def close(self) -> None:
         pass   # no file stays open between load() calls

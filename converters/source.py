@@ -16,9 +16,10 @@ from flashlm.runtime.errors import FlashlmError
 from flashlm.runtime.schema import expected_tensors, is_ffn_bundle_tensor  # noqa: F401 (re-exported)
 
 SUPPORTED_SOURCES = (
-    "GGUF files with general.architecture 'llama' (SmolLM2, TinyLlama, Llama 2/3, Mistral in GGUF)",
+    "GGUF files with general.architecture 'llama' (SmolLM2, TinyLlama, Llama 2/3, Mistral in GGUF), "
+    "'qwen2' (Qwen2/2.5), 'qwen3' or 'gemma3' (Gemma 3 text)",
     "Hugging Face folders (config.json + *.safetensors) with architectures "
-    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, OPTForCausalLM",
+    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, OPTForCausalLM",
 )
 
 

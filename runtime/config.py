@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from .errors import FlashlmError
 
 FORMAT_VERSION = 1
-SUPPORTED_ARCHITECTURES = ("llama", "opt")
+SUPPORTED_ARCHITECTURES = ("llama", "opt", "gemma3")
+FFN_KINDS = ("swiglu", "geglu", "relu")   # geglu: gate through tanh-approximated GELU (gelu_pytorch_tanh)
 
 
 @dataclass
 class ModelConfig:
-    architecture: str            # "llama" (Llama/Mistral/Qwen2-style) or "opt"
+    architecture: str            # "llama" (Llama/Mistral/Qwen2/Qwen3-style), "gemma3" or "opt"
     vocab_size: int
     d_model: int
     n_layers: int
@@ -20,8 +21,8 @@ class ModelConfig:
     n_kv_heads: int
     head_dim: int
     n_ff: int                    # FFN neurons per layer
-    ffn_kind: str                # "swiglu" (gate, up, down) or "relu" (up, down)
-    norm_kind: str               # "rms" or "layer"
+    ffn_kind: str                # "swiglu" / "geglu" (gate, up, down) or "relu" (up, down)
+    norm_kind: str               # "rms" or "layer"; weights are plain multipliers (Gemma's 1 + w is folded in)
     norm_eps: float
     pos_kind: str                # "rope" or "learned"
     max_position: int            # context length the model was trained for
@@ -34,14 +35,41 @@ class ModelConfig:
     ffn_bias: bool = False       # OPT: up bias per neuron, down bias per output (both dense)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # Gemma 3 / Qwen 3 variations (defaults: the Llama layer)
+    qk_norm: bool = False        # RMSNorm over head_dim of every query and key head, before RoPE
+    sandwich_norm: bool = False  # extra norms on the attention output and the FFN output before the residual add
+    embed_scale: float = 1.0     # token embeddings multiplied by this (Gemma: sqrt(d_model))
+    attn_scale: float | None = None      # attention score scale; None = 1/sqrt(head_dim)
+    sliding_window: int | None = None    # a sliding layer's query sees its last `sliding_window` positions
+    sliding_layers: list[int] = field(default_factory=list)   # layers with sliding-window attention
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (unscaled); None = rope_theta
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {self.architecture!r}; supported: {SUPPORTED_ARCHITECTURES}")
-        if self.ffn_kind not in ("swiglu", "relu"):
-            raise ValueError(f"unsupported ffn_kind {self.ffn_kind!r}")
+        if self.ffn_kind not in FFN_KINDS:
+            raise ValueError(f"unsupported ffn_kind {self.ffn_kind!r}; supported: {FFN_KINDS}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.sliding_layers and not (self.sliding_window and self.sliding_window > 0):
+            raise ValueError(f"sliding layers {self.sliding_layers} need a positive sliding_window")
+        if any(not 0 <= i < self.n_layers for i in self.sliding_layers):
+            raise ValueError(f"sliding layers {self.sliding_layers} outside 0..{self.n_layers - 1}")
+
+    @property
+    def gated(self) -> bool:
+        """FFN with a gate projection (SwiGLU, GeGLU): a = act(gate.h) * up.h."""
+        return self.ffn_kind in ("swiglu", "geglu")
+
+    def layer_window(self, layer: int) -> int:
+        """Positions a query of `layer` attends to, counting itself; 0 = all (global attention)."""
+        return self.sliding_window if layer in self.sliding_layers else 0
+
+    def layer_rope(self, layer: int) -> tuple[float, dict | None]:
+        """(RoPE base, scaling) of `layer`: sliding layers use the local base without scaling (Gemma 3)."""
+        if layer in self.sliding_layers and self.rope_local_theta is not None:
+            return self.rope_local_theta, None
+        return self.rope_theta, self.rope_scaling
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -56,7 +84,7 @@ class ModelConfig:
         """(name, length in elements) of one neuron's bundle row, in storage order."""
         d = self.d_model
         # Biases stay dense: one extra element would push a 16 KiB OPT-6.7B row into a fifth 4 KiB block.
-        return [("gate", d), ("up", d), ("down", d)] if self.ffn_kind == "swiglu" else [("up", d), ("down", d)]
+        return [("gate", d), ("up", d), ("down", d)] if self.gated else [("up", d), ("down", d)]
 
     @property
     def bundle_elems(self) -> int:

@@ -51,7 +51,7 @@ class BundleKernel:
     """Runs ffn_bundles for one model's bundle layout over any set of rows."""
 
     def __init__(self, config: ModelConfig, parts: dict, threads: int):
-        self.swiglu = config.ffn_kind == "swiglu"
+        self.act = K.ACTIVATION_OF_KIND[config.ffn_kind]
         self.in_off, self.gate_off, self.down_off = parts["up"], parts.get("gate", 0), parts["down"]
         self.d = config.d_model
         self.threads = threads
@@ -66,7 +66,7 @@ class BundleKernel:
             return
         if self.partial.shape[1] < T:
             self.partial = np.zeros((self.threads, T, self.d), np.float32)
-        K.ffn_bundles(h, rows, n_rows, neuron_of_row, self.no_bias if bias is None else bias, self.swiglu,
+        K.ffn_bundles(h, rows, n_rows, neuron_of_row, self.no_bias if bias is None else bias, self.act,
                       self.in_off, self.gate_off, self.down_off, self.partial, out)
 
 
@@ -82,9 +82,8 @@ class BundleKernel:
             w = self.scratch[:hi - lo]
             K.widen_rows(rows, lo, hi, w)
             u = h @ w[:, self.in_off:self.in_off + d].T                        # [T, block]
-            if self.swiglu:
-                g = h @ w[:, self.gate_off:self.gate_off + d].T
-                a = g / (1.0 + np.exp(-g)) * u
+            if self.act != K.ACT_RELU:
+                a = K.gate_np(h @ w[:, self.gate_off:self.gate_off + d].T, self.act) * u
             else:
                 if bias is not None:
                     u += bias[neuron_of_row[lo:hi]]

@@ -141,45 +141,70 @@ def rope(x, cos, sin):
 
 
 @njit(parallel=True, **JIT)
-def attention(q, k_cache, v_cache, pos0, out):
-    """Causal GQA: q[T, H, hd] at positions pos0.., caches [ctx, Hkv, hd] already hold them; out[T, H, hd]."""
+def attention(q, k_cache, v_cache, pos0, scale, window, out):
+    """Causal GQA: q[T, H, hd] at positions pos0.., caches [ctx, Hkv, hd] already hold them; out[T, H, hd].
+
+    scores = scale * q.k; window > 0 limits a query at position p to keys p-window+1..p (sliding-window
+    layers), window = 0 attends to every earlier position."""
     T, H, hd = q.shape
     group = H // k_cache.shape[1]
-    scale = np.float32(1.0 / math.sqrt(hd))
+    scale = np.float32(scale)
     for th in prange(T * H):
         t = th // H
         h = th % H
         kv = h // group
         n = pos0 + t + 1
-        scores = np.empty(n, np.float32)
+        first = max(0, n - window) if window > 0 else 0
+        scores = np.empty(n - first, np.float32)
         best = np.float32(-np.inf)
-        for p in range(n):
+        for p in range(first, n):
             s = np.float32(0.0)
             for j in range(hd):
                 s += q[t, h, j] * k_cache[p, kv, j]
             s *= scale
-            scores[p] = s
+            scores[p - first] = s
             best = max(best, s)
         total = np.float32(0.0)
-        for p in range(n):
-            e = np.exp(scores[p] - best)
-            scores[p] = e
+        for i in range(n - first):
+            e = np.exp(scores[i] - best)
+            scores[i] = e
             total += e
         for j in range(hd):
             out[t, h, j] = 0.0
-        for p in range(n):
-            wgt = scores[p] / total
+        for p in range(first, n):
+            wgt = scores[p - first] / total
             for j in range(hd):
                 out[t, h, j] += wgt * v_cache[p, kv, j]
 
 
+# FFN activations (the `act` argument of ffn_bundles): ReLU(up.h + b), or gated act(gate.h) * up.h.
+ACT_RELU, ACT_SILU, ACT_GELU_TANH = 0, 1, 2
+ACTIVATION_OF_KIND = {"relu": ACT_RELU, "swiglu": ACT_SILU, "geglu": ACT_GELU_TANH}
+GELU_C = 0.7978845608028654   # sqrt(2 / pi)
+
+
+@njit(**JIT)
+def _gate(g, act):
+    if act == ACT_SILU:
+        return g / (np.float32(1.0) + np.exp(-g))
+    # tanh-approximated GELU, as gelu_pytorch_tanh
+    return np.float32(0.5) * g * (np.float32(1.0) + np.tanh(np.float32(GELU_C) * (g + np.float32(0.044715) * g * g * g)))
+
+
+def gate_np(g: np.ndarray, act: int) -> np.ndarray:
+    """numpy twin of `_gate` for batched (BLAS) paths and predictors."""
+    if act == ACT_SILU:
+        return g / (1.0 + np.exp(-g))
+    return 0.5 * g * (1.0 + np.tanh(GELU_C * (g + 0.044715 * g * g * g)))
+
+
 @njit(parallel=True, **JIT)
-def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, swiglu, in_off, gate_off, down_off, partial, out):
+def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, act, in_off, gate_off, down_off, partial, out):
     """FFN over the first n_rows bundle rows (one neuron each; order does not matter).
 
     h[T, d] normalized input; rows[N, stride] f32 or f16 bits; neuron_of_row[N] which neuron a row
-    holds (indexes up_bias[n_ff]; empty up_bias = no bias); swiglu: a = silu(gate.h) * (up.h), else
-    a = relu(up.h + bias). Each of the C = partial.shape[0] chunks of rows accumulates into its own
+    holds (indexes up_bias[n_ff]; empty up_bias = no bias); act ACT_SILU / ACT_GELU_TANH: a = act(gate.h) * (up.h),
+    ACT_RELU: a = relu(up.h + bias). Each of the C = partial.shape[0] chunks of rows accumulates into its own
     contiguous buffer (threads never share memory), then out[T, d] = their sum.
     """
     T, d = h.shape
@@ -193,9 +218,8 @@ def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, swiglu, in_off, gate_of
             for t in range(T):
                 x = h[t]
                 u = _dot(w_in, x, d)
-                if swiglu:
-                    g = _dot(w_gate, x, d)
-                    a = g / (np.float32(1.0) + np.exp(-g)) * u
+                if act != ACT_RELU:
+                    a = _gate(_dot(w_gate, x, d), act) * u
                 else:
                     if up_bias.size:
                         u += up_bias[neuron_of_row[r]]

@@ -18,11 +18,10 @@ class ContextFull(FlashlmError):
     """More tokens than the KV cache holds (--ctx)."""
 
 
-def rope_tables(c: ModelConfig, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [n_pos, head_dim/2] as the checkpoint's RoPE variant defines them (HF semantics)."""
-    hd = c.head_dim
-    inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-    scaling = c.rope_scaling or {}
+def rope_tables(hd: int, theta: float, scaling: dict | None, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [n_pos, hd/2] for RoPE base `theta` and HF rope_scaling dict `scaling` (HF semantics)."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    scaling = scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -65,7 +64,17 @@ class Model:
         self.ffn_backend = build_ffn(folder, runtime, self.plan, self.kernel, biases, predictors,
                                      row_crc=self.w.get(ROW_CRC_TENSOR))
         self.lm_head = self.w["tok_embeddings"] if c.tied_embeddings else self.w["lm_head"]
-        self.cos, self.sin = rope_tables(c, self.ctx_len) if c.pos_kind == "rope" else (None, None)
+        # One (cos, sin) table per distinct RoPE variant: Gemma 3's sliding layers use another base.
+        self.rope = [None] * c.n_layers
+        if c.pos_kind == "rope":
+            tables = {}
+            for i in range(c.n_layers):
+                theta, scaling = c.layer_rope(i)
+                key = (theta, repr(scaling))
+                if key not in tables:
+                    tables[key] = rope_tables(c.head_dim, theta, scaling, self.ctx_len)
+                self.rope[i] = tables[key]
+        self.attn_scale = c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(c.head_dim)
         kv_shape = (c.n_layers, self.ctx_len, c.n_kv_heads, c.head_dim)
         self.k_cache = np.zeros(kv_shape, np.float32)   # [layer, position, kv head, head_dim]
         self.v_cache = np.zeros(kv_shape, np.float32)
@@ -82,6 +91,14 @@ class Model:
         else:
             K.layernorm(x, self.w[prefix + ".weight"], self.w[prefix + ".bias"], c.norm_eps, out)
 
+    def _residual_add(self, x, o, post_norm, scratch):
+        """x += o, or x += norm(o) for sandwich-norm layers (Gemma)."""
+        if scratch is None:
+            x += o
+        else:
+            self._norm(o, post_norm, scratch)
+            x += scratch
+
     def _linear(self, x, name, out):
         self._matmul(x, self.w[name + ".weight"], out)
         bias = self.w.get(name + ".bias")
@@ -96,6 +113,8 @@ class Model:
 
     def embed(self, tokens: np.ndarray, pos0: int) -> np.ndarray:
         x = self.folder.dense["tok_embeddings"].storage.decode(self.w["tok_embeddings"][tokens])
+        if self.config.embed_scale != 1.0:
+            x *= np.float32(self.config.embed_scale)
         if self.config.pos_kind == "learned":
             lo = pos0 + self.config.pos_offset
             x += self.folder.dense["pos_embeddings"].storage.decode(self.w["pos_embeddings"][lo:lo + len(tokens)])
@@ -126,24 +145,33 @@ class Model:
         v = np.empty((T, Hkv * hd), np.float32)
         att = np.empty((T, H, hd), np.float32)
         o = np.empty((T, d), np.float32)
+        qk_raw = np.empty((T * H, hd), np.float32) if c.qk_norm else None
+        on = np.empty_like(o) if c.sandwich_norm else None
         for layer in range(c.n_layers):
             p = f"layers.{layer}."
             self._norm(x, p + "attn_norm", xn)
             self._linear(xn, p + "attn.q", q)
             self._linear(xn, p + "attn.k", k)
             self._linear(xn, p + "attn.v", v)
+            if c.qk_norm:   # per-head RMSNorm (Qwen 3, Gemma 3); the kernel must not write its input
+                for proj, n_h in ((q, H), (k, Hkv)):
+                    raw = qk_raw[:T * n_h]
+                    raw[:] = proj.reshape(T * n_h, hd)
+                    self._norm(raw, p + f"attn.{'q' if proj is q else 'k'}_norm", proj.reshape(T * n_h, hd))
             q3, k3 = q.reshape(T, H, hd), k.reshape(T, Hkv, hd)
             if c.pos_kind == "rope":
-                K.rope(q3, self.cos[pos0:pos0 + T], self.sin[pos0:pos0 + T])
-                K.rope(k3, self.cos[pos0:pos0 + T], self.sin[pos0:pos0 + T])
+                cos, sin = self.rope[layer]
+                K.rope(q3, cos[pos0:pos0 + T], sin[pos0:pos0 + T])
+                K.rope(k3, cos[pos0:pos0 + T], sin[pos0:pos0 + T])
             self.k_cache[layer, pos0:pos0 + T] = k3
             self.v_cache[layer, pos0:pos0 + T] = v.reshape(T, Hkv, hd)
-            K.attention(q3, self.k_cache[layer], self.v_cache[layer], pos0, att)
+            K.attention(q3, self.k_cache[layer], self.v_cache[layer], pos0, self.attn_scale,
+                        c.layer_window(layer), att)
             self._linear(att.reshape(T, H * hd), p + "attn.o", o)
-            x += o
+            self._residual_add(x, o, p + "attn_post_norm", on)
             self._norm(x, p + "ffn_norm", xn)
             self.ffn(layer, xn, o)
-            x += o
+            self._residual_add(x, o, p + "ffn_post_norm", on)
             if c.ffn_bias:
                 x += self.w[p + "ffn.down.bias"]
         self.history.extend(int(t) for t in tokens)
@@ -180,9 +208,9 @@ class Model:
             self._norm(x, "norm", np.empty_like(x))
             q = np.ones((T, c.n_heads, c.head_dim), np.float32)
             kv = np.ones((T + 1, c.n_kv_heads, c.head_dim), np.float32)
-            K.attention(q, kv, kv, 0, np.empty_like(q))
+            K.attention(q, kv, kv, 0, self.attn_scale, c.layer_window(0), np.empty_like(q))
             if c.pos_kind == "rope":
-                K.rope(q, self.cos[:T], self.sin[:T])
+                K.rope(q, self.rope[0][0][:T], self.rope[0][1][:T])
             rows = np.zeros((2, self.folder.bundles.stride_items), rows_dt)
             for bias in (None, np.zeros(2, np.float32)):
                 self.kernel(x, rows, 2, np.arange(2, dtype=np.int32), bias, np.empty_like(x))

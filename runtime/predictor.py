@@ -45,18 +45,20 @@ class LowRank:
         return self.A.nbytes + self.B.nbytes + self.c.nbytes
 
 
-def swiglu_score(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    return np.abs(gate / (1.0 + np.exp(-gate)) * up)
+def gated_score(gate: np.ndarray, up: np.ndarray, ffn_kind: str) -> np.ndarray:
+    """|act(gate) * up|: a gated neuron's contribution magnitude (SwiGLU: silu, GeGLU: tanh-GELU)."""
+    return np.abs(K.gate_np(gate, K.ACTIVATION_OF_KIND[ffn_kind]) * up)
 
 
 @dataclass
 class LayerPredictor:
     up: LowRank
-    gate: LowRank | None     # SwiGLU only
-    rule: str                # "threshold" (ReLU) or "topk" (SwiGLU)
+    gate: LowRank | None     # gated FFNs (SwiGLU, GeGLU) only
+    rule: str                # "threshold" (ReLU) or "topk" (gated)
     threshold: float = 0.0
     keep: int = 0            # neurons kept per token for "topk"
     hot: np.ndarray | None = None   # neuron ids ordered by calibration activation frequency, hottest first
+    ffn_kind: str = "swiglu"        # which gate activation the contribution score applies
 
     @property
     def nbytes(self) -> int:
@@ -65,7 +67,7 @@ class LayerPredictor:
     def scores(self, h: np.ndarray) -> np.ndarray:
         """h [T, d] -> scores [T, n_ff]: estimated pre-activation (ReLU) or contribution (SwiGLU)."""
         up = self.up(h)
-        return up if self.gate is None else swiglu_score(self.gate(h), up)
+        return up if self.gate is None else gated_score(self.gate(h), up, self.ffn_kind)
 
     def select(self, scores: np.ndarray) -> np.ndarray:
         """Predicted neuron ids (int32, sorted) for one token's scores [n_ff]."""
@@ -138,9 +140,9 @@ def load_predictors(folder: Path, config, layers=None) -> list[LayerPredictor | 
             out.append(None)
             continue
         up, gate = low_rank(p + ".up"), low_rank(p + ".gate")
-        if up is None or (gate is None) != (config.ffn_kind != "swiglu"):
+        if up is None or (gate is None) == config.gated:
             raise ModelFileError(f"{path}: layer {i} predictor maps do not fit a {config.ffn_kind} FFN")
         out.append(LayerPredictor(up=up, gate=gate, rule=info["rule"],
                                   threshold=info.get("threshold", 0.0), keep=info.get("keep", 0),
-                                  hot=hot(p + ".hot")))
+                                  hot=hot(p + ".hot"), ffn_kind=config.ffn_kind))
     return out

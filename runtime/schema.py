@@ -8,12 +8,12 @@ import math
 import types
 import typing
 
-from .config import SUPPORTED_ARCHITECTURES, ModelConfig
+from .config import FFN_KINDS, SUPPORTED_ARCHITECTURES, ModelConfig
 from .errors import FlashlmError
 
 # Sizes every kernel indexes with: zero or negative values make them divide by zero or write out of bounds.
 POSITIVE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "n_ff", "max_position")
-CHOICES = {"architecture": SUPPORTED_ARCHITECTURES, "ffn_kind": ("swiglu", "relu"), "norm_kind": ("rms", "layer"),
+CHOICES = {"architecture": SUPPORTED_ARCHITECTURES, "ffn_kind": FFN_KINDS, "norm_kind": ("rms", "layer"),
            "pos_kind": ("rope", "learned")}
 MAX_DIM = 1 << 24       # far above any real model; a bigger value is a corrupt or hostile manifest
 
@@ -70,6 +70,17 @@ def config_from_dict(d) -> ModelConfig:
     for name in ("norm_eps", "rope_theta"):
         if name in values and not (math.isfinite(values[name]) and values[name] > 0):
             raise ConfigError(name, f"{values[name]} is not a positive number")
+    for name in ("embed_scale", "attn_scale", "rope_local_theta"):
+        v = values.get(name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ConfigError(name, f"{v} is not a positive number")
+    window, sliding = values.get("sliding_window"), values.get("sliding_layers", [])
+    if window is not None and not 0 < window <= MAX_DIM:
+        raise ConfigError("sliding_window", f"{window} is not in 1..{MAX_DIM}")
+    if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < values["n_layers"] for i in sliding):
+        raise ConfigError("sliding_layers", f"{sliding} must be layer indices below n_layers {values['n_layers']}")
+    if sliding and window is None:
+        raise ConfigError("sliding_window", "missing, but sliding_layers lists layers")
     if not 0 <= values.get("pos_offset", 0) <= MAX_DIM:
         raise ConfigError("pos_offset", f"{values['pos_offset']} is out of range")
     vocab = values["vocab_size"]
@@ -112,8 +123,12 @@ def expected_tensors(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             t[p + "attn.q.bias"], t[p + "attn.k.bias"], t[p + "attn.v.bias"] = (q,), (kv,), (kv,)
         if c.attn_out_bias:
             t[p + "attn.o.bias"] = (d,)
-        if c.ffn_kind == "swiglu":
+        if c.gated:
             t[p + "ffn.gate.weight"] = (ff, d)
+        if c.qk_norm:
+            t[p + "attn.q_norm.weight"], t[p + "attn.k_norm.weight"] = (hd,), (hd,)
+        if c.sandwich_norm:
+            t[p + "attn_post_norm.weight"], t[p + "ffn_post_norm.weight"] = (d,), (d,)
         t[p + "ffn.up.weight"] = (ff, d)
         t[p + "ffn.down.weight"] = (d, ff)
         if c.ffn_bias:

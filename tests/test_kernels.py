@@ -31,19 +31,22 @@ def test_f16_widening_handles_every_class():
     np.testing.assert_array_equal(res[0], bits.view(np.float16).astype(np.float32))
 
 
-def _ffn_reference(h, gate, up, down, bias, swiglu):
+def _ffn_reference(h, gate, up, down, bias, act):
+    import torch
     u = h @ up.T
-    if swiglu:
-        g = h @ gate.T
-        a = g / (1 + np.exp(-g)) * u
-    else:
+    if act == K.ACT_RELU:
         a = np.maximum(u + bias, 0)
+    else:   # torch's own activations are the reference for the gated kinds
+        g = torch.from_numpy(h @ gate.T)
+        g = torch.nn.functional.silu(g) if act == K.ACT_SILU else torch.nn.functional.gelu(g, approximate="tanh")
+        a = g.numpy() * u
     return a @ down.T
 
 
-@pytest.mark.parametrize("swiglu", [True, False])
+@pytest.mark.parametrize("act", [K.ACT_SILU, K.ACT_GELU_TANH, K.ACT_RELU])
 @pytest.mark.parametrize("T", [1, 3])
-def test_ffn_bundles_matches_numpy_in_any_row_order(swiglu, T):
+def test_ffn_bundles_matches_numpy_in_any_row_order(act, T):
+    swiglu = act != K.ACT_RELU
     rng = np.random.default_rng(1)
     d, n = 24, 50
     h = rng.standard_normal((T, d)).astype(np.float32)
@@ -56,30 +59,42 @@ def test_ffn_bundles_matches_numpy_in_any_row_order(swiglu, T):
     else:
         rows = np.concatenate([up, down.T], axis=1)
         offs, b = (0, 0, d), bias
-    ref = _ffn_reference(h, gate, up, down, bias, swiglu)
+    ref = _ffn_reference(h, gate, up, down, bias, act)
     for perm in (np.arange(n, dtype=np.int32), rng.permutation(n).astype(np.int32)):
         r = np.ascontiguousarray(rows[perm])
         out = np.empty((T, d), np.float32)
-        K.ffn_bundles(h, r, n, perm, b, swiglu, *offs, np.zeros((3, T, d), np.float32), out)
+        K.ffn_bundles(h, r, n, perm, b, act, *offs, np.zeros((3, T, d), np.float32), out)
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
     # only the first n_rows rows count: the rest of a cache matrix is free space
     out = np.empty((T, d), np.float32)
-    K.ffn_bundles(h, rows, 20, np.arange(n, dtype=np.int32), b, swiglu, *offs, np.zeros((2, T, d), np.float32), out)
-    np.testing.assert_allclose(out, _ffn_reference(h, gate[:20], up[:20], down[:, :20], bias[:20], swiglu),
+    K.ffn_bundles(h, rows, 20, np.arange(n, dtype=np.int32), b, act, *offs, np.zeros((2, T, d), np.float32), out)
+    np.testing.assert_allclose(out, _ffn_reference(h, gate[:20], up[:20], down[:, :20], bias[:20], act),
                                rtol=1e-4, atol=1e-4)
 
 
-def test_attention_is_causal_gqa():
+def test_gate_np_matches_kernel_activation():
+    g = np.linspace(-8, 8, 101).astype(np.float32)
+    import torch
+    np.testing.assert_allclose(K.gate_np(g, K.ACT_GELU_TANH),
+                               torch.nn.functional.gelu(torch.from_numpy(g), approximate="tanh").numpy(), atol=1e-6)
+    np.testing.assert_allclose(K.gate_np(g, K.ACT_SILU), torch.nn.functional.silu(torch.from_numpy(g)).numpy(),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("window,scale", [(0, None), (2, None), (4, 0.3)])
+def test_attention_is_causal_gqa(window, scale):
     rng = np.random.default_rng(2)
     T, H, Hkv, hd, pos0 = 3, 4, 2, 8, 2
     q = rng.standard_normal((T, H, hd)).astype(np.float32)
     kc = rng.standard_normal((10, Hkv, hd)).astype(np.float32)
     vc = rng.standard_normal((10, Hkv, hd)).astype(np.float32)
     out = np.empty_like(q)
-    K.attention(q, kc, vc, pos0, out)
+    scale = 1 / np.sqrt(hd) if scale is None else scale
+    K.attention(q, kc, vc, pos0, scale, window, out)
     for t in range(T):
         for h in range(H):
             n = pos0 + t + 1
-            s = kc[:n, h // 2] @ q[t, h] / np.sqrt(hd)
+            lo = max(0, n - window) if window else 0   # a sliding layer sees its last `window` positions
+            s = kc[lo:n, h // 2] @ q[t, h] * scale
             p = np.exp(s - s.max())
-            np.testing.assert_allclose(out[t, h], (p / p.sum()) @ vc[:n, h // 2], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(out[t, h], (p / p.sum()) @ vc[lo:n, h // 2], rtol=1e-5, atol=1e-5)

@@ -17,6 +17,9 @@ MODELS = {
     "qwen2-bias": lambda p: tm.make_llama(p, tied=False, qwen2=True),
     "llama-bf16-sharded": lambda p: tm.make_llama(p, tied=False, sharded=True, dtype=tm.torch.bfloat16),
     "opt": lambda p: tm.make_opt(p),
+    "qwen3-qk-norm": lambda p: tm.make_qwen3(p),
+    "gemma3-sliding": lambda p: tm.make_gemma3(p, layer_types=["sliding_attention", "sliding_attention",
+                                                                "full_attention", "sliding_attention"]),
 }
 
 

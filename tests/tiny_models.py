@@ -29,13 +29,14 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, max_posit
               bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0)
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
+def _randomize(model: torch.nn.Module, seed: int, norm_center: float = 1.0) -> None:
+    """norm_center: 1 for norms that multiply by w, 0 for Gemma's, which multiply by 1 + w."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():   # tied lm_head is the same Parameter: listed once
             noise = torch.randn(p.shape, generator=g)
             is_norm_weight = "norm" in name and name.endswith("weight")
-            p.copy_(1.0 + 0.1 * noise if is_norm_weight else 0.2 * noise)
+            p.copy_(norm_center + 0.1 * noise if is_norm_weight else 0.2 * noise)
 
 
 def _write_tokenizer(folder: Path) -> None:
@@ -53,8 +54,8 @@ def _write_tokenizer(folder: Path) -> None:
         "unk_token": {"content": "<unk>", "lstrip": False, "rstrip": False}, "chat_template": CHAT_TEMPLATE}))
 
 
-def _save(model, folder: Path, seed: int, *, dtype=torch.float32, sharded=False) -> Path:
-    _randomize(model, seed)
+def _save(model, folder: Path, seed: int, *, dtype=torch.float32, sharded=False, norm_center=1.0) -> Path:
+    _randomize(model, seed, norm_center)
     model.to(dtype).save_pretrained(folder, safe_serialization=True,
                                     **({"max_shard_size": "40KB"} if sharded else {}))
     _write_tokenizer(folder)
@@ -72,6 +73,32 @@ def make_llama(folder, seed: int = 0, *, tied: bool, n_kv_heads: int = 2, dtype=
                   rope_theta=50000.0, rms_norm_eps=1e-5, tie_word_embeddings=tied)
     torch.manual_seed(seed)
     return _save(cls(cfg), Path(folder), seed, dtype=dtype, sharded=sharded)
+
+
+def make_qwen3(folder, seed: int = 0) -> Path:
+    """Qwen3: per-head q/k RMSNorm, no biases, head_dim 24 != hidden/heads (16)."""
+    cfg = transformers.Qwen3Config(**COMMON, num_hidden_layers=2, num_key_value_heads=2, head_dim=24,
+                                   intermediate_size=160, rope_theta=50000.0, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return _save(transformers.Qwen3ForCausalLM(cfg), Path(folder), seed)
+
+
+def make_gemma3(folder, seed: int = 0, *, dtype=torch.float32, layer_types=None, query_pre_attn_scalar=20,
+                rope=(1000.0, 100000.0)) -> Path:
+    """Gemma 3 text: GeGLU, (1 + w) sandwich norms, q/k norms, sqrt(d) embeddings; sliding-window layers
+    (window 5, shorter than the test sequences) interleaved with a global one, each with its own RoPE base
+    (local, global); query_pre_attn_scalar 20 != head_dim, so the attention scale is checked too.
+    layer_types None: transformers' default pattern (every 6th layer global) over 6 layers."""
+    layers = dict(num_hidden_layers=6) if layer_types is None else dict(num_hidden_layers=len(layer_types),
+                                                                         layer_types=layer_types)
+    cfg = transformers.Gemma3TextConfig(
+        **COMMON, **layers, num_key_value_heads=2, head_dim=16, intermediate_size=160,
+        rms_norm_eps=1e-6, sliding_window=5, query_pre_attn_scalar=query_pre_attn_scalar,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": rope[0]},
+                         "full_attention": {"rope_type": "default", "rope_theta": rope[1]}})
+    torch.manual_seed(seed)
+    return _save(transformers.Gemma3ForCausalLM(cfg), Path(folder), seed, dtype=dtype, norm_center=0.0)
 
 
 def make_opt(folder, seed: int = 0) -> Path:
