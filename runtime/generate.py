@@ -58,8 +58,9 @@ class GenerationStats:
         ]
 
 
-def prefill(model: Model, prompt: list[int], stats: GenerationStats):
-    """Run the prompt, reusing the longest prefix already in the KV cache; returns last logits [vocab]."""
+def prefill(model: Model, prompt: list[int], stats: GenerationStats, cancel=None):
+    """Run the prompt, reusing the longest prefix already in the KV cache; returns last logits [vocab],
+    or None if `cancel` was set between two chunks (what ran stays in the cache, for the next prompt)."""
     if not prompt:
         raise PromptError("empty prompt")
     common = 0
@@ -72,20 +73,27 @@ def prefill(model: Model, prompt: list[int], stats: GenerationStats):
     if len(prompt) > model.ctx_len:
         raise PromptError(f"prompt of {len(prompt)} tokens exceeds the context length {model.ctx_len} (--ctx)")
     t0 = time.perf_counter()
-    logits = None
+    logits, done = None, common
     for start in range(common, len(prompt), PREFILL_CHUNK):
+        if cancel is not None and cancel.is_set():
+            break
         logits = model.forward(prompt[start:start + PREFILL_CHUNK])
+        done = min(start + PREFILL_CHUNK, len(prompt))
     stats.prompt_s = time.perf_counter() - t0
-    stats.prompt_tokens = len(prompt) - common
+    stats.prompt_tokens = done - common
     stats.cached_tokens = common
-    return logits[-1]
+    return logits[-1] if done == len(prompt) else None
 
 
 def generate_step(model: Model, prompt: list[int], sampler: Sampler, stats: GenerationStats,
-                  max_tokens: int) -> Iterator[int]:
-    """Yield up to max_tokens sampled ids; the caller stops early by closing the generator."""
+                  max_tokens: int, cancel=None) -> Iterator[int]:
+    """Yield up to max_tokens sampled ids; the caller stops early by closing the generator (or, during a
+    long prefill, by setting `cancel`)."""
     t0 = time.perf_counter()
-    logits = prefill(model, prompt, stats)
+    logits = prefill(model, prompt, stats, cancel)
+    if logits is None:
+        stats.finish_reason = "cancelled"
+        return
     model.reset_io_stats()
     history = list(prompt)
     for i in range(max_tokens):
@@ -120,14 +128,15 @@ def stream_generate(model: Model, tokenizer, prompt: list[int], params: Sampling
     """Yield text pieces as they become printable; stops on EOS, stop strings or max_tokens.
 
     `cancel` (a threading.Event, or anything with is_set()) is checked before every token, also those
-    that print nothing yet, so a server stops a generation whose client went away within one token.
+    that print nothing yet, and between prefill chunks, so a server stops a generation whose client
+    went away within one token or one chunk.
     """
     stats = stats if stats is not None else GenerationStats()
     stats.finish_reason = "length"
     decoder = tokenizer.decoder()
     stops = [s for s in stop if s]
     text, emitted = "", 0
-    steps = generate_step(model, prompt, Sampler(params), stats, max_tokens)
+    steps = generate_step(model, prompt, Sampler(params), stats, max_tokens, cancel)
     try:
         for token in steps:
             if cancel is not None and cancel.is_set():

@@ -439,6 +439,25 @@ def test_a_queued_client_that_drops_leaves_the_queue(folder):
         first.close()
 
 
+def test_cancel_stops_a_long_prefill_between_chunks(folder, monkeypatch):
+    import flashlm.runtime.generate as generate
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", 8)
+    model, tok = load(folder)
+    cancel = threading.Event()
+    forward = model.forward
+
+    def forward_then_cancel(tokens, **kw):                 # the client leaves during the first chunk
+        cancel.set()
+        return forward(tokens, **kw)
+    model.forward = forward_then_cancel
+    ids = tok.encode("The quick brown fox jumps over the lazy dog. " * 2)
+    assert len(ids) > 16
+    stats = GenerationStats()
+    pieces = list(stream_generate(model, tok, ids, SamplingParams(), max_tokens=5, stats=stats, cancel=cancel))
+    assert pieces == [] and stats.finish_reason == "cancelled"
+    assert model.history == ids[:8] and stats.prompt_tokens == 8     # what ran stays reusable
+
+
 # --- the command line -------------------------------------------------------------------------------------
 def test_cli_serves_until_interrupted(folder):
     import signal
