@@ -21,7 +21,9 @@ penalties) are refused unless given their neutral value.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -52,6 +54,7 @@ class ServerSettings:
     api_key: str | None = None       # if set, /v1/* needs "Authorization: Bearer KEY"
     max_body_bytes: int = 2 * 2**20  # a 32k-token prompt is ~130 kB of text; this leaves room for JSON escapes
     max_connections: int = 64        # uvicorn answers 503 beyond this many open connections
+    allowed_hosts: tuple[str, ...] | None = None   # Host header names accepted (None: any); see HttpServer
     max_stops: int = 16
     max_stop_chars: int = 256        # stop strings are matched every token: bound their cost
 
@@ -98,6 +101,12 @@ def _no_duplicate_keys(pairs: list) -> dict:
 
 
 async def _read_json(request: Request, limit: int) -> dict:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        # A web page can make a browser POST text/plain or form data to any address without asking;
+        # application/json needs a CORS preflight this server never grants.
+        raise ApiError(415, f"Content-Type must be application/json, got {media or 'none'!r}",
+                       code="unsupported_media_type")
     too_big = ApiError(413, f"request body exceeds the server's limit of {limit} bytes",
                        code="request_too_large", headers={"Connection": "close"})
     declared = request.headers.get("content-length")
@@ -345,6 +354,7 @@ class _Api:
     def route(self, handler, *, auth: bool = True):
         async def endpoint(request: Request):
             try:
+                self._check_host(request)
                 if auth:
                     self._authorize(request)
                 return await handler(request)
@@ -354,6 +364,17 @@ class _Api:
                 log.exception("request failed: %s %s", request.method, request.url.path)
                 return ApiError(500, "internal server error", type="server_error").response()
         return endpoint
+
+    def _check_host(self, request: Request) -> None:
+        allowed = self.settings.allowed_hosts
+        if allowed is None:
+            return
+        host = request.headers.get("host", "")
+        name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+        if name.lower() not in allowed:
+            raise ApiError(403, f"Host {host!r} is not allowed: a loopback server answers only to "
+                           f"{', '.join(allowed)} (so a web page cannot reach it by DNS rebinding)",
+                           code="host_not_allowed")
 
     def _authorize(self, request: Request) -> None:
         key = self.settings.api_key
@@ -544,6 +565,9 @@ class HttpServer:
         self.engine, self.settings = engine, settings
         self.sock = bind(settings.host, settings.port)
         self.host, self.port = self.sock.getsockname()[:2]
+        if settings.allowed_hosts is None and ipaddress.ip_address(self.host).is_loopback:
+            settings = dataclasses.replace(settings, allowed_hosts=("localhost", "127.0.0.1", "::1"))
+            self.settings = settings
         config = uvicorn.Config(build_app(engine, settings), log_config=None, access_log=False, lifespan="off",
                                 limit_concurrency=settings.max_connections, timeout_keep_alive=5,
                                 timeout_graceful_shutdown=3)

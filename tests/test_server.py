@@ -293,19 +293,30 @@ def _read_response(sock):
 def test_huge_bodies_are_refused(server):
     # A declared length over the limit is refused before the body is sent at all.
     with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n" % (BODY_LIMIT * 1000))
         status, body = _read_response(s)
     assert status == 413 and body["error"]["code"] == "request_too_large"
     # A chunked body is cut off as soon as it passes the limit (the rest is never sent).
     with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
         piece = b"x" * 1024
         for _ in range(BODY_LIMIT // len(piece) + 1):
             s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
         status, body = _read_response(s)
     assert status == 413
     assert health(server.port)[0] == 200
+
+
+def test_only_json_from_loopback_names(server):
+    body = json.dumps(chat_body()).encode()
+    code, _, out = raw(server.port, "POST", "/v1/chat/completions", body, {"Content-Type": "text/plain"})
+    assert code == 415 and json.loads(out)["error"]["code"] == "unsupported_media_type"
+    for host, status in (("evil.example:8080", 403), ("localhost:1234", 200), ("[::1]:80", 200)):
+        code, _, out = raw(server.port, "POST", "/v1/chat/completions", body, {"Host": host})
+        assert code == status, out
+    assert raw(server.port, "GET", "/health", headers={"Host": "rebound.example"})[0] == 403
 
 
 def test_api_key(folder):
@@ -383,7 +394,7 @@ def test_clients_beyond_the_queue_get_503_with_retry_after(folder):
 def _open_stream(port, body):
     s = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
     data = json.dumps(body).encode()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
     return s
 
