@@ -317,6 +317,52 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    from .device import load_profile, parse_profile, shipped_profiles
+    if args.list:
+        for name in shipped_profiles():
+            prof = load_profile(name)
+            tag = "measured" if prof.measured else "published figures"
+            print(f"{name:28s} {prof.memory_bytes / 2**30:5.1f} GiB  {prof.cores:2d} cores  "
+                  f"{16384 / prof.flash_speeds(4).random_seconds(16384) / 1e6:7.0f} MB/s rand16K@4  ({tag}) {prof.description}")
+        return 0
+    if args.show:
+        print(Path(load_profile(args.show).path).read_text(), end="")
+        return 0
+    from .probe import probe, to_toml
+    directory = Path(args.dir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: --dir must be an existing folder on the disk to measure")
+
+    def on_point(kind, pt):
+        if kind == "flash":
+            what = "seq 1M" if pt.get("sequential") else f"rand {pt['read_bytes'] >> 10:5d}K"
+            _err(f"  flash {pt['io']:8s} {what} x{pt['threads']:<2d} {pt['mb_s']:8.1f} MB/s")
+        elif kind == "reader":
+            _err(f"  FlashReader {pt['what']} x{pt['threads']}: {pt.get('useful_mb_s', pt.get('mb_s')):.1f} MB/s")
+        elif kind == "dram":
+            _err("  DRAM read " + ", ".join(f"{v:.1f} GB/s x{t}" for t, v in pt["gb_s"].items()))
+        elif kind == "compute":
+            for k, v in pt["gweights_s"].items():
+                _err(f"  matvec {k:10s} " + ", ".join(f"{g:.2f} G weights/s x{t}" for t, g in v.items()))
+            for k, e in pt["errors"].items():
+                _err(f"  matvec {k}: not available ({e})")
+    _err(f"probing {directory} ({'full' if args.full else 'quick'}) ...")
+    data = probe(directory, quick=not args.full, on_point=on_point)
+    name = Path(args.output).stem if args.output else "this-machine"
+    data["device"]["name"] = name
+    parse_profile(data, name)           # what is written must load back
+    text = to_toml(data, [f"Device profile written by `flashlm probe` on {data['probe']['date']}.",
+                          "MB = 10^6 bytes/s, GB = 10^9; random reads at random size-aligned offsets."])
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+        _err(f"wrote {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flashlm", description=DESCRIPTION,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -398,6 +444,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     _add_runtime_flags(p, stats=False, mode_list=True)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("probe", help="measure this machine into a device profile; list or show shipped ones",
+                       formatter_class=fmt)
+    p.add_argument("--dir", default=".", help="a folder on the disk that will hold the models (not tmpfs)")
+    p.add_argument("-o", "--output", default=None, help="write the profile here (NAME.toml; default: stdout)")
+    p.add_argument("--quick", action="store_true", help="short run: 512 MiB file, 0.4 s per point (the default)")
+    p.add_argument("--full", action="store_true", help="thorough grid: 2 GiB file, 1.5 s per point, FlashReader checks")
+    p.add_argument("--list", action="store_true", help="list the shipped device profiles")
+    p.add_argument("--show", metavar="NAME", default=None, help="print a shipped (or given) profile")
+    p.set_defaults(func=cmd_probe)
     return ap
 
 

@@ -1,27 +1,30 @@
-"""Device profiles (devices/*.toml, written by tools/io_probe.py): how fast this machine's flash reads.
+"""Device profiles (devices/*.toml, written by `flashlm probe` or from published figures): what a
+machine is and how fast it reads flash, streams DRAM and runs matvecs.
 
-The flash planner turns these into costs: seconds to fetch one bundle row by random direct reads at
-the reader's concurrency, and seconds per byte streamed sequentially.
+A profile is parsed and validated once into a DeviceProfile; a bad one is a one-line ProfileError
+naming the file and the key. The planner and the cost model take their speeds from it: seconds to
+fetch one bundle row by random direct reads at the reader's concurrency, seconds per byte streamed
+sequentially, and weights per second of a decode matvec for a storage type, engine and thread count.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
-
-from .errors import FlashlmError
 
 try:
     import tomllib
 except ModuleNotFoundError:     # Python 3.10
     import tomli as tomllib
 
-class ProfileError(FlashlmError):
-    """A device profile that is missing or malformed."""
-
-
 # Without a profile: what DESIGN.md measured on a 2-core VM with a virtio disk (O_DIRECT, 4 threads).
 DEFAULT_RANDOM_MB_S = {4096: 150.0, 16384: 500.0, 65536: 1100.0, 262144: 1600.0, 1048576: 1600.0}
 DEFAULT_SEQUENTIAL_MB_S = 1200.0
+PROFILE_VERSION = 1
+
+
+class ProfileError(ValueError):
+    """A device or run profile that cannot be used: the message names the file and the key."""
 
 
 @dataclass
@@ -31,17 +34,104 @@ class FlashSpeeds:
     source: str = "built-in defaults"
 
     def random_seconds(self, read_bytes: int) -> float:
-        """Seconds for one random direct read of read_bytes, interpolated in log size."""
+        """Seconds for one random direct read of read_bytes (see _mb_s_at_size)."""
         sizes = sorted(self.random_mb_s)
-        size = min(max(read_bytes, sizes[0]), sizes[-1])
-        hi = next(s for s in sizes if s >= size)
-        lo = max(s for s in sizes if s <= size)
-        mb_s = self.random_mb_s[lo] if hi == lo else (
-            self.random_mb_s[lo] + (self.random_mb_s[hi] - self.random_mb_s[lo]) * (size - lo) / (hi - lo))
-        return read_bytes / (mb_s * 1e6)
+        return read_bytes / (_mb_s_at_size(sizes, [self.random_mb_s[s] for s in sizes], read_bytes) * 1e6)
 
     def stream_seconds(self, nbytes: int) -> float:
         return nbytes / (self.sequential_mb_s * 1e6)
+
+
+def _interp(xs: list[int], ys: list[float], x: float) -> float:
+    """Piecewise-linear in log2(x), clamped at the ends (thread counts and read sizes are geometric)."""
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            a, b = math.log2(xs[i - 1]), math.log2(xs[i])
+            t = (math.log2(x) - a) / (b - a)
+            return ys[i - 1] + t * (ys[i] - ys[i - 1])
+    return ys[-1]
+
+
+def _mb_s_at_size(sizes: list[int], mb_s: list[float], size: float) -> float:
+    """MB/s of reads of `size` bytes: the time per read is interpolated linearly in size between
+    measured sizes (latency + size / bandwidth on each segment, exact at the measured points), so a
+    bigger read never takes less time than a smaller one; outside the range MB/s is held."""
+    if size <= sizes[0]:
+        return mb_s[0]
+    if size >= sizes[-1]:
+        return mb_s[-1]
+    i = next(k for k in range(1, len(sizes)) if size <= sizes[k])
+    t0, t1 = sizes[i - 1] / mb_s[i - 1], sizes[i] / mb_s[i]
+    t = t0 + (t1 - t0) * (size - sizes[i - 1]) / (sizes[i] - sizes[i - 1])
+    return size / t
+
+
+@dataclass
+class FlashTable:
+    """MB/s by read size (rows) and concurrency (columns), plus sequential 1 MiB reads."""
+    read_bytes: list[int]
+    threads: list[int]
+    random_mb_s: dict[int, list[float]]          # read size -> MB/s at each of threads
+    sequential_threads: list[int]
+    sequential_mb_s: list[float]
+
+    def random_at(self, read_bytes: int, threads: int) -> float:
+        """MB/s of random reads of read_bytes with `threads` in flight (interpolated)."""
+        col = [_interp(self.threads, self.random_mb_s[s], threads) for s in self.read_bytes]
+        return _mb_s_at_size(self.read_bytes, col, read_bytes)
+
+    def sequential_at(self, threads: int) -> float:
+        return _interp(self.sequential_threads, self.sequential_mb_s, threads)
+
+
+@dataclass
+class DeviceProfile:
+    name: str
+    measured: bool                         # true: written by `flashlm probe` on the device itself
+    cores: int                             # physical cores (compute threads worth using)
+    ram_bytes: int
+    memory_limit_bytes: int | None         # cgroup limit when one applies, else None
+    page_size: int
+    machine: str                           # CPU architecture (x86_64, aarch64)
+    direct: FlashTable                     # O_DIRECT reads
+    buffered: FlashTable | None            # page-cache reads of cold data (None: not measured)
+    dram_threads: list[int]
+    dram_gb_s: list[float]                 # read bandwidth at each of dram_threads
+    compute_threads: list[int]
+    compute_gweights_s: dict[str, list[float]]   # "engine-storage" (numba-f16, ort-int4) -> G weights/s
+    description: str = ""
+    sources: list[str] = field(default_factory=list)
+    path: str = "built-in defaults"
+    raw: dict = field(default_factory=dict, repr=False)   # the parsed TOML, for `probe --show`
+
+    @property
+    def memory_bytes(self) -> int:
+        """What a process may use: the cgroup limit when lower than RAM."""
+        return min(self.ram_bytes, self.memory_limit_bytes or self.ram_bytes)
+
+    def flash_speeds(self, threads: int, io: str = "direct") -> FlashSpeeds:
+        table = self.buffered if io == "buffered" and self.buffered is not None else self.direct
+        return FlashSpeeds({s: table.random_at(s, threads) for s in table.read_bytes},
+                           table.sequential_at(threads), source=self.path)
+
+    def dram_gb_s_at(self, threads: int) -> float:
+        return _interp(self.dram_threads, self.dram_gb_s, threads)
+
+    def matvec_gweights_s(self, kind: str, threads: int) -> float:
+        """G weights/s of a decode matvec with `kind` ("numba-f16", ...) on `threads` threads.
+
+        A kind the profile lacks falls back to the DRAM bound of its bytes per weight."""
+        if kind in self.compute_gweights_s:
+            return _interp(self.compute_threads, self.compute_gweights_s[kind], threads)
+        bytes_per_weight = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "int8": 1.0625, "int4": 0.5625}
+        storage = kind.split("-", 1)[-1]
+        if storage not in bytes_per_weight:
+            raise ProfileError(f"{self.path}: compute has no figures for {kind!r} (has {sorted(self.compute_gweights_s)})")
+        return self.dram_gb_s_at(threads) / bytes_per_weight[storage]
 
 
 def shipped_profile(name: str):
@@ -51,21 +141,149 @@ def shipped_profile(name: str):
     return Path(str(entry)) if entry.is_file() else None
 
 
-def load_speeds(profile: str | Path | None, threads: int) -> FlashSpeeds:
-    """Speeds at `threads` concurrent reads from a profile TOML (path or name in devices/), or defaults."""
+def shipped_profiles() -> list[str]:
+    """Names of the profiles shipped as package data."""
+    from importlib.resources import files
+    return sorted(Path(str(e)).stem for e in files("flashlm.devices").iterdir() if str(e).endswith(".toml"))
+
+
+def resolve_profile(profile: str | Path) -> Path:
+    path = Path(profile)
+    if path.exists():
+        return path
+    shipped = shipped_profile(str(profile))
+    if shipped is None:
+        raise ProfileError(f"{profile}: no such device profile (a TOML path, or one of: {', '.join(shipped_profiles())})")
+    return shipped
+
+
+# --- parsing ---------------------------------------------------------------------------------------
+class _Reader:
+    """Typed access to a parsed TOML table: every failure names the file and the dotted key."""
+
+    def __init__(self, path: str, data: dict, prefix: str = ""):
+        self.path, self.data, self.prefix = path, data, prefix
+
+    def fail(self, key: str, problem: str):
+        raise ProfileError(f"{self.path}: {self.prefix}{key}: {problem}")
+
+    def table(self, key: str, required: bool = True) -> "_Reader | None":
+        v = self.data.get(key)
+        if v is None:
+            if required:
+                self.fail(key, "missing table")
+            return None
+        if not isinstance(v, dict):
+            self.fail(key, f"expected a table, got {type(v).__name__}")
+        return _Reader(self.path, v, f"{self.prefix}{key}.")
+
+    def get(self, key: str, kind, default=..., positive: bool = False):
+        if key not in self.data:
+            if default is ...:
+                self.fail(key, "missing")
+            return default
+        v = self.data[key]
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            self.fail(key, f"expected {kind.__name__}, got {type(v).__name__} {v!r}")
+        if positive and not v > 0:
+            self.fail(key, f"must be > 0, got {v!r}")
+        return v
+
+    def numbers(self, key: str, length: int | None = None, integer: bool = False, increasing: bool = False,
+                what: str = "") -> list:
+        v = self.data.get(key)
+        if v is None:
+            self.fail(key, "missing")
+        if not isinstance(v, list) or not v:
+            self.fail(key, f"expected a non-empty list of numbers, got {v!r}")
+        for x in v:
+            if isinstance(x, bool) or not isinstance(x, int if integer else (int, float)) or not x > 0:
+                self.fail(key, f"expected positive {'integers' if integer else 'numbers'}, got {x!r}")
+        if length is not None and len(v) != length:
+            self.fail(key, f"expected {length} numbers ({what}), got {len(v)}")
+        if increasing and any(b <= a for a, b in zip(v, v[1:])):
+            self.fail(key, f"must be strictly increasing, got {v}")
+        return [int(x) for x in v] if integer else [float(x) for x in v]
+
+
+def _flash_table(r: _Reader, key: str, read_bytes: list[int], threads: list[int]) -> dict[int, list[float]]:
+    t = r.table(key)
+    out = {}
+    for size in read_bytes:
+        if str(size) not in t.data:
+            t.fail(str(size), f"missing row for read size {size} (flash.read_bytes)")
+        out[size] = t.numbers(str(size), len(threads), what="one per flash.threads")
+    extra = sorted(set(t.data) - {str(s) for s in read_bytes})
+    if extra:
+        t.fail(extra[0], "not one of flash.read_bytes")
+    return out
+
+
+def parse_profile(data: dict, path: str = "<profile>") -> DeviceProfile:
+    """Validate a parsed device-profile TOML; raises ProfileError naming the first bad key."""
+    r = _Reader(path, data)
+    dev = r.table("device")
+    measured = dev.get("measured", bool)
+    sources = dev.get("sources", list, default=[])
+    if not measured and not sources:
+        dev.fail("sources", "a profile with measured = false must cite where its figures come from")
+    if any(not isinstance(s, str) or not s for s in sources):
+        dev.fail("sources", "expected a list of non-empty strings")
+    ram = dev.get("ram_bytes", int, positive=True)
+    limit = dev.get("memory_limit_bytes", int, default=None)
+    if limit is not None and limit <= 0:
+        dev.fail("memory_limit_bytes", f"must be > 0, got {limit}")
+
+    fl = r.table("flash")
+    read_bytes = fl.numbers("read_bytes", integer=True, increasing=True)
+    threads = fl.numbers("threads", integer=True, increasing=True)
+    seq_threads = fl.numbers("sequential_threads", integer=True, increasing=True)
+    seq = fl.numbers("sequential_1m_mb_s", len(seq_threads), what="one per flash.sequential_threads")
+    direct = FlashTable(read_bytes, threads, _flash_table(fl, "random_mb_s", read_bytes, threads), seq_threads, seq)
+    buffered = None
+    if "buffered_random_mb_s" in fl.data:
+        bseq = fl.numbers("buffered_sequential_1m_mb_s", len(seq_threads), what="one per flash.sequential_threads")
+        buffered = FlashTable(read_bytes, threads, _flash_table(fl, "buffered_random_mb_s", read_bytes, threads),
+                              seq_threads, bseq)
+
+    mem = r.table("memory")
+    dram_threads = mem.numbers("threads", integer=True, increasing=True)
+    dram = mem.numbers("read_gb_s", len(dram_threads), what="one per memory.threads")
+
+    # [compute] is optional: a profile from published figures has no numba/onnxruntime measurements,
+    # and its matvec speed then follows the DRAM bound (DeviceProfile.matvec_gweights_s).
+    comp = r.table("compute", required=False)
+    cores = dev.get("cores", int, positive=True)
+    c_threads, gweights = [cores], {}
+    if comp is not None:
+        c_threads = comp.numbers("threads", integer=True, increasing=True)
+        g = comp.table("gweights_s")
+        gweights = {k: g.numbers(k, len(c_threads), what="one per compute.threads") for k in g.data}
+
+    return DeviceProfile(
+        name=dev.get("name", str), measured=measured, cores=cores, ram_bytes=ram,
+        memory_limit_bytes=limit, page_size=dev.get("page_size", int, default=4096, positive=True),
+        machine=dev.get("machine", str, default=""), direct=direct, buffered=buffered, dram_threads=dram_threads,
+        dram_gb_s=dram, compute_threads=c_threads, compute_gweights_s=gweights,
+        description=dev.get("description", str, default=""), sources=list(sources), path=path, raw=data)
+
+
+def load_profile(profile: str | Path) -> DeviceProfile:
+    """A device profile from a TOML path or the name of a shipped one."""
+    path = resolve_profile(profile)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(f"{path}: not valid TOML ({e})") from None
+    except OSError as e:
+        raise ProfileError(f"{path}: cannot read ({e.strerror})") from None
+    return parse_profile(data, str(path))
+
+
+def load_speeds(profile: str | Path | None, threads: int, io: str = "direct") -> FlashSpeeds:
+    """Flash speeds at `threads` concurrent reads from a profile (path or shipped name), or defaults."""
     if profile is None:
         return FlashSpeeds(dict(DEFAULT_RANDOM_MB_S), DEFAULT_SEQUENTIAL_MB_S)
-    path = Path(profile)
-    if not path.exists():
-        path = shipped_profile(str(profile))
-    if path is None or not path.exists():
-        raise ProfileError(f"{profile}: no such device profile (a TOML path or a name in devices/)")
-    try:
-        flash = tomllib.loads(path.read_text())["flash"]
-        idx = min(range(len(flash["threads"])), key=lambda i: abs(flash["threads"][i] - threads))
-        random = {int(size): float(v[idx]) for size, v in flash["random_mb_s"].items()}
-        seq = flash["sequential_1m_mb_s"]
-        sequential = float(seq[min(len(seq) - 1, 1 if threads > 1 else 0)])
-    except (KeyError, ValueError, IndexError, tomllib.TOMLDecodeError) as e:
-        raise ProfileError(f"{path}: not a device profile with [flash] random_mb_s and sequential_1m_mb_s ({e})") from None
-    return FlashSpeeds(random, sequential, source=str(path))
+    return load_profile(profile).flash_speeds(threads, io)

@@ -11,7 +11,7 @@ Why it is built this way (measured on a 2-core VM with a virtio disk, see ../sha
   buffer address, file offset and length aligned: every read is widened outward to 4096-byte blocks.
   Layer offsets are multiples of 4096 and rows never straddle a block (stride is a multiple or a
   power-of-two divisor of 4096), which makes the row grid and the block grid line up.
-- Measured with tools/io_probe.py (devices/this-machine-2core.toml): random 16 KiB rows reach 0.9-1.0x
+- Measured with the probe (`flashlm probe`, devices/this-machine-2core.toml): random 16 KiB rows reach 0.9-1.0x
   the raw probe at the same thread count with 512 rows per call. Small calls (64 rows) or many threads
   (16-32) lose 10-30% to the per-call wake-up and join. read_layer matches sequential 1 MiB reads.
 """

@@ -1,0 +1,503 @@
+"""Measure this machine and write a device profile: memory (cgroup-aware), cores, flash reads (direct
+and buffered, by read size x concurrency), DRAM read bandwidth and decode-matvec throughput per thread
+count for each storage type and engine.
+
+Flash: every thread loops over its own list of random size-aligned offsets with `os.preadv` into its
+own page-aligned buffer for a fixed time, the equivalent of `fio --rw=randread --ioengine=psync
+--numjobs=T --bs=B` (Python threads release the GIL inside the syscall, so this matches fio, see
+DESIGN.md; one thread-pool task per read would not). Buffered points first evict the file from the page
+cache (POSIX_FADV_DONTNEED) so they measure cold reads through the kernel's read-ahead, not DRAM.
+The same workload through `FlashReader` shows its efficiency against the raw disk.
+
+The test file (random bytes, so no layer of the stack can shortcut zeros) lives on the disk being
+measured and is deleted afterwards if this run created it. MB means 10^6 bytes, GB 10^9. Expect ~15%
+run-to-run noise; compare ratios within one run. Library code: progress goes to an `on_point`
+callback, never to stdout.
+"""
+from __future__ import annotations
+
+import datetime
+import mmap
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from numba import njit, prange
+
+from .flash_reader import FlashReader, aligned_empty
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass
+class ProbeSettings:
+    """What to measure; `quick()` is the short default, `full()` the thorough grid."""
+    read_bytes: tuple[int, ...]
+    threads: tuple[int, ...]
+    sequential_threads: tuple[int, ...]
+    file_bytes: int
+    seconds: float
+    compute_threads: tuple[int, ...]
+    buffered: bool = True
+    reader_checks: bool = True
+    matvec_shape: tuple[int, int] = (2048, 4096)     # rows x cols of the synthetic decode matvec
+    dram_bytes: int = 256 * MiB                      # array summed for DRAM bandwidth (>> last-level cache)
+
+    @classmethod
+    def quick(cls, cores: int) -> "ProbeSettings":
+        return cls((4096, 16384, 65536, 262144, MiB), (1, 4, 16), (1, 4), 512 * MiB, 0.4,
+                   _thread_counts(cores), buffered=True, reader_checks=False)
+
+    @classmethod
+    def full(cls, cores: int) -> "ProbeSettings":
+        return cls((4096, 16384, 65536, 262144, MiB), (1, 4, 16, 32), (1, 4), 2 * GiB, 1.5,
+                   _thread_counts(cores), buffered=True, reader_checks=True)
+
+
+def _thread_counts(cores: int) -> tuple[int, ...]:
+    out, t = [], 1
+    while t < cores:
+        out.append(t)
+        t *= 2
+    return tuple(out + [cores])
+
+
+# --- memory and cores ------------------------------------------------------------------------------
+def cgroup_memory_limit() -> int | None:
+    """The tightest memory limit of this process's cgroup (v2 memory.max or v1 limit_in_bytes), or None."""
+    limits = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        rel = rel.lstrip("/")
+        if controllers == "":                                   # cgroup v2: walk up to the root
+            p = Path("/sys/fs/cgroup") / rel
+            while True:
+                f = p / "memory.max"
+                if f.exists():
+                    v = f.read_text().strip()
+                    if v != "max":
+                        limits.append(int(v))
+                if p == Path("/sys/fs/cgroup") or p.parent == p:
+                    break
+                p = p.parent
+        elif "memory" in controllers.split(","):
+            for base in (Path("/sys/fs/cgroup/memory") / rel, Path("/sys/fs/cgroup/memory")):
+                f = base / "memory.limit_in_bytes"
+                if f.exists():
+                    v = int(f.read_text().strip())
+                    if v < 1 << 60:                             # "unlimited" is a huge page-rounded number
+                        limits.append(v)
+                    break
+    return min(limits) if limits else None
+
+
+def cgroup_cpu_limit() -> float | None:
+    """CPUs allowed by a cgroup CPU quota (cpu.max or cfs_quota/period), or None."""
+    try:
+        q = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if q[0] != "max":
+            return int(q[0]) / int(q[1])
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        if quota > 0:
+            return quota / period
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def machine_facts() -> dict:
+    import psutil
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    physical = psutil.cpu_count(logical=False) or logical
+    cpu_quota = cgroup_cpu_limit()
+    cores = min(physical, logical)
+    if cpu_quota is not None:
+        cores = max(1, min(cores, int(cpu_quota)))
+    return {"cores": cores, "logical_cpus": logical, "ram_bytes": psutil.virtual_memory().total,
+            "memory_limit_bytes": cgroup_memory_limit(), "page_size": mmap.PAGESIZE,
+            "os": f"{platform.system()} {platform.release()}", "machine": platform.machine()}
+
+
+def disk_info(path: str) -> dict:
+    """Best effort: the block device holding `path` and its queue properties (Linux sysfs)."""
+    try:
+        st = os.stat(path)
+        dev = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}").resolve()
+        if (dev / "partition").exists():
+            dev = dev.parent
+        q = dev / "queue"
+        return {"disk": dev.name,
+                "rotational": (q / "rotational").read_text().strip() == "1",
+                "logical_block_bytes": int((q / "logical_block_size").read_text()),
+                "disk_model": (dev / "device" / "model").read_text().strip()
+                if (dev / "device" / "model").exists() else ""}
+    except (OSError, ValueError):
+        return {}
+
+
+# --- flash -----------------------------------------------------------------------------------------
+def ensure_file(path: str, size: int) -> bool:
+    """Create `path` with `size` random bytes unless it already holds that many; True if created."""
+    if os.path.exists(path) and os.path.getsize(path) >= size:
+        return False
+    rng = np.random.default_rng(0)
+    chunk = 8 * MiB
+    with open(path, "wb") as f:
+        for _ in range(0, size, chunk):
+            f.write(rng.bytes(chunk))
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def _run_threads(fd: int, nthreads: int, seconds: float, make_offsets) -> tuple[float, int, int]:
+    """Each thread loops preadv over its own offsets until the deadline. Returns (elapsed, bytes, reads)."""
+    barrier = threading.Barrier(nthreads + 1)
+    results = [None] * nthreads
+
+    def loop(i: int, bs: int, offsets: list[int]):
+        buf = mmap.mmap(-1, bs)
+        n, k, got = len(offsets), 0, 0
+        barrier.wait()
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        t1 = t0
+        while t1 < deadline:
+            got += os.preadv(fd, [buf], offsets[k % n])
+            k += 1
+            t1 = time.perf_counter()
+        results[i] = (t0, t1, got, k)
+        buf.close()
+
+    threads = [threading.Thread(target=loop, args=(i, *make_offsets(i))) for i in range(nthreads)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    start = min(r[0] for r in results)
+    end = max(r[1] for r in results)
+    return end - start, sum(r[2] for r in results), sum(r[3] for r in results)
+
+
+def random_point(fd, file_size, bs, nthreads, seconds, seed=0):
+    def offsets(i):
+        rng = np.random.default_rng((seed, bs, nthreads, i))
+        return bs, (rng.integers(0, file_size // bs, 1 << 16) * bs).tolist()
+    return _run_threads(fd, nthreads, seconds, offsets)
+
+
+def sequential_point(fd, file_size, nthreads, seconds, bs=MiB):
+    region = file_size // nthreads // bs * bs      # each thread streams through its own region
+
+    def offsets(i):
+        return bs, [i * region + j * bs for j in range(region // bs)]
+    return _run_threads(fd, nthreads, seconds, offsets)
+
+
+def _evict(fd: int) -> None:
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def reader_rows_point(path, file_size, seconds, rows_per_call, stride=16384, threads=4):
+    """FlashReader.read_rows with random 16 KiB rows: (useful MB/s, fetched MB/s, reads/s)."""
+    n_rows = file_size // stride
+    rng = np.random.default_rng(1)
+    out = np.empty((rows_per_call, stride), np.uint8)
+    dst = np.arange(rows_per_call)
+    with FlashReader(path, layer_offsets=[0], stride_bytes=stride, n_rows=n_rows, mode="direct",
+                     threads=threads) as r:
+        r.read_rows(0, rng.choice(n_rows, rows_per_call, replace=False), out, dst)   # warm-up
+        r.reset_stats()
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            r.read_rows(0, rng.choice(n_rows, rows_per_call, replace=False), out, dst)
+        s = r.stats
+    return s.useful_bytes / s.seconds / 1e6, s.bytes_read / s.seconds / 1e6, s.reads / s.seconds
+
+
+def reader_layer_point(path, file_size, seconds, layer_bytes=256 * MiB, stride=16384, threads=4):
+    """FlashReader.read_layer of a whole layer into a reused page-aligned array: fetched MB/s."""
+    layer_bytes = min(layer_bytes, file_size // stride * stride)
+    n_rows = layer_bytes // stride
+    n_layers = file_size // layer_bytes
+    out = aligned_empty((n_rows, stride), np.uint8)
+    out[:] = 0                                   # fault the pages in once: a prefill buffer is reused
+    with FlashReader(path, layer_offsets=[i * layer_bytes for i in range(n_layers)], stride_bytes=stride,
+                     n_rows=n_rows, mode="direct", threads=threads) as r:
+        t_end = time.perf_counter() + seconds
+        i = 0
+        while time.perf_counter() < t_end or i == 0:
+            r.read_layer(i % n_layers, out)
+            i += 1
+        s = r.stats
+    return s.bytes_read / s.seconds / 1e6
+
+
+def probe_flash(path: str, s: ProbeSettings, on_point: Callable[[str, dict], None]) -> dict:
+    """Direct (and buffered) random reads by size x threads, sequential 1 MiB reads, FlashReader checks."""
+    res = {"random": {}, "sequential": {}, "buffered_random": {}, "buffered_sequential": {}, "reader": {}}
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        for bs in s.read_bytes:
+            for nt in s.threads:
+                el, nbytes, nreads = random_point(fd, s.file_bytes, bs, nt, s.seconds)
+                res["random"][bs, nt] = (nbytes / el / 1e6, nreads / el)
+                on_point("flash", {"io": "direct", "read_bytes": bs, "threads": nt, "mb_s": nbytes / el / 1e6,
+                                   "iops": nreads / el})
+        for nt in s.sequential_threads:
+            el, nbytes, _ = sequential_point(fd, s.file_bytes, nt, s.seconds)
+            res["sequential"][nt] = nbytes / el / 1e6
+            on_point("flash", {"io": "direct", "read_bytes": MiB, "threads": nt, "sequential": True,
+                               "mb_s": nbytes / el / 1e6})
+    finally:
+        os.close(fd)
+    if s.buffered:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for bs in s.read_bytes:
+                for nt in s.threads:
+                    _evict(fd)
+                    el, nbytes, nreads = random_point(fd, s.file_bytes, bs, nt, s.seconds, seed=1)
+                    res["buffered_random"][bs, nt] = nbytes / el / 1e6
+                    on_point("flash", {"io": "buffered", "read_bytes": bs, "threads": nt, "mb_s": nbytes / el / 1e6})
+            for nt in s.sequential_threads:
+                _evict(fd)
+                el, nbytes, _ = sequential_point(fd, s.file_bytes, nt, s.seconds)
+                res["buffered_sequential"][nt] = nbytes / el / 1e6
+                on_point("flash", {"io": "buffered", "read_bytes": MiB, "threads": nt, "sequential": True,
+                                   "mb_s": nbytes / el / 1e6})
+            _evict(fd)
+        finally:
+            os.close(fd)
+    if s.reader_checks:
+        rows = {}
+        for nt, k in ((4, 64), (4, 512), (16, 512)):
+            useful, _, _ = reader_rows_point(path, s.file_bytes, s.seconds, k, threads=nt)
+            rows[nt, k] = useful
+            on_point("reader", {"what": "read_rows", "threads": nt, "rows_per_call": k, "useful_mb_s": useful})
+        layer = reader_layer_point(path, s.file_bytes, s.seconds)
+        on_point("reader", {"what": "read_layer", "threads": 4, "mb_s": layer})
+        res["reader"] = {"rows": rows, "layer": layer}
+    return res
+
+
+# --- DRAM and compute ------------------------------------------------------------------------------
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
+def read_sum(a):
+    """Sum of a large f32 array over all numba threads: its time is the DRAM read bandwidth."""
+    chunks = 256
+    n = a.shape[0]
+    step = (n + chunks - 1) // chunks
+    partial = np.zeros(chunks, np.float32)
+    for c in prange(chunks):
+        acc = np.float32(0.0)
+        for j in range(c * step, min(n, (c + 1) * step)):
+            acc += a[j]
+        partial[c] = acc
+    return partial.sum()
+
+
+def _timed(fn, seconds: float, min_reps: int = 3) -> float:
+    """Best seconds per call of fn over about `seconds` (after one warm-up call): the best run is the
+    least disturbed by other processes on a shared machine, as STREAM reports its best rate."""
+    fn()
+    times = []
+    t_end = time.perf_counter() + seconds
+    while len(times) < min_reps or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(min(times))
+
+
+def probe_dram(threads: tuple[int, ...], seconds: float, nbytes: int = 256 * MiB) -> dict[int, float]:
+    """Read bandwidth (GB/s) of a parallel sum over an array much larger than any cache."""
+    from .kernels import set_threads
+    a = np.ones(nbytes // 4, np.float32)
+    out = {}
+    for t in threads:
+        set_threads(t)
+        out[t] = nbytes / _timed(lambda: read_sum(a), seconds) / 1e9
+    set_threads(None)
+    return out
+
+
+def probe_matvec_numba(threads: tuple[int, ...], seconds: float, shape: tuple[int, int]) -> dict[str, dict[int, float]]:
+    """G weights/s of kernels.matmul (the dense decode path) for f32 and f16 weights, T = 1."""
+    from .kernels import matmul, set_threads
+    rng = np.random.default_rng(0)
+    n, d = shape
+    x = rng.standard_normal((1, d)).astype(np.float32)
+    out = np.empty((1, n), np.float32)
+    # Several matrices whose total exceeds the last-level cache, cycled, as a decode step does.
+    copies = min(64, max(2, (64 * MiB) // (n * d * 2)))
+    weights = {"f32": [rng.standard_normal((n, d)).astype(np.float32) for _ in range(max(1, copies // 2))],
+               "f16": [rng.standard_normal((n, d)).astype(np.float16).view(np.uint16) for _ in range(copies)]}
+    res = {}
+    for storage, ws in weights.items():
+        res[f"numba-{storage}"] = {}
+        for t in threads:
+            set_threads(t)
+            k = [0]
+
+            def step():
+                matmul(x, ws[k[0] % len(ws)], out)
+                k[0] += 1
+            res[f"numba-{storage}"][t] = n * d / _timed(step, seconds) / 1e9
+    set_threads(None)
+    return res
+
+
+def probe_matvec_onnxruntime(threads: tuple[int, ...], seconds: float, shape: tuple[int, int]) -> dict[str, dict[int, float]]:
+    """G weights/s of onnxruntime's com.microsoft.MatMulNBits (4 and 8 bits, block 32) on synthetic
+    constant weights, T = 1; {} when onnxruntime or onnx is not importable."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return {}
+    n, d = shape
+    block = 32
+    res = {}
+    rng = np.random.default_rng(0)
+    for bits in (4, 8):
+        blob = block * bits // 8
+        nodes, inits = [], []
+        # A chain of square-ish matvecs ([d] -> [n] -> [d] ...) whose weights exceed the cache.
+        n_mats = min(64, max(2, (64 * MiB) // (n * d * bits // 8)))
+        prev = "x"
+        dims = [(d, n) if i % 2 == 0 else (n, d) for i in range(n_mats)]
+        for i, (K, N) in enumerate(dims):
+            kb = K // block
+            w = rng.integers(0, 256, (N, kb, blob), dtype=np.uint8)
+            sc = (rng.random(N * kb, dtype=np.float32) * 0.01 + 0.001).astype(np.float32)
+            inits += [helper.make_tensor(f"w{i}", TensorProto.UINT8, w.shape, w.tobytes(), raw=True),
+                      helper.make_tensor(f"s{i}", TensorProto.FLOAT, sc.shape, sc.tobytes(), raw=True)]
+            nodes.append(helper.make_node("MatMulNBits", [prev, f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
+                                          K=K, N=N, bits=bits, block_size=block, accuracy_level=4))
+            prev = f"y{i}"
+        graph = helper.make_graph(nodes, "matvec", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, d])],
+                                  [helper.make_tensor_value_info(prev, TensorProto.FLOAT, None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        model_bytes = model.SerializeToString()
+        x = rng.standard_normal((1, d)).astype(np.float32)
+        weights = sum(K * N for K, N in dims)
+        key = f"ort-int{bits}"
+        res[key] = {}
+        for t in threads:
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = t
+            so.inter_op_num_threads = 1
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            try:
+                sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+            except Exception as e:      # an onnxruntime build without this contrib op / bit width
+                res.pop(key, None)
+                res.setdefault("_errors", {})[key] = str(e).splitlines()[0][:200]
+                break
+            feed = {"x": x}
+            res[key][t] = weights / _timed(lambda: sess.run(None, feed), seconds) / 1e9
+    return res
+
+
+# --- the whole probe -------------------------------------------------------------------------------
+def probe(directory: str | Path, settings: ProbeSettings | None = None, *, quick: bool = True,
+          on_point: Callable[[str, dict], None] = lambda kind, point: None, keep_file: bool = False) -> dict:
+    """Measure this machine; returns the profile as a dict ready for `profile_toml` (and parse_profile)."""
+    facts = machine_facts()
+    s = settings or (ProbeSettings.quick if quick else ProbeSettings.full)(facts["cores"])
+    directory = Path(directory)
+    test_file = directory / "flashlm-probe.bin"
+    created = ensure_file(str(test_file), s.file_bytes)
+    try:
+        flash = probe_flash(str(test_file), s, on_point)
+    finally:
+        if created and not keep_file:
+            test_file.unlink()
+    dram = probe_dram(s.compute_threads, s.seconds, s.dram_bytes)
+    on_point("dram", {"gb_s": dram})
+    compute = probe_matvec_numba(s.compute_threads, s.seconds, s.matvec_shape)
+    compute.update(probe_matvec_onnxruntime(s.compute_threads, s.seconds, s.matvec_shape))
+    errors = compute.pop("_errors", {})
+    on_point("compute", {"gweights_s": compute, "errors": errors})
+    return _as_profile(facts, disk_info(str(directory)), s, flash, dram, compute, errors)
+
+
+def _as_profile(facts, disk, s: ProbeSettings, flash, dram, compute, errors) -> dict:
+    rnd = lambda v: round(float(v), 1 if v >= 10 else 3)  # noqa: E731
+    fl = {"read_bytes": list(s.read_bytes), "threads": list(s.threads),
+          "sequential_threads": list(s.sequential_threads),
+          "sequential_1m_mb_s": [rnd(flash["sequential"][t]) for t in s.sequential_threads],
+          "random_mb_s": {str(b): [rnd(flash["random"][b, t][0]) for t in s.threads] for b in s.read_bytes},
+          "random_iops": {str(b): [float(round(flash["random"][b, t][1])) for t in s.threads] for b in s.read_bytes}}
+    if flash["buffered_random"]:
+        fl["buffered_sequential_1m_mb_s"] = [rnd(flash["buffered_sequential"][t]) for t in s.sequential_threads]
+        fl["buffered_random_mb_s"] = {str(b): [rnd(flash["buffered_random"][b, t]) for t in s.threads]
+                                      for b in s.read_bytes}
+    if flash["reader"]:
+        rows = flash["reader"]["rows"]
+        fl["flashreader"] = {"read_rows_threads": [t for t, _ in rows], "read_rows_rows_per_call": [k for _, k in rows],
+                             "read_rows_useful_mb_s": [rnd(v) for v in rows.values()],
+                             "read_layer_mb_s": rnd(flash["reader"]["layer"])}
+    device = {"name": "", "description": "measured by flashlm probe", "measured": True, **facts, **disk}
+    if device["memory_limit_bytes"] is None:
+        del device["memory_limit_bytes"]
+    threads = list(s.compute_threads)
+    return {
+        "version": 1,
+        "device": device,
+        "probe": {"date": datetime.date.today().isoformat(), "file_bytes": s.file_bytes, "seconds_per_point": s.seconds,
+                  "method": "python threads, each looping os.preadv over its own offsets (fio psync numjobs); "
+                            "buffered points after POSIX_FADV_DONTNEED",
+                  "matvec_shape": list(s.matvec_shape), **({"engine_errors": errors} if errors else {})},
+        "flash": fl,
+        "memory": {"threads": threads, "read_gb_s": [rnd(dram[t]) for t in threads]},
+        "compute": {"threads": threads, "gweights_s": {k: [rnd(v[t]) for t in threads] for k, v in compute.items() if v}},
+    }
+
+
+# --- TOML writing (tomllib reads, nothing in the standard library writes) ----------------------------
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
+def to_toml(data: dict, header: list[str] = ()) -> str:
+    """A nested dict of scalars, lists and tables as TOML (tables after the scalars of each level)."""
+    lines = [f"# {h}" for h in header]
+
+    def emit(table: dict, prefix: str):
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        tables = {k: v for k, v in table.items() if isinstance(v, dict)}
+        if prefix and (scalars or not tables):
+            lines.extend(["", f"[{prefix}]"])
+        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars.items())
+        for k, v in tables.items():
+            emit(v, f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k))
+    emit(data, "")
+    return "\n".join(lines).lstrip("\n") + "\n"
