@@ -140,3 +140,23 @@ def test_cli_list_and_show():
     assert r.returncode == 0 and "measured = false" in r.stdout
     r = run("--show", "nope")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no such device profile" in r.stderr
+
+
+def test_aarch64_check_dry_run_prints_the_emulation_steps(tmp_path):
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "tools" / "aarch64_check.py"
+    r = subprocess.run([sys.executable, str(script), "--dry-run", "--root", str(tmp_path / "root")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    order = ["apt-get install -y -qq debootstrap qemu-user-static binfmt-support",
+             "mount -t binfmt_misc", "update-binfmts --enable qemu-aarch64",
+             "debootstrap --arch=arm64 --variant=minbase", "ca-certificates.crt",
+             "pip install -q /opt/flashlm", "aarch64_fixture_check.py make",
+             "python -m pytest", "aarch64_fixture_check.py check", "flashlm probe --quick"]
+    positions = [out.find(s) for s in order]
+    assert all(p >= 0 for p in positions), [s for s, p in zip(order, positions) if p < 0]
+    assert positions == sorted(positions)
+    assert not (tmp_path / "root").exists()             # a dry run changes nothing
+    bad = subprocess.run([sys.executable, str(script), "--dry-run", "--steps", "root,nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown step 'nope'" in bad.stderr
