@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import FlashlmError
+
 try:
     import tomllib
 except ModuleNotFoundError:     # Python 3.10
@@ -20,10 +22,9 @@ except ModuleNotFoundError:     # Python 3.10
 # Without a profile: what DESIGN.md measured on a 2-core VM with a virtio disk (O_DIRECT, 4 threads).
 DEFAULT_RANDOM_MB_S = {4096: 150.0, 16384: 500.0, 65536: 1100.0, 262144: 1600.0, 1048576: 1600.0}
 DEFAULT_SEQUENTIAL_MB_S = 1200.0
-PROFILE_VERSION = 1
 
 
-class ProfileError(ValueError):
+class ProfileError(FlashlmError, ValueError):
     """A device or run profile that cannot be used: the message names the file and the key."""
 
 
@@ -121,17 +122,17 @@ class DeviceProfile:
     def dram_gb_s_at(self, threads: int) -> float:
         return _interp(self.dram_threads, self.dram_gb_s, threads)
 
-    def matvec_gweights_s(self, kind: str, threads: int) -> float:
+    def matvec_gweights_s(self, kind: str, threads: int, bytes_per_weight: float | None = None) -> float:
         """G weights/s of a decode matvec with `kind` ("numba-f16", ...) on `threads` threads.
 
-        A kind the profile lacks falls back to the DRAM bound of its bytes per weight."""
+        A kind the profile lacks follows the DRAM bound: read GB/s / bytes per weight."""
         if kind in self.compute_gweights_s:
             return _interp(self.compute_threads, self.compute_gweights_s[kind], threads)
-        bytes_per_weight = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "int8": 1.0625, "int4": 0.5625}
-        storage = kind.split("-", 1)[-1]
-        if storage not in bytes_per_weight:
+        known = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "int8": 1.0625, "int4": 0.5625}
+        per_weight = bytes_per_weight or known.get(kind.split("-", 1)[-1])
+        if per_weight is None:
             raise ProfileError(f"{self.path}: compute has no figures for {kind!r} (has {sorted(self.compute_gweights_s)})")
-        return self.dram_gb_s_at(threads) / bytes_per_weight[storage]
+        return self.dram_gb_s_at(threads) / per_weight
 
 
 def shipped_profile(name: str):

@@ -1,0 +1,80 @@
+"""The cost model on hand-computed cases (a made-up device with round numbers)."""
+from __future__ import annotations
+
+import pytest
+
+from flashlm.runtime.cost_model import CostModel, ModelShape
+from flashlm.runtime.device import parse_profile
+
+# 1 G weights/s for f16 at any thread count, 2 G for f32; DRAM 10 GB/s; flash: 4 KiB random reads at
+# 40 MB/s on one thread and 160 MB/s with 4 in flight, 1 MiB at 400 / 800 MB/s, sequential 1000 MB/s.
+DEVICE = parse_profile({
+    "device": {"name": "round", "measured": True, "cores": 2, "ram_bytes": 1 << 33},
+    "flash": {"read_bytes": [4096, 1048576], "threads": [1, 4], "sequential_threads": [4],
+              "sequential_1m_mb_s": [1000.0], "random_mb_s": {"4096": [40.0, 160.0], "1048576": [400.0, 800.0]}},
+    "memory": {"threads": [2], "read_gb_s": [10.0]},
+    "compute": {"threads": [2], "gweights_s": {"numba-f16": [1.0], "numba-f32": [2.0]}},
+}, "round.toml")
+
+SHAPE = ModelShape(n_layers=2, d_model=100, n_ff=1000, vocab=500, attn_weights=40_000, bundle_elems=300,
+                   stride_bytes=4096, storage="f16", predictor_weights=(10_000, 10_000))
+
+
+def model(io_threads=4, **kw):
+    return CostModel(DEVICE, compute_threads=2, io_threads=io_threads, layer_overhead_s=0.0, token_overhead_s=0.0,
+                     sparse_bookkeeping_s=0.0, **kw)
+
+
+def test_resident_layer_is_its_matvecs():
+    c = model().layer(SHAPE, "resident")
+    # attention 40k + FFN 1000 rows x 300 weights = 340k f16 weights at 1 G/s = 340 us, nothing read
+    assert c.compute_s == pytest.approx(340e-6) and c.total_s == pytest.approx(340e-6)
+    assert c.io_s == 0 and c.bytes_read == 0
+
+
+def test_streamed_layer_overlaps_its_read_with_compute():
+    c = model().layer(SHAPE, "stream")
+    # 1000 rows x 4096 B = 4.096 MB at 1000 MB/s = 4.096 ms, which hides the 340 us of compute
+    assert c.io_s == pytest.approx(4.096e-3)
+    assert c.total_s == pytest.approx(4.096e-3)
+    assert c.bytes_read == 4096 * 1000
+
+
+def test_sparse_layer_by_hand():
+    c = model().layer(SHAPE, "sparse", held_rows=300, miss_rows=50, predictor_weights=10_000)
+    # reads: 50 rows of 4 KiB with 4 in flight at 160 MB/s = 50 x 4096 / 160e6 = 1.28 ms
+    assert c.io_s == pytest.approx(50 * 4096 / 160e6)
+    # compute: attention 40 us + predictor 10k f32 at 2 G/s = 5 us + held 250 rows x 300 = 75 us + new 50 x 300 = 15 us
+    assert c.compute_s == pytest.approx(40e-6 + 5e-6 + 75e-6 + 15e-6)
+    # memory management: swap copies of 50 rows, read + written at 10 GB/s = 2 x 204800 / 1e10
+    assert c.mm_s == pytest.approx(2 * 50 * 4096 / 10e9)
+    # the read overlaps the held rows' compute: attention + predictor + mm + max(io, held) + new rows
+    assert c.total_s == pytest.approx(40e-6 + 5e-6 + c.mm_s + max(c.io_s, 75e-6) + 15e-6)
+
+
+def test_few_missing_rows_cannot_use_every_reader_thread():
+    one = model().layer(SHAPE, "sparse", held_rows=10, miss_rows=1)
+    # one row is one read in flight: 4096 B at the 1-thread 40 MB/s
+    assert one.io_s == pytest.approx(4096 / 40e6)
+    two = model(io_threads=1).layer(SHAPE, "sparse", held_rows=300, miss_rows=50)
+    assert two.io_s == pytest.approx(50 * 4096 / 40e6)
+
+
+def test_token_adds_lm_head_and_overheads():
+    m = CostModel(DEVICE, compute_threads=2, io_threads=4, layer_overhead_s=10e-6, token_overhead_s=100e-6,
+                  sparse_bookkeeping_s=0.0)
+    layers = [m.layer(SHAPE, "resident"), m.layer(SHAPE, "stream")]
+    t = m.token(SHAPE, layers)
+    # lm_head 500 x 100 = 50k weights = 50 us; overheads 100 + 2 x 10 us
+    assert t.head_s == pytest.approx(50e-6)
+    assert t.total_s == pytest.approx(340e-6 + 4.096e-3 + 50e-6 + 120e-6)
+    # the streamed layer's compute (340 us) hides under its read
+    assert t.overlap_s == pytest.approx(340e-6)
+    text = "\n".join(t.lines())
+    assert "flash I/O" in text and "memory management" in text and "1 resident, 1 stream" in text
+
+
+def test_missing_engine_figures_follow_the_dram_bound():
+    m = CostModel(DEVICE, compute_threads=2, engine="ort")
+    # no ort-f16 figures: 10 GB/s over 2 bytes per weight = 5 G weights/s
+    assert m.matvec_s(5e9, "f16", 2.0) == pytest.approx(1.0)
