@@ -62,10 +62,13 @@ def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_l
 
 def _runtime_config(args):
     from .config import RuntimeConfig
+    from .tune import apply_run_profile
     mode = (args.mode or ("flash" if args.budget is not None else "dense")).split(",")[0]
-    return RuntimeConfig(ctx_len=args.ctx, threads=args.threads, mode=mode, budget=args.budget, window=args.window,
-                         pin=args.pin, io=args.io, io_threads=args.io_threads, max_gap_bytes=args.max_gap,
-                         layer_io=args.layer_io, profile=args.profile, verify_reads=not args.no_verify)
+    # --profile may name a run profile written by `flashlm tune`: it fills the flags not given
+    return apply_run_profile(RuntimeConfig(
+        ctx_len=args.ctx, threads=args.threads, mode=mode, budget=args.budget, window=args.window,
+        pin=args.pin, io=args.io, io_threads=args.io_threads, max_gap_bytes=args.max_gap,
+        layer_io=args.layer_io, profile=args.profile, verify_reads=not args.no_verify))
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -363,6 +366,48 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .device import load_profile, shipped_profile
+    from .memory import parse_size
+    from .modelfile import open_folder
+    from .predictor import calibration_report
+    from .tune import candidates, run_profile_toml
+    folder = open_folder(args.model)
+    profile_ref = args.profile or "this-machine-2core"
+    profile = load_profile(profile_ref)
+    limit = parse_size(args.memory_limit, profile.memory_bytes)
+    try:
+        calibration = calibration_report(folder.path)
+    except FileNotFoundError:
+        calibration = None
+    ranked = candidates(folder, profile, limit, calibration, profile_ref=profile_ref, ctx_len=args.ctx)
+    if args.measure:
+        from .tune import measure_ms
+        _err(f"measuring the {args.measure} best predicted settings ({args.tokens} decode tokens each) ...")
+        for cand in ranked[:args.measure]:
+            cand.measured_ms = measure_ms(folder.path, cand.rt, args.tokens)
+            _err(f"  {cand.describe():55s} predicted {cand.ms:8.2f} ms  measured {cand.measured_ms:8.2f} ms")
+        best = min(ranked[:args.measure], key=lambda c: c.measured_ms)
+    else:
+        best = ranked[0]
+    _err(f"tuned {folder.path.name} for {profile.name} within {limit / 2**20:,.0f} MiB "
+         f"({len(ranked)} settings fit): {best.describe()}")
+    if args.explain:
+        _err(*best.plan.lines())
+        _err(*best.cost.lines())
+        _err("  runners-up:")
+        for cand in ranked[1:6]:
+            _err(f"    {cand.ms:8.2f} ms/token  {cand.describe()}")
+    text = run_profile_toml(best, model=str(folder.path), device=profile_ref if shipped_profile(profile_ref)
+                            else str(Path(profile_ref).resolve()), memory_limit=limit)
+    if args.output:
+        Path(args.output).write_text(text)
+        _err(f"wrote {args.output} (use it with --profile {args.output})")
+    else:
+        print(text, end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flashlm", description=DESCRIPTION,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -454,6 +499,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the shipped device profiles")
     p.add_argument("--show", metavar="NAME", default=None, help="print a shipped (or given) profile")
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("tune", help="pick run settings for a model under a memory limit on a device (cost model)",
+                       formatter_class=fmt)
+    p.add_argument("model")
+    p.add_argument("--memory-limit", required=True, help="whole-process memory: 60%% (of the device's), 1.5GiB, 700MiB")
+    p.add_argument("--profile", default=None, help="device profile (shipped name or path; default this-machine-2core)")
+    p.add_argument("-c", "--ctx", type=int, default=2048, help="context length to plan the KV cache for")
+    p.add_argument("-o", "--output", default=None, help="write the run profile here (default: stdout)")
+    p.add_argument("--explain", action="store_true", help="print the plan and the predicted per-token breakdown")
+    p.add_argument("--measure", type=int, default=0, metavar="K",
+                   help="on this machine: measure the K best predicted settings and keep the fastest")
+    p.add_argument("--tokens", type=int, default=16, help="decode tokens per --measure run")
+    p.set_defaults(func=cmd_tune)
     return ap
 
 
