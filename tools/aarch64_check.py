@@ -131,7 +131,7 @@ def step_install(r: Runner, args) -> None:
 
 def step_fixtures(r: Runner, args) -> None:
     out = args.root / "opt/fixtures"
-    cmd = [sys.executable, str(REPO / "tools/aarch64_fixture_check.py"), "make", str(out)]
+    cmd = [args.host_python, str(REPO / "tools/aarch64_fixture_check.py"), "make", str(out)]
     r.run(cmd)
 
 
@@ -152,6 +152,9 @@ def main(argv=None) -> int:
     ap.add_argument("--suite", default="bookworm", help="Debian release of the arm64 root")
     ap.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of " + ",".join(STEPS))
     ap.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    venv = REPO / ".venv/bin/python"
+    ap.add_argument("--host-python", default=str(venv) if venv.exists() else sys.executable,
+                    help="a Python with torch, transformers and this project, for the fixtures step")
     ap.add_argument("--keep-mounts", action="store_true", help="leave proc/dev/sys mounted in the root")
     args = ap.parse_args(argv)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
