@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from numba import njit, prange
 
 from .flash_reader import FlashReader, aligned_empty
 
@@ -297,21 +296,6 @@ def probe_flash(path: str, s: ProbeSettings, on_point: Callable[[str, dict], Non
 
 
 # --- DRAM and compute ------------------------------------------------------------------------------
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def read_sum(a):
-    """Sum of a large f32 array over all numba threads: its time is the DRAM read bandwidth."""
-    chunks = 256
-    n = a.shape[0]
-    step = (n + chunks - 1) // chunks
-    partial = np.zeros(chunks, np.float32)
-    for c in prange(chunks):
-        acc = np.float32(0.0)
-        for j in range(c * step, min(n, (c + 1) * step)):
-            acc += a[j]
-        partial[c] = acc
-    return partial.sum()
-
-
 def _timed(fn, seconds: float, min_reps: int = 3) -> float:
     """Best seconds per call of fn over about `seconds` (after one warm-up call): the best run is the
     least disturbed by other processes on a shared machine, as STREAM reports its best rate."""
@@ -326,15 +310,19 @@ def _timed(fn, seconds: float, min_reps: int = 3) -> float:
 
 
 def probe_dram(threads: tuple[int, ...], seconds: float, nbytes: int = 256 * MiB) -> dict[int, float]:
-    """Read bandwidth (GB/s) of a parallel sum over an array much larger than any cache."""
-    from .kernels import set_threads
-    a = np.ones(nbytes // 4, np.float32)
-    out = {}
+    """DRAM read bandwidth (GB/s) as the decode kernels see it: kernels.matmul streaming one f32
+    matrix much larger than any cache (a plain float sum does not vectorize as well in numba)."""
+    from .kernels import matmul, set_threads
+    d = 4096
+    w = np.ones((max(64, nbytes // (4 * d)), d), np.float32)
+    x = np.ones((1, d), np.float32)
+    out = np.empty((1, w.shape[0]), np.float32)
+    res = {}
     for t in threads:
         set_threads(t)
-        out[t] = nbytes / _timed(lambda: read_sum(a), seconds) / 1e9
+        res[t] = w.nbytes / _timed(lambda: matmul(x, w, out), seconds) / 1e9
     set_threads(None)
-    return out
+    return res
 
 
 def probe_matvec_numba(threads: tuple[int, ...], seconds: float, shape: tuple[int, int]) -> dict[str, dict[int, float]]:
