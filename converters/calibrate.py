@@ -29,7 +29,6 @@ from tqdm import tqdm
 
 from flashlm.runtime.config import RuntimeConfig
 from flashlm.runtime.loader import load
-from flashlm.runtime.memory import PREFILL_CHUNK
 from flashlm.runtime.model import Model
 from flashlm.runtime.predictor import PREDICTOR_FILE, gated_score
 from flashlm.runtime.safetensors_file import plan_file
@@ -82,8 +81,7 @@ def record_ffn_inputs(model: Model, seqs: list[list[int]], *, progress: bool = T
     try:
         for ids in tqdm(seqs, desc="Recording activations", disable=not progress, file=sys.stderr):
             model.reset()
-            for start in range(0, len(ids), PREFILL_CHUNK):
-                model.forward(ids[start:start + PREFILL_CHUNK])
+            model.forward(ids)                      # in run-state chunks of PREFILL_CHUNK tokens
     finally:
         model.on_ffn_input = None
         model.reset()

@@ -19,15 +19,7 @@ import numpy as np
 from .config import RuntimeConfig
 from .generate import peak_rss_bytes
 from .loader import load
-from .memory import PREFILL_CHUNK
 from .modelfile import open_folder
-
-
-def _io(backend) -> tuple[int, int]:
-    reader = getattr(backend, "reader", None)
-    if reader is not None:
-        return reader.stats.bytes_read, reader.stats.reads
-    return backend.stats.bytes_read, backend.stats.reads
 
 
 def _drop_page_cache(path) -> None:
@@ -48,40 +40,41 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
     ids = np.random.default_rng(seed).integers(0, c.vocab_size, size=pp + tg + 1)
     base = {"model": folder.path.name, "size": plan.model_bytes, "budget": plan.budget,
             "window": plan.window or None, "mode": rt.mode, "threads": model.threads,
-            "io": rt.io if rt.mode not in ("dense", "mmap") else None, "load_s": round(load_s, 2)}
+            "io": rt.io if plan.run_mode.rows_from == "reader" else None, "load_s": round(load_s, 2)}
     rows = []
     if pp:
         times = []
         for r in range(reps + 1):
             model.reset()
             t = time.perf_counter()
-            for s in range(0, pp, PREFILL_CHUNK):
-                model.forward(ids[s:min(pp, s + PREFILL_CHUNK)])
+            model.forward(ids[:pp])                 # in run-state chunks of PREFILL_CHUNK tokens
             if r:
                 times.append(time.perf_counter() - t)
         rows.append(_row(base, f"pp{pp}", pp, times))
     if tg:
         times, io_before, stats = [], None, model.ffn_backend.stats
+        logits = model.state.logits
         for r in range(reps + 1):
             model.reset()
             model.forward(ids[:1])
             if r == 1:
                 model.reset_io_stats()
-                io_before = _io(model.ffn_backend)
+                io_before = model.ffn_backend.io_counts()
             t = time.perf_counter()
             for i in range(tg):
-                model.forward(ids[1 + i:2 + i])
+                model.forward(ids[1 + i:2 + i], out=logits)
             if r:
                 times.append(time.perf_counter() - t)
         n = tg * reps
-        nbytes, nreads = (a - b for a, b in zip(_io(model.ffn_backend), io_before))
+        nbytes, nreads = (a - b for a, b in zip(model.ffn_backend.io_counts(), io_before))
         row = _row(base, f"tg{tg}", tg, times)
         total = sum(times)
         io_ms, mm_ms = 1e3 * stats.io_s / n, 1e3 * (stats.mm_s + stats.predict_s) / n
         row.update(bytes_per_token=nbytes / n, reads_per_token=nreads / n,
                    hit_rate=stats.hit_rate if stats.wanted else None,
                    io_ms=io_ms, mm_ms=mm_ms, compute_ms=1e3 * total / n - io_ms - mm_ms,
-                   streamed_layer_fraction=stats.streamed_layers / (n * c.n_layers) if rt.mode == "flash" else None,
+                   streamed_layer_fraction=(stats.streamed_layers / (n * c.n_layers)
+                                            if plan.run_mode.needs_predictors else None),
                    flash_mb_s=nbytes / stats.io_s / 1e6 if stats.io_s else None)
         rows.append(row)
     model.close()

@@ -39,12 +39,14 @@ def _err(*lines: str) -> None:
 def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_list: bool = False) -> None:
     p.add_argument("-c", "--ctx", type=int, default=2048, help="context length (KV cache tokens)")
     p.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: all cores)")
+    from .memory import MODES
+    modes = "; ".join(f"{m.name}: {m.description}" for m in MODES.values())
     if mode_list:
-        p.add_argument("--mode", default=None, help="comma list of dense, flash, naive, hybrid, mmap "
-                       "(default: flash when --budget is given, else dense)")
+        p.add_argument("--mode", default=None, help=f"comma list of run modes ({modes}; "
+                       "default: flash when --budget is given, else dense)")
     else:
-        p.add_argument("--mode", default=None, choices=["dense", "flash", "naive", "hybrid", "mmap"],
-                       help="where FFN rows live (default: flash when --budget is given, else dense)")
+        p.add_argument("--mode", default=None, choices=list(MODES),
+                       help=f"where FFN rows live ({modes}; default: flash when --budget is given, else dense)")
     p.add_argument("--budget", default=None, help="resident memory for the model: 60%%, 0.6, 512MiB, 2GB")
     p.add_argument("--window", type=int, default=None, help="sliding window in tokens (default: largest that fits)")
     p.add_argument("--pin", type=float, default=0.0, help="fraction of each layer's hottest neurons kept resident")
@@ -94,7 +96,7 @@ def _load(model_arg, args):
     """(Model, Tokenizer) for a folder, or for the embedded default model when model_arg is None."""
     from .loader import load
     model, tokenizer, plan = load(model_arg, _runtime_config(args), progress=not args.no_progress)
-    if model.runtime.mode != "dense" or args.verbose:
+    if plan.run_mode.reads_flash or args.verbose:
         _err(*plan.lines())
     return model, tokenizer
 
@@ -128,17 +130,15 @@ def _stats_lines(stats, model) -> list[str]:
     """The generation figures, plus the flash accounting of the paper's Table 3 when FFN rows stream."""
     lines = stats.lines()
     fs = model.ffn_backend.stats
-    reader = getattr(model.ffn_backend, "reader", None)
-    if model.runtime.mode != "dense" and fs.tokens:
+    if model.plan.run_mode.reads_flash and fs.tokens:
         n = fs.tokens
-        nbytes = reader.stats.bytes_read if reader else fs.bytes_read
-        reads = reader.stats.reads if reader else 0
+        nbytes, reads = model.ffn_backend.io_counts()
         lines += [f"flash (per decode token):   I/O {1e3 * fs.io_s / n:.2f} ms, memory mgmt {1e3 * (fs.mm_s + fs.predict_s) / n:.2f} ms, "
                   f"FFN compute {1e3 * fs.ffn_s / n:.2f} ms; {nbytes / n / 2**20:.2f} MiB in {reads / n:.0f} reads"
                   + (f" ({nbytes / fs.io_s / 1e6:.0f} MB/s)" if fs.io_s else ""),
                   f"neuron cache:        hit {100 * fs.hit_rate:.1f} %, window {model.plan.window}"
                   + (f", streamed {100 * fs.streamed_layers / (n * model.config.n_layers):.0f} % of layer-steps"
-                     if model.runtime.mode == "flash" else "")]
+                     if model.plan.run_mode.needs_predictors else "")]
     if model.plan.budget:
         lines.append(f"budget:              {model.plan.budget / 2**20:.1f} MiB for the model "
                      f"(+ runtime overhead); peak RSS {stats.peak_rss / 2**20:.1f} MiB")
@@ -300,7 +300,7 @@ def cmd_ppl(args) -> int:
     ids = tok.encode(text)
     if args.max_tokens:
         ids = ids[:args.max_tokens]
-    chunk = args.chunk or (PREFILL_CHUNK if rt.mode == "dense" else 1)
+    chunk = args.chunk or (1 if model.plan.run_mode.reads_flash else PREFILL_CHUNK)
     result = perplexity(model, ids, chunk=chunk, progress=not args.no_progress)
     print(f"perplexity: {result['perplexity']:.4f}")
     _err(f"{result['tokens']} tokens, mode {rt.mode}, chunk {chunk}")

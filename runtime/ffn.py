@@ -1,14 +1,14 @@
-"""Where a layer's FFN bundle rows come from, one class per run mode:
+"""The FFN backends: where a layer's bundle rows come from, behind one written-down interface.
 
-  dense   ResidentFFN  every row in DRAM (read once at load, sha256-checked)
-  naive   StreamingFFN every layer's rows read from flash every token (the paper's naive baseline)
-  hybrid  StreamingFFN the first layers resident as the budget allows, the rest read every token
-  mmap    MmapFFN      rows used through a memory map whose pages are dropped after each layer
-  flash   SparseFFN    predictor -> sliding-window neuron cache -> read only the missing rows
+  ResidentFFN  every row in DRAM (the FFN file read once at load, sha256-checked)       dense
+  MmapFFN      rows used through a memory map whose pages are dropped after each layer  mmap
+  FlashFFN     per layer, as the memory plan places it: resident rows, a SPARSE layer   naive, hybrid,
+               (predictor -> sliding-window neuron cache -> read only the missing rows)  flash
+               or a STREAM layer (read whole every time, double-buffered)
 
 All of them end in the same kernel, `ffn_bundles`, over some rows; what differs is which rows are in
 DRAM and what it costs to get them there. Each records the per-token accounting of the paper's
-Table 3 (flash I/O, memory management, compute) in a FlashStats.
+Table 3 (flash I/O, memory management, compute) in its own FFNStats.
 """
 from __future__ import annotations
 
@@ -22,53 +22,97 @@ import numpy as np
 
 from . import kernels as K
 from .config import ModelConfig
+from .costs import CostModel
 from .flash_reader import aligned_empty
 from .modelfile import check_rows
+from .storage import BundleLayout
 
 
 @dataclass
-class FlashStats:
-    tokens: int = 0          # decode tokens and prefill chunks that ran the FFN
+class FFNStats:
+    """One backend's figures since its last reset_stats(): the only hit counter."""
+    tokens: int = 0          # tokens that ran the FFN (decode tokens and prefill chunk tokens)
     io_s: float = 0.0        # waiting for flash reads
     mm_s: float = 0.0        # cache bookkeeping: evict (delete-by-swap), append, pin
     predict_s: float = 0.0   # predictor matmuls + selection
     ffn_s: float = 0.0       # FFN kernel time not hidden behind I/O
-    bytes_read: int = 0
-    reads: int = 0
-    wanted: int = 0          # neurons the predictor asked for (sum over layers and tokens)
+    bytes_read: int = 0      # from flash (reader-based backends: the reader's own count)
+    reads: int = 0           # read system calls
+    wanted: int = 0          # neurons the predictors asked for (sum over sparse layers and tokens)
     hits: int = 0            # ... of which already resident
-    streamed_layers: int = 0  # layer-tokens where streaming the whole layer was cheaper than sparse reads
+    overflow: int = 0        # ... of which found no cache row and streamed through the buffers
+    streamed_layers: int = 0  # layer-steps that read a whole layer (planned STREAM or the sparse fallback)
 
     @property
     def hit_rate(self) -> float:
         return self.hits / self.wanted if self.wanted else 0.0
 
+
+class FFNBackend:
+    """What the forward pass needs from an FFN backend.
+
+    compute(layer, h, out)  out[T, d] = FFN_layer(h[T, d]), layers called in order 0..n-1 per forward
+    prefetch(layer, h)      a hint that `layer` will run on about h soon: start its reads (default: no-op;
+                            the hook a lookahead pipeline uses)
+    stats                   FFNStats, owned and written by the backend alone
+    reset_stats()           start the figures afresh (e.g. after prefill)
+    reset()                 forget per-sequence state (neuron caches refill as tokens come)
+    close()                 stop threads, release buffers and files
+    """
+
+    def __init__(self):
+        self.stats = FFNStats()
+
+    def __call__(self, layer: int, h: np.ndarray, out: np.ndarray) -> None:
+        if layer == 0:
+            self.stats.tokens += h.shape[0]
+        self.compute(layer, h, out)
+
+    def compute(self, layer: int, h: np.ndarray, out: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def prefetch(self, layer: int, h: np.ndarray) -> None:
+        pass
+
+    def io_counts(self) -> tuple[int, int]:
+        """(bytes read from flash, read calls) since the last reset_stats()."""
+        return self.stats.bytes_read, self.stats.reads
+
+    def reset_stats(self) -> None:
+        self.stats.__init__()            # in place: parts of the backend hold this object
+
     def reset(self) -> None:
-        self.__init__()
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class BundleKernel:
     """Runs ffn_bundles for one model's bundle layout over any set of rows."""
 
-    def __init__(self, config: ModelConfig, parts: dict, threads: int):
+    def __init__(self, config: ModelConfig, layout: BundleLayout, threads: int):
+        parts = layout.item_offsets()
         self.act = K.ACTIVATION_OF_KIND[config.ffn_kind]
         self.in_off, self.gate_off, self.down_off = parts["up"], parts.get("gate", 0), parts["down"]
         self.d = config.d_model
         self.threads = threads
-        self.partial = np.zeros((threads, 1, config.d_model), np.float32)
+        # Per-thread partial sums for up to BLAS_MIN_TOKENS tokens (larger T takes the BLAS path).
+        self.partial = np.zeros((threads, K.BLAS_MIN_TOKENS, config.d_model), np.float32)
         self.scratch = None               # f32 block of widened rows for prompt-sized batches
         self.no_bias = np.zeros(0, np.float32)
+
+    @staticmethod
+    def scratch_bytes(config: ModelConfig, threads: int) -> int:
+        return threads * K.BLAS_MIN_TOKENS * config.d_model * 4 + K.BLAS_BLOCK_BYTES
 
     def __call__(self, h, rows, n_rows, neuron_of_row, bias, out) -> None:
         T = h.shape[0]
         if T >= K.BLAS_MIN_TOKENS:
             self._batched(h, rows, n_rows, neuron_of_row, bias, out)
             return
-        if self.partial.shape[1] < T:
-            self.partial = np.zeros((self.threads, T, self.d), np.float32)
         K.ffn_bundles(h, rows, n_rows, neuron_of_row, self.no_bias if bias is None else bias, self.act,
                       self.in_off, self.gate_off, self.down_off, self.partial, out)
-
 
     def _batched(self, h, rows, n_rows, neuron_of_row, bias, out) -> None:
         """Prompt-sized T: widen blocks of bundle rows to f32 and let BLAS do the three products."""
@@ -91,73 +135,17 @@ class BundleKernel:
             out += a @ w[:, self.down_off:self.down_off + d]
 
 
-class ResidentFFN:
+class ResidentFFN(FFNBackend):
     """Every layer's rows in DRAM."""
 
     def __init__(self, layer_rows: list[np.ndarray], kernel: BundleKernel, biases: list):
+        super().__init__()
         self.layer_rows, self.kernel, self.biases = layer_rows, kernel, biases
         self.all_neurons = np.arange(layer_rows[0].shape[0], dtype=np.int32)
-        self.stats = FlashStats()
 
-    def __call__(self, layer, h, out):
+    def compute(self, layer, h, out):
         rows = self.layer_rows[layer]
         self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
-
-    def close(self):
-        pass
-
-
-class StreamingFFN:
-    """Layers in `resident` stay in DRAM; every other layer is read whole from flash each time it runs.
-
-    The read of the next streamed layer starts before the current one computes (double buffering),
-    the best a no-sparsity baseline can do with the same reader.
-    """
-
-    def __init__(self, reader, resident: dict[int, np.ndarray], kernel: BundleKernel, biases: list,
-                 n_layers: int, n_rows: int, row_elems: int, dtype, row_crc=None, streamed=None):
-        self.reader, self.resident, self.kernel, self.biases = reader, resident, kernel, biases
-        self.row_crc = row_crc                    # [n_layers, n_rows] or None: no verification
-        # Layers read whole every time, in execution order (default: all that are not resident).
-        self.streamed = streamed if streamed is not None else [i for i in range(n_layers) if i not in resident]
-        # Two layer buffers only when something streams (the plan counts them only then).
-        self.buffers = [aligned_empty((n_rows, row_elems), dtype) for _ in range(2)] if self.streamed else []
-        self.all_neurons = np.arange(n_rows, dtype=np.int32)
-        self.pool = ThreadPoolExecutor(1)
-        self.pending = {}                 # layer -> (buffer, future)
-        self.stats = FlashStats()
-
-    def _start(self, j: int) -> None:
-        layer = self.streamed[j]
-        if layer not in self.pending:
-            buf = self.buffers[j % 2]
-            self.pending[layer] = (buf, self.pool.submit(self._read_layer, layer, buf))
-
-    def _read_layer(self, layer, buf):
-        self.reader.read_layer(layer, buf)
-        check_rows(buf, self.all_neurons, self.row_crc, self.reader.path, layer)
-
-    def __call__(self, layer, h, out):
-        if layer in self.resident:
-            rows = self.resident[layer]
-            self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
-            return
-        j = self.streamed.index(layer)
-        t0 = time.perf_counter()
-        self._start(j)
-        buf, fut = self.pending.pop(layer)
-        fut.result()
-        if j + 1 < len(self.streamed):
-            self._start(j + 1)            # the other buffer: its previous layer has been computed
-        t1 = time.perf_counter()
-        self.stats.io_s += t1 - t0
-        self.kernel(h, buf, buf.shape[0], self.all_neurons, self.biases[layer], out)
-        self.stats.ffn_s += time.perf_counter() - t1
-
-    def close(self):
-        for _, fut in self.pending.values():
-            fut.result()
-        self.pool.shutdown()
 
 
 def _proc_read_bytes() -> int:
@@ -172,25 +160,25 @@ def _proc_read_bytes() -> int:
     return 0
 
 
-class MmapFFN:
-    """Rows used straight from a memory map of ffn.safetensors, pages dropped after each layer.
+class MmapFFN(FFNBackend):
+    """Rows used straight from a memory map of the bundle file, pages dropped after each layer.
 
     This is what llama.cpp's mmap degrades to when the page cache cannot hold the model: every token
     faults every FFN page back in. Bytes read are what the kernel reports for this process.
     """
 
-    def __init__(self, path, layer_offsets, n_rows, row_elems, dtype, kernel: BundleKernel, biases: list):
+    def __init__(self, path, layout: BundleLayout, kernel: BundleKernel, biases: list):
+        super().__init__()
         self.file = open(path, "rb")
         self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
         whole = np.frombuffer(self.map, dtype=np.uint8)
-        nbytes = n_rows * row_elems * np.dtype(dtype).itemsize
-        self.spans = [(off, nbytes) for off in layer_offsets]
-        self.layers = [whole[off:off + nbytes].view(dtype).reshape(n_rows, row_elems) for off in layer_offsets]
+        self.spans = [(off, layout.layer_bytes) for off in layout.layer_offsets]
+        self.layers = [whole[off:off + n].view(layout.dtype).reshape(layout.n_rows, layout.stride_items)
+                       for off, n in self.spans]
         self.kernel, self.biases = kernel, biases
-        self.all_neurons = np.arange(n_rows, dtype=np.int32)
-        self.stats = FlashStats()
+        self.all_neurons = np.arange(layout.n_rows, dtype=np.int32)
 
-    def __call__(self, layer, h, out):
+    def compute(self, layer, h, out):
         before = _proc_read_bytes()
         t0 = time.perf_counter()
         rows = self.layers[layer]
@@ -211,42 +199,144 @@ class MmapFFN:
         self.file.close()
 
 
-def _consecutive(rows: np.ndarray) -> bool:
-    return len(rows) > 0 and int(rows[-1]) - int(rows[0]) == len(rows) - 1
+class LayerStreamer:
+    """Reads rows of a layer from flash through two buffers, computing one while the other fills.
 
-
-class SparseFFN:
-    """The flash path: predictor -> neuron cache (sliding window) -> read only the missing rows.
-
-    Per call: predict the neurons this layer needs; admit them into the layer's cache (evict those that
-    left the window by swap-with-last, append the missing); read the missing rows from flash in the
-    background while the kernel runs over the rows that were already resident; then add the new rows,
-    and stream any overflow (more neurons than the cache holds) through a bounded scratch buffer.
-    When reading the missing rows one by one would cost more than streaming the whole layer
-    sequentially (estimated from the reader's measured speeds), the layer is streamed instead.
+    compute(layer, h, out, neurons) runs the FFN over `neurons` (default: all rows of the layer) in
+    chunks of one buffer: chunk i+1 is read while chunk i computes. With buffers of a whole layer and
+    `order` (the layers that stream whole, in execution order), the next of those layers is read while
+    this one computes, as naive and hybrid always did. The sparse layers' overflow rows and their
+    per-token fallback (stream the layer when scattered reads would cost more) use a streamer too.
     """
 
-    def __init__(self, reader, predictors, caches, kernel: BundleKernel, biases: list, *,
-                 scratch_rows: int, row_elems: int, dtype, n_rows: int, stride_bytes: int,
-                 speeds, whole_layers, layer_io: str = "auto", row_crc=None):
-        if layer_io not in ("auto", "sparse", "stream"):
-            raise ValueError(f"layer_io must be auto, sparse or stream, not {layer_io!r}")
-        self.layer_io = layer_io
-        self.reader, self.predictors, self.caches = reader, predictors, caches
-        self.row_crc = row_crc                    # [n_layers, n_rows] or None: no verification
-        self.whole_layers = whole_layers          # StreamingFFN for the layers planned resident or streamed
-        self.kernel, self.biases = kernel, biases
-        self.scratch = aligned_empty((max(1, scratch_rows), row_elems), dtype)
-        self.scratch_ids = np.zeros(len(self.scratch), np.int32)
-        self.all_neurons = np.arange(n_rows, dtype=np.int32)
-        self.tmp = np.zeros((1, kernel.d), np.float32)
+    def __init__(self, reader, kernel: BundleKernel, biases: list, layout: BundleLayout, buffer_rows: int,
+                 stats: FFNStats, *, row_crc=None, order=()):
+        self.reader, self.kernel, self.biases, self.row_crc = reader, kernel, biases, row_crc
+        self.stats = stats               # the owning backend's
+        self.buffers = [aligned_empty((buffer_rows, layout.stride_items), layout.dtype) for _ in range(2)]
+        self.ids = [np.zeros(buffer_rows, np.int32) for _ in range(2)]
+        self.dest = np.arange(buffer_rows, dtype=np.int32)
+        self.cap = buffer_rows
+        self.all_neurons = np.arange(layout.n_rows, dtype=np.int32)
+        self.order = list(order)
+        self.next_of = {a: b for a, b in zip(self.order, self.order[1:])}
+        self.tmp = np.zeros((1, kernel.d), np.float32)      # grows once to a prompt chunk
         self.pool = ThreadPoolExecutor(1)
-        self.stats = FlashStats()
-        # Device read speeds (profile or defaults): the same cost model the planner used.
-        self.row_read_s = speeds.random_seconds(stride_bytes)
-        self.layer_stream_s = speeds.stream_seconds(n_rows * stride_bytes)
+        self.turn = 0                    # which buffer the next read goes to
+        self.ahead = None                # (layer, buffer index, future): a whole next layer read ahead
 
-    def load_pinned(self) -> None:
+    def _read(self, layer, neurons, b):
+        n = len(neurons)
+        self.ids[b][:n] = neurons
+        self.reader.read_rows(layer, neurons, self.buffers[b], self.dest[:n])
+        check_rows(self.buffers[b][:n], neurons, self.row_crc, self.reader.path, layer)
+        return n
+
+    def _submit(self, layer, neurons):
+        b = self.turn
+        self.turn ^= 1
+        return b, self.pool.submit(self._read, layer, neurons, b)
+
+    def compute(self, layer, h, out, neurons=None, *, accumulate: bool = False) -> None:
+        ids = self.all_neurons if neurons is None else neurons
+        T = h.shape[0]
+        if self.ahead is not None and self.ahead[0] == layer and neurons is None:
+            _, b, fut = self.ahead
+        else:
+            self._drain()
+            b, fut = self._submit(layer, ids[:self.cap])
+        self.ahead = None
+        first = not accumulate
+        for start in range(0, len(ids), self.cap):
+            t0 = time.perf_counter()
+            n = fut.result()
+            nxt = start + self.cap
+            if nxt < len(ids):
+                nb, fut = self._submit(layer, ids[nxt:nxt + self.cap])
+            elif neurons is None and layer in self.next_of:
+                self.ahead = (self.next_of[layer], *self._submit(self.next_of[layer], self.all_neurons[:self.cap]))
+            t1 = time.perf_counter()
+            self.stats.io_s += t1 - t0
+            target = out if first else self._tmp(T)
+            self.kernel(h, self.buffers[b], n, self.ids[b], self.biases[layer], target)
+            if not first:
+                out += target
+            first = False
+            self.stats.ffn_s += time.perf_counter() - t1
+            if nxt < len(ids):
+                b = nb
+        if neurons is None:
+            self.stats.streamed_layers += 1
+
+    def _tmp(self, T):
+        if self.tmp.shape[0] < T:
+            self.tmp = np.zeros((T, self.kernel.d), np.float32)
+        return self.tmp[:T]
+
+    def _drain(self):
+        if self.ahead is not None:
+            self.ahead[2].result()
+            self.ahead = None
+
+    def close(self):
+        self._drain()
+        self.pool.shutdown()
+
+
+class FlashFFN(FFNBackend):
+    """Every layer where the memory plan put it: resident rows, sparse (predictor + neuron cache), or
+    streamed whole. The flash path of a sparse layer, per call: predict the neurons this layer needs;
+    admit them into the layer's cache (evict those that left the window by swap-with-last, append the
+    missing); read the missing rows from flash in the background while the kernel runs over the rows
+    already resident; then add the new rows, and stream any overflow (more neurons than the cache
+    holds) through the sparse streamer. With layer_io "auto", when reading the missing rows one by one
+    would cost more than streaming the layer (the shared cost model says), the layer is streamed.
+    """
+
+    def __init__(self, reader, kernel: BundleKernel, biases: list, layout: BundleLayout, *,
+                 resident: dict[int, np.ndarray], streamed: list[int], stream_buffer_rows: int,
+                 predictors: list, caches: list, sparse_buffer_rows: int, costs: CostModel | None,
+                 layer_io: str = "auto", row_crc=None):
+        super().__init__()
+        self.reader, self.kernel, self.biases, self.layout = reader, kernel, biases, layout
+        self.resident, self.predictors, self.caches = resident, predictors, caches
+        self.costs, self.layer_io, self.row_crc = costs, layer_io, row_crc
+        self.all_neurons = np.arange(layout.n_rows, dtype=np.int32)
+        self.streamed = set(streamed)
+        self.whole = LayerStreamer(reader, kernel, biases, layout, stream_buffer_rows, self.stats,
+                                   row_crc=row_crc, order=streamed) if streamed else None
+        self.sparse = LayerStreamer(reader, kernel, biases, layout, sparse_buffer_rows, self.stats,
+                                    row_crc=row_crc) if any(c is not None for c in caches) else None
+        self.tmp = np.zeros((1, kernel.d), np.float32)      # grows once to a prompt chunk
+        self.pool = ThreadPoolExecutor(1)
+        self._load_pinned()
+        reader.reset_stats()             # loading resident layers and pinned rows is not per-token I/O
+
+    # -- the interface
+    def compute(self, layer, h, out):
+        if layer in self.resident:
+            rows = self.resident[layer]
+            self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
+        elif layer in self.streamed:
+            self.whole.compute(layer, h, out)
+        else:
+            self._sparse(layer, h, out)
+
+    def io_counts(self) -> tuple[int, int]:
+        return self.reader.stats.bytes_read, self.reader.stats.reads
+
+    def reset_stats(self) -> None:
+        super().reset_stats()
+        self.reader.reset_stats()
+
+    def close(self):
+        for s in (self.whole, self.sparse):
+            if s is not None:
+                s.close()
+        self.pool.shutdown()
+
+    # -- the sparse path
+    def _load_pinned(self) -> None:
         for layer, cache in enumerate(self.caches):
             if cache is not None and cache.needs_pinned_load:
                 adm = cache.load_pinned()
@@ -254,56 +344,24 @@ class SparseFFN:
 
     def _read(self, layer, neurons, out, out_rows) -> None:
         """Read rows and check them (in the calling thread: zlib releases the GIL, so a background
-        read's check overlaps with compute)."""
+        read's check overlaps with compute). out_rows are consecutive (the cache appends)."""
         self.reader.read_rows(layer, neurons, out, out_rows)
-        if self.row_crc is not None and len(neurons):
-            check_rows(out[out_rows[0]:out_rows[0] + len(neurons)] if _consecutive(out_rows) else out[out_rows],
-                       neurons, self.row_crc, self.reader.path, layer)
+        if len(neurons):
+            check_rows(out[out_rows[0]:out_rows[0] + len(neurons)], neurons, self.row_crc, self.reader.path, layer)
 
-    def _add(self, h, rows, n, ids, layer, out) -> None:
-        T = h.shape[0]
-        if self.tmp.shape[0] < T:
-            self.tmp = np.zeros((T, self.kernel.d), np.float32)
-        self.kernel(h, rows, n, ids, self.biases[layer], self.tmp[:T])
-        out += self.tmp[:T]
-
-    def _stream(self, layer, neurons, h, out) -> None:
-        """FFN over `neurons` read through the scratch buffer, chunk by chunk; adds into out."""
-        cap = len(self.scratch)
-        for start in range(0, len(neurons), cap):
-            chunk = neurons[start:start + cap]
-            t0 = time.perf_counter()
-            self._read(layer, chunk, self.scratch, np.arange(len(chunk), dtype=np.int32))
-            t1 = time.perf_counter()
-            self.stats.io_s += t1 - t0
-            self.scratch_ids[:len(chunk)] = chunk
-            self._add(h, self.scratch, len(chunk), self.scratch_ids, layer, out)
-            self.stats.ffn_s += time.perf_counter() - t1
-
-    def __call__(self, layer, h, out):
-        cache, pred = self.caches[layer], self.predictors[layer]
-        st = self.stats
-        if cache is None:                          # planned resident or streamed: no predictor, whole layer
-            whole = self.whole_layers
-            st.streamed_layers += layer not in whole.resident
-            io_before, ffn_before = whole.stats.io_s, whole.stats.ffn_s
-            whole(layer, h, out)
-            st.io_s += whole.stats.io_s - io_before
-            st.ffn_s += whole.stats.ffn_s - ffn_before
-            return
+    def _sparse(self, layer, h, out) -> None:
+        cache, pred, st = self.caches[layer], self.predictors[layer], self.stats
         t0 = time.perf_counter()
         wanted = pred.predict(h)
         t1 = time.perf_counter()
         st.predict_s += t1 - t0
-        missing_now = wanted[cache.row_of_neuron[wanted] < 0]
+        n_missing = int(np.count_nonzero(cache.row_of_neuron[wanted] < 0))
         st.wanted += len(wanted)
-        st.hits += len(wanted) - len(missing_now)
-        if self.layer_io == "auto" and len(missing_now) * self.row_read_s > self.layer_stream_s:
+        st.hits += len(wanted) - n_missing
+        if self.layer_io == "auto" and self.costs.stream_is_cheaper(n_missing):
             # Streaming the layer is cheaper (typically a prompt's union): compute it whole, exactly,
             # and leave the cache as it is.
-            st.streamed_layers += 1
-            out[:] = 0.0
-            self._stream(layer, self.all_neurons, h, out)
+            self.sparse.compute(layer, h, out)
             return
         adm = cache.step(wanted)
         t2 = time.perf_counter()
@@ -318,11 +376,13 @@ class SparseFFN:
             fut.result()
             t4 = time.perf_counter()
             st.io_s += t4 - t3
-            self._add(h, cache.rows[n_valid:], len(adm.missing), cache.neuron_of_row[n_valid:], layer, out)
+            T = h.shape[0]
+            if self.tmp.shape[0] < T:
+                self.tmp = np.zeros((T, self.kernel.d), np.float32)
+            self.kernel(h, cache.rows[n_valid:], len(adm.missing), cache.neuron_of_row[n_valid:],
+                        self.biases[layer], self.tmp[:T])
+            out += self.tmp[:T]
             st.ffn_s += time.perf_counter() - t4
         if len(adm.overflow):
-            self._stream(layer, adm.overflow, h, out)
-
-    def close(self):
-        self.whole_layers.close()
-        self.pool.shutdown()
+            st.overflow += len(adm.overflow)
+            self.sparse.compute(layer, h, out, adm.overflow, accumulate=True)

@@ -47,11 +47,6 @@ class ReadStats:
     seconds: float = 0.0       # wall time inside read_rows / read_layer
     calls: int = 0             # read_rows / read_layer calls
 
-    @property
-    def mb_per_s(self) -> float:
-        """Fetched MB (10^6 B) per second of wall time."""
-        return self.bytes_read / self.seconds / 1e6 if self.seconds else 0.0
-
 
 def aligned_empty(shape, dtype) -> np.ndarray:
     """A C-contiguous array on page-aligned memory (anonymous mmap), so O_DIRECT can read straight into it."""

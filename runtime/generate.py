@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .errors import FlashlmError
-from .memory import PREFILL_CHUNK   # tokens per prefill forward; bounds scratch memory for long prompts
 from .model import Model
 from .sampling import Sampler, SamplingParams
 
@@ -77,7 +76,7 @@ def prefill(model: Model, prompt: list[int], stats: GenerationStats, cancel=None
     for start in range(common, len(prompt), PREFILL_CHUNK):
         if cancel is not None and cancel.is_set():
             break
-        logits = model.forward(prompt[start:start + PREFILL_CHUNK])
+        logits = model.forward(prompt[start:start + PREFILL_CHUNK], out=model.state.logits)
         done = min(start + PREFILL_CHUNK, len(prompt))
     stats.prompt_s = time.perf_counter() - t0
     stats.prompt_tokens = done - common
@@ -108,7 +107,7 @@ def generate_step(model: Model, prompt: list[int], sampler: Sampler, stats: Gene
         if model.pos >= model.ctx_len:
             stats.finish_reason = "context"
             return
-        logits = model.forward([token])[-1]
+        logits = model.forward([token], out=model.state.logits)[-1]
 
 
 def _held_back(text: str, stops: list[str]) -> int:

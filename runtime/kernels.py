@@ -76,6 +76,13 @@ def widen_rows(w, lo, hi, out):
         _widen(w[lo + i], w.shape[1], out[i])
 
 
+@njit(**JIT)
+def gather_rows(w, ids, out):
+    """out[t] = w[ids[t]] as float32 (f16 bits or f32 in): the embedding lookup, allocating nothing."""
+    for t in range(ids.shape[0]):
+        _widen(w[ids[t]], w.shape[1], out[t])
+
+
 BLAS_MIN_TOKENS = 8     # from this many tokens on, widening weights once and calling BLAS wins
 BLAS_BLOCK_BYTES = 4 << 20
 
@@ -145,7 +152,9 @@ def attention(q, k_cache, v_cache, pos0, scale, window, out):
     """Causal GQA: q[T, H, hd] at positions pos0.., caches [ctx, Hkv, hd] already hold them; out[T, H, hd].
 
     scores = scale * q.k; window > 0 limits a query at position p to keys p-window+1..p (sliding-window
-    layers), window = 0 attends to every earlier position."""
+    layers), window = 0 attends to every earlier position. One pass per (token, head) with a running
+    maximum (online softmax): the output accumulates in out[t, h] and is rescaled when the maximum
+    grows, so nothing is allocated per call."""
     T, H, hd = q.shape
     group = H // k_cache.shape[1]
     scale = np.float32(scale)
@@ -155,26 +164,26 @@ def attention(q, k_cache, v_cache, pos0, scale, window, out):
         kv = h // group
         n = pos0 + t + 1
         first = max(0, n - window) if window > 0 else 0
-        scores = np.empty(n - first, np.float32)
-        best = np.float32(-np.inf)
-        for p in range(first, n):
-            s = np.float32(0.0)
-            for j in range(hd):
-                s += q[t, h, j] * k_cache[p, kv, j]
-            s *= scale
-            scores[p - first] = s
-            best = max(best, s)
-        total = np.float32(0.0)
-        for i in range(n - first):
-            e = np.exp(scores[i] - best)
-            scores[i] = e
-            total += e
+        o = out[t, h]
+        best = _dot(k_cache[first, kv], q[t, h], hd) * scale
+        total = np.float32(1.0)
         for j in range(hd):
-            out[t, h, j] = 0.0
-        for p in range(first, n):
-            wgt = scores[p - first] / total
+            o[j] = v_cache[first, kv, j]
+        for p in range(first + 1, n):
+            s = _dot(k_cache[p, kv], q[t, h], hd) * scale
+            if s > best:
+                r = np.exp(best - s)
+                total *= r
+                for j in range(hd):
+                    o[j] *= r
+                best = s
+            e = np.exp(s - best)
+            total += e
             for j in range(hd):
-                out[t, h, j] += wgt * v_cache[p, kv, j]
+                o[j] += e * v_cache[p, kv, j]
+        inv = np.float32(1.0) / total
+        for j in range(hd):
+            o[j] *= inv
 
 
 # FFN activations (the `act` argument of ffn_bundles): ReLU(up.h + b), or gated act(gate.h) * up.h.
@@ -210,7 +219,10 @@ def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, act, in_off, gate_off, 
     T, d = h.shape
     C = partial.shape[0]
     for c in prange(C):
-        acc = np.zeros((T, d), np.float32)
+        acc = partial[c]                          # this chunk's own buffer: nothing allocated per call
+        for t in range(T):
+            for j in range(d):
+                acc[t, j] = 0.0
         for r in range(c * n_rows // C, (c + 1) * n_rows // C):
             w_in = rows[r, in_off:in_off + d]
             w_gate = rows[r, gate_off:gate_off + d]
@@ -227,7 +239,6 @@ def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, act, in_off, gate_off, 
                     if a == 0.0:
                         continue                  # ReLU sparsity: an inactive neuron adds nothing
                 _axpy(a, w_down, acc[t], d)
-        partial[c, :T] = acc
     for t in range(T):
         for j in range(d):
             s = np.float32(0.0)

@@ -1,27 +1,27 @@
-"""The memory budget: plan what is resident before loading anything, then build the FFN backend.
+"""The memory plan: what is resident, decided before anything big is read. Pure: no file I/O.
 
-Resident, always: dense weights (embeddings, attention, norms), the KV cache for --ctx tokens and
-activation scratch. Per mode: predictors + neuron caches + a streaming scratch buffer (flash), whole
-FFN layers (hybrid), two layer buffers (naive/hybrid streaming), one mapped layer (mmap), everything
-(dense). What the budget cannot hold is refused here, with the numbers, before a byte is loaded.
+Resident, always: dense weights (embeddings, attention, norms), the KV cache for --ctx tokens and the
+run state (activation buffers, sized once). Per layer, its FFN rows are RESIDENT (in DRAM for the
+whole run), SPARSE (predictor + sliding-window neuron cache, missing rows read per token), STREAM
+(read whole from flash each time the layer runs, through two buffers) or MAPPED (used from a memory
+map; page faults read them). The run mode is a rule choosing those placements (MODES below); what
+the budget cannot hold is refused here, with the numbers, before a byte is loaded.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-
-import numpy as np
+from enum import Enum
+from typing import Callable
 
 from .config import ModelConfig, RuntimeConfig
+from .costs import CostModel
 from .errors import FlashlmError
-from .kernels import BLAS_BLOCK_BYTES
 from .modelfile import ModelFolder
-from .predictor import PREDICTOR_FILE
 
-MODES = ("dense", "flash", "naive", "hybrid", "mmap")
 WINDOW_CHOICES = (8, 4, 2, 1)
-SCRATCH_BYTES = 4 << 20          # streaming buffer for overflow / whole-layer streaming in flash mode
-PREFILL_CHUNK = 128              # tokens per prefill forward (runtime/generate.py)
+SCRATCH_BYTES = 4 << 20          # the sparse layers' streaming buffers (overflow, per-token fallback), both halves
+PREFILL_CHUNK = 128              # tokens per forward chunk: bounds the run state for long prompts
 RUNTIME_OVERHEAD = 160 << 20     # measured: RSS of Python + numpy + numba + loaded kernels + a tiny model: 151 MiB
 
 
@@ -51,6 +51,26 @@ def _mib(n) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+class Placement(str, Enum):
+    RESIDENT = "resident"
+    SPARSE = "sparse"
+    STREAM = "stream"
+    MAPPED = "mapped"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    placement: Placement
+    cache_rows: int = 0          # SPARSE: neuron-cache capacity (rows)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the planner needs from predictor.safetensors (read by the builder, not here)."""
+    predictor_bytes: list[int]   # per layer
+    report: dict                 # converters/calibrate.py's report: per layer window statistics
+
+
 @dataclass
 class MemoryPlan:
     mode: str
@@ -58,120 +78,135 @@ class MemoryPlan:
     model_bytes: int              # dense + FFN files as stored
     dense: int
     kv_cache: int
-    activations: int
+    activations: int              # the run state and kernel scratch, as allocated
+    layers: list[LayerPlan] = field(default_factory=list)   # where each layer's FFN rows live
     predictors: int = 0
-    scratch: int = 0
-    ffn_resident: int = 0         # neuron caches (flash) or resident layers (hybrid/dense)
-    window: int = 0
-    capacities: list[int] = field(default_factory=list)   # flash: neuron-cache rows per layer (0 = no cache)
-    resident_layers: list[int] = field(default_factory=list)  # hybrid/flash: layers kept whole in DRAM
-    layer_kinds: list[str] = field(default_factory=list)  # flash: "sparse" | "resident" | "stream" per layer
-    est_io_ms: float = 0.0                                  # flash: estimated flash time per token
+    scratch: int = 0              # streaming buffers (both halves) and the mapped layer
+    ffn_resident: int = 0         # neuron caches + resident layers
+    window: int = 0               # sparse layers: sliding window (tokens)
+    pin_rows: int = 0             # sparse layers: hottest neurons pinned per layer
+    stream_buffer_rows: int = 0   # rows per buffer of the whole-layer streamer (0: nothing streams whole)
+    sparse_buffer_rows: int = 0   # rows per buffer of the sparse layers' streamer (overflow, fallback)
+    est_io_ms: float = 0.0        # flash: estimated flash time per token
     speeds_source: str = ""
+
+    @property
+    def run_mode(self) -> "RunMode":
+        return MODES[self.mode]
 
     @property
     def total(self) -> int:
         return self.dense + self.kv_cache + self.activations + self.predictors + self.scratch + self.ffn_resident
 
+    def count(self, placement: Placement) -> int:
+        return sum(p.placement == placement for p in self.layers)
+
+    def layers_placed(self, placement: Placement) -> list[int]:
+        return [i for i, p in enumerate(self.layers) if p.placement == placement]
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        return [p.placement.value for p in self.layers]
+
+    @property
+    def capacities(self) -> list[int]:
+        return [p.cache_rows for p in self.layers]
+
+    @property
+    def resident_layers(self) -> list[int]:
+        return self.layers_placed(Placement.RESIDENT)
+
     def lines(self) -> list[str]:
         out = [f"memory plan ({self.mode}): {_mib(self.total)} of "
                f"{_mib(self.budget) if self.budget else 'unlimited'} budget; model {_mib(self.model_bytes)}",
                f"  dense weights {_mib(self.dense)}, KV cache {_mib(self.kv_cache)}, activations {_mib(self.activations)}"]
-        if self.mode == "flash" and self.layer_kinds:
-            caps = [cap for cap in self.capacities if cap]
-            kinds = {k: self.layer_kinds.count(k) for k in ("sparse", "resident", "stream")}
-            out.append(f"  layers: {kinds['sparse']} sparse (window {self.window}"
+        n_sparse, n_res, n_stream = (self.count(p) for p in (Placement.SPARSE, Placement.RESIDENT, Placement.STREAM))
+        if n_sparse:
+            caps = [p.cache_rows for p in self.layers if p.cache_rows]
+            out.append(f"  layers: {n_sparse} sparse (window {self.window}"
                        + (f", caches {min(caps)}..{max(caps)} rows" if caps else "")
-                       + f"), {kinds['resident']} resident, {kinds['stream']} streamed; "
+                       + f"), {n_res} resident, {n_stream} streamed; "
                        f"FFN in DRAM {_mib(self.ffn_resident)}, predictors {_mib(self.predictors)}, "
                        f"scratch {_mib(self.scratch)}")
             out.append(f"  estimated flash time {self.est_io_ms:.1f} ms/token (read speeds: {self.speeds_source})")
-        elif self.mode in ("hybrid", "naive"):
-            out.append(f"  resident FFN layers {len(self.resident_layers)} ({_mib(self.ffn_resident)}), "
-                       f"streaming buffers {_mib(self.scratch)}")
-        elif self.mode == "mmap":
+        elif self.count(Placement.MAPPED):
             out.append(f"  one mapped FFN layer at a time {_mib(self.scratch)}")
+        elif n_stream or self.mode != "dense":
+            out.append(f"  resident FFN layers {n_res} ({_mib(self.ffn_resident)}), "
+                       f"streaming buffers {_mib(self.scratch)}")
         else:
             out.append(f"  FFN resident {_mib(self.ffn_resident)}")
         out.append(f"  + runtime overhead outside the budget (Python, numba): ~{_mib(RUNTIME_OVERHEAD)}")
         return out
 
 
-def plan_memory(folder: ModelFolder, rt: RuntimeConfig, calibration: dict | None = None) -> MemoryPlan:
-    """Decide what is resident for rt.mode within rt.budget; raises BudgetError if it cannot fit."""
-    c: ModelConfig = folder.config
-    if rt.mode not in MODES:
-        raise BudgetError(f"unknown mode {rt.mode!r}; choose one of {MODES}")
-    layer_bytes = folder.bundles.layer_bytes
-    dense = sum(t.nbytes for t in folder.dense.values())
-    model_bytes = folder.model_bytes
-    ffn_bytes = model_bytes - dense
-    budget = parse_size(rt.budget, model_bytes) if rt.budget is not None else None
-    ctx = min(rt.ctx_len, c.max_position)
-    # Activations: a prefill chunk's per-token buffers, two logit rows, attention scores, BLAS blocks.
-    activations = 4 * (12 * c.d_model * PREFILL_CHUNK + 2 * c.vocab_size + c.n_heads * ctx) + 2 * BLAS_BLOCK_BYTES
-    plan = MemoryPlan(rt.mode, budget, model_bytes, dense,
-                      kv_cache=2 * c.n_layers * ctx * c.n_kv_heads * c.head_dim * 4, activations=activations)
-    if rt.mode == "dense":
-        plan.ffn_resident = ffn_bytes
-    elif rt.mode == "mmap":
-        plan.scratch = layer_bytes
-    elif rt.mode in ("naive", "hybrid"):
-        plan.scratch = 2 * layer_bytes
-        if rt.mode == "hybrid" and budget is not None:
-            room = budget - plan.total
-            n = int(max(0, min(c.n_layers, room // layer_bytes)))
-            plan.resident_layers = list(range(n))
-            plan.ffn_resident = n * layer_bytes
-            if n == c.n_layers:
-                plan.scratch = 0
-    else:
-        _plan_flash(plan, folder, rt, calibration or {})
-    if budget is not None and plan.total > budget:
-        raise BudgetError(
-            f"budget {_mib(budget)} is too small for {rt.mode} mode: it needs {_mib(plan.total)} "
-            f"(dense {_mib(plan.dense)} + KV cache {_mib(plan.kv_cache)} at --ctx {ctx} + activations "
-            f"{_mib(plan.activations)} + predictors {_mib(plan.predictors)} + buffers {_mib(plan.scratch)} "
-            f"+ FFN {_mib(plan.ffn_resident)}); raise --budget or lower --ctx")
-    return plan
+@dataclass
+class _Inputs:
+    config: ModelConfig
+    folder: ModelFolder
+    rt: RuntimeConfig
+    costs: CostModel | None
+    calibration: Calibration | None
 
 
-def predictor_bytes_per_layer(folder: ModelFolder) -> list[int]:
-    from .safetensors_file import read_header
-    header, _, _ = read_header(folder.file(PREDICTOR_FILE))
-    out = [0] * folder.config.n_layers
-    for name, t in header.items():
-        if name.startswith("layers.") and ".predictor." in name and not name.endswith(".hot"):
-            out[int(name.split(".")[1])] += t["data_offsets"][1] - t["data_offsets"][0]
-    return out
+# --- the run modes: each a rule that places every layer's FFN rows ---------------------------------------
+def _all(plan: MemoryPlan, n: int, placement: Placement) -> None:
+    plan.layers = [LayerPlan(placement) for _ in range(n)]
 
 
-def _plan_flash(plan: MemoryPlan, folder: ModelFolder, rt: RuntimeConfig, calibration: dict) -> None:
+def _rule_dense(plan: MemoryPlan, x: _Inputs) -> None:
+    _all(plan, x.config.n_layers, Placement.RESIDENT)
+    plan.ffn_resident = x.config.n_layers * x.folder.bundles.layer_bytes
+
+
+def _rule_mmap(plan: MemoryPlan, x: _Inputs) -> None:
+    _all(plan, x.config.n_layers, Placement.MAPPED)
+    plan.scratch = x.folder.bundles.layer_bytes
+
+
+def _rule_naive(plan: MemoryPlan, x: _Inputs) -> None:
+    _all(plan, x.config.n_layers, Placement.STREAM)
+    plan.scratch = 2 * x.folder.bundles.layer_bytes
+    plan.stream_buffer_rows = x.config.n_ff
+
+
+def _rule_hybrid(plan: MemoryPlan, x: _Inputs) -> None:
+    """The first layers that fit stay resident; the rest stream."""
+    c, layer_bytes = x.config, x.folder.bundles.layer_bytes
+    _rule_naive(plan, x)
+    if plan.budget is None:
+        return
+    n = int(max(0, min(c.n_layers, (plan.budget - plan.total) // layer_bytes)))
+    plan.layers = [LayerPlan(Placement.RESIDENT if i < n else Placement.STREAM) for i in range(c.n_layers)]
+    plan.ffn_resident = n * layer_bytes
+    if n == c.n_layers:
+        plan.scratch, plan.stream_buffer_rows = 0, 0
+
+
+def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
     """Per layer: keep it resident, run it sparse (predictor + window cache) or stream it whole.
 
-    The choice minimizes the estimated flash time per token within the budget, from the device's
-    measured read speeds and the calibrated window statistics: a sparse layer costs its predictor and
-    the rows its window held at most, and per token reads the rows the window missed (random reads of
-    one bundle each); a streamed layer reads all its rows sequentially; a resident layer costs its
-    bytes once. Greedy by time saved per byte, for each window size; the best window wins.
+    The choice minimizes the estimated flash time per token within the budget, from the cost model
+    (the device's measured read speeds) and the calibrated window statistics: a sparse layer costs its
+    predictor and the rows its window held at most, and per token reads the rows the window missed
+    (random reads of one bundle each); a streamed layer reads all its rows sequentially; a resident
+    layer costs its bytes once. Greedy by time saved per byte, for each window size; the best window wins.
     """
-    from .device import load_speeds
-    c = folder.config
-    stride = folder.bundles.stride_bytes
-    if PREDICTOR_FILE not in folder.files:
-        raise BudgetError(f"{folder.path}: flash mode needs predictors; run `flashlm calibrate {folder.path}`")
-    speeds = load_speeds(rt.profile, rt.io_threads)
-    layer_bytes = c.n_ff * stride
-    pred = predictor_bytes_per_layer(folder)
-    stats = calibration.get("layers") or [{} for _ in range(c.n_layers)]
+    c, rt, costs, b = x.config, x.rt, x.costs, x.folder.bundles
+    if x.calibration is None:
+        raise BudgetError(f"{x.folder.path}: flash mode needs predictors; run `flashlm calibrate {x.folder.path}`")
+    stride, layer_bytes = b.stride_bytes, b.layer_bytes
+    pred = x.calibration.predictor_bytes
+    stats = x.calibration.report.get("layers") or [{} for _ in range(c.n_layers)]
     n_pin = int(rt.pin * c.n_ff)
-    sparse_scratch = max(SCRATCH_BYTES, 64 * stride)   # overflow rows of sparse layers stream through it
+    # Two buffers of >= 64 rows for the sparse layers' overflow and fallback streams; more than two
+    # layers' worth of rows would never fill.
+    sparse_scratch = min(max(SCRATCH_BYTES, 128 * stride), 2 * layer_bytes)
     room = None if plan.budget is None else plan.budget - plan.total
     if room is not None and room < 0:
         raise BudgetError(f"budget {_mib(plan.budget)} is too small for flash mode: the fixed parts need "
                           f"{_mib(plan.total)} (dense {_mib(plan.dense)}, KV cache {_mib(plan.kv_cache)}, "
                           f"scratch {_mib(plan.scratch + plan.activations)}); raise --budget or lower --ctx")
-    stream_s = speeds.stream_seconds(layer_bytes)
     windows = [rt.window] if rt.window else [k for k in WINDOW_CHOICES if str(k) in stats[0].get("windows", {})] or [1]
 
     def sparse_option(i: int, k: int):
@@ -180,49 +215,50 @@ def _plan_flash(plan: MemoryPlan, folder: ModelFolder, rt: RuntimeConfig, calibr
             return pred[i] + layer_bytes, 0.0
         need = min(c.n_ff, n_pin + w["max_held"])
         misses = w["miss_fraction"] * stats[i]["predicted_fraction"] * c.n_ff
-        return pred[i] + need * stride, misses * speeds.random_seconds(stride)
+        return pred[i] + need * stride, costs.rows_seconds(misses)
 
     best = None
     for k in windows:
         for buffers in (0, 2 * layer_bytes):
             for scratch in (0, sparse_scratch):
                 # Streamed layers are read whole into two layer buffers (the next is read while this one
-                # computes, as hybrid does), sparse layers need the overflow scratch: a plan pays only
-                # for what it uses.
+                # computes), sparse layers need their streaming buffers: a plan pays only for what it uses.
                 r = None if room is None else room - buffers - scratch
                 if (r is not None and r < 0) or (not scratch and rt.layer_io == "sparse"):
                     continue
-                kinds, mem, cost = _greedy(c.n_layers, r, layer_bytes, stream_s,
+                kinds, mem, cost = _greedy(c.n_layers, r, layer_bytes, costs.layer_stream_s,
                                            [sparse_option(i, k) for i in range(c.n_layers)],
                                            rt.layer_io if scratch else "stream")
                 if ("stream" in kinds) != bool(buffers) or ("sparse" in kinds) != bool(scratch):
                     continue
                 if best is None or cost < best[2] - 1e-9:
-                    best = (kinds, mem, cost, k, buffers + scratch)
+                    best = (kinds, mem, cost, k, buffers, scratch)
     if best is None:
         raise BudgetError(f"budget {_mib(plan.budget)} is too small for flash mode: after the fixed parts "
                           f"({_mib(plan.total)}) it cannot hold two FFN layer buffers ({_mib(2 * layer_bytes)}) "
                           f"nor every layer's predictor and cache; raise --budget or lower --ctx")
-    kinds, _, cost, window, buffers = best
-    plan.scratch += buffers
-    plan.window = window
-    plan.layer_kinds = kinds
-    plan.capacities = [min(c.n_ff, n_pin + stats[i].get("windows", {}).get(str(window), {}).get("max_held", c.n_ff))
-                       if kinds[i] == "sparse" else 0 for i in range(c.n_layers)]
+    kinds, _, cost, window, buffers, scratch = best
+    plan.scratch += buffers + scratch
+    plan.stream_buffer_rows = c.n_ff if buffers else 0
+    plan.sparse_buffer_rows = scratch // 2 // stride
+    plan.window, plan.pin_rows = window, n_pin
+    caps = [min(c.n_ff, n_pin + stats[i].get("windows", {}).get(str(window), {}).get("max_held", c.n_ff))
+            if kinds[i] == "sparse" else 0 for i in range(c.n_layers)]
     plan.predictors = sum(pred[i] for i in range(c.n_layers) if kinds[i] == "sparse")
-    plan.resident_layers = [i for i, kind in enumerate(kinds) if kind == "resident"]
-    plan.ffn_resident = sum(plan.capacities) * stride + len(plan.resident_layers) * layer_bytes
-    room = None if room is None else room - buffers
+    n_resident = kinds.count("resident")
+    plan.ffn_resident = sum(caps) * stride + n_resident * layer_bytes
+    room = None if room is None else room - buffers - scratch
     if room is not None and plan.ffn_resident + plan.predictors > room:
         # Forced sparse everywhere (layer_io="sparse") with too little room: shrink every cache alike.
-        scale = (room - plan.predictors) / max(1, sum(plan.capacities) * stride)
-        if scale <= 0:
+        share = (room - plan.predictors) / max(1, sum(caps) * stride)
+        if share <= 0:
             raise BudgetError(f"budget {_mib(plan.budget)} is too small for flash mode with sparse layers: "
                               f"predictors alone need {_mib(plan.predictors)} beyond the fixed parts")
-        plan.capacities = [max(n_pin + 1, int(cap * scale)) if cap else 0 for cap in plan.capacities]
-        plan.ffn_resident = sum(plan.capacities) * stride
+        caps = [max(n_pin + 1, int(cap * share)) if cap else 0 for cap in caps]
+        plan.ffn_resident = sum(caps) * stride
+    plan.layers = [LayerPlan(Placement(kind), cap) for kind, cap in zip(kinds, caps)]
     plan.est_io_ms = 1e3 * cost
-    plan.speeds_source = speeds.source
+    plan.speeds_source = costs.source
 
 
 def _greedy(n_layers, room, layer_bytes, stream_s, sparse, layer_io):
@@ -253,46 +289,51 @@ def _greedy(n_layers, room, layer_bytes, stream_s, sparse, layer_io):
         kinds[i], mem[i], cost[i] = kind, m, t
 
 
-def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel, biases: list, predictors=None,
-              row_crc=None):
-    """The FFN backend the plan calls for (see runtime/ffn.py)."""
-    from .ffn import MmapFFN, ResidentFFN, SparseFFN, StreamingFFN
-    from .flash_reader import FlashReader
-    from .modelfile import bundle_layers, check_rows, read_verified
-    from .neuron_cache import NeuronCache
-    c, b = folder.config, folder.bundles
-    dtype, row_elems = b.dtype, b.stride_items
-    path = folder.file(b.file)
-    if rt.mode == "dense":
-        return ResidentFFN(bundle_layers(folder, read_verified(folder, b.file)), kernel, biases)
-    if rt.mode == "mmap":
-        return MmapFFN(path, b.layer_offsets, c.n_ff, row_elems, dtype, kernel, biases)
-    reader = FlashReader(path, layer_offsets=b.layer_offsets, stride_bytes=b.stride_bytes, n_rows=c.n_ff,
-                         mode=rt.io, threads=rt.io_threads, max_gap_bytes=rt.max_gap_bytes,
-                         row_bytes=b.stride_bytes)
-    row_crc = row_crc if rt.verify_reads else None
-    all_rows = np.arange(c.n_ff, dtype=np.int32)
-    resident = {}
-    for i in plan.resident_layers:
-        resident[i] = np.empty((c.n_ff, row_elems), dtype)
-        reader.read_layer(i, resident[i])
-        check_rows(resident[i], all_rows, row_crc, path, i)
-    if rt.mode in ("naive", "hybrid"):
-        reader.reset_stats()
-        return StreamingFFN(reader, resident, kernel, biases, c.n_layers, c.n_ff, row_elems, dtype, row_crc)
-    streamed = [i for i, kind in enumerate(plan.layer_kinds) if kind == "stream"]
-    whole_layers = StreamingFFN(reader, resident, kernel, biases, c.n_layers, c.n_ff, row_elems, dtype, row_crc,
-                                streamed=streamed)
-    n_pin = int(rt.pin * c.n_ff)
-    caches = [NeuronCache(c.n_ff, cap, row_elems, dtype, window=plan.window,
-                          pinned=predictors[i].hot[:n_pin] if n_pin else None) if cap else None
-              for i, cap in enumerate(plan.capacities)]
-    from .device import load_speeds
-    sparse_scratch_rows = max(SCRATCH_BYTES // b.stride_bytes, 64) if "sparse" in plan.layer_kinds else 1
-    ffn = SparseFFN(reader, predictors, caches, kernel, biases, scratch_rows=sparse_scratch_rows,
-                    row_elems=row_elems, dtype=dtype, n_rows=c.n_ff,
-                    stride_bytes=b.stride_bytes, speeds=load_speeds(rt.profile, rt.io_threads),
-                    whole_layers=whole_layers, layer_io=rt.layer_io, row_crc=row_crc)
-    ffn.load_pinned()
-    reader.reset_stats()
-    return ffn
+@dataclass(frozen=True)
+class RunMode:
+    name: str
+    description: str
+    rule: Callable[[MemoryPlan, _Inputs], None]   # places every layer's FFN rows
+    rows_from: str                # "file": the FFN file read whole at load, sha256-checked;
+    #                               "reader": flash reads (CRC-32 per row); "mmap": a memory map
+    needs_predictors: bool = False
+
+    @property
+    def reads_flash(self) -> bool:
+        """FFN rows come from flash while generating (I/O figures mean something)."""
+        return self.rows_from != "file"
+
+
+MODES: dict[str, RunMode] = {m.name: m for m in (
+    RunMode("dense", "every FFN row in DRAM (the file read whole at load)", _rule_dense, "file"),
+    RunMode("flash", "per layer resident, sparse (predicted rows, window cache) or streamed, the cheapest "
+            "flash time the budget allows", _rule_flash, "reader", needs_predictors=True),
+    RunMode("naive", "every FFN layer read whole from flash each token (double-buffered)", _rule_naive, "reader"),
+    RunMode("hybrid", "the first layers that fit the budget resident, the rest streamed", _rule_hybrid, "reader"),
+    RunMode("mmap", "FFN rows used from a memory map, pages dropped after each layer", _rule_mmap, "mmap"),
+)}
+
+
+def plan_memory(folder: ModelFolder, rt: RuntimeConfig, *, activations: int, costs: CostModel | None = None,
+                calibration: Calibration | None = None) -> MemoryPlan:
+    """Place every layer's FFN rows for rt.mode within rt.budget; raises BudgetError if it cannot fit.
+
+    `activations` is what the run state and kernel scratch allocate (runtime/runstate.py), `costs` the
+    flash cost model (needed by flash), `calibration` the predictors' sizes and window statistics."""
+    c: ModelConfig = folder.config
+    mode = MODES.get(rt.mode)
+    if mode is None:
+        raise BudgetError(f"unknown mode {rt.mode!r}; choose one of {list(MODES)}")
+    dense = sum(t.nbytes for t in folder.dense.values())
+    budget = parse_size(rt.budget, folder.model_bytes) if rt.budget is not None else None
+    ctx = min(rt.ctx_len, c.max_position)
+    plan = MemoryPlan(rt.mode, budget, folder.model_bytes, dense,
+                      kv_cache=2 * c.n_layers * ctx * c.n_kv_heads * c.head_dim * 4, activations=activations)
+    mode.rule(plan, _Inputs(c, folder, rt, costs, calibration))
+    if budget is not None and plan.total > budget:
+        raise BudgetError(
+            f"budget {_mib(budget)} is too small for {rt.mode} mode: it needs {_mib(plan.total)} "
+            f"(dense {_mib(plan.dense)} + KV cache {_mib(plan.kv_cache)} at --ctx {ctx} + activations "
+            f"{_mib(plan.activations)} + predictors {_mib(plan.predictors)} + buffers {_mib(plan.scratch)} "
+            f"+ FFN {_mib(plan.ffn_resident)}); raise --budget or lower --ctx")
+    return plan

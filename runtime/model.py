@@ -9,9 +9,8 @@ import numpy as np
 from . import kernels as K
 from .config import ModelConfig, RuntimeConfig
 from .errors import FlashlmError
-from .ffn import BundleKernel
-from .memory import build_ffn, plan_memory
-from .modelfile import ROW_CRC_TENSOR, ModelFileError, ModelFolder, read_verified, tensors_from_buffer
+from .builder import build
+from .modelfile import ModelFileError, ModelFolder
 
 
 class ContextFull(FlashlmError):
@@ -40,29 +39,19 @@ def rope_tables(hd: int, theta: float, scaling: dict | None, n_pos: int) -> tupl
 
 
 class Model:
-    """Batch-1 decoder: dense weights resident, FFN rows wherever the run mode puts them (runtime/ffn.py)."""
+    """Batch-1 decoder: dense weights resident, FFN rows wherever the memory plan puts them (runtime/ffn.py).
 
-    def __init__(self, folder: ModelFolder, runtime: RuntimeConfig | None = None):
+    Model(folder, runtime) builds its parts downward (runtime/builder.py: plan, weights, FFN backend, run
+    state); the library entry is runtime/loader.py's load(), which also opens the folder and the tokenizer."""
+
+    def __init__(self, folder: ModelFolder, runtime: RuntimeConfig | None = None, *, predictors=None):
         self.runtime = runtime = runtime or RuntimeConfig()
         t0 = time.perf_counter()
         self.config = c = folder.config
         self.folder = folder
-        predictors, calibration = None, None
-        if runtime.mode == "flash":
-            from .predictor import calibration_report
-            calibration = calibration_report(folder.path)
-        self.plan = plan_memory(folder, runtime, calibration)      # refuses before anything big is read
-        if runtime.mode == "flash":
-            from .predictor import load_predictors
-            sparse = [i for i, kind in enumerate(self.plan.layer_kinds) if kind == "sparse"]
-            predictors = load_predictors(folder.path, c, sparse)
-        self.threads = K.set_threads(runtime.threads)
-        self.ctx_len = min(runtime.ctx_len, c.max_position)
-        self.w = tensors_from_buffer(read_verified(folder, "dense.safetensors"), folder.dense)
-        self.kernel = BundleKernel(c, folder.bundles.item_offsets(), self.threads)
-        biases = [self.w.get(f"layers.{i}.ffn.up.bias") for i in range(c.n_layers)]
-        self.ffn_backend = build_ffn(folder, runtime, self.plan, self.kernel, biases, predictors,
-                                     row_crc=self.w.get(ROW_CRC_TENSOR))
+        parts = build(folder, runtime, predictors=predictors)    # refuses a budget before anything big is read
+        self.plan, self.w, self.kernel, self.ffn_backend = parts.plan, parts.weights, parts.kernel, parts.ffn
+        self.state, self.threads, self.ctx_len = parts.state, parts.threads, parts.ctx_len
         self.lm_head = self.w["tok_embeddings"] if c.tied_embeddings else self.w["lm_head"]
         # One (cos, sin) table per distinct RoPE variant: Gemma 3's sliding layers use another base.
         self.rope = [None] * c.n_layers
@@ -111,42 +100,66 @@ class Model:
         else:
             K.matmul(x, w, out)
 
-    def embed(self, tokens: np.ndarray, pos0: int) -> np.ndarray:
-        x = self.folder.dense["tok_embeddings"].storage.decode(self.w["tok_embeddings"][tokens])
-        if self.config.embed_scale != 1.0:
-            x *= np.float32(self.config.embed_scale)
-        if self.config.pos_kind == "learned":
-            lo = pos0 + self.config.pos_offset
-            x += self.folder.dense["pos_embeddings"].storage.decode(self.w["pos_embeddings"][lo:lo + len(tokens)])
-        return x
+    def embed(self, tokens: np.ndarray, pos0: int, out: np.ndarray) -> None:
+        """out[T, d] = the tokens' embedding rows (+ learned positions), widened to f32."""
+        c, dense = self.config, self.folder.dense
+        emb = dense["tok_embeddings"].storage
+        if emb.block_elems == 1:
+            K.gather_rows(self.w["tok_embeddings"], tokens, out)
+        else:
+            out[:] = emb.decode(self.w["tok_embeddings"][tokens])
+        if c.embed_scale != 1.0:
+            out *= np.float32(c.embed_scale)
+        if c.pos_kind == "learned":
+            lo = pos0 + c.pos_offset
+            out += dense["pos_embeddings"].storage.decode(self.w["pos_embeddings"][lo:lo + len(tokens)])
 
     # --- the forward pass ----------------------------------------------------------------------------
     def ffn(self, layer: int, h: np.ndarray, out: np.ndarray) -> None:
-        """out[T, d] = FFN(h), with the rows the run mode provides."""
+        """out[T, d] = FFN(h), with the rows the memory plan provides."""
         if self.on_ffn_input is not None:
             self.on_ffn_input(layer, h)
         self.ffn_backend(layer, h, out)
 
-    def forward(self, tokens, *, all_logits: bool = False) -> np.ndarray:
-        """Run `tokens` at positions self.pos.. and append them to the KV cache.
+    def forward(self, tokens, *, all_logits: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+        """Run `tokens` at positions self.pos.. and append them to the KV cache, in chunks of the run
+        state's size (PREFILL_CHUNK tokens).
 
-        Returns logits [T, vocab] if all_logits else [1, vocab] for the last token.
+        Returns logits [T, vocab] if all_logits else [1, vocab] for the last token, written into `out`
+        if given (decoding passes the run state's logits row: nothing is allocated per token).
         """
         c = self.config
-        tokens = np.asarray(tokens, dtype=np.int64)
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        T = len(tokens)
+        if self.pos + T > self.ctx_len:
+            raise ContextFull(f"context full: {self.pos} + {T} tokens exceed the context length {self.ctx_len} (--ctx)")
+        if out is None:
+            out = np.empty((T if all_logits else 1, c.vocab_size), np.float32)
+        chunk = self.state.chunk
+        for s in range(0, T, chunk):
+            x = self._layers(tokens[s:s + chunk])
+            if all_logits:
+                self._head(x, out[s:s + len(x)])
+        if not all_logits:
+            self._head(x[-1:], out)
+        return out
+
+    def _head(self, x: np.ndarray, out: np.ndarray) -> None:
+        xn = self.state.xn[:len(x)]
+        self._norm(x, "norm", xn)
+        self._matmul(xn, self.lm_head, out)
+
+    def _layers(self, tokens: np.ndarray) -> np.ndarray:
+        """The decoder layers over at most one chunk of tokens; returns the residual stream x [T, d]."""
+        c, st = self.config, self.state
         T, pos0 = len(tokens), self.pos
-        if pos0 + T > self.ctx_len:
-            raise ContextFull(f"context full: {pos0} + {T} tokens exceed the context length {self.ctx_len} (--ctx)")
-        H, Hkv, hd, d = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
-        x = self.embed(tokens, pos0)                          # [T, d] residual stream
-        xn = np.empty_like(x)
-        q = np.empty((T, H * hd), np.float32)
-        k = np.empty((T, Hkv * hd), np.float32)
-        v = np.empty((T, Hkv * hd), np.float32)
-        att = np.empty((T, H, hd), np.float32)
-        o = np.empty((T, d), np.float32)
-        qk_raw = np.empty((T * H, hd), np.float32) if c.qk_norm else None
-        on = np.empty_like(o) if c.sandwich_norm else None
+        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        x, xn, o = st.x[:T], st.xn[:T], st.o[:T]
+        q, k, v, att = st.q[:T], st.k[:T], st.v[:T], st.att[:T]
+        qk_raw = st.qk_raw if c.qk_norm else None
+        on = st.on[:T] if c.sandwich_norm else None
+        st.tokens[:T] = tokens
+        self.embed(st.tokens[:T], pos0, x)                  # [T, d] residual stream
         for layer in range(c.n_layers):
             p = f"layers.{layer}."
             self._norm(x, p + "attn_norm", xn)
@@ -174,15 +187,8 @@ class Model:
             self._residual_add(x, o, p + "ffn_post_norm", on)
             if c.ffn_bias:
                 x += self.w[p + "ffn.down.bias"]
-        self.history.extend(int(t) for t in tokens)
-        self.ffn_backend.stats.tokens += T
-        if not all_logits:
-            x = x[-1:]
-        xn = np.empty_like(x)
-        self._norm(x, "norm", xn)
-        logits = np.empty((len(x), c.vocab_size), np.float32)
-        self._matmul(xn, self.lm_head, logits)
-        return logits
+        self.history.extend(tokens.tolist())
+        return x
 
     @property
     def pos(self) -> int:
@@ -214,15 +220,13 @@ class Model:
             rows = np.zeros((2, self.folder.bundles.stride_items), rows_dt)
             for bias in (None, np.zeros(2, np.float32)):
                 self.kernel(x, rows, 2, np.arange(2, dtype=np.int32), bias, np.empty_like(x))
+            K.gather_rows(self.w["tok_embeddings"], np.zeros(T, np.int64), x)
         if c.norm_kind == "layer":
             K.layernorm(x, np.ones(c.d_model, np.float32), np.zeros(c.d_model, np.float32), 1e-5, np.empty_like(x))
 
     def reset_io_stats(self) -> None:
         """Start the flash accounting afresh (e.g. after prefill, so figures describe decoding)."""
-        self.ffn_backend.stats.reset()
-        reader = getattr(self.ffn_backend, "reader", None)
-        if reader is not None:
-            reader.reset_stats()
+        self.ffn_backend.reset_stats()
 
     def close(self) -> None:
         self.ffn_backend.close()

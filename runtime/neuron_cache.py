@@ -27,7 +27,6 @@ The bookkeeping loops are numba kernels over plain arrays; `NeuronCache` is a th
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,37 +155,18 @@ def _step(wanted, t, window, n, rows, neuron_of_row, row_of_neuron, last_used, p
 # ------------------------------------------------------------------------------------- python side
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """What the caller must read from flash after `step()` / `pin()` / `load_pinned()`.
+    """What the caller must read from flash after `step()` / `pin()` / `load_pinned()`, and what the
+    step did (the caller keeps the figures: the FFN backend's FFNStats is the one hit counter).
 
     missing[k] goes into rows[dest_rows[k]] (dest_rows are consecutive); overflow are wanted neurons
-    that got no cache row this step (stream them through a scratch buffer)."""
+    that got no cache row this step (stream them through a scratch buffer). The arrays are views of
+    the cache's scratch, valid until its next step()."""
     missing: np.ndarray     # int32 neuron ids
     dest_rows: np.ndarray   # int32 row indices into NeuronCache.rows
     overflow: np.ndarray    # int32 neuron ids
-
-    @property
-    def n_reads(self) -> int:
-        return len(self.missing) + len(self.overflow)
-
-
-@dataclass
-class CacheStats:
-    """Accumulated over `step()` calls (pin/load_pinned reads are not counted)."""
-    steps: int = 0
-    hits: int = 0         # wanted and already resident
-    misses: int = 0       # wanted, not resident, loaded into the cache
-    overflow: int = 0     # wanted, not resident, no room: streamed through scratch
-    evictions: int = 0    # window evictions + LRU (capacity-pressure) evictions
+    hits: int = 0           # distinct wanted neurons already resident
+    evictions: int = 0      # window evictions + LRU (capacity-pressure) evictions
     lru_evictions: int = 0
-    seconds: float = 0.0  # wall time inside step()
-
-    @property
-    def wanted(self) -> int:
-        return self.hits + self.misses + self.overflow
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.wanted if self.wanted else 0.0
 
 
 _EMPTY = np.zeros(0, np.int32)
@@ -215,7 +195,6 @@ class NeuronCache:
         self._n = 0
         self._t = 0
         self.needs_pinned_load = False
-        self.stats = CacheStats()
         if pinned is not None and len(pinned):
             self.is_pinned[self._checked(pinned)] = True
             self._check_pinned_fits()
@@ -232,21 +211,12 @@ class NeuronCache:
         return self._t
 
     @property
-    def live_rows(self) -> np.ndarray:
-        return self.rows[:self._n]
-
-    @property
     def pinned(self) -> np.ndarray:
         return np.flatnonzero(self.is_pinned).astype(np.int32)
-
-    def resident(self) -> np.ndarray:
-        """Resident neuron ids in row order (a copy)."""
-        return self.neuron_of_row[:self._n].copy()
 
     # ---- operations
     def step(self, wanted: np.ndarray) -> Admission:
         """Admit one token's wanted neurons; the caller then reads `missing` into rows[dest_rows]."""
-        t0 = time.perf_counter()
         if self.needs_pinned_load:
             raise RuntimeError("pinned neurons are not loaded: call load_pinned() and read its rows first")
         wanted = self._checked(wanted)
@@ -255,17 +225,7 @@ class NeuronCache:
             wanted, self._t, self.window, self._n, self.rows, self.neuron_of_row, self.row_of_neuron,
             self.last_used, self.is_pinned, self._missing, self._dest)
         self._n = n
-        adm = Admission(self._missing[:fit].copy(), self._dest[:fit].copy(),
-                        self._missing[fit:m].copy() if m > fit else _EMPTY.copy())
-        s = self.stats
-        s.steps += 1
-        s.hits += hits
-        s.misses += fit
-        s.overflow += m - fit
-        s.evictions += evicted + lru
-        s.lru_evictions += lru
-        s.seconds += time.perf_counter() - t0
-        return adm
+        return Admission(self._missing[:fit], self._dest[:fit], self._missing[fit:m], hits, evicted + lru, lru)
 
     def pin(self, neurons: np.ndarray) -> Admission:
         """Add `neurons` to the pinned set and admit every pinned neuron not resident.
@@ -296,7 +256,7 @@ class NeuronCache:
         """Admit the pinned set (after construction or reset()); read the returned rows from flash."""
         return self.pin(_EMPTY)
 
-    def reset(self, *, stats: bool = True) -> None:
+    def reset(self) -> None:
         """Empty the cache, pinned rows included (their data is treated as invalid), and restart the
         step counter; if anything is pinned, `needs_pinned_load` is set: call load_pinned() again."""
         self.neuron_of_row.fill(-1)
@@ -305,8 +265,6 @@ class NeuronCache:
         self._n = 0
         self._t = 0
         self.needs_pinned_load = bool(self.is_pinned.any())
-        if stats:
-            self.stats = CacheStats()
 
     # ---- helpers
     def _checked(self, neurons) -> np.ndarray:
@@ -319,35 +277,3 @@ class NeuronCache:
         p = int(self.is_pinned.sum())
         if p > self.capacity:
             raise ValueError(f"{p} pinned neurons exceed the capacity {self.capacity}")
-
-
-# ------------------------------------------------------------------------------------- calibration
-def window_union_sizes(active_sets: list[np.ndarray], n_neurons: int,
-                       windows: tuple[int, ...] = (1, 2, 4, 8)) -> dict[int, dict[str, float]]:
-    """Sliding-window statistics of a token sequence's active-neuron sets.
-
-    For each k in windows:
-      "union":   mean over tokens t of |S[t-k+1] ∪ ... ∪ S[t]| / n_neurons (windows truncated at the
-                 start: what a window-k cache holds after token t, i.e. its DRAM footprint);
-      "to_read": mean over tokens t >= 1 with a non-empty set of |S[t] \\ (S[t-k] ∪ ... ∪ S[t-1])| / |S[t]|
-                 (the fraction of a token's neurons a window-k cache must still read from flash).
-    Duplicate ids in a set count once.
-    """
-    windows = tuple(int(k) for k in windows)
-    last_seen = np.full(n_neurons, np.iinfo(np.int64).min // 2, np.int64)
-    union = {k: 0.0 for k in windows}
-    to_read = {k: 0.0 for k in windows}
-    n_read = 0
-    T = len(active_sets)
-    for t, s in enumerate(active_sets):
-        s = np.unique(np.asarray(s, dtype=np.int64))
-        if t > 0 and s.size:
-            prev = last_seen[s]
-            for k in windows:               # covered iff seen in tokens t-k .. t-1
-                to_read[k] += np.count_nonzero(prev < t - k) / s.size
-            n_read += 1
-        last_seen[s] = t
-        for k in windows:                   # in the union iff seen in tokens t-k+1 .. t
-            union[k] += np.count_nonzero(last_seen > t - k) / n_neurons
-    return {k: {"union": union[k] / T if T else 0.0,
-                "to_read": to_read[k] / n_read if n_read else 0.0} for k in windows}

@@ -16,15 +16,14 @@ def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return z[np.arange(len(targets)), targets] - np.log(np.exp(z).sum(axis=-1))
 
 
-def perplexity(model: Model, ids: list[int], *, chunk: int, window: int | None = None,
-               progress: bool = True) -> dict:
+def perplexity(model: Model, ids: list[int], *, chunk: int, progress: bool = True) -> dict:
     """exp(mean negative log-likelihood) of ids[1:] given the preceding tokens.
 
     Tokens go through the model `chunk` at a time: chunk 1 is how decoding sees the model (each token's
     FFN predicted and read on its own), larger chunks are faster prefill-style passes. The text is cut
     into windows of at most the context length, each starting from an empty KV cache.
     """
-    window = min(window or model.ctx_len, model.ctx_len)
+    window = model.ctx_len
     nll, count = 0.0, 0
     with tqdm(total=len(ids) - 1, desc="Perplexity", unit="tok", disable=not progress, file=sys.stderr) as bar:
         for start in range(0, len(ids) - 1, window):

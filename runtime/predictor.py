@@ -32,17 +32,20 @@ class LowRank:
     B: np.ndarray            # [n_ff, r] f16 bits or f32
     c: np.ndarray            # [n_ff] f32
 
+    def __post_init__(self):
+        # Decode (one token) scores into these: no allocation per token. Longer inputs allocate.
+        self.z1 = np.empty((1, self.A.shape[0]), np.float32)
+        self.s1 = np.empty((1, self.B.shape[0]), np.float32)
+
     def __call__(self, h: np.ndarray) -> np.ndarray:
-        z = np.empty((h.shape[0], self.A.shape[0]), np.float32)
+        """Scores [T, n_ff]; for T = 1 a view of this map's own buffer, valid until its next call."""
+        T = h.shape[0]
+        z = self.z1 if T == 1 else np.empty((T, self.A.shape[0]), np.float32)
+        s = self.s1 if T == 1 else np.empty((T, self.B.shape[0]), np.float32)
         K.matmul(h, self.A, z)
-        s = np.empty((h.shape[0], self.B.shape[0]), np.float32)
         K.matmul(z, self.B, s)
         s += self.c
         return s
-
-    @property
-    def nbytes(self) -> int:
-        return self.A.nbytes + self.B.nbytes + self.c.nbytes
 
 
 def gated_score(gate: np.ndarray, up: np.ndarray, ffn_kind: str) -> np.ndarray:
@@ -59,10 +62,6 @@ class LayerPredictor:
     keep: int = 0            # neurons kept per token for "topk"
     hot: np.ndarray | None = None   # neuron ids ordered by calibration activation frequency, hottest first
     ffn_kind: str = "swiglu"        # which gate activation the contribution score applies
-
-    @property
-    def nbytes(self) -> int:
-        return self.up.nbytes + (self.gate.nbytes if self.gate else 0)
 
     def scores(self, h: np.ndarray) -> np.ndarray:
         """h [T, d] -> scores [T, n_ff]: estimated pre-activation (ReLU) or contribution (SwiGLU)."""
@@ -92,9 +91,36 @@ def _open(folder: Path):
     return path, header, start, meta
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """What the memory planner needs from predictor.safetensors, read without loading the predictors."""
+    predictor_bytes: list[int]   # per layer: the low-rank maps the layer's predictor keeps resident
+    report: dict                 # converters/calibrate.py's report: per layer window statistics
+
+
 def calibration_report(folder: Path) -> dict:
     """The calibration report stored with the predictors (per-layer recall, window statistics)."""
     return json.loads(_open(folder)[3].get("report", "{}"))
+
+
+def read_calibration(folder) -> Calibration:
+    """Sizes and statistics of a ModelFolder's predictors, from the file's header only."""
+    path, header, _, meta = _open(folder.path)
+    sizes = [0] * folder.config.n_layers
+    for name, t in header.items():
+        if name.startswith("layers.") and ".predictor." in name and not name.endswith(".hot"):
+            layer = int(name.split(".")[1])
+            if 0 <= layer < len(sizes):
+                sizes[layer] += t["data_offsets"][1] - t["data_offsets"][0]
+    try:
+        report = json.loads(meta.get("report", "{}"))
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path}: metadata 'report' is not JSON ({e})") from None
+    layers = report.get("layers") if isinstance(report, dict) else None
+    if layers is not None and (not isinstance(layers, list) or len(layers) != folder.config.n_layers):
+        raise ModelFileError(f"{path}: the calibration report covers {len(layers) if isinstance(layers, list) else '?'} "
+                             f"layers, the model has {folder.config.n_layers}")
+    return Calibration(sizes, report if isinstance(report, dict) else {})
 
 
 def load_predictors(folder: Path, config, layers=None) -> list[LayerPredictor | None]:

@@ -22,8 +22,6 @@ DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
     "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
 }
-DTYPE_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint8): "U8",
-               np.dtype(np.int32): "I32", np.dtype(np.uint16): "U16", np.dtype(np.int64): "I64"}
 
 
 class SafetensorsError(ValueError, FlashlmError):

@@ -7,10 +7,13 @@ from flashlm.converters.calibrate import calibrate
 from flashlm.converters.convert import convert
 from flashlm.runtime import modelfile
 from flashlm.runtime.config import RuntimeConfig
-from flashlm.runtime.memory import BudgetError, parse_size, plan_memory
+from flashlm.runtime.builder import activation_bytes
+from flashlm.runtime.kernels import set_threads
+from flashlm.runtime.memory import BudgetError, Placement, parse_size, plan_memory
 from flashlm.runtime.model import Model
 from flashlm.runtime.modelfile import open_folder
 
+FAR_LESS = 0.5     # flash with a window of 4 must read at most half of what naive reads
 IDS = [1, 5, 17, 42, 7, 99, 3, 8, 250, 11, 64, 0, 2, 180, 33, 5, 77, 120, 9, 15]
 
 
@@ -37,10 +40,16 @@ class OraclePredictor:
 
     def __init__(self, up, bias):
         self.up, self.bias = up, bias
+        self.hot = np.arange(len(up), dtype=np.int32)[::-1].copy()     # pinning order: any fixed order
 
     def predict(self, h):
         active = (h @ self.up.T + self.bias) > 0
         return np.flatnonzero(active.any(axis=0)).astype(np.int32)
+
+
+def _fixed_bytes(folder, mode="naive"):
+    f = open_folder(folder)
+    return plan_memory(f, RuntimeConfig(mode=mode), activations=activation_bytes(f, set_threads(None))).total
 
 
 def _oracles(folder):
@@ -59,8 +68,7 @@ def test_streaming_modes_equal_dense(opt_folder, mode):
     budget = None
     if mode == "hybrid":   # room for the fixed parts and one and a half FFN layers
         folder = open_folder(opt_folder)
-        fixed = plan_memory(folder, RuntimeConfig(mode="naive")).total
-        budget = str(int(fixed + 1.5 * folder.config.n_ff * folder.bundles.stride_bytes))
+        budget = str(int(_fixed_bytes(opt_folder) + 1.5 * folder.bundles.layer_bytes))
     got, stats, model = _logits(opt_folder, mode=mode, budget=budget, io="buffered")
     np.testing.assert_allclose(got, ref, atol=1e-5)
     if mode == "hybrid":
@@ -72,9 +80,9 @@ def test_flash_with_oracle_predictor_is_exact(opt_folder, capacity_fraction):
     """Cache machinery (window, delete-by-swap, append, overflow streaming) is exact given its rows."""
     ref, _, _ = _logits(opt_folder)
     folder = open_folder(opt_folder)
-    model = Model(folder, RuntimeConfig(mode="flash", window=2, io="buffered", layer_io="sparse"))
+    model = Model(folder, RuntimeConfig(mode="flash", window=2, io="buffered", layer_io="sparse"),
+                  predictors=_oracles(opt_folder))
     ffn = model.ffn_backend
-    ffn.predictors = _oracles(opt_folder)
     if capacity_fraction < 1:
         from flashlm.runtime.neuron_cache import NeuronCache
         cap = int(folder.config.n_ff * capacity_fraction)
@@ -84,29 +92,32 @@ def test_flash_with_oracle_predictor_is_exact(opt_folder, capacity_fraction):
     np.testing.assert_allclose(np.concatenate([pre, np.stack(dec)]), ref, atol=1e-5)
     st = ffn.stats
     assert st.wanted > 0 and 0 < st.hits < st.wanted
-    useful = (st.wanted - st.hits) * folder.bundles.stride_bytes
-    assert ffn.reader.stats.bytes_read >= useful * (0.99 if capacity_fraction == 1 else 0)
+    # Every wanted neuron that was not resident is read exactly once (into the cache or, overflowing,
+    # through the streaming buffers), and nothing else is: distinct rows requested == misses.
+    misses = st.wanted - st.hits
+    assert ffn.reader.stats.useful_bytes == misses * folder.bundles.stride_bytes
+    assert ffn.io_counts()[0] >= misses * folder.bundles.stride_bytes
     if capacity_fraction < 1:
-        assert sum(c.stats.overflow for c in ffn.caches) > 0, "small caches must stream the surplus"
+        assert 0 < st.overflow < misses, "small caches must stream the surplus, and only the surplus"
     model.close()
 
 
 def test_flash_reads_far_less_than_naive(opt_folder):
     _, naive, m1 = _logits(opt_folder, mode="naive", io="buffered")
     _, flash, m2 = _logits(opt_folder, mode="flash", window=4, io="buffered", layer_io="sparse")
-    n_naive = m1.ffn_backend.reader.stats.bytes_read
-    n_flash = m2.ffn_backend.reader.stats.bytes_read
-    layer_bytes = m1.config.n_ff * m1.folder.bundles.stride_bytes
+    n_naive, n_flash = m1.ffn_backend.io_counts()[0], m2.ffn_backend.io_counts()[0]
+    layer_bytes = m1.folder.bundles.layer_bytes
     assert n_naive == layer_bytes * m1.config.n_layers * (1 + len(IDS) - 6)   # every layer, every forward
-    assert n_flash < n_naive
+    assert naive.tokens == flash.tokens == len(IDS)
+    assert n_flash < FAR_LESS * n_naive, (n_flash, n_naive)
 
 
 def test_budget_too_small_is_refused_before_loading(opt_folder, monkeypatch):
     def no_read(*a, **k):
         raise AssertionError("weights were read before the budget check")
     monkeypatch.setattr(modelfile, "read_verified", no_read)
-    import flashlm.runtime.model
-    monkeypatch.setattr(flashlm.runtime.model, "read_verified", no_read)
+    import flashlm.runtime.builder
+    monkeypatch.setattr(flashlm.runtime.builder, "read_verified", no_read)
     with pytest.raises(BudgetError, match="too small"):
         Model(open_folder(opt_folder), RuntimeConfig(mode="flash", budget="1%"))
     with pytest.raises(BudgetError, match="too small"):
@@ -168,3 +179,86 @@ def test_corrupted_bundle_row_is_detected_when_read(opt_folder, tmp_path, mode, 
         for t in IDS[:3]:
             model.forward([t])
     model.close()
+
+
+# A device where one scattered row costs 1/77 of streaming a whole (48 KiB) layer: the calibrated
+# ~10 missing rows per token make sparse layers pay off, a prompt's union (150+ rows) does not.
+SLOW_STREAM_PROFILE = """
+[flash]
+threads = [1, 4]
+sequential_1m_mb_s = [50.0, 50.0]
+[flash.random_mb_s]
+4096 = [20.0, 20.0]
+1048576 = [20.0, 20.0]
+"""
+
+
+@pytest.fixture(scope="module")
+def deep_opt_folder(tmp_path_factory):
+    """12 layers: enough that streaming buffers and sparse buffers pay for themselves in one plan."""
+    d = tmp_path_factory.mktemp("opt12")
+    out = convert(tm.make_opt(d / "src", n_layers=12), d / "opt12.flashlm", dtype="f16", progress=False)
+    calibrate(out, n_tokens=200, ranks=(8,), progress=False)
+    return out
+
+
+def test_default_auto_flash_path_mixes_placements_and_equals_dense(deep_opt_folder, tmp_path, monkeypatch):
+    """The default flash path end to end: layer_io auto, resident + sparse + streamed layers, pinned
+    hot neurons, the per-token stream fallback and cache overflow, with an oracle predictor: the
+    logits equal dense mode's.
+
+    The tiny random OPT is not sparse (about 58% of neurons fire), so its own calibration never makes
+    a sparse layer worth its bytes. The scenario gives layers 0-8 of a 12-layer one the window
+    statistics of sparse layers (a window holds 40 rows); their caches are sized from them, so the
+    oracle's wider sets overflow and stream, exactly, through the sparse buffers."""
+    opt_folder = deep_opt_folder
+    import copy
+    from flashlm.runtime import predictor as predictor_module
+    from flashlm.runtime.costs import CostModel
+    from flashlm.runtime.device import load_speeds
+    from flashlm.runtime.predictor import Calibration, read_calibration
+    profile = tmp_path / "slow-stream.toml"
+    profile.write_text(SLOW_STREAM_PROFILE)
+    folder = open_folder(opt_folder)
+    real = read_calibration(folder)
+    report = copy.deepcopy(real.report)
+    for layer in report["layers"][:9]:
+        for w in layer["windows"].values():
+            w.update(max_held=40, miss_fraction=0.1)
+    scenario = Calibration(real.predictor_bytes, report)
+    monkeypatch.setattr(predictor_module, "read_calibration", lambda f: scenario)
+
+    rt = dict(mode="flash", io="buffered", pin=0.1, profile=str(profile))
+    costs = CostModel.for_layout(load_speeds(str(profile), 4), folder.bundles)
+    activations = activation_bytes(folder, set_threads(None))
+    fixed = plan_memory(folder, RuntimeConfig(mode="naive"), activations=activations).total
+    budget = plan = None
+    for extra in range(0, 14 * folder.bundles.layer_bytes, 2048):   # the planner is pure: cheap
+        try:
+            p = plan_memory(folder, RuntimeConfig(**rt, budget=str(fixed + extra)), activations=activations,
+                            costs=costs, calibration=scenario)
+        except BudgetError:
+            continue
+        if all(p.count(k) for k in (Placement.RESIDENT, Placement.SPARSE, Placement.STREAM)):
+            budget, plan = str(fixed + extra), p
+            break
+    assert plan is not None, "some budget must mix resident, sparse and streamed layers"
+    ref, _, _ = _logits(opt_folder)
+    model = Model(folder, RuntimeConfig(**rt, budget=budget), predictors=_oracles(opt_folder))
+    try:
+        assert model.plan.layer_kinds == plan.layer_kinds and model.plan.pin_rows == int(0.1 * folder.config.n_ff)
+        ffn = model.ffn_backend
+        sparse = plan.layers_placed(Placement.SPARSE)
+        pre = model.forward(IDS[:6], all_logits=True)
+        dec = [model.forward([t])[0].copy() for t in IDS[6:]]
+        np.testing.assert_allclose(np.concatenate([pre, np.stack(dec)]), ref, atol=1e-5)
+        st = ffn.stats
+        n_planned = plan.count(Placement.STREAM) * len(IDS[5:])    # 1 prefill + 14 decode forwards
+        assert st.streamed_layers > n_planned, "the prompt's union must take the per-token stream fallback"
+        assert st.overflow > 0 and st.hits > 0 and st.wanted > st.hits
+        assert sum(ffn.caches[i].step_count for i in sparse) > 0, "decode tokens must go through the caches"
+        for i in sparse:                      # the hottest neurons stayed resident throughout
+            cache, hot = ffn.caches[i], ffn.predictors[i].hot[:plan.pin_rows]
+            assert cache.is_pinned[hot].all() and (cache.row_of_neuron[hot] >= 0).all()
+    finally:
+        model.close()

@@ -101,8 +101,8 @@ def make_gemma3(folder, seed: int = 0, *, dtype=torch.float32, layer_types=None,
     return _save(transformers.Gemma3ForCausalLM(cfg), Path(folder), seed, dtype=dtype, norm_center=0.0)
 
 
-def make_opt(folder, seed: int = 0) -> Path:
-    cfg = transformers.OPTConfig(**COMMON, num_hidden_layers=3, ffn_dim=192, word_embed_proj_dim=64,
+def make_opt(folder, seed: int = 0, *, n_layers: int = 3) -> Path:
+    cfg = transformers.OPTConfig(**COMMON, num_hidden_layers=n_layers, ffn_dim=192, word_embed_proj_dim=64,
                                  do_layer_norm_before=True, activation_function="relu", dropout=0.0)
     torch.manual_seed(seed)
     return _save(transformers.OPTForCausalLM(cfg), Path(folder), seed)

@@ -36,13 +36,11 @@ def _timed(fn, reps: int) -> list[float]:
 def bench_flashlm(folder: Path, threads: int, pp: int, tg: int, reps: int, vocab_ids: np.ndarray) -> dict:
     from flashlm.runtime.config import RuntimeConfig
     from flashlm.runtime.loader import load
-    from flashlm.runtime.memory import PREFILL_CHUNK
     model, _, _ = load(folder, RuntimeConfig(ctx_len=pp + tg + 8, threads=threads))
 
     def prefill():
         model.reset()
-        for start in range(0, pp, PREFILL_CHUNK):
-            model.forward(vocab_ids[start:min(pp, start + PREFILL_CHUNK)])
+        model.forward(vocab_ids[:pp])
 
     def decode():
         model.reset()

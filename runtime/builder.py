@@ -1,0 +1,96 @@
+"""Build a model's parts from its checked folder and a RuntimeConfig, in one downward pass:
+
+  run mode -> calibration + cost model -> memory plan (refuses before anything big is read)
+  -> dense weights -> predictors -> FFN backend for the plan -> run state
+
+Nothing here computes; the forward pass (runtime/model.py) only uses what this returns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernels as K
+from .config import RuntimeConfig
+from .costs import CostModel
+from .ffn import BundleKernel, FFNBackend, FlashFFN, MmapFFN, ResidentFFN
+from .memory import MODES, PREFILL_CHUNK, BudgetError, MemoryPlan, Placement, plan_memory
+from .modelfile import ROW_CRC_TENSOR, ModelFolder, bundle_layers, check_rows, read_verified, tensors_from_buffer
+from .runstate import RunState
+
+
+@dataclass
+class ModelParts:
+    weights: dict[str, np.ndarray]      # dense tensors as the kernels take them
+    plan: MemoryPlan
+    ffn: FFNBackend
+    kernel: BundleKernel
+    state: RunState
+    threads: int
+    ctx_len: int
+
+
+def activation_bytes(folder: ModelFolder, threads: int) -> int:
+    """What the run state and the kernels' scratch allocate (the plan's activation line)."""
+    c = folder.config
+    return (RunState.nbytes_for(c, PREFILL_CHUNK) + BundleKernel.scratch_bytes(c, threads)
+            + K.BLAS_BLOCK_BYTES                       # the dense matmuls' widened block for prompts
+            + 2 * PREFILL_CHUNK * c.d_model * 4)       # the FFN backends' accumulation buffers
+
+
+def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelParts:
+    """Plan and build everything `rt` asks for. `predictors` (one per layer, with .predict(h) and .hot)
+    replaces the calibrated ones, e.g. an oracle in tests."""
+    from .device import load_speeds
+    from .predictor import load_predictors, read_calibration
+    c = folder.config
+    mode = MODES.get(rt.mode)
+    if mode is None:
+        raise BudgetError(f"unknown mode {rt.mode!r}; choose one of {list(MODES)}")
+    threads = K.set_threads(rt.threads)
+    calibration = costs = None
+    if mode.needs_predictors:
+        calibration = read_calibration(folder)
+        costs = CostModel.for_layout(load_speeds(rt.profile, rt.io_threads), folder.bundles)
+    plan = plan_memory(folder, rt, activations=activation_bytes(folder, threads), costs=costs,
+                       calibration=calibration)
+    sparse = plan.layers_placed(Placement.SPARSE)
+    if sparse and predictors is None:
+        predictors = load_predictors(folder.path, c, sparse)
+    weights = tensors_from_buffer(read_verified(folder, "dense.safetensors"), folder.dense)
+    kernel = BundleKernel(c, folder.bundles, threads)
+    biases = [weights.get(f"layers.{i}.ffn.up.bias") for i in range(c.n_layers)]
+    row_crc = weights.get(ROW_CRC_TENSOR) if rt.verify_reads else None
+    ffn = build_ffn(folder, rt, plan, kernel, biases, predictors, row_crc, costs)
+    return ModelParts(weights, plan, ffn, kernel, RunState(c, PREFILL_CHUNK), threads,
+                      min(rt.ctx_len, c.max_position))
+
+
+def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel: BundleKernel, biases: list,
+              predictors, row_crc, costs: CostModel | None) -> FFNBackend:
+    """The FFN backend the plan calls for (see runtime/ffn.py)."""
+    from .flash_reader import FlashReader
+    from .neuron_cache import NeuronCache
+    c, b = folder.config, folder.bundles
+    path = folder.file(b.file)
+    rows_from = plan.run_mode.rows_from
+    if rows_from == "file":
+        return ResidentFFN(bundle_layers(folder, read_verified(folder, b.file)), kernel, biases)
+    if rows_from == "mmap":
+        return MmapFFN(path, b, kernel, biases)
+    reader = FlashReader(path, layer_offsets=list(b.layer_offsets), stride_bytes=b.stride_bytes, n_rows=c.n_ff,
+                         mode=rt.io, threads=rt.io_threads, max_gap_bytes=rt.max_gap_bytes,
+                         row_bytes=b.stride_bytes)
+    all_rows = np.arange(c.n_ff, dtype=np.int32)
+    resident = {}
+    for i in plan.resident_layers:
+        resident[i] = np.empty((c.n_ff, b.stride_items), b.dtype)
+        reader.read_layer(i, resident[i])
+        check_rows(resident[i], all_rows, row_crc, path, i)
+    caches = [NeuronCache(c.n_ff, p.cache_rows, b.stride_items, b.dtype, window=plan.window,
+                          pinned=predictors[i].hot[:plan.pin_rows] if plan.pin_rows else None)
+              if p.placement == Placement.SPARSE else None for i, p in enumerate(plan.layers)]
+    return FlashFFN(reader, kernel, biases, b, resident=resident, streamed=plan.layers_placed(Placement.STREAM),
+                    stream_buffer_rows=plan.stream_buffer_rows, predictors=predictors, caches=caches,
+                    sparse_buffer_rows=plan.sparse_buffer_rows, costs=costs, layer_io=rt.layer_io, row_crc=row_crc)
