@@ -7,6 +7,7 @@ during the decode repetitions (the paper's Table 3 columns).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -17,6 +18,7 @@ import time
 import numpy as np
 
 from .config import RuntimeConfig
+from .ffn import FFNStats
 from .generate import peak_rss_bytes
 from .loader import load
 from .modelfile import open_folder
@@ -40,7 +42,8 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
     ids = np.random.default_rng(seed).integers(0, c.vocab_size, size=pp + tg + 1)
     base = {"model": folder.path.name, "size": plan.model_bytes, "budget": plan.budget,
             "window": plan.window or None, "mode": rt.mode, "threads": model.threads,
-            "io": rt.io if plan.run_mode.rows_from == "reader" else None, "load_s": round(load_s, 2)}
+            "io": rt.io if plan.run_mode.rows_from == "reader" else None, "max_gap": rt.max_gap_bytes,
+            "load_s": round(load_s, 2)}
     rows = []
     if pp:
         times = []
@@ -52,21 +55,26 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
                 times.append(time.perf_counter() - t)
         rows.append(_row(base, f"pp{pp}", pp, times))
     if tg:
-        times, io_before, stats = [], None, model.ffn_backend.stats
+        times, ffn = [], model.ffn_backend
         logits = model.state.logits
+        fields = [f.name for f in dataclasses.fields(FFNStats)]
+        sums = dict.fromkeys(fields + ["bytes", "reads"], 0)
         for r in range(reps + 1):
             model.reset()
             model.forward(ids[:1])
-            if r == 1:
-                model.reset_io_stats()
-                io_before = model.ffn_backend.io_counts()
+            # Count only the timed decode tokens (not this rep's one-token prompt).
+            before = (*ffn.io_counts(), *(getattr(ffn.stats, f) for f in fields))
             t = time.perf_counter()
             for i in range(tg):
                 model.forward(ids[1 + i:2 + i], out=logits)
             if r:
                 times.append(time.perf_counter() - t)
+                after = (*ffn.io_counts(), *(getattr(ffn.stats, f) for f in fields))
+                for key, x, y in zip(["bytes", "reads"] + fields, before, after):
+                    sums[key] += y - x
         n = tg * reps
-        nbytes, nreads = (a - b for a, b in zip(model.ffn_backend.io_counts(), io_before))
+        nbytes, nreads = sums["bytes"], sums["reads"]
+        stats = FFNStats(**{f: sums[f] for f in fields})
         row = _row(base, f"tg{tg}", tg, times)
         total = sum(times)
         io_ms, mm_ms = 1e3 * stats.io_s / n, 1e3 * (stats.mm_s + stats.predict_s) / n

@@ -121,7 +121,7 @@ class MemoryPlan:
                f"{_mib(self.budget) if self.budget else 'unlimited'} budget; model {_mib(self.model_bytes)}",
                f"  dense weights {_mib(self.dense)}, KV cache {_mib(self.kv_cache)}, activations {_mib(self.activations)}"]
         n_sparse, n_res, n_stream = (self.count(p) for p in (Placement.SPARSE, Placement.RESIDENT, Placement.STREAM))
-        if n_sparse:
+        if self.run_mode.needs_predictors:
             caps = [p.cache_rows for p in self.layers if p.cache_rows]
             out.append(f"  layers: {n_sparse} sparse (window {self.window}"
                        + (f", caches {min(caps)}..{max(caps)} rows" if caps else "")
@@ -131,7 +131,7 @@ class MemoryPlan:
             out.append(f"  estimated flash time {self.est_io_ms:.1f} ms/token (read speeds: {self.speeds_source})")
         elif self.count(Placement.MAPPED):
             out.append(f"  one mapped FFN layer at a time {_mib(self.scratch)}")
-        elif n_stream or self.mode != "dense":
+        elif self.run_mode.reads_flash:
             out.append(f"  resident FFN layers {n_res} ({_mib(self.ffn_resident)}), "
                        f"streaming buffers {_mib(self.scratch)}")
         else:

@@ -131,6 +131,8 @@ class Model:
         c = self.config
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         T = len(tokens)
+        if T == 0:
+            raise ValueError("forward() needs at least one token")
         if self.pos + T > self.ctx_len:
             raise ContextFull(f"context full: {self.pos} + {T} tokens exceed the context length {self.ctx_len} (--ctx)")
         if out is None:
