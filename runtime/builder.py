@@ -52,7 +52,7 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
     calibration = costs = None
     if mode.needs_predictors:
         calibration = read_calibration(folder)
-        costs = CostModel.for_layout(load_speeds(rt.profile, rt.io_threads), folder.bundles)
+        costs = CostModel.for_layout(load_speeds(rt.profile, rt.io_threads, rt.io), folder.bundles)
     plan = plan_memory(folder, rt, activations=activation_bytes(folder, threads), costs=costs,
                        calibration=calibration)
     sparse = plan.layers_placed(Placement.SPARSE)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .errors import FlashlmError
+from .memory import PREFILL_CHUNK   # tokens per prefill forward: a cancelled prompt stops within one chunk
 from .model import Model
 from .sampling import Sampler, SamplingParams
 

@@ -58,17 +58,28 @@ class Candidate:
 
 
 def predictor_bytes(folder) -> list[int] | None:
-    from .memory import predictor_bytes_per_layer
+    from .modelfile import ModelFileError
+    from .predictor import read_calibration
     try:
-        return predictor_bytes_per_layer(folder)
-    except (FileNotFoundError, KeyError):
+        return read_calibration(folder).predictor_bytes
+    except ModelFileError:
         return None
 
 
 def evaluate(folder, rt: RuntimeConfig, profile: DeviceProfile, calibration: dict | None,
              shape: ModelShape | None = None, overheads: dict | None = None) -> Candidate:
     """Plan rt and predict its cost; raises BudgetError when it does not fit."""
-    plan = plan_memory(folder, rt, calibration)
+    from .builder import activation_bytes
+    from .costs import CostModel as FlashCosts
+    from .device import load_speeds
+    from .kernels import set_threads
+    from .predictor import Calibration
+    flash = rt.mode == "flash"
+    sizes = predictor_bytes(folder) if flash else None
+    plan = plan_memory(folder, rt, activations=activation_bytes(folder, rt.threads or set_threads(None)),
+                       costs=FlashCosts.for_layout(load_speeds(rt.profile, rt.io_threads, rt.io), folder.bundles)
+                       if flash else None,
+                       calibration=Calibration(sizes, calibration or {}) if flash and sizes is not None else None)
     shape = shape or ModelShape.from_folder(folder, predictor_bytes(folder) if rt.mode == "flash" else None)
     model = CostModel(profile, compute_threads=rt.threads, io_threads=rt.io_threads, io=rt.io, **(overheads or {}))
     layers = plan_layers(model, shape, plan, calibration, pin=rt.pin)
