@@ -184,12 +184,26 @@ def test_corrupted_bundle_row_is_detected_when_read(opt_folder, tmp_path, mode, 
 # A device where one scattered row costs 1/77 of streaming a whole (48 KiB) layer: the calibrated
 # ~10 missing rows per token make sparse layers pay off, a prompt's union (150+ rows) does not.
 SLOW_STREAM_PROFILE = """
+[device]
+name = "slow-stream"
+measured = false
+sources = ["tests/test_flash_modes.py: a made-up device for the planner"]
+ram_bytes = 8589934592
+cores = 2
+
 [flash]
+read_bytes = [4096, 1048576]
 threads = [1, 4]
+sequential_threads = [1, 4]
 sequential_1m_mb_s = [50.0, 50.0]
+
 [flash.random_mb_s]
 4096 = [20.0, 20.0]
 1048576 = [20.0, 20.0]
+
+[memory]
+threads = [1]
+read_gb_s = [10.0]
 """
 
 
