@@ -14,6 +14,7 @@ import numpy as np
 from .config import FORMAT_VERSION, ModelConfig
 from .errors import FlashlmError
 from .flash_reader import BLOCK, aligned_empty
+from .pagecache import drop_cached
 from .safetensors_file import DTYPES, SafetensorsError, read_header
 from .schema import ConfigError, config_from_dict, expected_dense_tensors
 from .storage import BundleLayout, BundlePart, StorageError, StorageType, TensorEntry, float_storage_of, storage_type
@@ -238,6 +239,7 @@ def read_verified(folder: ModelFolder, name: str) -> np.ndarray:
             view = buf[start:start + chunk]
             if f.readinto(memoryview(view)) != view.size:
                 raise ModelFileError(f"{path}: short read at byte {start}")
+            drop_cached(f.fileno(), start, view.size)   # read once: a memory limit must not pay for it twice
             h.update(view)
     if h.hexdigest() != expected:
         raise ModelFileError(f"{path}: sha256 {h.hexdigest()[:16]}... does not match the manifest "

@@ -14,6 +14,7 @@ import struct
 import numpy as np
 
 from .errors import FlashlmError
+from .pagecache import drop_cached
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -75,6 +76,7 @@ def read_tensor(path, info: dict, data_start: int, *, widen_bf16: bool = True) -
     with open(path, "rb") as f:
         f.seek(data_start + begin)
         arr = np.fromfile(f, dtype=dtype, count=count)
+        drop_cached(f.fileno(), data_start + begin, end - begin)   # read once: keep it out of the page cache
     if arr.size != count:
         raise SafetensorsError(f"{path}: short read of a tensor at byte {data_start + begin}")
     arr = arr.reshape(info["shape"])

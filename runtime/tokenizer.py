@@ -18,6 +18,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import FlashlmError
+from .pagecache import drop_file
 from tokenizers.decoders import DecodeStream
 
 
@@ -152,6 +153,7 @@ class Tokenizer:
     def __init__(self, tokenizer_json_path, *, chat_template: str | None, special_tokens: dict,
                  eos_token_ids: list[int]):
         self._tok = _HFTokenizer.from_file(str(tokenizer_json_path))
+        drop_file(tokenizer_json_path)   # parsed once; its cached pages would count against a memory limit
         self.chat_template = chat_template or None
         self.special_tokens = dict(special_tokens)
         self.eos_token_ids = frozenset(int(i) for i in eos_token_ids) | self._special_eos_id()

@@ -1,0 +1,32 @@
+"""Keep files read once during load out of the page cache.
+
+A device's memory limit (a cgroup here, a phone's RAM) charges the page cache a process brings in to that
+process: reading a 300 MiB dense file through the cache would cost 300 MiB more than the weights it
+fills. After each chunk is read, its cached pages are dropped with posix_fadvise(POSIX_FADV_DONTNEED),
+so at most one chunk is ever cached. (Pages of a live mapping and dirty pages are not dropped; the
+runtime maps no file it reads this way, and the converter fsyncs what it writes.)
+"""
+from __future__ import annotations
+
+import os
+
+
+def drop_cached(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Drop the cached pages of fd's byte range (length 0: to the end of the file). Best effort: a file
+    system without fadvise support keeps its pages, which costs memory, not correctness."""
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):
+        pass
+
+
+def drop_file(path) -> None:
+    """Drop every cached page of the file at `path` (missing files are ignored)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        drop_cached(fd)
+    finally:
+        os.close(fd)
