@@ -1,6 +1,7 @@
 """Memory as a device sees it: a memory cgroup charges RSS and page cache; files read once are dropped."""
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -42,7 +43,10 @@ def test_cap_is_enforced_and_peak_reported(cgroups):
 
 def test_page_cache_is_charged_unless_dropped(cgroups, tmp_path):
     path = tmp_path / "weights.bin"
-    path.write_bytes(np.random.default_rng(0).integers(0, 255, 96 * MiB, dtype=np.uint8).tobytes())
+    with open(path, "wb") as f:
+        f.write(np.random.default_rng(0).integers(0, 255, 96 * MiB, dtype=np.uint8).tobytes())
+        f.flush()
+        os.fsync(f.fileno())                  # dirty pages cannot be dropped; written-back ones can
     peaks = {}
     for drop in ("0", "1"):
         drop_file(path)                       # cold: the child's reads, not ours, bring the pages in
