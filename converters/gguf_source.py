@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from flashlm.converters.gguf_file import GGUFFile, check_model_metadata
 from flashlm.converters.source import SUPPORTED_SOURCES, ConversionError, SourceInfo, expected_tensors
 from flashlm.runtime.config import ModelConfig
 
@@ -73,14 +74,13 @@ def canonical_name(gguf_name: str) -> str | None:
 class GGUFSource:
     def __init__(self, path):
         self.path = os.fspath(path)
-        try:
-            self._reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # the reader fails with assorted numpy/struct errors on short or garbled files
-            raise ConversionError(f"{self.path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from e
+        # Structure, hyperparameters and tokenizer arrays are checked before anything uses them.
+        self._reader = GGUFFile(self.path)
         self.arch = arch = self._meta("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             raise ConversionError(f"{self.path}: GGUF architecture {arch!r} is not supported; supported: "
                                   + "; ".join(SUPPORTED_SOURCES))
+        check_model_metadata(self._reader)
         self._tensors = self._index_tensors()
         self.config = self._read_config()
         self._check_shapes()
@@ -108,6 +108,8 @@ class GGUFSource:
         return w
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         self._tensors, self._reader = {}, None
 
     # --- metadata -----------------------------------------------------------------------------
@@ -245,8 +247,14 @@ class GGUFSource:
             i = self._meta(f"tokenizer.ggml.{key}_token_id")
             if i is not None and i < len(tokens):
                 special[name] = tokens[i]
+        try:
+            tokenizer_json = self._tokenizer_json() if tokens else None
+        except Exception as e:   # noqa: BLE001 - the tokenizers library raises plain Exceptions on bad vocabularies
+            if isinstance(e, ConversionError):
+                raise
+            raise ConversionError(f"{self.path}: the tokenizer metadata is invalid ({type(e).__name__}: {e})") from None
         return SourceInfo(
-            tokenizer_json=self._tokenizer_json() if tokens else None,
+            tokenizer_json=tokenizer_json,
             chat_template=self._meta("tokenizer.chat_template"),
             generation_config={"bos_token_id": self.config.bos_token_id, "eos_token_id": list(self.config.eos_token_ids)},
             special_tokens=special,
