@@ -11,6 +11,10 @@ failed or interrupted conversion never leaves a folder that looks like a model.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -82,12 +86,17 @@ class _FileWriter:
 
 def write_model(source: Source, out_dir, *, dtype: str = "f16", force: bool = False,
                 progress: bool = True) -> Path:
-    """Convert `source` into the flashlm folder `out_dir`. Returns the folder path."""
+    """Convert `source` into the flashlm folder `out_dir`. Returns the folder path.
+
+    The folder is built beside the destination as `.NAME.partial-PID` while a lock on the destination
+    is held (a second convert to the same path fails at once), and only a complete folder is moved into
+    place: an existing model (with `force`) is swapped out atomically, so a crash at any moment leaves
+    either the old model or the new one, never neither. Partial folders of conversions that died are
+    removed when the lock is next taken.
+    """
     if dtype not in STORAGE_TYPES:
         raise ConversionError(f"unknown storage dtype {dtype!r}; choose one of {sorted(STORAGE_TYPES)}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise ConversionError(f"{out_dir} already exists (use --force to replace it)")
     config = source.config
     shapes = source.shapes()
     if shapes != expected_tensors(config):
@@ -106,45 +115,205 @@ def write_model(source: Source, out_dir, *, dtype: str = "f16", force: bool = Fa
     # cannot be checked at load; each row read from flash is checked against this instead.
     dense_plan.append((ROW_CRC_TENSOR, "U32", [config.n_layers, config.n_ff]))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    t0 = time.perf_counter()
-    try:
-        meta = {"format": "flashlm", "format_version": FORMAT_VERSION}
-        dense = _FileWriter(tmp / "dense.safetensors", dense_plan, 64, meta)
-        ffn = _FileWriter(tmp / "ffn.safetensors", ffn_plan, DIRECT_IO_BLOCK, meta)
-        total = sum(dense.sizes.values()) + sum(ffn.sizes.values())
-        with tqdm(total=total, unit="B", unit_scale=True, desc="Writing", disable=not progress,
-                  file=sys.stderr) as bar:
-            for name, dt, _ in dense_plan[:-1]:
-                w = source.load(name)
-                bar.update(dense.write(name, st.encode(w) if w.ndim == 2 else w.astype(np.float32)))
-            crc = np.zeros((config.n_layers, config.n_ff), np.uint32)
-            for i in range(config.n_layers):
-                rows = _bundle_rows(source, config, i, st, stride_bytes // item)
-                crc[i] = row_crc32(rows)
-                bar.update(ffn.write(f"layers.{i}.ffn.bundles", rows))
-                del rows
-            dense.write(ROW_CRC_TENSOR, crc)
-        dense.close()
-        ffn.close()
-        _write_side_files(tmp, source)
-        manifest = _manifest(tmp, source, st, row_bytes, stride_bytes, ffn.offsets, ffn_plan,
-                             [n for n, _, s in dense_plan if len(s) == 2 and n != ROW_CRC_TENSOR])
-        manifest["converter"]["seconds"] = round(time.perf_counter() - t0, 2)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
+    where = (source.info.description or {}).get("path", "the source")
+
+    with output_lock(out_dir):
+        _check_destination(out_dir, force)
+        tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        t0 = time.perf_counter()
+        try:
+            tmp.mkdir()
+            meta = {"format": "flashlm", "format_version": FORMAT_VERSION}
+            dense = _FileWriter(tmp / "dense.safetensors", dense_plan, 64, meta)
+            ffn = _FileWriter(tmp / "ffn.safetensors", ffn_plan, DIRECT_IO_BLOCK, meta)
+            total = sum(dense.sizes.values()) + sum(ffn.sizes.values())
+            with tqdm(total=total, unit="B", unit_scale=True, desc="Writing", disable=not progress,
+                      file=sys.stderr) as bar:
+                for name, dt, _ in dense_plan[:-1]:
+                    w = source.load(name)
+                    _check_finite(w, name, where, st)
+                    bar.update(dense.write(name, st.encode(w) if w.ndim == 2 else w.astype(np.float32)))
+                    del w
+                crc = np.zeros((config.n_layers, config.n_ff), np.uint32)
+                for i in range(config.n_layers):
+                    rows = _bundle_rows(source, config, i, st, stride_bytes // item, where)
+                    crc[i] = row_crc32(rows)
+                    bar.update(ffn.write(f"layers.{i}.ffn.bundles", rows))
+                    del rows
+                dense.write(ROW_CRC_TENSOR, crc)
+            dense.close()
+            ffn.close()
+            _write_side_files(tmp, source)
+            manifest = _manifest(tmp, source, st, row_bytes, stride_bytes, ffn.offsets, ffn_plan,
+                                 [n for n, _, s in dense_plan if len(s) == 2 and n != ROW_CRC_TENSOR])
+            manifest["converter"]["seconds"] = round(time.perf_counter() - t0, 2)
+            _write_synced(tmp / "manifest.json", json.dumps(manifest, indent=1))
+            _fsync_dir(tmp)
+            _install(tmp, out_dir)
+        except OSError as e:   # disk full, quota, permissions: one line naming the file, nothing left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ConversionError(f"{e.filename or tmp}: cannot write the model ({e.strerror or e})") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out_dir
 
 
-def _bundle_rows(source: Source, config, layer: int, st: StorageType, stride_items: int) -> np.ndarray:
+# --- output folder safety ---------------------------------------------------------------------------
+
+class output_lock:
+    """An exclusive lock on `.NAME.lock` beside the output folder, held for the whole conversion.
+
+    The lock file is removed on release; an acquirer re-checks that the file it locked is still the one
+    at the path (the standard guard against locking a file another process just unlinked).
+    """
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.path = out_dir.parent / f".{out_dir.name}.lock"
+        self.fd = None
+
+    def __enter__(self):
+        parent = self.out_dir.parent
+        if parent.exists() and not parent.is_dir():
+            raise ConversionError(f"{self.out_dir}: cannot create it, {parent} is not a folder")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConversionError(f"{self.out_dir}: cannot create its parent folder ({e.strerror or e})") from None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ConversionError(f"{self.path}: cannot create the conversion lock ({e.strerror or e})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise ConversionError(f"{self.out_dir}: another `flashlm convert` (pid {holder}) is writing it; "
+                                      "wait for it to finish or choose another output") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)                  # locked a file its previous holder had just removed: retry
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        _remove_stale(self.out_dir)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+
+
+def _remove_stale(out_dir: Path) -> None:
+    """With the lock held no other conversion to this path is alive: every `.NAME.partial-*` folder was
+    left by one that died. A `.NAME.old-*` folder is a previous model moved aside by a swap that did not
+    finish (only without RENAME_EXCHANGE); it is put back if the destination is missing."""
+    for p in sorted(out_dir.parent.glob(f".{glob.escape(out_dir.name)}.old-*")):
+        if not out_dir.exists():
+            os.rename(p, out_dir)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.partial-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _check_destination(out_dir: Path, force: bool) -> None:
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not force:
+        raise ConversionError(f"{out_dir} already exists (use --force to replace it)")
+    # --force replaces a model, never an arbitrary folder (a mistyped -o must not delete someone's data).
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise ConversionError(f"{out_dir} exists and is not a folder; not replacing it")
+    manifest = out_dir / "manifest.json"
+    entries = list(out_dir.iterdir())
+    if entries and not _is_flashlm_manifest(manifest):
+        raise ConversionError(f"{out_dir} exists and is not a flashlm model folder (no flashlm manifest.json); "
+                              "not replacing it, even with --force")
+
+
+def _is_flashlm_manifest(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format") == "flashlm"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD = -100
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _install(tmp: Path, out_dir: Path) -> None:
+    """Move the complete folder `tmp` to `out_dir`; an existing model there is replaced atomically."""
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+    elif _exchange(tmp, out_dir):
+        shutil.rmtree(tmp)                # now the previous model
+    else:                                 # two renames; _remove_stale restores `old` if we die between them
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old)
+    _fsync_dir(out_dir.parent)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+F16_MAX = 65504.0
+
+
+def _check_finite(w: np.ndarray, name: str, where, st: StorageType) -> None:
+    """NaN or inf in a weight would turn every output into NaN without a word: refuse the source
+    (and values an f16 store would turn into inf)."""
+    if not np.isfinite(w).all():
+        bad = int(np.count_nonzero(~np.isfinite(w)))
+        raise ConversionError(f"{where}: tensor {name} holds {bad} NaN or infinite values; the source is corrupt")
+    if st.name == "f16" and w.size and float(np.abs(w).max()) > F16_MAX:
+        raise ConversionError(f"{where}: tensor {name} has values beyond the f16 range (|x| > 65504) and would "
+                              "overflow to inf; convert with --dtype f32")
+
+
+def _bundle_rows(source: Source, config, layer: int, st: StorageType, stride_items: int,
+                 where="the source") -> np.ndarray:
     """[n_ff, stride_items]: neuron i's gate row, up row and down column side by side, each stored
     in `st` (a block type blocks each part on its own, so parts start on block boundaries)."""
     p = f"layers.{layer}.ffn."
@@ -155,6 +324,7 @@ def _bundle_rows(source: Source, config, layer: int, st: StorageType, stride_ite
             w = source.load(p + "down.weight").T          # [d, n_ff] -> column i becomes row i
         else:
             w = source.load(p + part + ".weight")
+        _check_finite(w, p + part + ".weight", where, st)
         start = st.row_items(col)
         rows[:, start:start + st.row_items(length)] = st.encode(w)
         col += length
