@@ -23,7 +23,22 @@ import numpy as np
 from . import kernels as K
 from .config import ModelConfig
 from .flash_reader import aligned_empty
-from .modelfile import check_rows
+from .modelfile import ModelFileError, check_rows
+
+
+def read_error(path, layer: int, e: OSError) -> ModelFileError:
+    """A failed or short read of bundle rows, as one line naming the file (the file shrank, the disk failed)."""
+    return ModelFileError(f"{path}: reading layer {layer}'s bundle rows failed ({e.strerror or e}); "
+                          "the file is truncated or unreadable")
+
+
+def read_layer_checked(reader, layer: int, buf, row_crc, all_rows) -> None:
+    """Read one whole layer into buf and check every row's CRC-32 (row_crc None: no check)."""
+    try:
+        reader.read_layer(layer, buf)
+    except OSError as e:
+        raise read_error(reader.path, layer, e) from None
+    check_rows(buf, all_rows, row_crc, reader.path, layer)
 
 
 @dataclass
@@ -134,8 +149,7 @@ class StreamingFFN:
             self.pending[layer] = (buf, self.pool.submit(self._read_layer, layer, buf))
 
     def _read_layer(self, layer, buf):
-        self.reader.read_layer(layer, buf)
-        check_rows(buf, self.all_neurons, self.row_crc, self.reader.path, layer)
+        read_layer_checked(self.reader, layer, buf, self.row_crc, self.all_neurons)
 
     def __call__(self, layer, h, out):
         if layer in self.resident:
@@ -177,14 +191,24 @@ class MmapFFN:
 
     This is what llama.cpp's mmap degrades to when the page cache cannot hold the model: every token
     faults every FFN page back in. Bytes read are what the kernel reports for this process.
+
+    Touching a mapped page past the end of a file that shrank kills the process with SIGBUS, so the
+    file's size is checked before each layer is used, and (unless verification is off) each layer's
+    rows are checked against their CRC-32 before the kernel runs on them, as flash reads are. A file
+    truncated while one layer computes can still raise SIGBUS: the check narrows the window to that.
     """
 
-    def __init__(self, path, layer_offsets, n_rows, row_elems, dtype, kernel: BundleKernel, biases: list):
+    def __init__(self, path, layer_offsets, n_rows, row_elems, dtype, kernel: BundleKernel, biases: list,
+                 row_crc=None):
+        self.path = path
         self.file = open(path, "rb")
         self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
+        self.row_crc = row_crc
         whole = np.frombuffer(self.map, dtype=np.uint8)
         nbytes = n_rows * row_elems * np.dtype(dtype).itemsize
         self.spans = [(off, nbytes) for off in layer_offsets]
+        if max((off + nbytes for off in layer_offsets), default=0) > len(self.map):
+            raise ModelFileError(f"{path}: {len(self.map)} bytes, too short for the bundle layout in the manifest")
         self.layers = [whole[off:off + nbytes].view(dtype).reshape(n_rows, row_elems) for off in layer_offsets]
         self.kernel, self.biases = kernel, biases
         self.all_neurons = np.arange(n_rows, dtype=np.int32)
@@ -194,8 +218,13 @@ class MmapFFN:
         before = _proc_read_bytes()
         t0 = time.perf_counter()
         rows = self.layers[layer]
-        self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
         off, nbytes = self.spans[layer]
+        size = os.fstat(self.file.fileno()).st_size
+        if size < off + nbytes:
+            raise ModelFileError(f"{self.path}: shrank to {size} bytes while mapped (layer {layer} needs "
+                                 f"{off + nbytes}); the model file was truncated during the run")
+        check_rows(rows, self.all_neurons, self.row_crc, self.path, layer)
+        self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
         start = off - off % mmap.PAGESIZE
         self.map.madvise(mmap.MADV_DONTNEED, start, off + nbytes - start)
         os.posix_fadvise(self.file.fileno(), start, off + nbytes - start, os.POSIX_FADV_DONTNEED)
@@ -255,7 +284,10 @@ class SparseFFN:
     def _read(self, layer, neurons, out, out_rows) -> None:
         """Read rows and check them (in the calling thread: zlib releases the GIL, so a background
         read's check overlaps with compute)."""
-        self.reader.read_rows(layer, neurons, out, out_rows)
+        try:
+            self.reader.read_rows(layer, neurons, out, out_rows)
+        except OSError as e:
+            raise read_error(self.reader.path, layer, e) from None
         if self.row_crc is not None and len(neurons):
             check_rows(out[out_rows[0]:out_rows[0] + len(neurons)] if _consecutive(out_rows) else out[out_rows],
                        neurons, self.row_crc, self.reader.path, layer)

@@ -35,16 +35,22 @@ def parse_size(text: str, total: int) -> int:
     m = re.fullmatch(r"([\d.]+(?:e\d+)?)\s*([kmgt]?i?b?|%)?", s.lower())
     if not m:
         raise BudgetError(f"cannot read budget {text!r}: use 60%, 0.6, 512MiB or 2GB")
-    value, unit = float(m.group(1)), m.group(2) or ""
-    if unit == "%":
-        return int(total * value / 100)
-    if unit == "" and value <= 1.0:
-        return int(total * value)
+    try:
+        value, unit = float(m.group(1)), m.group(2) or ""
+    except ValueError:
+        raise BudgetError(f"cannot read budget {text!r}: use 60%, 0.6, 512MiB or 2GB") from None
     scale = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
              "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
-    if unit not in scale:
+    if unit not in scale and unit != "%":
         raise BudgetError(f"cannot read budget {text!r}: unknown unit {unit!r}")
-    return int(value * scale[unit])
+    if unit == "%":
+        value, fraction = value / 100, True
+    else:
+        fraction = unit == "" and value <= 1.0
+    if not 0 < (value if fraction else value * scale[unit]) < 2**60 or (fraction and value > 1.0):
+        raise BudgetError(f"budget {text!r} is out of range: use a fraction in (0, 1], a percentage in (0, 100] "
+                         "or a size below 1 EiB")
+    return int(total * value) if fraction else int(value * scale[unit])
 
 
 def _mib(n) -> str:
@@ -256,27 +262,29 @@ def _greedy(n_layers, room, layer_bytes, stream_s, sparse, layer_io):
 def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel, biases: list, predictors=None,
               row_crc=None):
     """The FFN backend the plan calls for (see runtime/ffn.py)."""
-    from .ffn import MmapFFN, ResidentFFN, SparseFFN, StreamingFFN
+    from .ffn import MmapFFN, ResidentFFN, SparseFFN, StreamingFFN, read_layer_checked
     from .flash_reader import FlashReader
-    from .modelfile import bundle_layers, check_rows, read_verified
+    from .modelfile import ModelFileError, bundle_layers, read_verified
     from .neuron_cache import NeuronCache
     c, b = folder.config, folder.bundles
     dtype, row_elems = b.dtype, b.stride_items
     path = folder.file(b.file)
     if rt.mode == "dense":
         return ResidentFFN(bundle_layers(folder, read_verified(folder, b.file)), kernel, biases)
-    if rt.mode == "mmap":
-        return MmapFFN(path, b.layer_offsets, c.n_ff, row_elems, dtype, kernel, biases)
-    reader = FlashReader(path, layer_offsets=b.layer_offsets, stride_bytes=b.stride_bytes, n_rows=c.n_ff,
-                         mode=rt.io, threads=rt.io_threads, max_gap_bytes=rt.max_gap_bytes,
-                         row_bytes=b.stride_bytes)
     row_crc = row_crc if rt.verify_reads else None
+    if rt.mode == "mmap":
+        return MmapFFN(path, b.layer_offsets, c.n_ff, row_elems, dtype, kernel, biases, row_crc)
+    try:
+        reader = FlashReader(path, layer_offsets=b.layer_offsets, stride_bytes=b.stride_bytes, n_rows=c.n_ff,
+                             mode=rt.io, threads=rt.io_threads, max_gap_bytes=rt.max_gap_bytes,
+                             row_bytes=b.stride_bytes)
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot open for flash reads ({e.strerror or e})") from None
     all_rows = np.arange(c.n_ff, dtype=np.int32)
     resident = {}
     for i in plan.resident_layers:
         resident[i] = np.empty((c.n_ff, row_elems), dtype)
-        reader.read_layer(i, resident[i])
-        check_rows(resident[i], all_rows, row_crc, path, i)
+        read_layer_checked(reader, i, resident[i], row_crc, all_rows)
     if rt.mode in ("naive", "hybrid"):
         reader.reset_stats()
         return StreamingFFN(reader, resident, kernel, biases, c.n_layers, c.n_ff, row_elems, dtype, row_crc)

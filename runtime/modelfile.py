@@ -247,6 +247,24 @@ def read_verified(folder: ModelFolder, name: str) -> np.ndarray:
     return buf
 
 
+def read_small_verified(folder_path, manifest: dict, name: str) -> bytes:
+    """A small side file (tokenizer, chat template) read whole and checked against the manifest's sha256:
+    a corrupt or swapped file must fail here, not change what the model is fed."""
+    path = Path(folder_path) / name
+    entry = (manifest.get("files") or {}).get(name)
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise ModelFileError(f"{path}: not listed with a sha256 in manifest.json; re-convert the model")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read ({e.strerror or e})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry["sha256"]:
+        raise ModelFileError(f"{path}: sha256 {digest[:16]}... does not match the manifest "
+                             f"({entry['sha256'][:16]}...); the file is corrupt or was replaced")
+    return data
+
+
 def tensors_from_buffer(buf: np.ndarray, entries: dict[str, TensorEntry]) -> dict[str, np.ndarray]:
     """Views into `buf` (a whole file read by read_verified) per checked tensor, as the kernels take them."""
     return {t.name: buf[t.offset:t.offset + t.nbytes].view(t.dtype).reshape(

@@ -12,6 +12,7 @@ layers.{i}.predictor.hot [n_ff] (neurons by calibration frequency), rule and ran
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,24 @@ def _open(folder: Path):
     return path, header, start, meta
 
 
+def _check_sha256(folder: Path, path: Path) -> None:
+    """The predictors decide which neurons are read: a corrupt file must not silently change that.
+    calibrate records their sha256 in the manifest; check it before any tensor is used."""
+    mpath = folder / "manifest.json"
+    try:
+        entry = json.loads(mpath.read_text())["files"][PREDICTOR_FILE]
+        expected = entry["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelFileError(f"{path}: no sha256 for it in {mpath}; run `flashlm calibrate {folder}` again") from None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    if h.hexdigest() != expected:
+        raise ModelFileError(f"{path}: sha256 {h.hexdigest()[:16]}... does not match the manifest "
+                             f"({str(expected)[:16]}...); the file is corrupt or was replaced")
+
+
 def calibration_report(folder: Path) -> dict:
     """The calibration report stored with the predictors (per-layer recall, window statistics)."""
     return json.loads(_open(folder)[3].get("report", "{}"))
@@ -101,6 +120,7 @@ def load_predictors(folder: Path, config, layers=None) -> list[LayerPredictor | 
     """One LayerPredictor per layer in `layers` (default all); None for the others. Every tensor's
     shape is checked against `config` (ModelConfig): the matmul kernels index by those shapes."""
     path, header, start, meta = _open(folder)
+    _check_sha256(Path(folder), path)
     try:
         infos = json.loads(meta["layers"])
     except (KeyError, json.JSONDecodeError) as e:

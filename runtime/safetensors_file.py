@@ -28,8 +28,8 @@ DTYPE_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtyp
                np.dtype(np.int32): "I32", np.dtype(np.uint16): "U16", np.dtype(np.int64): "I64"}
 
 
-class SafetensorsError(ValueError, FlashlmError):
-    pass
+class SafetensorsError(FlashlmError, ValueError):
+    """A safetensors file that is truncated or whose header is malformed; the message names the file."""
 
 
 MAX_RANK = 8
