@@ -31,6 +31,26 @@ def test_predictor_file_is_listed_and_verified(calibrated):
     assert calibration_report(folder)["tokens"] == report["tokens"] >= 400
 
 
+def test_corrupt_or_unlisted_predictor_is_refused(calibrated, tmp_path):
+    import shutil
+    from flashlm.runtime.modelfile import ModelFileError
+    src, _ = calibrated["opt"]
+    folder = tmp_path / "m.flashlm"
+    shutil.copytree(src, folder)
+    path = folder / "predictor.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 1                                       # one weight bit: still a valid file
+    path.write_bytes(bytes(data))
+    config = open_folder(folder).config
+    with pytest.raises(ModelFileError, match=r"predictor\.safetensors: sha256 .* does not match"):
+        load_predictors(folder, config)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["files"]["predictor.safetensors"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFileError, match="no sha256 for it"):
+        load_predictors(folder, config)
+
+
 def test_relu_predictor_recall_on_held_out_tokens(calibrated):
     _, report = calibrated["opt"]
     for layer in report["layers"]:

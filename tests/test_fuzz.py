@@ -557,3 +557,105 @@ def test_bundle_file_shrinking_during_a_run(tmp_path, model, fault):
     c = {"what": fault, "fault": fault, "model": str(folder), "names": [str(folder / "ffn.safetensors")],
          "expect": "error"}
     check_all([c], tmp_path)
+
+
+# --- server requests ---------------------------------------------------------------------------------------
+
+_JUNK = [None, True, -1, 0, 2, 10**12, -1e308, 1.5, "", "x" * 5000, [], [1, "a"], {}, {"a": {"b": [None]}}]
+
+
+def _mutate_json(value, rng: random.Random, depth: int = 0):
+    """One random structural change somewhere inside a JSON value: a field dropped, retyped or added."""
+    if isinstance(value, dict) and value and depth < 4 and rng.random() < 0.6:
+        # max_tokens stays: without it a request generates up to the context, which bounds nothing here
+        # (tests/test_server.py checks max_tokens' validation)
+        key = rng.choice(sorted(k for k in value if k != "max_tokens"))
+        out = dict(value)
+        choice = rng.random()
+        if choice < 0.25:
+            del out[key]
+        elif choice < 0.5:
+            out[key] = rng.choice(_JUNK)
+        elif choice < 0.6:
+            out[rng.choice(["n", "logprobs", "tools", "zzz", "stream_options"])] = rng.choice(_JUNK)
+        else:
+            out[key] = _mutate_json(value[key], rng, depth + 1)
+        return out
+    if isinstance(value, list) and value and depth < 4 and rng.random() < 0.6:
+        i = rng.randrange(len(value))
+        out = list(value)
+        out[i] = _mutate_json(value[i], rng, depth + 1) if rng.random() < 0.5 else rng.choice(_JUNK)
+        return out
+    return rng.choice(_JUNK)
+
+
+def server_requests(rng: random.Random, n: int) -> list[tuple[str, bytes]]:
+    chat = {"model": "tiny", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+            "max_tokens": 2, "temperature": 0, "top_p": 0.9, "stop": ["\n"], "seed": 1, "stream": False}
+    completion = {"model": "tiny", "prompt": "hello", "max_tokens": 2, "temperature": 0.5, "top_k": 5}
+    out = []
+    for _ in range(n):
+        path, body = rng.choice([("/v1/chat/completions", chat), ("/v1/completions", completion)])
+        raw = json.dumps(_mutate_json(body, rng)).encode()
+        if rng.random() < 0.15:                                   # byte-level damage on top
+            cut = rng.randrange(len(raw))
+            raw = raw[:cut] + rng.choice([b"", b"\xff", b"{", b"\x00", b"]]]"]) + raw[cut + 1:]
+        out.append((path, raw))
+    return out
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_requests(tmp_path, model):
+    """Seeded random mutations of valid requests: every answer is a 2xx or a 4xx in OpenAI's error shape
+    within 2 s, never a 5xx, and the server stays up. (tests/test_server.py has the targeted cases.)"""
+    import http.client
+    import time
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flashlm", "serve", str(model), "--port", str(port)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server never became ready"
+            time.sleep(0.2)
+        bad = []
+        for k, (path, body) in enumerate(server_requests(random.Random(SEED), 80)):
+            t0 = time.perf_counter()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            data = r.read()
+            seconds = time.perf_counter() - t0
+            conn.close()
+            what = f"#{k} {path} {body[:120]!r}"
+            if r.status >= 500 or r.status < 200:
+                bad.append(f"{what}: status {r.status} {data[:200]!r}")
+            elif r.status >= 400:
+                try:
+                    err = json.loads(data)["error"]
+                    assert isinstance(err["message"], str) and err["message"] and "type" in err
+                except (ValueError, KeyError, TypeError, AssertionError):
+                    bad.append(f"{what}: {r.status} without an OpenAI error object: {data[:200]!r}")
+            if r.status >= 400 and seconds > TIME_LIMIT_S:
+                bad.append(f"{what}: an error answer took {seconds:.2f} s")
+            if proc.poll() is not None:
+                bad.append(f"{what}: the server died (exit {proc.returncode})")
+                break
+        assert not bad, f"{len(bad)} server requests misbehaved:\n" + "\n".join(bad)
+    finally:
+        proc.terminate()
+        proc.wait(30)
