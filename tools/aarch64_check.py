@@ -144,7 +144,9 @@ def step_test(r: Runner, args) -> None:
     root = args.root
     present = [t for t in TORCH_FREE_TESTS if r.dry_run or (root / "opt/flashlm" / t).exists()]
     r.chroot(root, "uname -m && python -c 'import platform, numba; print(platform.machine(), numba.__version__)'")
-    r.chroot(root, "cd /opt/flashlm && python -m pytest -q -p no:cacheprovider -k '" + DESELECT + "' "
+    # `pytest`, not `python -m pytest`: -m puts the checkout on sys.path, whose flashlm/ folder would
+    # shadow the installed package (the test must import what was installed)
+    r.chroot(root, "cd /opt/flashlm && pytest -q -p no:cacheprovider -k '" + DESELECT + "' "
              + " ".join(present))
     r.chroot(root, "cd /opt/flashlm && python tools/aarch64_fixture_check.py check /opt/fixtures")
     r.chroot(root, "cd /tmp && python -m flashlm probe --quick --dir /tmp -o /tmp/arm64-emulated.toml "
