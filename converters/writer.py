@@ -29,7 +29,7 @@ from tqdm import tqdm
 from flashlm.runtime.config import FORMAT_VERSION
 from flashlm.runtime.modelfile import ROW_CRC_TENSOR, row_crc32
 from flashlm.runtime.safetensors_file import DTYPES, plan_file
-from flashlm.runtime.storage import STORAGE_TYPES, StorageType
+from flashlm.runtime.storage import BUNDLE_STORAGE, STORAGE_TYPES, StorageError, StorageType
 
 from .source import ConversionError, Source, expected_tensors, is_ffn_bundle_tensor
 
@@ -84,9 +84,12 @@ class _FileWriter:
         self.f.close()
 
 
-def write_model(source: Source, out_dir, *, dtype: str = "f16", force: bool = False,
-                progress: bool = True) -> Path:
+def write_model(source: Source, out_dir, *, dtype: str = "f16", bundle_dtype: str | None = None,
+                force: bool = False, progress: bool = True) -> Path:
     """Convert `source` into the flashlm folder `out_dir`. Returns the folder path.
+
+    dtype: storage type of the dense 2-D weights; bundle_dtype: of the FFN bundle rows (default: as
+    dtype; a block type X is stored in bundles as its lane-major form, see storage.BUNDLE_STORAGE).
 
     The folder is built beside the destination as `.NAME.partial-PID` while a lock on the destination
     is held (a second convert to the same path fails at once), and only a complete folder is moved into
@@ -94,8 +97,13 @@ def write_model(source: Source, out_dir, *, dtype: str = "f16", force: bool = Fa
     either the old model or the new one, never neither. Partial folders of conversions that died are
     removed when the lock is next taken.
     """
-    if dtype not in STORAGE_TYPES:
-        raise ConversionError(f"unknown storage dtype {dtype!r}; choose one of {sorted(STORAGE_TYPES)}")
+    if dtype not in STORAGE_TYPES or dtype.endswith(".lanes"):
+        raise ConversionError(f"unknown storage dtype {dtype!r}; choose one of "
+                              f"{sorted(n for n in STORAGE_TYPES if not n.endswith('.lanes'))}")
+    bundle_name = BUNDLE_STORAGE.get(bundle_dtype or dtype, bundle_dtype or dtype)
+    if bundle_name not in STORAGE_TYPES:
+        raise ConversionError(f"unknown bundle dtype {bundle_dtype!r}; choose one of "
+                              f"{sorted(['f32', 'f16', *BUNDLE_STORAGE])}")
     out_dir = Path(out_dir)
     config = source.config
     shapes = source.shapes()
@@ -106,10 +114,15 @@ def write_model(source: Source, out_dir, *, dtype: str = "f16", force: bool = Fa
     # 2-D weights in the storage type (as stored: block types change the last dimension), 1-D in f32.
     dense_plan = [(n, st.safetensors_dtype, list(st.stored_shape(s))) if len(s) == 2 else (n, "F32", list(s))
                   for n, s in shapes.items() if not is_ffn_bundle_tensor(n)]
-    item = st.view_dtype.itemsize
-    row_bytes = st.row_bytes(config.bundle_elems)
+    bst = STORAGE_TYPES[bundle_name]
+    try:
+        row_bytes = bst.row_bytes(config.bundle_elems)
+        bst.row_bytes(config.d_model)                     # every part a whole number of blocks
+    except StorageError as e:
+        raise ConversionError(f"bundle rows: {e} (d_model {config.d_model}); use --dtype f16") from None
+    item = bst.view_dtype.itemsize
     stride_bytes = bundle_stride(row_bytes)
-    ffn_plan = [(f"layers.{i}.ffn.bundles", st.safetensors_dtype, [config.n_ff, stride_bytes // item])
+    ffn_plan = [(f"layers.{i}.ffn.bundles", bst.safetensors_dtype, [config.n_ff, stride_bytes // item])
                 for i in range(config.n_layers)]
     # CRC-32 of every stored bundle row: flash mode never reads ffn.safetensors whole, so its sha256
     # cannot be checked at load; each row read from flash is checked against this instead.
@@ -137,7 +150,7 @@ def write_model(source: Source, out_dir, *, dtype: str = "f16", force: bool = Fa
                     del w
                 crc = np.zeros((config.n_layers, config.n_ff), np.uint32)
                 for i in range(config.n_layers):
-                    rows = _bundle_rows(source, config, i, st, stride_bytes // item, where)
+                    rows = _bundle_rows(source, config, i, bst, stride_bytes // item, where)
                     crc[i] = row_crc32(rows)
                     bar.update(ffn.write(f"layers.{i}.ffn.bundles", rows))
                     del rows
@@ -145,7 +158,7 @@ def write_model(source: Source, out_dir, *, dtype: str = "f16", force: bool = Fa
             dense.close()
             ffn.close()
             _write_side_files(tmp, source)
-            manifest = _manifest(tmp, source, st, row_bytes, stride_bytes, ffn.offsets, ffn_plan,
+            manifest = _manifest(tmp, source, st, bst, row_bytes, stride_bytes, ffn.offsets, ffn_plan,
                                  [n for n, _, s in dense_plan if len(s) == 2 and n != ROW_CRC_TENSOR])
             manifest["converter"]["seconds"] = round(time.perf_counter() - t0, 2)
             _write_synced(tmp / "manifest.json", json.dumps(manifest, indent=1))
@@ -341,7 +354,7 @@ def _write_side_files(tmp: Path, source: Source) -> None:
     (tmp / "generation_config.json").write_text(json.dumps(info.generation_config, indent=1))
 
 
-def _manifest(tmp: Path, source: Source, st: StorageType, row_bytes: int, stride_bytes: int,
+def _manifest(tmp: Path, source: Source, st: StorageType, bst: StorageType, row_bytes: int, stride_bytes: int,
               offsets: dict, ffn_plan, weights: list[str]) -> dict:
     config = source.config
     parts, col = [], 0
@@ -359,8 +372,8 @@ def _manifest(tmp: Path, source: Source, st: StorageType, row_bytes: int, stride
         "bundles": {
             "file": "ffn.safetensors",
             "tensor": "layers.{layer}.ffn.bundles",
-            "dtype": st.safetensors_dtype,
-            "storage": st.name,
+            "dtype": bst.safetensors_dtype,
+            "storage": bst.name,
             "parts": parts,                      # element offsets inside a row
             "row_bytes": row_bytes,
             "stride_bytes": stride_bytes,

@@ -178,7 +178,8 @@ def cmd_convert(args) -> int:
         return 0
     out = Path(args.output) if args.output else Path(Path(args.source).stem + ".flashlm")
     t0 = time.perf_counter()
-    convert(args.source, out, dtype=args.dtype, force=args.force, progress=not args.no_progress)
+    convert(args.source, out, dtype=args.dtype, bundle_dtype=args.bundle_dtype, force=args.force,
+            progress=not args.no_progress)
     from .generate import peak_rss_bytes
     _err(f"wrote {out} in {time.perf_counter() - t0:.1f} s (peak RSS {peak_rss_bytes() / 2**20:.0f} MiB)")
     return 0
@@ -501,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", type=_path, help="model.gguf or a folder with config.json + *.safetensors")
     p.add_argument("-o", "--output", type=_path, help="output folder (default: SOURCE-NAME.flashlm)")
     p.add_argument("--dtype", choices=["f16", "f32"], default="f16", help="storage dtype of the weights")
+    p.add_argument("--bundle-dtype", choices=["f16", "f32", "q4_0", "q4_1", "q8_0"], default=None,
+                   help="storage type of the FFN bundle rows read from flash (default: as --dtype); the "
+                        "quantized types hold GGUF blocks and the FFN runs on them")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="print what would be converted and stop")
     p.add_argument("--no-progress", action="store_true")

@@ -6,7 +6,7 @@
   mmap    MmapFFN      rows used through a memory map whose pages are dropped after each layer
   flash   SparseFFN    predictor -> sliding-window neuron cache -> read only the missing rows
 
-All of them end in the same kernel, `ffn_bundles`, over some rows; what differs is which rows are in
+All of them end in the same kernel, `ffn_bundles` (`ffn_qbundles` for quantized rows), over some rows; what differs is which rows are in
 DRAM and what it costs to get them there. Each records the per-token accounting of the paper's
 Table 3 (flash I/O, memory management, compute) in a FlashStats.
 """
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels as K
+from . import qkernels as QK
 from .config import ModelConfig
 from .flash_reader import aligned_empty
 from .modelfile import ModelFileError, check_rows
@@ -104,6 +105,76 @@ class BundleKernel:
                     u += bias[neuron_of_row[lo:hi]]
                 a = np.maximum(u, 0.0)
             out += a @ w[:, self.down_off:self.down_off + d]
+
+
+class QuantBundleKernel:
+    """BundleKernel for quantized bundle rows (runtime/qbundle.py): the FFN runs on the stored blocks.
+
+    Decode-sized T: qkernels.ffn_qbundles over the rows as they are (no widening; the input is
+    permuted once per call into the rows' lane order). Prompt-sized T: blocks of rows are
+    dequantized to f32 (in the permuted order) and BLAS does the three products, as for f16 rows.
+    """
+
+    def __init__(self, config: ModelConfig, layout, threads: int):
+        from .storage import bundle_qformat
+        self.fmt = bundle_qformat(layout.storage)
+        self.fmt_array = self.fmt.array()
+        self.swiglu = config.ffn_kind == "swiglu"
+        by_name = {p.name: p.byte_offset for p in layout.parts}
+        self.starts = np.array([by_name["up"], by_name.get("gate", 0), by_name["down"]], np.int64)
+        names = ("up", "gate", "down") if self.swiglu else ("up", "down")
+        self.part_starts = np.array([by_name[n] for n in names], np.int64)    # dequant order for BLAS
+        self.d = config.d_model
+        self.threads = threads
+        self.partial = np.zeros((threads, 1, config.d_model), np.float32)
+        self.hp = np.zeros((1, config.d_model), np.float32)
+        self.scratch = None
+        self.no_bias = np.zeros(0, np.float32)
+
+    def __call__(self, h, rows, n_rows, neuron_of_row, bias, out) -> None:
+        from .qbundle import permute_input
+        T = h.shape[0]
+        if self.hp.shape[0] < T:
+            self.hp = np.zeros((T, self.d), np.float32)
+        hp = permute_input(h, self.hp[:T])
+        q, s = self.fmt.views(rows)
+        if T >= K.BLAS_MIN_TOKENS:
+            self._batched(hp, q, s, n_rows, neuron_of_row, bias, out)
+            return
+        if self.partial.shape[1] < T:
+            self.partial = np.zeros((self.threads, T, self.d), np.float32)
+        QK.ffn_qbundles(hp, q, s, n_rows, neuron_of_row, self.no_bias if bias is None else bias, self.swiglu,
+                        self.fmt_array, self.starts, self.partial, out)
+
+    def _batched(self, hp, q, s, n_rows, neuron_of_row, bias, out) -> None:
+        from .qbundle import unpermute
+        d, n_parts = self.d, len(self.part_starts)
+        block = max(1, K.BLAS_BLOCK_BYTES // (4 * n_parts * d))
+        if self.scratch is None or self.scratch.shape[0] != block:
+            self.scratch = np.empty((block, n_parts * d), np.float32)
+        acc = np.zeros_like(out)                                   # permuted order
+        for lo in range(0, n_rows, block):
+            hi = min(n_rows, lo + block)
+            w = self.scratch[:hi - lo]
+            QK.dequant_rows(q, s, lo, hi, self.fmt_array, self.part_starts, d, w)
+            u = hp @ w[:, :d].T
+            if self.swiglu:
+                g = hp @ w[:, d:2 * d].T
+                a = g / (1.0 + np.exp(-g)) * u
+            else:
+                if bias is not None:
+                    u += bias[neuron_of_row[lo:hi]]
+                a = np.maximum(u, 0.0)
+            acc += a @ w[:, (n_parts - 1) * d:]
+        unpermute(acc, out)
+
+
+def bundle_kernel(config: ModelConfig, layout, threads: int):
+    """The kernel for this model's bundle rows: float (f32/f16) or quantized."""
+    from .storage import bundle_qformat
+    if bundle_qformat(layout.storage) is not None:
+        return QuantBundleKernel(config, layout, threads)
+    return BundleKernel(config, layout.item_offsets(), threads)
 
 
 class ResidentFFN:

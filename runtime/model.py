@@ -9,7 +9,7 @@ import numpy as np
 from . import kernels as K
 from .config import ModelConfig, RuntimeConfig
 from .errors import FlashlmError
-from .ffn import BundleKernel
+from .ffn import bundle_kernel
 from .memory import build_ffn, plan_memory
 from .modelfile import ROW_CRC_TENSOR, ModelFileError, ModelFolder, read_verified, tensors_from_buffer
 
@@ -59,7 +59,7 @@ class Model:
         self.threads = K.set_threads(runtime.threads)
         self.ctx_len = min(runtime.ctx_len, c.max_position)
         self.w = tensors_from_buffer(read_verified(folder, "dense.safetensors"), folder.dense)
-        self.kernel = BundleKernel(c, folder.bundles.item_offsets(), self.threads)
+        self.kernel = bundle_kernel(c, folder.bundles, self.threads)
         biases = [self.w.get(f"layers.{i}.ffn.up.bias") for i in range(c.n_layers)]
         self.ffn_backend = build_ffn(folder, runtime, self.plan, self.kernel, biases, predictors,
                                      row_crc=self.w.get(ROW_CRC_TENSOR))
@@ -204,7 +204,8 @@ class Model:
             K.matmul(x, np.zeros((4, c.d_model), wdt), o)
             K.matmul(x, np.zeros((4, c.d_model), np.uint16), o)
             K.widen_rows(np.zeros((4, c.d_model), wdt), 0, 4, np.empty((4, c.d_model), np.float32))
-            K.widen_rows(np.zeros((4, 8), rows_dt), 0, 4, np.empty((4, 8), np.float32))
+            if rows_dt != np.uint8:                     # quantized rows: the kernel calls below cover them
+                K.widen_rows(np.zeros((4, 8), rows_dt), 0, 4, np.empty((4, 8), np.float32))
             self._norm(x, "norm", np.empty_like(x))
             q = np.ones((T, c.n_heads, c.head_dim), np.float32)
             kv = np.ones((T + 1, c.n_kv_heads, c.head_dim), np.float32)
@@ -214,6 +215,9 @@ class Model:
             rows = np.zeros((2, self.folder.bundles.stride_items), rows_dt)
             for bias in (None, np.zeros(2, np.float32)):
                 self.kernel(x, rows, 2, np.arange(2, dtype=np.int32), bias, np.empty_like(x))
+        if rows_dt == np.uint8:                         # the prompt path of quantized rows
+            xb = np.ones((K.BLAS_MIN_TOKENS, c.d_model), np.float32)
+            self.kernel(xb, rows, 2, np.arange(2, dtype=np.int32), None, np.empty_like(xb))
         if c.norm_kind == "layer":
             K.layernorm(x, np.ones(c.d_model, np.float32), np.zeros(c.d_model, np.float32), 1e-5, np.empty_like(x))
 
