@@ -14,8 +14,9 @@ Inside a part the blocks are stored "lane-major" instead of GGUF's block after b
           b*32+16+j in the high one, as in GGUF; j < 32 for q8_0: element b*32+j)
   scales  [nb] (f16 or f32), then mins [nb] (q4_1 only)
 
-so a part takes exactly GGUF's bytes (row_bytes(q4_0, 2560) = 80 blocks * 18 B) and converts to and
-from GGUF blocks by a byte permutation: repacking a Q4_0 / Q4_1 / Q8_0 GGUF row is exact. Why: a
+so a part takes exactly GGUF's bytes (row_bytes(q4_0, 2560) = 80 blocks * 18 B) and converts from
+GGUF blocks (through runtime/quant.py, the block math) by a byte permutation: repacking a Q4_0 / Q4_1
+/ Q8_0 GGUF row is exact. Why: a
 numba loop over 16-byte blocks with a scale each runs ~1.2 us per 2560-element row (the inner loops
 are too short to vectorize and each ends in a horizontal sum); the same arithmetic over lane-major
 bytes, with the input permuted the same way once per call (`permute_input`), is a flat loop over
@@ -101,68 +102,58 @@ def unpermute(hp: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-# --- GGUF blocks <-> lane-major parts (numpy; conversion and tests) -------------------------------------------
+# --- quant.QTensor (GGUF-exact block math, runtime/quant.py) -> lane-major parts; numpy reference -------------
 
-def _block_fields(fmt: QFormat) -> list[tuple[str, np.dtype, int]]:
-    sd = fmt.scale_dtype
-    fields = [("d", sd, 1)] + ([("m", sd, 1)] if fmt.has_min else [])
-    return fields + [("qs", np.dtype(np.uint8), fmt.quant_bytes_per_block)]
+def lanes_from_qtensor(qt, fmt: QFormat) -> np.ndarray:
+    """One part per row of a quant.QTensor [n, L] (blocks of 32 of fmt's type) -> lanes uint8 [n, row_bytes].
+
+    A byte permutation of the codes plus the scales (and mins): exact whenever the scales fit fmt's
+    scale dtype, which it checks."""
+    n, L = qt.shape
+    if qt.qtype.name != fmt.name or qt.block != QBLOCK or L % QBLOCK:
+        raise ValueError(f"{qt.qtype.name} blocks of {qt.block} over rows of {L} do not make {fmt.name} "
+                         f"bundle parts (blocks of {QBLOCK}, whole rows)")
+    nb = L // QBLOCK
+    c = qt.codes()[:, :L].reshape(n, nb, QBLOCK)
+    if fmt.bits == 4:
+        lanes = c[:, :, :16] | (c[:, :, 16:] << 4)                               # [n, nb, 16]
+    else:
+        lanes = (c.astype(np.int16) - 128).astype(np.int8).view(np.uint8)         # GGUF's signed codes
+    cols = [np.ascontiguousarray(lanes.transpose(0, 2, 1)).reshape(n, -1)]
+    for arr in (qt.scales, qt.mins) if fmt.has_min else (qt.scales,):
+        narrowed = arr.astype(fmt.scale_dtype)
+        if not np.array_equal(narrowed.astype(arr.dtype), arr):
+            raise ValueError(f"{fmt.name} scales do not fit {fmt.scale_dtype.name}: the repack would not be exact")
+        cols.append(narrowed.view(np.uint8).reshape(n, -1))
+    return np.concatenate(cols, axis=1)
+
+
+def quantize_part(w: np.ndarray, fmt: QFormat) -> np.ndarray:
+    """f32 [n, L] -> lane-major parts [n, row_bytes], quantized by quant.quantize (llama.cpp's rounding)."""
+    from .quant import quantize
+    return lanes_from_qtensor(quantize(np.ascontiguousarray(w, dtype=np.float32), fmt.name), fmt)
 
 
 def from_gguf_blocks(blocks: np.ndarray, fmt: QFormat) -> np.ndarray:
-    """GGUF blocks uint8 [n, nb * gguf_block_bytes] (scales f16) -> lane-major parts [n, row_bytes]."""
+    """A GGUF Q4_0 / Q4_1 / Q8_0 tensor's rows (raw blocks [n, bytes]) -> lane-major parts, exactly."""
+    from .quant import from_gguf
     n = blocks.shape[0]
-    g = blocks.reshape(n, -1, 2 * (2 if fmt.has_min else 1) + fmt.quant_bytes_per_block)
-    nb = g.shape[1]
-    qs = g[:, :, -fmt.quant_bytes_per_block:]
-    d = g[:, :, 0:2].copy().view(np.float16)[:, :, 0]
-    parts = [np.ascontiguousarray(qs.transpose(0, 2, 1)).reshape(n, -1),
-             d.astype(fmt.scale_dtype).view(np.uint8)]
-    if fmt.has_min:
-        parts.append(g[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(fmt.scale_dtype).view(np.uint8))
-    out = np.concatenate(parts, axis=1)
-    assert out.shape[1] == fmt.row_bytes(nb * QBLOCK)
-    return out
+    return lanes_from_qtensor(from_gguf(blocks, fmt.gguf_type, (n, blocks.shape[1] // fmt.block_bytes * QBLOCK)), fmt)
 
 
-def to_gguf_blocks(part: np.ndarray, fmt: QFormat) -> np.ndarray:
-    """Inverse of from_gguf_blocks (f32 scales are narrowed to f16: exact only if they fit)."""
+def dequantize_part(part: np.ndarray, fmt: QFormat) -> np.ndarray:
+    """Lane-major parts [n, row_bytes] -> f32 [n, L]: the numpy reference the kernels are tested against."""
+    part = np.ascontiguousarray(part).view(np.uint8)
     n = part.shape[0]
     qb = fmt.quant_bytes_per_block
     nb = part.shape[1] // fmt.block_bytes
     item = fmt.scale_dtype.itemsize
-    qs = part[:, :qb * nb].reshape(n, qb, nb).transpose(0, 2, 1)
-    d = part[:, qb * nb:qb * nb + nb * item].copy().view(fmt.scale_dtype).astype(np.float16).view(np.uint8)
-    cols = [d.reshape(n, nb, 2)]
-    if fmt.has_min:
-        m = part[:, qb * nb + nb * item:qb * nb + 2 * nb * item].copy().view(fmt.scale_dtype)
-        cols.append(m.astype(np.float16).view(np.uint8).reshape(n, nb, 2))
-    cols.append(qs)
-    return np.ascontiguousarray(np.concatenate(cols, axis=2)).reshape(n, -1)
-
-
-def quantize_part(w: np.ndarray, fmt: QFormat) -> np.ndarray:
-    """f32 [n, L] -> lane-major parts [n, row_bytes], rounded as ggml's reference quantizers
-    (gguf.quants), scales f16 (f32-scale formats hold the same f16 values widened)."""
-    from gguf import quants
-    return from_gguf_blocks(quants.quantize(np.ascontiguousarray(w, dtype=np.float32), fmt.gguf_type), fmt)
-
-
-def dequantize_part(part: np.ndarray, fmt: QFormat) -> np.ndarray:
-    """Lane-major parts [n, row_bytes] -> f32 [n, L], independently of the kernels: numpy for f32
-    scales, gguf's own dequantizer for f16 ones."""
-    if fmt.scale_dtype == np.float16:
-        from gguf import quants
-        return quants.dequantize(to_gguf_blocks(part, fmt), fmt.gguf_type).astype(np.float32)
-    n = part.shape[0]
-    qb = fmt.quant_bytes_per_block
-    nb = part.shape[1] // fmt.block_bytes
     qs = part[:, :qb * nb].reshape(n, qb, nb).transpose(0, 2, 1)          # [n, nb, qb]
-    d = part[:, qb * nb:qb * nb + 4 * nb].copy().view(np.float32)[:, :, None]
+    d = part[:, qb * nb:qb * nb + item * nb].copy().view(fmt.scale_dtype).astype(np.float32)[:, :, None]
     if fmt.bits == 8:
         return (qs.view(np.int8).astype(np.float32) * d).reshape(n, -1)
     q = np.concatenate([qs & 15, qs >> 4], axis=2).astype(np.float32)    # [n, nb, 32]
     if fmt.has_min:
-        m = part[:, qb * nb + 4 * nb:qb * nb + 8 * nb].copy().view(np.float32)[:, :, None]
-        return (q * d + m).reshape(n, -1)
+        m = part[:, qb * nb + item * nb:qb * nb + 2 * item * nb].copy().view(fmt.scale_dtype)
+        return (q * d + m.astype(np.float32)[:, :, None]).reshape(n, -1)
     return ((q - 8.0) * d).reshape(n, -1)

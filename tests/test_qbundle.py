@@ -4,8 +4,9 @@ import pytest
 from gguf import quants
 
 from flashlm.runtime import qkernels as QK
-from flashlm.runtime.qbundle import (QFORMATS, dequantize_part, from_gguf_blocks, permute_input, qformat,
-                                     quantize_part, to_gguf_blocks, unpermute)
+from flashlm.runtime import quant as Q
+from flashlm.runtime.qbundle import (QFORMATS, dequantize_part, from_gguf_blocks, lanes_from_qtensor, permute_input,
+                                     qformat, quantize_part, unpermute)
 
 FORMATS = [(name, sd) for name in sorted(QFORMATS) for sd in (np.float16, np.float32)]
 
@@ -20,7 +21,9 @@ def _weights(rng, n, d):
 
 def _part(w, fmt):
     """Lane-major part of w; f32-scale formats hold the f16 GGUF scales widened (so gguf is the reference)."""
-    return from_gguf_blocks(to_gguf_blocks(quantize_part(w, qformat(fmt.name)), qformat(fmt.name)), fmt)
+    qt = Q.quantize(w, fmt.name)
+    qt.scales, qt.mins = qt.scales.astype(fmt.scale_dtype), None if qt.mins is None else qt.mins.astype(fmt.scale_dtype)
+    return lanes_from_qtensor(qt, fmt)
 
 
 @pytest.mark.parametrize("name", sorted(QFORMATS))
@@ -30,9 +33,12 @@ def test_gguf_blocks_repack_exactly(name):
     w = _weights(rng, 7, 96)
     blocks = quants.quantize(w, fmt.gguf_type)
     part = from_gguf_blocks(blocks, fmt)
-    assert part.shape == (7, fmt.row_bytes(96)) == blocks.shape          # same bytes, rearranged
-    np.testing.assert_array_equal(to_gguf_blocks(part, fmt), blocks)
+    assert part.shape == (7, fmt.row_bytes(96)) == blocks.shape          # the same bytes, rearranged
+    assert sorted(part.ravel()) == sorted(np.concatenate(                # ... for 4-bit, q8_0 codes are bytes too
+        [blocks.reshape(7, 3, -1)[:, :, fmt.block_bytes - fmt.quant_bytes_per_block:].ravel(),
+         blocks.reshape(7, 3, -1)[:, :, :fmt.block_bytes - fmt.quant_bytes_per_block].ravel()]))
     np.testing.assert_array_equal(dequantize_part(part, fmt), quants.dequantize(blocks, fmt.gguf_type))
+    np.testing.assert_array_equal(part, quantize_part(w, fmt))        # quant.quantize rounds as gguf does
 
 
 @pytest.mark.parametrize("name", sorted(QFORMATS))
@@ -44,6 +50,13 @@ def test_f32_scale_dequantizer_matches_gguf(name):
     assert part.shape[1] == f32.row_bytes(64)
     ref = quants.dequantize(quants.quantize(w, f32.gguf_type), f32.gguf_type)
     np.testing.assert_array_equal(dequantize_part(part, f32), ref)
+
+
+def test_scales_that_do_not_fit_f16_are_refused():
+    qt = Q.quantize(np.ones((1, 32), np.float32), "q8_0")
+    qt.scales = np.array([[1.0 + 2 ** -20]], np.float32)
+    with pytest.raises(ValueError, match="not be exact"):
+        lanes_from_qtensor(qt, qformat("q8_0"))
 
 
 def test_permutation_round_trips():
