@@ -6,8 +6,8 @@
   mmap    MmapFFN      rows used through a memory map whose pages are dropped after each layer
   flash   SparseFFN    predictor -> sliding-window neuron cache -> read only the missing rows
 
-All of them end in the same kernel, `ffn_bundles` (`ffn_qbundles` for quantized rows), over some rows; what differs is which rows are in
-DRAM and what it costs to get them there. Each records the per-token accounting of the paper's
+All of them end in the same kernel, `ffn_bundles` (`ffn_qbundles` for quantized rows), over some
+rows; what differs is which rows are in DRAM and what it costs to get them there. Each records the per-token accounting of the paper's
 Table 3 (flash I/O, memory management, compute) in a FlashStats.
 """
 from __future__ import annotations
@@ -119,10 +119,10 @@ class QuantBundleKernel:
         from .storage import bundle_qformat
         self.fmt = bundle_qformat(layout.storage)
         self.fmt_array = self.fmt.array()
-        self.swiglu = config.ffn_kind == "swiglu"
+        self.act = K.ACTIVATION_OF_KIND[config.ffn_kind]
         by_name = {p.name: p.byte_offset for p in layout.parts}
         self.starts = np.array([by_name["up"], by_name.get("gate", 0), by_name["down"]], np.int64)
-        names = ("up", "gate", "down") if self.swiglu else ("up", "down")
+        names = ("up", "gate", "down") if "gate" in by_name else ("up", "down")
         self.part_starts = np.array([by_name[n] for n in names], np.int64)    # dequant order for BLAS
         self.d = config.d_model
         self.threads = threads
@@ -143,7 +143,7 @@ class QuantBundleKernel:
             return
         if self.partial.shape[1] < T:
             self.partial = np.zeros((self.threads, T, self.d), np.float32)
-        QK.ffn_qbundles(hp, q, s, n_rows, neuron_of_row, self.no_bias if bias is None else bias, self.swiglu,
+        QK.ffn_qbundles(hp, q, s, n_rows, neuron_of_row, self.no_bias if bias is None else bias, self.act,
                         self.fmt_array, self.starts, self.partial, out)
 
     def _batched(self, hp, q, s, n_rows, neuron_of_row, bias, out) -> None:
@@ -158,9 +158,8 @@ class QuantBundleKernel:
             w = self.scratch[:hi - lo]
             QK.dequant_rows(q, s, lo, hi, self.fmt_array, self.part_starts, d, w)
             u = hp @ w[:, :d].T
-            if self.swiglu:
-                g = hp @ w[:, d:2 * d].T
-                a = g / (1.0 + np.exp(-g)) * u
+            if self.act != K.ACT_RELU:
+                a = K.gate_np(hp @ w[:, d:2 * d].T, self.act) * u
             else:
                 if bias is not None:
                     u += bias[neuron_of_row[lo:hi]]

@@ -17,7 +17,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .kernels import JIT, f32
+from .kernels import ACT_RELU, JIT, _gate, f32
 
 QB = 32
 SIXTEENTH = np.float32(0.0625)
@@ -96,11 +96,12 @@ def _axpy_part(a, qr, sr, fmt, start, yp, nb, d, m):
 
 
 @njit(parallel=True, **JIT)
-def ffn_qbundles(hp, q, s, n_rows, neuron_of_row, up_bias, swiglu, fmt, starts, partial, out):
+def ffn_qbundles(hp, q, s, n_rows, neuron_of_row, up_bias, act, fmt, starts, partial, out):
     """FFN over the first n_rows quantized bundle rows (any order): the quantized kernels.ffn_bundles.
 
     hp[T, d] the permuted normalized input; q, s the two views of the rows; up_bias[n_ff] indexed by
-    neuron_of_row (empty: none); swiglu: a = silu(gate.h) * (up.h), else a = relu(up.h + bias).
+    neuron_of_row (empty: none); act as kernels.ffn_bundles: ACT_SILU / ACT_GELU_TANH
+    a = act(gate.h) * (up.h), ACT_RELU a = relu(up.h + bias).
     Each of the partial.shape[0] chunks of rows accumulates into its own buffer (permuted order);
     out[T, d] gets their sum in the natural order.
     """
@@ -116,9 +117,8 @@ def ffn_qbundles(hp, q, s, n_rows, neuron_of_row, up_bias, swiglu, fmt, starts, 
             for t in range(T):
                 x = hp[t]
                 u = _dot_part(qr, sr, fmt, starts[0], x, nb, ds, ms)
-                if swiglu:
-                    g = _dot_part(qr, sr, fmt, starts[1], x, nb, ds, ms)
-                    a = g / (np.float32(1.0) + np.exp(-g)) * u
+                if act != ACT_RELU:
+                    a = _gate(_dot_part(qr, sr, fmt, starts[1], x, nb, ds, ms), act) * u
                 else:
                     if up_bias.size:
                         u += up_bias[neuron_of_row[r]]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from gguf import quants
 
-from flashlm.runtime import qkernels as QK
+from flashlm.runtime import kernels as K, qkernels as QK
 from flashlm.runtime import quant as Q
 from flashlm.runtime.qbundle import (QFORMATS, dequantize_part, from_gguf_blocks, lanes_from_qtensor, permute_input,
                                      qformat, quantize_part, unpermute)
@@ -78,20 +78,22 @@ def _bundle(rng, fmt, n, d, swiglu, stride_pad=20):
     return rows, vals, starts
 
 
-def _reference(h, vals, bias, swiglu):
+def _reference(h, vals, bias, act):
     u = h @ vals["up"].T
-    if swiglu:
-        g = h @ vals["gate"].T
-        a = g / (1 + np.exp(-g)) * u
+    if act != K.ACT_RELU:
+        g = (h @ vals["gate"].T).astype(np.float64)
+        gated = g / (1 + np.exp(-g)) if act == K.ACT_SILU else 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
+        a = gated * u
     else:
         a = np.maximum(u + bias, 0)
     return a @ vals["down"]
 
 
 @pytest.mark.parametrize("name,sd", FORMATS)
-@pytest.mark.parametrize("swiglu", [True, False])
+@pytest.mark.parametrize("act", [K.ACT_SILU, K.ACT_GELU_TANH, K.ACT_RELU])
 @pytest.mark.parametrize("T", [1, 3])
-def test_ffn_qbundles_matches_numpy_in_any_row_order(name, sd, swiglu, T):
+def test_ffn_qbundles_matches_numpy_in_any_row_order(name, sd, act, T):
+    swiglu = act != K.ACT_RELU
     rng = np.random.default_rng(2)
     fmt = qformat(name, sd)
     n, d = 37, 96                                  # odd row count, 3 blocks per part
@@ -103,13 +105,13 @@ def test_ffn_qbundles_matches_numpy_in_any_row_order(name, sd, swiglu, T):
         perm = perm.astype(np.int32)
         used = perm[:n_rows]
         sub = {k: v[used] for k, v in vals.items()}
-        ref = _reference(h, sub, bias[used], swiglu)
+        ref = _reference(h, sub, bias[used], act)
         out = np.full((T, d), np.nan, np.float32)
         # rows beyond n_rows hold garbage the kernel must not touch
         qr = np.concatenate([rows[perm], rng.integers(0, 255, (3, rows.shape[1]), dtype=np.uint8)])
         qv, sv = fmt.views(qr)
         QK.ffn_qbundles(permute_input(h), qv, sv, n_rows, perm, np.zeros(0, np.float32) if swiglu else bias,
-                        swiglu, fmt.array(), starts, np.zeros((3, T, d), np.float32), out)
+                        act, fmt.array(), starts, np.zeros((3, T, d), np.float32), out)
         np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-4 * np.abs(ref).max())
 
 
