@@ -239,7 +239,7 @@ def read_verified(folder: ModelFolder, name: str) -> np.ndarray:
             view = buf[start:start + chunk]
             if f.readinto(memoryview(view)) != view.size:
                 raise ModelFileError(f"{path}: short read at byte {start}")
-            drop_cached(f.fileno(), start, view.size)   # read once: a memory limit must not pay for it twice
+            drop_cached(f.fileno(), 0, start + view.size)   # read once: a memory limit must not pay for it twice
             h.update(view)
     if h.hexdigest() != expected:
         raise ModelFileError(f"{path}: sha256 {h.hexdigest()[:16]}... does not match the manifest "
