@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 import traceback
@@ -394,7 +395,12 @@ def cmd_bench(args) -> int:
         print(as_json_lines(bench_one(args.model, rt, pp=args.n_prompt, tg=args.n_gen, reps=args.reps)))
         return 0
     modes = [m.strip() for m in (args.mode or rt.mode).split(",")]
-    rows = bench(args.model, modes, rt, pp=args.n_prompt, tg=args.n_gen, reps=args.reps)
+    cap = None
+    if args.cgroup is not None:
+        from .memory import parse_size
+        cap = parse_size(args.cgroup, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    rows = bench(args.model, modes, rt, pp=args.n_prompt, tg=args.n_gen, reps=args.reps, cgroup_limit=cap,
+                 llamacpp=args.llamacpp, deadline=args.deadline)
     print(as_json_lines(rows) if args.json else table(rows))
     failed = [r for r in rows if "error" in r]
     if failed:
@@ -575,6 +581,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--reps", type=_POSITIVE, default=3)
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cgroup", default=None, metavar="SIZE",
+                   help="run each mode in its own memory cgroup capped at SIZE (RSS + page cache, as a device "
+                        "with that much RAM): 700MiB, 60%% of RAM; reports the group's peak and whether it hit the cap")
+    p.add_argument("--llamacpp", default=None, metavar="GGUF",
+                   help="add a llama.cpp row (llama-cpp-python, the bench extra) on this GGUF, same cap")
+    p.add_argument("--deadline", type=float, default=None, metavar="S",
+                   help="stop a llama.cpp decode repetition after S seconds (under a tight cap a token can take a minute)")
     _add_runtime_flags(p, stats=False, mode_list=True)
     p.set_defaults(func=cmd_bench)
 

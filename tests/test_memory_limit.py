@@ -99,3 +99,25 @@ def test_read_verified_leaves_nothing_cached(tmp_path):
     drop_file(path)
     assert bytes(read_verified(folder, "dense.safetensors")) == data
     assert _cached_bytes(path) == 0
+
+
+def test_bench_cgroup_rows(cgroups, tmp_path):
+    """`flashlm bench --cgroup`: each mode's row carries its cgroup's peak; a cap too small is reported."""
+    import json
+    import subprocess
+    import tiny_models as tm
+    from flashlm.converters.convert import convert
+    folder = convert(tm.make_llama(tmp_path / "hf", tied=True), tmp_path / "m.flashlm", progress=False)
+    run = lambda cap: subprocess.run([sys.executable, "-m", "flashlm", "bench", str(folder), "--mode", "dense,naive",
+                                      "-p", "0", "-n", "4", "-r", "1", "--ctx", "64", "--json", "--cgroup", cap],
+                                     capture_output=True, text=True)
+    rows = [json.loads(line) for line in run("2GiB").stdout.splitlines()]
+    assert [r["mode"] for r in rows] == ["dense", "naive"]
+    for r in rows:
+        assert r["cgroup_limit"] == 2 << 30 and 20 * MiB < r["cgroup_peak"] < 2 << 30 and not r["cgroup_hit_cap"]
+        # (peak RSS may exceed the group's charge: shared-library pages another process cached first are
+        # charged to that process's group, not to this child)
+    proc = run("40MiB")                     # Python + numba alone need more: every run is killed at the cap
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode != 0 and len(rows) == 2
+    assert all("killed at the cgroup cap" in r["error"] and r["cgroup_hit_cap"] for r in rows)
