@@ -350,7 +350,7 @@ def cmd_serve(args) -> int:
 def cmd_calibrate(args) -> int:
     from flashlm.converters.calibrate import calibrate
     report = calibrate(args.model, text_file=args.file, random_tokens=args.random_tokens, n_tokens=args.tokens, keep=args.keep, recall=args.recall,
-                       threads=args.threads, progress=not args.no_progress)
+                       selector=args.selector, threads=args.threads, progress=not args.no_progress)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -360,6 +360,7 @@ def cmd_calibrate(args) -> int:
         w = q["windows"].get("4", {})
         print(f"| {i} | {q['rank']} | {q['rule']} | {q['recall']:.3f} | {q.get('contribution_recall', float('nan')):.3f} "
               f"| {100 * q['predicted_fraction']:.1f} % | {100 * w.get('mean_held', 0):.1f} % | {100 * w.get('miss_fraction', 0):.1f} % |")
+    _err(f"selector {report['selector']} (held-out output recall {report['selector_quality']})")
     _err(f"calibrated on {report['tokens']} tokens ({report['source']}) in {report['seconds']} s; "
          f"predictors written to {args.model}/predictor.safetensors")
     return 0
@@ -556,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", default=None, help="calibration text (default: text the model generates)")
     p.add_argument("--random-tokens", action="store_true", help="calibrate on random token ids (synthetic models)")
     p.add_argument("--tokens", type=_int_at_least(2), default=2048, help="calibration tokens")
+    p.add_argument("--selector", choices=("auto", "lowrank", "gate"), default="auto",
+                   help="gated FFNs: low-rank gate+up estimates, or W_gate resident with exact silu(gate) "
+                        "(a third of the FFN in DRAM); auto picks by held-out output recall")
     p.add_argument("--keep", type=_float_in(0.0, 1.0, low_open=True), default=0.5,
                    help="SwiGLU: fraction of neurons kept per token")
     p.add_argument("--recall", type=_float_in(0.0, 1.0, low_open=True), default=0.99,

@@ -4,11 +4,22 @@ Each predictor is built from low-rank maps d -> r -> n_ff, est = (h @ A.T) @ B.T
 normalized FFN input h, fitted to the layer's own projections (see converters/calibrate.py):
 - ReLU family: one map estimates the pre-activation up.h + b; neurons whose estimate is above a
   calibrated threshold are predicted active.
-- SwiGLU: two maps estimate gate.h and up.h; the score is the estimated contribution
+- SwiGLU, rule "topk": two maps estimate gate.h and up.h; the score is the estimated contribution
   |silu(gate) * up|, and the `keep` neurons with the largest scores are used (SwiGLU is not naturally
   sparse, and the sign of the gate alone is a poor guide).
-Stored in predictor.safetensors as layers.{i}.predictor.{up,gate}.{A [r, d], B [n_ff, r], c [n_ff]} and
-layers.{i}.predictor.hot [n_ff] (neurons by calibration frequency), rule and rank in the metadata.
+- SwiGLU, rule "gate" (gate resident, two-phase, PowerInfer-2's gate-first order): the layer's exact
+  W_gate rows stay in DRAM, so silu(gate.h) is exact; only up.h is estimated (low rank), and the score
+  is |silu(gate) * up~| * ||W_down[:, i]|| (WINA's weight-informed ranking: the norm of what neuron i
+  adds to the output). On SmolLM2 at keep 50% this cuts the perplexity cost from +46% to a few percent
+  (docs/BENCHMARKS.md, tools/sparsity_frontier.py); it costs a third of the FFN in DRAM.
+- SwiGLU, rule "exact" (gate and up resident): silu(gate.h) * up.h is computed exactly and the score is
+  |a_i| * ||W_down[:, i]||, the true top-k by output norm: +1.3% perplexity at keep 50% on SmolLM2
+  (the bundle rows' gate and up parts are then read without need: reading only the down column is
+  the layout change this rule is waiting for); two thirds of the FFN in DRAM.
+Stored in predictor.safetensors as layers.{i}.predictor.{up,gate}.{A [r, d], B [n_ff, r], c [n_ff]},
+layers.{i}.predictor.hot [n_ff] (neurons by calibration frequency) and, for "gate",
+layers.{i}.predictor.gate_rows [n_ff, d] and layers.{i}.predictor.down_norm [n_ff], for "exact" also
+layers.{i}.predictor.up_rows [n_ff, d] (and no low-rank maps); rule and rank in the metadata.
 """
 from __future__ import annotations
 
@@ -53,21 +64,34 @@ def gated_score(gate: np.ndarray, up: np.ndarray, ffn_kind: str) -> np.ndarray:
 
 @dataclass
 class LayerPredictor:
-    up: LowRank
-    gate: LowRank | None     # gated FFNs (SwiGLU, GeGLU) only
-    rule: str                # "threshold" (ReLU) or "topk" (gated)
+    up: LowRank | None       # None for "exact"
+    gate: LowRank | None     # gated "topk" only
+    rule: str                # "threshold" (ReLU), "topk", "gate" or "exact" (gated: SwiGLU, GeGLU)
     threshold: float = 0.0
-    keep: int = 0            # neurons kept per token for "topk"
+    keep: int = 0            # neurons kept per token for "topk" and "gate"
     hot: np.ndarray | None = None   # neuron ids ordered by calibration activation frequency, hottest first
     ffn_kind: str = "swiglu"        # which gate activation the contribution score applies
+    gate_rows: np.ndarray | None = None   # "gate", "exact": W_gate [n_ff, d], f16 bits or f32
+    up_rows: np.ndarray | None = None     # "exact": W_up [n_ff, d]
+    down_norm: np.ndarray | None = None   # "gate", "exact": ||W_down[:, i]|| [n_ff] f32
 
     @property
     def nbytes(self) -> int:
-        return self.up.nbytes + (self.gate.nbytes if self.gate else 0)
+        extra = sum(t.nbytes for t in (self.gate_rows, self.up_rows, self.down_norm) if t is not None)
+        return sum(m.nbytes for m in (self.up, self.gate) if m is not None) + extra
+
+    def _rows(self, h: np.ndarray, w: np.ndarray) -> np.ndarray:
+        out = np.empty((h.shape[0], w.shape[0]), np.float32)
+        K.matmul(h, w, out)
+        return out
 
     def scores(self, h: np.ndarray) -> np.ndarray:
         """h [T, d] -> scores [T, n_ff]: estimated pre-activation (ReLU) or contribution (SwiGLU)."""
+        if self.rule == "exact":
+            return gated_score(self._rows(h, self.gate_rows), self._rows(h, self.up_rows), self.ffn_kind) * self.down_norm
         up = self.up(h)
+        if self.rule == "gate":
+            return gated_score(self._rows(h, self.gate_rows), up, self.ffn_kind) * self.down_norm
         return up if self.gate is None else gated_score(self.gate(h), up, self.ffn_kind)
 
     def select(self, scores: np.ndarray) -> np.ndarray:
@@ -159,10 +183,22 @@ def load_predictors(folder: Path, config, layers=None) -> list[LayerPredictor | 
         if i not in wanted:
             out.append(None)
             continue
+        rule = info.get("rule")
         up, gate = low_rank(p + ".up"), low_rank(p + ".gate")
-        if up is None or (gate is None) == config.gated:
-            raise ModelFileError(f"{path}: layer {i} predictor maps do not fit a {config.ffn_kind} FFN")
-        out.append(LayerPredictor(up=up, gate=gate, rule=info["rule"],
+        # Which maps each rule needs: low-rank up (all but "exact"), low-rank gate ("topk"), resident
+        # exact rows ("gate": W_gate, "exact": W_gate and W_up) with the down-column norms.
+        fits = {"threshold": not config.gated and up is not None and gate is None,
+                "topk": config.gated and up is not None and gate is not None,
+                "gate": config.gated and up is not None and gate is None,
+                "exact": config.gated and up is None and gate is None}
+        if not fits.get(rule, False):
+            raise ModelFileError(f"{path}: layer {i} predictor (rule {rule!r}) does not fit a {config.ffn_kind} FFN")
+        resident = {}
+        if rule in ("gate", "exact"):
+            resident = {"gate_rows": tensor(p + ".gate_rows", (n_ff, d)), "down_norm": tensor(p + ".down_norm", (n_ff,))}
+            if rule == "exact":
+                resident["up_rows"] = tensor(p + ".up_rows", (n_ff, d))
+        out.append(LayerPredictor(up=up, gate=gate, rule=rule,
                                   threshold=info.get("threshold", 0.0), keep=info.get("keep", 0),
-                                  hot=hot(p + ".hot"), ffn_kind=config.ffn_kind))
+                                  hot=hot(p + ".hot"), ffn_kind=config.ffn_kind, **resident))
     return out
