@@ -350,7 +350,7 @@ def cmd_serve(args) -> int:
 def cmd_calibrate(args) -> int:
     from flashlm.converters.calibrate import calibrate
     report = calibrate(args.model, text_file=args.file, random_tokens=args.random_tokens, n_tokens=args.tokens, keep=args.keep, recall=args.recall,
-                       selector=args.selector, threads=args.threads, progress=not args.no_progress)
+                       selector=args.selector, output_recall=args.output_recall, threads=args.threads, progress=not args.no_progress)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -557,9 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", default=None, help="calibration text (default: text the model generates)")
     p.add_argument("--random-tokens", action="store_true", help="calibrate on random token ids (synthetic models)")
     p.add_argument("--tokens", type=_int_at_least(2), default=2048, help="calibration tokens")
-    p.add_argument("--selector", choices=("auto", "lowrank", "gate"), default="auto",
-                   help="gated FFNs: low-rank gate+up estimates, or W_gate resident with exact silu(gate) "
-                        "(a third of the FFN in DRAM); auto picks by held-out output recall")
+    p.add_argument("--selector", choices=("auto", "lowrank", "gate", "exact"), default="auto",
+                   help="gated FFNs: lowrank (gate and up estimated), gate (W_gate resident: a third of the FFN "
+                        "in DRAM), exact (W_gate and W_up resident: two thirds); auto: the cheapest whose "
+                        "held-out output recall reaches --output-recall")
+    p.add_argument("--output-recall", type=_float_in(0.0, 1.0, low_open=True), default=0.97,
+                   help="auto selector's goal: share of the true top-k output mass the selection keeps")
     p.add_argument("--keep", type=_float_in(0.0, 1.0, low_open=True), default=0.5,
                    help="SwiGLU: fraction of neurons kept per token")
     p.add_argument("--recall", type=_float_in(0.0, 1.0, low_open=True), default=0.99,
