@@ -391,7 +391,7 @@ def main() -> int:
         ffn = AnalysisFFN(weights, scorer, m, cache, d)
         model.ffn_backend = ffn
         r = perplexity(model, ffn, ids, args.ctx, args.prompt)
-        r.update(method=m.name, label=m.label, keep=m.keep, dip=m.dip, layout="|".join(m.layout()),
+        r.update(method=m.name, label=m.label + (f"+lru{args.cache:g}" if cache else ""), keep=m.keep, dip=m.dip, layout="|".join(m.layout()),
                  resident=",".join(m.resident_parts()) or "-",
                  dram_ffn_bytes=(n_ff * d * F16 * len(m.resident_parts()) +
                                  (n_ff * m.keep if m.per_prompt else cache) * ffn.row_bytes) * len(weights))
