@@ -7,6 +7,7 @@ during the decode repetitions (the paper's Table 3 columns).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -48,7 +49,8 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
     ids = np.random.default_rng(seed).integers(0, c.vocab_size, size=pp + tg + 1)
     base = {"model": folder.path.name, "size": plan.model_bytes, "budget": plan.budget,
             "window": plan.window or None, "mode": rt.mode, "threads": model.threads,
-            "io": rt.io if rt.mode not in ("dense", "mmap") else None, "load_s": round(load_s, 2)}
+            "io": rt.io if rt.mode not in ("dense", "mmap") else None, "max_gap": rt.max_gap_bytes,
+            "load_s": round(load_s, 2)}
     rows = []
     if pp:
         times = []
@@ -61,20 +63,25 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
                 times.append(time.perf_counter() - t)
         rows.append(_row(base, f"pp{pp}", pp, times))
     if tg:
-        times, io_before, stats = [], None, model.ffn_backend.stats
+        times, ffn = [], model.ffn_backend
+        fields = [f.name for f in dataclasses.fields(ffn.stats)]
+        sums = dict.fromkeys(["bytes", "reads"] + fields, 0)
         for r in range(reps + 1):
             model.reset()
             model.forward(ids[:1])
-            if r == 1:
-                model.reset_io_stats()
-                io_before = _io(model.ffn_backend)
+            # Count only the timed decode tokens, not each repetition's one-token prompt.
+            before = (*_io(ffn), *(getattr(ffn.stats, f) for f in fields))
             t = time.perf_counter()
             for i in range(tg):
                 model.forward(ids[1 + i:2 + i])
             if r:
                 times.append(time.perf_counter() - t)
+                after = (*_io(ffn), *(getattr(ffn.stats, f) for f in fields))
+                for key, x, y in zip(["bytes", "reads"] + fields, before, after):
+                    sums[key] += y - x
         n = tg * reps
-        nbytes, nreads = (a - b for a, b in zip(_io(model.ffn_backend), io_before))
+        nbytes, nreads = sums["bytes"], sums["reads"]
+        stats = type(ffn.stats)(**{f: sums[f] for f in fields})
         row = _row(base, f"tg{tg}", tg, times)
         total = sum(times)
         io_ms, mm_ms = 1e3 * stats.io_s / n, 1e3 * (stats.mm_s + stats.predict_s) / n

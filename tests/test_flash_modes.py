@@ -84,10 +84,14 @@ def test_flash_with_oracle_predictor_is_exact(opt_folder, capacity_fraction):
     np.testing.assert_allclose(np.concatenate([pre, np.stack(dec)]), ref, atol=1e-5)
     st = ffn.stats
     assert st.wanted > 0 and 0 < st.hits < st.wanted
-    useful = (st.wanted - st.hits) * folder.bundles.stride_bytes
-    assert ffn.reader.stats.bytes_read >= useful * (0.99 if capacity_fraction == 1 else 0)
+    # Every wanted neuron that was not resident is read exactly once (into the cache or, overflowing,
+    # through the scratch buffer), and nothing else is: distinct rows requested == misses.
+    misses = st.wanted - st.hits
+    assert ffn.reader.stats.useful_bytes == misses * folder.bundles.stride_bytes
+    assert ffn.reader.stats.bytes_read >= misses * folder.bundles.stride_bytes
     if capacity_fraction < 1:
-        assert sum(c.stats.overflow for c in ffn.caches) > 0, "small caches must stream the surplus"
+        overflow = sum(c.stats.overflow for c in ffn.caches)
+        assert 0 < overflow < misses, "small caches must stream the surplus, and only the surplus"
     model.close()
 
 
@@ -98,7 +102,7 @@ def test_flash_reads_far_less_than_naive(opt_folder):
     n_flash = m2.ffn_backend.reader.stats.bytes_read
     layer_bytes = m1.config.n_ff * m1.folder.bundles.stride_bytes
     assert n_naive == layer_bytes * m1.config.n_layers * (1 + len(IDS) - 6)   # every layer, every forward
-    assert n_flash < n_naive
+    assert n_flash < 0.5 * n_naive, (n_flash, n_naive)      # window 4 reads at most half of what naive reads
 
 
 def test_budget_too_small_is_refused_before_loading(opt_folder, monkeypatch):

@@ -1,0 +1,110 @@
+"""perplexity against numpy over transformers' logits, bench's JSON rows, device profiles (also found
+when flashlm runs from outside the checkout)."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tiny_models as tm
+from flashlm.converters.convert import convert
+from flashlm.runtime.device import DEFAULT_SEQUENTIAL_MB_S, ProfileError, load_speeds, shipped_profile
+from flashlm.runtime.loader import load
+from flashlm.runtime.perplexity import perplexity
+
+IDS = [1, 5, 17, 42, 7, 99, 3, 8, 250, 11, 64, 0, 2, 180, 33, 5, 77, 120, 9, 15, 44, 91]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    src = tm.make_llama(d / "src", tied=False)
+    return src, convert(src, d / "m.flashlm", dtype="f32", progress=False)
+
+
+def _numpy_perplexity(logits: np.ndarray, ids) -> float:
+    z = logits[:-1].astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return math.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_perplexity_matches_numpy_over_transformers_logits(llama, chunk):
+    src, folder = llama
+    expected = _numpy_perplexity(tm.reference_logits(src, IDS), IDS)
+    model, _, _ = load(folder)
+    result = perplexity(model, IDS, chunk=chunk, progress=False)
+    assert result["tokens"] == len(IDS) - 1
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_perplexity_windows_restart_from_an_empty_cache(llama):
+    src, folder = llama
+    from flashlm.runtime.config import RuntimeConfig
+    model, _, _ = load(folder, RuntimeConfig(ctx_len=8))         # 21 predicted tokens in windows of 8
+    got = perplexity(model, IDS, chunk=3, progress=False)
+    nll, n = 0.0, 0
+    for start in range(0, len(IDS) - 1, 8):
+        seq = IDS[start:start + 9]
+        z = tm.reference_logits(src, seq)[:-1].astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        nll -= logp[np.arange(len(seq) - 1), seq[1:]].sum()
+        n += len(seq) - 1
+    assert got["tokens"] == n and got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+
+
+def test_bench_json_rows(llama):
+    _, folder = llama
+    r = subprocess.run([sys.executable, "-m", "flashlm", "bench", str(folder), "--mode", "dense,naive", "-p", "4",
+                        "-n", "3", "-r", "2", "--ctx", "64", "--io", "buffered", "--max-gap", "8192", "--json"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(row["mode"], row["test"]) for row in rows] == [("dense", "pp4"), ("dense", "tg3"),
+                                                            ("naive", "pp4"), ("naive", "tg3")]
+    for row in rows:
+        assert row["model"] == "m.flashlm" and len(row["samples_ts"]) == 2 and row["avg_ts"] > 0
+        assert row["avg_ts"] == pytest.approx(sum(row["samples_ts"]) / 2)
+        assert row["max_gap"] == 8192, "bench passes --max-gap to its children"
+        assert row["peak_rss"] > 0
+    from flashlm.runtime.modelfile import open_folder
+    f = open_folder(folder)
+    dense_tg, naive_tg = rows[1], rows[3]
+    assert dense_tg["bytes_per_token"] == 0 and dense_tg["io"] is None
+    # naive reads every FFN layer whole for every decode token, nothing else
+    assert naive_tg["bytes_per_token"] == f.config.n_layers * f.bundles.layer_bytes and naive_tg["io"] == "buffered"
+    assert naive_tg["reads_per_token"] >= f.config.n_layers
+
+
+def test_load_speeds_from_profiles(tmp_path):
+    d = load_speeds(None, 4)
+    assert d.source == "built-in defaults" and d.sequential_mb_s == DEFAULT_SEQUENTIAL_MB_S
+    p = load_speeds("this-machine-2core", 4)          # a shipped profile, by name: the 4-thread column
+    assert p.random_mb_s[16384] == 495.1 and p.sequential_mb_s == 1804.1
+    one = load_speeds("this-machine-2core", 1)
+    assert one.random_mb_s[16384] == 237.5 and one.sequential_mb_s == 1506.1
+    # at a measured size the measured rate; between sizes a bigger read never costs less
+    assert p.random_seconds(16384) == pytest.approx(16384 / 495.1e6)
+    mid = (4096 + 16384) // 2
+    assert p.random_seconds(4096) <= p.random_seconds(mid) <= p.random_seconds(16384)
+    assert p.stream_seconds(1_804_100) == pytest.approx(1e-3)
+    with pytest.raises(ProfileError, match="no such device profile"):
+        load_speeds("no-such-device", 4)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[flash]\nthreads = [1]\n")
+    with pytest.raises(ProfileError, match=r"bad\.toml: "):
+        load_speeds(str(bad), 4)
+
+
+def test_device_profiles_are_found_from_outside_the_checkout(tmp_path):
+    code = ("from flashlm.runtime.device import shipped_profile, load_speeds; "
+            "p = shipped_profile('this-machine-2core'); s = load_speeds('this-machine-2core', 4); "
+            "print(p.is_file(), s.source == str(p))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "True"]
+    assert shipped_profile("no-such-device") is None
