@@ -25,7 +25,7 @@ def open_source(path) -> Source:
     raise ConversionError(f"{path}: a folder without config.json; supported: " + "; ".join(SUPPORTED_SOURCES))
 
 
-def convert(src, out_dir, *, dtype: str = "f16", bundle_dtype: str | None = None, force: bool = False,
+def convert(src, out_dir, *, dtype: str = "auto", bundle_dtype: str | None = None, force: bool = False,
             progress: bool = True) -> Path:
     """Convert a checkpoint into a flashlm model folder; returns its path."""
     source = open_source(src)

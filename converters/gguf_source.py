@@ -19,6 +19,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from flashlm.converters.gguf_file import GGUFFile, check_model_metadata
 from flashlm.converters.source import SUPPORTED_SOURCES, ConversionError, SourceInfo, expected_tensors
+from flashlm.runtime import quant
 from flashlm.runtime.config import ModelConfig
 
 # llama.cpp token types (tokenizer.ggml.token_type)
@@ -106,6 +107,32 @@ class GGUFSource:
             elif name.endswith((".attn.k.weight", ".attn.k.bias")):
                 w = unpermute_qk(w, self.config.n_kv_heads)
         return w
+
+    def quantized_storage(self, name: str) -> str | None:
+        """The dense storage type tensor `name` repacks into without loss (runtime/quant.py), or None."""
+        t = self._tensors[name]
+        target = quant.gguf_target(t.tensor_type)
+        if target is None or len(t.shape) != 2:
+            return None
+        return quant.format_of(self.load_quantized(name, rows=1)).name
+
+    def load_quantized(self, name: str, rows: int | None = None) -> "quant.QTensor":
+        """A quantized 2-D tensor's blocks repacked exactly (Q/K rows un-permuted like `load`).
+        rows: only the first few rows (to learn the layout without decoding the tensor)."""
+        t = self._tensors[name]
+        n, k = (int(v) for v in reversed(t.shape.tolist()))
+        raw = np.asarray(t.data).view(np.uint8).reshape(n, -1)
+        if rows is not None:
+            return quant.from_gguf(raw[:rows], t.tensor_type, (rows, k))
+        try:
+            qt = quant.from_gguf(raw, t.tensor_type, (n, k))
+        except quant.QuantError as e:
+            raise ConversionError(f"{self.path}: tensor {t.name}: {e}") from e
+        heads = {".attn.q.weight": self.config.n_heads, ".attn.k.weight": self.config.n_kv_heads}
+        for suffix, n_head in heads.items():
+            if name.endswith(suffix):
+                qt = quant.permute_rows(qt, unpermute_qk(np.arange(n), n_head))
+        return qt
 
     def close(self) -> None:
         if self._reader is not None:

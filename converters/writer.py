@@ -4,6 +4,9 @@ Folder layout (see manifest.json for the exact offsets):
   dense.safetensors   embeddings, attention, norms, lm_head; 2-D weights in the storage dtype, 1-D in f32
   ffn.safetensors     per layer `layers.{i}.ffn.bundles` [n_ff, stride_elems]: row i = neuron i's
                       gate row | up row | down column, zero-padded to `stride_bytes`
+  ffn_matrices.safetensors  (quantized conversions) the FFN weights as whole matrices in their block
+                      types, for layers kept whole in DRAM (onnxruntime sessions, runtime/ort_model.py):
+                      a GGUF down matrix is blocked along n_ff, which a bundle's down column cannot hold
   tokenizer.json, chat_template.jinja, generation_config.json, manifest.json (written last)
 
 The folder is built under a temporary name beside the destination and renamed only when complete, so a
@@ -27,10 +30,11 @@ import numpy as np
 from tqdm import tqdm
 
 from flashlm.runtime.config import FORMAT_VERSION
-from flashlm.runtime.modelfile import ROW_CRC_TENSOR, row_crc32
+from flashlm.runtime.modelfile import MATRICES_FILE, ROW_CRC_TENSOR, row_crc32
 from flashlm.runtime.safetensors_file import DTYPES, plan_file
 from flashlm.runtime.storage import BUNDLE_STORAGE, STORAGE_TYPES, StorageError, StorageType
 
+from . import dense_storage
 from .source import ConversionError, Source, expected_tensors, is_ffn_bundle_tensor
 
 DIRECT_IO_BLOCK = 4096
@@ -84,12 +88,13 @@ class _FileWriter:
         self.f.close()
 
 
-def write_model(source: Source, out_dir, *, dtype: str = "f16", bundle_dtype: str | None = None,
+def write_model(source: Source, out_dir, *, dtype: str = "auto", bundle_dtype: str | None = None,
                 force: bool = False, progress: bool = True) -> Path:
     """Convert `source` into the flashlm folder `out_dir`. Returns the folder path.
 
-    dtype: storage type of the dense 2-D weights; bundle_dtype: of the FFN bundle rows (default: as
-    dtype; a block type X is stored in bundles as its lane-major form, see storage.BUNDLE_STORAGE).
+    dtype: storage of the dense 2-D weights (converters/dense_storage.py: auto, f32, f16, q8_0, q4_0,
+    q4_1); bundle_dtype: of the FFN bundle rows (default: the FFN gate's type when it is a bundle block
+    type, stored lane-major, see storage.BUNDLE_STORAGE; else f16, or f32 for an f32 conversion).
 
     The folder is built beside the destination as `.NAME.partial-PID` while a lock on the destination
     is held (a second convert to the same path fails at once), and only a complete folder is moved into
@@ -97,23 +102,29 @@ def write_model(source: Source, out_dir, *, dtype: str = "f16", bundle_dtype: st
     either the old model or the new one, never neither. Partial folders of conversions that died are
     removed when the lock is next taken.
     """
-    if dtype not in STORAGE_TYPES or dtype.endswith(".lanes"):
-        raise ConversionError(f"unknown storage dtype {dtype!r}; choose one of "
-                              f"{sorted(n for n in STORAGE_TYPES if not n.endswith('.lanes'))}")
-    bundle_name = BUNDLE_STORAGE.get(bundle_dtype or dtype, bundle_dtype or dtype)
+    if dtype not in dense_storage.DTYPE_CHOICES:
+        raise ConversionError(f"unknown storage dtype {dtype!r}; choose one of {dense_storage.DTYPE_CHOICES}")
+    out_dir = Path(out_dir)
+    shapes = source.shapes()
+    # Each 2-D weight in its storage type (block types change the stored last dimension), 1-D in f32.
+    storage = {n: dense_storage.choose(source, n, s, dtype) for n, s in shapes.items() if len(s) == 2}
+    gate = storage.get("layers.0.ffn.gate.weight", storage.get("layers.0.ffn.up.weight"))
+    default_bundle = gate if gate in BUNDLE_STORAGE else ("f32" if dtype == "f32" else "f16")
+    bundle_name = BUNDLE_STORAGE.get(bundle_dtype or default_bundle, bundle_dtype or default_bundle)
     if bundle_name not in STORAGE_TYPES:
         raise ConversionError(f"unknown bundle dtype {bundle_dtype!r}; choose one of "
                               f"{sorted(['f32', 'f16', *BUNDLE_STORAGE])}")
-    out_dir = Path(out_dir)
     config = source.config
-    shapes = source.shapes()
     if shapes != expected_tensors(config):
         missing = set(expected_tensors(config)) - set(shapes)
         raise ConversionError(f"source tensors do not match the model config (missing: {sorted(missing)[:5]})")
-    st = STORAGE_TYPES[dtype]
-    # 2-D weights in the storage type (as stored: block types change the last dimension), 1-D in f32.
-    dense_plan = [(n, st.safetensors_dtype, list(st.stored_shape(s))) if len(s) == 2 else (n, "F32", list(s))
-                  for n, s in shapes.items() if not is_ffn_bundle_tensor(n)]
+    def planned(n, s):
+        return (n, STORAGE_TYPES[storage[n]].safetensors_dtype, list(STORAGE_TYPES[storage[n]].stored_shape(s))) \
+            if len(s) == 2 else (n, "F32", list(s))
+    dense_plan = [planned(n, s) for n, s in shapes.items() if not is_ffn_bundle_tensor(n)]
+    ffn_names = [n for n in shapes if is_ffn_bundle_tensor(n)]
+    matrices_plan = [planned(n, shapes[n]) for n in ffn_names] \
+        if any(STORAGE_TYPES[storage[n]].block_elems > 1 for n in ffn_names) else []
     bst = STORAGE_TYPES[bundle_name]
     try:
         row_bytes = bst.row_bytes(config.bundle_elems)
@@ -140,13 +151,20 @@ def write_model(source: Source, out_dir, *, dtype: str = "f16", bundle_dtype: st
             meta = {"format": "flashlm", "format_version": FORMAT_VERSION}
             dense = _FileWriter(tmp / "dense.safetensors", dense_plan, 64, meta)
             ffn = _FileWriter(tmp / "ffn.safetensors", ffn_plan, DIRECT_IO_BLOCK, meta)
-            total = sum(dense.sizes.values()) + sum(ffn.sizes.values())
+            matrices = _FileWriter(tmp / MATRICES_FILE, matrices_plan, 64, meta) if matrices_plan else None
+            total = sum(dense.sizes.values()) + sum(ffn.sizes.values()) + \
+                (sum(matrices.sizes.values()) if matrices else 0)
             with tqdm(total=total, unit="B", unit_scale=True, desc="Writing", disable=not progress,
                       file=sys.stderr) as bar:
-                for name, dt, _ in dense_plan[:-1]:
+                for name, dt, _ in dense_plan[:-1] + matrices_plan:
+                    out = matrices if name in ffn_names else dense
+                    if name in storage and _exact(source, name, storage[name]):
+                        bar.update(out.write(name, dense_storage.stored(source, name, storage[name])))
+                        continue
                     w = source.load(name)
-                    _check_finite(w, name, where, st)
-                    bar.update(dense.write(name, st.encode(w) if w.ndim == 2 else w.astype(np.float32)))
+                    _check_finite(w, name, where, STORAGE_TYPES[storage.get(name, "f32")])
+                    bar.update(out.write(name, STORAGE_TYPES[storage[name]].encode(w) if w.ndim == 2
+                                         else w.astype(np.float32)))
                     del w
                 crc = np.zeros((config.n_layers, config.n_ff), np.uint32)
                 for i in range(config.n_layers):
@@ -157,9 +175,14 @@ def write_model(source: Source, out_dir, *, dtype: str = "f16", bundle_dtype: st
                 dense.write(ROW_CRC_TENSOR, crc)
             dense.close()
             ffn.close()
+            if matrices:
+                matrices.close()
             _write_side_files(tmp, source)
+            written = [n for n, _, _ in dense_plan + matrices_plan if n in storage]
+            st = STORAGE_TYPES[storage["layers.0.attn.q.weight"]]
             manifest = _manifest(tmp, source, st, bst, row_bytes, stride_bytes, ffn.offsets, ffn_plan,
-                                 [n for n, _, s in dense_plan if len(s) == 2 and n != ROW_CRC_TENSOR])
+                                 {n: storage[n] for n in written})
+            manifest["dtype_requested"] = dtype
             manifest["converter"]["seconds"] = round(time.perf_counter() - t0, 2)
             _write_synced(tmp / "manifest.json", json.dumps(manifest, indent=1))
             _fsync_dir(tmp)
@@ -314,6 +337,11 @@ def _fsync_dir(path: Path) -> None:
 F16_MAX = 65504.0
 
 
+def _exact(source, name: str, storage: str) -> bool:
+    """The source holds this weight's blocks in `storage` already (a GGUF tensor repacked without loss)."""
+    return STORAGE_TYPES[storage].block_elems > 1 and dense_storage.exact_storage(source, name) == storage
+
+
 def _check_finite(w: np.ndarray, name: str, where, st: StorageType) -> None:
     """NaN or inf in a weight would turn every output into NaN without a word: refuse the source
     (and values an f16 store would turn into inf)."""
@@ -355,7 +383,7 @@ def _write_side_files(tmp: Path, source: Source) -> None:
 
 
 def _manifest(tmp: Path, source: Source, st: StorageType, bst: StorageType, row_bytes: int, stride_bytes: int,
-              offsets: dict, ffn_plan, weights: list[str]) -> dict:
+              offsets: dict, ffn_plan, weights: dict[str, str]) -> dict:
     config = source.config
     parts, col = [], 0
     for name, length in config.bundle_parts:
@@ -368,7 +396,7 @@ def _manifest(tmp: Path, source: Source, st: StorageType, bst: StorageType, row_
         "config": config.to_dict(),
         "dtype": st.name,
         # Tensors whose storage type their safetensors dtype does not tell (block types are stored as bytes).
-        "tensor_storage": {n: st.name for n in weights} if st.block_elems > 1 else {},
+        "tensor_storage": {n: t for n, t in weights.items() if STORAGE_TYPES[t].block_elems > 1},
         "bundles": {
             "file": "ffn.safetensors",
             "tensor": "layers.{layer}.ffn.bundles",

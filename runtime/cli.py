@@ -126,6 +126,7 @@ def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_l
                    help="flash mode: per layer, sparse reads, streaming the layer, or the cheaper (measured)")
     p.add_argument("--profile", default=None, help="device profile: devices/NAME.toml or a path (flash read speeds)")
     p.add_argument("--no-verify", action="store_true", help="skip the CRC-32 check of bundle rows read from flash")
+    p.add_argument("--kv-dtype", default="f16", choices=["f16", "f32"], help="KV cache storage")
     if stats:
         p.add_argument("--stats", action="store_true", help="print load time, TTFT, tokens/s, flash I/O, peak RSS")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -139,7 +140,7 @@ def _runtime_config(args):
     return apply_run_profile(RuntimeConfig(
         ctx_len=args.ctx, threads=args.threads, mode=mode, budget=args.budget, window=args.window,
         pin=args.pin, io=args.io, io_threads=args.io_threads, max_gap_bytes=args.max_gap,
-        layer_io=args.layer_io, profile=args.profile, verify_reads=not args.no_verify))
+        layer_io=args.layer_io, profile=args.profile, verify_reads=not args.no_verify, kv_dtype=args.kv_dtype))
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -508,7 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a GGUF file or HF folder into a flashlm model folder", formatter_class=fmt)
     p.add_argument("source", type=_path, help="model.gguf or a folder with config.json + *.safetensors")
     p.add_argument("-o", "--output", type=_path, help="output folder (default: SOURCE-NAME.flashlm)")
-    p.add_argument("--dtype", choices=["f16", "f32"], default="f16", help="storage dtype of the weights")
+    p.add_argument("--dtype", choices=["auto", "f32", "f16", "q8_0", "q4_0", "q4_1"], default="auto",
+                   help="storage of the 2-D weights: auto keeps a GGUF's quantized blocks exactly (float "
+                        "sources stay f16); q8_0/q4_0/q4_1 quantize (4-bit keeps embeddings at q8_0); "
+                        "f16 is the exact reference")
     p.add_argument("--bundle-dtype", choices=["f16", "f32", "q4_0", "q4_1", "q8_0"], default=None,
                    help="storage type of the FFN bundle rows read from flash (default: as --dtype); the "
                         "quantized types hold GGUF blocks and the FFN runs on them")

@@ -19,6 +19,7 @@ from .modelfile import ModelFolder
 from .predictor import PREDICTOR_FILE
 
 MODES = ("dense", "flash", "naive", "hybrid", "mmap")
+KV_DTYPES = {"f16": np.uint16, "f32": np.float32}      # f16 as its bits, like f16 weights
 WINDOW_CHOICES = (8, 4, 2, 1)
 SCRATCH_BYTES = 4 << 20          # streaming buffer for overflow / whole-layer streaming in flash mode
 PREFILL_CHUNK = 128              # tokens per prefill forward (runtime/generate.py)
@@ -116,10 +117,13 @@ def plan_memory(folder: ModelFolder, rt: RuntimeConfig, calibration: dict | None
     ctx = min(rt.ctx_len, c.max_position)
     # Activations: a prefill chunk's per-token buffers, two logit rows, attention scores, BLAS blocks.
     activations = 4 * (12 * c.d_model * PREFILL_CHUNK + 2 * c.vocab_size + c.n_heads * ctx) + 2 * BLAS_BLOCK_BYTES
-    plan = MemoryPlan(rt.mode, budget, model_bytes, dense,
-                      kv_cache=2 * c.n_layers * ctx * c.n_kv_heads * c.head_dim * 4, activations=activations)
+    if rt.kv_dtype not in KV_DTYPES:
+        raise ValueError(f"unknown KV cache dtype {rt.kv_dtype!r}; choose one of {sorted(KV_DTYPES)}")
+    plan = MemoryPlan(rt.mode, budget, model_bytes, dense, activations=activations,
+                      kv_cache=2 * c.n_layers * ctx * c.n_kv_heads * c.head_dim * np.dtype(KV_DTYPES[rt.kv_dtype]).itemsize)
     if rt.mode == "dense":
-        plan.ffn_resident = ffn_bytes
+        # A quantized folder runs its FFN layers whole from ffn_matrices (onnxruntime), not the bundles.
+        plan.ffn_resident = sum(t.nbytes for t in folder.matrices.values()) if folder.matrices else ffn_bytes
     elif rt.mode == "mmap":
         plan.scratch = layer_bytes
     elif rt.mode in ("naive", "hybrid"):

@@ -82,6 +82,8 @@ def test_checked_folder_is_typed(llama_folder):
 def test_storage_table_round_trips_and_sizes():
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
     for name, t in STORAGE_TYPES.items():
+        if t.block_elems > 1:     # lossy block types: tests/test_quant.py, tests/test_quant_model.py
+            continue
         stored = t.encode(x)
         assert stored.dtype == t.view_dtype and stored.shape == t.stored_shape(x.shape)
         assert stored.nbytes == t.nbytes(x.shape) == 3 * t.row_bytes(64)
