@@ -129,7 +129,7 @@ class GGUFSource:
         except quant.QuantError as e:
             raise ConversionError(f"{self.path}: tensor {t.name}: {e}") from e
         heads = {".attn.q.weight": self.config.n_heads, ".attn.k.weight": self.config.n_kv_heads}
-        for suffix, n_head in heads.items():
+        for suffix, n_head in (heads.items() if self.arch == "llama" else ()):   # as `load` does
             if name.endswith(suffix):
                 qt = quant.permute_rows(qt, unpermute_qk(np.arange(n), n_head))
         return qt
