@@ -98,9 +98,9 @@ def test_swiglu_quantized_bundles_equal_transformers_on_the_quantized_values(tmp
     same quantized FFN values (so the only error is the quantization itself, stated below)."""
     src = tm.make_llama(tmp_path / "src", tied=True)
     out = convert(src, tmp_path / "m.flashlm", dtype="f32", bundle_dtype=bundle_dtype, progress=False)
-    ref, _, _ = _logits(out)
+    ref, _, _ = _logits(out, kv_dtype="f32")          # the f32 path against transformers: f32 KV cache too
     for mode in ("naive", "mmap"):
-        got, _, _ = _logits(out, mode=mode, io="buffered")
+        got, _, _ = _logits(out, mode=mode, io="buffered", kv_dtype="f32")
         np.testing.assert_allclose(got, ref, atol=1e-5)
     np.testing.assert_allclose(ref, _hf_logits_with_quantized_ffn(src, bundle_dtype), atol=1e-4)
     # Quantization error on this tiny random model (logits up to ~6.4), f32 elsewhere: measured max
