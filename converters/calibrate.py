@@ -10,7 +10,11 @@
    inputs (the exact weights are known, so nothing is regressed), for ranks 16..128, and keep the
    smallest rank within a point of the best held-out quality. Deeper layers may need more rank.
 4. Set the rule: ReLU -> the threshold that keeps `recall` of the truly active neurons on the training
-   tokens; SwiGLU -> keep the top `keep` fraction by predicted contribution.
+   tokens; SwiGLU -> keep the top `keep` fraction by predicted contribution, with one of three
+   selectors for the whole model (runtime/predictor.py): "lowrank" (gate and up estimated), "gate"
+   (W_gate resident, up estimated) or "exact" (W_gate and W_up resident); `selector="auto"` takes the
+   cheapest in DRAM whose held-out output recall (share of the true top-k's sum |a_i|*||W_down[:, i]||)
+   reaches `output_recall`.
 5. Record, per layer, activation frequency (hot-neuron order) and how many neurons a sliding window of
    k tokens holds (cache sizing), and write predictor.safetensors + its entry in the manifest.
 """
@@ -118,13 +122,17 @@ def fit_directions(h: np.ndarray, w: np.ndarray, max_rank: int) -> np.ndarray:
     """The top `max_rank` directions v [n_ff, r] of the map's outputs [h, 1] @ w on real inputs.
 
     Truncating w to w @ v[:, :r] @ v[:, :r].T is the rank-r map closest to w on these inputs (the
-    reduced-rank regression of the exact targets), so every rank shares one decomposition, taken of
-    the small [N, N] Gram matrix rather than of the [N, n_ff] outputs.
+    reduced-rank regression of the exact targets), so every rank shares one decomposition. The
+    outputs' Gram matrix w.T X.T X w equals M.T M with M = L.T w, L the Cholesky factor of the small
+    [d+1, d+1] input covariance X.T X, so v are M's right singular vectors: the cost does not grow
+    with the number of calibration tokens (the [N, N] Gram it replaces took minutes per layer).
     """
-    fitted = _with_one(h).astype(np.float64) @ w
-    evals, evecs = np.linalg.eigh(fitted @ fitted.T)
-    top = np.argsort(evals)[::-1][:max_rank]
-    return fitted.T @ evecs[:, top] / np.sqrt(np.maximum(evals[top], 1e-30))
+    x = _with_one(h).astype(np.float64)
+    cov = x.T @ x
+    cov[np.diag_indices_from(cov)] += 1e-9 * max(np.trace(cov) / len(cov), 1e-30)   # rank-deficient inputs
+    m = np.linalg.cholesky(cov).T @ w.astype(np.float64)
+    _, _, vt = np.linalg.svd(m, full_matrices=False)
+    return vt[:max_rank].T
 
 
 def truncate(w: np.ndarray, v: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -186,8 +194,117 @@ def window_stats(active_by_token: np.ndarray, windows=WINDOWS) -> dict:
     return out
 
 
+SELECTORS = ("auto", "lowrank", "gate", "exact")
+SELECTOR_COST = ("lowrank", "gate", "exact")     # cheapest first: low-rank maps, + W_gate, + W_up in DRAM
+
+
+def down_norms(model: Model, layer: int) -> np.ndarray:
+    """||W_down[:, i]|| per neuron: how much a unit of neuron i's activation moves the output."""
+    rows = model.ffn_backend.layer_rows[layer]                  # calibration runs dense
+    return np.linalg.norm(model.folder.bundles.decode_part(rows, "down"), axis=1).astype(np.float32)
+
+
+def part_rows(model: Model, layer: int, part: str) -> np.ndarray:
+    """The layer's W_gate or W_up [n_ff, d] for a resident copy: f16 when that is lossless (f16
+    bundles always are), else f32."""
+    return _half_if_safe(model.folder.bundles.decode_part(model.ffn_backend.layer_rows[layer], part))
+
+
+def s_test_of(factors: dict, h: np.ndarray, ffn_kind: str) -> np.ndarray:
+    return _combine({n: _scores(h, *f) for n, f in factors.items()}, ffn_kind)
+
+
+def _output_recall(scores: np.ndarray, maps: dict, h: np.ndarray, model: Model, layer: int, keep: int) -> float:
+    """Share of the true top-`keep` output mass sum |a_i| * ||W_down[:, i]|| that the scores keep.
+
+    The one quality measure both SwiGLU selectors are compared by (it weighs each neuron by what it
+    adds to the layer's output, unlike set overlap)."""
+    x = _with_one(h)
+    a = np.abs(gated_score(x @ maps["gate"], x @ maps["up"], model.config.ffn_kind)) * down_norms(model, layer)
+    return float((a * _topk_mask(scores, keep)).sum() / (a * _topk_mask(a, keep)).sum())
+
+
+def _layer_output(layer, factors, q, predicted, truth, hot, extra: dict):
+    """(tensors, manifest entry, report entry) of one layer's predictor."""
+    q["windows"] = window_stats(predicted)
+    q["hot_top5pct_share"] = float(truth[:, hot[:max(1, truth.shape[1] // 20)]].sum() / max(truth.sum(), 1))
+    p = f"layers.{layer}.predictor."
+    t = {}
+    for name, (a, b, cc) in factors.items():
+        t[p + name + ".A"], t[p + name + ".B"] = _half_if_safe(a), _half_if_safe(b)
+        t[p + name + ".c"] = cc
+    t[p + "hot"] = hot
+    t.update({p + k: v for k, v in extra.items()})
+    return t, {k: q[k] for k in ("rule", "threshold", "keep", "rank") if k in q}, q
+
+
+def _gate_fit(model, layer, h, test, maps, directions, ranks, max_rank, k_keep, truth, hot):
+    """Rule "gate": exact silu(gate.h) from resident W_gate rows, low-rank up, scores weighted by
+    ||W_down[:, i]||. The up rank is chosen as for "topk": smallest within a point of the best."""
+    dn = down_norms(model, layer)
+    x = _with_one(h)
+    g_exact = x @ maps["gate"]
+    y = gated_score(g_exact, x @ maps["up"], model.config.ffn_kind)
+    w_up, v_up = directions["up"]
+    fits = []
+    for r in sorted({min(r, max_rank) for r in ranks}):
+        f = truncate(w_up, v_up, r)
+        s = gated_score(g_exact, _scores(h, *f), model.config.ffn_kind) * dn
+        pred, true = _topk_mask(s[test], k_keep), _topk_mask(y[test], k_keep)
+        q = {"rule": "gate", "keep": k_keep, "rank": r,
+             "recall": float((pred & true).sum() / true.sum()),
+             "contribution_recall": float((y[test] * pred).sum() / (y[test] * true).sum()),
+             "output_recall": _output_recall(s[test], maps, h[test], model, layer, k_keep),
+             "predicted_fraction": k_keep / y.shape[1]}
+        fits.append((f, q, s))
+    top = max(q["output_recall"] for _, q, _ in fits)
+    f, q, s = next(x for x in fits if x[1]["output_recall"] >= top - 0.01)
+    return _layer_output(layer, {"up": f}, q, _topk_mask(s, k_keep), truth, hot,
+                         {"gate_rows": part_rows(model, layer, "gate"), "down_norm": dn})
+
+
+def _exact_fit(model, layer, h, test, maps, k_keep, truth, hot):
+    """Rule "exact": W_gate and W_up resident, the true top-k by |a_i| * ||W_down[:, i]||."""
+    dn = down_norms(model, layer)
+    x = _with_one(h)
+    y = gated_score(x @ maps["gate"], x @ maps["up"], model.config.ffn_kind)
+    s = y * dn
+    pred, true = _topk_mask(s[test], k_keep), _topk_mask(y[test], k_keep)
+    q = {"rule": "exact", "keep": k_keep, "rank": 0,
+         "recall": float((pred & true).sum() / true.sum()),
+         "contribution_recall": float((y[test] * pred).sum() / (y[test] * true).sum()),
+         "output_recall": _output_recall(s[test], maps, h[test], model, layer, k_keep),
+         "predicted_fraction": k_keep / y.shape[1]}
+    return _layer_output(layer, {}, q, _topk_mask(s, k_keep), truth, hot,
+                         {"gate_rows": part_rows(model, layer, "gate"), "up_rows": part_rows(model, layer, "up"),
+                          "down_norm": dn})
+
+
+def _selector_quality(candidates: list[dict]) -> dict:
+    """Mean held-out output recall of each candidate selector over the layers."""
+    names = [n for n in candidates[0] if all("output_recall" in lf[n][2] for lf in candidates)]
+    return {n: round(float(np.mean([lf[n][2]["output_recall"] for lf in candidates])), 4) for n in names}
+
+
+def _choose_selector(c, candidates: list[dict], selector: str, goal: float) -> str:
+    """One selector for the whole model. auto: the cheapest in DRAM (lowrank < gate < exact) whose mean
+    held-out output recall reaches `goal`; "exact" reaches 1 by definition, so it is the fallback.
+    Measured on SmolLM2 at keep 50%: output recall -> perplexity cost is the guide for the goal
+    (docs/BENCHMARKS.md)."""
+    if selector not in SELECTORS:
+        raise ValueError(f"selector must be one of {SELECTORS}, not {selector!r}")
+    if not c.gated:
+        if selector != "auto" and selector != "lowrank":
+            raise ValueError(f"the {selector} selector needs a gated FFN; this model's FFN is {c.ffn_kind}")
+        return "lowrank"
+    if selector != "auto":
+        return selector
+    q = _selector_quality(candidates)
+    return next(n for n in SELECTOR_COST if q[n] >= goal or n == SELECTOR_COST[-1])
+
+
 def calibrate(path, *, text_file=None, random_tokens: bool = False, n_tokens: int = 2048, keep: float = 0.5, recall: float = 0.99,
-              ranks=RANKS, holdout: float = 0.2, threads: int | None = None, seed: int = 0,
+              selector: str = "auto", output_recall: float = 0.97, ranks=RANKS, holdout: float = 0.2, threads: int | None = None, seed: int = 0,
               progress: bool = True) -> dict:
     """Train and store predictors for the model folder at `path`; returns the calibration report."""
     t0 = time.perf_counter()
@@ -211,7 +328,7 @@ def calibrate(path, *, text_file=None, random_tokens: bool = False, n_tokens: in
     test = np.zeros(n, bool)
     test[rng.choice(n, int(n * holdout), replace=False)] = True
     k_keep = max(1, int(round(keep * c.n_ff)))
-    tensors, layer_meta, report_layers = {}, [], []
+    tensors, layer_meta, report_layers, candidates = {}, [], [], []
     for layer in tqdm(range(c.n_layers), desc="Fitting predictors", disable=not progress, file=sys.stderr):
         h, maps = hs[layer], layer_projections(model, layer)
         y = _combine({name: _with_one(h) @ w for name, w in maps.items()}, c.ffn_kind)
@@ -233,21 +350,27 @@ def calibrate(path, *, text_file=None, random_tokens: bool = False, n_tokens: in
         else:
             top = max(q["contribution_recall"] for _, q in fits)
             factors, q = next(f for f in fits if f[1]["contribution_recall"] >= top - 0.01)
-        s_all = _combine({n: _scores(h, *f) for n, f in factors.items()}, c.ffn_kind)
         truth = (y > 0) if c.ffn_kind == "relu" else _topk_mask(y, k_keep)
-        predicted = (s_all > q["threshold"]) if c.ffn_kind == "relu" else _topk_mask(s_all, k_keep)
         hot = np.argsort(-truth.mean(axis=0), kind="stable").astype(np.int32)
-        q["windows"] = window_stats(predicted)
-        q["hot_top5pct_share"] = float(truth[:, hot[:max(1, c.n_ff // 20)]].sum() / max(truth.sum(), 1))
-        p = f"layers.{layer}.predictor."
-        for name, (a, b, cc) in factors.items():
-            tensors[p + name + ".A"], tensors[p + name + ".B"] = _half_if_safe(a), _half_if_safe(b)
-            tensors[p + name + ".c"] = cc
-        tensors[p + "hot"] = hot
-        layer_meta.append({k: q[k] for k in ("rule", "threshold", "keep", "rank") if k in q})
+        s_all = _combine({n: _scores(h, *f) for n, f in factors.items()}, c.ffn_kind)
+        predicted = (s_all > q["threshold"]) if c.ffn_kind == "relu" else _topk_mask(s_all, k_keep)
+        layer_fits = {"lowrank": _layer_output(layer, factors, q, predicted, truth, hot, {})}
+        if c.gated:
+            layer_fits["gate"] = _gate_fit(model, layer, h, test, maps, directions, ranks, max_rank, k_keep,
+                                           truth, hot)
+            layer_fits["exact"] = _exact_fit(model, layer, h, test, maps, k_keep, truth, hot)
+            q["output_recall"] = _output_recall(s_test_of(factors, h[test], c.ffn_kind), maps, h[test], model, layer, k_keep)
+        candidates.append(layer_fits)
+    choice = _choose_selector(c, candidates, selector, output_recall)
+    for layer, layer_fits in enumerate(candidates):
+        t, meta, q = layer_fits[choice]
+        tensors.update(t)
+        layer_meta.append(meta)
         report_layers.append(q)
-        log.info("layer %d: rank %d recall %.3f predicted %.2f", layer, q["rank"], q["recall"], q["predicted_fraction"])
+        log.info("layer %d: %s rank %d recall %.3f predicted %.2f", layer, q["rule"], q["rank"], q["recall"],
+                 q["predicted_fraction"])
     report = {"tokens": n, "holdout": holdout, "source": source, "keep": keep, "recall_goal": recall,
+              "selector": choice, "selector_quality": _selector_quality(candidates),
               "seconds": round(time.perf_counter() - t0, 1), "layers": report_layers}
     _write_predictors(folder, tensors, layer_meta, report)
     return report

@@ -25,11 +25,12 @@ def open_source(path) -> Source:
     raise ConversionError(f"{path}: a folder without config.json; supported: " + "; ".join(SUPPORTED_SOURCES))
 
 
-def convert(src, out_dir, *, dtype: str = "f16", force: bool = False, progress: bool = True) -> Path:
+def convert(src, out_dir, *, dtype: str = "auto", bundle_dtype: str | None = None, force: bool = False,
+            progress: bool = True) -> Path:
     """Convert a checkpoint into a flashlm model folder; returns its path."""
     source = open_source(src)
     try:
-        return write_model(source, out_dir, dtype=dtype, force=force, progress=progress)
+        return write_model(source, out_dir, dtype=dtype, bundle_dtype=bundle_dtype, force=force, progress=progress)
     finally:
         source.close()
 

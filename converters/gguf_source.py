@@ -17,7 +17,9 @@ import gguf
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from flashlm.converters.gguf_file import GGUFFile, check_model_metadata
 from flashlm.converters.source import SUPPORTED_SOURCES, ConversionError, SourceInfo, expected_tensors
+from flashlm.runtime import quant
 from flashlm.runtime.config import ModelConfig
 
 # llama.cpp token types (tokenizer.ggml.token_type)
@@ -73,14 +75,13 @@ def canonical_name(gguf_name: str) -> str | None:
 class GGUFSource:
     def __init__(self, path):
         self.path = os.fspath(path)
-        try:
-            self._reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # the reader fails with assorted numpy/struct errors on short or garbled files
-            raise ConversionError(f"{self.path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from e
+        # Structure, hyperparameters and tokenizer arrays are checked before anything uses them.
+        self._reader = GGUFFile(self.path)
         self.arch = arch = self._meta("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             raise ConversionError(f"{self.path}: GGUF architecture {arch!r} is not supported; supported: "
                                   + "; ".join(SUPPORTED_SOURCES))
+        check_model_metadata(self._reader)
         self._tensors = self._index_tensors()
         self.config = self._read_config()
         self._check_shapes()
@@ -107,7 +108,35 @@ class GGUFSource:
                 w = unpermute_qk(w, self.config.n_kv_heads)
         return w
 
+    def quantized_storage(self, name: str) -> str | None:
+        """The dense storage type tensor `name` repacks into without loss (runtime/quant.py), or None."""
+        t = self._tensors[name]
+        target = quant.gguf_target(t.tensor_type)
+        if target is None or len(t.shape) != 2:
+            return None
+        return quant.format_of(self.load_quantized(name, rows=1)).name
+
+    def load_quantized(self, name: str, rows: int | None = None) -> "quant.QTensor":
+        """A quantized 2-D tensor's blocks repacked exactly (Q/K rows un-permuted like `load`).
+        rows: only the first few rows (to learn the layout without decoding the tensor)."""
+        t = self._tensors[name]
+        n, k = (int(v) for v in reversed(t.shape.tolist()))
+        raw = np.asarray(t.data).view(np.uint8).reshape(n, -1)
+        if rows is not None:
+            return quant.from_gguf(raw[:rows], t.tensor_type, (rows, k))
+        try:
+            qt = quant.from_gguf(raw, t.tensor_type, (n, k))
+        except quant.QuantError as e:
+            raise ConversionError(f"{self.path}: tensor {t.name}: {e}") from e
+        heads = {".attn.q.weight": self.config.n_heads, ".attn.k.weight": self.config.n_kv_heads}
+        for suffix, n_head in (heads.items() if self.arch == "llama" else ()):   # as `load` does
+            if name.endswith(suffix):
+                qt = quant.permute_rows(qt, unpermute_qk(np.arange(n), n_head))
+        return qt
+
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         self._tensors, self._reader = {}, None
 
     # --- metadata -----------------------------------------------------------------------------
@@ -245,8 +274,14 @@ class GGUFSource:
             i = self._meta(f"tokenizer.ggml.{key}_token_id")
             if i is not None and i < len(tokens):
                 special[name] = tokens[i]
+        try:
+            tokenizer_json = self._tokenizer_json() if tokens else None
+        except Exception as e:   # noqa: BLE001 - the tokenizers library raises plain Exceptions on bad vocabularies
+            if isinstance(e, ConversionError):
+                raise
+            raise ConversionError(f"{self.path}: the tokenizer metadata is invalid ({type(e).__name__}: {e})") from None
         return SourceInfo(
-            tokenizer_json=self._tokenizer_json() if tokens else None,
+            tokenizer_json=tokenizer_json,
             chat_template=self._meta("tokenizer.chat_template"),
             generation_config={"bos_token_id": self.config.bos_token_id, "eos_token_id": list(self.config.eos_token_ids)},
             special_tokens=special,

@@ -7,6 +7,7 @@ Q/K weights are already in the rotate-half RoPE layout the canonical names promi
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -58,49 +59,119 @@ def _read_json(path: Path) -> dict:
         raise ConversionError(f"{path}: cannot read JSON ({e})") from None
 
 
-def _ids(v) -> list[int]:
+def _ids(v, key: str, where: Path) -> list[int]:
     """eos_token_id may be null, an int or a list."""
     if v is None:
         return []
-    return [int(x) for x in (v if isinstance(v, list) else [v])]
+    ids = v if isinstance(v, list) else [v]
+    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 31 for x in ids):
+        raise ConversionError(f"{where}: field {key!r} must be a token id or a list of them, got {v!r}")
+    return ids
 
 
 # ---------------------------------------------------------------------------------------------- config
 
+class _Fields:
+    """Typed reads of config.json fields: a wrong type or an out-of-range value is an error naming the
+    field (JSON has no int/bool distinction Python respects: `true` is an int and `"false"` is truthy)."""
+
+    MAX_INT = 1 << 31
+
+    def __init__(self, cfg: dict, where: Path):
+        self.cfg, self.where = cfg, where
+
+    def _fail(self, key: str, what: str, value) -> ConversionError:
+        return ConversionError(f"{self.where}: field {key!r} must be {what}, got {value!r}")
+
+    def int(self, key: str, default=..., *, low: int = 1, null_is_default: bool = False) -> int:
+        v = self.cfg.get(key, default)
+        if v is ... or (v is None and not null_is_default):
+            raise ConversionError(f"{self.where}: required field {key!r} is missing")
+        if v is None:
+            v = default
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= self.MAX_INT:
+            raise self._fail(key, f"an integer in [{low}, {self.MAX_INT}]", v)
+        return v
+
+    def float(self, key: str, default: float, *, source: dict | None = None) -> float:
+        v = (self.cfg if source is None else source).get(key, default)
+        if v is None:
+            v = default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise self._fail(key, "a finite number > 0", v)
+        return float(v)
+
+    def bool(self, key: str, default: bool) -> bool:
+        v = self.cfg.get(key, default)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise self._fail(key, "true or false", v)
+        return v
+
+    def str(self, key: str, default: str) -> str:
+        v = self.cfg.get(key, default)
+        if not isinstance(v, str):
+            raise self._fail(key, "a string", v)
+        return v
+
+
 def _rope(cfg: dict, where: Path) -> tuple[float, dict | None]:
     """(rope_theta, scaling dict or None). transformers 5 writes both into `rope_parameters`;
     older configs have top-level `rope_theta` and `rope_scaling` (with "type" instead of "rope_type")."""
-    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    theta = float(params.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0)
+    raw = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{where}: field 'rope_scaling' must be an object, got {raw!r}")
+    params = dict(raw)
+    f = _Fields(cfg, where)
+    theta = f.float("rope_theta", 10000.0, source=params) if "rope_theta" in params else f.float("rope_theta", 10000.0)
+    params.pop("rope_theta", None)
     kind = params.pop("rope_type", None) or params.pop("type", None)
     params.pop("type", None)
     if kind not in ROPE_TYPES:
         raise ConversionError(f"{where}: RoPE scaling type {kind!r} is not supported (supported: linear, llama3)")
-    return theta, (None if kind in (None, "default") else {"rope_type": kind, **params})
+    if kind in (None, "default"):
+        return theta, None
+    needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                "original_max_position_embeddings")}[kind]
+    for key in needed:
+        params[key] = f.float(key, None, source=params)
+    if kind == "llama3" and params["high_freq_factor"] <= params["low_freq_factor"]:
+        raise ConversionError(f"{where}: rope scaling high_freq_factor must exceed low_freq_factor")
+    return theta, {"rope_type": kind, **params}
+
+
+def _head_dim(f: _Fields, d: int, heads: int) -> int:
+    if f.cfg.get("head_dim") is not None:
+        return f.int("head_dim")
+    if d < heads:
+        raise ConversionError(f"{f.where}: num_attention_heads {heads} exceeds hidden_size {d}")
+    return d // heads
 
 
 def _llama_config(cfg: dict, arch: str, where: Path) -> ModelConfig:
-    if cfg.get("hidden_act", "silu") != "silu":
+    f = _Fields(cfg, where)
+    if f.str("hidden_act", "silu") != "silu":
         raise ConversionError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
-    if cfg.get("mlp_bias"):
+    if f.bool("mlp_bias", False):
         raise ConversionError(f"{where}: mlp_bias=true is not supported")
-    max_pos = int(cfg["max_position_embeddings"])
-    window = cfg.get("sliding_window")
+    max_pos = f.int("max_position_embeddings")
+    window = f.int("sliding_window", None, null_is_default=True) if cfg.get("sliding_window") is not None else None
     # Qwen2 carries sliding_window even when use_sliding_window is false; only an active window matters.
-    if cfg.get("use_sliding_window", True) and window is not None and window < max_pos:
+    if f.bool("use_sliding_window", True) and window is not None and window < max_pos:
         raise ConversionError(f"{where}: sliding-window attention not supported "
                               f"(sliding_window {window} < max_position_embeddings {max_pos})")
     theta, scaling = _rope(cfg, where)
-    heads = int(cfg["num_attention_heads"])
-    attn_bias = bool(cfg.get("attention_bias", False))
+    d, heads = f.int("hidden_size"), f.int("num_attention_heads")
+    attn_bias = f.bool("attention_bias", False)
+    head_dim = _head_dim(f, d, heads)
     return ModelConfig(
-        architecture="llama", vocab_size=int(cfg["vocab_size"]), d_model=int(cfg["hidden_size"]),
-        n_layers=int(cfg["num_hidden_layers"]), n_heads=heads,
-        n_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-        n_ff=int(cfg["intermediate_size"]), ffn_kind="swiglu", norm_kind="rms",
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), pos_kind="rope", max_position=max_pos,
-        rope_theta=theta, rope_scaling=scaling, tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        architecture="llama", vocab_size=f.int("vocab_size"), d_model=d,
+        n_layers=f.int("num_hidden_layers"), n_heads=heads,
+        n_kv_heads=f.int("num_key_value_heads", heads, null_is_default=True), head_dim=head_dim,
+        n_ff=f.int("intermediate_size"), ffn_kind="swiglu", norm_kind="rms",
+        norm_eps=f.float("rms_norm_eps", 1e-6), pos_kind="rope", max_position=max_pos,
+        rope_theta=theta, rope_scaling=scaling, tied_embeddings=f.bool("tie_word_embeddings", False),
         attn_qkv_bias=attn_bias or arch == "Qwen2ForCausalLM", attn_out_bias=attn_bias,
         qk_norm=arch == "Qwen3ForCausalLM")
 
@@ -109,7 +180,9 @@ def _gemma3_layer_types(cfg: dict, n_layers: int) -> list[str]:
     """transformers 5 lists layer_types; older configs give sliding_window_pattern (every Nth layer global)."""
     types = cfg.get("layer_types")
     if types is None:
-        pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+        pattern = cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6
+        if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern < 1:
+            raise ValueError(f"sliding_window_pattern {pattern!r} is not a positive integer")
         types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]
     if len(types) != n_layers or not set(types) <= {"sliding_attention", "full_attention"}:
         raise ValueError(f"layer_types {types} is not one of sliding_attention/full_attention per layer")
@@ -126,64 +199,72 @@ def _gemma3_rope(cfg: dict, where: Path) -> tuple[float, dict | None, float]:
             raise ConversionError(f"{where}: RoPE scaling on sliding layers is not supported")
     else:
         theta, scaling = _rope(cfg, where)
-        local = float(cfg.get("rope_local_base_freq", 10000.0))
+        local = _Fields(cfg, where).float("rope_local_base_freq", 10000.0)
     return theta, scaling, local
 
 
 def _gemma3_config(cfg: dict, where: Path) -> ModelConfig:
+    f = _Fields(cfg, where)
     refuse = {
         f"hidden_activation {cfg.get('hidden_activation')!r} (only gelu_pytorch_tanh)":
             cfg.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"),
         "final_logit_softcapping": cfg.get("final_logit_softcapping") is not None,
         "attn_logit_softcapping": cfg.get("attn_logit_softcapping") is not None,
-        "use_bidirectional_attention": bool(cfg.get("use_bidirectional_attention")),
-        "attention_bias": bool(cfg.get("attention_bias")),
+        "use_bidirectional_attention": f.bool("use_bidirectional_attention", False),
+        "attention_bias": f.bool("attention_bias", False),
     }
     for what, bad in refuse.items():
         if bad:
             raise ConversionError(f"{where}: Gemma 3 with {what} is not supported")
-    d, heads, n_layers = int(cfg["hidden_size"]), int(cfg["num_attention_heads"]), int(cfg["num_hidden_layers"])
+    d, heads, n_layers = f.int("hidden_size"), f.int("num_attention_heads"), f.int("num_hidden_layers")
     types = _gemma3_layer_types(cfg, n_layers)
     theta, scaling, local = _gemma3_rope(cfg, where)
     sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
     return ModelConfig(
-        architecture="gemma3", vocab_size=int(cfg["vocab_size"]), d_model=d, n_layers=n_layers, n_heads=heads,
-        n_kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=int(cfg.get("head_dim") or d // heads),
-        n_ff=int(cfg["intermediate_size"]), ffn_kind="geglu", norm_kind="rms",
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), pos_kind="rope", max_position=int(cfg["max_position_embeddings"]),
-        rope_theta=theta, rope_scaling=scaling, tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        architecture="gemma3", vocab_size=f.int("vocab_size"), d_model=d, n_layers=n_layers, n_heads=heads,
+        n_kv_heads=f.int("num_key_value_heads", heads, null_is_default=True),
+        head_dim=_head_dim(f, d, heads),
+        n_ff=f.int("intermediate_size"), ffn_kind="geglu", norm_kind="rms",
+        norm_eps=f.float("rms_norm_eps", 1e-6), pos_kind="rope", max_position=f.int("max_position_embeddings"),
+        rope_theta=theta, rope_scaling=scaling, tied_embeddings=f.bool("tie_word_embeddings", True),
         qk_norm=True, sandwich_norm=True, embed_scale=d ** 0.5,
-        attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5,
-        sliding_window=int(cfg["sliding_window"]) if sliding else None, sliding_layers=sliding,
+        attn_scale=f.float("query_pre_attn_scalar", 256) ** -0.5,
+        sliding_window=f.int("sliding_window") if sliding else None, sliding_layers=sliding,
         rope_local_theta=local)
 
 
 def _opt_config(cfg: dict, where: Path) -> ModelConfig:
-    d = int(cfg["hidden_size"])
+    f = _Fields(cfg, where)
+    d = f.int("hidden_size")
     refuse = {
-        "do_layer_norm_before=false (post-norm OPT, e.g. opt-350m)": not cfg.get("do_layer_norm_before", True),
+        "do_layer_norm_before=false (post-norm OPT, e.g. opt-350m)": not f.bool("do_layer_norm_before", True),
         f"word_embed_proj_dim {cfg.get('word_embed_proj_dim')} != hidden_size {d}":
-            cfg.get("word_embed_proj_dim", d) != d,
+            f.int("word_embed_proj_dim", d) != d,
         f"activation_function {cfg.get('activation_function')!r} (only relu)":
-            cfg.get("activation_function", "relu") != "relu",
-        "enable_bias=false": not cfg.get("enable_bias", True),
-        "layer_norm_elementwise_affine=false": not cfg.get("layer_norm_elementwise_affine", True),
+            f.str("activation_function", "relu") != "relu",
+        "enable_bias=false": not f.bool("enable_bias", True),
+        "layer_norm_elementwise_affine=false": not f.bool("layer_norm_elementwise_affine", True),
     }
     for what, bad in refuse.items():
         if bad:
             raise ConversionError(f"{where}: OPT with {what} is not supported")
-    heads = int(cfg["num_attention_heads"])
+    heads = f.int("num_attention_heads")
+    if d % heads:
+        raise ConversionError(f"{where}: hidden_size {d} is not a multiple of num_attention_heads {heads}")
     return ModelConfig(
-        architecture="opt", vocab_size=int(cfg["vocab_size"]), d_model=d,
-        n_layers=int(cfg["num_hidden_layers"]), n_heads=heads, n_kv_heads=heads, head_dim=d // heads,
-        n_ff=int(cfg["ffn_dim"]), ffn_kind="relu", norm_kind="layer", norm_eps=1e-5,  # nn.LayerNorm default
-        pos_kind="learned", max_position=int(cfg["max_position_embeddings"]), pos_offset=2,
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        architecture="opt", vocab_size=f.int("vocab_size"), d_model=d,
+        n_layers=f.int("num_hidden_layers"), n_heads=heads, n_kv_heads=heads, head_dim=d // heads,
+        n_ff=f.int("ffn_dim"), ffn_kind="relu", norm_kind="layer", norm_eps=1e-5,  # nn.LayerNorm default
+        pos_kind="learned", max_position=f.int("max_position_embeddings"), pos_offset=2,
+        tied_embeddings=f.bool("tie_word_embeddings", True),
         attn_qkv_bias=True, attn_out_bias=True, ffn_bias=True)
 
 
 def parse_config(cfg: dict, generation: dict, where: Path) -> ModelConfig:
-    arch = (cfg.get("architectures") or [None])[0]
+    if not isinstance(cfg, dict) or not isinstance(generation, dict):
+        raise ConversionError(f"{where}: not a JSON object")
+    archs = cfg.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs else None
     try:
         if arch in LLAMA_ARCHS:
             c = _llama_config(cfg, arch, where)
@@ -197,9 +278,16 @@ def parse_config(cfg: dict, generation: dict, where: Path) -> ModelConfig:
     except (KeyError, TypeError, ValueError) as e:
         raise ConversionError(f"{where}: missing or invalid field ({e!r})") from None
     bos = cfg.get("bos_token_id", generation.get("bos_token_id"))
-    c.bos_token_id = None if bos is None else int(bos)
+    bos_ids = _ids(bos, "bos_token_id", where)
+    if len(bos_ids) > 1:
+        raise ConversionError(f"{where}: field 'bos_token_id' must be one token id, got {bos!r}")
+    c.bos_token_id = bos_ids[0] if bos_ids else None
     # Instruct models often list extra stop tokens (e.g. Llama 3's <|eot_id|>) only in generation_config.
-    eos = _ids(cfg.get("eos_token_id")) + _ids(generation.get("eos_token_id"))
+    eos = _ids(cfg.get("eos_token_id"), "eos_token_id", where) + _ids(generation.get("eos_token_id"), "eos_token_id",
+                                                                     where.with_name("generation_config.json"))
+    out_of_range = [i for i in [*bos_ids, *eos] if i >= c.vocab_size]
+    if out_of_range:
+        raise ConversionError(f"{where}: token id {out_of_range[0]} (bos/eos) is not below vocab_size {c.vocab_size}")
     c.eos_token_ids = list(dict.fromkeys(eos))
     return c
 
@@ -229,10 +317,14 @@ def _ignorable(hf_name: str, config: ModelConfig) -> bool:
 def _weight_files(folder: Path) -> list[str]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = _read_json(index).get("weight_map") if isinstance(_read_json(index), dict) else None
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{index}: no weight_map")
-        return sorted(set(weight_map.values()))
+        files = weight_map.values()
+        bad = [f for f in files if not isinstance(f, str) or Path(f).name != f or not f.endswith(".safetensors")]
+        if bad:
+            raise ConversionError(f"{index}: weight_map entry {bad[0]!r} is not a .safetensors file name in the folder")
+        return sorted(set(files))
     if (folder / "model.safetensors").exists():
         return ["model.safetensors"]
     raise ConversionError(f"{folder}: no model.safetensors or model.safetensors.index.json "
@@ -312,6 +404,13 @@ class HFSource:
 
     def _check_shapes(self) -> None:
         where = ", ".join(self.files)
+        # The layer count sizes every later loop and allocation: it must match the tensors present
+        # before the expected-tensor table (one entry per layer and weight) is built from it.
+        layers = {int(m[1]) for name in self._index if (m := re.match(r"layers\.(\d+)\.", name))}
+        n_found = max(layers) + 1 if layers else 0
+        if self.config.n_layers != n_found:
+            raise ConversionError(f"{self.folder / 'config.json'}: num_hidden_layers is {self.config.n_layers} but "
+                                  f"{where} holds tensors for {n_found} layers")
         expected, got = expected_tensors(self.config), self.shapes()
         for name, shape in expected.items():
             if name not in got:

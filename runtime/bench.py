@@ -97,9 +97,38 @@ def _row(base: dict, test: str, n: int, times: list[float]) -> dict:
                 stddev_ts=statistics.stdev(tps) if len(tps) > 1 else 0.0, samples_ts=tps)
 
 
-def bench(folder_path, modes: list[str], rt: RuntimeConfig, *, pp: int, tg: int, reps: int) -> list[dict]:
-    """Run every mode in a child process (`flashlm bench --one`) and collect their rows."""
+def _run_child(cmd: list[str], cgroup_limit: int | None) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run one bench child; inside a fresh memory cgroup capped at cgroup_limit when given (runtime/cgroup.py)."""
+    if cgroup_limit is None:
+        return subprocess.run(cmd, capture_output=True, text=True), {}
+    from .cgroup import run_capped
+    proc, usage = run_capped(cmd, cgroup_limit, capture_output=True, text=True)
+    return proc, usage.as_dict()
+
+
+def _child_rows(proc, usage: dict, mode: str) -> list[dict]:
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        if usage.get("cgroup_oom_kills"):
+            why = f"killed at the cgroup cap ({why})" if proc.returncode < 0 else why
+        return [{"mode": mode, "error": why, **usage}]
+    return [dict(json.loads(line), **usage) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def bench(folder_path, modes: list[str], rt: RuntimeConfig, *, pp: int, tg: int, reps: int,
+          cgroup_limit: int | None = None, llamacpp: str | None = None, deadline: float | None = None) -> list[dict]:
+    """Run every mode in a child process (`flashlm bench --one`) and collect their rows.
+
+    cgroup_limit: each child runs in its own memory cgroup capped at that many bytes (RSS + page cache,
+    as a device of that size); rows gain the group's peak and whether it reached the cap. llamacpp: a
+    GGUF file, benchmarked by llama.cpp (runtime/bench_peer.py) in the same way and under the same cap."""
     rows = []
+    if llamacpp is not None:
+        cmd = [sys.executable, "-m", "flashlm.runtime.bench_peer", str(llamacpp), "-p", str(pp), "-n", str(tg),
+               "-r", str(reps), "--ctx", str(rt.ctx_len), "--threads", str(rt.threads or os.cpu_count() or 1)]
+        if deadline is not None:
+            cmd += ["--deadline", str(deadline)]
+        rows += _child_rows(*_run_child(cmd, cgroup_limit), "llama.cpp")
     for mode in modes:
         cmd = [sys.executable, "-m", "flashlm", "bench", str(folder_path), "--one", "--json", "--mode", mode,
                "-p", str(pp), "-n", str(tg), "-r", str(reps), "--ctx", str(rt.ctx_len), "--io", rt.io,
@@ -115,11 +144,7 @@ def bench(folder_path, modes: list[str], rt: RuntimeConfig, *, pp: int, tg: int,
             cmd += ["--profile", str(rt.profile)]
         if not rt.verify_reads:
             cmd += ["--no-verify"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            rows.append({"mode": mode, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
-            continue
-        rows += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        rows += _child_rows(*_run_child(cmd, cgroup_limit), mode)
     return rows
 
 
@@ -133,22 +158,30 @@ def _fmt_bytes(n) -> str:
     return str(n)
 
 
+def _num(v, fmt: str, scale: float = 1.0) -> str:
+    return "-" if v is None else format(v * scale, fmt)
+
+
 def table(rows: list[dict]) -> str:
+    capped = any("cgroup_limit" in r for r in rows)
     head = ["model", "size", "budget", "window", "mode", "test", "t/s", "MiB/tok", "reads/tok", "hit %",
-            "io ms", "mm ms", "compute ms", "peak RSS"]
+            "io ms", "mm ms", "compute ms", "peak RSS"] + (["cgroup cap", "cgroup peak", "hit cap"] if capped else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
     for r in rows:
+        cg = [_fmt_bytes(r.get("cgroup_limit")), _fmt_bytes(r.get("cgroup_peak")),
+              "yes" if r.get("cgroup_hit_cap") else "no"] if capped else []
         if "error" in r:
-            lines.append(f"| | | | | {r['mode']} | error: {r['error']} |")
+            lines.append(f"| | | | | {r['mode']} | error: {r['error']} |" + "".join(f" {c} |" for c in cg[-3:])
+                         if capped else f"| | | | | {r['mode']} | error: {r['error']} |")
             continue
         tg = r["test"].startswith("tg")
         cells = [r["model"], _fmt_bytes(r["size"]), _fmt_bytes(r["budget"]), str(r["window"] or "-"), r["mode"],
                  r["test"], f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}",
-                 f"{r['bytes_per_token'] / 2**20:.2f}" if tg else "-",
-                 f"{r['reads_per_token']:.0f}" if tg else "-",
-                 f"{100 * r['hit_rate']:.1f}" if tg and r.get("hit_rate") is not None else "-",
-                 f"{r['io_ms']:.2f}" if tg else "-", f"{r['mm_ms']:.2f}" if tg else "-",
-                 f"{r['compute_ms']:.2f}" if tg else "-", _fmt_bytes(r["peak_rss"])]
+                 _num(r.get("bytes_per_token"), ".2f", 1 / 2**20) if tg else "-",
+                 _num(r.get("reads_per_token"), ".0f") if tg else "-",
+                 _num(r.get("hit_rate"), ".1f", 100) if tg else "-",
+                 _num(r.get("io_ms"), ".2f") if tg else "-", _num(r.get("mm_ms"), ".2f") if tg else "-",
+                 _num(r.get("compute_ms"), ".2f") if tg else "-", _fmt_bytes(r["peak_rss"])] + cg
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

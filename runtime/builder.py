@@ -14,9 +14,9 @@ import numpy as np
 from . import kernels as K
 from .config import RuntimeConfig
 from .costs import CostModel
-from .ffn import BundleKernel, FFNBackend, FlashFFN, MmapFFN, ResidentFFN
+from .ffn import BundleKernel, FFNBackend, FlashFFN, GraphFFN, MmapFFN, ResidentFFN, bundle_kernel, read_layer_checked
 from .memory import MODES, PREFILL_CHUNK, BudgetError, MemoryPlan, Placement, plan_memory
-from .modelfile import ROW_CRC_TENSOR, ModelFolder, bundle_layers, check_rows, read_verified, tensors_from_buffer
+from .modelfile import ROW_CRC_TENSOR, ModelFileError, ModelFolder, bundle_layers, read_verified, tensors_from_buffer
 from .runstate import RunState
 
 
@@ -29,6 +29,7 @@ class ModelParts:
     state: RunState
     threads: int
     ctx_len: int
+    quantized: bool                     # block-quantized dense weights: the model runs them in onnxruntime
 
 
 def activation_bytes(folder: ModelFolder, threads: int) -> int:
@@ -59,12 +60,16 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
     if sparse and predictors is None:
         predictors = load_predictors(folder.path, c, sparse)
     weights = tensors_from_buffer(read_verified(folder, "dense.safetensors"), folder.dense)
-    kernel = BundleKernel(c, folder.bundles, threads)
+    kernel = bundle_kernel(c, folder.bundles, threads)
     biases = [weights.get(f"layers.{i}.ffn.up.bias") for i in range(c.n_layers)]
     row_crc = weights.get(ROW_CRC_TENSOR) if rt.verify_reads else None
-    ffn = build_ffn(folder, rt, plan, kernel, biases, predictors, row_crc, costs)
+    quantized = any(t.storage is not None and t.storage.block_elems > 1 for t in folder.dense.values())
+    if quantized and plan.run_mode.rows_from == "file" and folder.matrices:
+        ffn = GraphFFN()        # the FFN layers run whole inside the onnxruntime sessions (ffn_matrices)
+    else:
+        ffn = build_ffn(folder, rt, plan, kernel, biases, predictors, row_crc, costs)
     return ModelParts(weights, plan, ffn, kernel, RunState(c, PREFILL_CHUNK), threads,
-                      min(rt.ctx_len, c.max_position))
+                      min(rt.ctx_len, c.max_position), quantized)
 
 
 def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel: BundleKernel, biases: list,
@@ -78,16 +83,18 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel: 
     if rows_from == "file":
         return ResidentFFN(bundle_layers(folder, read_verified(folder, b.file)), kernel, biases)
     if rows_from == "mmap":
-        return MmapFFN(path, b, kernel, biases)
-    reader = FlashReader(path, layer_offsets=list(b.layer_offsets), stride_bytes=b.stride_bytes, n_rows=c.n_ff,
-                         mode=rt.io, threads=rt.io_threads, max_gap_bytes=rt.max_gap_bytes,
-                         row_bytes=b.stride_bytes)
+        return MmapFFN(path, b, kernel, biases, row_crc)
+    try:
+        reader = FlashReader(path, layer_offsets=list(b.layer_offsets), stride_bytes=b.stride_bytes, n_rows=c.n_ff,
+                             mode=rt.io, threads=rt.io_threads, max_gap_bytes=rt.max_gap_bytes,
+                             row_bytes=b.stride_bytes)
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot open for flash reads ({e.strerror or e})") from None
     all_rows = np.arange(c.n_ff, dtype=np.int32)
     resident = {}
     for i in plan.resident_layers:
         resident[i] = np.empty((c.n_ff, b.stride_items), b.dtype)
-        reader.read_layer(i, resident[i])
-        check_rows(resident[i], all_rows, row_crc, path, i)
+        read_layer_checked(reader, i, resident[i], row_crc, all_rows)
     caches = [NeuronCache(c.n_ff, p.cache_rows, b.stride_items, b.dtype, window=plan.window,
                           pinned=predictors[i].hot[:plan.pin_rows] if plan.pin_rows else None)
               if p.placement == Placement.SPARSE else None for i, p in enumerate(plan.layers)]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 import time
 import traceback
@@ -35,10 +37,79 @@ def _err(*lines: str) -> None:
         print(line, file=sys.stderr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported on one line (usage is one `--help` away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --- argument types: out-of-range values are refused before anything loads -------------------------
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v} is below the minimum {low}")
+        return v
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _int_in(low: int, high: int):
+    at_least = _int_at_least(low)
+
+    def parse(text: str) -> int:
+        v = at_least(text)
+        if v > high:
+            raise argparse.ArgumentTypeError(f"{v} is above the maximum {high}")
+        return v
+    parse.__name__ = f"integer in [{low}, {high}]"
+    return parse
+
+
+def _float_in(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False):
+    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+    span = f"{lo}{low:g}, {high:g}{hi}"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)):
+            raise argparse.ArgumentTypeError(f"{text} is outside {span}")
+        return v
+    parse.__name__ = f"number in {span}"
+    return parse
+
+
+def _budget(text: str) -> str:
+    from .memory import parse_size
+    try:
+        parse_size(text, 1 << 30)          # syntax and range; the real total is known only at load
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the path is empty")
+    return text
+
+
+_POSITIVE = _int_at_least(1)
+_NON_NEGATIVE = _int_at_least(0)
+_FRACTION = _float_in(0.0, 1.0)
+
+
 # --- shared flags ----------------------------------------------------------------------------------
 def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_list: bool = False) -> None:
-    p.add_argument("-c", "--ctx", type=int, default=2048, help="context length (KV cache tokens)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("-c", "--ctx", type=_POSITIVE, default=2048, help="context length (KV cache tokens)")
+    p.add_argument("-t", "--threads", type=_POSITIVE, default=None, help="compute threads (default: all cores)")
     from .memory import MODES
     modes = "; ".join(f"{m.name}: {m.description}" for m in MODES.values())
     if mode_list:
@@ -47,16 +118,17 @@ def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_l
     else:
         p.add_argument("--mode", default=None, choices=list(MODES),
                        help=f"where FFN rows live ({modes}; default: flash when --budget is given, else dense)")
-    p.add_argument("--budget", default=None, help="resident memory for the model: 60%%, 0.6, 512MiB, 2GB")
-    p.add_argument("--window", type=int, default=None, help="sliding window in tokens (default: largest that fits)")
-    p.add_argument("--pin", type=float, default=0.0, help="fraction of each layer's hottest neurons kept resident")
+    p.add_argument("--budget", type=_budget, default=None, help="resident memory for the model: 60%%, 0.6, 512MiB, 2GB")
+    p.add_argument("--window", type=_POSITIVE, default=None, help="sliding window in tokens (default: largest that fits)")
+    p.add_argument("--pin", type=_FRACTION, default=0.0, help="fraction of each layer's hottest neurons kept resident")
     p.add_argument("--io", default="direct", choices=["direct", "buffered"], help="flash reads: O_DIRECT or page cache")
-    p.add_argument("--io-threads", type=int, default=4, help="reader threads")
-    p.add_argument("--max-gap", type=int, default=0, help="coalesce reads across gaps up to this many bytes")
+    p.add_argument("--io-threads", type=_POSITIVE, default=4, help="reader threads")
+    p.add_argument("--max-gap", type=_NON_NEGATIVE, default=0, help="coalesce reads across gaps up to this many bytes")
     p.add_argument("--layer-io", default="auto", choices=["auto", "sparse", "stream"],
                    help="flash mode: per layer, sparse reads, streaming the layer, or the cheaper (measured)")
     p.add_argument("--profile", default=None, help="device profile: devices/NAME.toml or a path (flash read speeds)")
     p.add_argument("--no-verify", action="store_true", help="skip the CRC-32 check of bundle rows read from flash")
+    p.add_argument("--kv-dtype", default="f16", choices=["f16", "f32"], help="KV cache storage")
     if stats:
         p.add_argument("--stats", action="store_true", help="print load time, TTFT, tokens/s, flash I/O, peak RSS")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -70,25 +142,26 @@ def _runtime_config(args):
     return apply_run_profile(RuntimeConfig(
         ctx_len=args.ctx, threads=args.threads, mode=mode, budget=args.budget, window=args.window,
         pin=args.pin, io=args.io, io_threads=args.io_threads, max_gap_bytes=args.max_gap,
-        layer_io=args.layer_io, profile=args.profile, verify_reads=not args.no_verify))
+        layer_io=args.layer_io, profile=args.profile, verify_reads=not args.no_verify, kv_dtype=args.kv_dtype))
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--max-tokens", type=int, default=None, help="tokens to generate")
-    p.add_argument("--temp", type=float, default=None, help="temperature (0 = greedy; default from the model)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repeat-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("-n", "--max-tokens", type=_NON_NEGATIVE, default=None, help="tokens to generate (default 256)")
+    p.add_argument("--temp", type=_float_in(0.0), default=None, help="temperature (0 = greedy; default from the model)")
+    p.add_argument("--top-k", type=_NON_NEGATIVE, default=None, help="0 = off")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True), default=None, help="1 = off")
+    p.add_argument("--min-p", type=_FRACTION, default=None, help="0 = off")
+    p.add_argument("--repeat-penalty", type=_float_in(0.0, low_open=True), default=None, help="1 = off")
+    p.add_argument("--seed", type=_NON_NEGATIVE, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--system", default=None, help="system message for chat prompts")
 
 
-def _sampling(args, manifest: dict):
+def _sampling(args, folder):
     from .sampling import SamplingParams
     return SamplingParams.from_generation_config(
-        manifest.get("generation_config", {}), temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+        folder.manifest.get("generation_config", {}), where=f"{folder.file('manifest.json')}: generation_config",
+        temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
 
 
@@ -109,7 +182,8 @@ def cmd_convert(args) -> int:
         return 0
     out = Path(args.output) if args.output else Path(Path(args.source).stem + ".flashlm")
     t0 = time.perf_counter()
-    convert(args.source, out, dtype=args.dtype, force=args.force, progress=not args.no_progress)
+    convert(args.source, out, dtype=args.dtype, bundle_dtype=args.bundle_dtype, force=args.force,
+            progress=not args.no_progress)
     from .generate import peak_rss_bytes
     _err(f"wrote {out} in {time.perf_counter() - t0:.1f} s (peak RSS {peak_rss_bytes() / 2**20:.0f} MiB)")
     return 0
@@ -153,7 +227,7 @@ def _print_stats(stats, model) -> None:
 def cmd_run(args) -> int:
     from .generate import GenerationStats, stream_generate
     prompt = args.prompt
-    if args.file:
+    if args.file is not None:
         prompt = _read_text(args.file)
     if prompt is None or prompt == "-":
         prompt = sys.stdin.read()
@@ -165,8 +239,9 @@ def cmd_run(args) -> int:
     else:
         ids = tok.encode(prompt)
     stats = GenerationStats()
-    for piece in stream_generate(model, tok, ids, _sampling(args, model.folder.manifest),
-                                 max_tokens=args.max_tokens or 256, stop=args.stop, stats=stats):
+    for piece in stream_generate(model, tok, ids, _sampling(args, model.folder),
+                                 max_tokens=256 if args.max_tokens is None else args.max_tokens,
+                                 stop=args.stop, stats=stats):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -181,7 +256,7 @@ CHAT_HELP = "/reset  new conversation | /system TEXT  set the system message | /
 def cmd_chat(args) -> int:
     from .generate import GenerationStats, stream_generate
     model, tok = _load(args.model, args)
-    params = _sampling(args, model.folder.manifest)
+    params = _sampling(args, model.folder)
     system = args.system
     messages: list[dict] = []
     stats = None
@@ -219,7 +294,7 @@ def cmd_chat(args) -> int:
         messages.append({"role": "user", "content": line})
         full = ([{"role": "system", "content": system}] if system else []) + messages
         ids = tok.encode_chat(full)
-        budget = args.max_tokens or 512
+        budget = 512 if args.max_tokens is None else args.max_tokens
         while len(ids) + budget > model.ctx_len and len(messages) > 1:
             del messages[:2]                      # drop the oldest exchange to stay inside the context
             full = ([{"role": "system", "content": system}] if system else []) + messages
@@ -276,7 +351,7 @@ def cmd_serve(args) -> int:
 def cmd_calibrate(args) -> int:
     from flashlm.converters.calibrate import calibrate
     report = calibrate(args.model, text_file=args.file, random_tokens=args.random_tokens, n_tokens=args.tokens, keep=args.keep, recall=args.recall,
-                       threads=args.threads, progress=not args.no_progress)
+                       selector=args.selector, output_recall=args.output_recall, threads=args.threads, progress=not args.no_progress)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -286,6 +361,7 @@ def cmd_calibrate(args) -> int:
         w = q["windows"].get("4", {})
         print(f"| {i} | {q['rank']} | {q['rule']} | {q['recall']:.3f} | {q.get('contribution_recall', float('nan')):.3f} "
               f"| {100 * q['predicted_fraction']:.1f} % | {100 * w.get('mean_held', 0):.1f} % | {100 * w.get('miss_fraction', 0):.1f} % |")
+    _err(f"selector {report['selector']} (held-out output recall {report['selector_quality']})")
     _err(f"calibrated on {report['tokens']} tokens ({report['source']}) in {report['seconds']} s; "
          f"predictors written to {args.model}/predictor.safetensors")
     return 0
@@ -300,6 +376,8 @@ def cmd_ppl(args) -> int:
     ids = tok.encode(text)
     if args.max_tokens:
         ids = ids[:args.max_tokens]
+    if len(ids) < 2:
+        raise InputError(f"{args.file}: {len(ids)} token(s); perplexity needs at least 2")
     chunk = args.chunk or (1 if model.plan.run_mode.reads_flash else PREFILL_CHUNK)
     result = perplexity(model, ids, chunk=chunk, progress=not args.no_progress)
     print(f"perplexity: {result['perplexity']:.4f}")
@@ -310,13 +388,26 @@ def cmd_ppl(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import as_json_lines, bench, bench_one, table
+    from .memory import MODES
+    bad = [m for m in (args.mode or "").split(",") if args.mode and m.strip() not in MODES]
+    if bad:
+        raise InputError(f"--mode {bad[0]!r} is not a run mode; choose from {', '.join(MODES)}")
     rt = _runtime_config(args)
     if args.one:
         print(as_json_lines(bench_one(args.model, rt, pp=args.n_prompt, tg=args.n_gen, reps=args.reps)))
         return 0
     modes = [m.strip() for m in (args.mode or rt.mode).split(",")]
-    rows = bench(args.model, modes, rt, pp=args.n_prompt, tg=args.n_gen, reps=args.reps)
+    cap = None
+    if args.cgroup is not None:
+        from .memory import parse_size
+        cap = parse_size(args.cgroup, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    rows = bench(args.model, modes, rt, pp=args.n_prompt, tg=args.n_gen, reps=args.reps, cgroup_limit=cap,
+                 llamacpp=args.llamacpp, deadline=args.deadline)
     print(as_json_lines(rows) if args.json else table(rows))
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        raise InputError(f"{len(failed)} of {len(rows)} bench runs failed; first: mode {failed[0]['mode']}: "
+                         f"{failed[0]['error']}")
     return 0
 
 
@@ -409,29 +500,35 @@ def cmd_tune(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="flashlm", description=DESCRIPTION,
+    ap = _Parser(prog="flashlm", description=DESCRIPTION,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true", help="log what happens; errors show their traceback")
     sub = ap.add_subparsers(dest="verb", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     p = sub.add_parser("convert", help="convert a GGUF file or HF folder into a flashlm model folder", formatter_class=fmt)
-    p.add_argument("source", help="model.gguf or a folder with config.json + *.safetensors")
-    p.add_argument("-o", "--output", help="output folder (default: SOURCE-NAME.flashlm)")
-    p.add_argument("--dtype", choices=["f16", "f32"], default="f16", help="storage dtype of the weights")
+    p.add_argument("source", type=_path, help="model.gguf or a folder with config.json + *.safetensors")
+    p.add_argument("-o", "--output", type=_path, help="output folder (default: SOURCE-NAME.flashlm)")
+    p.add_argument("--dtype", choices=["auto", "f32", "f16", "q8_0", "q4_0", "q4_1"], default="auto",
+                   help="storage of the 2-D weights: auto keeps a GGUF's quantized blocks exactly (float "
+                        "sources stay f16); q8_0/q4_0/q4_1 quantize (4-bit keeps embeddings at q8_0); "
+                        "f16 is the exact reference")
+    p.add_argument("--bundle-dtype", choices=["f16", "f32", "q4_0", "q4_1", "q8_0"], default=None,
+                   help="storage type of the FFN bundle rows read from flash (default: as --dtype); the "
+                        "quantized types hold GGUF blocks and the FFN runs on them")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="print what would be converted and stop")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("info", help="architecture, sizes and a resident-memory estimate", formatter_class=fmt)
-    p.add_argument("model")
-    p.add_argument("-c", "--ctx", type=int, default=2048)
+    p.add_argument("model", type=_path)
+    p.add_argument("-c", "--ctx", type=_POSITIVE, default=2048)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("run", help="complete a raw prompt (stdout: generated text only)", formatter_class=fmt)
-    p.add_argument("model", nargs="?", default=None, help="model folder (default: embedded SmolLM2)")
+    p.add_argument("model", nargs="?", type=_path, default=None, help="model folder (default: embedded SmolLM2)")
     p.add_argument("-p", "--prompt", default=None, help="prompt text ('-' or none: read stdin)")
     p.add_argument("-f", "--file", default=None, help="read the prompt from a file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as one user message in the chat template")
@@ -440,53 +537,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chat", help="interactive chat with the model's chat template", formatter_class=fmt)
-    p.add_argument("model", nargs="?", default=None, help="model folder (default: embedded SmolLM2)")
+    p.add_argument("model", nargs="?", type=_path, default=None, help="model folder (default: embedded SmolLM2)")
     _add_sampling_flags(p)
     _add_runtime_flags(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)",
                        formatter_class=fmt)
-    p.add_argument("model", nargs="?", default=None, help="model folder (default: embedded SmolLM2)")
+    p.add_argument("model", nargs="?", type=_path, default=None, help="model folder (default: embedded SmolLM2)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8080, help="TCP port (0: any free port)")
-    p.add_argument("--memory-limit", default=None, metavar="SIZE",
+    p.add_argument("--port", type=_int_in(0, 65535), default=8080, help="TCP port (0: any free port)")
+    p.add_argument("--memory-limit", type=_budget, default=None, metavar="SIZE",
                    help="memory for the model, as --budget: 60%%, 512MiB, 2GB")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $FLASHLM_API_KEY, else no key)")
-    p.add_argument("--queue", type=int, default=4,
+    p.add_argument("--queue", type=_NON_NEGATIVE, default=4,
                    help="requests that may wait while one generates; more get 503 + Retry-After")
     _add_runtime_flags(p, stats=False)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("calibrate", help="train the per-layer sparsity predictors", formatter_class=fmt)
-    p.add_argument("model")
+    p.add_argument("model", type=_path)
     p.add_argument("-f", "--file", default=None, help="calibration text (default: text the model generates)")
     p.add_argument("--random-tokens", action="store_true", help="calibrate on random token ids (synthetic models)")
-    p.add_argument("--tokens", type=int, default=2048, help="calibration tokens")
-    p.add_argument("--keep", type=float, default=0.5, help="SwiGLU: fraction of neurons kept per token")
-    p.add_argument("--recall", type=float, default=0.99, help="ReLU: recall of active neurons to aim for")
-    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--tokens", type=_int_at_least(2), default=2048, help="calibration tokens")
+    p.add_argument("--selector", choices=("auto", "lowrank", "gate", "exact"), default="auto",
+                   help="gated FFNs: lowrank (gate and up estimated), gate (W_gate resident: a third of the FFN "
+                        "in DRAM), exact (W_gate and W_up resident: two thirds); auto: the cheapest whose "
+                        "held-out output recall reaches --output-recall")
+    p.add_argument("--output-recall", type=_float_in(0.0, 1.0, low_open=True), default=0.97,
+                   help="auto selector's goal: share of the true top-k output mass the selection keeps")
+    p.add_argument("--keep", type=_float_in(0.0, 1.0, low_open=True), default=0.5,
+                   help="SwiGLU: fraction of neurons kept per token")
+    p.add_argument("--recall", type=_float_in(0.0, 1.0, low_open=True), default=0.99,
+                   help="ReLU: recall of active neurons to aim for")
+    p.add_argument("-t", "--threads", type=_POSITIVE, default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("ppl", help="perplexity of a text file under a run mode", formatter_class=fmt)
-    p.add_argument("model")
+    p.add_argument("model", type=_path)
     p.add_argument("-f", "--file", required=True, help="text file")
-    p.add_argument("-n", "--max-tokens", type=int, default=None, help="use only the first N tokens")
-    p.add_argument("--chunk", type=int, default=None,
+    p.add_argument("-n", "--max-tokens", type=_int_at_least(2), default=None, help="use only the first N tokens")
+    p.add_argument("--chunk", type=_POSITIVE, default=None,
                    help="tokens per forward (default: a prefill chunk dense, 1 otherwise = as decoding sees the model)")
     _add_runtime_flags(p, stats=False)
     p.set_defaults(func=cmd_ppl)
 
     p = sub.add_parser("bench", help="llama-bench-like table of run modes", formatter_class=fmt)
-    p.add_argument("model")
-    p.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens (pp test; 0 = skip)")
-    p.add_argument("-n", "--n-gen", type=int, default=32, help="generated tokens (tg test; 0 = skip)")
-    p.add_argument("-r", "--reps", type=int, default=3)
+    p.add_argument("model", type=_path)
+    p.add_argument("-p", "--n-prompt", type=_NON_NEGATIVE, default=128, help="prompt tokens (pp test; 0 = skip)")
+    p.add_argument("-n", "--n-gen", type=_NON_NEGATIVE, default=32, help="generated tokens (tg test; 0 = skip)")
+    p.add_argument("-r", "--reps", type=_POSITIVE, default=3)
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cgroup", default=None, metavar="SIZE",
+                   help="run each mode in its own memory cgroup capped at SIZE (RSS + page cache, as a device "
+                        "with that much RAM): 700MiB, 60%% of RAM; reports the group's peak and whether it hit the cap")
+    p.add_argument("--llamacpp", default=None, metavar="GGUF",
+                   help="add a llama.cpp row (llama-cpp-python, the bench extra) on this GGUF, same cap")
+    p.add_argument("--deadline", type=float, default=None, metavar="S",
+                   help="stop a llama.cpp decode repetition after S seconds (under a tight cap a token can take a minute)")
     _add_runtime_flags(p, stats=False, mode_list=True)
     p.set_defaults(func=cmd_bench)
 

@@ -106,6 +106,8 @@ class RuntimeConfig:
     layer_io: str = "auto"       # flash mode per layer: auto (cheaper of sparse/stream) | sparse | stream
     profile: str | None = None   # device profile (devices/NAME.toml or a path): measured flash speeds
     verify_reads: bool = True    # check every bundle row read from flash against its CRC-32
+    kv_dtype: str = "f16"        # KV cache storage: f16 (half the bytes; attention widens in-register) | f32
+    int8_activations: bool = True  # quantized weights: MatMulNBits with int8 activations (fast) or f32 (exact)
 
     def __post_init__(self):
         def bad(field: str, why: str):
@@ -126,6 +128,8 @@ class RuntimeConfig:
             bad("max_gap_bytes", "a gap is not negative")
         if self.layer_io not in ("auto", "sparse", "stream"):
             bad("layer_io", "use auto, sparse or stream")
+        if self.kv_dtype not in ("f16", "f32"):
+            bad("kv_dtype", "the KV cache dtype is f16 or f32")
 
 
 class RuntimeConfigError(FlashlmError):

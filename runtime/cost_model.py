@@ -15,8 +15,13 @@ Per layer (decode, T = 1), with the device's figures (runtime/device.py):
   costs max(I/O, compute); a sparse layer reads its missing rows while the kernel runs over the rows
   it already holds, so it costs max(I/O, compute of the held rows) + compute of the new rows.
 - a fixed per-layer overhead (Python dispatch of ~10 kernels) and a per-token one (embedding, final
-  norm, sampling), which `flashlm tune --measure` fits on the machine itself.
+  norm, sampling): constants measured on this project's machine (below), not in device profiles.
 The lm_head (tied or not) is a matvec over vocab x d_model weights every token.
+
+Scope: this module prices a plan that already exists (`flashlm tune` ranks candidates with it). Where
+each layer's rows go is decided by the planner (runtime/memory.py) with runtime/costs.py's CostModel,
+which holds only the flash read times of one bundle layout; both take their speeds from the device
+profile, so a placement and its estimate see the same device.
 """
 from __future__ import annotations
 
@@ -24,10 +29,13 @@ from dataclasses import dataclass, field
 
 from .device import DeviceProfile
 
-# Defaults for the fixed costs, measured on this project's 2-core VM (tune --measure refits them).
-LAYER_OVERHEAD_S = 60e-6
-TOKEN_OVERHEAD_S = 300e-6
-SPARSE_BOOKKEEPING_S = 40e-6        # predictor dispatch + NeuronCache.step per sparse layer
+# Fixed costs. Layer: dense decode of the tiny test models (whose matvecs take ~1 us) on this 2-core VM,
+# 0.125 ms/token with 2 layers and 0.188 with 3 (tools/aarch64_fixture_check.py's models, 30 tokens):
+# ~62 us per layer and nothing measurable per token. Sparse bookkeeping (predictor dispatch and
+# NeuronCache.step) is an estimate, not a measurement; `flashlm tune --measure` checks the pick.
+LAYER_OVERHEAD_S = 62e-6
+TOKEN_OVERHEAD_S = 0.0
+SPARSE_BOOKKEEPING_S = 40e-6
 
 
 @dataclass(frozen=True)

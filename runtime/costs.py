@@ -4,6 +4,11 @@ Built once per model (by the builder, from the device profile's measured read sp
 planner, which chooses per layer between resident, sparse and streamed rows, and by the sparse path,
 which per token streams a layer whole when reading its missing rows one by one would cost more. The
 two must agree: a tuner that changes the speeds changes both at once.
+
+Scope: flash read time only, the one figure a placement decision needs. The whole-token estimate
+(flash I/O + memory management + compute with their overlap, and peak memory) that `flashlm tune` ranks
+candidate plans by is runtime/cost_model.py's CostModel; it takes an already-made plan and the device
+profile, it does not place layers. Both read their speeds from the same device profile (runtime/device.py).
 """
 from __future__ import annotations
 

@@ -6,9 +6,10 @@
                (predictor -> sliding-window neuron cache -> read only the missing rows)  flash
                or a STREAM layer (read whole every time, double-buffered)
 
-All of them end in the same kernel, `ffn_bundles`, over some rows; what differs is which rows are in
-DRAM and what it costs to get them there. Each records the per-token accounting of the paper's
-Table 3 (flash I/O, memory management, compute) in its own FFNStats.
+All of them end in the same kernel, `ffn_bundles` (`ffn_qbundles` for quantized rows, through
+`bundle_kernel`), over some rows; what differs is which rows are in DRAM and what it costs to get them
+there. Each records the per-token accounting of the paper's Table 3 (flash I/O, memory management,
+compute) in its own FFNStats.
 """
 from __future__ import annotations
 
@@ -21,11 +22,27 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels as K
+from . import qkernels as QK
 from .config import ModelConfig
 from .costs import CostModel
 from .flash_reader import aligned_empty
-from .modelfile import check_rows
+from .modelfile import ModelFileError, check_rows
 from .storage import BundleLayout
+
+
+def read_error(path, layer: int, e: OSError) -> ModelFileError:
+    """A failed or short read of bundle rows, as one line naming the file (the file shrank, the disk failed)."""
+    return ModelFileError(f"{path}: reading layer {layer}'s bundle rows failed ({e.strerror or e}); "
+                          "the file is truncated or unreadable")
+
+
+def read_layer_checked(reader, layer: int, buf, row_crc, all_rows) -> None:
+    """Read one whole layer into buf and check every row's CRC-32 (row_crc None: no check)."""
+    try:
+        reader.read_layer(layer, buf)
+    except OSError as e:
+        raise read_error(reader.path, layer, e) from None
+    check_rows(buf, all_rows, row_crc, reader.path, layer)
 
 
 @dataclass
@@ -135,6 +152,75 @@ class BundleKernel:
             out += a @ w[:, self.down_off:self.down_off + d]
 
 
+class QuantBundleKernel:
+    """BundleKernel for quantized bundle rows (runtime/qbundle.py): the FFN runs on the stored blocks.
+
+    Decode-sized T: qkernels.ffn_qbundles over the rows as they are (no widening; the input is
+    permuted once per call into the rows' lane order). Prompt-sized T: blocks of rows are
+    dequantized to f32 (in the permuted order) and BLAS does the three products, as for f16 rows.
+    """
+
+    def __init__(self, config: ModelConfig, layout, threads: int):
+        from .storage import bundle_qformat
+        self.fmt = bundle_qformat(layout.storage)
+        self.fmt_array = self.fmt.array()
+        self.act = K.ACTIVATION_OF_KIND[config.ffn_kind]
+        by_name = {p.name: p.byte_offset for p in layout.parts}
+        self.starts = np.array([by_name["up"], by_name.get("gate", 0), by_name["down"]], np.int64)
+        names = ("up", "gate", "down") if "gate" in by_name else ("up", "down")
+        self.part_starts = np.array([by_name[n] for n in names], np.int64)    # dequant order for BLAS
+        self.d = config.d_model
+        self.threads = threads
+        self.partial = np.zeros((threads, 1, config.d_model), np.float32)
+        self.hp = np.zeros((1, config.d_model), np.float32)
+        self.scratch = None
+        self.no_bias = np.zeros(0, np.float32)
+
+    def __call__(self, h, rows, n_rows, neuron_of_row, bias, out) -> None:
+        from .qbundle import permute_input
+        T = h.shape[0]
+        if self.hp.shape[0] < T:
+            self.hp = np.zeros((T, self.d), np.float32)
+        hp = permute_input(h, self.hp[:T])
+        q, s = self.fmt.views(rows)
+        if T >= K.BLAS_MIN_TOKENS:
+            self._batched(hp, q, s, n_rows, neuron_of_row, bias, out)
+            return
+        if self.partial.shape[1] < T:
+            self.partial = np.zeros((self.threads, T, self.d), np.float32)
+        QK.ffn_qbundles(hp, q, s, n_rows, neuron_of_row, self.no_bias if bias is None else bias, self.act,
+                        self.fmt_array, self.starts, self.partial, out)
+
+    def _batched(self, hp, q, s, n_rows, neuron_of_row, bias, out) -> None:
+        from .qbundle import unpermute
+        d, n_parts = self.d, len(self.part_starts)
+        block = max(1, K.BLAS_BLOCK_BYTES // (4 * n_parts * d))
+        if self.scratch is None or self.scratch.shape[0] != block:
+            self.scratch = np.empty((block, n_parts * d), np.float32)
+        acc = np.zeros_like(out)                                   # permuted order
+        for lo in range(0, n_rows, block):
+            hi = min(n_rows, lo + block)
+            w = self.scratch[:hi - lo]
+            QK.dequant_rows(q, s, lo, hi, self.fmt_array, self.part_starts, d, w)
+            u = hp @ w[:, :d].T
+            if self.act != K.ACT_RELU:
+                a = K.gate_np(hp @ w[:, d:2 * d].T, self.act) * u
+            else:
+                if bias is not None:
+                    u += bias[neuron_of_row[lo:hi]]
+                a = np.maximum(u, 0.0)
+            acc += a @ w[:, (n_parts - 1) * d:]
+        unpermute(acc, out)
+
+
+def bundle_kernel(config: ModelConfig, layout, threads: int):
+    """The kernel for this model's bundle rows: float (f32/f16) or quantized."""
+    from .storage import bundle_qformat
+    if bundle_qformat(layout.storage) is not None:
+        return QuantBundleKernel(config, layout, threads)
+    return BundleKernel(config, layout, threads)
+
+
 class ResidentFFN(FFNBackend):
     """Every layer's rows in DRAM."""
 
@@ -160,19 +246,36 @@ def _proc_read_bytes() -> int:
     return 0
 
 
+class GraphFFN(FFNBackend):
+    """The FFN of a run whose FFN layers all live in the onnxruntime graphs (runtime/ort_model.py, a
+    quantized folder in dense mode): nothing to compute here, only the counters every backend keeps."""
+
+    def compute(self, layer, h, out):
+        raise RuntimeError("the FFN of this model runs inside its onnxruntime sessions")
+
+
 class MmapFFN(FFNBackend):
     """Rows used straight from a memory map of the bundle file, pages dropped after each layer.
 
     This is what llama.cpp's mmap degrades to when the page cache cannot hold the model: every token
     faults every FFN page back in. Bytes read are what the kernel reports for this process.
+
+    Touching a mapped page past the end of a file that shrank kills the process with SIGBUS, so the
+    file's size is checked before each layer is used, and (unless verification is off) each layer's
+    rows are checked against their CRC-32 before the kernel runs on them, as flash reads are. A file
+    truncated while one layer computes can still raise SIGBUS: the check narrows the window to that.
     """
 
-    def __init__(self, path, layout: BundleLayout, kernel: BundleKernel, biases: list):
+    def __init__(self, path, layout: BundleLayout, kernel: BundleKernel, biases: list, row_crc=None):
         super().__init__()
+        self.path = path
         self.file = open(path, "rb")
         self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
+        self.row_crc = row_crc
         whole = np.frombuffer(self.map, dtype=np.uint8)
         self.spans = [(off, layout.layer_bytes) for off in layout.layer_offsets]
+        if max((off + n for off, n in self.spans), default=0) > len(self.map):
+            raise ModelFileError(f"{path}: {len(self.map)} bytes, too short for the bundle layout in the manifest")
         self.layers = [whole[off:off + n].view(layout.dtype).reshape(layout.n_rows, layout.stride_items)
                        for off, n in self.spans]
         self.kernel, self.biases = kernel, biases
@@ -182,8 +285,13 @@ class MmapFFN(FFNBackend):
         before = _proc_read_bytes()
         t0 = time.perf_counter()
         rows = self.layers[layer]
-        self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
         off, nbytes = self.spans[layer]
+        size = os.fstat(self.file.fileno()).st_size
+        if size < off + nbytes:
+            raise ModelFileError(f"{self.path}: shrank to {size} bytes while mapped (layer {layer} needs "
+                                 f"{off + nbytes}); the model file was truncated during the run")
+        check_rows(rows, self.all_neurons, self.row_crc, self.path, layer)
+        self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
         start = off - off % mmap.PAGESIZE
         self.map.madvise(mmap.MADV_DONTNEED, start, off + nbytes - start)
         os.posix_fadvise(self.file.fileno(), start, off + nbytes - start, os.POSIX_FADV_DONTNEED)
@@ -228,7 +336,10 @@ class LayerStreamer:
     def _read(self, layer, neurons, b):
         n = len(neurons)
         self.ids[b][:n] = neurons
-        self.reader.read_rows(layer, neurons, self.buffers[b], self.dest[:n])
+        try:
+            self.reader.read_rows(layer, neurons, self.buffers[b], self.dest[:n])
+        except OSError as e:
+            raise read_error(self.reader.path, layer, e) from None
         check_rows(self.buffers[b][:n], neurons, self.row_crc, self.reader.path, layer)
         return n
 
@@ -345,7 +456,10 @@ class FlashFFN(FFNBackend):
     def _read(self, layer, neurons, out, out_rows) -> None:
         """Read rows and check them (in the calling thread: zlib releases the GIL, so a background
         read's check overlaps with compute). out_rows are consecutive (the cache appends)."""
-        self.reader.read_rows(layer, neurons, out, out_rows)
+        try:
+            self.reader.read_rows(layer, neurons, out, out_rows)
+        except OSError as e:
+            raise read_error(self.reader.path, layer, e) from None
         if len(neurons):
             check_rows(out[out_rows[0]:out_rows[0] + len(neurons)], neurons, self.row_crc, self.reader.path, layer)
 

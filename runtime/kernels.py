@@ -149,7 +149,8 @@ def rope(x, cos, sin):
 
 @njit(parallel=True, **JIT)
 def attention(q, k_cache, v_cache, pos0, scale, window, out):
-    """Causal GQA: q[T, H, hd] at positions pos0.., caches [ctx, Hkv, hd] already hold them; out[T, H, hd].
+    """Causal GQA: q[T, H, hd] at positions pos0.., caches [ctx, Hkv, hd] (f32 or f16 bits) already hold
+    them; out[T, H, hd].
 
     scores = scale * q.k; window > 0 limits a query at position p to keys p-window+1..p (sliding-window
     layers), window = 0 attends to every earlier position. One pass per (token, head) with a running
@@ -168,7 +169,7 @@ def attention(q, k_cache, v_cache, pos0, scale, window, out):
         best = _dot(k_cache[first, kv], q[t, h], hd) * scale
         total = np.float32(1.0)
         for j in range(hd):
-            o[j] = v_cache[first, kv, j]
+            o[j] = f32(v_cache[first, kv, j])
         for p in range(first + 1, n):
             s = _dot(k_cache[p, kv], q[t, h], hd) * scale
             if s > best:
@@ -180,7 +181,7 @@ def attention(q, k_cache, v_cache, pos0, scale, window, out):
             e = np.exp(s - best)
             total += e
             for j in range(hd):
-                o[j] += e * v_cache[p, kv, j]
+                o[j] += e * f32(v_cache[p, kv, j])
         inv = np.float32(1.0) / total
         for j in range(hd):
             o[j] *= inv
@@ -259,3 +260,78 @@ def set_threads(n: int | None) -> int:
     if n:
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     return numba.get_num_threads()
+
+
+@intrinsic
+def narrow(typingctx, x, like):
+    """float32 -> the storage type of `like`: uint16 gets the IEEE f16 bits (LLVM fptrunc, round to
+    nearest even), float32 passes through. The inverse of `f32`."""
+    if x == types.float32 and isinstance(like, types.Integer) and like.bitwidth == 16:
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        return like(x, like), codegen
+    if x == types.float32 and like == types.float32:
+        def codegen(context, builder, sig, args):
+            return args[0]
+        return types.float32(x, like), codegen
+    return None
+
+
+@njit(**JIT)
+def _store(dst, src, n):
+    # dst[:n] = src[:n], dst f32 or f16 bits
+    for j in range(n):
+        dst[j] = narrow(src[j], dst[0])
+
+
+@njit(parallel=True, **JIT)
+def rope_kv_attention(qkv, n_heads, cos, sin, k_cache, v_cache, pos0, scale, window, out):
+    """One layer's attention from its fused projection output, in one call.
+
+    qkv[T, (H + 2 Hkv) hd] = q | k | v of T tokens at positions pos0..; RoPE (rotate-half, cos/sin
+    [T, hd/2], empty = no RoPE) is applied to q and k in place, k and v are stored into the caches
+    [ctx, Hkv, hd] (f32 or f16 bits), then out[T, H hd] = causal GQA attention of each token t over
+    positions 0..pos0+t (window > 0: only the last `window` of them), scores scaled by `scale`.
+    """
+    T = qkv.shape[0]
+    n_kv, hd = k_cache.shape[1], k_cache.shape[2]
+    H = n_heads
+    half = hd // 2
+    for t in range(T):
+        for h in range(H + n_kv):
+            base = h * hd
+            if cos.shape[0]:
+                for j in range(half):
+                    a = qkv[t, base + j]
+                    b = qkv[t, base + j + half]
+                    qkv[t, base + j] = a * cos[t, j] - b * sin[t, j]
+                    qkv[t, base + j + half] = b * cos[t, j] + a * sin[t, j]
+        for h in range(n_kv):
+            _store(k_cache[pos0 + t, h], qkv[t, (H + h) * hd:(H + h + 1) * hd], hd)
+            _store(v_cache[pos0 + t, h], qkv[t, (H + n_kv + h) * hd:(H + n_kv + h + 1) * hd], hd)
+    group = H // n_kv
+    scale = np.float32(scale)
+    for th in prange(T * H):
+        t = th // H
+        h = th % H
+        kv = h // group
+        n = pos0 + t + 1
+        first = max(0, n - window) if window > 0 else 0
+        q = qkv[t, h * hd:(h + 1) * hd]
+        o = out[t, h * hd:(h + 1) * hd]
+        scores = np.empty(n - first, np.float32)
+        best = np.float32(-np.inf)
+        for p in range(first, n):
+            s = _dot(k_cache[p, kv], q, hd) * scale
+            scores[p - first] = s
+            best = max(best, s)
+        total = np.float32(0.0)
+        for i in range(n - first):
+            e = np.exp(scores[i] - best)
+            scores[i] = e
+            total += e
+        for j in range(hd):
+            o[j] = 0.0
+        inv = np.float32(1.0) / total
+        for p in range(first, n):
+            _axpy(scores[p - first] * inv, v_cache[p, kv], o, hd)

@@ -33,8 +33,8 @@ def load(path=None, runtime: RuntimeConfig | None = None, *, warmup: bool = True
         from .default_model import default_model_folder
         path = default_model_folder(progress=progress)
     folder = open_folder(Path(path))
+    tokenizer = Tokenizer.from_folder(folder.path, folder.manifest)   # small and sha256-checked: fails first
     model = Model(folder, runtime or RuntimeConfig())
-    tokenizer = Tokenizer.from_folder(folder.path, folder.manifest)
     if warmup:
         model.warmup()
     model.load_seconds = time.perf_counter() - t0

@@ -19,6 +19,8 @@ from .costs import CostModel
 from .errors import FlashlmError
 from .modelfile import ModelFolder
 
+KV_DTYPES = {"f16": "uint16", "f32": "float32"}     # KV cache storage: f16 as its bits, like f16 weights
+KV_ITEM_BYTES = {"f16": 2, "f32": 4}
 WINDOW_CHOICES = (8, 4, 2, 1)
 SCRATCH_BYTES = 4 << 20          # the sparse layers' streaming buffers (overflow, per-token fallback), both halves
 PREFILL_CHUNK = 128              # tokens per forward chunk: bounds the run state for long prompts
@@ -35,16 +37,22 @@ def parse_size(text: str, total: int) -> int:
     m = re.fullmatch(r"([\d.]+(?:e\d+)?)\s*([kmgt]?i?b?|%)?", s.lower())
     if not m:
         raise BudgetError(f"cannot read budget {text!r}: use 60%, 0.6, 512MiB or 2GB")
-    value, unit = float(m.group(1)), m.group(2) or ""
-    if unit == "%":
-        return int(total * value / 100)
-    if unit == "" and value <= 1.0:
-        return int(total * value)
+    try:
+        value, unit = float(m.group(1)), m.group(2) or ""
+    except ValueError:
+        raise BudgetError(f"cannot read budget {text!r}: use 60%, 0.6, 512MiB or 2GB") from None
     scale = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
              "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
-    if unit not in scale:
+    if unit not in scale and unit != "%":
         raise BudgetError(f"cannot read budget {text!r}: unknown unit {unit!r}")
-    return int(value * scale[unit])
+    if unit == "%":
+        value, fraction = value / 100, True
+    else:
+        fraction = unit == "" and value <= 1.0
+    if not 0 < (value if fraction else value * scale[unit]) < 2**60 or (fraction and value > 1.0):
+        raise BudgetError(f"budget {text!r} is out of range: use a fraction in (0, 1], a percentage in (0, 100] "
+                         "or a size below 1 EiB")
+    return int(total * value) if fraction else int(value * scale[unit])
 
 
 def _mib(n) -> str:
@@ -156,7 +164,10 @@ def _all(plan: MemoryPlan, n: int, placement: Placement) -> None:
 
 def _rule_dense(plan: MemoryPlan, x: _Inputs) -> None:
     _all(plan, x.config.n_layers, Placement.RESIDENT)
-    plan.ffn_resident = x.config.n_layers * x.folder.bundles.layer_bytes
+    # A quantized folder runs its FFN layers whole from ffn_matrices (onnxruntime), not the bundles.
+    matrices = x.folder.matrices
+    plan.ffn_resident = (sum(t.nbytes for t in matrices.values()) if matrices
+                         else x.config.n_layers * x.folder.bundles.layer_bytes)
 
 
 def _rule_mmap(plan: MemoryPlan, x: _Inputs) -> None:
@@ -328,7 +339,8 @@ def plan_memory(folder: ModelFolder, rt: RuntimeConfig, *, activations: int, cos
     budget = parse_size(rt.budget, folder.model_bytes) if rt.budget is not None else None
     ctx = min(rt.ctx_len, c.max_position)
     plan = MemoryPlan(rt.mode, budget, folder.model_bytes, dense,
-                      kv_cache=2 * c.n_layers * ctx * c.n_kv_heads * c.head_dim * 4, activations=activations)
+                      kv_cache=2 * c.n_layers * ctx * c.n_kv_heads * c.head_dim * KV_ITEM_BYTES[rt.kv_dtype],
+                      activations=activations)
     mode.rule(plan, _Inputs(c, folder, rt, costs, calibration))
     if budget is not None and plan.total > budget:
         raise BudgetError(

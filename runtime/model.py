@@ -10,11 +10,18 @@ from . import kernels as K
 from .config import ModelConfig, RuntimeConfig
 from .errors import FlashlmError
 from .builder import build
-from .modelfile import ModelFileError, ModelFolder
+from .ffn import GraphFFN
+from .memory import KV_DTYPES
+from .modelfile import MATRICES_FILE, ROW_CRC_TENSOR, ModelFileError, ModelFolder, read_verified, tensors_from_buffer
 
 
 class ContextFull(FlashlmError):
     """More tokens than the KV cache holds (--ctx)."""
+
+
+def _as_cache(x: np.ndarray, cache: np.ndarray) -> np.ndarray:
+    """x in the KV cache's storage: f16 bits (uint16) or f32."""
+    return x.astype(np.float16).view(np.uint16) if cache.dtype == np.uint16 else x
 
 
 def rope_tables(hd: int, theta: float, scaling: dict | None, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,6 +59,10 @@ class Model:
         parts = build(folder, runtime, predictors=predictors)    # refuses a budget before anything big is read
         self.plan, self.w, self.kernel, self.ffn_backend = parts.plan, parts.weights, parts.kernel, parts.ffn
         self.state, self.threads, self.ctx_len = parts.state, parts.threads, parts.ctx_len
+        # Block-quantized dense weights run in onnxruntime sessions (runtime/ort_model.py); a dense-mode
+        # run of a quantized folder keeps its FFN layers whole there too (the builder gave it a GraphFFN).
+        self.ort = None
+        quantized = parts.quantized
         self.lm_head = self.w["tok_embeddings"] if c.tied_embeddings else self.w["lm_head"]
         # One (cos, sin) table per distinct RoPE variant: Gemma 3's sliding layers use another base.
         self.rope = [None] * c.n_layers
@@ -64,13 +75,62 @@ class Model:
                     tables[key] = rope_tables(c.head_dim, theta, scaling, self.ctx_len)
                 self.rope[i] = tables[key]
         self.attn_scale = c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(c.head_dim)
+        if quantized:
+            self._build_sessions(isinstance(self.ffn_backend, GraphFFN))
         kv_shape = (c.n_layers, self.ctx_len, c.n_kv_heads, c.head_dim)
-        self.k_cache = np.zeros(kv_shape, np.float32)   # [layer, position, kv head, head_dim]
-        self.v_cache = np.zeros(kv_shape, np.float32)
+        kv_dtype = KV_DTYPES[runtime.kv_dtype]
+        self.k_cache = np.zeros(kv_shape, kv_dtype)     # [layer, position, kv head, head_dim], f32 or f16 bits
+        self.v_cache = np.zeros(kv_shape, kv_dtype)
         self.history: list[int] = []                    # token ids whose K/V are in the cache, in order
         self._blas_scratch = None
         self.on_ffn_input = None                        # calibration hook: f(layer, h[T, d])
         self.load_seconds = time.perf_counter() - t0
+
+    def _build_sessions(self, ffn_in_graph: bool) -> None:
+        """onnxruntime sessions over the quantized weights, then drop every buffer only they needed:
+        the sessions hold their own (prepacked) copies; numba keeps the embedding rows and biases."""
+        from .ort_model import OrtLayers
+        from .quant import from_rows
+        from .storage import block_format
+        c, folder = self.config, self.folder
+        matrices = {}
+        if ffn_in_graph:
+            matrices = tensors_from_buffer(read_verified(folder, MATRICES_FILE), folder.matrices)
+
+        def weight(name):
+            entry = folder.matrices.get(name) if name in matrices else folder.dense[name]
+            arr = matrices[name] if name in matrices else self.w[name]
+            fmt = block_format(entry.storage) if entry.storage is not None else None
+            return from_rows(arr, fmt, entry.shape[1]) if fmt is not None else arr
+
+        lm_head = "tok_embeddings" if c.tied_embeddings else "lm_head"
+        from .ort_graph import F32_ACTIVATIONS, INT8_ACTIVATIONS
+        level = INT8_ACTIVATIONS if self.runtime.int8_activations else F32_ACTIVATIONS
+        self.ort = OrtLayers(c, weight, [ffn_in_graph] * c.n_layers, self.threads, lm_head, level)
+        del matrices
+        keep = ("tok_embeddings", "pos_embeddings", ROW_CRC_TENSOR)
+        self.w = {n: np.array(a) for n, a in self.w.items() if n in keep or a.ndim == 1}
+        self.lm_head = None
+        self._no_rope = (np.zeros((0, c.head_dim // 2), np.float32),) * 2
+        self._down_bias = [self.w[f"layers.{i}.ffn.down.bias"] for i in range(c.n_layers)] if c.ffn_bias else None
+        self._ffn_post_norm = (lambda l, y: self._norm(y.copy(), f"layers.{l}.ffn_post_norm", y)) \
+            if c.sandwich_norm else None
+        import gc
+        from .ort_graph import release_freed_memory
+        gc.collect()
+        release_freed_memory()
+
+    def _layers_sessions(self, x, pos0):
+        """The decoder layers through the onnxruntime sessions (x [T, d] embeddings); returns x."""
+        T = x.shape[0]
+        rope = [(cos[pos0:pos0 + T], sin[pos0:pos0 + T]) if cos is not None else self._no_rope
+                for cos, sin in (r if r is not None else (None, None) for r in self.rope)]
+        x = self.ort.forward(x, pos0, self.k_cache, self.v_cache, rope, self.attn_scale,
+                             ffn=self.ffn, down_bias=self._down_bias, post_norm=self._ffn_post_norm)
+        self.history.extend(int(t) for t in self.state.tokens[:T])
+        if isinstance(self.ffn_backend, GraphFFN):      # other backends count their tokens themselves
+            self.ffn_backend.stats.tokens += T
+        return x
 
     # --- helpers -------------------------------------------------------------------------------------
     def _norm(self, x, prefix, out):
@@ -147,6 +207,9 @@ class Model:
         return out
 
     def _head(self, x: np.ndarray, out: np.ndarray) -> None:
+        if self.ort is not None:
+            out[:] = self.ort.logits(x)
+            return
         xn = self.state.xn[:len(x)]
         self._norm(x, "norm", xn)
         self._matmul(xn, self.lm_head, out)
@@ -157,11 +220,13 @@ class Model:
         T, pos0 = len(tokens), self.pos
         H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
         x, xn, o = st.x[:T], st.xn[:T], st.o[:T]
+        st.tokens[:T] = tokens
+        self.embed(st.tokens[:T], pos0, x)                  # [T, d] residual stream
+        if self.ort is not None:
+            return self._layers_sessions(x, pos0)
         q, k, v, att = st.q[:T], st.k[:T], st.v[:T], st.att[:T]
         qk_raw = st.qk_raw if c.qk_norm else None
         on = st.on[:T] if c.sandwich_norm else None
-        st.tokens[:T] = tokens
-        self.embed(st.tokens[:T], pos0, x)                  # [T, d] residual stream
         for layer in range(c.n_layers):
             p = f"layers.{layer}."
             self._norm(x, p + "attn_norm", xn)
@@ -178,8 +243,8 @@ class Model:
                 cos, sin = self.rope[layer]
                 K.rope(q3, cos[pos0:pos0 + T], sin[pos0:pos0 + T])
                 K.rope(k3, cos[pos0:pos0 + T], sin[pos0:pos0 + T])
-            self.k_cache[layer, pos0:pos0 + T] = k3
-            self.v_cache[layer, pos0:pos0 + T] = v.reshape(T, Hkv, hd)
+            self.k_cache[layer, pos0:pos0 + T] = _as_cache(k3, self.k_cache)
+            self.v_cache[layer, pos0:pos0 + T] = _as_cache(v.reshape(T, Hkv, hd), self.v_cache)
             K.attention(q3, self.k_cache[layer], self.v_cache[layer], pos0, self.attn_scale,
                         c.layer_window(layer), att)
             self._linear(att.reshape(T, H * hd), p + "attn.o", o)
@@ -204,7 +269,11 @@ class Model:
         """Compile (or load from the numba cache) every kernel for this model's dtypes, decode and prefill
         shapes, on scratch arrays: nothing is read from flash and no cache changes."""
         c = self.config
-        wdt = self.w["layers.0.attn.q.weight"].dtype
+        if self.ort is not None:
+            self._warmup_sessions()
+            if isinstance(self.ffn_backend, GraphFFN):
+                return
+        wdt = self.w["layers.0.attn.q.weight"].dtype if self.ort is None else np.uint16
         rows_dt = self.folder.bundles.dtype
         for T in (1, 2):
             x = np.ones((T, c.d_model), np.float32)
@@ -212,19 +281,33 @@ class Model:
             K.matmul(x, np.zeros((4, c.d_model), wdt), o)
             K.matmul(x, np.zeros((4, c.d_model), np.uint16), o)
             K.widen_rows(np.zeros((4, c.d_model), wdt), 0, 4, np.empty((4, c.d_model), np.float32))
-            K.widen_rows(np.zeros((4, 8), rows_dt), 0, 4, np.empty((4, 8), np.float32))
+            if rows_dt != np.uint8:                     # quantized rows: the kernel calls below cover them
+                K.widen_rows(np.zeros((4, 8), rows_dt), 0, 4, np.empty((4, 8), np.float32))
             self._norm(x, "norm", np.empty_like(x))
             q = np.ones((T, c.n_heads, c.head_dim), np.float32)
-            kv = np.ones((T + 1, c.n_kv_heads, c.head_dim), np.float32)
+            kv = np.zeros((T + 1, c.n_kv_heads, c.head_dim), self.k_cache.dtype)
             K.attention(q, kv, kv, 0, self.attn_scale, c.layer_window(0), np.empty_like(q))
             if c.pos_kind == "rope":
                 K.rope(q, self.rope[0][0][:T], self.rope[0][1][:T])
             rows = np.zeros((2, self.folder.bundles.stride_items), rows_dt)
             for bias in (None, np.zeros(2, np.float32)):
                 self.kernel(x, rows, 2, np.arange(2, dtype=np.int32), bias, np.empty_like(x))
-            K.gather_rows(self.w["tok_embeddings"], np.zeros(T, np.int64), x)
+            if self.folder.dense["tok_embeddings"].storage.block_elems == 1:
+                K.gather_rows(self.w["tok_embeddings"], np.zeros(T, np.int64), x)
+        if rows_dt == np.uint8:                         # the prompt path of quantized rows
+            xb = np.ones((K.BLAS_MIN_TOKENS, c.d_model), np.float32)
+            self.kernel(xb, rows, 2, np.arange(2, dtype=np.int32), None, np.empty_like(xb))
         if c.norm_kind == "layer":
             K.layernorm(x, np.ones(c.d_model, np.float32), np.zeros(c.d_model, np.float32), 1e-5, np.empty_like(x))
+
+    def _warmup_sessions(self) -> None:
+        c = self.config
+        for T in (1, 2):
+            qkv = np.zeros((T, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim), np.float32)
+            kv = np.zeros((T, c.n_kv_heads, c.head_dim), self.k_cache.dtype)
+            cs = np.zeros((T, c.head_dim // 2), np.float32) if c.pos_kind == "rope" else self._no_rope[0]
+            K.rope_kv_attention(qkv, c.n_heads, cs, cs, kv, kv.copy(), 0, self.attn_scale, 0,
+                                np.empty((T, c.n_heads * c.head_dim), np.float32))
 
     def reset_io_stats(self) -> None:
         """Start the flash accounting afresh (e.g. after prefill, so figures describe decoding)."""

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +14,13 @@ import numpy as np
 from .config import FORMAT_VERSION, ModelConfig
 from .errors import FlashlmError
 from .flash_reader import BLOCK, aligned_empty
+from .pagecache import drop_cached
 from .safetensors_file import DTYPES, SafetensorsError, read_header
-from .schema import ConfigError, config_from_dict, expected_dense_tensors
+from .schema import ConfigError, config_from_dict, expected_dense_tensors, expected_tensors
 from .storage import BundleLayout, BundlePart, StorageError, StorageType, TensorEntry, float_storage_of, storage_type
 
 
+MATRICES_FILE = "ffn_matrices.safetensors"   # quantized folders: FFN weights as whole matrices
 ROW_CRC_TENSOR = "ffn.row_crc32"    # [n_layers, n_ff] uint32 in dense.safetensors
 
 
@@ -58,6 +60,7 @@ class ModelFolder:
     files: dict[str, FileEntry]
     dense: dict[str, TensorEntry]         # dense.safetensors, every tensor checked against the config
     bundles: BundleLayout                 # ffn.safetensors
+    matrices: dict[str, TensorEntry] = field(default_factory=dict)  # ffn_matrices.safetensors (quantized folders)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -98,8 +101,7 @@ def _header(path: Path):
         raise ModelFileError(str(e)) from None
 
 
-def _dense_tensors(path: Path, config: ModelConfig, overrides: dict) -> dict[str, TensorEntry]:
-    """dense.safetensors' tensors, each expected one present with the shape the config implies."""
+def _tensor_entries(path: Path, overrides: dict) -> tuple[dict[str, TensorEntry], dict]:
     header, data_start, _ = _header(path)
     out = {}
     for name, info in header.items():
@@ -112,6 +114,24 @@ def _dense_tensors(path: Path, config: ModelConfig, overrides: dict) -> dict[str
         if storage is not None and name in overrides:      # block types: the header holds the stored shape
             shape = shape[:-1] + (shape[-1] * dtype.itemsize // storage.block_bytes * storage.block_elems,)
         out[name] = TensorEntry(name, shape, storage, dtype, data_start + begin, end - begin)
+    return out, header
+
+
+def _matrix_tensors(path: Path, config: ModelConfig, overrides: dict) -> dict[str, TensorEntry]:
+    """ffn_matrices.safetensors: every layer's FFN weights as whole 2-D matrices of the config's shapes."""
+    out, _ = _tensor_entries(path, overrides)
+    want = {n: s for n, s in expected_tensors(config).items() if ".ffn." in n and n.endswith(".weight")}
+    for name, shape in want.items():
+        t = out.get(name)
+        if t is None or t.shape != shape or t.storage is None:
+            raise ModelFileError(f"{path}: tensor {name!r} is "
+                                 f"{'missing' if t is None else list(t.shape)}; the config implies {list(shape)}")
+    return out
+
+
+def _dense_tensors(path: Path, config: ModelConfig, overrides: dict) -> dict[str, TensorEntry]:
+    """dense.safetensors' tensors, each expected one present with the shape the config implies."""
+    out, header = _tensor_entries(path, overrides)
     for name, shape in expected_dense_tensors(config).items():
         t = out.get(name)
         if t is None:
@@ -220,9 +240,10 @@ def open_folder(path) -> ModelFolder:
     try:
         dense = _dense_tensors(path / "dense.safetensors", config, overrides)
         bundles = _bundle_layout(path, mpath, manifest, config)
+        matrices = _matrix_tensors(path / MATRICES_FILE, config, overrides) if MATRICES_FILE in files else {}
     except StorageError as e:
         raise ModelFileError(f"{mpath}: {e}") from None
-    return ModelFolder(path, manifest, config, storage, files, dense, bundles)
+    return ModelFolder(path, manifest, config, storage, files, dense, bundles, matrices)
 
 
 def read_verified(folder: ModelFolder, name: str) -> np.ndarray:
@@ -238,11 +259,30 @@ def read_verified(folder: ModelFolder, name: str) -> np.ndarray:
             view = buf[start:start + chunk]
             if f.readinto(memoryview(view)) != view.size:
                 raise ModelFileError(f"{path}: short read at byte {start}")
+            drop_cached(f.fileno(), 0, start + view.size)   # read once: a memory limit must not pay for it twice
             h.update(view)
     if h.hexdigest() != expected:
         raise ModelFileError(f"{path}: sha256 {h.hexdigest()[:16]}... does not match the manifest "
                              f"({expected[:16]}...); the file is corrupt")
     return buf
+
+
+def read_small_verified(folder_path, manifest: dict, name: str) -> bytes:
+    """A small side file (tokenizer, chat template) read whole and checked against the manifest's sha256:
+    a corrupt or swapped file must fail here, not change what the model is fed."""
+    path = Path(folder_path) / name
+    entry = (manifest.get("files") or {}).get(name)
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise ModelFileError(f"{path}: not listed with a sha256 in manifest.json; re-convert the model")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read ({e.strerror or e})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry["sha256"]:
+        raise ModelFileError(f"{path}: sha256 {digest[:16]}... does not match the manifest "
+                             f"({entry['sha256'][:16]}...); the file is corrupt or was replaced")
+    return data
 
 
 def tensors_from_buffer(buf: np.ndarray, entries: dict[str, TensorEntry]) -> dict[str, np.ndarray]:

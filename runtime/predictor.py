@@ -4,14 +4,26 @@ Each predictor is built from low-rank maps d -> r -> n_ff, est = (h @ A.T) @ B.T
 normalized FFN input h, fitted to the layer's own projections (see converters/calibrate.py):
 - ReLU family: one map estimates the pre-activation up.h + b; neurons whose estimate is above a
   calibrated threshold are predicted active.
-- SwiGLU: two maps estimate gate.h and up.h; the score is the estimated contribution
+- SwiGLU, rule "topk": two maps estimate gate.h and up.h; the score is the estimated contribution
   |silu(gate) * up|, and the `keep` neurons with the largest scores are used (SwiGLU is not naturally
   sparse, and the sign of the gate alone is a poor guide).
-Stored in predictor.safetensors as layers.{i}.predictor.{up,gate}.{A [r, d], B [n_ff, r], c [n_ff]} and
-layers.{i}.predictor.hot [n_ff] (neurons by calibration frequency), rule and rank in the metadata.
+- SwiGLU, rule "gate" (gate resident, two-phase, PowerInfer-2's gate-first order): the layer's exact
+  W_gate rows stay in DRAM, so silu(gate.h) is exact; only up.h is estimated (low rank), and the score
+  is |silu(gate) * up~| * ||W_down[:, i]|| (WINA's weight-informed ranking: the norm of what neuron i
+  adds to the output). On SmolLM2 at keep 50% this cuts the perplexity cost from +46% to a few percent
+  (docs/BENCHMARKS.md, tools/sparsity_frontier.py); it costs a third of the FFN in DRAM.
+- SwiGLU, rule "exact" (gate and up resident): silu(gate.h) * up.h is computed exactly and the score is
+  |a_i| * ||W_down[:, i]||, the true top-k by output norm: +1.3% perplexity at keep 50% on SmolLM2
+  (the bundle rows' gate and up parts are then read without need: reading only the down column is
+  the layout change this rule is waiting for); two thirds of the FFN in DRAM.
+Stored in predictor.safetensors as layers.{i}.predictor.{up,gate}.{A [r, d], B [n_ff, r], c [n_ff]},
+layers.{i}.predictor.hot [n_ff] (neurons by calibration frequency) and, for "gate",
+layers.{i}.predictor.gate_rows [n_ff, d] and layers.{i}.predictor.down_norm [n_ff], for "exact" also
+layers.{i}.predictor.up_rows [n_ff, d] (and no low-rank maps); rule and rank in the metadata.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,17 +67,29 @@ def gated_score(gate: np.ndarray, up: np.ndarray, ffn_kind: str) -> np.ndarray:
 
 @dataclass
 class LayerPredictor:
-    up: LowRank
-    gate: LowRank | None     # gated FFNs (SwiGLU, GeGLU) only
-    rule: str                # "threshold" (ReLU) or "topk" (gated)
+    up: LowRank | None       # None for "exact"
+    gate: LowRank | None     # gated "topk" only
+    rule: str                # "threshold" (ReLU), "topk", "gate" or "exact" (gated: SwiGLU, GeGLU)
     threshold: float = 0.0
-    keep: int = 0            # neurons kept per token for "topk"
+    keep: int = 0            # neurons kept per token for "topk" and "gate"
     hot: np.ndarray | None = None   # neuron ids ordered by calibration activation frequency, hottest first
     ffn_kind: str = "swiglu"        # which gate activation the contribution score applies
+    gate_rows: np.ndarray | None = None   # "gate", "exact": W_gate [n_ff, d], f16 bits or f32
+    up_rows: np.ndarray | None = None     # "exact": W_up [n_ff, d]
+    down_norm: np.ndarray | None = None   # "gate", "exact": ||W_down[:, i]|| [n_ff] f32
+
+    def _rows(self, h: np.ndarray, w: np.ndarray) -> np.ndarray:
+        out = np.empty((h.shape[0], w.shape[0]), np.float32)
+        K.matmul(h, w, out)
+        return out
 
     def scores(self, h: np.ndarray) -> np.ndarray:
         """h [T, d] -> scores [T, n_ff]: estimated pre-activation (ReLU) or contribution (SwiGLU)."""
+        if self.rule == "exact":
+            return gated_score(self._rows(h, self.gate_rows), self._rows(h, self.up_rows), self.ffn_kind) * self.down_norm
         up = self.up(h)
+        if self.rule == "gate":
+            return gated_score(self._rows(h, self.gate_rows), up, self.ffn_kind) * self.down_norm
         return up if self.gate is None else gated_score(self.gate(h), up, self.ffn_kind)
 
     def select(self, scores: np.ndarray) -> np.ndarray:
@@ -94,8 +118,26 @@ def _open(folder: Path):
 @dataclass(frozen=True)
 class Calibration:
     """What the memory planner needs from predictor.safetensors, read without loading the predictors."""
-    predictor_bytes: list[int]   # per layer: the low-rank maps the layer's predictor keeps resident
+    predictor_bytes: list[int]   # per layer: what the predictor keeps resident (low-rank maps, gate/up rows, norms)
     report: dict                 # converters/calibrate.py's report: per layer window statistics
+
+
+def _check_sha256(folder: Path, path: Path) -> None:
+    """The predictors decide which neurons are read: a corrupt file must not silently change that.
+    calibrate records their sha256 in the manifest; check it before any tensor is used."""
+    mpath = folder / "manifest.json"
+    try:
+        entry = json.loads(mpath.read_text())["files"][PREDICTOR_FILE]
+        expected = entry["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelFileError(f"{path}: no sha256 for it in {mpath}; run `flashlm calibrate {folder}` again") from None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    if h.hexdigest() != expected:
+        raise ModelFileError(f"{path}: sha256 {h.hexdigest()[:16]}... does not match the manifest "
+                             f"({str(expected)[:16]}...); the file is corrupt or was replaced")
 
 
 def calibration_report(folder: Path) -> dict:
@@ -127,6 +169,7 @@ def load_predictors(folder: Path, config, layers=None) -> list[LayerPredictor | 
     """One LayerPredictor per layer in `layers` (default all); None for the others. Every tensor's
     shape is checked against `config` (ModelConfig): the matmul kernels index by those shapes."""
     path, header, start, meta = _open(folder)
+    _check_sha256(Path(folder), path)
     try:
         infos = json.loads(meta["layers"])
     except (KeyError, json.JSONDecodeError) as e:
@@ -165,10 +208,22 @@ def load_predictors(folder: Path, config, layers=None) -> list[LayerPredictor | 
         if i not in wanted:
             out.append(None)
             continue
+        rule = info.get("rule")
         up, gate = low_rank(p + ".up"), low_rank(p + ".gate")
-        if up is None or (gate is None) == config.gated:
-            raise ModelFileError(f"{path}: layer {i} predictor maps do not fit a {config.ffn_kind} FFN")
-        out.append(LayerPredictor(up=up, gate=gate, rule=info["rule"],
+        # Which maps each rule needs: low-rank up (all but "exact"), low-rank gate ("topk"), resident
+        # exact rows ("gate": W_gate, "exact": W_gate and W_up) with the down-column norms.
+        fits = {"threshold": not config.gated and up is not None and gate is None,
+                "topk": config.gated and up is not None and gate is not None,
+                "gate": config.gated and up is not None and gate is None,
+                "exact": config.gated and up is None and gate is None}
+        if not fits.get(rule, False):
+            raise ModelFileError(f"{path}: layer {i} predictor (rule {rule!r}) does not fit a {config.ffn_kind} FFN")
+        resident = {}
+        if rule in ("gate", "exact"):
+            resident = {"gate_rows": tensor(p + ".gate_rows", (n_ff, d)), "down_norm": tensor(p + ".down_norm", (n_ff,))}
+            if rule == "exact":
+                resident["up_rows"] = tensor(p + ".up_rows", (n_ff, d))
+        out.append(LayerPredictor(up=up, gate=gate, rule=rule,
                                   threshold=info.get("threshold", 0.0), keep=info.get("keep", 0),
-                                  hot=hot(p + ".hot"), ffn_kind=config.ffn_kind))
+                                  hot=hot(p + ".hot"), ffn_kind=config.ffn_kind, **resident))
     return out

@@ -316,3 +316,76 @@ def from_parts(type_name: str, shape: tuple[int, int], parts: dict[str, np.ndarr
     nb = scales.shape[1]
     block = parts["qs"].shape[1] * 8 // qtype.bits // nb
     return QTensor(qtype, tuple(shape), block, parts["qs"], scales, mins)
+
+
+# --- row-planar storage: one uint8 row per matrix row (the storage-type table's block entries) ----------
+
+@dataclass(frozen=True)
+class BlockFormat:
+    """A storage type of the dense-weight table: codes | scales | mins of one matrix row, back to back.
+
+    Keeping each row's codes contiguous lets a session take the codes of all rows as one [n, bytes]
+    slice (MatMulNBits' B), and the scales as another, without re-packing bits."""
+    name: str
+    qtype: QuantType
+    block: int
+    scale_dtype: np.dtype
+
+    @property
+    def block_bytes(self) -> int:
+        return self.block * self.qtype.bits // 8 + (2 if self.qtype.has_min else 1) * self.scale_dtype.itemsize
+
+    def row_bytes(self, k: int) -> int:
+        if k % self.block:
+            raise QuantError(f"{self.name} stores rows in whole blocks of {self.block}; a row of {k} elements is not")
+        return k // self.block * self.block_bytes
+
+
+BLOCK_FORMATS = {f.name: f for f in (
+    BlockFormat("q8_0", QUANT_TYPES["q8_0"], 32, np.dtype(np.float16)),
+    BlockFormat("q4_0", QUANT_TYPES["q4_0"], 32, np.dtype(np.float16)),
+    BlockFormat("q4_1", QUANT_TYPES["q4_1"], 32, np.dtype(np.float16)),
+    BlockFormat("q8_1", QUANT_TYPES["q8_1"], 32, np.dtype(np.float16)),
+    # K-quants, exact: the f32 scale (and min) of each 32 (Q4_K, Q5_K) or 16 (Q6_K) elements.
+    BlockFormat("q4_1.f32", QUANT_TYPES["q4_1"], 32, np.dtype(np.float32)),
+    BlockFormat("q8_1.f32", QUANT_TYPES["q8_1"], 32, np.dtype(np.float32)),
+    BlockFormat("q8_0.b16f32", QUANT_TYPES["q8_0"], 16, np.dtype(np.float32)),
+)}
+
+
+def format_of(qt: QTensor) -> BlockFormat:
+    for f in BLOCK_FORMATS.values():
+        if f.qtype == qt.qtype and f.block == qt.block and f.scale_dtype == qt.scales.dtype:
+            return f
+    raise QuantError(f"no storage type for {qt.qtype.name} blocks of {qt.block} with {qt.scales.dtype} scales")
+
+
+def to_rows(qt: QTensor) -> np.ndarray:
+    """uint8 [n, row_bytes] in the row-planar layout of format_of(qt)."""
+    fmt = format_of(qt)
+    n, k = qt.shape
+    fmt.row_bytes(k)
+    parts = [qt.qs, qt.scales.view(np.uint8).reshape(n, -1)]
+    if qt.mins is not None:
+        parts.append(qt.mins.view(np.uint8).reshape(n, -1))
+    return np.ascontiguousarray(np.concatenate(parts, axis=1))
+
+
+def from_rows(rows: np.ndarray, fmt: BlockFormat, k: int) -> QTensor:
+    """Views of stored rows uint8 [n, row_bytes] as a QTensor (nothing is copied)."""
+    rows = rows.view(np.uint8)
+    n = rows.shape[0]
+    if rows.ndim != 2 or rows.shape[1] != fmt.row_bytes(k):
+        raise QuantError(f"{fmt.name} rows of {k} elements are {fmt.row_bytes(k)} bytes, got {list(rows.shape)}")
+    nb = k // fmt.block
+    cb = fmt.qtype.code_bytes(k, fmt.block)
+    sb = nb * fmt.scale_dtype.itemsize
+    scales = rows[:, cb:cb + sb].view(fmt.scale_dtype)
+    mins = rows[:, cb + sb:cb + 2 * sb].view(fmt.scale_dtype) if fmt.qtype.has_min else None
+    return QTensor(fmt.qtype, (n, k), fmt.block, rows[:, :cb], scales, mins)
+
+
+def permute_rows(qt: QTensor, order: np.ndarray) -> QTensor:
+    """The matrix with its rows reordered (GGUF's interleaved Q/K heads back to rotate-half)."""
+    return QTensor(qt.qtype, qt.shape, qt.block, qt.qs[order], qt.scales[order],
+                   None if qt.mins is None else qt.mins[order])

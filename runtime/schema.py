@@ -70,10 +70,16 @@ def config_from_dict(d) -> ModelConfig:
     for name in ("norm_eps", "rope_theta"):
         if name in values and not (math.isfinite(values[name]) and values[name] > 0):
             raise ConfigError(name, f"{values[name]} is not a positive number")
+        if name in values:
+            values[name] = float(values[name])   # the kernels take a float64: a JSON int may not fit one
+    if "norm_eps" in values and values["norm_eps"] >= 1.0:
+        raise ConfigError("norm_eps", f"{values['norm_eps']} is not a normalization epsilon (below 1)")
     for name in ("embed_scale", "attn_scale", "rope_local_theta"):
         v = values.get(name)
         if v is not None and not (math.isfinite(v) and v > 0):
             raise ConfigError(name, f"{v} is not a positive number")
+        if v is not None:
+            values[name] = float(v)
     window, sliding = values.get("sliding_window"), values.get("sliding_layers", [])
     if window is not None and not 0 < window <= MAX_DIM:
         raise ConfigError("sliding_window", f"{window} is not in 1..{MAX_DIM}")

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import FlashlmError
+from .qbundle import QBLOCK, QFORMATS, QFormat, dequantize_part, qformat, quantize_part
 
 
 class StorageError(FlashlmError):
@@ -78,12 +79,80 @@ def _f32_decode(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
+def _lanes_type(fmt: QFormat) -> StorageType:
+    """A bundle-row storage type: GGUF blocks of `fmt`, lane-major inside each part (runtime/qbundle.py)."""
+    def encode(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        return quantize_part(x.reshape(-1, x.shape[-1]), fmt).reshape(*x.shape[:-1], -1)
+
+    def decode(b: np.ndarray) -> np.ndarray:
+        b = np.asarray(b, dtype=np.uint8)
+        return dequantize_part(b.reshape(-1, b.shape[-1]), fmt).reshape(*b.shape[:-1], -1)
+
+    qs = fmt.quant_bytes_per_block
+    fields = (("qs", "uint8" if fmt.bits == 4 else "int8", qs), ("d", fmt.scale_dtype.name, 1)) + \
+        ((("m", fmt.scale_dtype.name, 1),) if fmt.has_min else ())
+    return StorageType(f"{fmt.name}.lanes", QBLOCK, fmt.block_bytes, np.dtype(np.uint8), "U8", fields, encode, decode,
+                       f"GGUF {fmt.name} blocks of one bundle part stored lane-major (quants [{qs} x nb], then "
+                       f"scales [nb]{', mins [nb]' if fmt.has_min else ''}): FFN bundle rows only")
+
+
+def _block_type(fmt) -> StorageType:
+    """A dense-weight block type (runtime/quant.py): per matrix row its codes, then scales (then mins)."""
+    from . import quant as Q
+
+    def encode(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if fmt.name not in Q.QUANTIZE_TYPES:
+            raise StorageError(f"{fmt.name} holds GGUF K-quant blocks exactly; float weights are quantized to "
+                               f"one of {Q.QUANTIZE_TYPES}")
+        fmt.row_bytes(x.shape[-1])
+        return Q.to_rows(Q.quantize(x.reshape(-1, x.shape[-1]), fmt.name)).reshape(*x.shape[:-1], -1)
+
+    def decode(b: np.ndarray) -> np.ndarray:
+        b = np.asarray(b).view(np.uint8)
+        rows = b.reshape(-1, b.shape[-1])
+        k = rows.shape[1] // fmt.block_bytes * fmt.block
+        return Q.from_rows(rows, fmt, k).dequantize().reshape(*b.shape[:-1], k)
+
+    bits, per = fmt.qtype.bits, fmt.block * fmt.qtype.bits // 8
+    fields = (("codes", "uint8", per), ("scale", fmt.scale_dtype.name, 1)) + \
+        ((("min", fmt.scale_dtype.name, 1),) if fmt.qtype.has_min else ())
+    formula = "q * scale + min" if fmt.qtype.has_min else f"(q - {fmt.qtype.zero}) * scale"
+    return StorageType(fmt.name, fmt.block, fmt.block_bytes, np.dtype(np.uint8), "U8", fields, encode, decode,
+                       f"{bits}-bit blocks of {fmt.block}, w = {formula}; a row stores all its codes, then its "
+                       f"{fmt.scale_dtype.name} scales" + (", then mins" if fmt.qtype.has_min else "")
+                       + " (MatMulNBits' layout, runtime/quant.py)")
+
+
+def block_format(storage: StorageType):
+    """The quant.BlockFormat of a dense block type, None for float storage."""
+    from .quant import BLOCK_FORMATS
+    return BLOCK_FORMATS.get(storage.name)
+
+
+def _block_types() -> tuple[StorageType, ...]:
+    from .quant import BLOCK_FORMATS
+    return tuple(_block_type(f) for f in BLOCK_FORMATS.values())
+
+
 STORAGE_TYPES: dict[str, StorageType] = {t.name: t for t in (
     StorageType("f32", 1, 4, np.dtype(np.float32), "F32", (("value", "float32", 1),),
                 _f32_encode, _f32_decode, "IEEE single precision"),
     StorageType("f16", 1, 2, np.dtype(np.uint16), "F16", (("value", "float16", 1),),
                 _f16_encode, _f16_decode, "IEEE half precision; kernels get the bits as uint16"),
+    *(_lanes_type(qformat(name)) for name in sorted(QFORMATS)),
+    *_block_types(),
 )}
+# Bundle rows of a model converted to block type X are stored as this type (dense weights as X itself).
+BUNDLE_STORAGE = {name: f"{name}.lanes" for name in QFORMATS}
+
+
+def bundle_qformat(storage: StorageType) -> QFormat | None:
+    """The quantized-kernel format of a bundle storage type, None for float rows."""
+    if storage.name.endswith(".lanes"):
+        return qformat(storage.name[:-len(".lanes")])
+    return None
 
 
 def storage_type(name: str) -> StorageType:

@@ -18,7 +18,17 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import FlashlmError
+from .pagecache import drop_file
 from tokenizers.decoders import DecodeStream
+
+from .modelfile import ModelFileError, read_small_verified
+
+
+def _utf8(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelFileError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 class ChatTemplateError(ValueError, FlashlmError):
@@ -150,20 +160,36 @@ class StreamDecoder:
 
 class Tokenizer:
     def __init__(self, tokenizer_json_path, *, chat_template: str | None, special_tokens: dict,
-                 eos_token_ids: list[int]):
-        self._tok = _HFTokenizer.from_file(str(tokenizer_json_path))
+                 eos_token_ids: list[int], tokenizer_json: str | None = None):
+        try:
+            self._tok = (_HFTokenizer.from_str(tokenizer_json) if tokenizer_json is not None
+                         else _HFTokenizer.from_file(str(tokenizer_json_path)))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+            raise ModelFileError(f"{tokenizer_json_path}: not a valid tokenizer ({str(e)[:200]})") from None
+        drop_file(tokenizer_json_path)   # parsed once; its cached pages would count against a memory limit
         self.chat_template = chat_template or None
         self.special_tokens = dict(special_tokens)
         self.eos_token_ids = frozenset(int(i) for i in eos_token_ids) | self._special_eos_id()
 
     @classmethod
     def from_folder(cls, folder, manifest: dict) -> "Tokenizer":
+        """The folder's tokenizer.json and chat template, each checked against the manifest's sha256, and
+        the vocabulary checked to fit the model (a token id past the embedding table would be read)."""
         folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise ModelFileError(f"{path}: missing; this model folder has no tokenizer")
+        text = _utf8(path, read_small_verified(folder, manifest, "tokenizer.json"))
         template_path = folder / "chat_template.jinja"
-        template = template_path.read_text(encoding="utf-8") if template_path.exists() else None
-        return cls(folder / "tokenizer.json", chat_template=template,
-                   special_tokens=manifest.get("special_tokens") or {},
-                   eos_token_ids=(manifest.get("config") or {}).get("eos_token_ids") or [])
+        template = (_utf8(template_path, read_small_verified(folder, manifest, "chat_template.jinja"))
+                    if template_path.exists() else None)
+        tok = cls(path, chat_template=template, special_tokens=manifest.get("special_tokens") or {},
+                  eos_token_ids=(manifest.get("config") or {}).get("eos_token_ids") or [], tokenizer_json=text)
+        vocab_size = (manifest.get("config") or {}).get("vocab_size")
+        top = max(tok._tok.get_vocab(with_added_tokens=True).values(), default=-1)
+        if isinstance(vocab_size, int) and top >= vocab_size:
+            raise ModelFileError(f"{path}: token id {top} is not below the model's vocab_size {vocab_size}")
+        return tok
 
     def _special_eos_id(self) -> frozenset[int]:
         # The template's end-of-turn token also ends generation, even if the config only lists another EOS id.

@@ -53,7 +53,7 @@ class Candidate:
                       "/".join(f"{n} {k}" for k, n in kinds.items() if n)]
         elif r.mode == "hybrid":
             parts += [f"{len(self.plan.resident_layers)} resident layers", f"{r.io_threads} readers"]
-        parts.append(f"{r.threads} threads")
+        parts.append(f"{r.threads or 'all'} threads")
         return ", ".join(parts)
 
 

@@ -85,8 +85,12 @@ def test_verbose_errors_keep_their_traceback():
 
 
 def test_bad_runtime_setting_is_one_line(model):
-    r = flashlm("run", model, "-p", "hi", "--ctx", "0")
-    assert r.returncode == 1 and r.stderr.strip() == "flashlm run: error: ctx_len 0: the context must hold at least one token"
+    r = flashlm("run", model, "-p", "hi", "--ctx", "0")    # refused by the flag's type, before anything loads
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "flashlm run: error: argument -c/--ctx: 0 is below the minimum 1 (see flashlm run --help)"
+    from flashlm.runtime.config import RuntimeConfig      # ... and by RuntimeConfig for library callers
+    with pytest.raises(Exception, match="ctx_len 0: the context must hold at least one token"):
+        RuntimeConfig(ctx_len=0)
 
 
 def test_help_describes_the_tool_in_whole_sentences():

@@ -17,6 +17,7 @@ import tiny_models as tm
 from flashlm.converters.convert import convert
 from flashlm.converters.gguf_source import GGUFSource, _bytes_to_unicode, permute_qk
 from flashlm.converters.source import ConversionError
+from flashlm.runtime.config import RuntimeConfig
 from flashlm.runtime.model import Model
 from flashlm.runtime.modelfile import open_folder
 
@@ -112,7 +113,8 @@ def gguf_model(request, tmp_path_factory):
 
 def test_gguf_logits_match_transformers(gguf_model, tmp_path):
     arch, path, ref = gguf_model
-    model = Model(open_folder(convert(path, tmp_path / "m.flashlm", dtype="f32", progress=False)))
+    model = Model(open_folder(convert(path, tmp_path / "m.flashlm", dtype="f32", progress=False)),
+                  RuntimeConfig(kv_dtype="f32"))      # the exact path: f32 weights and KV cache
     prefill = model.forward(IDS[:N_PROMPT], all_logits=True)
     decode = [model.forward([t])[0] for t in IDS[N_PROMPT:]]
     err = np.abs(np.concatenate([prefill, np.stack(decode)]) - ref).max()

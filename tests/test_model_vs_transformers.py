@@ -4,6 +4,7 @@ import pytest
 
 import tiny_models as tm
 from flashlm.converters.convert import convert
+from flashlm.runtime.config import RuntimeConfig
 from flashlm.runtime.model import Model
 from flashlm.runtime.modelfile import open_folder
 
@@ -32,7 +33,9 @@ def checkpoint(request, tmp_path_factory):
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
 def test_prefill_and_decode_match_transformers(checkpoint, dtype, tmp_path):
     name, src, ref = checkpoint
-    model = Model(open_folder(convert(src, tmp_path / "m.flashlm", dtype=dtype, progress=False)))
+    # f32 is the exact path: f32 KV cache too (the f16 default rounds K/V to 11 bits).
+    model = Model(open_folder(convert(src, tmp_path / "m.flashlm", dtype=dtype, progress=False)),
+                  RuntimeConfig(kv_dtype="f32" if dtype == "f32" else "f16"))
     prefill = model.forward(IDS[:N_PROMPT], all_logits=True)
     decode = [model.forward([t])[0] for t in IDS[N_PROMPT:]]
     ours = np.concatenate([prefill, np.stack(decode)])
@@ -43,7 +46,8 @@ def test_prefill_and_decode_match_transformers(checkpoint, dtype, tmp_path):
 
 def test_prefill_in_chunks_equals_one_pass(checkpoint, tmp_path):
     _, src, ref = checkpoint
-    model = Model(open_folder(convert(src, tmp_path / "m.flashlm", dtype="f32", progress=False)))
+    model = Model(open_folder(convert(src, tmp_path / "m.flashlm", dtype="f32", progress=False)),
+                  RuntimeConfig(kv_dtype="f32"))
     a = model.forward(IDS[:10], all_logits=True)
     b = model.forward(IDS[10:], all_logits=True)
     np.testing.assert_allclose(np.concatenate([a, b]), ref, atol=1e-4)

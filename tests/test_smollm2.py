@@ -5,6 +5,7 @@ import pytest
 
 from flashlm.converters.convert import convert
 from flashlm.runtime.generate import GenerationStats, stream_generate
+from flashlm.runtime.config import RuntimeConfig
 from flashlm.runtime.model import Model
 from flashlm.runtime.modelfile import open_folder
 from flashlm.runtime.sampling import SamplingParams
@@ -29,7 +30,7 @@ def hf(smollm2_gguf):
 def ours(smollm2_gguf, tmp_path_factory):
     out = convert(smollm2_gguf, tmp_path_factory.mktemp("smol") / "smollm2.flashlm", dtype="f32", progress=False)
     folder = open_folder(out)
-    model = Model(folder)
+    model = Model(folder, RuntimeConfig(kv_dtype="f32"))      # the exact reference: f32 weights and KV cache
     model.warmup()
     return model, Tokenizer.from_folder(folder.path, folder.manifest)
 

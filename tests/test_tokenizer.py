@@ -45,8 +45,11 @@ def smol_folder(hf_tok, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tok(hf_tok, smol_folder):
     """Our Tokenizer built via from_folder, as the runtime does."""
+    import hashlib
+    files = {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in smol_folder.iterdir()}
     manifest = {"special_tokens": {k: v for k, v in hf_tok.special_tokens_map.items() if isinstance(v, str)},
-                "config": {"bos_token_id": hf_tok.bos_token_id, "eos_token_ids": [hf_tok.eos_token_id]}}
+                "config": {"bos_token_id": hf_tok.bos_token_id, "eos_token_ids": [hf_tok.eos_token_id]},
+                "files": files}
     return Tokenizer.from_folder(smol_folder, manifest)
 
 
@@ -245,6 +248,28 @@ def test_missing_and_invalid_template(tiny_tokenizer_json):
 
 
 def test_from_folder_without_template(tiny_tokenizer_json):
-    t = Tokenizer.from_folder(tiny_tokenizer_json.parent, {"config": {"eos_token_ids": [3]}})
+    import hashlib
+    files = {"tokenizer.json": {"sha256": hashlib.sha256(tiny_tokenizer_json.read_bytes()).hexdigest()}}
+    t = Tokenizer.from_folder(tiny_tokenizer_json.parent, {"config": {"eos_token_ids": [3]}, "files": files})
     assert t.chat_template is None and t.is_eos(3) and not t.is_eos(4)
     assert t.decode(t.encode("abc")) == "abc"
+
+
+def test_from_folder_checks_sha256_and_refuses_corrupt_json(tiny_tokenizer_json):
+    import hashlib
+    from flashlm.runtime.modelfile import ModelFileError
+    good = tiny_tokenizer_json.read_bytes()
+    files = {"tokenizer.json": {"sha256": hashlib.sha256(good).hexdigest()}}
+    with pytest.raises(ModelFileError, match="not listed with a sha256"):
+        Tokenizer.from_folder(tiny_tokenizer_json.parent, {"files": {}})
+    try:
+        tiny_tokenizer_json.write_bytes(good.replace(b'"a"', b'"A"', 1))    # still valid JSON, other vocabulary
+        with pytest.raises(ModelFileError, match=r"tokenizer\.json: sha256 .* does not match"):
+            Tokenizer.from_folder(tiny_tokenizer_json.parent, {"files": files})
+        bad = good[:len(good) // 2]
+        tiny_tokenizer_json.write_bytes(bad)
+        files = {"tokenizer.json": {"sha256": hashlib.sha256(bad).hexdigest()}}
+        with pytest.raises(ModelFileError, match=r"tokenizer\.json: not a valid tokenizer"):
+            Tokenizer.from_folder(tiny_tokenizer_json.parent, {"files": files})
+    finally:
+        tiny_tokenizer_json.write_bytes(good)

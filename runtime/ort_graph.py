@@ -1,0 +1,183 @@
+"""onnxruntime graphs that flashlm builds itself (the `onnx` helper API) for its resident weights.
+
+Quantized matrices (runtime/quant.py) become `com.microsoft.MatMulNBits` nodes with their codes as
+constant initializers: onnxruntime prepacks them once and runs decode matvecs with int8 activations
+(accuracy_level 4) at several times the rate a numba loop reaches (no VNNI from LLVM). Measured
+(onnxruntime 1.32, CPU EP): a float zero point is 20x slower than none and is refused for 8 bits, so a
+type with a min (q4_1, q8_1) runs as MatMulNBits with the implicit zero point plus a small f32 MatMul
+of per-block input sums with the folded mins:
+    sum_j (q_j s + m) x_j = sum_j (q_j - z) s x_j + (m + z s) * sum_j x_j          (per block)
+f16/f32 matrices become a plain MatMul over f32 initializers (used only where a folder mixes types).
+
+A graph is a short chain of such nodes plus norms, residual adds and activations, so one `run()`
+covers everything between two attention calls (see runtime/ort_model.py). Sessions never spin
+(`session.intra_op.allow_spinning=0`) so numba's threads get the cores back between runs.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .quant import QTensor
+
+INT8_ACTIVATIONS = 4      # MatMulNBits accuracy_level: int8 activations, int32 sums (the fast CPU path)
+F32_ACTIVATIONS = 0       # f32 activations: exact up to f32 rounding, 2-10x slower (tests, reference runs)
+OPSET = 17
+
+
+class GraphBuilder:
+    """Accumulates nodes and constant initializers for one onnxruntime session."""
+
+    def __init__(self, name: str, accuracy_level: int = INT8_ACTIVATIONS):
+        from onnx import TensorProto, helper
+        self.accuracy_level = accuracy_level
+        self._helper, self._tp = helper, TensorProto
+        self.name = name
+        self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
+        self._n = 0
+
+    def _fresh(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def const(self, arr: np.ndarray, hint: str = "c") -> str:
+        from onnx import numpy_helper
+        name = self._fresh(hint)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], hint: str | None = None, domain: str = "", n_out: int = 1, **attrs):
+        outs = [self._fresh(hint or op.lower()) for _ in range(n_out)]
+        self.nodes.append(self._helper.make_node(op, inputs, outs, domain=domain, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def input(self, name: str, width: int) -> str:
+        self.inputs.append(self._helper.make_tensor_value_info(name, self._tp.FLOAT, ["T", width]))
+        return name
+
+    def output(self, value: str, name: str, width: int) -> None:
+        self.nodes.append(self._helper.make_node("Identity", [value], [name]))
+        self.outputs.append(self._helper.make_tensor_value_info(name, self._tp.FLOAT, ["T", width]))
+
+    # --- layers -------------------------------------------------------------------------------------
+    def linear(self, x: str, w, bias: np.ndarray | None = None, hint: str = "y") -> str:
+        """x[T, k] @ w.T (+ bias): w a QTensor [n, k] or a float array [n, k] (f16 as float16 or uint16 bits)."""
+        if isinstance(w, QTensor):
+            y = self._matmul_nbits(x, w, hint)
+        else:
+            arr = w.view(np.float16) if w.dtype == np.uint16 else w
+            y = self.node("MatMul", [x, self.const(np.ascontiguousarray(arr.astype(np.float32).T), hint + "_w")], hint)
+        if bias is not None:
+            y = self.node("Add", [y, self.const(np.asarray(bias, np.float32), hint + "_b")], hint)
+        return y
+
+    def _matmul_nbits(self, x: str, w: QTensor, hint: str) -> str:
+        n, k = w.shape
+        bits, block = w.qtype.bits, w.block
+        nb = w.scales.shape[1]
+        codes = w.qs.reshape(n, nb, block * bits // 8)
+        scales = w.scales.astype(np.float32)
+        inputs = [x, self.const(codes, hint + "_q"), self.const(scales.reshape(-1), hint + "_s")]
+        zero = 1 << (bits - 1)
+        if w.mins is not None and bits == 8:
+            # 8-bit codes with a min come from 5-bit GGUF types (0..31): centre them with an explicit
+            # zero point, as the default 128 would multiply int8-activation error by |q - 128| ~ 100.
+            zero = (int(w.qs.max()) + 1) // 2
+            inputs.append(self.const(np.full(n * nb, zero, np.uint8), hint + "_z"))
+        y = self.node("MatMulNBits", inputs, hint, domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
+                      accuracy_level=self.accuracy_level)
+        if w.mins is None:
+            return y
+        folded = w.mins.astype(np.float32) + np.float32(zero) * scales      # m + z s, [n, nb]
+        # Block sums of x as a MatMul with a 0/1 [k, nb] matrix: ReduceSum over [T, nb, block] measured
+        # slower than the MatMulNBits it corrects; padding columns of the last block have no rows.
+        member = np.zeros((k, nb), np.float32)
+        member[np.arange(k), np.arange(k) // block] = 1.0
+        sums = self.node("MatMul", [x, self.const(member, hint + "_blocks")], hint)
+        corr = self.node("MatMul", [sums, self.const(np.ascontiguousarray(folded.T), hint + "_m")], hint)
+        return self.node("Add", [y, corr], hint)
+
+    def linears(self, x: str, ws: list, biases: list, hint: str = "y") -> str:
+        """[x @ w.T + b for w, b] concatenated along the last axis: one node when the matrices stack."""
+        if stackable(ws):
+            bias = None if all(b is None for b in biases) else np.concatenate(
+                [np.zeros(w.shape[0], np.float32) if b is None else b for w, b in zip(ws, biases)])
+            return self.linear(x, stack_rows(ws), bias, hint)
+        return self.node("Concat", [self.linear(x, w, b, hint) for w, b in zip(ws, biases)], hint, axis=-1)
+
+    def rmsnorm(self, x: str, w: np.ndarray, eps: float) -> str:
+        return self.node("SimplifiedLayerNormalization", [x, self.const(np.asarray(w, np.float32), "norm_w")],
+                         "norm", axis=-1, epsilon=float(eps))
+
+    def layernorm(self, x: str, w: np.ndarray, b: np.ndarray, eps: float) -> str:
+        return self.node("LayerNormalization", [x, self.const(np.asarray(w, np.float32), "norm_w"),
+                                                self.const(np.asarray(b, np.float32), "norm_b")],
+                         "norm", axis=-1, epsilon=float(eps))
+
+    def add(self, a: str, b: str) -> str:
+        return self.node("Add", [a, b], "add")
+
+    def gated(self, gate_up: str, n_ff: int, act: str) -> str:
+        """act(g) * u for gate_up = [g | u] along the last axis (one fused MatMulNBits produced it);
+        act silu (SwiGLU) or gelu_tanh (GeGLU, gelu_pytorch_tanh)."""
+        g, u = self.node("Split", [gate_up, self.const(np.array([n_ff, n_ff], np.int64))], "split", n_out=2, axis=-1)
+        if act == "silu":
+            a = self.node("Mul", [g, self.node("Sigmoid", [g])], "silu")
+        else:
+            a = self.node("FastGelu", [g], "gelu", domain="com.microsoft")
+        return self.node("Mul", [a, u], "act")
+
+    def relu(self, x: str) -> str:
+        return self.node("Relu", [x])
+
+    def model(self):
+        h = self._helper
+        graph = h.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
+        return h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET), h.make_opsetid("com.microsoft", 1)],
+                            ir_version=9)
+
+
+def session(builder: GraphBuilder, threads: int):
+    """An onnxruntime CPU session for the builder's graph: `threads` intra-op threads, no spinning."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    # No arena and no memory patterns: measured on SmolLM2 (31 sessions) they keep ~125 MiB of peak-size
+    # activation buffers per process for a few percent of speed.
+    so.enable_cpu_mem_arena = False
+    so.enable_mem_pattern = False
+    return ort.InferenceSession(builder.model().SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise): building sessions allocates and
+    frees several copies of every weight (proto, serialized bytes), which would stay in the RSS."""
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError, TypeError):   # not glibc: nothing to do
+        return
+    trim(0)
+
+
+def stackable(parts: list) -> bool:
+    """Whether matrices can be stacked along n into one MatMulNBits (same type, block, scale dtype, k)."""
+    first = parts[0]
+    return all(isinstance(p, QTensor) and p.qtype == first.qtype and p.block == first.block
+               and p.scales.dtype == first.scales.dtype and p.shape[1] == first.shape[1] for p in parts)
+
+
+def stack_rows(parts: list[QTensor]) -> QTensor:
+    """q|k|v or gate|up as one QTensor, so one MatMulNBits (one pass over the input) serves them all."""
+    first = parts[0]
+    return QTensor(first.qtype, (sum(p.shape[0] for p in parts), first.shape[1]), first.block,
+                   np.concatenate([p.qs for p in parts]), np.concatenate([p.scales for p in parts]),
+                   None if first.mins is None else np.concatenate([p.mins for p in parts]))

@@ -1,0 +1,149 @@
+"""The forward pass with resident weights in onnxruntime sessions and attention in numba.
+
+Measured on SmolLM2 (2 cores): a `run()` costs a few microseconds of Python and onnxruntime
+overhead, a numba call about one; with 30 layers that overhead is as large as the matvecs
+themselves, so the graph is cut only where numba must run (attention over the KV cache, or an FFN
+whose rows stream from flash):
+
+    head_0:            x -> norm -> [q|k|v]                                   (one MatMulNBits)
+    numba:             RoPE, store k/v, attention                           -> att
+    mid_l (FFN here):  att, x -> x += o(att); x += down(swiglu([gate|up](norm(x)))); [q|k|v]_(l+1)
+    tail_l (FFN not):  att, x -> x += o(att); h = norm(x)      then the FFN backend, x += ffn(h),
+                                                                  head_(l+1): x -> [q|k|v]
+    lm:                x -> norm -> lm_head
+
+so a fully resident model makes n_layers + 2 runs and n_layers numba calls per forward.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import kernels as K
+from .config import ModelConfig
+from .ort_graph import INT8_ACTIVATIONS, GraphBuilder, session
+
+
+class OrtLayers:
+    """Sessions over one model's resident weights. `weight(name)` -> QTensor, f16-bits or f32 array;
+    `ffn_in_graph[l]`: layer l's FFN weights are resident matrices (else `ffn(l, h, out)` runs it)."""
+
+    def __init__(self, c: ModelConfig, weight, ffn_in_graph: list[bool], threads: int, lm_head_name: str,
+                 accuracy_level: int = INT8_ACTIVATIONS):
+        self.c = c
+        self.accuracy_level = accuracy_level
+        self.ffn_in_graph = ffn_in_graph
+        self.qkv_width = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+        L = c.n_layers
+        self.head0 = self._session("head_0", threads, lambda g: self._head(g, weight, 0, g.input("x", c.d_model)))
+        self.mid, self.tail, self.heads = [None] * L, [None] * L, [None] * L
+        for l in range(L):
+            if ffn_in_graph[l]:
+                self.mid[l] = self._session(f"mid_{l}", threads, lambda g, l=l: self._mid(g, weight, l))
+            else:
+                self.tail[l] = self._session(f"tail_{l}", threads, lambda g, l=l: self._tail(g, weight, l))
+                if l + 1 < L:
+                    self.heads[l + 1] = self._session(f"head_{l + 1}", threads,
+                                                      lambda g, l=l: self._head(g, weight, l + 1, g.input("x", c.d_model)))
+        self.lm = self._session("lm", threads, lambda g: self._lm(g, weight, lm_head_name))
+
+    # --- graph pieces -----------------------------------------------------------------------------
+    def _session(self, name, threads, build):
+        g = GraphBuilder(name, self.accuracy_level)
+        build(g)
+        return session(g, threads)
+
+    def _norm(self, g, weight, x, prefix):
+        c = self.c
+        if c.norm_kind == "rms":
+            return g.rmsnorm(x, weight(prefix + ".weight"), c.norm_eps)
+        return g.layernorm(x, weight(prefix + ".weight"), weight(prefix + ".bias"), c.norm_eps)
+
+    def _head(self, g, weight, l, x):
+        c = self.c
+        p = f"layers.{l}.attn."
+        xn = self._norm(g, weight, x, f"layers.{l}.attn_norm")
+        bias = [weight(p + n + ".bias") if c.attn_qkv_bias else None for n in "qkv"]
+        qkv = g.linears(xn, [weight(p + n + ".weight") for n in "qkv"], bias, "qkv")
+        if c.qk_norm:
+            # Per-head RMSNorm of q and k before RoPE (Qwen 3, Gemma 3): split, norm over head_dim, rejoin.
+            hd, nq, nk = c.head_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+            q, k, v = g.node("Split", [qkv, g.const(np.array([nq, nk, nk], np.int64))], "split", n_out=3, axis=-1)
+            heads = []
+            for t, name, n in ((q, "q_norm", nq), (k, "k_norm", nk)):
+                t3 = g.node("Reshape", [t, g.const(np.array([0, n // hd, hd], np.int64))], "heads")
+                t3 = g.rmsnorm(t3, weight(p + name + ".weight"), c.norm_eps)
+                heads.append(g.node("Reshape", [t3, g.const(np.array([0, n], np.int64))], "heads"))
+            qkv = g.node("Concat", [*heads, v], "qkv", axis=-1)
+        g.output(qkv, "qkv", self.qkv_width)
+
+    def _attn_out(self, g, weight, l):
+        c = self.c
+        att = g.input("att", c.n_heads * c.head_dim)
+        x = g.input("x", c.d_model)
+        p = f"layers.{l}."
+        o = g.linear(att, weight(p + "attn.o.weight"), weight(p + "attn.o.bias") if c.attn_out_bias else None, "o")
+        if c.sandwich_norm:
+            o = self._norm(g, weight, o, p + "attn_post_norm")
+        return g.add(x, o)
+
+    def _mid(self, g, weight, l):
+        c = self.c
+        x = self._attn_out(g, weight, l)
+        h = self._norm(g, weight, x, f"layers.{l}.ffn_norm")
+        p = f"layers.{l}.ffn."
+        if c.ffn_kind in ("swiglu", "geglu"):
+            gate_up = g.linears(h, [weight(p + "gate.weight"), weight(p + "up.weight")], [None, None], "gate_up")
+            a = g.gated(gate_up, c.n_ff, "silu" if c.ffn_kind == "swiglu" else "gelu_tanh")
+        else:
+            a = g.relu(g.linear(h, weight(p + "up.weight"), weight(p + "up.bias") if c.ffn_bias else None, "up"))
+        y = g.linear(a, weight(p + "down.weight"), weight(p + "down.bias") if c.ffn_bias else None, "down")
+        if c.sandwich_norm:
+            y = self._norm(g, weight, y, f"layers.{l}.ffn_post_norm")
+        x = g.add(x, y)
+        g.output(x, "x_out", c.d_model)
+        if l + 1 < c.n_layers:
+            self._head(g, weight, l + 1, x)
+
+    def _tail(self, g, weight, l):
+        x = self._attn_out(g, weight, l)
+        g.output(x, "x_out", self.c.d_model)
+        g.output(self._norm(g, weight, x, f"layers.{l}.ffn_norm"), "h", self.c.d_model)
+
+    def _lm(self, g, weight, lm_head_name):
+        x = g.input("x", self.c.d_model)
+        g.output(g.linear(self._norm(g, weight, x, "norm"), weight(lm_head_name), None, "logits"), "logits",
+                 self.c.vocab_size)
+
+    # --- running ----------------------------------------------------------------------------------
+    def forward(self, x, pos0, k_cache, v_cache, rope, scale, ffn=None, down_bias=None, post_norm=None):
+        """x[T, d] embeddings of tokens at positions pos0..; caches [layer, ctx, Hkv, hd]; rope[l] = layer
+        l's (cos, sin) rows for these positions (empty: no RoPE). Returns the final residual stream
+        [T, d] (logits come from `logits`). An FFN outside the graph: x += ffn(h) (post_norm(l, y, out):
+        sandwich-norm layers normalize y first), + down_bias[l]."""
+        c = self.c
+        T = x.shape[0]
+        att = np.empty((T, c.n_heads * c.head_dim), np.float32)
+        qkv = self.head0.run(None, {"x": x})[0]
+        for l in range(c.n_layers):
+            cos, sin = rope[l]
+            K.rope_kv_attention(qkv, c.n_heads, cos, sin, k_cache[l], v_cache[l], pos0, scale, c.layer_window(l), att)
+            if self.ffn_in_graph[l]:
+                outs = self.mid[l].run(None, {"att": att, "x": x})
+                x = outs[0]
+                if l + 1 < c.n_layers:
+                    qkv = outs[1]
+            else:
+                x, h = self.tail[l].run(None, {"att": att, "x": x})
+                y = np.empty_like(h)
+                ffn(l, h, y)
+                if post_norm is not None:
+                    post_norm(l, y)
+                x += y
+                if down_bias is not None:
+                    x += down_bias[l]
+                if l + 1 < c.n_layers:
+                    qkv = self.heads[l + 1].run(None, {"x": x})[0]
+        return x
+
+    def logits(self, x) -> np.ndarray:
+        return self.lm.run(None, {"x": np.ascontiguousarray(x)})[0]

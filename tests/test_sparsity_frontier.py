@@ -1,0 +1,102 @@
+"""tools/sparsity_frontier.py: its analysis FFN is the model's FFN, selections keep what they claim,
+and its byte accounting counts what a cache would miss."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tiny_models as tm
+from flashlm.converters.convert import convert
+from flashlm.runtime.model import Model
+from flashlm.runtime.modelfile import open_folder
+
+_spec = importlib.util.spec_from_file_location(
+    "sparsity_frontier", Path(__file__).resolve().parents[1] / "tools" / "sparsity_frontier.py")
+sf = importlib.util.module_from_spec(_spec)
+sys.modules["sparsity_frontier"] = sf          # its dataclasses look their module up while being built
+_spec.loader.exec_module(sf)
+
+IDS = [3, 17, 99, 5, 42, 7, 250, 11, 64, 33, 8, 120]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("frontier")
+    folder = convert(tm.make_llama(d / "llama", tied=False), d / "llama.flashlm", dtype="f32", progress=False)
+    return Model(open_folder(folder))
+
+
+def _ffn(model, name, keep, cache=0, dip=1.0):
+    weights = sf.layer_weights(model)
+    return sf.AnalysisFFN(weights, sf.Scorer(weights, None, None), sf.Method(name, keep, dip), cache,
+                          model.config.d_model)
+
+
+def test_dense_analysis_ffn_reproduces_the_model(model):
+    model.reset()
+    ref = model.forward(IDS, all_logits=True)
+    backend = model.ffn_backend
+    model.ffn_backend = _ffn(model, "dense", 1.0)
+    model.ffn_backend.dense_phase = False
+    model.ffn_backend.bytes_read = model.ffn_backend.neuron_tokens = 0
+    try:
+        model.reset()
+        got = model.forward(IDS, all_logits=True)
+    finally:
+        model.ffn_backend = backend
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_oracle_keeps_the_top_k_contributions(model):
+    ffn = _ffn(model, "oracle", 0.25)
+    ffn.dense_phase, ffn.bytes_read, ffn.neuron_tokens = False, 0, 0
+    h = np.random.default_rng(0).standard_normal((3, model.config.d_model)).astype(np.float32)
+    out = np.empty_like(h)
+    ffn(0, h, out)
+    w = ffn.w[0]
+    g, u = h @ w.gate.T, h @ w.up.T
+    a = g / (1 + np.exp(-g)) * u
+    k = ffn.k
+    expected = np.stack([a[t, np.argsort(-np.abs(a[t]))[:k]] @ w.down[np.argsort(-np.abs(a[t]))[:k]] for t in range(3)])
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    assert ffn.bytes_read == 3 * k * 3 * model.config.d_model * sf.F16       # gate|up|down rows, no cache
+    assert ffn.neuron_tokens == 3 * k
+
+
+def test_lru_counts_only_missing_rows_and_evicts_the_oldest():
+    lru = sf.LRU(10, capacity=4)
+    assert lru.admit(np.array([0, 1, 2])) == 3
+    assert lru.admit(np.array([1, 2, 3])) == 1
+    assert lru.admit(np.array([4, 5])) == 2             # over capacity: 0 (oldest) then 1 leave
+    assert set(np.flatnonzero(lru.cached)) == {2, 3, 4, 5}
+    assert lru.admit(np.array([0, 2])) == 1
+
+
+def test_dip_prefers_cached_neurons_in_close_calls(model):
+    plain, dip = _ffn(model, "oracle", 0.25, cache=80), _ffn(model, "oracle", 0.25, cache=80, dip=4.0)
+    h = np.random.default_rng(1).standard_normal((16, model.config.d_model)).astype(np.float32)
+    for ffn in (plain, dip):
+        ffn.dense_phase, ffn.bytes_read, ffn.neuron_tokens = False, 0, 0
+        ffn(0, h, np.empty_like(h))
+    assert dip.bytes_read < plain.bytes_read
+
+
+def test_griffin_fixes_its_selection_from_the_prompt(model):
+    ffn = _ffn(model, "griffin", 0.5)
+    ffn.bytes_read, ffn.neuron_tokens = 0, 0
+    rng = np.random.default_rng(2)
+    ffn(0, rng.standard_normal((6, model.config.d_model)).astype(np.float32), np.empty((6, model.config.d_model), np.float32))
+    fill = ffn.fix_prompt_selection()
+    assert len(ffn.fixed[0]) == ffn.k and fill == sum(len(f) for f in ffn.fixed) * ffn.row_bytes
+    ffn.dense_phase = False
+    h = rng.standard_normal((2, model.config.d_model)).astype(np.float32)
+    out = np.empty_like(h)
+    ffn(0, h, out)
+    w, sel = ffn.w[0], ffn.fixed[0]
+    g, u = h @ w.gate[sel].T, h @ w.up[sel].T
+    np.testing.assert_allclose(out, (g / (1 + np.exp(-g)) * u) @ w.down[sel], rtol=1e-4, atol=1e-5)
+    assert ffn.bytes_read == 0                          # decoding reads nothing: the set was read once

@@ -1,0 +1,63 @@
+"""Peak RSS of `flashlm run` vs llama.cpp generating from the same GGUF, each in its own child process.
+
+    python tools/rss_run.py [--gguf PATH] [--ctx 2048] [-n 32] [--dtype auto] [--kv-dtype f16]
+
+The flashlm folder is converted first (in its own child, not counted). Peak RSS is the child's
+ru_maxrss (resident pages at their peak: for llama.cpp that includes the memory-mapped GGUF pages
+it touched, as it must read them all).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+def _peak_mib(cmd: list[str]) -> float:
+    """ru_maxrss of one child (fork + wait4, so earlier children do not count)."""
+    pid = os.fork()
+    if pid == 0:
+        os.execvp(cmd[0], cmd)
+    _, status, usage = os.wait4(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])}... failed")
+    return usage.ru_maxrss / 1024
+
+
+def main() -> int:
+    from flashlm.runtime.default_model import embedded_gguf
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gguf", type=Path, default=None, help="default: the embedded SmolLM2-135M Q4_1")
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("-n", type=int, default=32, help="tokens to generate")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kv-dtype", default="f16")
+    args = ap.parse_args()
+    gguf = args.gguf or embedded_gguf()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "m.flashlm"
+        subprocess.check_call([sys.executable, "-m", "flashlm", "convert", str(gguf), "-o", str(folder),
+                               "--dtype", args.dtype, "--no-progress"], stdout=subprocess.DEVNULL)
+        ours = _peak_mib([sys.executable, "-m", "flashlm", "run", str(folder), "-p", PROMPT, "-n", str(args.n),
+                          "--ctx", str(args.ctx), "--kv-dtype", args.kv_dtype, "-t", str(args.threads),
+                          "--temp", "0", "--no-progress"])
+    code = ("import sys; from llama_cpp import Llama; "
+            f"llm = Llama(model_path={str(gguf)!r}, n_ctx={args.ctx}, n_threads={args.threads}, verbose=False); "
+            f"llm({PROMPT!r}, max_tokens={args.n}, temperature=0)")
+    theirs = _peak_mib([sys.executable, "-c", code])
+    print(f"model {gguf.name}, ctx {args.ctx}, {args.n} tokens, {args.threads} threads")
+    print(f"| engine | peak RSS |\n| --- | ---: |\n| flashlm run (--dtype {args.dtype}, KV {args.kv_dtype}) | "
+          f"{ours:.0f} MiB |\n| llama.cpp (llama-cpp-python) | {theirs:.0f} MiB |")
+    print(f"ratio flashlm / llama.cpp: {ours / theirs:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
