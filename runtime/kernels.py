@@ -147,6 +147,32 @@ def rope(x, cos, sin):
                 x[t, h, j + half] = b * cos[t, j] + a * sin[t, j]
 
 
+@njit(**JIT)
+def _attend(q, k_cache, v_cache, kv, first, n, scale, o):
+    # o[:hd] = softmax(scale * q.k[p]) . v[p] over positions first..n-1 of kv head `kv`, in one pass
+    # with a running maximum (online softmax): nothing is allocated.
+    hd = q.shape[0]
+    best = _dot(k_cache[first, kv], q, hd) * scale
+    total = np.float32(1.0)
+    for j in range(hd):
+        o[j] = f32(v_cache[first, kv, j])
+    for p in range(first + 1, n):
+        s = _dot(k_cache[p, kv], q, hd) * scale
+        if s > best:
+            r = np.exp(best - s)
+            total *= r
+            for j in range(hd):
+                o[j] *= r
+            best = s
+        e = np.exp(s - best)
+        total += e
+        for j in range(hd):
+            o[j] += e * f32(v_cache[p, kv, j])
+    inv = np.float32(1.0) / total
+    for j in range(hd):
+        o[j] *= inv
+
+
 @njit(parallel=True, **JIT)
 def attention(q, k_cache, v_cache, pos0, scale, window, out):
     """Causal GQA: q[T, H, hd] at positions pos0.., caches [ctx, Hkv, hd] (f32 or f16 bits) already hold
@@ -165,26 +191,7 @@ def attention(q, k_cache, v_cache, pos0, scale, window, out):
         kv = h // group
         n = pos0 + t + 1
         first = max(0, n - window) if window > 0 else 0
-        o = out[t, h]
-        best = _dot(k_cache[first, kv], q[t, h], hd) * scale
-        total = np.float32(1.0)
-        for j in range(hd):
-            o[j] = f32(v_cache[first, kv, j])
-        for p in range(first + 1, n):
-            s = _dot(k_cache[p, kv], q[t, h], hd) * scale
-            if s > best:
-                r = np.exp(best - s)
-                total *= r
-                for j in range(hd):
-                    o[j] *= r
-                best = s
-            e = np.exp(s - best)
-            total += e
-            for j in range(hd):
-                o[j] += e * f32(v_cache[p, kv, j])
-        inv = np.float32(1.0) / total
-        for j in range(hd):
-            o[j] *= inv
+        _attend(q[t, h], k_cache, v_cache, kv, first, n, scale, out[t, h])
 
 
 # FFN activations (the `act` argument of ffn_bundles): ReLU(up.h + b), or gated act(gate.h) * up.h.
@@ -317,21 +324,4 @@ def rope_kv_attention(qkv, n_heads, cos, sin, k_cache, v_cache, pos0, scale, win
         kv = h // group
         n = pos0 + t + 1
         first = max(0, n - window) if window > 0 else 0
-        q = qkv[t, h * hd:(h + 1) * hd]
-        o = out[t, h * hd:(h + 1) * hd]
-        scores = np.empty(n - first, np.float32)
-        best = np.float32(-np.inf)
-        for p in range(first, n):
-            s = _dot(k_cache[p, kv], q, hd) * scale
-            scores[p - first] = s
-            best = max(best, s)
-        total = np.float32(0.0)
-        for i in range(n - first):
-            e = np.exp(scores[i] - best)
-            scores[i] = e
-            total += e
-        for j in range(hd):
-            o[j] = 0.0
-        inv = np.float32(1.0) / total
-        for p in range(first, n):
-            _axpy(scores[p - first] * inv, v_cache[p, kv], o, hd)
+        _attend(qkv[t, h * hd:(h + 1) * hd], k_cache, v_cache, kv, first, n, scale, out[t, h * hd:(h + 1) * hd])
