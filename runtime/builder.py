@@ -16,7 +16,8 @@ from .config import RuntimeConfig
 from .costs import CostModel
 from .ffn import BundleKernel, FFNBackend, FlashFFN, GraphFFN, MmapFFN, ResidentFFN, bundle_kernel, read_layer_checked
 from .memory import MODES, PREFILL_CHUNK, BudgetError, MemoryPlan, Placement, plan_memory
-from .modelfile import ROW_CRC_TENSOR, ModelFileError, ModelFolder, bundle_layers, read_verified, tensors_from_buffer
+from .modelfile import (ROW_CRC_TENSOR, ModelFileError, ModelFolder, bundle_layers, map_verified, read_verified,
+                        tensors_from_buffer)
 from .runstate import RunState
 
 
@@ -59,11 +60,14 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
     sparse = plan.layers_placed(Placement.SPARSE)
     if sparse and predictors is None:
         predictors = load_predictors(folder.path, c, sparse)
-    weights = tensors_from_buffer(read_verified(folder, "dense.safetensors"), folder.dense)
+    quantized = any(t.storage is not None and t.storage.block_elems > 1 for t in folder.dense.values())
+    # Quantized dense weights only feed onnxruntime sessions, which prepack their own copies: map them
+    # (file-backed pages, released after the sessions are built) instead of copying them to the heap.
+    weights = tensors_from_buffer((map_verified if quantized else read_verified)(folder, "dense.safetensors"),
+                                  folder.dense)
     kernel = bundle_kernel(c, folder.bundles, threads)
     biases = [weights.get(f"layers.{i}.ffn.up.bias") for i in range(c.n_layers)]
     row_crc = weights.get(ROW_CRC_TENSOR) if rt.verify_reads else None
-    quantized = any(t.storage is not None and t.storage.block_elems > 1 for t in folder.dense.values())
     if quantized and plan.run_mode.rows_from == "file" and folder.matrices:
         ffn = GraphFFN()        # the FFN layers run whole inside the onnxruntime sessions (ffn_matrices)
     else:

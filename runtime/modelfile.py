@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -265,6 +266,45 @@ def read_verified(folder: ModelFolder, name: str) -> np.ndarray:
         raise ModelFileError(f"{path}: sha256 {h.hexdigest()[:16]}... does not match the manifest "
                              f"({expected[:16]}...); the file is corrupt")
     return buf
+
+
+def map_verified(folder: ModelFolder, name: str) -> np.ndarray:
+    """A whole file as a private memory map, its sha256 checked on the way. Returns uint8 [bytes].
+
+    For weights that are only read while building onnxruntime sessions (which keep their own prepacked
+    copies): the pages are file-backed, so they count in the RSS only while touched, and each hashed
+    chunk is unmapped again at once; `release_mapped` hands back what building touched. A heap copy
+    (read_verified) would stay resident beside the sessions' copies until freed."""
+    path = folder.file(name)
+    expected = folder.files[name].sha256
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ModelFileError(f"{path}: empty file")
+        # copy-on-write rather than read-only: the arrays keep the writeable flag numba's kernels are
+        # compiled for; nothing writes them, so every page stays a clean page of the file.
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    h = hashlib.sha256()
+    chunk = 1 << 24
+    view = memoryview(m)
+    for start in range(0, size, chunk):
+        h.update(view[start:start + chunk])
+        m.madvise(mmap.MADV_DONTNEED, start, min(chunk, size - start))
+    view.release()
+    if h.hexdigest() != expected:
+        raise ModelFileError(f"{path}: sha256 {h.hexdigest()[:16]}... does not match the manifest "
+                             f"({expected[:16]}...); the file is corrupt")
+    return np.frombuffer(m, np.uint8)
+
+
+def release_mapped(buf: np.ndarray) -> None:
+    """Unmap the resident pages of a map_verified buffer (or a view of one) from this process. Clean
+    file-backed pages: whatever still reads them (embedding rows, norm weights) faults them back in."""
+    base = buf
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    if base is not None:
+        base.madvise(mmap.MADV_DONTNEED)
 
 
 def read_small_verified(folder_path, manifest: dict, name: str) -> bytes:

@@ -28,12 +28,16 @@ class OrtLayers:
     `ffn_in_graph[l]`: layer l's FFN weights are resident matrices (else `ffn(l, h, out)` runs it)."""
 
     def __init__(self, c: ModelConfig, weight, ffn_in_graph: list[bool], threads: int, lm_head_name: str,
-                 accuracy_level: int = INT8_ACTIVATIONS):
+                 accuracy_level: int = INT8_ACTIVATIONS, on_session=None):
         self.c = c
+        self._on_session = on_session       # called after each session is built (the model releases mapped pages)
         self.accuracy_level = accuracy_level
         self.ffn_in_graph = ffn_in_graph
         self.qkv_width = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
         L = c.n_layers
+        # The lm_head first: building a session briefly holds ~2.5x its weights (source pages, f32 scales,
+        # onnxruntime's packing), and the largest matrix is cheapest while nothing else is resident yet.
+        self.lm = self._session("lm", threads, lambda g: self._lm(g, weight, lm_head_name))
         self.head0 = self._session("head_0", threads, lambda g: self._head(g, weight, 0, g.input("x", c.d_model)))
         self.mid, self.tail, self.heads = [None] * L, [None] * L, [None] * L
         for l in range(L):
@@ -44,13 +48,16 @@ class OrtLayers:
                 if l + 1 < L:
                     self.heads[l + 1] = self._session(f"head_{l + 1}", threads,
                                                       lambda g, l=l: self._head(g, weight, l + 1, g.input("x", c.d_model)))
-        self.lm = self._session("lm", threads, lambda g: self._lm(g, weight, lm_head_name))
 
     # --- graph pieces -----------------------------------------------------------------------------
     def _session(self, name, threads, build):
         g = GraphBuilder(name, self.accuracy_level)
         build(g)
-        return session(g, threads)
+        sess = session(g, threads)
+        del g
+        if self._on_session is not None:
+            self._on_session()
+        return sess
 
     def _norm(self, g, weight, x, prefix):
         c = self.c

@@ -50,6 +50,26 @@ def test_matmul_nbits_session_matches_numpy(kind, k, n):
     assert err <= 1e-2, (kind, err)
 
 
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1", "Q5_1", "f32"])
+def test_session_keeps_no_reference_to_our_weight_arrays(kind):
+    """Weights are handed to onnxruntime in place (no copy into the proto); after the session is built it
+    must hold its own (prepacked) copies, since the model frees the temporaries and releases the mapped
+    file pages. Overwriting every array it was given must not change its outputs."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((24, 64)).astype(np.float32) if kind == "f32" else _qtensor(kind, 24, 64, rng)
+    g = GraphBuilder("t")
+    g.output(g.linear(g.input("x", 64), w), "y", 24)
+    sess = session(g, 1)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    before = sess.run(None, {"x": x})[0]
+    want = x @ (w if kind == "f32" else w.dequantize()).T
+    assert np.abs(before - want).max() <= 1e-2 * np.abs(want).max()
+    assert g.weights, "no weight was handed over in place"
+    for arr in g.weights.values():
+        arr.view(np.uint8)[...] = 0x5A
+    np.testing.assert_array_equal(sess.run(None, {"x": x})[0], before)
+
+
 def test_stacked_linears_equal_separate():
     """q|k|v as one MatMulNBits equals three; mixed types fall back to a Concat of separate nodes."""
     rng = np.random.default_rng(5)
