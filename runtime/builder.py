@@ -57,9 +57,10 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
         costs = CostModel.for_layout(load_speeds(rt.profile, rt.io_threads, rt.io), folder.bundles)
     plan = plan_memory(folder, rt, activations=activation_bytes(folder, threads), costs=costs,
                        calibration=calibration)
+    state = RunState(c, PREFILL_CHUNK)
     sparse = plan.layers_placed(Placement.SPARSE)
     if sparse and predictors is None:
-        predictors = load_predictors(folder.path, c, sparse)
+        predictors = load_predictors(folder.path, c, sparse, state)
     quantized = any(t.storage is not None and t.storage.block_elems > 1 for t in folder.dense.values())
     # Quantized dense weights only feed onnxruntime sessions, which prepack their own copies: map them
     # (file-backed pages, released after the sessions are built) instead of copying them to the heap.
@@ -72,7 +73,7 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
         ffn = GraphFFN()        # the FFN layers run whole inside the onnxruntime sessions (ffn_matrices)
     else:
         ffn = build_ffn(folder, rt, plan, kernel, biases, predictors, row_crc, costs)
-    return ModelParts(weights, plan, ffn, kernel, RunState(c, PREFILL_CHUNK), threads,
+    return ModelParts(weights, plan, ffn, kernel, state, threads,
                       min(rt.ctx_len, c.max_position), quantized)
 
 

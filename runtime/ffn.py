@@ -469,7 +469,7 @@ class FlashFFN(FFNBackend):
         wanted = pred.predict(h)
         t1 = time.perf_counter()
         st.predict_s += t1 - t0
-        n_missing = int(np.count_nonzero(cache.row_of_neuron[wanted] < 0))
+        n_missing = cache.count_missing(wanted)
         st.wanted += len(wanted)
         st.hits += len(wanted) - n_missing
         if self.layer_io == "auto" and self.costs.stream_is_cheaper(n_missing):

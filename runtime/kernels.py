@@ -291,6 +291,15 @@ def _store(dst, src, n):
         dst[j] = narrow(src[j], dst[0])
 
 
+@njit(**JIT)
+def store_kv(src, dst):
+    """dst[T, Hkv, hd] = src (f32) in the KV cache's storage (f32, or f16 bits rounded to nearest even):
+    the K/V of this step's tokens into their cache positions, with no temporary array."""
+    for t in range(src.shape[0]):
+        for h in range(src.shape[1]):
+            _store(dst[t, h], src[t, h], src.shape[2])
+
+
 @njit(parallel=True, **JIT)
 def rope_kv_attention(qkv, n_heads, cos, sin, k_cache, v_cache, pos0, scale, window, out):
     """One layer's attention from its fused projection output, in one call.
@@ -325,3 +334,82 @@ def rope_kv_attention(qkv, n_heads, cos, sin, k_cache, v_cache, pos0, scale, win
         n = pos0 + t + 1
         first = max(0, n - window) if window > 0 else 0
         _attend(qkv[t, h * hd:(h + 1) * hd], k_cache, v_cache, kv, first, n, scale, out[t, h * hd:(h + 1) * hd])
+
+
+# --- decode-time neuron selection (predictors): write into preallocated buffers, allocate nothing ---
+@njit(**JIT)
+def contribution(gate, up, down_norm, act, out):
+    """out[j] = |act(gate[j]) * up[j]| * down_norm[j] (down_norm empty: 1): a gated neuron's estimated
+    output contribution, for one token (the numba twin of predictor.gated_score)."""
+    for j in range(out.shape[0]):
+        a = abs(_gate(gate[j], act) * up[j])
+        out[j] = a * down_norm[j] if down_norm.size else a
+
+
+@njit(**JIT)
+def select_above(scores, threshold, ids):
+    """ids[:m] = the j with scores[j] > threshold, ascending; returns m."""
+    m = 0
+    for j in range(scores.shape[0]):
+        if scores[j] > threshold:
+            ids[m] = j
+            m += 1
+    return m
+
+
+@njit(**JIT)
+def _kth_largest(a, k):
+    # The k-th largest value of a (1 <= k <= len(a)); reorders a. Quickselect, Hoare partition around
+    # a median of three (no quadratic case on sorted input).
+    target = a.shape[0] - k
+    lo, hi = 0, a.shape[0] - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        x, y, z = a[lo], a[mid], a[hi]
+        pivot = max(min(x, y), min(max(x, y), z))
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if target <= j:
+            hi = j
+        elif target >= i:
+            lo = i
+        else:
+            return a[target]
+    return a[target]
+
+
+@njit(**JIT)
+def select_top(scores, k, work, ids):
+    """ids[:k] = the indices of the k largest scores, ascending (ties: the lowest indices); work is
+    scratch of len(scores). Returns k."""
+    n = scores.shape[0]
+    k = min(k, n)
+    if k <= 0:
+        return 0
+    for j in range(n):
+        work[j] = scores[j]
+    kth = _kth_largest(work[:n], k)
+    above = 0
+    for j in range(n):
+        if scores[j] > kth:
+            above += 1
+    ties = k - above
+    m = 0
+    for j in range(n):
+        s = scores[j]
+        if s > kth:
+            ids[m] = j
+            m += 1
+        elif s == kth and ties > 0:
+            ids[m] = j
+            m += 1
+            ties -= 1
+    return m

@@ -21,11 +21,6 @@ class ContextFull(FlashlmError):
     """More tokens than the KV cache holds (--ctx)."""
 
 
-def _as_cache(x: np.ndarray, cache: np.ndarray) -> np.ndarray:
-    """x in the KV cache's storage: f16 bits (uint16) or f32."""
-    return x.astype(np.float16).view(np.uint16) if cache.dtype == np.uint16 else x
-
-
 def rope_tables(hd: int, theta: float, scaling: dict | None, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin [n_pos, hd/2] for RoPE base `theta` and HF rope_scaling dict `scaling` (HF semantics)."""
     inv_freq = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
@@ -258,8 +253,8 @@ class Model:
                 cos, sin = self.rope[layer]
                 K.rope(q3, cos[pos0:pos0 + T], sin[pos0:pos0 + T])
                 K.rope(k3, cos[pos0:pos0 + T], sin[pos0:pos0 + T])
-            self.k_cache[layer, pos0:pos0 + T] = _as_cache(k3, self.k_cache)
-            self.v_cache[layer, pos0:pos0 + T] = _as_cache(v.reshape(T, Hkv, hd), self.v_cache)
+            K.store_kv(k3, self.k_cache[layer, pos0:pos0 + T])
+            K.store_kv(v.reshape(T, Hkv, hd), self.v_cache[layer, pos0:pos0 + T])
             K.attention(q3, self.k_cache[layer], self.v_cache[layer], pos0, self.attn_scale,
                         c.layer_window(layer), att)
             self._linear(att.reshape(T, H * hd), p + "attn.o", o)
@@ -302,6 +297,7 @@ class Model:
             q = np.ones((T, c.n_heads, c.head_dim), np.float32)
             kv = np.zeros((T + 1, c.n_kv_heads, c.head_dim), self.k_cache.dtype)
             K.attention(q, kv, kv, 0, self.attn_scale, c.layer_window(0), np.empty_like(q))
+            K.store_kv(np.ones((T, c.n_kv_heads, c.head_dim), np.float32), kv[:T])
             if c.pos_kind == "rope":
                 K.rope(q, self.rope[0][0][:T], self.rope[0][1][:T])
             rows = np.zeros((2, self.folder.bundles.stride_items), rows_dt)

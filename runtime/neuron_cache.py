@@ -93,12 +93,9 @@ def _evict_window(t, window, n, rows, neuron_of_row, row_of_neuron, last_used, p
 
 
 @njit(**JIT)
-def _evict_lru(count, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinned):
-    """Evict up to `count` live, unpinned neurons not wanted at step t, least recently used first.
-
-    Returns (n, evicted)."""
-    cand = np.empty(n, np.int32)
-    age = np.empty(n, np.int64)
+def _evict_lru(count, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinned, cand, age):
+    """Evict up to `count` live, unpinned neurons not wanted at step t, least recently used first
+    (ties: the lower row first). cand and age are scratch of the capacity. Returns (n, evicted)."""
     c = 0
     for r in range(n):
         i = neuron_of_row[r]
@@ -109,11 +106,59 @@ def _evict_lru(count, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinne
     k = min(count, c)
     if k <= 0:
         return n, 0
-    order = np.argsort(age[:c], kind="mergesort")
-    for q in range(k):
-        i = cand[order[q]]
-        n = _remove_row(row_of_neuron[i], n, rows, neuron_of_row, row_of_neuron)
+    # The k-th smallest age by selection (no sort, nothing allocated); then every candidate older
+    # than it, and as many of its ties as are still needed, in row order.
+    kth = _kth_smallest(age[:c], k)
+    older = 0
+    for q in range(c):
+        if last_used[cand[q]] < kth:
+            older += 1
+    ties = k - older
+    for q in range(c):
+        i = cand[q]
+        a = last_used[i]
+        if a < kth or (a == kth and ties > 0):
+            if a == kth:
+                ties -= 1
+            n = _remove_row(row_of_neuron[i], n, rows, neuron_of_row, row_of_neuron)
     return n, k
+
+
+@njit(**JIT)
+def _kth_smallest(a, k):
+    # The k-th smallest value of a (1 <= k <= len(a)); reorders a (quickselect, median-of-three pivot).
+    target = k - 1
+    lo, hi = 0, a.shape[0] - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        x, y, z = a[lo], a[mid], a[hi]
+        pivot = max(min(x, y), min(max(x, y), z))
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if target <= j:
+            hi = j
+        elif target >= i:
+            lo = i
+        else:
+            return a[target]
+    return a[target]
+
+
+@njit(**JIT)
+def _count_missing(wanted, row_of_neuron):
+    m = 0
+    for k in range(wanted.shape[0]):
+        if row_of_neuron[wanted[k]] < 0:
+            m += 1
+    return m
 
 
 @njit(**JIT)
@@ -129,7 +174,7 @@ def _append(missing, m, n, neuron_of_row, row_of_neuron, dest):
 
 
 @njit(**JIT)
-def _admit(missing, m, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinned, dest):
+def _admit(missing, m, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinned, dest, cand, age):
     """Give rows to missing[:m], evicting LRU unpinned neurons not wanted at step t if short of room.
 
     The first `fit` of missing get dest[:fit]; missing[fit:m] overflow. Returns (n, fit, lru_evicted)."""
@@ -137,18 +182,18 @@ def _admit(missing, m, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinn
     lru = 0
     short = m - (capacity - n)
     if short > 0:
-        n, lru = _evict_lru(short, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinned)
+        n, lru = _evict_lru(short, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinned, cand, age)
     fit = min(m, capacity - n)
     n = _append(missing, fit, n, neuron_of_row, row_of_neuron, dest)
     return n, fit, lru
 
 
 @njit(**JIT)
-def _step(wanted, t, window, n, rows, neuron_of_row, row_of_neuron, last_used, pinned, missing, dest):
+def _step(wanted, t, window, n, rows, neuron_of_row, row_of_neuron, last_used, pinned, missing, dest, cand, age):
     """One token: mark, evict out-of-window, append. Returns (n, hits, fit, m, window_evicted, lru_evicted)."""
     hits, m = _mark(wanted, t, row_of_neuron, last_used, missing)
     n, evicted = _evict_window(t, window, n, rows, neuron_of_row, row_of_neuron, last_used, pinned)
-    n, fit, lru = _admit(missing, m, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinned, dest)
+    n, fit, lru = _admit(missing, m, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinned, dest, cand, age)
     return n, hits, fit, m, evicted, lru
 
 
@@ -192,6 +237,8 @@ class NeuronCache:
         self.is_pinned = np.zeros(self.n_neurons, np.bool_)
         self._missing = np.empty(self.n_neurons, np.int32)   # scratch: a step's missing neurons
         self._dest = np.empty(self.n_neurons, np.int32)
+        self._cand = np.empty(self.capacity, np.int32)       # scratch: LRU eviction candidates
+        self._age = np.empty(self.capacity, np.int32)
         self._n = 0
         self._t = 0
         self.needs_pinned_load = False
@@ -223,7 +270,7 @@ class NeuronCache:
         self._t += 1
         n, hits, fit, m, evicted, lru = _step(
             wanted, self._t, self.window, self._n, self.rows, self.neuron_of_row, self.row_of_neuron,
-            self.last_used, self.is_pinned, self._missing, self._dest)
+            self.last_used, self.is_pinned, self._missing, self._dest, self._cand, self._age)
         self._n = n
         return Admission(self._missing[:fit], self._dest[:fit], self._missing[fit:m], hits, evicted + lru, lru)
 
@@ -246,7 +293,7 @@ class NeuronCache:
         m = len(todo)
         self._missing[:m] = todo
         n, fit, _ = _admit(self._missing, m, _NO_STEP, self._n, self.rows, self.neuron_of_row,
-                           self.row_of_neuron, self.last_used, self.is_pinned, self._dest)
+                           self.row_of_neuron, self.last_used, self.is_pinned, self._dest, self._cand, self._age)
         assert fit == m, "pinned neurons must always fit"
         self._n = n
         self.needs_pinned_load = False
@@ -265,6 +312,10 @@ class NeuronCache:
         self._n = 0
         self._t = 0
         self.needs_pinned_load = bool(self.is_pinned.any())
+
+    def count_missing(self, wanted: np.ndarray) -> int:
+        """How many of `wanted` are not resident, without changing anything."""
+        return int(_count_missing(self._checked(wanted), self.row_of_neuron))
 
     # ---- helpers
     def _checked(self, neurons) -> np.ndarray:

@@ -32,6 +32,7 @@ import numpy as np
 
 from . import kernels as K
 from .modelfile import ModelFileError
+from .runstate import PredictBuffers
 from .safetensors_file import read_header, read_tensor
 from .storage import float_storage_of
 
@@ -78,6 +79,16 @@ class LayerPredictor:
     up_rows: np.ndarray | None = None     # "exact": W_up [n_ff, d]
     down_norm: np.ndarray | None = None   # "gate", "exact": ||W_down[:, i]|| [n_ff] f32
 
+    buffers: PredictBuffers | None = None   # a decode token's scores and ids (the run state's; else own)
+
+    def __post_init__(self):
+        n_ff = len(self.down_norm) if self.down_norm is not None else self.up.B.shape[0]
+        if self.buffers is None:
+            self.buffers = PredictBuffers.allocate(n_ff)
+        self._act = K.ACTIVATION_OF_KIND[self.ffn_kind]
+        self._no_norm = np.zeros(0, np.float32)
+        self._threshold = np.float32(self.threshold)
+
     def _rows(self, h: np.ndarray, w: np.ndarray) -> np.ndarray:
         out = np.empty((h.shape[0], w.shape[0]), np.float32)
         K.matmul(h, w, out)
@@ -99,11 +110,31 @@ class LayerPredictor:
         k = min(self.keep, scores.size)
         return np.sort(np.argpartition(-scores, k - 1)[:k]).astype(np.int32)
 
+    def _predict_one(self, h: np.ndarray) -> np.ndarray:
+        """One token, through the preallocated buffers and the numba selection kernels: nothing is
+        allocated. Returns a view of buffers.ids, valid until this layer's next prediction."""
+        b = self.buffers
+        if self.rule == "exact":
+            K.matmul(h, self.gate_rows, b.gate)
+            K.matmul(h, self.up_rows, b.up)
+            K.contribution(b.gate[0], b.up[0], self.down_norm, self._act, b.scores)
+        elif self.rule == "gate":
+            up = self.up(h)
+            K.matmul(h, self.gate_rows, b.gate)
+            K.contribution(b.gate[0], up[0], self.down_norm, self._act, b.scores)
+        elif self.gate is not None:
+            up = self.up(h)
+            K.contribution(self.gate(h)[0], up[0], self._no_norm, self._act, b.scores)
+        else:
+            up = self.up(h)
+            return b.ids[:K.select_above(up[0], self._threshold, b.ids)]
+        return b.ids[:K.select_top(b.scores, self.keep, b.work, b.ids)]
+
     def predict(self, h: np.ndarray) -> np.ndarray:
-        """Union of the predicted neurons of all T tokens in h [T, d]."""
+        """Union of the predicted neurons of all T tokens in h [T, d] (T = 1: a view of buffers.ids)."""
+        if h.shape[0] == 1:
+            return self._predict_one(h)
         s = self.scores(h)
-        if len(s) == 1:
-            return self.select(s[0])
         return np.unique(np.concatenate([self.select(row) for row in s])).astype(np.int32)
 
 
@@ -165,9 +196,10 @@ def read_calibration(folder) -> Calibration:
     return Calibration(sizes, report if isinstance(report, dict) else {})
 
 
-def load_predictors(folder: Path, config, layers=None) -> list[LayerPredictor | None]:
+def load_predictors(folder: Path, config, layers=None, state=None) -> list[LayerPredictor | None]:
     """One LayerPredictor per layer in `layers` (default all); None for the others. Every tensor's
-    shape is checked against `config` (ModelConfig): the matmul kernels index by those shapes."""
+    shape is checked against `config` (ModelConfig): the matmul kernels index by those shapes.
+    `state` (a RunState): the predictors write a decode token's scores into its buffers."""
     path, header, start, meta = _open(folder)
     _check_sha256(Path(folder), path)
     try:
@@ -225,5 +257,6 @@ def load_predictors(folder: Path, config, layers=None) -> list[LayerPredictor | 
                 resident["up_rows"] = tensor(p + ".up_rows", (n_ff, d))
         out.append(LayerPredictor(up=up, gate=gate, rule=rule,
                                   threshold=info.get("threshold", 0.0), keep=info.get("keep", 0),
-                                  hot=hot(p + ".hot"), ffn_kind=config.ffn_kind, **resident))
+                                  hot=hot(p + ".hot"), ffn_kind=config.ffn_kind,
+                                  buffers=state.predict_buffers(i) if state is not None else None, **resident))
     return out

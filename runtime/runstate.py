@@ -6,9 +6,30 @@ memory plan's activation line is `RunState.nbytes_for(...)`, the same sizes this
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class PredictBuffers:
+    """Where one layer's predictor writes a decode token's work: gate and up estimates [1, n_ff], the
+    scores and a selection scratch [n_ff], and the predicted ids [n_ff] (the first m are valid)."""
+    gate: np.ndarray
+    up: np.ndarray
+    scores: np.ndarray
+    work: np.ndarray
+    ids: np.ndarray
+
+    @classmethod
+    def allocate(cls, n_ff: int) -> "PredictBuffers":
+        f = lambda shape: np.zeros(shape, np.float32)  # noqa: E731
+        return cls(f((1, n_ff)), f((1, n_ff)), f(n_ff), f(n_ff), np.zeros(n_ff, np.int32))
+
+
+PREDICT_SLOTS = 2
 
 
 def _shapes(c: ModelConfig, chunk: int) -> dict[str, tuple[tuple[int, ...], type]]:
@@ -26,6 +47,13 @@ def _shapes(c: ModelConfig, chunk: int) -> dict[str, tuple[tuple[int, ...], type
         # per-head q/k before their RMSNorm (Qwen 3, Gemma 3), the sublayer output norm (Gemma 3)
         "qk_raw": ((chunk * H if c.qk_norm else 0, hd), np.float32),
         "on": ((chunk if c.sandwich_norm else 0, d), np.float32),
+        # A decode token's neuron prediction (runtime/predictor.py), in two slots: layer i uses slot
+        # i % 2, so a lookahead that predicts layer i + 1 while layer i still holds its ids never shares.
+        "pred_gate": ((PREDICT_SLOTS, 1, c.n_ff), np.float32),
+        "pred_up": ((PREDICT_SLOTS, 1, c.n_ff), np.float32),
+        "pred_scores": ((PREDICT_SLOTS, c.n_ff), np.float32),
+        "pred_work": ((PREDICT_SLOTS, c.n_ff), np.float32),
+        "pred_ids": ((PREDICT_SLOTS, c.n_ff), np.int32),
     }
 
 
@@ -34,6 +62,12 @@ class RunState:
         self.chunk = chunk
         for name, (shape, dtype) in _shapes(config, chunk).items():
             setattr(self, name, np.zeros(shape, dtype))
+
+    def predict_buffers(self, layer: int) -> PredictBuffers:
+        """The prediction buffers layer `layer`'s predictor writes a decode token's scores and ids into."""
+        s = layer % PREDICT_SLOTS
+        return PredictBuffers(self.pred_gate[s], self.pred_up[s], self.pred_scores[s], self.pred_work[s],
+                              self.pred_ids[s])
 
     @staticmethod
     def nbytes_for(config: ModelConfig, chunk: int) -> int:

@@ -125,6 +125,8 @@ def test_auto_selector_takes_the_cheapest_that_reaches_the_goal(gate_calibrated,
         expected = np.abs(g / (1 + np.exp(-g)) * u) * np.linalg.norm(mlp.down_proj.weight.detach().numpy(), axis=0)
         assert p.rule == "exact" and p.up is None and p.gate is None
         np.testing.assert_allclose(p.scores(h), expected, rtol=2e-2, atol=1e-3)   # f16 bundles
+        got, ref_scores = p.predict(h[:1]), p.scores(h[:1])[0]     # decode path: numba, preallocated
+        np.testing.assert_allclose(np.sort(ref_scores[got]), np.sort(ref_scores[p.select(ref_scores)]), rtol=1e-5)
     calibrate(folder, n_tokens=500, ranks=(4, 8), selector="gate", progress=False)   # as the fixture left it
 
 
@@ -156,3 +158,23 @@ def test_flash_with_gate_selector_stays_close_to_dense(gate_calibrated):
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
     assert flash.ffn_backend.stats.wanted > 0            # the layers really ran sparse
     flash.close()
+
+
+def test_decode_prediction_is_the_batched_rule_through_preallocated_buffers(calibrated, gate_calibrated):
+    """One token's predict() (numba scores and selection into the run state's buffers) picks the
+    neurons the batched numpy rule picks, for every rule, and returns a view of its buffer."""
+    folders = [calibrated["opt"][0], calibrated["llama"][0], gate_calibrated[1]]
+    rules = set()
+    for folder in folders:
+        config = open_folder(folder).config
+        for p in load_predictors(folder, config):
+            rules.add(p.rule)
+            h = np.random.default_rng(len(rules)).standard_normal((4, config.d_model)).astype(np.float32)
+            for t in range(4):
+                ref_scores = p.scores(h[t:t + 1])[0].copy()
+                ref = p.select(ref_scores)
+                got = p.predict(h[t:t + 1])
+                assert np.shares_memory(got, p.buffers.ids)
+                assert len(got) == len(ref) and np.all(np.diff(got) > 0)
+                np.testing.assert_allclose(np.sort(ref_scores[got]), np.sort(ref_scores[ref]), rtol=1e-5, atol=1e-6)
+    assert rules == {"threshold", "topk", "gate"}
