@@ -1,6 +1,6 @@
 """Build a model's parts from its checked folder and a RuntimeConfig, in one downward pass:
 
-  run mode -> calibration + cost model -> memory plan (refuses before anything big is read)
+  run mode -> calibration + cost model (built once, shared) -> memory plan (refuses before anything big is read)
   -> dense weights -> predictors -> FFN backend for the plan -> run state
 
 Nothing here computes; the forward pass (runtime/model.py) only uses what this returns.
@@ -13,7 +13,7 @@ import numpy as np
 
 from . import kernels as K
 from .config import RuntimeConfig
-from .costs import CostModel
+from .cost_model import CostModel
 from .ffn import BundleKernel, FFNBackend, FlashFFN, GraphFFN, MmapFFN, ResidentFFN, bundle_kernel, read_layer_checked
 from .memory import MODES, PREFILL_CHUNK, BudgetError, MemoryPlan, Placement, plan_memory
 from .modelfile import (ROW_CRC_TENSOR, ModelFileError, ModelFolder, bundle_layers, map_verified, read_verified,
@@ -25,6 +25,7 @@ from .runstate import RunState
 class ModelParts:
     weights: dict[str, np.ndarray]      # dense tensors as the kernels take them
     plan: MemoryPlan
+    costs: CostModel                    # the run's cost model (the planner and the sparse path used it)
     ffn: FFNBackend
     kernel: BundleKernel
     state: RunState
@@ -44,17 +45,14 @@ def activation_bytes(folder: ModelFolder, threads: int) -> int:
 def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelParts:
     """Plan and build everything `rt` asks for. `predictors` (one per layer, with .predict(h) and .hot)
     replaces the calibrated ones, e.g. an oracle in tests."""
-    from .device import load_speeds
     from .predictor import load_predictors, read_calibration
     c = folder.config
     mode = MODES.get(rt.mode)
     if mode is None:
         raise BudgetError(f"unknown mode {rt.mode!r}; choose one of {list(MODES)}")
     threads = K.set_threads(rt.threads)
-    calibration = costs = None
-    if mode.needs_predictors:
-        calibration = read_calibration(folder)
-        costs = CostModel.for_layout(load_speeds(rt.profile, rt.io_threads, rt.io), folder.bundles)
+    calibration = read_calibration(folder) if mode.needs_predictors else None
+    costs = CostModel.for_run(folder, rt, compute_threads=threads)      # the one cost model of this run
     plan = plan_memory(folder, rt, activations=activation_bytes(folder, threads), costs=costs,
                        calibration=calibration)
     state = RunState(c, PREFILL_CHUNK)
@@ -73,7 +71,7 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
         ffn = GraphFFN()        # the FFN layers run whole inside the onnxruntime sessions (ffn_matrices)
     else:
         ffn = build_ffn(folder, rt, plan, kernel, biases, predictors, row_crc, costs)
-    return ModelParts(weights, plan, ffn, kernel, state, threads,
+    return ModelParts(weights, plan, costs, ffn, kernel, state, threads,
                       min(rt.ctx_len, c.max_position), quantized)
 
 

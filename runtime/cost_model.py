@@ -1,33 +1,45 @@
-"""What one decode token costs under a plan on a device: flash I/O + memory management + compute,
-with the overlap the pipeline achieves, and the peak memory. Pure: numbers in, numbers out.
+"""The cost model: what a decode token costs under a memory plan on a device. One object per run,
+built once (`CostModel.for_run`, by the builder and by `flashlm tune`) from the device profile and the
+model's shape, and shared by
+
+- the planner (runtime/memory.py), which places each layer's FFN rows by their flash read time
+  (`rows_seconds`, `layer_stream_s`),
+- the sparse path (runtime/ffn.py), which per token streams a layer whole when reading its missing
+  rows one by one would cost more (`stream_is_cheaper`),
+- `flashlm tune`, which ranks whole plans by their predicted time per token (`plan_cost`) and prints
+  the breakdown (`TokenCost.lines`, like the paper's Table 3).
+
+Because all three use one object, a placement, the per-token fallback and the estimate see the same
+device at the same reader and compute thread counts. Pure: numbers in, numbers out.
 
 Per layer (decode, T = 1), with the device's figures (runtime/device.py):
 - compute: weights touched / matvec speed of the storage type at the compute threads. Attention and
-  norms touch the layer's attention weights; a resident or streamed FFN layer all n_ff bundle rows; a
-  sparse layer the rows its cache holds (the kernel runs over the whole window union) plus its
-  low-rank predictor (f32).
-- flash I/O: a streamed layer reads n_ff rows sequentially (layer bytes / sequential MB/s at the reader
-  threads); a sparse layer reads the rows its window missed, each a random read of one stride at
-  min(reader threads, rows) in flight; mmap faults the layer back through the page cache.
-- memory management: the cache's admission bookkeeping (a fixed cost per sparse layer) plus the
+  norms touch the layer's attention weights; a resident, streamed or mapped FFN layer all n_ff bundle
+  rows; a sparse layer the rows its cache holds (the kernel runs over the whole window union) plus
+  its predictor (f32).
+- flash I/O (io_busy): a streamed layer reads n_ff rows sequentially (layer bytes / sequential MB/s at
+  the reader threads); a sparse layer reads the rows its window missed, each a random read of one
+  stride at min(reader threads, rows) in flight; a mapped layer faults back through the page cache.
+- memory management (mem): the cache's admission bookkeeping (a fixed cost per sparse layer) plus the
   evicted rows' delete-by-swap copies at DRAM bandwidth.
-- overlap: a streamed layer's read runs while the previous layer computes (two layer buffers), so it
-  costs max(I/O, compute); a sparse layer reads its missing rows while the kernel runs over the rows
-  it already holds, so it costs max(I/O, compute of the held rows) + compute of the new rows.
+- overlap: a streamed layer's read runs while the previous layer computes (two layer buffers), so the
+  compute thread waits max(0, I/O - compute); a sparse layer reads its missing rows while the kernel
+  runs over the rows it already holds, so it waits max(0, I/O - compute of the held rows); a mapped
+  layer waits for all of its faults. io_wait is that wait, overlap = io_busy - io_wait, and a layer's
+  time is compute + mem + io_wait.
 - a fixed per-layer overhead (Python dispatch of ~10 kernels) and a per-token one (embedding, final
   norm, sampling): constants measured on this project's machine (below), not in device profiles.
 The lm_head (tied or not) is a matvec over vocab x d_model weights every token.
 
-Scope: this module prices a plan that already exists (`flashlm tune` ranks candidates with it). Where
-each layer's rows go is decided by the planner (runtime/memory.py) with runtime/costs.py's CostModel,
-which holds only the flash read times of one bundle layout; both take their speeds from the device
-profile, so a placement and its estimate see the same device.
+The per-token fields (io_wait_ms, io_busy_ms, compute_ms, mem_ms, overlap_ms) are the ones the
+runtime's measured accounting uses, so a prediction and a measurement compare field by field.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .device import DeviceProfile
+from .device import DeviceProfile, load_device
+from .memory import RUNTIME_OVERHEAD, Calibration, MemoryPlan, Placement
 
 # Fixed costs. Layer: dense decode of the tiny test models (whose matvecs take ~1 us) on this 2-core VM,
 # 0.125 ms/token with 2 layers and 0.188 with 3 (tools/aarch64_fixture_check.py's models, 30 tokens):
@@ -50,32 +62,34 @@ class ModelShape:
     stride_bytes: int            # bytes of one bundle row on flash (padded)
     storage: str                 # storage type name of bundles and dense weights ("f16", "f32", ...)
     bytes_per_weight: float = 2.0
-    predictor_weights: tuple[int, ...] = ()    # per layer, f32
 
     @property
     def layer_bytes(self) -> int:
         return self.n_ff * self.stride_bytes
 
     @classmethod
-    def from_folder(cls, folder, predictor_bytes: list[int] | None = None) -> "ModelShape":
+    def from_folder(cls, folder) -> "ModelShape":
         c, b = folder.config, folder.bundles
         q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         return cls(c.n_layers, c.d_model, c.n_ff, c.vocab_size, attn_weights=2 * c.d_model * q + 2 * c.d_model * kv,
                    bundle_elems=c.bundle_elems, stride_bytes=b.stride_bytes, storage=b.storage.name,
-                   bytes_per_weight=b.storage.block_bytes / b.storage.block_elems,
-                   predictor_weights=tuple(p // 4 for p in (predictor_bytes or [0] * c.n_layers)))
+                   bytes_per_weight=b.storage.block_bytes / b.storage.block_elems)
 
 
 @dataclass(frozen=True)
 class LayerCost:
-    kind: str                    # "resident" | "sparse" | "stream" | "mmap"
+    kind: str                    # a Placement value: "resident" | "sparse" | "stream" | "mapped"
     rows_computed: float         # bundle rows the FFN kernel runs over per token
     rows_read: float             # rows read from flash per token
     bytes_read: float
-    io_s: float
-    mm_s: float
+    io_busy_s: float             # flash reads in flight
+    io_wait_s: float             # ... of which the compute thread waits for (not hidden behind compute)
+    mm_s: float                  # memory management
     compute_s: float             # attention + FFN (+ predictor)
-    total_s: float               # with overlap
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.mm_s + self.io_wait_s
 
 
 @dataclass
@@ -87,8 +101,12 @@ class TokenCost:
     notes: list[str] = field(default_factory=list)
 
     @property
-    def io_s(self) -> float:
-        return sum(l.io_s for l in self.layers)
+    def io_busy_s(self) -> float:
+        return sum(l.io_busy_s for l in self.layers)
+
+    @property
+    def io_wait_s(self) -> float:
+        return sum(l.io_wait_s for l in self.layers)
 
     @property
     def mm_s(self) -> float:
@@ -104,35 +122,42 @@ class TokenCost:
 
     @property
     def overlap_s(self) -> float:
-        """Time hidden by overlapping reads with compute."""
-        return self.io_s + self.mm_s + self.compute_s + self.overhead_s - self.total_s
+        """Flash time hidden behind compute."""
+        return self.io_busy_s - self.io_wait_s
 
     @property
     def bytes_read(self) -> float:
         return sum(l.bytes_read for l in self.layers)
 
+    def per_token_ms(self) -> dict[str, float]:
+        """The breakdown in the runtime's accounting fields (ms per token)."""
+        return {"total_ms": 1e3 * self.total_s, "io_wait_ms": 1e3 * self.io_wait_s, "io_busy_ms": 1e3 * self.io_busy_s,
+                "compute_ms": 1e3 * self.compute_s, "mem_ms": 1e3 * self.mm_s, "overhead_ms": 1e3 * self.overhead_s,
+                "overlap_ms": 1e3 * self.overlap_s, "mib_read": self.bytes_read / 2**20}
+
     def lines(self) -> list[str]:
         """The breakdown, like the paper's Table 3 (I/O, memory management, compute, total)."""
         ms = lambda s: f"{1e3 * s:8.2f} ms"  # noqa: E731
-        kinds = {k: sum(l.kind == k for l in self.layers) for k in ("resident", "sparse", "stream", "mmap")}
+        kinds = {p.value: sum(l.kind == p for l in self.layers) for p in Placement}
         out = [f"  predicted per token: {ms(self.total_s).strip()}  ({1 / self.total_s:.1f} tok/s)"
                + (f", peak memory {self.peak_bytes / 2**20:,.0f} MiB" if self.peak_bytes else ""),
-               f"    flash I/O            {ms(self.io_s)}   {self.bytes_read / 2**20:8.2f} MiB read",
+               f"    flash I/O            {ms(self.io_busy_s)}   {self.bytes_read / 2**20:8.2f} MiB read",
+               f"      hidden by overlap -{ms(self.overlap_s).strip():>11s}   (waited for: {ms(self.io_wait_s).strip()})",
                f"    memory management    {ms(self.mm_s)}",
                f"    compute              {ms(self.compute_s)}   (lm_head {1e3 * self.head_s:.2f} ms)",
                f"    fixed overheads      {ms(self.overhead_s)}",
-               f"    hidden by overlap   -{ms(self.overlap_s).strip():>11s}",
                "    layers: " + ", ".join(f"{n} {k}" for k, n in kinds.items() if n)]
         return out + [f"    note: {n}" for n in self.notes]
 
 
 class CostModel:
-    """Predicts a decode token's time on one device at given thread counts."""
+    """One device's speeds priced for one model's shape, at given reader and compute thread counts."""
 
-    def __init__(self, profile: DeviceProfile, *, compute_threads: int | None = None, io_threads: int = 4,
-                 io: str = "direct", engine: str = "numba", layer_overhead_s: float = LAYER_OVERHEAD_S,
-                 token_overhead_s: float = TOKEN_OVERHEAD_S, sparse_bookkeeping_s: float = SPARSE_BOOKKEEPING_S):
-        self.profile = profile
+    def __init__(self, profile: DeviceProfile, shape: ModelShape, *, compute_threads: int | None = None,
+                 io_threads: int = 4, io: str = "direct", engine: str = "numba",
+                 layer_overhead_s: float = LAYER_OVERHEAD_S, token_overhead_s: float = TOKEN_OVERHEAD_S,
+                 sparse_bookkeeping_s: float = SPARSE_BOOKKEEPING_S):
+        self.profile, self.shape = profile, shape
         self.compute_threads = compute_threads or profile.cores
         self.io_threads = io_threads
         self.io = io
@@ -140,14 +165,26 @@ class CostModel:
         self.layer_overhead_s = layer_overhead_s
         self.token_overhead_s = token_overhead_s
         self.sparse_bookkeeping_s = sparse_bookkeeping_s
-        table = profile.buffered if io == "buffered" and profile.buffered is not None else profile.direct
-        self._table = table
+        self._table = profile.buffered if io == "buffered" and profile.buffered is not None else profile.direct
+        # The figures the per-token decisions use, computed once (the sparse path asks every token).
+        self.row_read_s = self.random_read_s(io_threads, shape.stride_bytes) / io_threads   # at full concurrency
+        self.layer_stream_s = self.stream_s(shape.layer_bytes)
+        self._stream_above = next((n for n in range(1, io_threads) if self.rows_seconds(n) > self.layer_stream_s),
+                                  self.layer_stream_s / self.row_read_s)
 
-    # -- primitives ---------------------------------------------------------------------------------
-    def matvec_s(self, weights: float, storage: str, bytes_per_weight: float | None = None) -> float:
-        g = self.profile.matvec_gweights_s(f"{self.engine}-{storage}", self.compute_threads, bytes_per_weight)
-        return weights / (g * 1e9)
+    @classmethod
+    def for_run(cls, folder, rt, *, compute_threads: int | None = None, profile: DeviceProfile | None = None,
+                **overheads) -> "CostModel":
+        """The cost model of one run: rt's device profile (or the built-in defaults), reader threads and
+        I/O mode, for the folder's model."""
+        return cls(profile or load_device(rt.profile), ModelShape.from_folder(folder),
+                   compute_threads=compute_threads or rt.threads, io_threads=rt.io_threads, io=rt.io, **overheads)
 
+    @property
+    def source(self) -> str:
+        return self.profile.path
+
+    # -- flash reads: what placement and the per-token fallback decide by ---------------------------------
     def random_read_s(self, n_reads: float, read_bytes: int) -> float:
         """n_reads random reads of read_bytes, issued by the reader's threads in one batch."""
         if n_reads <= 0:
@@ -155,73 +192,79 @@ class CostModel:
         in_flight = max(1.0, min(float(self.io_threads), n_reads))
         return n_reads * read_bytes / (self._table.random_at(read_bytes, in_flight) * 1e6)
 
+    def rows_seconds(self, n_rows: float) -> float:
+        """Flash time to read n_rows scattered bundle rows."""
+        return self.random_read_s(n_rows, self.shape.stride_bytes)
+
+    def stream_is_cheaper(self, n_missing: int) -> bool:
+        """Stream the layer whole rather than read n_missing rows one by one?"""
+        return n_missing > self._stream_above if n_missing >= self.io_threads else \
+            self.rows_seconds(n_missing) > self.layer_stream_s
+
     def stream_s(self, nbytes: float) -> float:
         return nbytes / (self._table.sequential_at(self.io_threads) * 1e6)
+
+    # -- compute and memory ----------------------------------------------------------------------------
+    def matvec_s(self, weights: float, storage: str, bytes_per_weight: float | None = None) -> float:
+        g = self.profile.matvec_gweights_s(f"{self.engine}-{storage}", self.compute_threads, bytes_per_weight)
+        return weights / (g * 1e9)
 
     def dram_copy_s(self, nbytes: float) -> float:
         return 2 * nbytes / (self.profile.dram_gb_s_at(self.compute_threads) * 1e9)    # read + write
 
-    # -- layers ----------------------------------------------------------------------------------------
-    def layer(self, shape: ModelShape, kind: str, *, held_rows: float = 0.0, miss_rows: float = 0.0,
+    # -- a token ---------------------------------------------------------------------------------------
+    def layer(self, kind: str, *, held_rows: float = 0.0, miss_rows: float = 0.0,
               predictor_weights: int = 0) -> LayerCost:
-        attn_s = self.matvec_s(shape.attn_weights, shape.storage, shape.bytes_per_weight)
-        if kind == "resident":
-            ffn_s = self.matvec_s(shape.n_ff * shape.bundle_elems, shape.storage, shape.bytes_per_weight)
-            return LayerCost(kind, shape.n_ff, 0.0, 0.0, 0.0, 0.0, attn_s + ffn_s, attn_s + ffn_s)
-        if kind in ("stream", "mmap"):
-            ffn_s = self.matvec_s(shape.n_ff * shape.bundle_elems, shape.storage, shape.bytes_per_weight)
-            if kind == "stream":
-                io_s = self.stream_s(shape.layer_bytes)
-                total = max(io_s, attn_s + ffn_s)          # double-buffered: the read overlaps compute
-            else:                                          # page faults through the page cache, serial
-                buffered = self.profile.buffered or self._table
-                io_s = shape.layer_bytes / (buffered.sequential_at(1) * 1e6)
-                total = io_s + attn_s + ffn_s
-            return LayerCost(kind, shape.n_ff, shape.n_ff, shape.layer_bytes, io_s, 0.0, attn_s + ffn_s, total)
-        if kind != "sparse":
-            raise ValueError(f"unknown layer kind {kind!r}")
+        """One layer's decode cost with its FFN rows placed as `kind` (a Placement or its value)."""
+        s = self.shape
+        attn_s = self.matvec_s(s.attn_weights, s.storage, s.bytes_per_weight)
+        whole_s = attn_s + self.matvec_s(s.n_ff * s.bundle_elems, s.storage, s.bytes_per_weight)
+        if kind == Placement.RESIDENT:
+            return LayerCost(Placement.RESIDENT.value, s.n_ff, 0.0, 0.0, 0.0, 0.0, 0.0, whole_s)
+        if kind == Placement.STREAM:          # double-buffered: the read overlaps the previous compute
+            io_s = self.stream_s(s.layer_bytes)
+            return LayerCost(Placement.STREAM.value, s.n_ff, s.n_ff, s.layer_bytes, io_s, max(0.0, io_s - whole_s),
+                             0.0, whole_s)
+        if kind == Placement.MAPPED:          # page faults through the page cache, serial with compute
+            buffered = self.profile.buffered or self._table
+            io_s = s.layer_bytes / (buffered.sequential_at(1) * 1e6)
+            return LayerCost(Placement.MAPPED.value, s.n_ff, s.n_ff, s.layer_bytes, io_s, io_s, 0.0, whole_s)
+        if kind != Placement.SPARSE:
+            raise ValueError(f"unknown layer placement {kind!r}")
         pred_s = self.matvec_s(predictor_weights, "f32", 4.0) if predictor_weights else 0.0
-        held_s = self.matvec_s(max(0.0, held_rows - miss_rows) * shape.bundle_elems, shape.storage, shape.bytes_per_weight)
-        new_s = self.matvec_s(miss_rows * shape.bundle_elems, shape.storage, shape.bytes_per_weight)
-        io_s = self.random_read_s(miss_rows, shape.stride_bytes)
-        mm_s = self.sparse_bookkeeping_s + self.dram_copy_s(miss_rows * shape.stride_bytes)
-        compute = attn_s + pred_s + held_s + new_s
-        total = attn_s + pred_s + mm_s + max(io_s, held_s) + new_s
-        return LayerCost(kind, held_rows, miss_rows, miss_rows * shape.stride_bytes, io_s, mm_s, compute, total)
+        held_s = self.matvec_s(max(0.0, held_rows - miss_rows) * s.bundle_elems, s.storage, s.bytes_per_weight)
+        new_s = self.matvec_s(miss_rows * s.bundle_elems, s.storage, s.bytes_per_weight)
+        io_s = self.rows_seconds(miss_rows)
+        mm_s = self.sparse_bookkeeping_s + self.dram_copy_s(miss_rows * s.stride_bytes)
+        return LayerCost(Placement.SPARSE.value, held_rows, miss_rows, miss_rows * s.stride_bytes, io_s,
+                         max(0.0, io_s - held_s), mm_s, attn_s + pred_s + held_s + new_s)
 
-    def token(self, shape: ModelShape, layers: list[LayerCost], peak_bytes: int | None = None,
-              notes: list[str] | None = None) -> TokenCost:
-        head_s = self.matvec_s(shape.vocab * shape.d_model, shape.storage, shape.bytes_per_weight)
-        overhead = self.token_overhead_s + self.layer_overhead_s * shape.n_layers
+    def token(self, layers: list[LayerCost], peak_bytes: int | None = None, notes: list[str] | None = None) -> TokenCost:
+        s = self.shape
+        head_s = self.matvec_s(s.vocab * s.d_model, s.storage, s.bytes_per_weight)
+        overhead = self.token_overhead_s + self.layer_overhead_s * s.n_layers
         return TokenCost(layers, head_s, overhead, peak_bytes, list(notes or []))
 
-
-def plan_layers(model: CostModel, shape: ModelShape, plan, calibration: dict | None, pin: float = 0.0) -> list[LayerCost]:
-    """The per-layer costs of a MemoryPlan (runtime/memory.py): its mode, layer kinds and window."""
-    n = shape.n_layers
-    if plan.mode == "dense":
-        kinds = ["resident"] * n
-    elif plan.mode == "mmap":
-        kinds = ["mmap"] * n
-    elif plan.mode in ("naive", "hybrid"):
-        kinds = ["resident" if i in set(plan.resident_layers) else "stream" for i in range(n)]
-    else:
-        kinds = list(plan.layer_kinds)
-    stats = (calibration or {}).get("layers") or [{} for _ in range(n)]
-    out = []
-    for i, kind in enumerate(kinds):
-        if kind != "sparse":
-            out.append(model.layer(shape, kind))
-            continue
-        w = stats[i].get("windows", {}).get(str(plan.window), {})
-        n_pin = int(pin * shape.n_ff)
-        capacity = plan.capacities[i] if plan.capacities else shape.n_ff
-        # rows held: the window union (mean over calibration tokens) plus pinned rows, within the cache
-        held = min(capacity, n_pin + w.get("mean_held", 1.0) * shape.n_ff)
-        wanted = stats[i].get("predicted_fraction", 1.0) * shape.n_ff
-        miss = w.get("miss_fraction", 1.0) * wanted
-        if n_pin:   # pinned rows are the hottest: they never miss (a first-order correction)
-            miss *= max(0.0, 1.0 - n_pin / max(1.0, wanted))
-        out.append(model.layer(shape, "sparse", held_rows=held, miss_rows=miss,
-                               predictor_weights=shape.predictor_weights[i] if shape.predictor_weights else 0))
-    return out
+    def plan_cost(self, plan: MemoryPlan, calibration: Calibration | None = None, pin: float = 0.0,
+                  notes: list[str] | None = None) -> TokenCost:
+        """A decode token under `plan` (runtime/memory.py): each layer as placed, a sparse layer from the
+        calibrated window statistics at the plan's window; peak memory = the plan + the runtime's own."""
+        s = self.shape
+        stats = (calibration.report.get("layers") if calibration else None) or [{} for _ in range(s.n_layers)]
+        weights = [b // 4 for b in calibration.predictor_bytes] if calibration else [0] * s.n_layers
+        out = []
+        for i, lp in enumerate(plan.layers):
+            if lp.placement != Placement.SPARSE:
+                out.append(self.layer(lp.placement))
+                continue
+            w = stats[i].get("windows", {}).get(str(plan.window), {})
+            n_pin = int(pin * s.n_ff)
+            capacity = lp.cache_rows or s.n_ff
+            # rows held: the window union (mean over calibration tokens) plus pinned rows, within the cache
+            held = min(capacity, n_pin + w.get("mean_held", 1.0) * s.n_ff)
+            wanted = stats[i].get("predicted_fraction", 1.0) * s.n_ff
+            miss = w.get("miss_fraction", 1.0) * wanted
+            if n_pin:   # pinned rows are the hottest: they never miss (a first-order correction)
+                miss *= max(0.0, 1.0 - n_pin / max(1.0, wanted))
+            out.append(self.layer(Placement.SPARSE, held_rows=held, miss_rows=miss, predictor_weights=weights[i]))
+        return self.token(out, plan.total + RUNTIME_OVERHEAD, notes)

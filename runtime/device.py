@@ -22,6 +22,7 @@ except ModuleNotFoundError:     # Python 3.10
 # Without a profile: what DESIGN.md measured on a 2-core VM with a virtio disk (O_DIRECT, 4 threads).
 DEFAULT_RANDOM_MB_S = {4096: 150.0, 16384: 500.0, 65536: 1100.0, 262144: 1600.0, 1048576: 1600.0}
 DEFAULT_SEQUENTIAL_MB_S = 1200.0
+DEFAULT_DRAM_GB_S = 10.0
 
 
 class ProfileError(FlashlmError, ValueError):
@@ -283,8 +284,17 @@ def load_profile(profile: str | Path) -> DeviceProfile:
     return parse_profile(data, str(path))
 
 
-def load_speeds(profile: str | Path | None, threads: int, io: str = "direct") -> FlashSpeeds:
-    """Flash speeds at `threads` concurrent reads from a profile (path or shipped name), or defaults."""
-    if profile is None:
-        return FlashSpeeds(dict(DEFAULT_RANDOM_MB_S), DEFAULT_SEQUENTIAL_MB_S)
-    return load_profile(profile).flash_speeds(threads, io)
+def default_profile() -> DeviceProfile:
+    """The device without a profile: DESIGN.md's flash figures for a 2-core VM with a virtio disk (O_DIRECT,
+    4 threads, the same at every concurrency), a DRAM bound for compute (no matvec figures)."""
+    sizes = sorted(DEFAULT_RANDOM_MB_S)
+    flash = FlashTable(sizes, [4], {s: [DEFAULT_RANDOM_MB_S[s]] for s in sizes}, [4], [DEFAULT_SEQUENTIAL_MB_S])
+    return DeviceProfile(name="built-in defaults", measured=False, cores=2, ram_bytes=8 << 30, memory_limit_bytes=None,
+                         page_size=4096, machine="", direct=flash, buffered=None, dram_threads=[1],
+                         dram_gb_s=[DEFAULT_DRAM_GB_S], compute_threads=[1], compute_gweights_s={},
+                         sources=["DESIGN.md (measured on the project's 2-core VM)"])
+
+
+def load_device(profile: str | Path | None) -> DeviceProfile:
+    """A device profile from a TOML path or a shipped name; None: the built-in defaults."""
+    return default_profile() if profile is None else load_profile(profile)

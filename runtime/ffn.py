@@ -24,7 +24,7 @@ import numpy as np
 from . import kernels as K
 from . import qkernels as QK
 from .config import ModelConfig
-from .costs import CostModel
+from .cost_model import CostModel
 from .flash_reader import aligned_empty
 from .modelfile import ModelFileError, check_rows
 from .storage import BundleLayout

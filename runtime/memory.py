@@ -12,12 +12,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .config import ModelConfig, RuntimeConfig
-from .costs import CostModel
 from .errors import FlashlmError
 from .modelfile import ModelFolder
+
+if TYPE_CHECKING:        # the cost model prices plans (it imports this module); the planner only asks it
+    from .cost_model import CostModel
 
 KV_DTYPES = {"f16": "uint16", "f32": "float32"}     # KV cache storage: f16 as its bits, like f16 weights
 KV_ITEM_BYTES = {"f16": 2, "f32": 4}

@@ -55,6 +55,7 @@ class Model:
         self.folder = folder
         parts = build(folder, runtime, predictors=predictors)    # refuses a budget before anything big is read
         self.plan, self.w, self.kernel, self.ffn_backend = parts.plan, parts.weights, parts.kernel, parts.ffn
+        self.costs = parts.costs                        # predicts this plan's time per token (cost_model.py)
         self.state, self.threads, self.ctx_len = parts.state, parts.threads, parts.ctx_len
         # Block-quantized dense weights run in onnxruntime sessions (runtime/ort_model.py); a dense-mode
         # run of a quantized folder keeps its FFN layers whole there too (the builder gave it a GraphFFN).

@@ -25,7 +25,7 @@ except ModuleNotFoundError:     # Python 3.10
     import tomli as tomllib
 
 from .config import RuntimeConfig
-from .cost_model import CostModel, ModelShape, TokenCost, plan_layers
+from .cost_model import CostModel, TokenCost
 from .device import DeviceProfile, ProfileError
 from .memory import RUNTIME_OVERHEAD, WINDOW_CHOICES, BudgetError, plan_memory
 
@@ -67,26 +67,24 @@ def predictor_bytes(folder) -> list[int] | None:
 
 
 def evaluate(folder, rt: RuntimeConfig, profile: DeviceProfile, calibration: dict | None,
-             shape: ModelShape | None = None, overheads: dict | None = None) -> Candidate:
-    """Plan rt and predict its cost; raises BudgetError when it does not fit."""
+             sizes: list[int] | None = None, overheads: dict | None = None) -> Candidate:
+    """Plan rt with the run's cost model and price the plan with the same object, as the builder
+    would (runtime/builder.py); raises BudgetError when it does not fit. `sizes`: the predictors'
+    bytes per layer (read from the folder when None)."""
     from .builder import activation_bytes
-    from .costs import CostModel as FlashCosts
-    from .device import load_speeds
     from .kernels import set_threads
     from .predictor import Calibration
-    flash = rt.mode == "flash"
-    sizes = predictor_bytes(folder) if flash else None
-    plan = plan_memory(folder, rt, activations=activation_bytes(folder, rt.threads or set_threads(None)),
-                       costs=FlashCosts.for_layout(load_speeds(rt.profile, rt.io_threads, rt.io), folder.bundles)
-                       if flash else None,
-                       calibration=Calibration(sizes, calibration or {}) if flash and sizes is not None else None)
-    shape = shape or ModelShape.from_folder(folder, predictor_bytes(folder) if rt.mode == "flash" else None)
-    model = CostModel(profile, compute_threads=rt.threads, io_threads=rt.io_threads, io=rt.io, **(overheads or {}))
-    layers = plan_layers(model, shape, plan, calibration, pin=rt.pin)
+    costs = CostModel.for_run(folder, rt, profile=profile, **(overheads or {}))   # threads None: the profile's cores
+    cal = None
+    if rt.mode == "flash":
+        sizes = sizes if sizes is not None else predictor_bytes(folder)
+        cal = Calibration(sizes, calibration or {}) if sizes is not None else None
+    plan = plan_memory(folder, rt, activations=activation_bytes(folder, rt.threads or set_threads(None)), costs=costs,
+                       calibration=cal)
     notes = []
     if rt.max_gap_bytes:
         notes.append(f"max_gap {rt.max_gap_bytes} B is not modelled (reads counted as if not coalesced)")
-    return Candidate(rt, plan, model.token(shape, layers, plan.total + RUNTIME_OVERHEAD, notes))
+    return Candidate(rt, plan, costs.plan_cost(plan, cal, pin=rt.pin, notes=notes))
 
 
 def candidates(folder, profile: DeviceProfile, memory_limit: int, calibration: dict | None, *,
@@ -100,8 +98,7 @@ def candidates(folder, profile: DeviceProfile, memory_limit: int, calibration: d
     windows = [k for k in WINDOW_CHOICES if has_predictors and str(k) in calibration["layers"][0].get("windows", {})]
     threads = sorted({t for t in (1, 2, 4, 8, profile.cores) if t <= profile.cores})
     base = dict(ctx_len=ctx_len, budget=str(budget), profile=profile_ref)
-    shapes = {False: ModelShape.from_folder(folder), True: ModelShape.from_folder(folder, predictor_bytes(folder))
-              if has_predictors else None}
+    sizes = predictor_bytes(folder) if has_predictors else None
     settings = [RuntimeConfig(mode="dense", threads=t, **base) for t in threads]
     settings += [RuntimeConfig(mode="hybrid", threads=t, io_threads=n, **base)
                  for t, n in itertools.product(threads, IO_THREAD_CHOICES)]
@@ -115,7 +112,7 @@ def candidates(folder, profile: DeviceProfile, memory_limit: int, calibration: d
     out = []
     for rt in settings:
         try:
-            out.append(evaluate(folder, rt, profile, calibration, shapes[rt.mode == "flash"], overheads))
+            out.append(evaluate(folder, rt, profile, calibration, sizes, overheads))
         except BudgetError:
             continue
     if not out:
@@ -135,9 +132,7 @@ def run_profile_toml(best: Candidate, *, model: str, device: str, memory_limit: 
                       "not_searched": ["max_gap_bytes (not modelled)",
                                        "keep fraction (fixed by calibration; recalibrate to change it)"]},
             "predicted": {"ms_per_token": round(1e3 * c.total_s, 3), "peak_bytes": int(c.peak_bytes or 0),
-                          "io_ms": round(1e3 * c.io_s, 3), "memory_management_ms": round(1e3 * c.mm_s, 3),
-                          "compute_ms": round(1e3 * c.compute_s, 3), "overhead_ms": round(1e3 * c.overhead_s, 3),
-                          "mib_read_per_token": round(c.bytes_read / 2**20, 3)}}
+                          **{k: round(v, 3) for k, v in c.per_token_ms().items() if k != "total_ms"}}}
     data["run"]["device"] = device
     return to_toml(data, ["Run profile written by `flashlm tune`; use it with --profile on run, chat, bench, serve."])
 

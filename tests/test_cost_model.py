@@ -5,6 +5,7 @@ import pytest
 
 from flashlm.runtime.cost_model import CostModel, ModelShape
 from flashlm.runtime.device import parse_profile
+from flashlm.runtime.memory import Placement
 
 # 1 G weights/s for f16 at any thread count, 2 G for f32; DRAM 10 GB/s; flash: 4 KiB random reads at
 # 40 MB/s on one thread and 160 MB/s with 4 in flight, 1 MiB at 400 / 800 MB/s, sequential 1000 MB/s.
@@ -17,54 +18,56 @@ DEVICE = parse_profile({
 }, "round.toml")
 
 SHAPE = ModelShape(n_layers=2, d_model=100, n_ff=1000, vocab=500, attn_weights=40_000, bundle_elems=300,
-                   stride_bytes=4096, storage="f16", predictor_weights=(10_000, 10_000))
+                   stride_bytes=4096, storage="f16")
 
 
 def model(io_threads=4, **kw):
-    return CostModel(DEVICE, compute_threads=2, io_threads=io_threads, layer_overhead_s=0.0, token_overhead_s=0.0,
-                     sparse_bookkeeping_s=0.0, **kw)
+    return CostModel(DEVICE, SHAPE, compute_threads=2, io_threads=io_threads, layer_overhead_s=0.0,
+                     token_overhead_s=0.0, sparse_bookkeeping_s=0.0, **kw)
 
 
 def test_resident_layer_is_its_matvecs():
-    c = model().layer(SHAPE, "resident")
+    c = model().layer("resident")
     # attention 40k + FFN 1000 rows x 300 weights = 340k f16 weights at 1 G/s = 340 us, nothing read
     assert c.compute_s == pytest.approx(340e-6) and c.total_s == pytest.approx(340e-6)
-    assert c.io_s == 0 and c.bytes_read == 0
+    assert c.io_busy_s == 0 and c.bytes_read == 0
 
 
 def test_streamed_layer_overlaps_its_read_with_compute():
-    c = model().layer(SHAPE, "stream")
+    c = model().layer("stream")
     # 1000 rows x 4096 B = 4.096 MB at 1000 MB/s = 4.096 ms, which hides the 340 us of compute
-    assert c.io_s == pytest.approx(4.096e-3)
+    assert c.io_busy_s == pytest.approx(4.096e-3)
+    assert c.io_wait_s == pytest.approx(4.096e-3 - 340e-6)      # the compute thread waits for the rest
     assert c.total_s == pytest.approx(4.096e-3)
     assert c.bytes_read == 4096 * 1000
 
 
 def test_sparse_layer_by_hand():
-    c = model().layer(SHAPE, "sparse", held_rows=300, miss_rows=50, predictor_weights=10_000)
+    c = model().layer("sparse", held_rows=300, miss_rows=50, predictor_weights=10_000)
     # reads: 50 rows of 4 KiB with 4 in flight at 160 MB/s = 50 x 4096 / 160e6 = 1.28 ms
-    assert c.io_s == pytest.approx(50 * 4096 / 160e6)
+    assert c.io_busy_s == pytest.approx(50 * 4096 / 160e6)
     # compute: attention 40 us + predictor 10k f32 at 2 G/s = 5 us + held 250 rows x 300 = 75 us + new 50 x 300 = 15 us
     assert c.compute_s == pytest.approx(40e-6 + 5e-6 + 75e-6 + 15e-6)
     # memory management: swap copies of 50 rows, read + written at 10 GB/s = 2 x 204800 / 1e10
     assert c.mm_s == pytest.approx(2 * 50 * 4096 / 10e9)
     # the read overlaps the held rows' compute: attention + predictor + mm + max(io, held) + new rows
-    assert c.total_s == pytest.approx(40e-6 + 5e-6 + c.mm_s + max(c.io_s, 75e-6) + 15e-6)
+    assert c.total_s == pytest.approx(40e-6 + 5e-6 + c.mm_s + max(c.io_busy_s, 75e-6) + 15e-6)
+    assert c.io_wait_s == pytest.approx(c.io_busy_s - 75e-6)
 
 
 def test_few_missing_rows_cannot_use_every_reader_thread():
-    one = model().layer(SHAPE, "sparse", held_rows=10, miss_rows=1)
+    one = model().layer("sparse", held_rows=10, miss_rows=1)
     # one row is one read in flight: 4096 B at the 1-thread 40 MB/s
-    assert one.io_s == pytest.approx(4096 / 40e6)
-    two = model(io_threads=1).layer(SHAPE, "sparse", held_rows=300, miss_rows=50)
-    assert two.io_s == pytest.approx(50 * 4096 / 40e6)
+    assert one.io_busy_s == pytest.approx(4096 / 40e6)
+    two = model(io_threads=1).layer("sparse", held_rows=300, miss_rows=50)
+    assert two.io_busy_s == pytest.approx(50 * 4096 / 40e6)
 
 
 def test_token_adds_lm_head_and_overheads():
-    m = CostModel(DEVICE, compute_threads=2, io_threads=4, layer_overhead_s=10e-6, token_overhead_s=100e-6,
+    m = CostModel(DEVICE, SHAPE, compute_threads=2, io_threads=4, layer_overhead_s=10e-6, token_overhead_s=100e-6,
                   sparse_bookkeeping_s=0.0)
-    layers = [m.layer(SHAPE, "resident"), m.layer(SHAPE, "stream")]
-    t = m.token(SHAPE, layers)
+    layers = [m.layer("resident"), m.layer("stream")]
+    t = m.token(layers)
     # lm_head 500 x 100 = 50k weights = 50 us; overheads 100 + 2 x 10 us
     assert t.head_s == pytest.approx(50e-6)
     assert t.total_s == pytest.approx(340e-6 + 4.096e-3 + 50e-6 + 120e-6)
@@ -72,9 +75,52 @@ def test_token_adds_lm_head_and_overheads():
     assert t.overlap_s == pytest.approx(340e-6)
     text = "\n".join(t.lines())
     assert "flash I/O" in text and "memory management" in text and "1 resident, 1 stream" in text
+    ms = t.per_token_ms()      # the runtime's accounting fields
+    assert ms["io_busy_ms"] == pytest.approx(4.096) and ms["io_wait_ms"] == pytest.approx(4.096 - 0.340)
+    assert ms["overlap_ms"] == pytest.approx(0.340) and ms["compute_ms"] == pytest.approx(0.340 + 0.340 + 0.050)
+    assert ms["total_ms"] == pytest.approx(ms["compute_ms"] + ms["mem_ms"] + ms["io_wait_ms"] + ms["overhead_ms"])
 
 
 def test_missing_engine_figures_follow_the_dram_bound():
-    m = CostModel(DEVICE, compute_threads=2, engine="ort")
+    m = CostModel(DEVICE, SHAPE, compute_threads=2, engine="ort")
     # no ort-f16 figures: 10 GB/s over 2 bytes per weight = 5 G weights/s
     assert m.matvec_s(5e9, "f16", 2.0) == pytest.approx(1.0)
+
+
+def test_placement_decisions_use_the_same_flash_figures():
+    """The planner's and the sparse path's questions are answered from the figures the pricing uses."""
+    m = model()
+    # a whole layer: 4.096 MB at 1000 MB/s; a row: 4 KiB at 160 MB/s with 4 in flight = 25.6 us
+    assert m.layer_stream_s == pytest.approx(4.096e-3) and m.row_read_s == pytest.approx(4096 / 160e6)
+    assert m.rows_seconds(50) == pytest.approx(m.layer(Placement.SPARSE, held_rows=300, miss_rows=50).io_busy_s)
+    # streaming beats scattered reads from 4.096e-3 / 25.6e-6 = 160 missing rows on
+    assert not m.stream_is_cheaper(160) and m.stream_is_cheaper(161)
+    assert not m.stream_is_cheaper(1) and not m.stream_is_cheaper(0)
+    slow = CostModel(DEVICE, ModelShape(2, 100, 2, 500, 40_000, 300, 4096, "f16"), io_threads=4)
+    # a 2-row layer streams in 8 us; 1 scattered row at 40 MB/s takes 102 us: stream from 1 row on
+    assert slow.stream_is_cheaper(1) and not slow.stream_is_cheaper(0)
+
+
+def test_the_builder_shares_one_cost_model_with_the_planner_and_the_sparse_path(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from flashlm.converters.writer import write_model
+    from flashlm.runtime.config import RuntimeConfig
+    from flashlm.runtime.model import Model
+    from flashlm.runtime.modelfile import open_folder
+    spec = importlib.util.spec_from_file_location("make_synthetic", Path(__file__).parent.parent / "tools" / "make_synthetic.py")
+    ms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ms)        # a synthetic model: this module stays torch-free (aarch64 check)
+    src = ms.SyntheticReluSource(d_model=64, n_layers=2, n_ff=128, n_heads=4, vocab=100, max_position=64,
+                                 predictor_rank=8, seed=0)
+    folder = open_folder(write_model(src, tmp_path / "m.flashlm", progress=False))
+    model = Model(folder, RuntimeConfig(mode="naive", io="buffered"))
+    try:
+        assert model.costs.source == "built-in defaults"
+        cost = model.costs.plan_cost(model.plan)
+        assert [l.kind for l in cost.layers] == ["stream"] * folder.config.n_layers
+        assert cost.bytes_read == folder.config.n_layers * folder.bundles.layer_bytes
+        assert cost.peak_bytes > model.plan.total
+    finally:
+        model.close()

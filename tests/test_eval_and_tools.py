@@ -10,7 +10,7 @@ import pytest
 
 import tiny_models as tm
 from flashlm.converters.convert import convert
-from flashlm.runtime.device import DEFAULT_SEQUENTIAL_MB_S, ProfileError, load_speeds, shipped_profile
+from flashlm.runtime.device import DEFAULT_SEQUENTIAL_MB_S, ProfileError, load_device, shipped_profile
 from flashlm.runtime.loader import load
 from flashlm.runtime.perplexity import perplexity
 
@@ -80,6 +80,10 @@ def test_bench_json_rows(llama):
     assert naive_tg["reads_per_token"] >= f.config.n_layers
 
 
+def load_speeds(profile, threads):
+    return load_device(profile).flash_speeds(threads)
+
+
 def test_load_speeds_from_profiles(tmp_path):
     d = load_speeds(None, 4)
     assert d.source == "built-in defaults" and d.sequential_mb_s == DEFAULT_SEQUENTIAL_MB_S
@@ -101,8 +105,8 @@ def test_load_speeds_from_profiles(tmp_path):
 
 
 def test_device_profiles_are_found_from_outside_the_checkout(tmp_path):
-    code = ("from flashlm.runtime.device import shipped_profile, load_speeds; "
-            "p = shipped_profile('this-machine-2core'); s = load_speeds('this-machine-2core', 4); "
+    code = ("from flashlm.runtime.device import shipped_profile, load_device; "
+            "p = shipped_profile('this-machine-2core'); s = load_device('this-machine-2core').flash_speeds(4); "
             "print(p.is_file(), s.source == str(p))")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -229,8 +229,7 @@ def test_default_auto_flash_path_mixes_placements_and_equals_dense(deep_opt_fold
     opt_folder = deep_opt_folder
     import copy
     from flashlm.runtime import predictor as predictor_module
-    from flashlm.runtime.costs import CostModel
-    from flashlm.runtime.device import load_speeds
+    from flashlm.runtime.cost_model import CostModel
     from flashlm.runtime.predictor import Calibration, read_calibration
     profile = tmp_path / "slow-stream.toml"
     profile.write_text(SLOW_STREAM_PROFILE)
@@ -244,7 +243,7 @@ def test_default_auto_flash_path_mixes_placements_and_equals_dense(deep_opt_fold
     monkeypatch.setattr(predictor_module, "read_calibration", lambda f: scenario)
 
     rt = dict(mode="flash", io="buffered", pin=0.1, profile=str(profile))
-    costs = CostModel.for_layout(load_speeds(str(profile), 4), folder.bundles)
+    costs = CostModel.for_run(folder, RuntimeConfig(**rt))
     activations = activation_bytes(folder, set_threads(None))
     fixed = plan_memory(folder, RuntimeConfig(mode="naive"), activations=activations).total
     budget = plan = None
