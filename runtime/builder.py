@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import logging
+
 import numpy as np
 
 from . import kernels as K
@@ -19,6 +21,8 @@ from .memory import MODES, PREFILL_CHUNK, BudgetError, MemoryPlan, Placement, pl
 from .modelfile import (ROW_CRC_TENSOR, ModelFileError, ModelFolder, bundle_layers, map_verified, read_verified,
                         tensors_from_buffer)
 from .runstate import RunState
+
+log = logging.getLogger("flashlm")
 
 
 @dataclass
@@ -32,6 +36,7 @@ class ModelParts:
     threads: int
     ctx_len: int
     quantized: bool                     # block-quantized dense weights: the model runs them in onnxruntime
+    widened: bool = False               # ... which onnxruntime could not run here: widened to f16 for numba
 
 
 def activation_bytes(folder: ModelFolder, threads: int) -> int:
@@ -67,12 +72,33 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
     kernel = bundle_kernel(c, folder.bundles, threads)
     biases = [weights.get(f"layers.{i}.ffn.up.bias") for i in range(c.n_layers)]
     row_crc = weights.get(ROW_CRC_TENSOR) if rt.verify_reads else None
+    widened = False
+    if quantized:
+        from .engines import onnxruntime_status
+        status = onnxruntime_status()
+        if not status.usable:       # the numba dense path: block-quantized weights widened to f16 once
+            weights = widen_blocks(folder, weights)
+            widened, quantized = True, False
+            log.warning("%s: onnxruntime cannot be used here (%s); running the dense weights on the numba "
+                        "kernels instead, widened to f16 (%.0f MiB more than the plan's dense line)", folder.path,
+                        status.detail, (sum(a.nbytes for a in weights.values()) - plan.dense) / 2**20)
     if quantized and plan.run_mode.rows_from == "file" and folder.matrices:
         ffn = GraphFFN()        # the FFN layers run whole inside the onnxruntime sessions (ffn_matrices)
     else:
         ffn = build_ffn(folder, rt, plan, kernel, biases, predictors, row_crc, costs)
     return ModelParts(weights, plan, costs, ffn, kernel, state, threads,
-                      min(rt.ctx_len, c.max_position), quantized)
+                      min(rt.ctx_len, c.max_position), quantized, widened)
+
+
+def widen_blocks(folder: ModelFolder, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The dense tensors with every block-quantized one decoded to f16 bits (what the numba kernels take)."""
+    out = {}
+    for name, arr in weights.items():
+        storage = folder.dense[name].storage if name in folder.dense else None
+        if storage is not None and storage.block_elems > 1:
+            arr = np.ascontiguousarray(storage.decode(arr).astype(np.float16).view(np.uint16))
+        out[name] = arr
+    return out
 
 
 def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel: BundleKernel, biases: list,

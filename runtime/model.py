@@ -56,6 +56,7 @@ class Model:
         parts = build(folder, runtime, predictors=predictors)    # refuses a budget before anything big is read
         self.plan, self.w, self.kernel, self.ffn_backend = parts.plan, parts.weights, parts.kernel, parts.ffn
         self.costs = parts.costs                        # predicts this plan's time per token (cost_model.py)
+        self.widened = parts.widened                    # quantized dense weights widened to f16 (no onnxruntime)
         self.state, self.threads, self.ctx_len = parts.state, parts.threads, parts.ctx_len
         # Block-quantized dense weights run in onnxruntime sessions (runtime/ort_model.py); a dense-mode
         # run of a quantized folder keeps its FFN layers whole there too (the builder gave it a GraphFFN).
@@ -173,8 +174,8 @@ class Model:
 
     def embed(self, tokens: np.ndarray, pos0: int, out: np.ndarray) -> None:
         """out[T, d] = the tokens' embedding rows (+ learned positions), widened to f32."""
-        c, dense = self.config, self.folder.dense
-        emb = dense["tok_embeddings"].storage
+        c = self.config
+        emb = self._storage("tok_embeddings")
         if emb.block_elems == 1:
             K.gather_rows(self.w["tok_embeddings"], tokens, out)
         else:
@@ -183,7 +184,13 @@ class Model:
             out *= np.float32(c.embed_scale)
         if c.pos_kind == "learned":
             lo = pos0 + c.pos_offset
-            out += dense["pos_embeddings"].storage.decode(self.w["pos_embeddings"][lo:lo + len(tokens)])
+            out += self._storage("pos_embeddings").decode(self.w["pos_embeddings"][lo:lo + len(tokens)])
+
+    def _storage(self, name: str):
+        """The storage type of a dense tensor as this model holds it (f16 when widened for numba)."""
+        from .storage import STORAGE_TYPES
+        return STORAGE_TYPES["f16"] if self.widened and self.folder.dense[name].storage.block_elems > 1 \
+            else self.folder.dense[name].storage
 
     # --- the forward pass ----------------------------------------------------------------------------
     def ffn(self, layer: int, h: np.ndarray, out: np.ndarray) -> None:
@@ -304,7 +311,7 @@ class Model:
             rows = np.zeros((2, self.folder.bundles.stride_items), rows_dt)
             for bias in (None, np.zeros(2, np.float32)):
                 self.kernel(x, rows, 2, np.arange(2, dtype=np.int32), bias, np.empty_like(x))
-            if self.folder.dense["tok_embeddings"].storage.block_elems == 1:
+            if self._storage("tok_embeddings").block_elems == 1:
                 K.gather_rows(self.w["tok_embeddings"], np.zeros(T, np.int64), x)
         if rows_dt == np.uint8:                         # the prompt path of quantized rows
             xb = np.ones((K.BLAS_MIN_TOKENS, c.d_model), np.float32)

@@ -353,12 +353,13 @@ def probe_matvec_numba(threads: tuple[int, ...], seconds: float, shape: tuple[in
 
 def probe_matvec_onnxruntime(threads: tuple[int, ...], seconds: float, shape: tuple[int, int]) -> dict[str, dict[int, float]]:
     """G weights/s of onnxruntime's com.microsoft.MatMulNBits (4 and 8 bits, block 32) on synthetic
-    constant weights, T = 1; {} when onnxruntime or onnx is not importable."""
-    try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
-    except ImportError:
-        return {}
+    constant weights, T = 1; when onnxruntime cannot be used here (runtime/engines.py), only why."""
+    from .engines import onnxruntime_status
+    status = onnxruntime_status()
+    if not status.usable:
+        return {"_errors": {"ort": status.detail}}
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
     n, d = shape
     block = 32
     res = {}

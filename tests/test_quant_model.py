@@ -280,3 +280,35 @@ def test_storage_table_lists_the_block_types():
             stored = st.encode(w)
             assert stored.shape == st.stored_shape((3, 64)) and stored.nbytes == st.nbytes((3, 64))
             assert np.abs(st.decode(stored) - w).max() < 0.5
+
+
+def test_without_onnxruntime_quantized_weights_run_on_numba(tmp_path, monkeypatch, caplog):
+    """Where onnxruntime cannot be used (its aarch64 wheel segfaults on import under qemu-user), a
+    quantized folder still runs: the builder widens the dense blocks to f16 for the numba kernels,
+    says so, and the logits follow transformers on the stored values as the onnxruntime path does."""
+    from flashlm.runtime import engines
+    name, src = "llama", MODELS["llama"](tmp_path / "src")
+    out = convert(src, tmp_path / "m.flashlm", dtype="q8_0", progress=False)
+    folder = open_folder(out)
+    monkeypatch.setenv(engines.ENV, "off")
+    engines.onnxruntime_status.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="flashlm"):
+            model, ours = _run(out, RuntimeConfig(kv_dtype="f32"))
+        assert model.ort is None and model.widened
+        assert "onnxruntime cannot be used here" in caplog.text and "FLASHLM_ONNXRUNTIME=off" in caplog.text
+        ref_stored = _dequantized_reference(src, folder, IDS)
+        assert np.abs(ours - ref_stored).max() <= 0.1 * np.abs(ref_stored).max(), name
+        model.close()
+    finally:
+        engines.onnxruntime_status.cache_clear()
+
+
+def test_the_onnxruntime_check_survives_a_crashing_child():
+    from flashlm.runtime import engines
+    ok = engines.check_in_child(engines._CHECK)
+    assert ok.usable, ok.detail                          # this machine's onnxruntime imports and runs
+    crash = engines.check_in_child("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    assert not crash.usable and "killed by SIGSEGV" in crash.detail
+    fails = engines.check_in_child("raise ImportError('no onnxruntime here')")
+    assert not fails.usable and "no onnxruntime here" in fails.detail
