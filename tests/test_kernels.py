@@ -32,7 +32,7 @@ def test_f16_widening_handles_every_class():
 
 
 def _ffn_reference(h, gate, up, down, bias, act):
-    import torch
+    torch = pytest.importorskip("torch", reason="torch is the reference for the gated activations")
     u = h @ up.T
     if act == K.ACT_RELU:
         a = np.maximum(u + bias, 0)
@@ -74,7 +74,7 @@ def test_ffn_bundles_matches_numpy_in_any_row_order(act, T):
 
 def test_gate_np_matches_kernel_activation():
     g = np.linspace(-8, 8, 101).astype(np.float32)
-    import torch
+    torch = pytest.importorskip("torch", reason="torch is the reference for the gated activations")
     np.testing.assert_allclose(K.gate_np(g, K.ACT_GELU_TANH),
                                torch.nn.functional.gelu(torch.from_numpy(g), approximate="tanh").numpy(), atol=1e-6)
     np.testing.assert_allclose(K.gate_np(g, K.ACT_SILU), torch.nn.functional.silu(torch.from_numpy(g)).numpy(),
@@ -98,3 +98,39 @@ def test_attention_is_causal_gqa(window, scale):
             s = kc[lo:n, h // 2] @ q[t, h] * scale
             p = np.exp(s - s.max())
             np.testing.assert_allclose(out[t, h], (p / p.sum()) @ vc[lo:n, h // 2], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_selection_kernels_match_numpy():
+    """The predictors' per-token kernels (runtime/predictor.py): top-k and threshold selection, the
+    contribution score, and the KV store into f16 bits, against numpy."""
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 100, 1536):
+        for trial in range(12):
+            s = rng.standard_normal(n).astype(np.float32)
+            if trial % 3 == 0:
+                s = np.round(s * 2).astype(np.float32)         # many ties
+            if trial % 4 == 0:
+                s = np.sort(s)                                 # sorted input: no quadratic quickselect
+            k = int(rng.integers(1, n + 1))
+            ids, work = np.empty(n, np.int32), np.empty(n, np.float32)
+            m = K.select_top(s, k, work, ids)
+            got = ids[:m]
+            ref = np.sort(np.argpartition(-s, k - 1)[:k])
+            assert m == k and np.all(np.diff(got) > 0)
+            np.testing.assert_array_equal(np.sort(s[got]), np.sort(s[ref]))   # the same values (ties aside)
+            m = K.select_above(s, np.float32(0.3), ids)
+            np.testing.assert_array_equal(ids[:m], np.flatnonzero(s > 0.3))
+    g, u, norm = (rng.standard_normal(64).astype(np.float32) for _ in range(3))
+    out = np.empty(64, np.float32)
+    for act in (K.ACT_SILU, K.ACT_GELU_TANH):
+        K.contribution(g, u, norm, act, out)
+        np.testing.assert_allclose(out, np.abs(K.gate_np(g, act) * u) * norm, rtol=1e-5, atol=1e-6)
+        K.contribution(g, u, np.zeros(0, np.float32), act, out)
+        np.testing.assert_allclose(out, np.abs(K.gate_np(g, act) * u), rtol=1e-5, atol=1e-6)
+    kv = rng.standard_normal((3, 2, 8)).astype(np.float32)
+    bits = np.zeros((3, 2, 8), np.uint16)
+    K.store_kv(kv, bits)
+    np.testing.assert_array_equal(bits, kv.astype(np.float16).view(np.uint16))      # round to nearest even
+    f32 = np.zeros_like(kv)
+    K.store_kv(kv, f32)
+    np.testing.assert_array_equal(f32, kv)

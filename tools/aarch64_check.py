@@ -146,11 +146,19 @@ def step_test(r: Runner, args) -> None:
     r.chroot(root, "uname -m && python -c 'import platform, numba; print(platform.machine(), numba.__version__)'")
     # `pytest`, not `python -m pytest`: -m puts the checkout on sys.path, whose flashlm/ folder would
     # shadow the installed package (the test must import what was installed)
-    r.chroot(root, "cd /opt/flashlm && pytest -q -p no:cacheprovider -k '" + DESELECT + "' "
-             + " ".join(present))
-    r.chroot(root, "cd /opt/flashlm && python tools/aarch64_fixture_check.py check /opt/fixtures")
-    r.chroot(root, "cd /tmp && python -m flashlm probe --quick --dir /tmp -o /tmp/arm64-emulated.toml "
-             "&& cat /tmp/arm64-emulated.toml")
+    # Each part runs even when an earlier one fails (a failing test must not hide the fixture check).
+    failed = []
+    for cmd in ["cd /opt/flashlm && pytest -q -p no:cacheprovider -rs -k '" + DESELECT + "' " + " ".join(present),
+                "cd /opt/flashlm && python tools/aarch64_fixture_check.py check /opt/fixtures",
+                "cd /tmp && python -m flashlm probe --quick --dir /tmp -o /tmp/arm64-emulated.toml "
+                "&& cat /tmp/arm64-emulated.toml"]:
+        try:
+            r.chroot(root, cmd)
+        except subprocess.CalledProcessError as e:
+            print(f"aarch64_check: exit {e.returncode}: {cmd}", flush=True)
+            failed.append(e)
+    if failed:
+        raise failed[0]
 
 
 def main(argv=None) -> int:
