@@ -83,12 +83,20 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
                    io_ms=io_ms, mm_ms=mm_ms, compute_ms=1e3 * total / n - io_ms - mm_ms,
                    streamed_layer_fraction=(stats.streamed_layers / (n * c.n_layers)
                                             if plan.run_mode.needs_predictors else None),
-                   flash_mb_s=nbytes / stats.io_s / 1e6 if stats.io_s else None)
+                   flash_mb_s=nbytes / stats.io_s / 1e6 if stats.io_s else None,
+                   predicted_ms=_predicted_ms(model, folder, plan, rt))
         rows.append(row)
     model.close()
     for row in rows:
         row["peak_rss"] = peak_rss_bytes()
     return rows
+
+
+def _predicted_ms(model, folder, plan, rt: RuntimeConfig) -> float:
+    """The run's own cost model on its plan (runtime/cost_model.py): ms per decode token."""
+    from .predictor import read_calibration
+    calibration = read_calibration(folder) if plan.run_mode.needs_predictors else None
+    return 1e3 * model.costs.plan_cost(plan, calibration, pin=rt.pin).total_s
 
 
 def _row(base: dict, test: str, n: int, times: list[float]) -> dict:

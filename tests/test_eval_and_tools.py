@@ -78,6 +78,7 @@ def test_bench_json_rows(llama):
     # naive reads every FFN layer whole for every decode token, nothing else
     assert naive_tg["bytes_per_token"] == f.config.n_layers * f.bundles.layer_bytes and naive_tg["io"] == "buffered"
     assert naive_tg["reads_per_token"] >= f.config.n_layers
+    assert naive_tg["predicted_ms"] > 0 and dense_tg["predicted_ms"] > 0     # the run's cost model on its plan
 
 
 def load_speeds(profile, threads):
