@@ -201,6 +201,17 @@ class CostModel:
         return n_missing > self._stream_above if n_missing >= self.io_threads else \
             self.rows_seconds(n_missing) > self.layer_stream_s
 
+    def missed_rows(self, layer_stats: dict, window: int, pin_rows: int = 0) -> float:
+        """Rows a sparse layer reads per token, from its calibrated window statistics (the planner's and
+        the pricing's one estimate): the predicted neurons the window did not hold, less those the pinned
+        hottest neurons cover (a first-order correction: pinned rows never miss)."""
+        w = layer_stats.get("windows", {}).get(str(window), {})
+        wanted = layer_stats.get("predicted_fraction", 1.0) * self.shape.n_ff
+        miss = w.get("miss_fraction", 1.0) * wanted
+        if pin_rows:
+            miss *= max(0.0, 1.0 - pin_rows / max(1.0, wanted))
+        return miss
+
     def stream_s(self, nbytes: float) -> float:
         return nbytes / (self._table.sequential_at(self.io_threads) * 1e6)
 
@@ -262,9 +273,6 @@ class CostModel:
             capacity = lp.cache_rows or s.n_ff
             # rows held: the window union (mean over calibration tokens) plus pinned rows, within the cache
             held = min(capacity, n_pin + w.get("mean_held", 1.0) * s.n_ff)
-            wanted = stats[i].get("predicted_fraction", 1.0) * s.n_ff
-            miss = w.get("miss_fraction", 1.0) * wanted
-            if n_pin:   # pinned rows are the hottest: they never miss (a first-order correction)
-                miss *= max(0.0, 1.0 - n_pin / max(1.0, wanted))
+            miss = self.missed_rows(stats[i], plan.window, n_pin)
             out.append(self.layer(Placement.SPARSE, held_rows=held, miss_rows=miss, predictor_weights=weights[i]))
         return self.token(out, plan.total + RUNTIME_OVERHEAD, notes)

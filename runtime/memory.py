@@ -227,8 +227,7 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
         if w is None:       # no calibration figures for this window: assume it needs the whole layer
             return pred[i] + layer_bytes, 0.0
         need = min(c.n_ff, n_pin + w["max_held"])
-        misses = w["miss_fraction"] * stats[i]["predicted_fraction"] * c.n_ff
-        return pred[i] + need * stride, costs.rows_seconds(misses)
+        return pred[i] + need * stride, costs.rows_seconds(costs.missed_rows(stats[i], k, n_pin))
 
     best = None
     for k in windows:
