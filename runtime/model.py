@@ -325,8 +325,9 @@ class Model:
             qkv = np.zeros((T, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim), np.float32)
             kv = np.zeros((T, c.n_kv_heads, c.head_dim), self.k_cache.dtype)
             cs = np.zeros((T, c.head_dim // 2), np.float32) if c.pos_kind == "rope" else self._no_rope[0]
-            K.rope_kv_attention(qkv, c.n_heads, cs, cs, kv, kv.copy(), 0, self.attn_scale, 0,
-                                np.empty((T, c.n_heads * c.head_dim), np.float32))
+            for attention in (K.rope_kv_attention, K.rope_kv_attention_serial):
+                attention(qkv, c.n_heads, cs, cs, kv, kv.copy(), 0, self.attn_scale, 0,
+                          np.empty((T, c.n_heads * c.head_dim), np.float32))
 
     def reset_io_stats(self) -> None:
         """Start the flash accounting afresh (e.g. after prefill, so figures describe decoding)."""
@@ -334,3 +335,5 @@ class Model:
 
     def close(self) -> None:
         self.ffn_backend.close()
+        if self.ort is not None:
+            self.ort.close()

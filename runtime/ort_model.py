@@ -13,14 +13,28 @@ whose rows stream from flash):
     lm:                x -> norm -> lm_head
 
 so a fully resident model makes n_layers + 2 runs and n_layers numba calls per forward.
+
+Threads. A decode token's matvecs are 5-40 us each: splitting one across threads costs more than it
+saves once the other thread must be woken (onnxruntime never spins here, and each session had its own
+pool). Measured on SmolLM2 q4 with 2 threads: ~176 voluntary context switches per decode token, and
+decode slower with 2 threads than with 1 (51 vs 67 tok/s, idle machine). So every session runs on the
+calling thread (intra_op 1) except `lm` (one 49152 x 576 matvec, worth splitting), decode attention
+runs serially in numba, and a prompt's T tokens are split into `threads` row blocks that go through
+each session concurrently (onnxruntime releases the GIL in run(); each row of these graphs is
+independent of the others) while attention over the whole block stays one parallel numba call.
 """
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from . import kernels as K
 from .config import ModelConfig
 from .ort_graph import INT8_ACTIVATIONS, GraphBuilder, session
+
+
+SPLIT_MIN_ROWS = 8      # a prompt block below this is not worth a thread handoff
 
 
 class OrtLayers:
@@ -34,19 +48,22 @@ class OrtLayers:
         self.accuracy_level = accuracy_level
         self.ffn_in_graph = ffn_in_graph
         self.qkv_width = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+        self.threads = threads
+        # Prompt row blocks beyond the first run on these threads (module docstring).
+        self._workers = ThreadPoolExecutor(threads - 1, thread_name_prefix="flashlm-ort") if threads > 1 else None
         L = c.n_layers
         # The lm_head first: building a session briefly holds ~2.5x its weights (source pages, f32 scales,
         # onnxruntime's packing), and the largest matrix is cheapest while nothing else is resident yet.
         self.lm = self._session("lm", threads, lambda g: self._lm(g, weight, lm_head_name))
-        self.head0 = self._session("head_0", threads, lambda g: self._head(g, weight, 0, g.input("x", c.d_model)))
+        self.head0 = self._session("head_0", 1, lambda g: self._head(g, weight, 0, g.input("x", c.d_model)))
         self.mid, self.tail, self.heads = [None] * L, [None] * L, [None] * L
         for l in range(L):
             if ffn_in_graph[l]:
-                self.mid[l] = self._session(f"mid_{l}", threads, lambda g, l=l: self._mid(g, weight, l))
+                self.mid[l] = self._session(f"mid_{l}", 1, lambda g, l=l: self._mid(g, weight, l))
             else:
-                self.tail[l] = self._session(f"tail_{l}", threads, lambda g, l=l: self._tail(g, weight, l))
+                self.tail[l] = self._session(f"tail_{l}", 1, lambda g, l=l: self._tail(g, weight, l))
                 if l + 1 < L:
-                    self.heads[l + 1] = self._session(f"head_{l + 1}", threads,
+                    self.heads[l + 1] = self._session(f"head_{l + 1}", 1,
                                                       lambda g, l=l: self._head(g, weight, l + 1, g.input("x", c.d_model)))
 
     # --- graph pieces -----------------------------------------------------------------------------
@@ -130,17 +147,19 @@ class OrtLayers:
         c = self.c
         T = x.shape[0]
         att = np.empty((T, c.n_heads * c.head_dim), np.float32)
-        qkv = self.head0.run(None, {"x": x})[0]
+        attention = K.rope_kv_attention_serial if T == 1 else K.rope_kv_attention
+        run = self._run
+        qkv = run(self.head0, {"x": x})[0]
         for l in range(c.n_layers):
             cos, sin = rope[l]
-            K.rope_kv_attention(qkv, c.n_heads, cos, sin, k_cache[l], v_cache[l], pos0, scale, c.layer_window(l), att)
+            attention(qkv, c.n_heads, cos, sin, k_cache[l], v_cache[l], pos0, scale, c.layer_window(l), att)
             if self.ffn_in_graph[l]:
-                outs = self.mid[l].run(None, {"att": att, "x": x})
+                outs = run(self.mid[l], {"att": att, "x": x})
                 x = outs[0]
                 if l + 1 < c.n_layers:
                     qkv = outs[1]
             else:
-                x, h = self.tail[l].run(None, {"att": att, "x": x})
+                x, h = run(self.tail[l], {"att": att, "x": x})
                 y = np.empty_like(h)
                 ffn(l, h, y)
                 if post_norm is not None:
@@ -149,8 +168,25 @@ class OrtLayers:
                 if down_bias is not None:
                     x += down_bias[l]
                 if l + 1 < c.n_layers:
-                    qkv = self.heads[l + 1].run(None, {"x": x})[0]
+                    qkv = run(self.heads[l + 1], {"x": x})[0]
         return x
+
+    def _run(self, sess, feeds: dict) -> list:
+        """sess.run over row blocks of the feeds, one per thread, concurrently (prompts of at least
+        SPLIT_MIN_ROWS rows per block), else on this thread."""
+        T = next(iter(feeds.values())).shape[0]
+        if self._workers is None or T < SPLIT_MIN_ROWS * self.threads:
+            return sess.run(None, feeds)
+        cuts = [T * i // self.threads for i in range(self.threads + 1)]
+        pending = [self._workers.submit(sess.run, None, {k: v[a:b] for k, v in feeds.items()})
+                   for a, b in zip(cuts[1:-1], cuts[2:])]
+        parts = [sess.run(None, {k: v[:cuts[1]] for k, v in feeds.items()})] + [p.result() for p in pending]
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+    def close(self) -> None:
+        if self._workers is not None:
+            self._workers.shutdown()
+            self._workers = None
 
     def logits(self, x) -> np.ndarray:
         return self.lm.run(None, {"x": np.ascontiguousarray(x)})[0]

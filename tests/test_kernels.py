@@ -134,3 +134,23 @@ def test_decode_selection_kernels_match_numpy():
     f32 = np.zeros_like(kv)
     K.store_kv(kv, f32)
     np.testing.assert_array_equal(f32, kv)
+
+
+@pytest.mark.parametrize("T,window", [(1, 0), (3, 2)])
+def test_serial_rope_kv_attention_equals_the_parallel_kernel(T, window):
+    """The decode-token variant (one thread) computes exactly what the parallel kernel does."""
+    rng = np.random.default_rng(4)
+    H, Hkv, hd, pos0 = 4, 2, 8, 3
+    qkv = rng.standard_normal((T, (H + 2 * Hkv) * hd)).astype(np.float32)
+    cos, sin = rng.standard_normal((2, T, hd // 2)).astype(np.float32)
+    outs = []
+    for kernel in (K.rope_kv_attention, K.rope_kv_attention_serial):
+        kc = rng.standard_normal((10, Hkv, hd)).astype(np.float16).view(np.uint16)
+        kc[:] = 0
+        vc = kc.copy()
+        kc[:pos0] = vc[:pos0] = np.arange(pos0 * Hkv * hd, dtype=np.float16).reshape(pos0, Hkv, hd).view(np.uint16)
+        q, out = qkv.copy(), np.empty((T, H * hd), np.float32)
+        kernel(q, H, cos, sin, kc, vc, pos0, 0.3, window, out)
+        outs.append((out, q, kc, vc))
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)

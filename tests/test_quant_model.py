@@ -247,6 +247,26 @@ def test_quantized_matches_transformers_on_stored_values(checkpoint, dtype, tmp_
 
 
 @pytest.mark.slow
+def test_q8_0_error_is_the_weights_not_the_activations(checkpoint, tmp_path):
+    """Where q8_0's distance from transformers comes from: with f32 activations (accuracy_level 0) flashlm
+    equals transformers on the stored q8_0 values to float rounding, and int8 activations (the default)
+    add little beyond the weights' own rounding."""
+    name, src = checkpoint
+    out = convert(src, tmp_path / "m.flashlm", dtype="q8_0", progress=False)
+    ref_stored = _dequantized_reference(src, open_folder(out), IDS)
+    ref = tm.reference_logits(src, IDS)
+    _, exact = _run(out, RuntimeConfig(kv_dtype="f32", int8_activations=False))
+    _, fast = _run(out, RuntimeConfig(kv_dtype="f32"))
+    top = np.abs(ref).max()
+    errs = {k: float(np.abs(v - r).max() / top) for k, (v, r) in
+            {"f32act_vs_stored": (exact, ref_stored), "int8act_vs_stored": (fast, ref_stored),
+             "f32act_vs_original": (exact, ref), "int8act_vs_original": (fast, ref),
+             "stored_vs_original": (ref_stored, ref)}.items()}
+    print(name, errs)
+    assert errs["f32act_vs_stored"] <= 1e-3, errs
+
+
+@pytest.mark.slow
 def test_dense_and_streamed_quantized_runs_agree(checkpoint, tmp_path):
     """The FFN inside the graph (dense mode, ffn_matrices) and through the bundle backend (naive mode:
     f16 bundle rows of the same source) give nearly the same logits; the attention path is shared."""
@@ -255,6 +275,20 @@ def test_dense_and_streamed_quantized_runs_agree(checkpoint, tmp_path):
     _, dense = _run(out, RuntimeConfig(mode="dense"))
     _, naive = _run(out, RuntimeConfig(mode="naive"))
     assert np.abs(dense - naive).max() <= 0.1 * np.abs(dense).max()
+
+
+def test_prompt_rows_split_across_threads_equal_one_thread(tmp_path):
+    """With 2 threads a prompt's rows go through each session in two concurrent blocks (and decode runs
+    on one thread): the logits equal the 1-thread run's up to the kernels' float rounding."""
+    src = tm.make_llama(tmp_path / "src", tied=True, n_kv_heads=2)
+    out = convert(src, tmp_path / "m.flashlm", dtype="q4_0", progress=False)
+    ids = (IDS * 2)[:24]
+    got = []
+    for threads in (1, 2):
+        model = Model(open_folder(out), RuntimeConfig(threads=threads, kv_dtype="f32", int8_activations=False))
+        got.append(np.concatenate([model.forward(ids[:20], all_logits=True), model.forward(ids[20:21])]))
+        model.close()
+    np.testing.assert_allclose(got[1], got[0], rtol=1e-4, atol=1e-4 * np.abs(got[0]).max())
 
 
 # --- KV cache ------------------------------------------------------------------------------------------------

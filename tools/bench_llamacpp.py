@@ -118,17 +118,18 @@ def breakdown_child(args) -> int:
     o.head0, o.lm = Timed(o.head0), Timed(o.lm)
     for group in (o.mid, o.tail, o.heads):
         group[:] = [Timed(s) if s is not None else None for s in group]
-    attention = ort_model.K.rope_kv_attention
-
-    def timed_attention(*a):
+    def timed_attention(kernel, *a):
         t = time.perf_counter()
-        attention(*a)
+        kernel(*a)
         spent["attention"] += time.perf_counter() - t
         calls["attention"] += 1
 
     class _K:               # the kernels module as ort_model sees it, with the attention kernel timed
         def __getattr__(self, name):
-            return timed_attention if name == "rope_kv_attention" else getattr(attention_module, name)
+            if name in ("rope_kv_attention", "rope_kv_attention_serial"):
+                kernel = getattr(attention_module, name)
+                return lambda *a: timed_attention(kernel, *a)
+            return getattr(attention_module, name)
     attention_module = ort_model.K
     ort_model.K = _K()
     ids = _ids(args.tg + 2)
