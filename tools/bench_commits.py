@@ -5,7 +5,11 @@ modes, the bytes read per token and the speed?
         --rounds 5 -n 32
     python tools/bench_commits.py 7133943 HEAD --model synthetic --modes naive,flash --budget 30MiB --io buffered
 
-Flags this tool does not know (e.g. --io, --threads, --window) go to every commit's bench unchanged.
+Flags this tool does not know (e.g. --io, --threads, --window, --ctx) go to every commit's bench
+unchanged; --flags-for COMMIT=FLAGS adds flags for one commit (as named on the command line), for a
+default that changed between them: the KV cache is f16 by default since the quantized-weights work,
+half the f32 bytes the older commit plans with, and the planner spends the difference on FFN rows,
+so compare flash plans with `--flags-for HEAD='--kv-dtype f32'`.
 
 Each commit is checked out into a temporary git worktree (`git worktree add --detach`) and run from
 there: the worktree goes first on PYTHONPATH, with `flashlm/runtime`, `flashlm/converters` and
@@ -95,7 +99,7 @@ def bench(c: Checkout, folder: Path, args, n: int) -> list[dict]:
     cmd = ["-m", "flashlm", "bench", str(folder), "--mode", args.modes, "-p", "0", "-n", str(n), "-r", "1", "--json"]
     if args.budget:
         cmd += ["--budget", args.budget]
-    cmd += args.extra
+    cmd += args.extra + c.flags
     proc = subprocess.run([sys.executable, *cmd], cwd=c.path, env=c.env, capture_output=True, text=True)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if not rows:        # bench prints a failed mode as a row with "error"; nothing at all is a failure here
@@ -112,14 +116,18 @@ def main(argv=None) -> int:
     ap.add_argument("-n", "--n-gen", type=int, default=32, help="decode tokens per round")
     ap.add_argument("--rounds", type=int, default=4, help="timed rounds (commits alternate)")
     ap.add_argument("--keep", default=None, metavar="DIR", help="work in DIR and keep it (default: a temp dir)")
+    ap.add_argument("--flags-for", action="append", default=[], metavar="COMMIT=FLAGS",
+                    help="bench flags for one commit only, e.g. HEAD='--kv-dtype f32' (a default that changed)")
     args, extra = ap.parse_known_args(argv)      # any other flag goes to every commit's bench as it is
     args.extra = [a for a in extra if a != "--"]
     root = Path(args.keep or tempfile.mkdtemp(prefix="bench-commits-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     checkouts = []
     try:
+        own = dict(f.split("=", 1) for f in args.flags_for)
         for commit in args.commits:
             checkouts.append(Checkout(commit, root))
+            checkouts[-1].flags = own.get(commit, "").split()
         folder = make_model(args.model, checkouts[0], root)
         print(f"model {folder} (made by {checkouts[0].sha}); bench -p 0 -n {args.n_gen} -r 1 --mode {args.modes}"
               + (f" --budget {args.budget}" if args.budget else "") + (" " + " ".join(args.extra) if args.extra else ""),
