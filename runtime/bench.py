@@ -3,7 +3,8 @@
 Each mode runs in its own child process so its peak RSS is its own. Prompts are random token ids,
 decode feeds one token per step with no sampling and no EOS; every test is repeated -r times after a
 warm-up. Bytes read, reads, hit rate and the I/O / memory-management / compute split are measured
-during the decode repetitions (the paper's Table 3 columns).
+during the decode repetitions (the paper's Table 3 columns), with the critical path of a token
+(runtime/critical_path.py: I/O wait, I/O busy, memory management, compute, overlap).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 import numpy as np
 
 from .config import RuntimeConfig
+from .critical_path import critical_path
 from .ffn import FFNStats
 from .generate import peak_rss_bytes
 from .loader import load
@@ -43,6 +45,7 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
     base = {"model": folder.path.name, "size": plan.model_bytes, "budget": plan.budget,
             "window": plan.window or None, "mode": rt.mode, "threads": model.threads,
             "io": rt.io if plan.run_mode.rows_from == "reader" else None, "max_gap": rt.max_gap_bytes,
+            "pipeline": rt.pipeline,
             "load_s": round(load_s, 2)}
     rows = []
     if pp:
@@ -76,14 +79,14 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
         nbytes, nreads = sums["bytes"], sums["reads"]
         stats = FFNStats(**{f: sums[f] for f in fields})
         row = _row(base, f"tg{tg}", tg, times)
-        total = sum(times)
-        io_ms, mm_ms = 1e3 * stats.io_s / n, 1e3 * (stats.mm_s + stats.predict_s) / n
+        cp = critical_path(sum(times), n, io_wait_s=stats.io_s, mem_s=stats.mm_s, predict_s=stats.predict_s,
+                           io_busy_s=stats.io_busy_s)
         row.update(bytes_per_token=nbytes / n, reads_per_token=nreads / n,
-                   hit_rate=stats.hit_rate if stats.wanted else None,
-                   io_ms=io_ms, mm_ms=mm_ms, compute_ms=1e3 * total / n - io_ms - mm_ms,
+                   hit_rate=stats.hit_rate if stats.wanted else None, **cp.fields(),
                    streamed_layer_fraction=(stats.streamed_layers / (n * c.n_layers)
                                             if plan.run_mode.needs_predictors else None),
-                   flash_mb_s=nbytes / stats.io_s / 1e6 if stats.io_s else None,
+                   flash_mb_s=nbytes / stats.io_busy_s / 1e6 if stats.io_busy_s else None,
+                   stream_mb_s=stats.stream_bytes / stats.stream_read_s / 1e6 if stats.stream_read_s else None,
                    predicted_ms=_predicted_ms(model, folder, plan, rt))
         rows.append(row)
     model.close()
@@ -152,6 +155,8 @@ def bench(folder_path, modes: list[str], rt: RuntimeConfig, *, pp: int, tg: int,
             cmd += ["--profile", str(rt.profile)]
         if not rt.verify_reads:
             cmd += ["--no-verify"]
+        if not rt.pipeline:
+            cmd += ["--no-pipeline"]
         rows += _child_rows(*_run_child(cmd, cgroup_limit), mode)
     return rows
 
@@ -173,7 +178,7 @@ def _num(v, fmt: str, scale: float = 1.0) -> str:
 def table(rows: list[dict]) -> str:
     capped = any("cgroup_limit" in r for r in rows)
     head = ["model", "size", "budget", "window", "mode", "test", "t/s", "MiB/tok", "reads/tok", "hit %",
-            "io ms", "mm ms", "compute ms", "peak RSS"] + (["cgroup cap", "cgroup peak", "hit cap"] if capped else [])
+            "ms/tok", "io wait", "io busy", "mem ms", "compute ms", "overlap", "x bound", "peak RSS"] + (["cgroup cap", "cgroup peak", "hit cap"] if capped else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
     for r in rows:
         cg = [_fmt_bytes(r.get("cgroup_limit")), _fmt_bytes(r.get("cgroup_peak")),
@@ -183,13 +188,16 @@ def table(rows: list[dict]) -> str:
                          if capped else f"| | | | | {r['mode']} | error: {r['error']} |")
             continue
         tg = r["test"].startswith("tg")
-        cells = [r["model"], _fmt_bytes(r["size"]), _fmt_bytes(r["budget"]), str(r["window"] or "-"), r["mode"],
+        mode = r["mode"] + ("" if r.get("pipeline", True) else " (no pipeline)")
+        cells = [r["model"], _fmt_bytes(r["size"]), _fmt_bytes(r["budget"]), str(r["window"] or "-"), mode,
                  r["test"], f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}",
                  _num(r.get("bytes_per_token"), ".2f", 1 / 2**20) if tg else "-",
                  _num(r.get("reads_per_token"), ".0f") if tg else "-",
                  _num(r.get("hit_rate"), ".1f", 100) if tg else "-",
-                 _num(r.get("io_ms"), ".2f") if tg else "-", _num(r.get("mm_ms"), ".2f") if tg else "-",
-                 _num(r.get("compute_ms"), ".2f") if tg else "-", _fmt_bytes(r["peak_rss"])] + cg
+                 *(_num(r.get(k), ".2f") if tg else "-"
+                   for k in ("ms_per_token", "io_wait_ms", "io_busy_ms", "mem_ms", "compute_ms")),
+                 _num(r.get("overlap"), ".0f", 100) if tg else "-", _num(r.get("bound_ratio"), ".2f") if tg else "-",
+                 _fmt_bytes(r["peak_rss"])] + cg
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -74,8 +74,8 @@ def bench_llamacpp(gguf: str, *, threads: int, pp: int, tg: int, reps: int, ctx:
                 nbytes += _read_bytes() - before
                 ntok += done
         row = _row(base, f"tg{tg}", rates)
-        row.update(bytes_per_token=nbytes / max(ntok, 1), reads_per_token=None, hit_rate=None, io_ms=None,
-                   mm_ms=None, compute_ms=None, decoded_tokens=ntok)
+        row.update(bytes_per_token=nbytes / max(ntok, 1), reads_per_token=None, hit_rate=None, io_wait_ms=None,
+                   mem_ms=None, compute_ms=None, decoded_tokens=ntok)
         rows.append(row)
     for row in rows:
         row["peak_rss"] = _peak_rss()

@@ -129,4 +129,5 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel: 
               if p.placement == Placement.SPARSE else None for i, p in enumerate(plan.layers)]
     return FlashFFN(reader, kernel, biases, b, resident=resident, streamed=plan.layers_placed(Placement.STREAM),
                     stream_buffer_rows=plan.stream_buffer_rows, predictors=predictors, caches=caches,
-                    sparse_buffer_rows=plan.sparse_buffer_rows, costs=costs, layer_io=rt.layer_io, row_crc=row_crc)
+                    sparse_buffer_rows=plan.sparse_buffer_rows, costs=costs, layer_io=rt.layer_io, row_crc=row_crc,
+                    pipeline=rt.pipeline)

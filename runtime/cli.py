@@ -129,6 +129,9 @@ def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_l
     p.add_argument("--profile", default=None, help="device profile: devices/NAME.toml or a path (flash read speeds)")
     p.add_argument("--no-verify", action="store_true", help="skip the CRC-32 check of bundle rows read from flash")
     p.add_argument("--kv-dtype", default="f16", choices=["f16", "f32"], help="KV cache storage")
+    p.add_argument("--no-pipeline", action="store_true",
+                   help="start no flash read before its layer runs (no lookahead, no read-ahead of the next "
+                        "streamed layer): the baseline the pipeline is measured against")
     if stats:
         p.add_argument("--stats", action="store_true", help="print load time, TTFT, tokens/s, flash I/O, peak RSS")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -142,7 +145,8 @@ def _runtime_config(args):
     return apply_run_profile(RuntimeConfig(
         ctx_len=args.ctx, threads=args.threads, mode=mode, budget=args.budget, window=args.window,
         pin=args.pin, io=args.io, io_threads=args.io_threads, max_gap_bytes=args.max_gap,
-        layer_io=args.layer_io, profile=args.profile, verify_reads=not args.no_verify, kv_dtype=args.kv_dtype))
+        layer_io=args.layer_io, profile=args.profile, verify_reads=not args.no_verify, kv_dtype=args.kv_dtype,
+        pipeline=not args.no_pipeline))
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -207,9 +211,11 @@ def _stats_lines(stats, model) -> list[str]:
     if model.plan.run_mode.reads_flash and fs.tokens:
         n = fs.tokens
         nbytes, reads = model.ffn_backend.io_counts()
-        lines += [f"flash (per decode token):   I/O {1e3 * fs.io_s / n:.2f} ms, memory mgmt {1e3 * (fs.mm_s + fs.predict_s) / n:.2f} ms, "
-                  f"FFN compute {1e3 * fs.ffn_s / n:.2f} ms; {nbytes / n / 2**20:.2f} MiB in {reads / n:.0f} reads"
-                  + (f" ({nbytes / fs.io_s / 1e6:.0f} MB/s)" if fs.io_s else ""),
+        cp = model.critical_path()
+        lines += [f"flash (per decode token):   {nbytes / n / 2**20:.2f} MiB in {reads / n:.0f} reads"
+                  + (f" ({nbytes / cp.io_busy_ms / n / 1e3:.0f} MB/s while busy)" if cp.io_busy_ms else "")
+                  + f"; FFN kernels {1e3 * fs.ffn_s / n:.2f} ms",
+                  f"critical path:       {cp.line()}" + ("" if model.runtime.pipeline else " (--no-pipeline)"),
                   f"neuron cache:        hit {100 * fs.hit_rate:.1f} %, window {model.plan.window}"
                   + (f", streamed {100 * fs.streamed_layers / (n * model.config.n_layers):.0f} % of layer-steps"
                      if model.plan.run_mode.needs_predictors else "")]

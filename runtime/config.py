@@ -108,6 +108,8 @@ class RuntimeConfig:
     verify_reads: bool = True    # check every bundle row read from flash against its CRC-32
     kv_dtype: str = "f16"        # KV cache storage: f16 (half the bytes; attention widens in-register) | f32
     int8_activations: bool = True  # quantized weights: MatMulNBits with int8 activations (fast) or f32 (exact)
+    pipeline: bool = True        # flash reads start ahead of the layer that needs them (lookahead, read-ahead
+    #                              of the next streamed layer, wrapping to the next token); False: none do
 
     def __post_init__(self):
         def bad(field: str, why: str):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,7 +50,8 @@ def read_layer_checked(reader, layer: int, buf, row_crc, all_rows) -> None:
 class FFNStats:
     """One backend's figures since its last reset_stats(): the only hit counter."""
     tokens: int = 0          # tokens that ran the FFN (decode tokens and prefill chunk tokens)
-    io_s: float = 0.0        # waiting for flash reads
+    io_s: float = 0.0        # the compute thread waiting for flash reads (io_wait)
+    io_busy_s: float = 0.0   # wall time with at least one I/O task (plan, read, CRC check) running (_IOClock)
     mm_s: float = 0.0        # cache bookkeeping: evict (delete-by-swap), append, pin
     predict_s: float = 0.0   # predictor matmuls + selection
     ffn_s: float = 0.0       # FFN kernel time not hidden behind I/O
@@ -59,6 +61,8 @@ class FFNStats:
     hits: int = 0            # ... of which already resident
     overflow: int = 0        # ... of which found no cache row and streamed through the buffers
     streamed_layers: int = 0  # layer-steps that read a whole layer (planned STREAM or the sparse fallback)
+    stream_bytes: int = 0    # whole-layer reads of planned STREAM layers: bytes ...
+    stream_read_s: float = 0.0  # ... and the summed duration of those reads (their rate vs the disk's sequential rate)
 
     @property
     def hit_rate(self) -> float:
@@ -92,8 +96,10 @@ class FFNBackend:
         pass
 
     def io_counts(self) -> tuple[int, int]:
-        """(bytes read from flash, read calls) since the last reset_stats()."""
+        """(bytes read from flash, read calls) since the last reset_stats(), reads still in flight included
+        (a pipelined backend waits for them first)."""
         return self.stats.bytes_read, self.stats.reads
+
 
     def reset_stats(self) -> None:
         self.stats.__init__()            # in place: parts of the backend hold this object
@@ -103,6 +109,29 @@ class FFNBackend:
 
     def close(self) -> None:
         pass
+
+
+class _IOClock:
+    """Adds to stats.io_busy_s the wall time during which at least one I/O task (a read call with its
+    planning and CRC check) runs; overlapping tasks count once. Entered by the I/O threads."""
+
+    def __init__(self, stats: FFNStats):
+        self.stats = stats
+        self.lock = threading.Lock()
+        self.active = 0
+        self.since = 0.0
+
+    def __enter__(self):
+        with self.lock:
+            if self.active == 0:
+                self.since = time.perf_counter()
+            self.active += 1
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.active -= 1
+            if self.active == 0:
+                self.stats.io_busy_s += time.perf_counter() - self.since
 
 
 class BundleKernel:
@@ -313,33 +342,45 @@ class LayerStreamer:
     compute(layer, h, out, neurons) runs the FFN over `neurons` (default: all rows of the layer) in
     chunks of one buffer: chunk i+1 is read while chunk i computes. With buffers of a whole layer and
     `order` (the layers that stream whole, in execution order), the next of those layers is read while
-    this one computes, as naive and hybrid always did. The sparse layers' overflow rows and their
-    per-token fallback (stream the layer when scattered reads would cost more) use a streamer too.
+    this one computes, and the last wraps to the first: the next token's first streamed layer is read
+    while this token's last one computes (weights never change, so a layer read ahead stays valid
+    across tokens and sequences). The sparse layers' overflow rows and their per-token fallback (stream
+    the layer when scattered reads would cost more) use a streamer too, without `order`.
     """
 
     def __init__(self, reader, kernel: BundleKernel, biases: list, layout: BundleLayout, buffer_rows: int,
-                 stats: FFNStats, *, row_crc=None, order=()):
+                 stats: FFNStats, clock: _IOClock, *, row_crc=None, order=(), whole: bool = False):
         self.reader, self.kernel, self.biases, self.row_crc = reader, kernel, biases, row_crc
-        self.stats = stats               # the owning backend's
+        self.stats, self.clock = stats, clock    # the owning backend's
+        self.whole = whole               # planned STREAM layers: time their reads (stream_bytes, stream_read_s)
+        self.stride = layout.stride_bytes
         self.buffers = [aligned_empty((buffer_rows, layout.stride_items), layout.dtype) for _ in range(2)]
         self.ids = [np.zeros(buffer_rows, np.int32) for _ in range(2)]
         self.dest = np.arange(buffer_rows, dtype=np.int32)
         self.cap = buffer_rows
         self.all_neurons = np.arange(layout.n_rows, dtype=np.int32)
         self.order = list(order)
-        self.next_of = {a: b for a, b in zip(self.order, self.order[1:])}
+        self.next_of = {a: b for a, b in zip(self.order, self.order[1:] + self.order[:1])}
         self.tmp = np.zeros((1, kernel.d), np.float32)      # grows once to a prompt chunk
         self.pool = ThreadPoolExecutor(1)
         self.turn = 0                    # which buffer the next read goes to
         self.ahead = None                # (layer, buffer index, future): a whole next layer read ahead
 
     def _read(self, layer, neurons, b):
+        with self.clock:
+            return self._read_timed(layer, neurons, b)
+
+    def _read_timed(self, layer, neurons, b):
         n = len(neurons)
         self.ids[b][:n] = neurons
+        t0 = time.perf_counter()
         try:
             self.reader.read_rows(layer, neurons, self.buffers[b], self.dest[:n])
         except OSError as e:
             raise read_error(self.reader.path, layer, e) from None
+        if self.whole:                   # only this pool's thread writes these two fields
+            self.stats.stream_read_s += time.perf_counter() - t0
+            self.stats.stream_bytes += n * self.stride
         check_rows(self.buffers[b][:n], neurons, self.row_crc, self.reader.path, layer)
         return n
 
@@ -384,6 +425,11 @@ class LayerStreamer:
             self.tmp = np.zeros((T, self.kernel.d), np.float32)
         return self.tmp[:T]
 
+    def settle(self) -> None:
+        """Wait for a read-ahead in flight, keeping it (its bytes are then in the reader's counts)."""
+        if self.ahead is not None:
+            self.ahead[2].result()
+
     def _drain(self):
         if self.ahead is not None:
             self.ahead[2].result()
@@ -407,16 +453,18 @@ class FlashFFN(FFNBackend):
     def __init__(self, reader, kernel: BundleKernel, biases: list, layout: BundleLayout, *,
                  resident: dict[int, np.ndarray], streamed: list[int], stream_buffer_rows: int,
                  predictors: list, caches: list, sparse_buffer_rows: int, costs: CostModel | None,
-                 layer_io: str = "auto", row_crc=None):
+                 layer_io: str = "auto", row_crc=None, pipeline: bool = True):
         super().__init__()
+        self.pipeline = pipeline         # False: no read starts before the layer that needs it runs
         self.reader, self.kernel, self.biases, self.layout = reader, kernel, biases, layout
         self.resident, self.predictors, self.caches = resident, predictors, caches
         self.costs, self.layer_io, self.row_crc = costs, layer_io, row_crc
         self.all_neurons = np.arange(layout.n_rows, dtype=np.int32)
         self.streamed = set(streamed)
-        self.whole = LayerStreamer(reader, kernel, biases, layout, stream_buffer_rows, self.stats,
-                                   row_crc=row_crc, order=streamed) if streamed else None
-        self.sparse = LayerStreamer(reader, kernel, biases, layout, sparse_buffer_rows, self.stats,
+        self.clock = _IOClock(self.stats)
+        self.whole = LayerStreamer(reader, kernel, biases, layout, stream_buffer_rows, self.stats, self.clock, row_crc=row_crc,
+                                   order=streamed if pipeline else (), whole=True) if streamed else None
+        self.sparse = LayerStreamer(reader, kernel, biases, layout, sparse_buffer_rows, self.stats, self.clock,
                                     row_crc=row_crc) if any(c is not None for c in caches) else None
         self.tmp = np.zeros((1, kernel.d), np.float32)      # grows once to a prompt chunk
         self.pool = ThreadPoolExecutor(1)
@@ -434,7 +482,13 @@ class FlashFFN(FFNBackend):
             self._sparse(layer, h, out)
 
     def io_counts(self) -> tuple[int, int]:
+        self.settle()
         return self.reader.stats.bytes_read, self.reader.stats.reads
+
+    def settle(self) -> None:
+        """Wait for reads started ahead of their layer (their data is kept)."""
+        if self.whole is not None:
+            self.whole.settle()
 
     def reset_stats(self) -> None:
         super().reset_stats()
@@ -452,6 +506,10 @@ class FlashFFN(FFNBackend):
             if cache is not None and cache.needs_pinned_load:
                 adm = cache.load_pinned()
                 self._read(layer, adm.missing, cache.rows, adm.dest_rows)
+
+    def _read_busy(self, layer, neurons, out, out_rows) -> None:
+        with self.clock:
+            self._read(layer, neurons, out, out_rows)
 
     def _read(self, layer, neurons, out, out_rows) -> None:
         """Read rows and check them (in the calling thread: zlib releases the GIL, so a background
@@ -481,7 +539,7 @@ class FlashFFN(FFNBackend):
         t2 = time.perf_counter()
         st.mm_s += t2 - t1
         n_valid = cache.n - len(adm.missing)
-        fut = self.pool.submit(self._read, layer, adm.missing, cache.rows, adm.dest_rows) \
+        fut = self.pool.submit(self._read_busy, layer, adm.missing, cache.rows, adm.dest_rows) \
             if len(adm.missing) else None
         self.kernel(h, cache.rows, n_valid, cache.neuron_of_row, self.biases[layer], out)
         t3 = time.perf_counter()

@@ -44,8 +44,9 @@ class ReadStats:
     bytes_read: int = 0        # bytes fetched from the file, including alignment and gap overhead
     useful_bytes: int = 0      # distinct requested rows x row_bytes
     reads: int = 0             # preadv calls
-    seconds: float = 0.0       # wall time inside read_rows / read_layer
+    seconds: float = 0.0       # wall time inside read_rows / read_layer (concurrent calls each count)
     calls: int = 0             # read_rows / read_layer calls
+    busy_s: float = 0.0        # wall time with at least one call in flight (concurrent calls count once)
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
@@ -231,6 +232,8 @@ class FlashReader:
         self.staging_bytes = max(-(-int(staging_bytes) // BLOCK) * BLOCK, -(-self.stride_bytes // BLOCK) * BLOCK)
         self.stats = ReadStats()
         self._lock = threading.Lock()
+        self._active = 0               # calls in flight, and since when the reader has been busy
+        self._busy_since = 0.0
 
         self._fd = self._open()
         stages = [mmap.mmap(-1, self.staging_bytes) for _ in range(self.threads)]
@@ -305,6 +308,7 @@ class FlashReader:
     def reset_stats(self) -> None:
         with self._lock:
             self.stats = ReadStats()
+            self._busy_since = time.perf_counter()   # a call in flight counts from now on
 
     def close(self) -> None:
         self._finalizer()
@@ -333,6 +337,10 @@ class FlashReader:
         out_mv = memoryview(out_u8.reshape(-1))
         # Lists too: workers mostly index single elements, and Python ints are much cheaper there.
         job = (plan.ns, plan.dst, plan.ns.tolist(), plan.dst.tolist(), out_u8, out_mv, layer_off, self.stride_bytes)
+        with self._lock:
+            if self._active == 0:
+                self._busy_since = time.perf_counter()
+            self._active += 1
         done: queue.SimpleQueue = queue.SimpleQueue()
         claim = itertools.count()
         busy = self._queues[:len(plan.runs)]              # one task per worker that has something to do
@@ -344,6 +352,10 @@ class FlashReader:
             b, c, e = done.get()
             nbytes, ncalls = nbytes + b, ncalls + c
             error = error or e
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                self.stats.busy_s += time.perf_counter() - self._busy_since
         self._account(plan.unique * self.row_bytes, nbytes, ncalls, t0)
         if error is not None:
             raise error

@@ -87,6 +87,8 @@ class Model:
         self.history: list[int] = []                    # token ids whose K/V are in the cache, in order
         self._blas_scratch = None
         self.on_ffn_input = None                        # calibration hook: f(layer, h[T, d])
+        self.forward_s = 0.0                            # wall time in forward() since reset_io_stats() ...
+        self.forward_tokens = 0                         # ... over this many tokens (the critical path's clock)
         self.load_seconds = time.perf_counter() - t0
 
     def _build_sessions(self, ffn_in_graph: bool) -> None:
@@ -213,6 +215,7 @@ class Model:
             raise ValueError("forward() needs at least one token")
         if self.pos + T > self.ctx_len:
             raise ContextFull(f"context full: {self.pos} + {T} tokens exceed the context length {self.ctx_len} (--ctx)")
+        t0 = time.perf_counter()
         if out is None:
             out = np.empty((T if all_logits else 1, c.vocab_size), np.float32)
         chunk = self.state.chunk
@@ -222,6 +225,8 @@ class Model:
                 self._head(x, out[s:s + len(x)])
         if not all_logits:
             self._head(x[-1:], out)
+        self.forward_s += time.perf_counter() - t0
+        self.forward_tokens += T
         return out
 
     def _head(self, x: np.ndarray, out: np.ndarray) -> None:
@@ -332,6 +337,15 @@ class Model:
     def reset_io_stats(self) -> None:
         """Start the flash accounting afresh (e.g. after prefill, so figures describe decoding)."""
         self.ffn_backend.reset_stats()
+        self.forward_s, self.forward_tokens = 0.0, 0
+
+    def critical_path(self):
+        """Per-token split of the forwards since reset_io_stats() (runtime/critical_path.py)."""
+        from .critical_path import critical_path
+        fs = self.ffn_backend.stats
+        self.ffn_backend.io_counts()                    # reads started ahead are finished and counted
+        return critical_path(self.forward_s, self.forward_tokens, io_wait_s=fs.io_s, mem_s=fs.mm_s,
+                             predict_s=fs.predict_s, io_busy_s=fs.io_busy_s)
 
     def close(self) -> None:
         self.ffn_backend.close()

@@ -79,6 +79,15 @@ def test_bench_json_rows(llama):
     assert naive_tg["bytes_per_token"] == f.config.n_layers * f.bundles.layer_bytes and naive_tg["io"] == "buffered"
     assert naive_tg["reads_per_token"] >= f.config.n_layers
     assert naive_tg["predicted_ms"] > 0 and dense_tg["predicted_ms"] > 0     # the run's cost model on its plan
+    # the critical path: the compute thread's time splits into I/O wait + memory management + compute;
+    # the reader's busy time is its own clock (dense reads nothing)
+    for row in (dense_tg, naive_tg):
+        assert row["pipeline"] is True
+        assert row["io_wait_ms"] + row["mem_ms"] + row["compute_ms"] == pytest.approx(row["ms_per_token"])
+        assert row["bound_ms"] == max(row["io_busy_ms"], row["compute_ms"])
+    assert dense_tg["io_busy_ms"] == 0 and dense_tg["overlap"] is None and dense_tg["io_wait_ms"] == 0
+    assert 0 < naive_tg["io_wait_ms"] <= naive_tg["io_busy_ms"] and 0 <= naive_tg["overlap"] < 1
+    assert naive_tg["stream_mb_s"] > 0 and naive_tg["flash_mb_s"] > 0
 
 
 def load_speeds(profile, threads):

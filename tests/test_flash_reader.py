@@ -363,6 +363,43 @@ def test_concurrent_calls(files, data_dir):
     assert not errors, errors[0]
 
 
+def test_busy_time_counts_concurrent_calls_once(files, data_dir, monkeypatch):
+    """busy_s is the wall time with any call in flight: two overlapping calls count their overlap once,
+    calls one after the other count their own time. Each read is slowed to 50 ms so the overlap is known."""
+    import time
+    stride = 4096
+    path, offsets, _ = files[stride]
+    real = os.preadv
+
+    def slow(fd, bufs, off):
+        time.sleep(0.05)
+        return real(fd, bufs, off)
+    with FlashReader(path, layer_offsets=offsets, stride_bytes=stride, n_rows=N_ROWS, mode=_modes(data_dir)[0],
+                     threads=2) as r:
+        monkeypatch.setattr(os, "preadv", slow)
+        go = threading.Barrier(2)
+
+        def one(row):
+            out = np.empty((1, stride), np.uint8)
+            go.wait()
+            r.read_rows(0, [row], out, [0])
+        ts = [threading.Thread(target=one, args=(i,)) for i in (3, 90)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        # One run each: both calls queue on the first worker, so one waits for the other: 50 + 100 ms of
+        # call time, 100 ms of busy time.
+        assert r.stats.calls == 2 and r.stats.seconds >= 0.14
+        assert 0.095 <= r.stats.busy_s <= 0.8 * r.stats.seconds
+        r.reset_stats()
+        out = np.empty((1, stride), np.uint8)
+        for row in (7, 8):
+            r.read_rows(1, [row], out, [0])
+        assert 0.095 <= r.stats.busy_s <= r.stats.seconds
+        assert r.stats.busy_s >= 0.9 * r.stats.seconds
+
+
 def test_bad_arguments(files, data_dir):
     path, offsets, _ = files[4096]
     mode = _modes(data_dir)[0]
