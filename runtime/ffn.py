@@ -52,7 +52,8 @@ class FFNStats:
     tokens: int = 0          # tokens that ran the FFN (decode tokens and prefill chunk tokens)
     io_s: float = 0.0        # the compute thread waiting for flash reads (io_wait)
     io_busy_s: float = 0.0   # wall time with at least one I/O task (plan, read, CRC check) running (_IOClock)
-    mm_s: float = 0.0        # cache bookkeeping: evict (delete-by-swap), append, pin
+    mm_s: float = 0.0        # cache bookkeeping on the compute thread: evict (delete-by-swap), append, pin
+    mm_bg_s: float = 0.0     # cache bookkeeping of lookahead admissions, on the I/O thread (off the critical path)
     predict_s: float = 0.0   # predictor matmuls + selection
     ffn_s: float = 0.0       # FFN kernel time not hidden behind I/O
     bytes_read: int = 0      # from flash (reader-based backends: the reader's own count)
@@ -63,6 +64,15 @@ class FFNStats:
     streamed_layers: int = 0  # layer-steps that read a whole layer (planned STREAM or the sparse fallback)
     stream_bytes: int = 0    # whole-layer reads of planned STREAM layers: bytes ...
     stream_read_s: float = 0.0  # ... and the summed duration of those reads (their rate vs the disk's sequential rate)
+    guess_rows: int = 0      # lookahead: rows read early on a guess from the previous layer's input ...
+    guess_used: int = 0      # ... of which the layer wanted (the rest were over-fetched, then evicted)
+    guess_missed: int = 0    # rows a guessed layer still had to read once its true input arrived
+
+    @property
+    def guess_recall(self) -> float | None:
+        """Share of a guessed layer's rows to read that the early guess had already read."""
+        need = self.guess_used + self.guess_missed
+        return self.guess_used / need if need else None
 
     @property
     def hit_rate(self) -> float:
@@ -73,8 +83,6 @@ class FFNBackend:
     """What the forward pass needs from an FFN backend.
 
     compute(layer, h, out)  out[T, d] = FFN_layer(h[T, d]), layers called in order 0..n-1 per forward
-    prefetch(layer, h)      a hint that `layer` will run on about h soon: start its reads (default: no-op;
-                            the hook a lookahead pipeline uses)
     stats                   FFNStats, owned and written by the backend alone
     reset_stats()           start the figures afresh (e.g. after prefill)
     reset()                 forget per-sequence state (neuron caches refill as tokens come)
@@ -91,9 +99,6 @@ class FFNBackend:
 
     def compute(self, layer: int, h: np.ndarray, out: np.ndarray) -> None:
         raise NotImplementedError
-
-    def prefetch(self, layer: int, h: np.ndarray) -> None:
-        pass
 
     def io_counts(self) -> tuple[int, int]:
         """(bytes read from flash, read calls) since the last reset_stats(), reads still in flight included
@@ -448,6 +453,15 @@ class FlashFFN(FFNBackend):
     already resident; then add the new rows, and stream any overflow (more neurons than the cache
     holds) through the sparse streamer. With layer_io "auto", when reading the missing rows one by one
     would cost more than streaming the layer (the shared cost model says), the layer is streamed.
+
+    The pipeline (pipeline=True), for decode tokens: while layer l computes, the reads of layer l+1 are
+    in flight. A sparse l+1 is guessed from layer l's FFN input (adjacent layers' inputs differ little:
+    Deja Vu's observation): its predictor runs on that input and the cache admits the guess
+    (NeuronCache.prefetch) and reads it on the I/O thread, bookkeeping included, while l computes. When
+    l+1's true input arrives the step confirms the guessed rows it wants, evicts the over-fetched ones
+    and reads only what the guess missed. Streamed layers read the next streamed layer ahead, wrapping
+    to the next token (LayerStreamer). What is computed never changes: every layer runs over exactly
+    the rows its own predictor selects on its true input.
     """
 
     def __init__(self, reader, kernel: BundleKernel, biases: list, layout: BundleLayout, *,
@@ -462,21 +476,27 @@ class FlashFFN(FFNBackend):
         self.all_neurons = np.arange(layout.n_rows, dtype=np.int32)
         self.streamed = set(streamed)
         self.clock = _IOClock(self.stats)
-        self.whole = LayerStreamer(reader, kernel, biases, layout, stream_buffer_rows, self.stats, self.clock, row_crc=row_crc,
-                                   order=streamed if pipeline else (), whole=True) if streamed else None
+        self.whole = LayerStreamer(reader, kernel, biases, layout, stream_buffer_rows, self.stats, self.clock,
+                                   row_crc=row_crc, order=streamed if pipeline else (), whole=True) if streamed else None
         self.sparse = LayerStreamer(reader, kernel, biases, layout, sparse_buffer_rows, self.stats, self.clock,
                                     row_crc=row_crc) if any(c is not None for c in caches) else None
+        n = len(caches)
+        # layer -> the sparse layer after it, guessed from this layer's FFN input
+        self.lookahead_of = {i: i + 1 for i in range(n - 1) if caches[i + 1] is not None} if pipeline else {}
+        self.pending = {}                # sparse layer -> future of its lookahead read
         self.tmp = np.zeros((1, kernel.d), np.float32)      # grows once to a prompt chunk
-        self.pool = ThreadPoolExecutor(1)
+        self.pool = ThreadPoolExecutor(1)   # one I/O task at a time: a layer's own misses go before the next guess
         self._load_pinned()
         reader.reset_stats()             # loading resident layers and pinned rows is not per-token I/O
 
     # -- the interface
     def compute(self, layer, h, out):
         if layer in self.resident:
+            self._look_ahead(layer, h)
             rows = self.resident[layer]
             self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
         elif layer in self.streamed:
+            self._look_ahead(layer, h)
             self.whole.compute(layer, h, out)
         else:
             self._sparse(layer, h, out)
@@ -489,6 +509,8 @@ class FlashFFN(FFNBackend):
         """Wait for reads started ahead of their layer (their data is kept)."""
         if self.whole is not None:
             self.whole.settle()
+        for fut in self.pending.values():
+            fut.result()
 
     def reset_stats(self) -> None:
         super().reset_stats()
@@ -498,7 +520,8 @@ class FlashFFN(FFNBackend):
         for s in (self.whole, self.sparse):
             if s is not None:
                 s.close()
-        self.pool.shutdown()
+        self.pool.shutdown()             # waits for a lookahead read in flight
+        self.pending.clear()
 
     # -- the sparse path
     def _load_pinned(self) -> None:
@@ -521,26 +544,62 @@ class FlashFFN(FFNBackend):
         if len(neurons):
             check_rows(out[out_rows[0]:out_rows[0] + len(neurons)], neurons, self.row_crc, self.reader.path, layer)
 
+    # -- lookahead
+    def _look_ahead(self, layer, h) -> None:
+        """Guess the next layer's neurons from this layer's FFN input and start admitting and reading them."""
+        nxt = self.lookahead_of.get(layer)
+        if nxt is None or h.shape[0] != 1:          # decode tokens only: a prompt's union is streamed
+            return
+        t0 = time.perf_counter()
+        guess = self.predictors[nxt].predict(h)
+        self.stats.predict_s += time.perf_counter() - t0
+        self.pending[nxt] = self.pool.submit(self._prefetch, nxt, guess)
+
+    def _prefetch(self, layer, guess) -> None:
+        """On the I/O thread: admit the guess into the layer's cache, then read the rows it lacked."""
+        with self.clock:
+            cache, st = self.caches[layer], self.stats      # only this thread writes mm_bg_s and guess_rows
+            t0 = time.perf_counter()
+            adm = cache.prefetch(guess)
+            st.mm_bg_s += time.perf_counter() - t0
+            st.guess_rows += len(adm.missing)
+            self._read(layer, adm.missing, cache.rows, adm.dest_rows)
+
     def _sparse(self, layer, h, out) -> None:
         cache, pred, st = self.caches[layer], self.predictors[layer], self.stats
+        pending = self.pending.pop(layer, None)
         t0 = time.perf_counter()
         wanted = pred.predict(h)
         t1 = time.perf_counter()
         st.predict_s += t1 - t0
+        if pending is not None:
+            pending.result()                 # the guessed rows are in before the step moves rows
+            t = time.perf_counter()
+            st.io_s += t - t1
+            t1 = t
         n_missing = cache.count_missing(wanted)
         st.wanted += len(wanted)
-        st.hits += len(wanted) - n_missing
         if self.layer_io == "auto" and self.costs.stream_is_cheaper(n_missing):
             # Streaming the layer is cheaper (typically a prompt's union): compute it whole, exactly,
-            # and leave the cache as it is.
+            # and leave the cache as it was before any guess.
+            st.hits += len(wanted) - n_missing
+            if pending is not None:
+                cache.cancel_prefetch()
             self.sparse.compute(layer, h, out)
             return
         adm = cache.step(wanted)
+        st.hits += adm.hits
+        if pending is not None:
+            st.guess_used += adm.prefetch_hits
+            st.guess_missed += len(adm.missing) + len(adm.overflow)
+        else:
+            st.hits += adm.prefetch_hits     # (none: nothing was guessed)
         t2 = time.perf_counter()
         st.mm_s += t2 - t1
         n_valid = cache.n - len(adm.missing)
         fut = self.pool.submit(self._read_busy, layer, adm.missing, cache.rows, adm.dest_rows) \
             if len(adm.missing) else None
+        self._look_ahead(layer, h)           # queued behind this layer's own misses
         self.kernel(h, cache.rows, n_valid, cache.neuron_of_row, self.biases[layer], out)
         t3 = time.perf_counter()
         st.ffn_s += t3 - t2

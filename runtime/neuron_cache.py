@@ -17,6 +17,14 @@ evicted least recently used first; whatever still does not fit is returned as `o
 streams those through a scratch buffer). A neuron wanted at the current step is never evicted;
 overflow priority follows the order of `wanted` (earlier entries get a cache row first).
 
+Lookahead (runtime/ffn.py's pipeline): `prefetch(guess)` admits an early guess of the next step's
+neurons before the step, so their reads start early. It first evicts what the next step would evict
+anyway (out of the window by then, not guessed), then appends the guessed neurons not resident into
+the free rows, flagged as prefetched: they do not touch `last_used`. The next `step()` confirms those
+it wants (a prefetch hit, counted apart from the window's hits) and evicts the others before its own
+window eviction, so over-fetched rows never distort the window accounting; it returns only what the
+guess missed for reading. The caller must finish reading a prefetch before the next step() moves rows.
+
 Pinned neurons (hot neurons from calibration statistics) are never evicted and count against the
 capacity. They are admitted by `load_pinned()` / `pin()`, which return an `Admission` like `step()`.
 `reset()` clears everything, pinned rows included (their data is treated as invalid), and sets
@@ -42,11 +50,12 @@ _NO_STEP = -1                                   # a step value no last_used ever
 
 # ----------------------------------------------------------------------------------------- kernels
 @njit(**JIT)
-def _mark(wanted, t, row_of_neuron, last_used, missing):
+def _mark(wanted, t, row_of_neuron, last_used, prefetched, missing):
     """last_used[wanted] = t; wanted neurons not resident go to missing[:m] (duplicates dropped).
 
-    Returns (hits, m)."""
+    Returns (hits, prefetch_hits, m): resident wanted neurons that were not / were admitted by a prefetch."""
     hits = 0
+    pref = 0
     m = 0
     for k in range(wanted.shape[0]):
         i = wanted[k]
@@ -54,11 +63,14 @@ def _mark(wanted, t, row_of_neuron, last_used, missing):
             continue
         last_used[i] = t
         if row_of_neuron[i] >= 0:
-            hits += 1
+            if prefetched[i]:
+                pref += 1
+            else:
+                hits += 1
         else:
             missing[m] = i
             m += 1
-    return hits, m
+    return hits, pref, m
 
 
 @njit(**JIT)
@@ -189,12 +201,63 @@ def _admit(missing, m, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinn
 
 
 @njit(**JIT)
-def _step(wanted, t, window, n, rows, neuron_of_row, row_of_neuron, last_used, pinned, missing, dest, cand, age):
-    """One token: mark, evict out-of-window, append. Returns (n, hits, fit, m, window_evicted, lru_evicted)."""
-    hits, m = _mark(wanted, t, row_of_neuron, last_used, missing)
+def _drop_prefetched(ids, k, t, n, rows, neuron_of_row, row_of_neuron, last_used, prefetched):
+    """Clear the prefetch flag of ids[:k]; evict those not wanted at step t (over-fetched). Returns (n, dropped)."""
+    dropped = 0
+    for q in range(k):
+        i = ids[q]
+        if not prefetched[i]:
+            continue
+        prefetched[i] = False
+        if row_of_neuron[i] >= 0 and last_used[i] != t:
+            n = _remove_row(row_of_neuron[i], n, rows, neuron_of_row, row_of_neuron)
+            dropped += 1
+    return n, dropped
+
+
+@njit(**JIT)
+def _step(wanted, t, window, n, rows, neuron_of_row, row_of_neuron, last_used, pinned, prefetched,
+          pref_ids, n_pref, missing, dest, cand, age):
+    """One token: mark, drop over-fetched prefetch rows, evict out-of-window, append.
+
+    Returns (n, hits, prefetch_hits, fit, m, window_evicted, lru_evicted, dropped)."""
+    hits, pref, m = _mark(wanted, t, row_of_neuron, last_used, prefetched, missing)
+    n, dropped = _drop_prefetched(pref_ids, n_pref, t, n, rows, neuron_of_row, row_of_neuron, last_used, prefetched)
     n, evicted = _evict_window(t, window, n, rows, neuron_of_row, row_of_neuron, last_used, pinned)
     n, fit, lru = _admit(missing, m, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinned, dest, cand, age)
-    return n, hits, fit, m, evicted, lru
+    return n, hits, pref, fit, m, evicted, lru, dropped
+
+
+@njit(**JIT)
+def _prefetch(guess, t_next, window, n, rows, neuron_of_row, row_of_neuron, last_used, pinned, prefetched,
+              in_guess, missing, dest):
+    """Admit guess (the next step's likely neurons) ahead of step t_next: evict the unpinned rows that step
+    would evict unless wanted (last_used <= t_next - window) and that are not guessed, then append the
+    guessed neurons not resident into the free rows, flagged prefetched. missing[:fit] go to dest[:fit].
+    Returns (n, m, fit, evicted): m guessed neurons were not resident, fit of them got a row."""
+    m = 0
+    for k in range(guess.shape[0]):
+        i = guess[k]
+        if in_guess[i]:
+            continue
+        in_guess[i] = True
+        if row_of_neuron[i] < 0:
+            missing[m] = i
+            m += 1
+    oldest = t_next - window
+    evicted = 0
+    for r in range(n - 1, -1, -1):
+        i = neuron_of_row[r]
+        if not pinned[i] and not in_guess[i] and last_used[i] <= oldest:
+            n = _remove_row(r, n, rows, neuron_of_row, row_of_neuron)
+            evicted += 1
+    for k in range(guess.shape[0]):
+        in_guess[guess[k]] = False
+    fit = min(m, rows.shape[0] - n)
+    n = _append(missing, fit, n, neuron_of_row, row_of_neuron, dest)
+    for k in range(fit):
+        prefetched[missing[k]] = True
+    return n, m, fit, evicted
 
 
 # ------------------------------------------------------------------------------------- python side
@@ -209,7 +272,9 @@ class Admission:
     missing: np.ndarray     # int32 neuron ids
     dest_rows: np.ndarray   # int32 row indices into NeuronCache.rows
     overflow: np.ndarray    # int32 neuron ids
-    hits: int = 0           # distinct wanted neurons already resident
+    hits: int = 0           # distinct wanted neurons already resident (not counting a prefetch's rows)
+    prefetch_hits: int = 0  # distinct wanted neurons resident because the last prefetch() admitted them
+    dropped: int = 0        # rows the last prefetch() admitted that this step did not want (over-fetched)
     evictions: int = 0      # window evictions + LRU (capacity-pressure) evictions
     lru_evictions: int = 0
 
@@ -239,6 +304,11 @@ class NeuronCache:
         self._dest = np.empty(self.n_neurons, np.int32)
         self._cand = np.empty(self.capacity, np.int32)       # scratch: LRU eviction candidates
         self._age = np.empty(self.capacity, np.int32)
+        self.is_prefetched = np.zeros(self.n_neurons, np.bool_)  # admitted by prefetch(), not yet confirmed
+        self._pref = np.empty(self.n_neurons, np.int32)        # ... those neurons, in _pref[:_n_pref]
+        self._pdest = np.empty(self.n_neurons, np.int32)
+        self._n_pref = 0
+        self._in_guess = np.zeros(self.n_neurons, np.bool_)
         self._n = 0
         self._t = 0
         self.needs_pinned_load = False
@@ -268,11 +338,36 @@ class NeuronCache:
             raise RuntimeError("pinned neurons are not loaded: call load_pinned() and read its rows first")
         wanted = self._checked(wanted)
         self._t += 1
-        n, hits, fit, m, evicted, lru = _step(
+        n, hits, pref, fit, m, evicted, lru, dropped = _step(
             wanted, self._t, self.window, self._n, self.rows, self.neuron_of_row, self.row_of_neuron,
-            self.last_used, self.is_pinned, self._missing, self._dest, self._cand, self._age)
-        self._n = n
-        return Admission(self._missing[:fit], self._dest[:fit], self._missing[fit:m], hits, evicted + lru, lru)
+            self.last_used, self.is_pinned, self.is_prefetched, self._pref, self._n_pref, self._missing, self._dest,
+            self._cand, self._age)
+        self._n, self._n_pref = n, 0
+        return Admission(self._missing[:fit], self._dest[:fit], self._missing[fit:m], hits=hits,
+                         evictions=evicted + lru, lru_evictions=lru, prefetch_hits=pref, dropped=dropped)
+
+    def prefetch(self, guess: np.ndarray) -> Admission:
+        """Admit an early guess of the next step's neurons (see module docstring); the caller reads
+        `missing` into rows[dest_rows] and must finish before the next step(). `overflow` lists guessed
+        neurons that found no free row (not read early). A prefetch not yet confirmed by a step is
+        dropped first."""
+        if self.needs_pinned_load:
+            raise RuntimeError("pinned neurons are not loaded: call load_pinned() and read its rows first")
+        guess = self._checked(guess)
+        self.cancel_prefetch()
+        n, m, fit, evicted = _prefetch(guess, self._t + 1, self.window, self._n, self.rows, self.neuron_of_row,
+                                       self.row_of_neuron, self.last_used, self.is_pinned, self.is_prefetched,
+                                       self._in_guess, self._pref, self._pdest)
+        self._n, self._n_pref = n, fit
+        return Admission(self._pref[:fit], self._pdest[:fit], self._pref[fit:m], evictions=evicted)
+
+    def cancel_prefetch(self) -> int:
+        """Evict the rows of a prefetch no step confirmed (e.g. the layer was streamed instead); returns
+        how many. Their reads must be finished."""
+        n, dropped = _drop_prefetched(self._pref, self._n_pref, _NO_STEP, self._n, self.rows, self.neuron_of_row,
+                                      self.row_of_neuron, self.last_used, self.is_prefetched)
+        self._n, self._n_pref = n, 0
+        return dropped
 
     def pin(self, neurons: np.ndarray) -> Admission:
         """Add `neurons` to the pinned set and admit every pinned neuron not resident.
@@ -309,7 +404,9 @@ class NeuronCache:
         self.neuron_of_row.fill(-1)
         self.row_of_neuron.fill(-1)
         self.last_used.fill(NEVER)
+        self.is_prefetched.fill(False)
         self._n = 0
+        self._n_pref = 0
         self._t = 0
         self.needs_pinned_load = bool(self.is_pinned.any())
 

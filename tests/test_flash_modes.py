@@ -75,14 +75,16 @@ def test_streaming_modes_equal_dense(opt_folder, mode):
         assert model.plan.resident_layers == [0]
 
 
+@pytest.mark.parametrize("pipeline", [True, False])
 @pytest.mark.parametrize("capacity_fraction", [1.0, 0.3])
-def test_flash_with_oracle_predictor_is_exact(opt_folder, capacity_fraction):
-    """Cache machinery (window, delete-by-swap, append, overflow streaming) is exact given its rows.
-    (f32 KV caches: with f16 ones a 1e-7 difference of FFN summation order can flip one rounding.)"""
+def test_flash_with_oracle_predictor_is_exact(opt_folder, capacity_fraction, pipeline):
+    """Cache machinery (window, delete-by-swap, append, overflow streaming, the lookahead's early
+    admissions) is exact given its rows. (f32 KV caches: with f16 ones a 1e-7 difference of FFN
+    summation order can flip one rounding.)"""
     ref, _, _ = _logits(opt_folder, kv_dtype="f32")
     folder = open_folder(opt_folder)
-    model = Model(folder, RuntimeConfig(mode="flash", window=2, io="buffered", layer_io="sparse", kv_dtype="f32"),
-                  predictors=_oracles(opt_folder))
+    model = Model(folder, RuntimeConfig(mode="flash", window=2, io="buffered", layer_io="sparse", kv_dtype="f32",
+                                        pipeline=pipeline), predictors=_oracles(opt_folder))
     ffn = model.ffn_backend
     if capacity_fraction < 1:
         from flashlm.runtime.neuron_cache import NeuronCache
@@ -94,9 +96,14 @@ def test_flash_with_oracle_predictor_is_exact(opt_folder, capacity_fraction):
     st = ffn.stats
     assert st.wanted > 0 and 0 < st.hits < st.wanted
     # Every wanted neuron that was not resident is read exactly once (into the cache or, overflowing,
-    # through the streaming buffers), and nothing else is: distinct rows requested == misses.
+    # through the streaming buffers), and nothing else is but the lookahead's over-fetched rows:
+    # distinct rows requested == misses + over-fetched.
     misses = st.wanted - st.hits
-    assert ffn.reader.stats.useful_bytes == misses * folder.bundles.stride_bytes
+    overfetched = st.guess_rows - st.guess_used
+    # (a guess only takes free rows and rows leaving the window: caches at 30 % are always full)
+    assert (st.guess_rows > 0) == (pipeline and capacity_fraction == 1) and 0 <= overfetched <= st.guess_rows
+    assert st.guess_used + st.guess_missed <= misses
+    assert ffn.reader.stats.useful_bytes == (misses + overfetched) * folder.bundles.stride_bytes
     assert ffn.io_counts()[0] >= misses * folder.bundles.stride_bytes
     if capacity_fraction < 1:
         assert 0 < st.overflow < misses, "small caches must stream the surplus, and only the surplus"
@@ -221,7 +228,8 @@ def deep_opt_folder(tmp_path_factory):
     return out
 
 
-def test_default_auto_flash_path_mixes_placements_and_equals_dense(deep_opt_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_default_auto_flash_path_mixes_placements_and_equals_dense(deep_opt_folder, tmp_path, monkeypatch, pipeline):
     """The default flash path end to end: layer_io auto, resident + sparse + streamed layers, pinned
     hot neurons, the per-token stream fallback and cache overflow, with an oracle predictor: the
     logits equal dense mode's.
@@ -246,10 +254,12 @@ def test_default_auto_flash_path_mixes_placements_and_equals_dense(deep_opt_fold
     scenario = Calibration(real.predictor_bytes, report)
     monkeypatch.setattr(predictor_module, "read_calibration", lambda f: scenario)
 
-    rt = dict(mode="flash", io="buffered", pin=0.1, profile=str(profile))
+    # f32 KV caches: the pipeline's cache rows come in another order, and with f16 KV caches a 1e-7
+    # difference of FFN summation order can flip a rounding
+    rt = dict(mode="flash", io="buffered", pin=0.1, profile=str(profile), kv_dtype="f32")
     costs = CostModel.for_run(folder, RuntimeConfig(**rt))
     activations = activation_bytes(folder, set_threads(None))
-    fixed = plan_memory(folder, RuntimeConfig(mode="naive"), activations=activations).total
+    fixed = plan_memory(folder, RuntimeConfig(mode="naive", kv_dtype="f32"), activations=activations).total
     budget = plan = None
     for extra in range(0, 14 * folder.bundles.layer_bytes, 2048):   # the planner is pure: cheap
         try:
@@ -261,8 +271,8 @@ def test_default_auto_flash_path_mixes_placements_and_equals_dense(deep_opt_fold
             budget, plan = str(fixed + extra), p
             break
     assert plan is not None, "some budget must mix resident, sparse and streamed layers"
-    ref, _, _ = _logits(opt_folder)
-    model = Model(folder, RuntimeConfig(**rt, budget=budget), predictors=_oracles(opt_folder))
+    ref, _, _ = _logits(opt_folder, kv_dtype="f32")
+    model = Model(folder, RuntimeConfig(**rt, budget=budget, pipeline=pipeline), predictors=_oracles(opt_folder))
     try:
         assert model.plan.layer_kinds == plan.layer_kinds and model.plan.pin_rows == int(0.1 * folder.config.n_ff)
         ffn = model.ffn_backend
@@ -274,9 +284,44 @@ def test_default_auto_flash_path_mixes_placements_and_equals_dense(deep_opt_fold
         n_planned = plan.count(Placement.STREAM) * len(IDS[5:])    # 1 prefill + 14 decode forwards
         assert st.streamed_layers > n_planned, "the prompt's union must take the per-token stream fallback"
         assert st.overflow > 0 and st.hits > 0 and st.wanted > st.hits
+        # the lookahead guessed every sparse layer that follows another layer, on every decode token
+        guessed = [i for i in sparse if i > 0]
+        assert (st.guess_used + st.guess_missed > 0) == (pipeline and bool(guessed))
         assert sum(ffn.caches[i].step_count for i in sparse) > 0, "decode tokens must go through the caches"
         for i in sparse:                      # the hottest neurons stayed resident throughout
             cache, hot = ffn.caches[i], ffn.predictors[i].hot[:plan.pin_rows]
             assert cache.is_pinned[hot].all() and (cache.row_of_neuron[hot] >= 0).all()
     finally:
         model.close()
+
+
+def test_pipeline_changes_what_is_read_never_what_is_computed(opt_folder):
+    """Oracle selector, every layer sparse, caches large enough for a guess to land: the pipeline's
+    logits equal --no-pipeline's and dense's; it reads the same neurons and, early, some more (its
+    over-fetched rows); whole-layer streaming with and without read-ahead gives identical bits."""
+    ref, _, _ = _logits(opt_folder, kv_dtype="f32")
+    runs = {}
+    for pipeline in (True, False):
+        model = Model(open_folder(opt_folder), RuntimeConfig(mode="flash", window=2, io="buffered", layer_io="sparse",
+                                                             kv_dtype="f32", pipeline=pipeline),
+                      predictors=_oracles(opt_folder))
+        try:
+            pre = model.forward(IDS[:6], all_logits=True)
+            dec = [model.forward([t])[0].copy() for t in IDS[6:]]
+            runs[pipeline] = np.concatenate([pre, np.stack(dec)]), model.ffn_backend.stats, model.ffn_backend
+        finally:
+            model.close()
+    (on, st_on, ffn_on), (off, st_off, ffn_off) = runs[True], runs[False]
+    np.testing.assert_allclose(on, off, atol=1e-5)
+    np.testing.assert_allclose(on, ref, atol=1e-5)
+    assert st_on.wanted == st_off.wanted and st_off.guess_rows == 0
+    recall = st_on.guess_recall
+    assert recall is not None and 0 < recall <= 1 and st_on.guess_rows > 0
+    stride = open_folder(opt_folder).bundles.stride_bytes
+    extra = ffn_on.reader.stats.useful_bytes - ffn_off.reader.stats.useful_bytes
+    # what the pipeline reads beyond --no-pipeline: its over-fetched rows, and rows a guess's early
+    # eviction (out of the window by the next step, not guessed) made it read again
+    assert 0 < extra <= (st_on.guess_rows - st_on.guess_used + st_on.guess_missed) * stride
+    a, _, _ = _logits(opt_folder, mode="naive", io="buffered")
+    b, _, _ = _logits(opt_folder, mode="naive", io="buffered", pipeline=False)
+    np.testing.assert_array_equal(a, b)

@@ -216,3 +216,58 @@ def test_reset_pin_and_validation():
     _read(c, a)
     _check_structure(c)
     assert not NeuronCache(20, 6, 3, np.float32, window=3).needs_pinned_load
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.data())
+def test_prefetch_reads_early_and_leaves_the_window_accounting_alone(sc, data):
+    """A cache that admits an early guess before each step (the lookahead pipeline) against one that
+    does not: the same window stamps, the same resident set whenever capacity suffices, every wanted
+    neuron resident or overflowed, and nothing read twice for one step; over-fetched rows are evicted."""
+    n_neurons, capacity, window, pinned, steps, row_elems, dtype = sc
+    make = lambda: NeuronCache(n_neurons, capacity, row_elems, dtype, window=window,
+                               pinned=np.array(pinned, np.int32) if pinned else None)
+    plain, ahead = make(), make()
+    for c in (plain, ahead):
+        _read(c, c.load_pinned())
+    pressure_free = True
+    history: list[set[int]] = []
+    for wanted in steps:
+        if wanted is None:
+            for c in (plain, ahead):
+                c.reset()
+                _read(c, c.load_pinned())
+            history, pressure_free = [], True
+            continue
+        w = set(wanted)
+        # the guess: most of the wanted neurons plus some others
+        guess = [i for i in wanted if data.draw(st.booleans())] + data.draw(
+            st.lists(st.integers(0, n_neurons - 1), max_size=20))
+        before = _resident(ahead)
+        pre = ahead.prefetch(np.array(guess, np.int32))
+        assert set(pre.missing.tolist()) <= set(guess) - before and ahead.n <= capacity
+        _read(ahead, pre)
+        _check_structure(ahead)
+        guessed = set(pre.missing.tolist())
+        a, b = plain.step(np.array(wanted, np.int32)), ahead.step(np.array(wanted, np.int32))
+        _read(plain, a)
+        _read(ahead, b)
+        _check_structure(ahead)
+        history.append(w)
+        np.testing.assert_array_equal(plain.last_used, ahead.last_used)   # over-fetched rows stamp nothing
+        got = set(b.missing.tolist())
+        assert not got & guessed, "a row the guess read was read again"
+        assert b.prefetch_hits == len(w & guessed) and b.dropped == len(guessed - w)
+        assert b.hits + b.prefetch_hits + len(b.missing) + len(b.overflow) == len(w)
+        now = _resident(ahead)
+        assert w - set(b.overflow.tolist()) <= now and not (guessed - w) & now
+        assert not ahead.is_prefetched.any()
+        pressure_free &= capacity >= len(set(pinned) | set().union(*history[-window:]) | set(guess))
+        if pressure_free:             # (under LRU pressure the two caches' contents may part ways)
+            assert now == _resident(plain)
+            assert b.hits <= a.hits and b.hits + b.prefetch_hits >= a.hits - len(w - set(guess))
+    # a prefetch that no step confirms is undone
+    pre = ahead.prefetch(np.arange(min(5, n_neurons), dtype=np.int32))
+    _read(ahead, pre)
+    assert ahead.cancel_prefetch() == len(pre.missing)
+    _check_structure(ahead)
