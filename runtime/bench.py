@@ -87,7 +87,8 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
                                             if plan.run_mode.needs_predictors else None),
                    flash_mb_s=nbytes / stats.io_busy_s / 1e6 if stats.io_busy_s else None,
                    stream_mb_s=stats.stream_bytes / stats.stream_read_s / 1e6 if stats.stream_read_s else None,
-                   predicted_ms=_predicted_ms(model, folder, plan, rt))
+                   predicted_ms=_predicted_ms(model, folder, plan, rt),
+                   mem_bg_ms=1e3 * stats.mm_bg_s / n, **lookahead_fields(stats, n, folder.bundles.stride_bytes, nbytes))
         rows.append(row)
     model.close()
     for row in rows:
@@ -100,6 +101,15 @@ def _predicted_ms(model, folder, plan, rt: RuntimeConfig) -> float:
     from .predictor import read_calibration
     calibration = read_calibration(folder) if plan.run_mode.needs_predictors else None
     return 1e3 * model.costs.plan_cost(plan, calibration, pin=rt.pin).total_s
+
+
+def lookahead_fields(stats: FFNStats, n: int, stride: int, nbytes: int) -> dict:
+    """The lookahead's figures per token: recall of the early guess, bytes its misses cost (rows the
+    guessed layers still read once their true input came) and bytes it over-fetched."""
+    miss = stats.guess_missed * stride
+    return dict(guess_recall=stats.guess_recall, guess_miss_bytes_per_token=miss / n,
+                guess_overfetch_bytes_per_token=(stats.guess_rows - stats.guess_used) * stride / n,
+                guess_miss_fraction=miss / nbytes if nbytes and stats.guess_used + stats.guess_missed else None)
 
 
 def _row(base: dict, test: str, n: int, times: list[float]) -> dict:

@@ -216,6 +216,11 @@ def _stats_lines(stats, model) -> list[str]:
                   + (f" ({nbytes / cp.io_busy_ms / n / 1e3:.0f} MB/s while busy)" if cp.io_busy_ms else "")
                   + f"; FFN kernels {1e3 * fs.ffn_s / n:.2f} ms",
                   f"critical path:       {cp.line()}" + ("" if model.runtime.pipeline else " (--no-pipeline)"),
+                  *([f"lookahead:           recall {100 * fs.guess_recall:.1f} % of a guessed layer's rows; misses "
+                     f"{fs.guess_missed * model.folder.bundles.stride_bytes / n / 2**20:.2f} MiB, over-fetched "
+                     f"{(fs.guess_rows - fs.guess_used) * model.folder.bundles.stride_bytes / n / 2**20:.2f} MiB per token; "
+                     f"guess bookkeeping on the I/O thread {1e3 * fs.mm_bg_s / n:.2f} ms"]
+                    if fs.guess_recall is not None else []),
                   f"neuron cache:        hit {100 * fs.hit_rate:.1f} %, window {model.plan.window}"
                   + (f", streamed {100 * fs.streamed_layers / (n * model.config.n_layers):.0f} % of layer-steps"
                      if model.plan.run_mode.needs_predictors else "")]

@@ -1,0 +1,106 @@
+"""The pipeline's benchmark: flash mode with and without the pipeline, in one run, engines alternated.
+
+    python tools/bench_pipeline.py MODEL [--budget 50%] [--rounds 3] [-n 16] [-p 8] [--ctx 256]
+        [--profile this-machine-2core] [--io-threads 4] [--mode flash] [-- extra flashlm bench flags]
+
+Each round runs `flashlm bench --one --json` twice, once as is and once with --no-pipeline, each in its
+own child process (its own page cache drop, load, warm-up repetition), the order flipped every round.
+Per engine it prints the median over rounds of: ms/token, the critical path (I/O wait, I/O busy, memory
+management on the compute thread, compute), max(I/O busy, compute) and the ratio of ms/token to it,
+the overlap, bytes per token, the lookahead's recall and the share of the bytes read that its misses
+cost, and the streamed layers' read rate against the device profile's sequential rate (the probe's
+1 MiB reads at the reader's thread count). Then the decode speedup of the pipeline over --no-pipeline.
+The issue's targets: ms/token <= 1.3x max(I/O busy, compute), speedup >= 1.6x, streamed layers at
+>= 80 % of the sequential rate, guess misses <= 10 % of the bytes read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def run_child(model: str, args, pipeline: bool) -> dict:
+    cmd = [sys.executable, "-m", "flashlm", "bench", model, "--one", "--json", "--mode", args.mode,
+           "-p", str(args.prompt), "-n", str(args.tokens), "-r", str(args.reps), "--ctx", str(args.ctx),
+           "--io-threads", str(args.io_threads), "--budget", args.budget] + args.extra
+    if args.profile:
+        cmd += ["--profile", args.profile]
+    if not pipeline:
+        cmd.append("--no-pipeline")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench child failed ({' '.join(cmd)}):\n{proc.stderr.strip()[-2000:]}")
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return next(r for r in rows if r["test"].startswith("tg"))
+
+
+def median(rows: list[dict], key: str):
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v, spec=".1f", scale=1.0) -> str:
+    return "-" if v is None else format(v * scale, spec)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--budget", default="50%")
+    ap.add_argument("--mode", default="flash")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("-n", "--tokens", type=int, default=16, help="decode tokens per repetition")
+    ap.add_argument("-p", "--prompt", type=int, default=8, help="prompt tokens of the pp test (0: none)")
+    ap.add_argument("-r", "--reps", type=int, default=1, help="timed repetitions per child (after a warm-up one)")
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--io-threads", type=int, default=4)
+    ap.add_argument("--profile", default="this-machine-2core")
+    ap.add_argument("--json", action="store_true", help="also print every child's tg row")
+    ap.add_argument("extra", nargs="*", help="more flashlm bench flags (after --)")
+    args = ap.parse_args()
+
+    from flashlm.runtime.device import load_device
+    seq = load_device(args.profile).flash_speeds(args.io_threads).sequential_mb_s if args.profile else None
+    rows = {True: [], False: []}
+    for r in range(args.rounds):
+        for pipeline in ((True, False) if r % 2 == 0 else (False, True)):
+            row = run_child(args.model, args, pipeline)
+            rows[pipeline].append(row)
+            print(f"round {r + 1} {'pipeline' if pipeline else 'no-pipeline'}: {row['ms_per_token']:.1f} ms/token",
+                  file=sys.stderr)
+            if args.json:
+                print(json.dumps(row))
+    head = ["engine", "ms/tok", "io wait", "io busy", "mem", "mem (I/O thread)", "compute", "max(busy, compute)",
+            "ratio", "overlap %", "MiB/tok", "guess recall %", "guess-miss bytes %", "stream MB/s", "of seq %"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join(" --- " for _ in head) + "|")
+    ms = {}
+    for pipeline in (True, False):
+        rs = rows[pipeline]
+        m = {k: median(rs, k) for k in ("ms_per_token", "io_wait_ms", "io_busy_ms", "mem_ms", "mem_bg_ms",
+                                        "compute_ms", "bound_ms", "bound_ratio", "overlap", "bytes_per_token",
+                                        "guess_recall", "guess_miss_fraction", "stream_mb_s")}
+        ms[pipeline] = m["ms_per_token"]
+        cells = ["pipeline" if pipeline else "--no-pipeline", fmt(m["ms_per_token"]), fmt(m["io_wait_ms"]),
+                 fmt(m["io_busy_ms"]), fmt(m["mem_ms"]), fmt(m["mem_bg_ms"]), fmt(m["compute_ms"]), fmt(m["bound_ms"]),
+                 fmt(m["bound_ratio"], ".2f"), fmt(m["overlap"], ".0f", 100), fmt(m["bytes_per_token"], ".2f", 2**-20),
+                 fmt(m["guess_recall"], ".1f", 100), fmt(m["guess_miss_fraction"], ".1f", 100),
+                 fmt(m["stream_mb_s"], ".0f"),
+                 fmt(m["stream_mb_s"] / seq if m["stream_mb_s"] and seq else None, ".0f", 100)]
+        print("| " + " | ".join(cells) + " |")
+    r0 = rows[True][0]
+    print(f"\n{Path(args.model).name}, mode {args.mode}, budget {args.budget} ({r0['budget']} bytes), window "
+          f"{r0['window']}, {args.tokens} decode tokens x {args.reps} rep(s) x {args.rounds} rounds, medians; "
+          f"decode speedup of the pipeline over --no-pipeline: {ms[False] / ms[True]:.2f}x"
+          + (f"; sequential rate {seq:.0f} MB/s ({args.profile}, {args.io_threads} threads)" if seq else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
