@@ -551,7 +551,9 @@ class FlashFFN(FFNBackend):
         if nxt is None or h.shape[0] != 1:          # decode tokens only: a prompt's union is streamed
             return
         t0 = time.perf_counter()
-        guess = self.predictors[nxt].predict(h)
+        # a copy: a decode prediction is a view of the layer's buffers, which its true prediction reuses
+        # while the I/O thread may still be admitting the guess
+        guess = self.predictors[nxt].predict(h).copy()
         self.stats.predict_s += time.perf_counter() - t0
         self.pending[nxt] = self.pool.submit(self._prefetch, nxt, guess)
 
