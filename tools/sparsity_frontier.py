@@ -84,6 +84,9 @@ class Method:
     name: str
     keep: float
     dip: float = 1.0         # DIP cache-aware boost of cached neurons' scores (1 = off)
+    mass: float = 0.0        # > 0: per token, keep the fewest neurons holding this share of the score mass
+    layer_keep: tuple[float, ...] | None = None   # per-layer keep fractions (calibrated, mean = keep)
+    comp: int = 0            # rank of the resident low-rank W_down that adds the dropped neurons back
 
     @property
     def per_prompt(self) -> bool:
@@ -91,13 +94,14 @@ class Method:
 
     @property
     def label(self) -> str:
-        return self.name + (f"+dip{self.dip:g}" if self.dip != 1.0 else "")
+        return (self.name + (f"@{self.mass:g}" if self.mass else "") + (f"+dip{self.dip:g}" if self.dip != 1.0 else "")
+                + (f"+comp{self.comp}" if self.comp else ""))
 
     def layout(self) -> tuple[str, ...]:
         """Parts of a neuron that are read from flash when it is selected (the rest is resident)."""
         if self.name in ("cats", "gate-lowup", "gate-lowup-wina", "gate-stat"):
             return ("up", "down")
-        if self.name == "gateup-wina":
+        if self.name.startswith("gateup"):
             return ("down",)
         return ("gate", "up", "down")
 
@@ -115,7 +119,7 @@ class Scorer:
         w = self.w[layer]
         if name == "oracle":
             return np.abs(a)
-        if name == "oracle-wina" or name == "gateup-wina":
+        if name in ("oracle-wina", "gateup-wina", "gateup-mass", "gateup-layer"):
             return np.abs(a) * w.down_norm
         if name == "cats":
             return np.abs(silu(g))
@@ -156,6 +160,43 @@ class LRU:
         return misses
 
 
+def mass_mask(s: np.ndarray, share: float) -> np.ndarray:
+    """[T, n_ff] bool: per token the fewest top-scoring neurons whose scores sum to `share` of the
+    token's total (a per-token adaptive threshold: peaked tokens keep few neurons, flat ones many)."""
+    order = np.argsort(-s, axis=1)
+    cum = np.cumsum(np.take_along_axis(s, order, axis=1), axis=1)
+    k = (cum < share * cum[:, -1:]).sum(axis=1) + 1          # neurons up to and including the crossing
+    mask = np.zeros(s.shape, bool)
+    ranks = np.arange(s.shape[1])[None, :] < np.minimum(k, s.shape[1])[:, None]
+    np.put_along_axis(mask, order, ranks, axis=1)
+    return mask
+
+
+def low_rank_down(down: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """W_down [n_ff, d] ~ P [n_ff, r] @ Q [r, d] (truncated SVD): what a small resident copy of W_down
+    can add back for the neurons a token drops."""
+    u, sv, vt = np.linalg.svd(down.astype(np.float64), full_matrices=False)
+    return (u[:, :rank] * sv[:rank]).astype(np.float32), vt[:rank].astype(np.float32)
+
+
+def layer_keep_fractions(hs: list[np.ndarray], weights: list[LayerWeights], keep: float) -> tuple[float, ...]:
+    """Per-layer keep fractions with mean `keep`: one score-mass share for all layers, found by
+    bisection on calibration inputs hs (per layer [N, d]), each layer keeping what that share needs
+    on average (layers whose contributions are spread out get more neurons)."""
+    shares = []                  # per layer [N, n_ff]: cumulative score share of the top-j neurons
+    for h, w in zip(hs, weights):
+        s = -np.sort(-np.abs(silu(h @ w.gate.T) * (h @ w.up.T)) * w.down_norm, axis=1)
+        cum = np.cumsum(s, axis=1)
+        shares.append(cum / cum[:, -1:])
+    n_ff = weights[0].gate.shape[0]
+    fractions = lambda m: [float(np.minimum((c < m).sum(axis=1) + 1, n_ff).mean()) / n_ff for c in shares]
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.mean(fractions(mid)) < keep else (lo, mid)
+    return tuple(round(f, 4) for f in fractions((lo + hi) / 2))
+
+
 class AnalysisFFN:
     """Stands in for model.ffn_backend: exact FFN math, then only the selected neurons are summed."""
 
@@ -163,9 +204,13 @@ class AnalysisFFN:
         self.w, self.scorer, self.method = weights, scorer, method
         n_ff = weights[0].gate.shape[0]
         self.k = max(1, int(round(method.keep * n_ff)))
+        self.layer_k = [max(1, int(round(f * n_ff))) for f in method.layer_keep] if method.layer_keep \
+            else [self.k] * len(weights)
+        self.comp = [low_rank_down(lw.down, method.comp) for lw in weights] if method.comp else None
         self.cache_capacity = cache
         self.row_bytes = len(method.layout()) * d_model * F16
         self.dense_phase = True
+        self.bytes_read = self.neuron_tokens = self.decode_tokens = 0
         self.stats = type("S", (), {"tokens": 0})()
         self.reset()
 
@@ -200,18 +245,29 @@ class AnalysisFFN:
             self.bytes_read += 0           # the set was read once when it was fixed
             self.neuron_tokens += len(sel) * len(h)
             return
+        if layer == 0:
+            self.decode_tokens += len(h)
         s = self.scorer(self.method.name, layer, h, g, u, a)
         cache = self.caches[layer]
         mask = np.zeros(s.shape, bool)
         if cache.capacity == 0:          # no cache state: every token independent, one vectorized top-k
-            np.put_along_axis(mask, np.argpartition(-s, self.k - 1, axis=1)[:, :self.k], True, axis=1)
-            self.bytes_read += self.k * len(h) * self.row_bytes
-            self.neuron_tokens += self.k * len(h)
+            if self.method.mass:
+                mask = mass_mask(s, self.method.mass)
+            else:
+                k = self.layer_k[layer]
+                np.put_along_axis(mask, np.argpartition(-s, k - 1, axis=1)[:, :k], True, axis=1)
+            kept = int(mask.sum())
+            self.bytes_read += kept * self.row_bytes
+            self.neuron_tokens += kept
             out[:] = (a * mask) @ w.down
+            if self.comp is not None:    # the dropped neurons through the resident low-rank W_down
+                p, q = self.comp[layer]
+                out += ((a * ~mask) @ p) @ q
             return
         for t in range(len(h)):
             st = s[t] * np.where(cache.cached, self.method.dip, 1.0) if self.method.dip != 1.0 else s[t]
-            sel = np.argpartition(-st, self.k - 1)[:self.k]
+            k = self.layer_k[layer]
+            sel = np.argpartition(-st, k - 1)[:k]
             mask[t, sel] = True
             self.bytes_read += cache.admit(sel) * self.row_bytes
         self.neuron_tokens += int(mask.sum())
@@ -347,6 +403,12 @@ def main() -> int:
     ap.add_argument("--prompts", default=None, help="prompt file for the greedy task check (tools/data/prompts-*.txt)")
     ap.add_argument("--gen", type=int, default=12, help="greedy tokens per task prompt")
     ap.add_argument("--calib-tokens", type=int, default=768)
+    ap.add_argument("--calib-text", default=None,
+                    help="calibration text for gateup-layer's per-layer fractions (default: self-generated)")
+    ap.add_argument("--mass", default="0.9", help="comma-separated score-mass shares for gateup-mass")
+    ap.add_argument("--comp", default="0", help="comma-separated ranks of the resident low-rank W_down "
+                    "compensating dropped neurons (gateup-* methods; 0 = off)")
+    ap.add_argument("--no-ppl", action="store_true", help="task check only (no held-out perplexity)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--svg", default=None)
@@ -377,11 +439,28 @@ def main() -> int:
     cache = int(round(args.cache * n_ff))
     prompts = read_prompts(Path(args.prompts)) if args.prompts else []
 
+    calib_hs = None
+    if "gateup-layer" in methods:
+        from flashlm.converters.calibrate import generated_tokens, record_ffn_inputs
+        if args.calib_text:
+            cids = tokenizer.encode(Path(args.calib_text).read_text())[:args.calib_tokens]
+            seqs = [cids[i:i + 512] for i in range(0, len(cids), 512)]
+        else:
+            seqs = generated_tokens(model, tokenizer, args.calib_tokens, progress=False)
+        calib_hs = record_ffn_inputs(model, seqs, progress=False)
     runs = [Method("dense", 1.0)]
+    keeps = [float(k) for k in args.keep.split(",")]
+    comps = [int(c) for c in args.comp.split(",")]
     for name in methods:
-        for keep in [float(k) for k in args.keep.split(",")]:
-            for dip in ([1.0] if name == "griffin" else [float(g) for g in args.dip.split(",")]):
-                runs.append(Method(name, keep, dip))
+        for comp in (comps if name.startswith("gateup") else [0]):
+            if name == "gateup-mass":
+                runs += [Method(name, 0.0, mass=float(m), comp=comp) for m in args.mass.split(",")]
+            elif name == "gateup-layer":
+                runs += [Method(name, k, layer_keep=layer_keep_fractions(calib_hs, weights, k), comp=comp) for k in keeps]
+            else:
+                for keep in keeps:
+                    for dip in ([1.0] if name == "griffin" else [float(g) for g in args.dip.split(",")]):
+                        runs.append(Method(name, keep, dip, comp=comp))
     meta = {"model": str(folder.path), "ctx": args.ctx, "prompt_tokens": args.prompt, "cache_neurons": cache,
             "scored_tokens": None,
             "n_ff": n_ff, "dense_layer_bytes_per_token": n_ff * d * F16 * 3 * len(weights)}
@@ -390,16 +469,23 @@ def main() -> int:
         t0 = time.perf_counter()
         ffn = AnalysisFFN(weights, scorer, m, cache, d)
         model.ffn_backend = ffn
-        r = perplexity(model, ffn, ids, args.ctx, args.prompt)
+        r = perplexity(model, ffn, ids, args.ctx, args.prompt) if not args.no_ppl else \
+            {"perplexity": float("nan"), "scored_tokens": 0, "bytes_per_token": float("nan"), "kept_fraction": float("nan")}
+        if m.layer_keep:
+            r["layer_keep"] = list(m.layer_keep)
+        if prompts:                  # the share of neurons kept while decoding the answers
+            ffn.bytes_read, ffn.neuron_tokens, ffn.decode_tokens = 0, 0, 0
         r.update(method=m.name, label=m.label + (f"+lru{args.cache:g}" if cache else ""), keep=m.keep, dip=m.dip, layout="|".join(m.layout()),
                  resident=",".join(m.resident_parts()) or "-",
                  dram_ffn_bytes=(n_ff * d * F16 * len(m.resident_parts()) +
-                                 (n_ff * m.keep if m.per_prompt else cache) * ffn.row_bytes) * len(weights))
+                                 (n_ff * m.keep if m.per_prompt else cache) * ffn.row_bytes
+                                 + m.comp * (n_ff + d) * F16) * len(weights))
         if prompts:
             answers = [greedy(model, ffn, tokenizer, p, args.gen) for p in prompts]
             if dense_answers is None:
                 dense_answers = answers
             r["task_exact"] = sum(a == b for a, b in zip(answers, dense_answers)) / len(prompts)
+            r["task_kept_fraction"] = ffn.neuron_tokens / max(1, ffn.decode_tokens * len(weights) * n_ff)
             r["answers"] = answers
         r["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(r)
@@ -409,7 +495,7 @@ def main() -> int:
         print(f"{m.label:18s} keep {m.keep:.2f} ppl {r['perplexity']:8.3f} "
               f"({100 * (r['perplexity'] / rows[0]['perplexity'] - 1):+6.1f}%) "
               f"MB/token {r['bytes_per_token'] / 1e6:6.2f} kept {r['kept_fraction']:.3f}"
-              + (f" task {r['task_exact']:.2f}" if prompts else "") + f" [{r['seconds']} s]", file=sys.stderr)
+              + (f" task {r['task_exact']:.2f} (kept {r['task_kept_fraction']:.3f})" if prompts else "") + f" [{r['seconds']} s]", file=sys.stderr)
     report(rows, meta, args.svg, prompts)
     return 0
 
