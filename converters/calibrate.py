@@ -34,6 +34,7 @@ from tqdm import tqdm
 from flashlm.runtime.config import RuntimeConfig
 from flashlm.runtime.loader import load
 from flashlm.runtime.model import Model
+from flashlm.runtime.modelfile import resident_part_name
 from flashlm.runtime.predictor import PREDICTOR_FILE, gated_score
 from flashlm.runtime.safetensors_file import plan_file
 
@@ -92,6 +93,16 @@ def record_ffn_inputs(model: Model, seqs: list[list[int]], *, progress: bool = T
     return [np.concatenate(r) for r in rec]
 
 
+def layer_part(model: Model, layer: int, part: str) -> np.ndarray:
+    """f32 [n_ff, d]: one part of the layer's FFN, from the dense-mode bundle rows or, for a part the
+    layout keeps resident (the gate-resident variant's W_gate), from the dense weights."""
+    layout = model.folder.bundles
+    if part in layout.resident:
+        name = resident_part_name(layer, part)
+        return model.folder.dense[name].storage.decode(model.w[name])
+    return layout.decode_part(model.ffn_backend.layer_rows[layer], part)      # calibration runs dense
+
+
 def layer_projections(model: Model, layer: int) -> dict[str, np.ndarray]:
     """{"up": w [d+1, n_ff], "gate": ... (SwiGLU)}: the layer's projections as one linear map of [h, 1].
 
@@ -100,12 +111,11 @@ def layer_projections(model: Model, layer: int) -> dict[str, np.ndarray]:
     decides which low-rank directions of the map matter for real inputs.
     """
     c = model.config
-    rows, layout = model.ffn_backend.layer_rows[layer], model.folder.bundles   # calibration runs dense
     bias = model.w.get(f"layers.{layer}.ffn.up.bias")
     up_b = bias if bias is not None and c.ffn_kind == "relu" else np.zeros(c.n_ff, np.float32)
-    out = {"up": np.vstack([layout.decode_part(rows, "up").T, up_b[None, :]])}
+    out = {"up": np.vstack([layer_part(model, layer, "up").T, up_b[None, :]])}
     if c.gated:
-        out["gate"] = np.vstack([layout.decode_part(rows, "gate").T, np.zeros((1, c.n_ff), np.float32)])
+        out["gate"] = np.vstack([layer_part(model, layer, "gate").T, np.zeros((1, c.n_ff), np.float32)])
     return out
 
 
@@ -200,14 +210,19 @@ SELECTOR_COST = ("lowrank", "gate", "exact")     # cheapest first: low-rank maps
 
 def down_norms(model: Model, layer: int) -> np.ndarray:
     """||W_down[:, i]|| per neuron: how much a unit of neuron i's activation moves the output."""
-    rows = model.ffn_backend.layer_rows[layer]                  # calibration runs dense
-    return np.linalg.norm(model.folder.bundles.decode_part(rows, "down"), axis=1).astype(np.float32)
+    return np.linalg.norm(layer_part(model, layer, "down"), axis=1).astype(np.float32)
 
 
 def part_rows(model: Model, layer: int, part: str) -> np.ndarray:
     """The layer's W_gate or W_up [n_ff, d] for a resident copy: f16 when that is lossless (f16
     bundles always are), else f32."""
-    return _half_if_safe(model.folder.bundles.decode_part(model.ffn_backend.layer_rows[layer], part))
+    return _half_if_safe(layer_part(model, layer, part))
+
+
+def resident_copies(model: Model, layer: int, parts) -> dict[str, np.ndarray]:
+    """The predictor's own copies of W_gate / W_up ("gate_rows", "up_rows"); none of a part the bundle
+    layout already keeps in the dense weights (the runtime hands that tensor to the rule)."""
+    return {f"{p}_rows": part_rows(model, layer, p) for p in parts if p not in model.folder.bundles.resident}
 
 
 def s_test_of(factors: dict, h: np.ndarray, ffn_kind: str) -> np.ndarray:
@@ -260,7 +275,7 @@ def _gate_fit(model, layer, h, test, maps, directions, ranks, max_rank, k_keep, 
     top = max(q["output_recall"] for _, q, _ in fits)
     f, q, s = next(x for x in fits if x[1]["output_recall"] >= top - 0.01)
     return _layer_output(layer, {"up": f}, q, _topk_mask(s, k_keep), truth, hot,
-                         {"gate_rows": part_rows(model, layer, "gate"), "down_norm": dn})
+                         {**resident_copies(model, layer, ("gate",)), "down_norm": dn})
 
 
 def _exact_fit(model, layer, h, test, maps, k_keep, truth, hot):
@@ -276,8 +291,7 @@ def _exact_fit(model, layer, h, test, maps, k_keep, truth, hot):
          "output_recall": _output_recall(s[test], maps, h[test], model, layer, k_keep),
          "predicted_fraction": k_keep / y.shape[1]}
     return _layer_output(layer, {}, q, _topk_mask(s, k_keep), truth, hot,
-                         {"gate_rows": part_rows(model, layer, "gate"), "up_rows": part_rows(model, layer, "up"),
-                          "down_norm": dn})
+                         {**resident_copies(model, layer, ("gate", "up")), "down_norm": dn})
 
 
 def _selector_quality(candidates: list[dict]) -> dict:

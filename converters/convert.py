@@ -25,12 +25,13 @@ def open_source(path) -> Source:
     raise ConversionError(f"{path}: a folder without config.json; supported: " + "; ".join(SUPPORTED_SOURCES))
 
 
-def convert(src, out_dir, *, dtype: str = "auto", bundle_dtype: str | None = None, force: bool = False,
-            progress: bool = True) -> Path:
+def convert(src, out_dir, *, dtype: str = "auto", bundle_dtype: str | None = None, gate_resident: bool = False,
+            force: bool = False, progress: bool = True) -> Path:
     """Convert a checkpoint into a flashlm model folder; returns its path."""
     source = open_source(src)
     try:
-        return write_model(source, out_dir, dtype=dtype, bundle_dtype=bundle_dtype, force=force, progress=progress)
+        return write_model(source, out_dir, dtype=dtype, bundle_dtype=bundle_dtype, gate_resident=gate_resident,
+                           force=force, progress=progress)
     finally:
         source.close()
 

@@ -89,12 +89,14 @@ class _FileWriter:
 
 
 def write_model(source: Source, out_dir, *, dtype: str = "auto", bundle_dtype: str | None = None,
-                force: bool = False, progress: bool = True) -> Path:
+                gate_resident: bool = False, force: bool = False, progress: bool = True) -> Path:
     """Convert `source` into the flashlm folder `out_dir`. Returns the folder path.
 
     dtype: storage of the dense 2-D weights (converters/dense_storage.py: auto, f32, f16, q8_0, q4_0,
     q4_1); bundle_dtype: of the FFN bundle rows (default: the FFN gate's type when it is a bundle block
     type, stored lane-major, see storage.BUNDLE_STORAGE; else f16, or f32 for an f32 conversion).
+    gate_resident (gated FFNs, float rows): the rows hold up | down only and every layer's W_gate goes
+    into dense.safetensors in the rows' storage type (storage.BundleLayout.gate_resident).
 
     The folder is built beside the destination as `.NAME.partial-PID` while a lock on the destination
     is held (a second convert to the same path fails at once), and only a complete folder is moved into
@@ -118,16 +120,28 @@ def write_model(source: Source, out_dir, *, dtype: str = "auto", bundle_dtype: s
     if shapes != expected_tensors(config):
         missing = set(expected_tensors(config)) - set(shapes)
         raise ConversionError(f"source tensors do not match the model config (missing: {sorted(missing)[:5]})")
+    resident = ("gate",) if gate_resident else ()
+    if gate_resident:
+        if not config.gated:
+            raise ConversionError(f"--gate-resident needs a gated FFN; this model's FFN is {config.ffn_kind}")
+        if STORAGE_TYPES[bundle_name].block_elems != 1 or any(
+                STORAGE_TYPES[t].block_elems != 1 for n, t in storage.items() if not is_ffn_bundle_tensor(n)):
+            raise ConversionError("--gate-resident keeps W_gate as a float dense tensor; convert with --dtype f16 "
+                                  "(or f32) and float bundle rows")
+        for i in range(config.n_layers):          # W_gate: a dense tensor, stored as the rows are
+            storage[f"layers.{i}.ffn.gate.weight"] = bundle_name
+    in_rows = lambda n: is_ffn_bundle_tensor(n) and not (gate_resident and n.endswith(".ffn.gate.weight"))
+    row_parts = config.row_parts(resident)
     def planned(n, s):
         return (n, STORAGE_TYPES[storage[n]].safetensors_dtype, list(STORAGE_TYPES[storage[n]].stored_shape(s))) \
             if len(s) == 2 else (n, "F32", list(s))
-    dense_plan = [planned(n, s) for n, s in shapes.items() if not is_ffn_bundle_tensor(n)]
+    dense_plan = [planned(n, s) for n, s in shapes.items() if not in_rows(n)]
     ffn_names = [n for n in shapes if is_ffn_bundle_tensor(n)]
     matrices_plan = [planned(n, shapes[n]) for n in ffn_names] \
         if any(STORAGE_TYPES[storage[n]].block_elems > 1 for n in ffn_names) else []
     bst = STORAGE_TYPES[bundle_name]
     try:
-        row_bytes = bst.row_bytes(config.bundle_elems)
+        row_bytes = bst.row_bytes(sum(n for _, n in row_parts))
         bst.row_bytes(config.d_model)                     # every part a whole number of blocks
     except StorageError as e:
         raise ConversionError(f"bundle rows: {e} (d_model {config.d_model}); use --dtype f16") from None
@@ -157,7 +171,7 @@ def write_model(source: Source, out_dir, *, dtype: str = "auto", bundle_dtype: s
             with tqdm(total=total, unit="B", unit_scale=True, desc="Writing", disable=not progress,
                       file=sys.stderr) as bar:
                 for name, dt, _ in dense_plan[:-1] + matrices_plan:
-                    out = matrices if name in ffn_names else dense
+                    out = matrices if name in ffn_names and not gate_resident else dense
                     if name in storage and _exact(source, name, storage[name]):
                         bar.update(out.write(name, dense_storage.stored(source, name, storage[name])))
                         continue
@@ -168,7 +182,7 @@ def write_model(source: Source, out_dir, *, dtype: str = "auto", bundle_dtype: s
                     del w
                 crc = np.zeros((config.n_layers, config.n_ff), np.uint32)
                 for i in range(config.n_layers):
-                    rows = _bundle_rows(source, config, i, bst, stride_bytes // item, where)
+                    rows = _bundle_rows(source, config, i, bst, stride_bytes // item, where, row_parts)
                     crc[i] = row_crc32(rows)
                     bar.update(ffn.write(f"layers.{i}.ffn.bundles", rows))
                     del rows
@@ -181,7 +195,7 @@ def write_model(source: Source, out_dir, *, dtype: str = "auto", bundle_dtype: s
             written = [n for n, _, _ in dense_plan + matrices_plan if n in storage]
             st = STORAGE_TYPES[storage["layers.0.attn.q.weight"]]
             manifest = _manifest(tmp, source, st, bst, row_bytes, stride_bytes, ffn.offsets, ffn_plan,
-                                 {n: storage[n] for n in written})
+                                 {n: storage[n] for n in written}, row_parts)
             manifest["dtype_requested"] = dtype
             manifest["converter"]["seconds"] = round(time.perf_counter() - t0, 2)
             _write_synced(tmp / "manifest.json", json.dumps(manifest, indent=1))
@@ -354,13 +368,13 @@ def _check_finite(w: np.ndarray, name: str, where, st: StorageType) -> None:
 
 
 def _bundle_rows(source: Source, config, layer: int, st: StorageType, stride_items: int,
-                 where="the source") -> np.ndarray:
+                 where="the source", parts=None) -> np.ndarray:
     """[n_ff, stride_items]: neuron i's gate row, up row and down column side by side, each stored
     in `st` (a block type blocks each part on its own, so parts start on block boundaries)."""
     p = f"layers.{layer}.ffn."
     rows = np.zeros((config.n_ff, stride_items), dtype=st.view_dtype)
     col = 0
-    for part, length in config.bundle_parts:
+    for part, length in (config.bundle_parts if parts is None else parts):
         if part == "down":
             w = source.load(p + "down.weight").T          # [d, n_ff] -> column i becomes row i
         else:
@@ -383,10 +397,10 @@ def _write_side_files(tmp: Path, source: Source) -> None:
 
 
 def _manifest(tmp: Path, source: Source, st: StorageType, bst: StorageType, row_bytes: int, stride_bytes: int,
-              offsets: dict, ffn_plan, weights: dict[str, str]) -> dict:
+              offsets: dict, ffn_plan, weights: dict[str, str], row_parts) -> dict:
     config = source.config
     parts, col = [], 0
-    for name, length in config.bundle_parts:
+    for name, length in row_parts:
         parts.append({"name": name, "offset": col, "length": length})
         col += length
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}

@@ -19,6 +19,7 @@ from .cost_model import CostModel
 from .ffn import BundleKernel, FFNBackend, FlashFFN, GraphFFN, MmapFFN, ResidentFFN, bundle_kernel, read_layer_checked
 from .memory import MODES, PREFILL_CHUNK, BudgetError, MemoryPlan, Placement, plan_memory
 from .modelfile import (ROW_CRC_TENSOR, ModelFileError, ModelFolder, bundle_layers, map_verified, read_verified,
+                        resident_part_name,
                         tensors_from_buffer)
 from .runstate import RunState
 
@@ -62,14 +63,16 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
                        calibration=calibration)
     state = RunState(c, PREFILL_CHUNK)
     sparse = plan.layers_placed(Placement.SPARSE)
-    if sparse and predictors is None:
-        predictors = load_predictors(folder.path, c, sparse, state)
     quantized = any(t.storage is not None and t.storage.block_elems > 1 for t in folder.dense.values())
     # Quantized dense weights only feed onnxruntime sessions, which prepack their own copies: map them
     # (file-backed pages, released after the sessions are built) instead of copying them to the heap.
     weights = tensors_from_buffer((map_verified if quantized else read_verified)(folder, "dense.safetensors"),
                                   folder.dense)
-    kernel = bundle_kernel(c, folder.bundles, threads)
+    # The gate-resident layout's W_gate: a dense tensor the FFN kernel and the gate selectors share.
+    gates = [weights[resident_part_name(i, "gate")] for i in range(c.n_layers)] if folder.bundles.gate_resident else None
+    if sparse and predictors is None:
+        predictors = load_predictors(folder.path, c, sparse, state, gate_rows=gates)
+    kernel = bundle_kernel(c, folder.bundles, threads, gates)
     biases = [weights.get(f"layers.{i}.ffn.up.bias") for i in range(c.n_layers)]
     row_crc = weights.get(ROW_CRC_TENSOR) if rt.verify_reads else None
     widened = False

@@ -186,8 +186,8 @@ def cmd_convert(args) -> int:
         return 0
     out = Path(args.output) if args.output else Path(Path(args.source).stem + ".flashlm")
     t0 = time.perf_counter()
-    convert(args.source, out, dtype=args.dtype, bundle_dtype=args.bundle_dtype, force=args.force,
-            progress=not args.no_progress)
+    convert(args.source, out, dtype=args.dtype, bundle_dtype=args.bundle_dtype, gate_resident=args.gate_resident,
+            force=args.force, progress=not args.no_progress)
     from .generate import peak_rss_bytes
     _err(f"wrote {out} in {time.perf_counter() - t0:.1f} s (peak RSS {peak_rss_bytes() / 2**20:.0f} MiB)")
     return 0
@@ -527,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle-dtype", choices=["f16", "f32", "q4_0", "q4_1", "q8_0"], default=None,
                    help="storage type of the FFN bundle rows read from flash (default: as --dtype); the "
                         "quantized types hold GGUF blocks and the FFN runs on them")
+    p.add_argument("--gate-resident", action="store_true",
+                   help="gated FFNs: keep W_gate in DRAM (a dense tensor) and store only up | down in the bundle "
+                        "rows (2/3 of the bytes per neuron read); what `calibrate --selector gate|exact` uses")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="print what would be converted and stop")
     p.add_argument("--no-progress", action="store_true")

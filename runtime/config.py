@@ -90,6 +90,10 @@ class ModelConfig:
     def bundle_elems(self) -> int:
         return sum(n for _, n in self.bundle_parts)
 
+    def row_parts(self, resident: tuple[str, ...] = ()) -> list[tuple[str, int]]:
+        """bundle_parts without the parts a layout keeps resident (the gate-resident variant: up, down)."""
+        return [(n, length) for n, length in self.bundle_parts if n not in resident]
+
 
 @dataclass
 class RuntimeConfig:

@@ -140,9 +140,13 @@ class _IOClock:
 
 
 class BundleKernel:
-    """Runs ffn_bundles for one model's bundle layout over any set of rows."""
+    """Runs ffn_bundles for one model's bundle layout over any set of rows.
 
-    def __init__(self, config: ModelConfig, layout: BundleLayout, threads: int):
+    For the gate-resident layout (rows hold up | down) the kernel holds every layer's W_gate
+    (`gate_weights`) and begin(layer, h) computes gate.h for all neurons once per layer call; the row
+    kernel then takes each neuron's gate pre-activation from there. Backends call begin() first."""
+
+    def __init__(self, config: ModelConfig, layout: BundleLayout, threads: int, gate_weights=None):
         parts = layout.item_offsets()
         self.act = K.ACTIVATION_OF_KIND[config.ffn_kind]
         self.in_off, self.gate_off, self.down_off = parts["up"], parts.get("gate", 0), parts["down"]
@@ -152,6 +156,21 @@ class BundleKernel:
         self.partial = np.zeros((threads, K.BLAS_MIN_TOKENS, config.d_model), np.float32)
         self.scratch = None               # f32 block of widened rows for prompt-sized batches
         self.no_bias = np.zeros(0, np.float32)
+        if layout.gate_resident and (gate_weights is None or len(gate_weights) != config.n_layers):
+            raise ValueError("a gate-resident bundle layout needs every layer's W_gate")
+        self.gate_weights = gate_weights if layout.gate_resident else None
+        self.gate_buf = np.zeros((1, config.n_ff), np.float32)   # grows once to a prompt chunk
+        self.gate_pre = self.gate_buf
+
+    def begin(self, layer: int, h: np.ndarray) -> None:
+        """Start a layer call on h [T, d]: the gate-resident layout's gate.h for every neuron."""
+        if self.gate_weights is None:
+            return
+        T = h.shape[0]
+        if self.gate_buf.shape[0] < T:
+            self.gate_buf = np.zeros((T, self.gate_buf.shape[1]), np.float32)
+        self.gate_pre = self.gate_buf[:T]
+        K.matmul(h, self.gate_weights[layer], self.gate_pre)
 
     @staticmethod
     def scratch_bytes(config: ModelConfig, threads: int) -> int:
@@ -161,6 +180,10 @@ class BundleKernel:
         T = h.shape[0]
         if T >= K.BLAS_MIN_TOKENS:
             self._batched(h, rows, n_rows, neuron_of_row, bias, out)
+            return
+        if self.gate_weights is not None:
+            K.ffn_bundles_pregate(h, rows, n_rows, neuron_of_row, self.gate_pre, self.act, self.in_off,
+                                  self.down_off, self.partial, out)
             return
         K.ffn_bundles(h, rows, n_rows, neuron_of_row, self.no_bias if bias is None else bias, self.act,
                       self.in_off, self.gate_off, self.down_off, self.partial, out)
@@ -177,7 +200,9 @@ class BundleKernel:
             w = self.scratch[:hi - lo]
             K.widen_rows(rows, lo, hi, w)
             u = h @ w[:, self.in_off:self.in_off + d].T                        # [T, block]
-            if self.act != K.ACT_RELU:
+            if self.gate_weights is not None:
+                a = K.gate_np(self.gate_pre[:, neuron_of_row[lo:hi]], self.act) * u
+            elif self.act != K.ACT_RELU:
                 a = K.gate_np(h @ w[:, self.gate_off:self.gate_off + d].T, self.act) * u
             else:
                 if bias is not None:
@@ -209,6 +234,9 @@ class QuantBundleKernel:
         self.hp = np.zeros((1, config.d_model), np.float32)
         self.scratch = None
         self.no_bias = np.zeros(0, np.float32)
+
+    def begin(self, layer: int, h: np.ndarray) -> None:
+        pass                             # quantized rows always hold every part
 
     def __call__(self, h, rows, n_rows, neuron_of_row, bias, out) -> None:
         from .qbundle import permute_input
@@ -247,12 +275,13 @@ class QuantBundleKernel:
         unpermute(acc, out)
 
 
-def bundle_kernel(config: ModelConfig, layout, threads: int):
-    """The kernel for this model's bundle rows: float (f32/f16) or quantized."""
+def bundle_kernel(config: ModelConfig, layout, threads: int, gate_weights=None):
+    """The kernel for this model's bundle rows: float (f32/f16) or quantized. gate_weights: every
+    layer's W_gate for a gate-resident layout."""
     from .storage import bundle_qformat
     if bundle_qformat(layout.storage) is not None:
         return QuantBundleKernel(config, layout, threads)
-    return BundleKernel(config, layout, threads)
+    return BundleKernel(config, layout, threads, gate_weights)
 
 
 class ResidentFFN(FFNBackend):
@@ -265,6 +294,7 @@ class ResidentFFN(FFNBackend):
 
     def compute(self, layer, h, out):
         rows = self.layer_rows[layer]
+        self.kernel.begin(layer, h)
         self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
 
 
@@ -325,6 +355,7 @@ class MmapFFN(FFNBackend):
             raise ModelFileError(f"{self.path}: shrank to {size} bytes while mapped (layer {layer} needs "
                                  f"{off + nbytes}); the model file was truncated during the run")
         check_rows(rows, self.all_neurons, self.row_crc, self.path, layer)
+        self.kernel.begin(layer, h)
         self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
         start = off - off % mmap.PAGESIZE
         self.map.madvise(mmap.MADV_DONTNEED, start, off + nbytes - start)
@@ -491,6 +522,7 @@ class FlashFFN(FFNBackend):
 
     # -- the interface
     def compute(self, layer, h, out):
+        self.kernel.begin(layer, h)
         if layer in self.resident:
             self._look_ahead(layer, h)
             rows = self.resident[layer]

@@ -255,6 +255,32 @@ def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, act, in_off, gate_off, 
             out[t, j] = s
 
 
+@njit(parallel=True, **JIT)
+def ffn_bundles_pregate(h, rows, n_rows, neuron_of_row, gate_pre, act, in_off, down_off, partial, out):
+    """ffn_bundles for the gate-resident layout (rows hold up | down): gate_pre[T, n_ff] holds gate.h for
+    every neuron (computed from the resident W_gate), so a = act(gate_pre[t, neuron]) * (up.h)."""
+    T, d = h.shape
+    C = partial.shape[0]
+    for c in prange(C):
+        acc = partial[c]
+        for t in range(T):
+            for j in range(d):
+                acc[t, j] = 0.0
+        for r in range(c * n_rows // C, (c + 1) * n_rows // C):
+            w_in = rows[r, in_off:in_off + d]
+            w_down = rows[r, down_off:down_off + d]
+            n = neuron_of_row[r]
+            for t in range(T):
+                a = _gate(gate_pre[t, n], act) * _dot(w_in, h[t], d)
+                _axpy(a, w_down, acc[t], d)
+    for t in range(T):
+        for j in range(d):
+            s = np.float32(0.0)
+            for c in range(C):
+                s += partial[c, t, j]
+            out[t, j] = s
+
+
 @njit(**JIT)
 def _axpy(a, w, y, n):
     # y[:n] += a * w[:n]

@@ -168,10 +168,14 @@ def _bundle_layout(folder: Path, mpath: Path, manifest: dict, config: ModelConfi
     stride = _field(mpath, "bundles.stride_bytes", b.get("stride_bytes"), int, positive=True)
     alignment = _field(mpath, "bundles.alignment", b.get("alignment"), int, positive=True)
     parts_in = b.get("parts")
-    want = config.bundle_parts
-    if not isinstance(parts_in, list) or [p.get("name") if isinstance(p, dict) else None for p in parts_in] \
-            != [n for n, _ in want]:
-        raise ModelFileError(f"{mpath}: bundles.parts must be {[n for n, _ in want]} for a {config.ffn_kind} FFN")
+    names_in = [p.get("name") if isinstance(p, dict) else None for p in parts_in] if isinstance(parts_in, list) else None
+    # Two layouts: every part in the row, or (gated FFNs) the gate-resident variant whose rows hold up | down.
+    resident = ("gate",) if config.gated and names_in == ["up", "down"] else ()
+    want = config.row_parts(resident)
+    if names_in != [n for n, _ in want]:
+        raise ModelFileError(f"{mpath}: bundles.parts must be {[n for n, _ in config.bundle_parts]}"
+                             + (" or ['up', 'down'] (W_gate resident)" if config.gated else "")
+                             + f" for a {config.ffn_kind} FFN")
     parts, col = [], 0
     for p, (pname, length) in zip(parts_in, want):
         if p.get("offset") != col or p.get("length") != length:
@@ -189,7 +193,8 @@ def _bundle_layout(folder: Path, mpath: Path, manifest: dict, config: ModelConfi
     if not isinstance(offsets, list) or len(offsets) != config.n_layers:
         raise ModelFileError(f"{mpath}: bundles.layer_offsets must list {config.n_layers} offsets")
     layout = BundleLayout(name, storage, tuple(parts), row_bytes, stride, alignment,
-                          tuple(_field(mpath, "bundles.layer_offsets", o, int) for o in offsets), config.n_ff)
+                          tuple(_field(mpath, "bundles.layer_offsets", o, int) for o in offsets), config.n_ff,
+                          resident)
     # The file itself: one [n_ff, stride] tensor per layer exactly where the manifest says.
     path = folder / name
     header, data_start, _ = _header(path)
@@ -203,6 +208,22 @@ def _bundle_layout(folder: Path, mpath: Path, manifest: dict, config: ModelConfi
                                  f"{data_start + t['data_offsets'][0]}; the manifest implies {storage.safetensors_dtype} "
                                  f"{[config.n_ff, layout.stride_items]} at {off} (aligned to {alignment})")
     return layout
+
+
+def resident_part_name(layer: int, part: str) -> str:
+    """The dense tensor holding a part a bundle layout keeps resident (layers.{i}.ffn.gate.weight)."""
+    return f"layers.{layer}.ffn.{part}.weight"
+
+
+def _check_resident_parts(path: Path, dense: dict, layout: BundleLayout, config: ModelConfig) -> None:
+    """A gate-resident layout's W_gate is in dense.safetensors, [n_ff, d], float (the gate matmul runs on it)."""
+    for part in layout.resident:
+        for i in range(config.n_layers):
+            t = dense.get(resident_part_name(i, part))
+            if t is None or t.shape != (config.n_ff, config.d_model) or t.storage is None or t.storage.block_elems != 1:
+                raise ModelFileError(f"{path}: the bundle rows leave out {part}, so tensor "
+                                     f"{resident_part_name(i, part)!r} must be a float [{config.n_ff}, {config.d_model}] "
+                                     f"here; it is {'missing' if t is None else f'{t.storage and t.storage.name} {list(t.shape)}'}")
 
 
 def open_folder(path) -> ModelFolder:
@@ -241,6 +262,7 @@ def open_folder(path) -> ModelFolder:
     try:
         dense = _dense_tensors(path / "dense.safetensors", config, overrides)
         bundles = _bundle_layout(path, mpath, manifest, config)
+        _check_resident_parts(path / "dense.safetensors", dense, bundles, config)
         matrices = _matrix_tensors(path / MATRICES_FILE, config, overrides) if MATRICES_FILE in files else {}
     except StorageError as e:
         raise ModelFileError(f"{mpath}: {e}") from None

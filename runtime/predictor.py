@@ -19,7 +19,10 @@ normalized FFN input h, fitted to the layer's own projections (see converters/ca
 Stored in predictor.safetensors as layers.{i}.predictor.{up,gate}.{A [r, d], B [n_ff, r], c [n_ff]},
 layers.{i}.predictor.hot [n_ff] (neurons by calibration frequency) and, for "gate",
 layers.{i}.predictor.gate_rows [n_ff, d] and layers.{i}.predictor.down_norm [n_ff], for "exact" also
-layers.{i}.predictor.up_rows [n_ff, d] (and no low-rank maps); rule and rank in the metadata.
+layers.{i}.predictor.up_rows [n_ff, d] (and no low-rank maps); rule and rank in the metadata. A folder
+converted with the gate-resident layout (`convert --gate-resident`: rows hold up | down) has W_gate in
+its dense weights: no gate_rows are stored, the rules use that tensor, and a selected neuron costs
+2/3 of a full row to read.
 """
 from __future__ import annotations
 
@@ -196,10 +199,12 @@ def read_calibration(folder) -> Calibration:
     return Calibration(sizes, report if isinstance(report, dict) else {})
 
 
-def load_predictors(folder: Path, config, layers=None, state=None) -> list[LayerPredictor | None]:
+def load_predictors(folder: Path, config, layers=None, state=None, gate_rows=None) -> list[LayerPredictor | None]:
     """One LayerPredictor per layer in `layers` (default all); None for the others. Every tensor's
     shape is checked against `config` (ModelConfig): the matmul kernels index by those shapes.
-    `state` (a RunState): the predictors write a decode token's scores into its buffers."""
+    `state` (a RunState): the predictors write a decode token's scores into its buffers.
+    gate_rows: every layer's resident W_gate of a gate-resident bundle layout; the "gate" and "exact"
+    rules then use it instead of a copy in the predictor file (calibrate writes none for such folders)."""
     path, header, start, meta = _open(folder)
     _check_sha256(Path(folder), path)
     try:
@@ -252,7 +257,9 @@ def load_predictors(folder: Path, config, layers=None, state=None) -> list[Layer
             raise ModelFileError(f"{path}: layer {i} predictor (rule {rule!r}) does not fit a {config.ffn_kind} FFN")
         resident = {}
         if rule in ("gate", "exact"):
-            resident = {"gate_rows": tensor(p + ".gate_rows", (n_ff, d)), "down_norm": tensor(p + ".down_norm", (n_ff,))}
+            gate = gate_rows[i] if gate_rows is not None and p + ".gate_rows" not in header \
+                else tensor(p + ".gate_rows", (n_ff, d))
+            resident = {"gate_rows": gate, "down_norm": tensor(p + ".down_norm", (n_ff,))}
             if rule == "exact":
                 resident["up_rows"] = tensor(p + ".up_rows", (n_ff, d))
         out.append(LayerPredictor(up=up, gate=gate, rule=rule,

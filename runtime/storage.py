@@ -204,6 +204,7 @@ class BundleLayout:
     alignment: int
     layer_offsets: tuple[int, ...]
     n_rows: int
+    resident: tuple[str, ...] = ()    # parts kept as dense tensors instead of in the rows ("gate")
 
     @property
     def stride_items(self) -> int:
@@ -225,6 +226,17 @@ class BundleLayout:
 
     def part(self, name: str) -> BundlePart:
         return next(p for p in self.parts if p.name == name)
+
+    def has(self, name: str) -> bool:
+        return any(p.name == name for p in self.parts)
+
+    @property
+    def gate_resident(self) -> bool:
+        """The gate-resident variant of a gated FFN: rows hold up | down only (2/3 of the bytes) and
+        W_gate is a dense tensor, layers.{i}.ffn.gate.weight, in DRAM: act(gate.h) is computed exactly
+        for every neuron, so a selector can rank on it before any row is read (PowerInfer-2's
+        gate-first order), and rows are read only for the neurons it keeps."""
+        return "gate" in self.resident
 
     def decode_part(self, rows: np.ndarray, name: str) -> np.ndarray:
         """f32 [len(rows), length] of one part of stored rows [n, stride_items] (tests, calibration)."""

@@ -70,12 +70,11 @@ def layer_weights(model: Model) -> list[LayerWeights]:
     if not c.gated:
         raise SystemExit(f"{model.folder.path}: ffn_kind {c.ffn_kind!r}; this tool studies gated (SwiGLU, GeGLU) FFNs")
     ACT["fn"] = K.ACTIVATION_OF_KIND[c.ffn_kind]
+    from flashlm.converters.calibrate import layer_part      # the bundle rows or, if resident, the dense W_gate
     out = []
-    for rows in model.ffn_backend.layer_rows:                  # dense mode: every layer resident
-        down = np.ascontiguousarray(layout.decode_part(rows, "down"))
-        out.append(LayerWeights(np.ascontiguousarray(layout.decode_part(rows, "gate")),
-                                np.ascontiguousarray(layout.decode_part(rows, "up")), down,
-                                np.linalg.norm(down, axis=1)))
+    for i in range(c.n_layers):                                 # dense mode: every layer resident
+        gate, up, down = (np.ascontiguousarray(layer_part(model, i, p)) for p in ("gate", "up", "down"))
+        out.append(LayerWeights(gate, up, down, np.linalg.norm(down, axis=1)))
     return out
 
 

@@ -1,0 +1,128 @@
+"""The gate-resident bundle layout (`convert --gate-resident`): rows hold up | down, W_gate is a dense
+tensor. Every run mode over it must compute the same FFN as the full layout, a selected neuron must
+cost 2/3 of a full row, and the gate selectors must use the dense W_gate instead of a copy."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tiny_models as tm
+from flashlm.converters.calibrate import calibrate
+from flashlm.converters.convert import convert
+from flashlm.runtime.config import RuntimeConfig
+from flashlm.runtime.model import Model
+from flashlm.runtime.modelfile import open_folder
+from flashlm.runtime.predictor import read_calibration
+from flashlm.runtime.safetensors_file import read_header
+
+IDS = [3, 17, 99, 5, 42, 7, 250, 11, 64, 33, 8, 120, 1, 2, 9, 15]   # a 10-token prompt takes the BLAS path
+PROMPT = 10
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gate_resident")
+    src = tm.make_llama(d / "llama", tied=False)
+    full = convert(src, d / "full.flashlm", dtype="f32", progress=False)
+    gr = convert(src, d / "gr.flashlm", dtype="f32", gate_resident=True, progress=False)
+    # The exact rule at keep 100%: flash then computes every neuron, through the dense W_gate.
+    calibrate(gr, n_tokens=300, ranks=(4, 8), selector="exact", keep=1.0, progress=False)
+    return src, full, gr
+
+
+def _run(folder, predictors=None, **rt):
+    model = Model(open_folder(folder), RuntimeConfig(kv_dtype="f32", **rt), predictors=predictors)
+    try:
+        pre = model.forward(IDS[:PROMPT], all_logits=True)
+        dec = [model.forward([t])[0] for t in IDS[PROMPT:]]
+        return np.concatenate([pre, np.stack(dec)]), model.ffn_backend.stats
+    finally:
+        model.close()
+
+
+def test_layout_holds_up_and_down_and_the_dense_gate(folders):
+    _, full, gr = folders
+    f, g = open_folder(full), open_folder(gr)
+    assert [p.name for p in g.bundles.parts] == ["up", "down"] and g.bundles.gate_resident
+    assert not f.bundles.gate_resident
+    assert g.bundles.row_bytes * 3 == f.bundles.row_bytes * 2
+    c = g.config
+    for i in range(c.n_layers):
+        assert g.dense[f"layers.{i}.ffn.gate.weight"].shape == (c.n_ff, c.d_model)
+
+
+@pytest.mark.parametrize("mode", ["dense", "mmap", "naive"])
+def test_every_mode_over_the_gate_resident_layout_equals_the_full_layout(folders, mode):
+    _, full, gr = folders
+    ref, _ = _run(full)
+    got, _ = _run(gr, mode=mode, io="buffered")
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+class AllNeurons:
+    """The exact selector at keep 100%: every neuron (a SwiGLU FFN has no zero contributions)."""
+
+    def __init__(self, n_ff):
+        self.all = np.arange(n_ff, dtype=np.int32)
+        self.hot = self.all[::-1].copy()
+
+    def predict(self, h):
+        return self.all
+
+
+@pytest.mark.parametrize("capacity_fraction", [1.0, 0.3])
+def test_flash_over_the_gate_resident_layout_with_an_exact_selector_equals_dense(folders, capacity_fraction):
+    """Sparse layers (neuron cache, background reads, overflow streaming) over up|down rows with the
+    gate from DRAM compute exactly the dense FFN when the selector keeps what the FFN needs."""
+    _, full, gr = folders
+    ref, _ = _run(full)
+    folder = open_folder(gr)
+    c = folder.config
+    model = Model(folder, RuntimeConfig(mode="flash", window=2, io="buffered", layer_io="sparse", kv_dtype="f32"),
+                  predictors=[AllNeurons(c.n_ff) for _ in range(c.n_layers)])
+    ffn = model.ffn_backend
+    if capacity_fraction < 1:
+        from flashlm.runtime.neuron_cache import NeuronCache
+        cap = int(c.n_ff * capacity_fraction)
+        ffn.caches = [NeuronCache(c.n_ff, cap, k.row_elems, k.rows.dtype, window=2) for k in ffn.caches]
+    got = np.concatenate([model.forward(IDS[:PROMPT], all_logits=True)] + [model.forward([t]) for t in IDS[PROMPT:]])
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    st = ffn.stats
+    assert st.wanted > 0
+    # What was read is up|down rows only: every miss costs the gate-resident stride.
+    assert ffn.reader.stats.useful_bytes == (st.wanted - st.hits) * folder.bundles.stride_bytes
+    if capacity_fraction < 1:
+        assert st.overflow > 0
+    model.close()
+
+
+def test_calibrated_gate_and_exact_rules_use_the_dense_gate(folders, tmp_path):
+    import shutil
+    src, full, gr = folders
+    folder = tmp_path / "gr.flashlm"
+    shutil.copytree(gr, folder)
+    header, _, _ = read_header(folder / "predictor.safetensors")
+    assert not any(n.endswith(".gate_rows") for n in header) and any(n.endswith(".up_rows") for n in header)
+    # keep 100% with exact scores: flash equals dense through the calibrated rule and the dense W_gate
+    ref, _ = _run(full)
+    got, st = _run(folder, mode="flash", io="buffered", layer_io="sparse")
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert st.wanted > 0
+    # The gate rule keeps no copy of W_gate either: its DRAM is the low-rank up map and the norms.
+    calibrate(folder, n_tokens=300, ranks=(4, 8), selector="gate", keep=0.5, progress=False)
+    header, _, _ = read_header(folder / "predictor.safetensors")
+    assert not any(n.endswith("_rows") for n in header)
+    c = open_folder(folder).config
+    gate_bytes = c.n_ff * c.d_model * 2          # what a copy would take, even as f16
+    assert max(read_calibration(open_folder(folder)).predictor_bytes) < gate_bytes
+    got, st = _run(folder, mode="flash", io="buffered", layer_io="sparse")
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.7 and st.wanted < st.tokens * c.n_layers * c.n_ff
+
+
+def test_gate_resident_needs_a_gated_ffn_and_float_weights(tmp_path):
+    from flashlm.converters.source import ConversionError
+    with pytest.raises(ConversionError, match="gated FFN"):
+        convert(tm.make_opt(tmp_path / "opt"), tmp_path / "o.flashlm", gate_resident=True, progress=False)
+    with pytest.raises(ConversionError, match="float"):
+        convert(tm.make_llama(tmp_path / "l", tied=False), tmp_path / "l.flashlm", dtype="q8_0",
+                gate_resident=True, progress=False)
