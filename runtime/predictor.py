@@ -257,9 +257,9 @@ def load_predictors(folder: Path, config, layers=None, state=None, gate_rows=Non
             raise ModelFileError(f"{path}: layer {i} predictor (rule {rule!r}) does not fit a {config.ffn_kind} FFN")
         resident = {}
         if rule in ("gate", "exact"):
-            gate = gate_rows[i] if gate_rows is not None and p + ".gate_rows" not in header \
+            w_gate = gate_rows[i] if gate_rows is not None and p + ".gate_rows" not in header \
                 else tensor(p + ".gate_rows", (n_ff, d))
-            resident = {"gate_rows": gate, "down_norm": tensor(p + ".down_norm", (n_ff,))}
+            resident = {"gate_rows": w_gate, "down_norm": tensor(p + ".down_norm", (n_ff,))}
             if rule == "exact":
                 resident["up_rows"] = tensor(p + ".up_rows", (n_ff, d))
         out.append(LayerPredictor(up=up, gate=gate, rule=rule,

@@ -34,7 +34,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +86,7 @@ class Method:
     mass: float = 0.0        # > 0: per token, keep the fewest neurons holding this share of the score mass
     layer_keep: tuple[float, ...] | None = None   # per-layer keep fractions (calibrated, mean = keep)
     comp: int = 0            # rank of the resident low-rank W_down that adds the dropped neurons back
+    comp_fit: list | None = field(default=None, repr=False)   # calibration inputs per layer: fit it to them
 
     @property
     def per_prompt(self) -> bool:
@@ -94,7 +95,7 @@ class Method:
     @property
     def label(self) -> str:
         return (self.name + (f"@{self.mass:g}" if self.mass else "") + (f"+dip{self.dip:g}" if self.dip != 1.0 else "")
-                + (f"+comp{self.comp}" if self.comp else ""))
+                + (f"+comp{self.comp}" + ("fit" if self.comp_fit is not None else "") if self.comp else ""))
 
     def layout(self) -> tuple[str, ...]:
         """Parts of a neuron that are read from flash when it is selected (the rest is resident)."""
@@ -178,6 +179,23 @@ def low_rank_down(down: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     return (u[:, :rank] * sv[:rank]).astype(np.float32), vt[:rank].astype(np.float32)
 
 
+def fitted_down(h: np.ndarray, w: LayerWeights, rank: int, k: int, mass: float) -> tuple[np.ndarray, np.ndarray]:
+    """Low-rank W_down fitted to what the selection drops on calibration inputs h [N, d]: with D the
+    dropped activations (a with the kept neurons zeroed), the rank-r map closest to D @ W_down is
+    W_down projected onto the top r right singular vectors of D @ W_down (reduced-rank regression of
+    exact targets), so the resident rank goes to the output directions the dropped neurons move."""
+    a = silu(h @ w.gate.T) * (h @ w.up.T)
+    s = np.abs(a) * w.down_norm
+    if mass:
+        keep = mass_mask(s, mass)
+    else:
+        keep = np.zeros(s.shape, bool)
+        np.put_along_axis(keep, np.argpartition(-s, k - 1, axis=1)[:, :k], True, axis=1)
+    _, _, vt = np.linalg.svd((a * ~keep) @ w.down, full_matrices=False)
+    v = vt[:rank].T
+    return (w.down @ v).astype(np.float32), np.ascontiguousarray(v.T).astype(np.float32)
+
+
 def layer_keep_fractions(hs: list[np.ndarray], weights: list[LayerWeights], keep: float) -> tuple[float, ...]:
     """Per-layer keep fractions with mean `keep`: one score-mass share for all layers, found by
     bisection on calibration inputs hs (per layer [N, d]), each layer keeping what that share needs
@@ -205,7 +223,12 @@ class AnalysisFFN:
         self.k = max(1, int(round(method.keep * n_ff)))
         self.layer_k = [max(1, int(round(f * n_ff))) for f in method.layer_keep] if method.layer_keep \
             else [self.k] * len(weights)
-        self.comp = [low_rank_down(lw.down, method.comp) for lw in weights] if method.comp else None
+        self.comp = None
+        if method.comp and method.comp_fit is not None:
+            self.comp = [fitted_down(hc, lw, method.comp, k, method.mass)
+                         for hc, lw, k in zip(method.comp_fit, weights, self.layer_k)]
+        elif method.comp:
+            self.comp = [low_rank_down(lw.down, method.comp) for lw in weights]
         self.cache_capacity = cache
         self.row_bytes = len(method.layout()) * d_model * F16
         self.dense_phase = True
@@ -407,6 +430,8 @@ def main() -> int:
     ap.add_argument("--mass", default="0.9", help="comma-separated score-mass shares for gateup-mass")
     ap.add_argument("--comp", default="0", help="comma-separated ranks of the resident low-rank W_down "
                     "compensating dropped neurons (gateup-* methods; 0 = off)")
+    ap.add_argument("--comp-fit", action="store_true", help="fit the compensating W_down to what the "
+                    "selection drops on the calibration text (default: truncated SVD of W_down)")
     ap.add_argument("--no-ppl", action="store_true", help="task check only (no held-out perplexity)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
@@ -439,7 +464,7 @@ def main() -> int:
     prompts = read_prompts(Path(args.prompts)) if args.prompts else []
 
     calib_hs = None
-    if "gateup-layer" in methods:
+    if "gateup-layer" in methods or args.comp_fit:
         from flashlm.converters.calibrate import generated_tokens, record_ffn_inputs
         if args.calib_text:
             cids = tokenizer.encode(Path(args.calib_text).read_text())[:args.calib_tokens]
@@ -450,16 +475,18 @@ def main() -> int:
     runs = [Method("dense", 1.0)]
     keeps = [float(k) for k in args.keep.split(",")]
     comps = [int(c) for c in args.comp.split(",")]
+    fit = calib_hs if args.comp_fit else None
     for name in methods:
         for comp in (comps if name.startswith("gateup") else [0]):
             if name == "gateup-mass":
-                runs += [Method(name, 0.0, mass=float(m), comp=comp) for m in args.mass.split(",")]
+                runs += [Method(name, 0.0, mass=float(m), comp=comp, comp_fit=fit) for m in args.mass.split(",")]
             elif name == "gateup-layer":
-                runs += [Method(name, k, layer_keep=layer_keep_fractions(calib_hs, weights, k), comp=comp) for k in keeps]
+                runs += [Method(name, k, layer_keep=layer_keep_fractions(calib_hs, weights, k), comp=comp, comp_fit=fit)
+                         for k in keeps]
             else:
                 for keep in keeps:
                     for dip in ([1.0] if name == "griffin" else [float(g) for g in args.dip.split(",")]):
-                        runs.append(Method(name, keep, dip, comp=comp))
+                        runs.append(Method(name, keep, dip, comp=comp, comp_fit=fit if comp else None))
     meta = {"model": str(folder.path), "ctx": args.ctx, "prompt_tokens": args.prompt, "cache_neurons": cache,
             "scored_tokens": None,
             "n_ff": n_ff, "dense_layer_bytes_per_token": n_ff * d * F16 * 3 * len(weights)}
