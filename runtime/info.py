@@ -20,7 +20,8 @@ def model_info(folder: ModelFolder, *, ctx_len: int = 2048) -> dict:
     dense = {}
     for name, t in folder.dense.items():
         part = ("embeddings" if "embeddings" in name or name == "lm_head" else
-                "attention" if ".attn." in name else "norms+biases")
+                "attention" if ".attn." in name else
+                "resident W_gate" if ".ffn." in name and name.endswith(".weight") else "norms+biases")
         dense[part] = dense.get(part, 0) + t.nbytes
     b = folder.bundles
     ffn_bytes = c.n_layers * b.layer_bytes
@@ -47,7 +48,9 @@ def model_info(folder: ModelFolder, *, ctx_len: int = 2048) -> dict:
             "storage dtype": folder.storage.name,
             "dense bytes": f"{_mib(dense_total)} (" + ", ".join(f"{k} {_mib(v)}" for k, v in dense.items()) + ")",
             "FFN bundle bytes": f"{_mib(ffn_bytes)} ({c.n_ff} rows/layer, {b.row_bytes} B/row, "
-                                f"stride {b.stride_bytes} B, aligned {b.alignment})",
+                                f"stride {b.stride_bytes} B, aligned {b.alignment}; parts "
+                                f"{'|'.join(p.name for p in b.parts)}"
+                                + (f", {'+'.join(b.resident)} resident" if b.resident else "") + ")",
             f"KV cache @ {ctx} ctx": _mib(kv),
             "resident estimate": f"{_mib(resident)} (dense + all FFN + KV + activations {_mib(plan.activations)} "
                                  f"+ ~{_mib(RUNTIME_OVERHEAD)} runtime); --budget runs in less (flashlm run --budget)",
