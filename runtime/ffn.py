@@ -476,6 +476,11 @@ class LayerStreamer:
         self.pool.shutdown()
 
 
+GUESS_MIN_PRECISION = 0.5   # guess a layer only while at least this share of its early rows gets used
+GUESS_DECAY = 0.9           # weight of the past in that share
+GUESS_RETRY = 16            # tokens after which a layer that is not guessed is guessed again
+
+
 class FlashFFN(FFNBackend):
     """Every layer where the memory plan put it: resident rows, sparse (predictor + neuron cache), or
     streamed whole. The flash path of a sparse layer, per call: predict the neurons this layer needs;
@@ -515,6 +520,11 @@ class FlashFFN(FFNBackend):
         # layer -> the sparse layer after it, guessed from this layer's FFN input
         self.lookahead_of = {i: i + 1 for i in range(n - 1) if caches[i + 1] is not None} if pipeline else {}
         self.pending = {}                # sparse layer -> future of its lookahead read
+        # Per guessed layer, decayed sums of (rows a guess read, of which the layer wanted): a layer whose
+        # guesses waste more than they bring is not guessed, but retried every GUESS_RETRY tokens.
+        self.guess_read = np.zeros(n, np.int64)      # the last guess's rows (written by the I/O thread)
+        self.guess_score = np.zeros((n, 2))
+        self.guess_skipped = np.zeros(n, np.int64)
         self.tmp = np.zeros((1, kernel.d), np.float32)      # grows once to a prompt chunk
         self.pool = ThreadPoolExecutor(1)   # one I/O task at a time: a layer's own misses go before the next guess
         self._load_pinned()
@@ -582,6 +592,11 @@ class FlashFFN(FFNBackend):
         nxt = self.lookahead_of.get(layer)
         if nxt is None or h.shape[0] != 1:          # decode tokens only: a prompt's union is streamed
             return
+        read, used = self.guess_score[nxt]
+        if used < GUESS_MIN_PRECISION * read and self.guess_skipped[nxt] < GUESS_RETRY:
+            self.guess_skipped[nxt] += 1             # this layer's guesses over-fetch: read on demand
+            return
+        self.guess_skipped[nxt] = 0
         t0 = time.perf_counter()
         # a copy: a decode prediction is a view of the layer's buffers, which its true prediction reuses
         # while the I/O thread may still be admitting the guess
@@ -597,6 +612,7 @@ class FlashFFN(FFNBackend):
             adm = cache.prefetch(guess)
             st.mm_bg_s += time.perf_counter() - t0
             st.guess_rows += len(adm.missing)
+            self.guess_read[layer] = len(adm.missing)
             self._read(layer, adm.missing, cache.rows, adm.dest_rows)
 
     def _sparse(self, layer, h, out) -> None:
@@ -626,6 +642,9 @@ class FlashFFN(FFNBackend):
         if pending is not None:
             st.guess_used += adm.prefetch_hits
             st.guess_missed += len(adm.missing) + len(adm.overflow)
+            score = self.guess_score[layer]
+            score *= GUESS_DECAY
+            score += (self.guess_read[layer], adm.prefetch_hits)
         else:
             st.hits += adm.prefetch_hits     # (none: nothing was guessed)
         t2 = time.perf_counter()

@@ -19,8 +19,8 @@ overflow priority follows the order of `wanted` (earlier entries get a cache row
 
 Lookahead (runtime/ffn.py's pipeline): `prefetch(guess)` admits an early guess of the next step's
 neurons before the step, so their reads start early. It first evicts what the next step would evict
-anyway (out of the window by then, not guessed), then appends the guessed neurons not resident into
-the free rows, flagged as prefetched: they do not touch `last_used`. The next `step()` confirms those
+anyway (out of the window by then, not guessed) if the free rows are too few, then appends the guessed
+neurons not resident into the free rows, flagged as prefetched: they do not touch `last_used`. The next `step()` confirms those
 it wants (a prefetch hit, counted apart from the window's hits) and evicts the others before its own
 window eviction, so over-fetched rows never distort the window accounting; it returns only what the
 guess missed for reading. The caller must finish reading a prefetch before the next step() moves rows.
@@ -231,10 +231,12 @@ def _step(wanted, t, window, n, rows, neuron_of_row, row_of_neuron, last_used, p
 @njit(**JIT)
 def _prefetch(guess, t_next, window, n, rows, neuron_of_row, row_of_neuron, last_used, pinned, prefetched,
               in_guess, missing, dest):
-    """Admit guess (the next step's likely neurons) ahead of step t_next: evict the unpinned rows that step
-    would evict unless wanted (last_used <= t_next - window) and that are not guessed, then append the
-    guessed neurons not resident into the free rows, flagged prefetched. missing[:fit] go to dest[:fit].
-    Returns (n, m, fit, evicted): m guessed neurons were not resident, fit of them got a row."""
+    """Admit guess (the next step's likely neurons) ahead of step t_next: if the free rows are too few,
+    evict (as many as lacking) unpinned rows that step would evict unless wanted (last_used <= t_next -
+    window) and that are not guessed, then append the guessed neurons not resident into the free rows,
+    flagged prefetched. missing[:fit] go to dest[:fit]. Evicting no more than needed keeps rows that the
+    step may still want (each one evicted early and wanted costs a read). Returns (n, m, fit, evicted):
+    m guessed neurons were not resident, fit of them got a row."""
     m = 0
     for k in range(guess.shape[0]):
         i = guess[k]
@@ -246,7 +248,10 @@ def _prefetch(guess, t_next, window, n, rows, neuron_of_row, row_of_neuron, last
             m += 1
     oldest = t_next - window
     evicted = 0
+    short = m - (rows.shape[0] - n)
     for r in range(n - 1, -1, -1):
+        if evicted >= short:
+            break
         i = neuron_of_row[r]
         if not pinned[i] and not in_guess[i] and last_used[i] <= oldest:
             n = _remove_row(r, n, rows, neuron_of_row, row_of_neuron)
