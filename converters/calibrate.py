@@ -322,7 +322,9 @@ def calibrate(path, *, text_file=None, random_tokens: bool = False, n_tokens: in
               progress: bool = True) -> dict:
     """Train and store predictors for the model folder at `path`; returns the calibration report."""
     t0 = time.perf_counter()
-    model, tokenizer, _ = load(path, RuntimeConfig(ctx_len=1024, threads=threads), warmup=False)
+    # numba runs quantized dense weights too: FFN inputs must pass through Model.ffn (the recording hook),
+    # which onnxruntime's whole-layer sessions of a quantized dense-mode model bypass.
+    model, tokenizer, _ = load(path, RuntimeConfig(ctx_len=1024, threads=threads, dense_engine="numba"), warmup=False)
     folder, c = model.folder, model.config
     if random_tokens:
         # For synthetic models, whose "language" is uniformly random token ids.

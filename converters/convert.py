@@ -26,9 +26,13 @@ def open_source(path) -> Source:
 
 
 def convert(src, out_dir, *, dtype: str = "auto", bundle_dtype: str | None = None, gate_resident: bool = False,
-            force: bool = False, progress: bool = True) -> Path:
-    """Convert a checkpoint into a flashlm model folder; returns its path."""
+            force: bool = False, progress: bool = True, tie_embeddings: bool = False) -> Path:
+    """Convert a checkpoint into a flashlm model folder; returns its path. tie_embeddings: drop the
+    source's lm_head and use the token embeddings for it (converters/source.py TiedEmbeddings)."""
     source = open_source(src)
+    if tie_embeddings and not source.config.tied_embeddings:
+        from .source import TiedEmbeddings
+        source = TiedEmbeddings(source)
     try:
         return write_model(source, out_dir, dtype=dtype, bundle_dtype=bundle_dtype, gate_resident=gate_resident,
                            force=force, progress=progress)

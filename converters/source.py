@@ -47,3 +47,24 @@ class Source(Protocol):
         """One canonical tensor as float32 in canonical orientation."""
 
     def close(self) -> None: ...
+
+
+class TiedEmbeddings:
+    """A source whose lm_head is dropped in favour of its token embeddings (`convert --tie-embeddings`).
+
+    Many GGUF files of models trained with tied embeddings (Qwen2.5 0.5B-3B) store the matrix twice: as
+    token_embd in the file's base type and as output.weight re-quantized at higher precision (Q6_K).
+    Tying them keeps one copy: the lookup reads single rows and the lm_head uses the embedding blocks
+    (a lower-precision lm_head: measure its perplexity, as docs/BENCHMARKS.md does)."""
+
+    def __init__(self, source):
+        import dataclasses
+        self._source = source
+        self.config = dataclasses.replace(source.config, tied_embeddings=True)
+        self.info = source.info
+
+    def shapes(self):
+        return {n: s for n, s in self._source.shapes().items() if n != "lm_head"}
+
+    def __getattr__(self, name):          # load, load_quantized, quantized_storage, close, ...
+        return getattr(self._source, name)

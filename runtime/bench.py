@@ -46,7 +46,8 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
             "window": plan.window or None, "mode": rt.mode, "threads": model.threads,
             "io": rt.io if plan.run_mode.rows_from == "reader" else None, "max_gap": rt.max_gap_bytes,
             "pipeline": rt.pipeline,
-            "load_s": round(load_s, 2)}
+            "load_s": round(load_s, 2), "memory_limit": plan.memory_limit,
+            "planned_process": plan.process_total if plan.memory_limit is not None else None}
     rows = []
     if pp:
         times = []
@@ -159,6 +160,13 @@ def bench(folder_path, modes: list[str], rt: RuntimeConfig, *, pp: int, tg: int,
             cmd += ["--threads", str(rt.threads)]
         if rt.budget is not None and mode != "dense":
             cmd += ["--budget", str(rt.budget)]
+        if rt.memory_limit is not None:
+            cmd += ["--memory-limit", str(rt.memory_limit)]
+        if rt.dense_engine != "auto":
+            cmd += ["--dense-engine", rt.dense_engine]
+        if rt.embeddings != "auto":
+            cmd += ["--embeddings", rt.embeddings]
+        cmd += ["--kv-dtype", rt.kv_dtype]
         if rt.window:
             cmd += ["--window", str(rt.window)]
         if rt.profile:

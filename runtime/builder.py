@@ -14,8 +14,9 @@ import logging
 import numpy as np
 
 from . import kernels as K
-from .config import RuntimeConfig
+from .config import RuntimeConfig, dense_engine
 from .cost_model import CostModel
+from .embedding_rows import FileEmbeddingRows
 from .ffn import BundleKernel, FFNBackend, FlashFFN, GraphFFN, MmapFFN, ResidentFFN, bundle_kernel, read_layer_checked
 from .memory import MODES, PREFILL_CHUNK, BudgetError, MemoryPlan, Placement, plan_memory
 from .modelfile import (ROW_CRC_TENSOR, ModelFileError, ModelFolder, bundle_layers, map_verified, read_verified,
@@ -36,8 +37,10 @@ class ModelParts:
     state: RunState
     threads: int
     ctx_len: int
-    quantized: bool                     # block-quantized dense weights: the model runs them in onnxruntime
+    quantized: bool                     # block-quantized dense weights (run by onnxruntime when ort, else numba)
     widened: bool = False               # ... which onnxruntime could not run here: widened to f16 for numba
+    ort: bool = False                   # quantized dense weights run in onnxruntime sessions (else qmatmul.py)
+    embedding_rows: FileEmbeddingRows | None = None   # token embeddings read per token (not resident)
 
 
 def activation_bytes(folder: ModelFolder, threads: int) -> int:
@@ -59,15 +62,38 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
     threads = K.set_threads(rt.threads)
     calibration = read_calibration(folder) if mode.needs_predictors else None
     costs = CostModel.for_run(folder, rt, compute_threads=threads)      # the one cost model of this run
+    quantized = any(t.storage is not None and t.storage.block_elems > 1 for t in folder.dense.values())
+    ort = quantized and dense_engine(rt) == "onnxruntime"
+    runtime_bytes = ram = 0
+    if rt.memory_limit is not None:
+        # The runtime itself counts against a whole-process limit: measure it once every module the run
+        # needs is imported (onnxruntime is imported by the sessions anyway), before anything big is read.
+        from .process_memory import physical_memory_bytes, release_freed_heap, rss_bytes
+        if ort:
+            from .engines import onnxruntime_status
+            if onnxruntime_status().usable:
+                import onnxruntime  # noqa: F401
+        release_freed_heap()
+        runtime_bytes, ram = rss_bytes(), physical_memory_bytes()
     plan = plan_memory(folder, rt, activations=activation_bytes(folder, threads), costs=costs,
-                       calibration=calibration)
+                       calibration=calibration, runtime_bytes=runtime_bytes, ram_bytes=ram or None)
     state = RunState(c, PREFILL_CHUNK)
     sparse = plan.layers_placed(Placement.SPARSE)
-    quantized = any(t.storage is not None and t.storage.block_elems > 1 for t in folder.dense.values())
-    # Quantized dense weights only feed onnxruntime sessions, which prepack their own copies: map them
-    # (file-backed pages, released after the sessions are built) instead of copying them to the heap.
-    weights = tensors_from_buffer((map_verified if quantized else read_verified)(folder, "dense.safetensors"),
-                                  folder.dense)
+    emb = folder.dense["tok_embeddings"]
+    # Embedding rows read per token: an untied matrix is never read into memory; a tied quantized one is
+    # (onnxruntime's lm_head session takes it), and the model drops it once the session holds its copy.
+    skip = plan.embeddings_from_file and not c.tied_embeddings
+    entries = {n: e for n, e in folder.dense.items() if not (skip and n == "tok_embeddings")}
+    if ort:
+        # Quantized dense weights that only feed onnxruntime sessions, which prepack their own copies: map
+        # them (file-backed pages, released after the sessions are built) instead of copying them to the heap.
+        weights = tensors_from_buffer(map_verified(folder, "dense.safetensors"), entries)
+    else:
+        # Weights the kernels read for the whole run live in anonymous memory: file-backed pages would be
+        # page cache a memory limit evicts and faults back in, token after token (llama.cpp's thrashing).
+        weights = tensors_from_buffer(read_verified(folder, "dense.safetensors",
+                                                    ((emb.offset, emb.nbytes),) if skip else ()), entries)
+    embedding_rows = FileEmbeddingRows(folder.file("dense.safetensors"), emb) if plan.embeddings_from_file else None
     # The gate-resident layout's W_gate: a dense tensor the FFN kernel and the gate selectors share.
     gates = [weights[resident_part_name(i, "gate")] for i in range(c.n_layers)] if folder.bundles.gate_resident else None
     if sparse and predictors is None:
@@ -76,21 +102,21 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
     biases = [weights.get(f"layers.{i}.ffn.up.bias") for i in range(c.n_layers)]
     row_crc = weights.get(ROW_CRC_TENSOR) if rt.verify_reads else None
     widened = False
-    if quantized:
+    if ort:
         from .engines import onnxruntime_status
         status = onnxruntime_status()
         if not status.usable:       # the numba dense path: block-quantized weights widened to f16 once
             weights = widen_blocks(folder, weights)
-            widened, quantized = True, False
+            widened, quantized, ort = True, False, False
             log.warning("%s: onnxruntime cannot be used here (%s); running the dense weights on the numba "
                         "kernels instead, widened to f16 (%.0f MiB more than the plan's dense line)", folder.path,
                         status.detail, (sum(a.nbytes for a in weights.values()) - plan.dense) / 2**20)
-    if quantized and plan.run_mode.rows_from == "file" and folder.matrices:
+    if ort and plan.run_mode.rows_from == "file" and folder.matrices:
         ffn = GraphFFN()        # the FFN layers run whole inside the onnxruntime sessions (ffn_matrices)
     else:
         ffn = build_ffn(folder, rt, plan, kernel, biases, predictors, row_crc, costs)
     return ModelParts(weights, plan, costs, ffn, kernel, state, threads,
-                      min(rt.ctx_len, c.max_position), quantized, widened)
+                      min(rt.ctx_len, c.max_position), quantized, widened, ort, embedding_rows)
 
 
 def widen_blocks(folder: ModelFolder, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -118,7 +118,17 @@ def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_l
     else:
         p.add_argument("--mode", default=None, choices=list(MODES),
                        help=f"where FFN rows live ({modes}; default: flash when --budget is given, else dense)")
-    p.add_argument("--budget", type=_budget, default=None, help="resident memory for the model: 60%%, 0.6, 512MiB, 2GB")
+    p.add_argument("--budget", type=_budget, default=None,
+                   help="memory for the model's weights, caches and buffers (the runtime not counted): 60%%, 0.6, 512MiB, 2GB")
+    p.add_argument("--memory-limit", type=_budget, default=None, metavar="SIZE",
+                   help="the whole process (runtime measured at start, weights, caches, KV, buffers), as a device "
+                        "or cgroup enforces it: 700MiB, 2GB, 5%% of RAM; refused before loading if it cannot fit")
+    p.add_argument("--dense-engine", default="auto", choices=["auto", "onnxruntime", "numba"],
+                   help="quantized dense weights: onnxruntime (fast, ~2.5x their bytes resident), numba (from the "
+                        "stored rows) or auto (numba under --memory-limit)")
+    p.add_argument("--embeddings", default="auto", choices=["auto", "resident", "flash"],
+                   help="token embeddings resident or one row read from the file per token "
+                        "(auto: from the file under --budget or --memory-limit)")
     p.add_argument("--window", type=_POSITIVE, default=None, help="sliding window in tokens (default: largest that fits)")
     p.add_argument("--pin", type=_FRACTION, default=0.0, help="fraction of each layer's hottest neurons kept resident")
     p.add_argument("--io", default="direct", choices=["direct", "buffered"], help="flash reads: O_DIRECT or page cache")
@@ -140,10 +150,12 @@ def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_l
 def _runtime_config(args):
     from .config import RuntimeConfig
     from .tune import apply_run_profile
-    mode = (args.mode or ("flash" if args.budget is not None else "dense")).split(",")[0]
+    limited = args.budget is not None or args.memory_limit is not None
+    mode = (args.mode or ("flash" if limited else "dense")).split(",")[0]
     # --profile may name a run profile written by `flashlm tune`: it fills the flags not given
     return apply_run_profile(RuntimeConfig(
-        ctx_len=args.ctx, threads=args.threads, mode=mode, budget=args.budget, window=args.window,
+        ctx_len=args.ctx, threads=args.threads, mode=mode, budget=args.budget, memory_limit=args.memory_limit,
+        embeddings=args.embeddings, dense_engine=args.dense_engine, window=args.window,
         pin=args.pin, io=args.io, io_threads=args.io_threads, max_gap_bytes=args.max_gap,
         layer_io=args.layer_io, profile=args.profile, verify_reads=not args.no_verify, kv_dtype=args.kv_dtype,
         pipeline=not args.no_pipeline))
@@ -187,7 +199,7 @@ def cmd_convert(args) -> int:
     out = Path(args.output) if args.output else Path(Path(args.source).stem + ".flashlm")
     t0 = time.perf_counter()
     convert(args.source, out, dtype=args.dtype, bundle_dtype=args.bundle_dtype, gate_resident=args.gate_resident,
-            force=args.force, progress=not args.no_progress)
+            force=args.force, progress=not args.no_progress, tie_embeddings=args.tie_embeddings)
     from .generate import peak_rss_bytes
     _err(f"wrote {out} in {time.perf_counter() - t0:.1f} s (peak RSS {peak_rss_bytes() / 2**20:.0f} MiB)")
     return 0
@@ -336,12 +348,6 @@ def cmd_serve(args) -> int:
     import os
     from .engine import Engine
     from .server import HttpServer, ServerSettings
-    if args.memory_limit is not None:
-        # For now the limit is the model's resident budget (the planner's --budget); a whole-process
-        # limit will take over this flag without changing its spelling.
-        if args.budget is not None:
-            raise InputError("give --memory-limit or --budget, not both")
-        args.budget = args.memory_limit
     if args.queue < 0:
         raise InputError(f"--queue must be >= 0, got {args.queue}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("FLASHLM_API_KEY") or None
@@ -410,8 +416,12 @@ def cmd_bench(args) -> int:
     modes = [m.strip() for m in (args.mode or rt.mode).split(",")]
     cap = None
     if args.cgroup is not None:
+        import dataclasses
         from .memory import parse_size
-        cap = parse_size(args.cgroup, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        from .process_memory import physical_memory_bytes
+        cap = parse_size(args.cgroup, physical_memory_bytes())
+        if rt.memory_limit is None:          # the children plan for the cap they run under
+            rt = dataclasses.replace(rt, memory_limit=str(cap))
     rows = bench(args.model, modes, rt, pp=args.n_prompt, tg=args.n_gen, reps=args.reps, cgroup_limit=cap,
                  llamacpp=args.llamacpp, deadline=args.deadline)
     print(as_json_lines(rows) if args.json else table(rows))
@@ -530,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-resident", action="store_true",
                    help="gated FFNs: keep W_gate in DRAM (a dense tensor) and store only up | down in the bundle "
                         "rows (2/3 of the bytes per neuron read); what `calibrate --selector gate|exact` uses")
+    p.add_argument("--tie-embeddings", action="store_true",
+                   help="drop the source's lm_head and use the token embeddings for it (one copy of the matrix; "
+                        "for GGUFs of tied-embedding models that store it twice, e.g. Qwen2.5 0.5B-3B)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="print what would be converted and stop")
     p.add_argument("--no-progress", action="store_true")
@@ -561,8 +574,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", type=_path, default=None, help="model folder (default: embedded SmolLM2)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=_int_in(0, 65535), default=8080, help="TCP port (0: any free port)")
-    p.add_argument("--memory-limit", type=_budget, default=None, metavar="SIZE",
-                   help="memory for the model, as --budget: 60%%, 512MiB, 2GB")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $FLASHLM_API_KEY, else no key)")
     p.add_argument("--queue", type=_NON_NEGATIVE, default=4,

@@ -102,6 +102,9 @@ class RuntimeConfig:
     threads: int | None = None   # compute threads for numba; None = all cores
     mode: str = "dense"          # dense | flash | naive | hybrid | mmap  (see runtime/ffn.py)
     budget: str | None = None    # "60%", "0.6", "512MiB": resident bytes allowed (None = unlimited)
+    memory_limit: str | None = None  # the whole process (runtime, weights, caches, KV, buffers): "700MiB", "5%"
+    embeddings: str = "auto"     # token embeddings: resident | flash (one row read per token) | auto (flash
+    #                              under a budget or memory limit, where no resident copy is needed anyway)
     window: int | None = None    # sliding window in tokens (None: largest the budget allows)
     pin: float = 0.0             # fraction of each layer's hottest neurons kept resident for good
     io: str = "direct"           # direct (O_DIRECT) | buffered (page cache)
@@ -111,6 +114,8 @@ class RuntimeConfig:
     profile: str | None = None   # device profile (devices/NAME.toml or a path): measured flash speeds
     verify_reads: bool = True    # check every bundle row read from flash against its CRC-32
     kv_dtype: str = "f16"        # KV cache storage: f16 (half the bytes; attention widens in-register) | f32
+    dense_engine: str = "auto"   # quantized dense weights: onnxruntime (MatMulNBits, fast, ~2.5x their bytes
+    #                              resident) | numba (from the stored rows, 1x) | auto (numba under --memory-limit)
     int8_activations: bool = True  # quantized weights: MatMulNBits with int8 activations (fast) or f32 (exact)
     pipeline: bool = True        # flash reads start ahead of the layer that needs them (lookahead, read-ahead
     #                              of the next streamed layer, wrapping to the next token); False: none do
@@ -134,8 +139,19 @@ class RuntimeConfig:
             bad("max_gap_bytes", "a gap is not negative")
         if self.layer_io not in ("auto", "sparse", "stream"):
             bad("layer_io", "use auto, sparse or stream")
+        if self.embeddings not in ("auto", "resident", "flash"):
+            bad("embeddings", "use auto, resident or flash")
+        if self.dense_engine not in ("auto", "onnxruntime", "numba"):
+            bad("dense_engine", "use auto, onnxruntime or numba")
         if self.kv_dtype not in ("f16", "f32"):
             bad("kv_dtype", "the KV cache dtype is f16 or f32")
+
+
+def dense_engine(rt: RuntimeConfig) -> str:
+    """The engine that runs block-quantized dense weights for `rt` (float weights always run in numba)."""
+    if rt.dense_engine != "auto":
+        return rt.dense_engine
+    return "numba" if rt.memory_limit is not None else "onnxruntime"
 
 
 class RuntimeConfigError(FlashlmError):

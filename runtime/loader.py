@@ -15,6 +15,7 @@ from .config import RuntimeConfig
 from .memory import MemoryPlan
 from .model import Model
 from .modelfile import open_folder
+from .process_memory import release_freed_heap
 from .tokenizer import Tokenizer
 
 
@@ -34,6 +35,7 @@ def load(path=None, runtime: RuntimeConfig | None = None, *, warmup: bool = True
         path = default_model_folder(progress=progress)
     folder = open_folder(Path(path))
     tokenizer = Tokenizer.from_folder(folder.path, folder.manifest)   # small and sha256-checked: fails first
+    release_freed_heap()        # what building the tokenizer freed (most of what it allocated) goes back
     model = Model(folder, runtime or RuntimeConfig())
     if warmup:
         model.warmup()

@@ -1,7 +1,10 @@
 """The memory plan: what is resident, decided before anything big is read. Pure: no file I/O.
 
-Resident, always: dense weights (embeddings, attention, norms), the KV cache for --ctx tokens and the
-run state (activation buffers, sized once). Per layer, its FFN rows are RESIDENT (in DRAM for the
+Resident, always: dense weights (attention, norms, lm_head; the token embeddings unless their rows are
+read from the file per token, see `embeddings_from_file`), the KV cache for --ctx tokens and the run
+state (activation buffers, sized once). Under a whole-process memory limit the runtime itself (its RSS
+measured just before planning: Python, numpy, numba, onnxruntime, tokenizer) comes off the limit first;
+the budget the rules place FFN rows in is what is left (or --budget, if smaller). Per layer, its FFN rows are RESIDENT (in DRAM for the
 whole run), SPARSE (predictor + sliding-window neuron cache, missing rows read per token), STREAM
 (read whole from flash each time the layer runs, through two buffers) or MAPPED (used from a memory
 map; page faults read them). The run mode is a rule choosing those placements (MODES below); what
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Callable
 
-from .config import ModelConfig, RuntimeConfig
+from .config import ModelConfig, RuntimeConfig, dense_engine
 from .errors import FlashlmError
 from .modelfile import ModelFolder
 
@@ -27,6 +30,10 @@ WINDOW_CHOICES = (8, 4, 2, 1)
 SCRATCH_BYTES = 4 << 20          # the sparse layers' streaming buffers (overflow, per-token fallback), both halves
 PREFILL_CHUNK = 128              # tokens per forward chunk: bounds the run state for long prompts
 RUNTIME_OVERHEAD = 160 << 20     # measured: RSS of Python + numpy + numba + loaded kernels + a tiny model: 151 MiB
+# What the process adds after the planner's RSS measurement besides what the plan counts: the numba
+# kernels' machine code loaded from their cache at warm-up, thread stacks, onnxruntime's per-session
+# state. Measured (tools/runtime_cost.py): warm-up +38 MiB on SmolLM2 f16 (numba only).
+LATE_RUNTIME_BYTES = 40 << 20
 
 
 class BudgetError(ValueError, FlashlmError):
@@ -99,6 +106,9 @@ class MemoryPlan:
     sparse_buffer_rows: int = 0   # rows per buffer of the sparse layers' streamer (overflow, fallback)
     est_io_ms: float = 0.0        # flash: estimated flash time per token
     speeds_source: str = ""
+    memory_limit: int | None = None   # the whole process (bytes), None: no whole-process limit
+    runtime: int = 0              # the runtime itself: RSS measured before planning + LATE_RUNTIME_BYTES
+    embeddings_from_file: bool = False   # token embedding rows read from dense.safetensors per token
 
     @property
     def run_mode(self) -> "RunMode":
@@ -107,6 +117,11 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return self.dense + self.kv_cache + self.activations + self.predictors + self.scratch + self.ffn_resident
+
+    @property
+    def process_total(self) -> int:
+        """What the whole process is planned to hold: the runtime plus everything the plan places."""
+        return self.runtime + self.total
 
     def count(self, placement: Placement) -> int:
         return sum(p.placement == placement for p in self.layers)
@@ -143,10 +158,17 @@ class MemoryPlan:
             out.append(f"  one mapped FFN layer at a time {_mib(self.scratch)}")
         elif self.run_mode.reads_flash:
             out.append(f"  resident FFN layers {n_res} ({_mib(self.ffn_resident)}), "
-                       f"streaming buffers {_mib(self.scratch)}")
+                       f"streaming buffers {_mib(self.scratch)} ({self.stream_buffer_rows} rows each)")
         else:
             out.append(f"  FFN resident {_mib(self.ffn_resident)}")
-        out.append(f"  + runtime overhead outside the budget (Python, numba): ~{_mib(RUNTIME_OVERHEAD)}")
+        if self.embeddings_from_file:
+            out.append("  token embeddings: one row read from dense.safetensors per token (not resident)")
+        if self.memory_limit is not None:
+            out.append(f"  whole process {_mib(self.process_total)} of the {_mib(self.memory_limit)} memory limit: "
+                       f"runtime {_mib(self.runtime)} (RSS before loading + {_mib(LATE_RUNTIME_BYTES)} for kernels "
+                       f"and threads) + the plan above")
+        else:
+            out.append(f"  + runtime overhead outside the budget (Python, numba): ~{_mib(RUNTIME_OVERHEAD)}")
         return out
 
 
@@ -177,10 +199,22 @@ def _rule_mmap(plan: MemoryPlan, x: _Inputs) -> None:
     plan.scratch = x.folder.bundles.layer_bytes
 
 
+MIN_STREAM_FRACTION = 16        # streaming buffers shrink to at most 1/16 of a layer each (still MiB-sized reads)
+
+
 def _rule_naive(plan: MemoryPlan, x: _Inputs) -> None:
+    """Every layer streamed through two buffers of a whole layer each, or, where the budget is short of
+    that, of the largest fraction 1/2, 1/4 .. 1/16 of a layer that fits (the streamer reads a layer in
+    chunks, the next chunk while this one computes)."""
     _all(plan, x.config.n_layers, Placement.STREAM)
-    plan.scratch = 2 * x.folder.bundles.layer_bytes
-    plan.stream_buffer_rows = x.config.n_ff
+    n_ff, stride = x.config.n_ff, x.folder.bundles.stride_bytes
+    rows = n_ff
+    if plan.budget is not None:
+        room = plan.budget - plan.total
+        while 2 * rows * stride > room and rows > -(-n_ff // MIN_STREAM_FRACTION):
+            rows = -(-rows // 2)
+    plan.scratch = 2 * rows * stride
+    plan.stream_buffer_rows = rows
 
 
 def _rule_hybrid(plan: MemoryPlan, x: _Inputs) -> None:
@@ -326,27 +360,68 @@ MODES: dict[str, RunMode] = {m.name: m for m in (
 )}
 
 
+def embeddings_from_file(folder: ModelFolder, rt: RuntimeConfig) -> bool:
+    """Read token embedding rows from the file per token instead of keeping the matrix resident?
+
+    Possible unless the matrix is also the lm_head numba runs (tied: resident anyway); a quantized tied
+    matrix run by onnxruntime lives in its lm_head session, so the lookup's copy can go. Under
+    auto, done whenever memory is constrained (a budget or a memory limit): one row of d_model elements
+    per token is a single small read, against a matrix that is a fifth of a small model."""
+    c = folder.config
+    quantized = any(t.storage is not None and t.storage.block_elems > 1 for t in folder.dense.values())
+    possible = not c.tied_embeddings or (quantized and dense_engine(rt) == "onnxruntime")
+    if rt.embeddings == "auto":
+        return possible and (rt.budget is not None or rt.memory_limit is not None)
+    return possible and rt.embeddings == "flash"
+
+
 def plan_memory(folder: ModelFolder, rt: RuntimeConfig, *, activations: int, costs: CostModel | None = None,
-                calibration: Calibration | None = None) -> MemoryPlan:
-    """Place every layer's FFN rows for rt.mode within rt.budget; raises BudgetError if it cannot fit.
+                calibration: Calibration | None = None, runtime_bytes: int = 0,
+                ram_bytes: int | None = None) -> MemoryPlan:
+    """Place every layer's FFN rows for rt.mode within rt.budget and rt.memory_limit; raises BudgetError
+    if it cannot fit.
 
     `activations` is what the run state and kernel scratch allocate (runtime/runstate.py), `costs` the
-    flash cost model (needed by flash), `calibration` the predictors' sizes and window statistics."""
+    flash cost model (needed by flash), `calibration` the predictors' sizes and window statistics,
+    `runtime_bytes` the process's RSS measured just before planning (the runtime itself: it counts
+    against rt.memory_limit), `ram_bytes` what a percentage memory limit is a share of."""
     c: ModelConfig = folder.config
     mode = MODES.get(rt.mode)
     if mode is None:
         raise BudgetError(f"unknown mode {rt.mode!r}; choose one of {list(MODES)}")
+    from_file = embeddings_from_file(folder, rt)
+    emb = folder.dense["tok_embeddings"].nbytes
+    quantized = any(t.storage is not None and t.storage.block_elems > 1 for t in folder.dense.values())
     dense = sum(t.nbytes for t in folder.dense.values())
+    if from_file and not c.tied_embeddings:
+        dense -= emb                   # never resident
+    elif c.tied_embeddings and quantized and not from_file and dense_engine(rt) == "onnxruntime":
+        dense += emb                   # the lookup's copy beside onnxruntime's lm_head copy
     budget = parse_size(rt.budget, folder.model_bytes) if rt.budget is not None else None
+    limit = runtime = None
+    if rt.memory_limit is not None:
+        limit = parse_size(rt.memory_limit, ram_bytes or folder.model_bytes)
+        runtime = runtime_bytes + LATE_RUNTIME_BYTES
+        room = limit - runtime
+        if room <= 0:
+            raise BudgetError(f"memory limit {_mib(limit)} does not fit the runtime itself: {_mib(runtime)} "
+                              f"(RSS of Python, numpy, numba, onnxruntime and the tokenizer before loading, "
+                              f"+ {_mib(LATE_RUNTIME_BYTES)} for kernels and threads)")
+        budget = room if budget is None else min(budget, room)
     ctx = min(rt.ctx_len, c.max_position)
     plan = MemoryPlan(rt.mode, budget, folder.model_bytes, dense,
                       kv_cache=2 * c.n_layers * ctx * c.n_kv_heads * c.head_dim * KV_ITEM_BYTES[rt.kv_dtype],
-                      activations=activations)
+                      activations=activations, memory_limit=limit, runtime=runtime or 0,
+                      embeddings_from_file=from_file)
     mode.rule(plan, _Inputs(c, folder, rt, costs, calibration))
     if budget is not None and plan.total > budget:
-        raise BudgetError(
-            f"budget {_mib(budget)} is too small for {rt.mode} mode: it needs {_mib(plan.total)} "
-            f"(dense {_mib(plan.dense)} + KV cache {_mib(plan.kv_cache)} at --ctx {ctx} + activations "
-            f"{_mib(plan.activations)} + predictors {_mib(plan.predictors)} + buffers {_mib(plan.scratch)} "
-            f"+ FFN {_mib(plan.ffn_resident)}); raise --budget or lower --ctx")
+        parts = (f"dense {_mib(plan.dense)} + KV cache {_mib(plan.kv_cache)} at --ctx {ctx} + activations "
+                 f"{_mib(plan.activations)} + predictors {_mib(plan.predictors)} + buffers {_mib(plan.scratch)} "
+                 f"+ FFN {_mib(plan.ffn_resident)}")
+        if limit is not None and budget == limit - plan.runtime:
+            raise BudgetError(
+                f"memory limit {_mib(limit)} is too small for {rt.mode} mode: it needs {_mib(plan.process_total)} "
+                f"(runtime {_mib(plan.runtime)} + {parts}); raise --memory-limit, lower --ctx or use another --mode")
+        raise BudgetError(f"budget {_mib(budget)} is too small for {rt.mode} mode: it needs {_mib(plan.total)} "
+                          f"({parts}); raise --budget or lower --ctx")
     return plan

@@ -58,11 +58,15 @@ class Model:
         self.costs = parts.costs                        # predicts this plan's time per token (cost_model.py)
         self.widened = parts.widened                    # quantized dense weights widened to f16 (no onnxruntime)
         self.state, self.threads, self.ctx_len = parts.state, parts.threads, parts.ctx_len
+        self.embedding_rows = parts.embedding_rows      # None: the embedding matrix is resident (self.w)
         # Block-quantized dense weights run in onnxruntime sessions (runtime/ort_model.py); a dense-mode
         # run of a quantized folder keeps its FFN layers whole there too (the builder gave it a GraphFFN).
         self.ort = None
         quantized = parts.quantized
-        self.lm_head = self.w["tok_embeddings"] if c.tied_embeddings else self.w["lm_head"]
+        # Quantized weights outside onnxruntime: numba multiplies their stored rows (runtime/qmatmul.py).
+        self._q = {} if parts.ort or not quantized else self._quantized_matrices()
+        lm_name = "tok_embeddings" if c.tied_embeddings else "lm_head"
+        self.lm_head = self._q.get(lm_name, self.w.get(lm_name))
         # One (cos, sin) table per distinct RoPE variant: Gemma 3's sliding layers use another base.
         self.rope = [None] * c.n_layers
         if c.pos_kind == "rope":
@@ -74,7 +78,7 @@ class Model:
                     tables[key] = rope_tables(c.head_dim, theta, scaling, self.ctx_len)
                 self.rope[i] = tables[key]
         self.attn_scale = c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(c.head_dim)
-        if quantized:
+        if parts.ort:
             self._build_sessions(isinstance(self.ffn_backend, GraphFFN))
         kv_shape = (c.n_layers, self.ctx_len, c.n_kv_heads, c.head_dim)
         kv_dtype = KV_DTYPES[runtime.kv_dtype]
@@ -90,6 +94,18 @@ class Model:
         self.forward_s = 0.0                            # wall time in forward() since reset_io_stats() ...
         self.forward_tokens = 0                         # ... over this many tokens (the critical path's clock)
         self.load_seconds = time.perf_counter() - t0
+
+    def _quantized_matrices(self) -> dict:
+        """QDense views over every block-quantized dense matrix's stored rows (nothing is copied but
+        f16 scales, widened once)."""
+        from .qmatmul import QDense
+        dense = self.folder.dense
+        def quantized(name):
+            e = dense.get(name)
+            if e is None or e.storage is None or e.storage.block_elems == 1:
+                return False
+            return name != "tok_embeddings" or self.config.tied_embeddings    # the lookup decodes its rows
+        return {n: QDense.from_stored(a, dense[n].storage, dense[n].shape[1]) for n, a in self.w.items() if quantized(n)}
 
     def _build_sessions(self, ffn_in_graph: bool) -> None:
         """onnxruntime sessions over the quantized weights, then drop every buffer only they needed:
@@ -112,7 +128,8 @@ class Model:
         lm_head = "tok_embeddings" if c.tied_embeddings else "lm_head"
         from .ort_graph import F32_ACTIVATIONS, INT8_ACTIVATIONS
         level = INT8_ACTIVATIONS if self.runtime.int8_activations else F32_ACTIVATIONS
-        mapped = [self.w["tok_embeddings"]] + ([matrices_buf] if ffn_in_graph else [])
+        # Any view of the mapped dense file reaches its map (tok_embeddings may not be among the weights).
+        mapped = [self.w["norm.weight"]] + ([matrices_buf] if ffn_in_graph else [])
 
         def release():
             # Each session holds its prepacked copies: hand back the mapped pages building it touched, so
@@ -122,7 +139,7 @@ class Model:
                 release_mapped(buf)
         self.ort = OrtLayers(c, weight, [ffn_in_graph] * c.n_layers, self.threads, lm_head, level, on_session=release)
         del matrices, mapped
-        keep = ("tok_embeddings", "pos_embeddings", ROW_CRC_TENSOR)
+        keep = ("pos_embeddings", ROW_CRC_TENSOR) + (() if self.embedding_rows else ("tok_embeddings",))
         self.w = {n: a for n, a in self.w.items() if n in keep or a.ndim == 1}
         self.lm_head = None
         self._no_rope = (np.zeros((0, c.head_dim // 2), np.float32),) * 2
@@ -163,13 +180,16 @@ class Model:
             x += scratch
 
     def _linear(self, x, name, out):
-        self._matmul(x, self.w[name + ".weight"], out)
+        w = name + ".weight"
+        self._matmul(x, self._q.get(w, self.w.get(w)), out)
         bias = self.w.get(name + ".bias")
         if bias is not None:
             out += bias
 
     def _matmul(self, x, w, out):
-        if x.shape[0] >= K.BLAS_MIN_TOKENS:
+        if not isinstance(w, np.ndarray):               # QDense: block-quantized stored rows
+            w.matmul(x, out)
+        elif x.shape[0] >= K.BLAS_MIN_TOKENS:
             self._blas_scratch = K.matmul_batched(x, w, out, self._blas_scratch)
         else:
             K.matmul(x, w, out)
@@ -178,7 +198,9 @@ class Model:
         """out[T, d] = the tokens' embedding rows (+ learned positions), widened to f32."""
         c = self.config
         emb = self._storage("tok_embeddings")
-        if emb.block_elems == 1:
+        if self.embedding_rows is not None:
+            self.embedding_rows.lookup(tokens, out)
+        elif emb.block_elems == 1:
             K.gather_rows(self.w["tok_embeddings"], tokens, out)
         else:
             out[:] = emb.decode(self.w["tok_embeddings"][tokens])
@@ -296,7 +318,11 @@ class Model:
             self._warmup_sessions()
             if isinstance(self.ffn_backend, GraphFFN):
                 return
-        wdt = self.w["layers.0.attn.q.weight"].dtype if self.ort is None else np.uint16
+        if self._q:
+            for T in (1, 2):
+                self._matmul(np.ones((T, c.d_model), np.float32), self._q["layers.0.attn.q.weight"],
+                             np.empty((T, c.n_heads * c.head_dim), np.float32))
+        wdt = self.w["layers.0.attn.q.weight"].dtype if self.ort is None and not self._q else np.uint16
         rows_dt = self.folder.bundles.dtype
         for T in (1, 2):
             x = np.ones((T, c.d_model), np.float32)
@@ -316,7 +342,7 @@ class Model:
             rows = np.zeros((2, self.folder.bundles.stride_items), rows_dt)
             for bias in (None, np.zeros(2, np.float32)):
                 self.kernel(x, rows, 2, np.arange(2, dtype=np.int32), bias, np.empty_like(x))
-            if self._storage("tok_embeddings").block_elems == 1:
+            if self._storage("tok_embeddings").block_elems == 1 and "tok_embeddings" in self.w:
                 K.gather_rows(self.w["tok_embeddings"], np.zeros(T, np.int64), x)
         if rows_dt == np.uint8:                         # the prompt path of quantized rows
             xb = np.ones((K.BLAS_MIN_TOKENS, c.d_model), np.float32)
@@ -351,3 +377,5 @@ class Model:
         self.ffn_backend.close()
         if self.ort is not None:
             self.ort.close()
+        if self.embedding_rows is not None:
+            self.embedding_rows.close()

@@ -269,19 +269,32 @@ def open_folder(path) -> ModelFolder:
     return ModelFolder(path, manifest, config, storage, files, dense, bundles, matrices)
 
 
-def read_verified(folder: ModelFolder, name: str) -> np.ndarray:
-    """Read a whole file into page-aligned memory, checking its sha256 on the way. Returns uint8 [bytes]."""
+def read_verified(folder: ModelFolder, name: str, skip: tuple[tuple[int, int], ...] = ()) -> np.ndarray:
+    """Read a whole file into page-aligned memory, checking its sha256 on the way. Returns uint8 [bytes].
+
+    `skip`: (offset, nbytes) ranges that are hashed but not kept: the pages of `buf` they cover are never
+    written, so an anonymous mapping never backs them with memory (e.g. token embeddings read per token
+    from the file instead, runtime/embedding_rows.py)."""
     path = folder.file(name)
     expected = folder.files[name].sha256
     size = os.path.getsize(path)
     buf = aligned_empty((size,), np.uint8)
     h = hashlib.sha256()
     chunk = 1 << 24
+    scratch = np.empty(chunk, np.uint8) if skip else None
     with open(path, "rb", buffering=0) as f:
         for start in range(0, size, chunk):
-            view = buf[start:start + chunk]
+            end = min(start + chunk, size)
+            cut = [(max(o, start), min(o + n, end)) for o, n in skip if o < end and o + n > start]
+            view = buf[start:end] if not cut else scratch[:end - start]
             if f.readinto(memoryview(view)) != view.size:
                 raise ModelFileError(f"{path}: short read at byte {start}")
+            if cut:                      # keep only the bytes outside the skipped ranges
+                pos = start
+                for lo, hi in sorted(cut) + [(end, end)]:
+                    if lo > pos:
+                        buf[pos:lo] = view[pos - start:lo - start]
+                    pos = max(pos, hi)
             drop_cached(f.fileno(), 0, start + view.size)   # read once: a memory limit must not pay for it twice
             h.update(view)
     if h.hexdigest() != expected:

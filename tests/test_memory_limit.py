@@ -121,3 +121,123 @@ def test_bench_cgroup_rows(cgroups, tmp_path):
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert proc.returncode != 0 and len(rows) == 2
     assert all("killed at the cgroup cap" in r["error"] and r["cgroup_hit_cap"] for r in rows)
+
+
+# --- a whole-process memory limit: the planner, embeddings read per token, numba over quantized rows ----
+IDS = [1, 5, 17, 42, 7, 99, 3, 8, 250, 11, 64, 0, 2, 180]
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    import tiny_models as tm
+    from flashlm.converters.convert import convert
+    d = tmp_path_factory.mktemp("untied")
+    src = tm.make_llama(d / "hf", tied=False)
+    return src, convert(src, d / "f16.flashlm", dtype="f16", progress=False), \
+        convert(src, d / "q8.flashlm", dtype="q8_0", progress=False)
+
+
+def _run(folder, **rt):
+    from flashlm.runtime.config import RuntimeConfig
+    from flashlm.runtime.model import Model
+    from flashlm.runtime.modelfile import open_folder
+    model = Model(open_folder(folder), RuntimeConfig(ctx_len=64, kv_dtype="f32", **rt))
+    try:
+        pre = model.forward(IDS[:5], all_logits=True)
+        dec = [model.forward([t])[0] for t in IDS[5:]]
+        return np.concatenate([pre, np.stack(dec)]), model.plan
+    finally:
+        model.close()
+
+
+def test_memory_limit_counts_the_runtime_and_refuses_before_loading(untied):
+    from flashlm.runtime.builder import activation_bytes
+    from flashlm.runtime.config import RuntimeConfig
+    from flashlm.runtime.memory import LATE_RUNTIME_BYTES, BudgetError, plan_memory
+    from flashlm.runtime.modelfile import open_folder
+    folder = open_folder(untied[1])
+    act = activation_bytes(folder, 1)
+    runtime = 150 * MiB
+    rt = RuntimeConfig(mode="naive", ctx_len=64, memory_limit="400MiB")
+    plan = plan_memory(folder, rt, activations=act, runtime_bytes=runtime)
+    assert plan.memory_limit == 400 * MiB and plan.runtime == runtime + LATE_RUNTIME_BYTES
+    assert plan.budget == 400 * MiB - plan.runtime and plan.process_total == plan.runtime + plan.total
+    assert plan.embeddings_from_file and plan.dense == sum(t.nbytes for t in folder.dense.values()) \
+        - folder.dense["tok_embeddings"].nbytes
+    # Whatever the plan needs beyond the runtime: a limit 1 byte short is refused, naming what does not fit.
+    need = plan.process_total
+    with pytest.raises(BudgetError, match=r"memory limit .* too small for naive mode: it needs .*runtime"):
+        plan_memory(folder, RuntimeConfig(mode="naive", ctx_len=64, memory_limit=str(need - 1)),
+                    activations=act, runtime_bytes=runtime)
+    assert plan_memory(folder, RuntimeConfig(mode="naive", ctx_len=64, memory_limit=str(need)),
+                       activations=act, runtime_bytes=runtime).process_total == need
+    with pytest.raises(BudgetError, match="does not fit the runtime itself"):
+        plan_memory(folder, rt, activations=act, runtime_bytes=400 * MiB)
+    # hybrid keeps as many layers resident as the limit leaves room for
+    layer = folder.bundles.layer_bytes
+    hyb = plan_memory(folder, RuntimeConfig(mode="hybrid", ctx_len=64, memory_limit=str(need + layer)),
+                      activations=act, runtime_bytes=runtime)
+    assert hyb.process_total <= need + layer and hyb.count(hyb.layers[0].placement.__class__("resident")) >= 1
+
+
+def test_embedding_rows_from_the_file_equal_resident(untied):
+    for folder in untied[1:]:
+        ref, p0 = _run(folder, mode="naive", embeddings="resident", dense_engine="numba")
+        got, p1 = _run(folder, mode="naive", embeddings="flash", dense_engine="numba")
+        assert not p0.embeddings_from_file and p1.embeddings_from_file
+        assert p0.dense - p1.dense == __import__("flashlm.runtime.modelfile", fromlist=["x"]).open_folder(
+            folder).dense["tok_embeddings"].nbytes
+        np.testing.assert_allclose(got, ref, rtol=0, atol=2e-4)
+
+
+def test_numba_over_quantized_rows_equals_onnxruntime_f32(untied):
+    """The same q8_0 weights through numba (qmatmul over the stored rows) and through onnxruntime's
+    MatMulNBits with f32 activations: the same function up to float summation order."""
+    q8 = untied[2]
+    ort, _ = _run(q8, mode="naive", dense_engine="onnxruntime", int8_activations=False)
+    nb, _ = _run(q8, mode="naive", dense_engine="numba")
+    assert np.abs(nb - ort).max() <= 1e-4 * max(1.0, np.abs(ort).max())
+
+
+@pytest.mark.parametrize("storage", ["q4_0", "q4_1", "q8_0", "q8_0.b16f32", "q4_1.f32"])
+def test_qmatmul_equals_the_reference_decoding(storage):
+    from flashlm.runtime import quant as Q
+    from flashlm.runtime.qmatmul import QDense
+    from flashlm.runtime.storage import STORAGE_TYPES, block_format
+    rng = np.random.default_rng(3)
+    st = STORAGE_TYPES[storage]
+    n, k = 131, 96
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    if storage in Q.QUANTIZE_TYPES:
+        rows = st.encode(w)
+    else:                                   # GGUF-only layouts: random codes, scales and mins
+        fmt = block_format(st)
+        rows = rng.integers(0, 255, (n, fmt.row_bytes(k)), dtype=np.uint8)
+        qt = Q.from_rows(rows, fmt, k)
+        qt.scales[:] = rng.standard_normal(qt.scales.shape).astype(qt.scales.dtype)
+        if qt.mins is not None:
+            qt.mins[:] = rng.standard_normal(qt.mins.shape).astype(qt.mins.dtype)
+    ref = st.decode(rows)
+    for T in (1, 3, 9):
+        x = rng.standard_normal((T, k)).astype(np.float32)
+        out = np.empty((T, n), np.float32)
+        QDense.from_stored(rows, st, k).matmul(x, out)
+        np.testing.assert_allclose(out, x @ ref.T, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+
+
+def test_tie_embeddings_drops_lm_head(tmp_path, untied):
+    """convert --tie-embeddings: one matrix; the model equals transformers with lm_head set to it."""
+    import torch
+    import tiny_models as tm
+    from flashlm.converters.convert import convert
+    from flashlm.runtime.modelfile import open_folder
+    src = untied[0]
+    ref_model = tm.load_reference(src)
+    with torch.no_grad():
+        ref_model.lm_head.weight.copy_(ref_model.model.embed_tokens.weight)
+        ref = ref_model(torch.tensor([IDS])).logits[0].numpy()
+    out = convert(src, tmp_path / "tied.flashlm", dtype="f32", progress=False, tie_embeddings=True)
+    folder = open_folder(out)
+    assert folder.config.tied_embeddings and "lm_head" not in folder.dense
+    got, _ = _run(out, mode="dense")
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
