@@ -164,13 +164,20 @@ def test_memory_limit_counts_the_runtime_and_refuses_before_loading(untied):
     assert plan.budget == 400 * MiB - plan.runtime and plan.process_total == plan.runtime + plan.total
     assert plan.embeddings_from_file and plan.dense == sum(t.nbytes for t in folder.dense.values()) \
         - folder.dense["tok_embeddings"].nbytes
-    # Whatever the plan needs beyond the runtime: a limit 1 byte short is refused, naming what does not fit.
+    # Short of whole-layer buffers, naive streams through smaller ones, down to 1/16 of a layer each;
+    # a limit 1 byte below that is refused before loading, naming what does not fit.
     need = plan.process_total
+    c, stride = folder.config, folder.bundles.stride_bytes
+    assert plan.stream_buffer_rows == c.n_ff
+    smallest = -(-c.n_ff // 16)
+    minimal = need - plan.scratch + 2 * smallest * stride
+    low = lambda limit: plan_memory(folder, RuntimeConfig(mode="naive", ctx_len=64, memory_limit=str(limit)),
+                                    activations=act, runtime_bytes=runtime)
+    assert low(need - 1).stream_buffer_rows < c.n_ff
+    tight = low(minimal)
+    assert tight.stream_buffer_rows == smallest and tight.process_total == minimal
     with pytest.raises(BudgetError, match=r"memory limit .* too small for naive mode: it needs .*runtime"):
-        plan_memory(folder, RuntimeConfig(mode="naive", ctx_len=64, memory_limit=str(need - 1)),
-                    activations=act, runtime_bytes=runtime)
-    assert plan_memory(folder, RuntimeConfig(mode="naive", ctx_len=64, memory_limit=str(need)),
-                       activations=act, runtime_bytes=runtime).process_total == need
+        low(minimal - 1)
     with pytest.raises(BudgetError, match="does not fit the runtime itself"):
         plan_memory(folder, rt, activations=act, runtime_bytes=400 * MiB)
     # hybrid keeps as many layers resident as the limit leaves room for
