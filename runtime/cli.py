@@ -124,7 +124,7 @@ def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_l
                    help="the whole process (runtime measured at start, weights, caches, KV, buffers), as a device "
                         "or cgroup enforces it: 700MiB, 2GB, 5%% of RAM; refused before loading if it cannot fit")
     p.add_argument("--dense-engine", default="auto", choices=["auto", "onnxruntime", "numba"],
-                   help="quantized dense weights: onnxruntime (fast, ~2.5x their bytes resident), numba (from the "
+                   help="quantized dense weights: onnxruntime (fast, ~1.5x their bytes resident, more while building), numba (from the "
                         "stored rows) or auto (numba under --memory-limit)")
     p.add_argument("--embeddings", default="auto", choices=["auto", "resident", "flash"],
                    help="token embeddings resident or one row read from the file per token "

@@ -114,7 +114,7 @@ class RuntimeConfig:
     profile: str | None = None   # device profile (devices/NAME.toml or a path): measured flash speeds
     verify_reads: bool = True    # check every bundle row read from flash against its CRC-32
     kv_dtype: str = "f16"        # KV cache storage: f16 (half the bytes; attention widens in-register) | f32
-    dense_engine: str = "auto"   # quantized dense weights: onnxruntime (MatMulNBits, fast, ~2.5x their bytes
+    dense_engine: str = "auto"   # quantized dense weights: onnxruntime (MatMulNBits, fast, ~1.5x their bytes
     #                              resident) | numba (from the stored rows, 1x) | auto (numba under --memory-limit)
     int8_activations: bool = True  # quantized weights: MatMulNBits with int8 activations (fast) or f32 (exact)
     pipeline: bool = True        # flash reads start ahead of the layer that needs them (lookahead, read-ahead
