@@ -25,7 +25,7 @@ def open_source(path) -> Source:
     raise ConversionError(f"{path}: a folder without config.json; supported: " + "; ".join(SUPPORTED_SOURCES))
 
 
-def convert(src, out_dir, *, dtype: str = "auto", bundle_dtype: str | None = None, gate_resident: bool = False,
+def convert(src, out_dir, *, dtype: str = "auto", bundle_dtype: str | None = None, resident: tuple = (),
             force: bool = False, progress: bool = True, tie_embeddings: bool = False) -> Path:
     """Convert a checkpoint into a flashlm model folder; returns its path. tie_embeddings: drop the
     source's lm_head and use the token embeddings for it (converters/source.py TiedEmbeddings)."""
@@ -34,7 +34,7 @@ def convert(src, out_dir, *, dtype: str = "auto", bundle_dtype: str | None = Non
         from .source import TiedEmbeddings
         source = TiedEmbeddings(source)
     try:
-        return write_model(source, out_dir, dtype=dtype, bundle_dtype=bundle_dtype, gate_resident=gate_resident,
+        return write_model(source, out_dir, dtype=dtype, bundle_dtype=bundle_dtype, resident=resident,
                            force=force, progress=progress)
     finally:
         source.close()

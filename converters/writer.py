@@ -89,14 +89,15 @@ class _FileWriter:
 
 
 def write_model(source: Source, out_dir, *, dtype: str = "auto", bundle_dtype: str | None = None,
-                gate_resident: bool = False, force: bool = False, progress: bool = True) -> Path:
+                resident: tuple[str, ...] = (), force: bool = False, progress: bool = True) -> Path:
     """Convert `source` into the flashlm folder `out_dir`. Returns the folder path.
 
     dtype: storage of the dense 2-D weights (converters/dense_storage.py: auto, f32, f16, q8_0, q4_0,
     q4_1); bundle_dtype: of the FFN bundle rows (default: the FFN gate's type when it is a bundle block
     type, stored lane-major, see storage.BUNDLE_STORAGE; else f16, or f32 for an f32 conversion).
-    gate_resident (gated FFNs, float rows): the rows hold up | down only and every layer's W_gate goes
-    into dense.safetensors in the rows' storage type (storage.BundleLayout.gate_resident).
+    resident (gated FFNs, float rows): ("gate",) rows hold up | down and every layer's W_gate goes into
+    dense.safetensors in the rows' storage type; ("gate", "up") rows hold the down column only and W_up
+    is dense too (storage.BundleLayout.gate_resident / up_resident).
 
     The folder is built beside the destination as `.NAME.partial-PID` while a lock on the destination
     is held (a second convert to the same path fails at once), and only a complete folder is moved into
@@ -120,17 +121,20 @@ def write_model(source: Source, out_dir, *, dtype: str = "auto", bundle_dtype: s
     if shapes != expected_tensors(config):
         missing = set(expected_tensors(config)) - set(shapes)
         raise ConversionError(f"source tensors do not match the model config (missing: {sorted(missing)[:5]})")
-    resident = ("gate",) if gate_resident else ()
-    if gate_resident:
+    resident = tuple(resident)
+    if resident not in ((), ("gate",), ("gate", "up")):
+        raise ConversionError(f"resident parts {resident!r}: choose none, gate, or gate and up")
+    if resident:
         if not config.gated:
-            raise ConversionError(f"--gate-resident needs a gated FFN; this model's FFN is {config.ffn_kind}")
+            raise ConversionError(f"--resident needs a gated FFN; this model's FFN is {config.ffn_kind}")
         if STORAGE_TYPES[bundle_name].block_elems != 1 or any(
                 STORAGE_TYPES[t].block_elems != 1 for n, t in storage.items() if not is_ffn_bundle_tensor(n)):
-            raise ConversionError("--gate-resident keeps W_gate as a float dense tensor; convert with --dtype f16 "
-                                  "(or f32) and float bundle rows")
-        for i in range(config.n_layers):          # W_gate: a dense tensor, stored as the rows are
-            storage[f"layers.{i}.ffn.gate.weight"] = bundle_name
-    in_rows = lambda n: is_ffn_bundle_tensor(n) and not (gate_resident and n.endswith(".ffn.gate.weight"))
+            raise ConversionError("--resident keeps W_gate (and W_up) as float dense tensors; convert with "
+                                  "--dtype f16 (or f32) and float bundle rows")
+        for i in range(config.n_layers):          # dense tensors, stored as the rows are
+            for part in resident:
+                storage[f"layers.{i}.ffn.{part}.weight"] = bundle_name
+    in_rows = lambda n: is_ffn_bundle_tensor(n) and not any(n.endswith(f".ffn.{p}.weight") for p in resident)
     row_parts = config.row_parts(resident)
     def planned(n, s):
         return (n, STORAGE_TYPES[storage[n]].safetensors_dtype, list(STORAGE_TYPES[storage[n]].stored_shape(s))) \
@@ -171,7 +175,7 @@ def write_model(source: Source, out_dir, *, dtype: str = "auto", bundle_dtype: s
             with tqdm(total=total, unit="B", unit_scale=True, desc="Writing", disable=not progress,
                       file=sys.stderr) as bar:
                 for name, dt, _ in dense_plan[:-1] + matrices_plan:
-                    out = matrices if name in ffn_names and not gate_resident else dense
+                    out = matrices if name in ffn_names and not resident else dense
                     if name in storage and _exact(source, name, storage[name]):
                         bar.update(out.write(name, dense_storage.stored(source, name, storage[name])))
                         continue

@@ -95,10 +95,11 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
                                                     ((emb.offset, emb.nbytes),) if skip else ()), entries)
     embedding_rows = FileEmbeddingRows(folder.file("dense.safetensors"), emb) if plan.embeddings_from_file else None
     # The gate-resident layout's W_gate: a dense tensor the FFN kernel and the gate selectors share.
-    gates = [weights[resident_part_name(i, "gate")] for i in range(c.n_layers)] if folder.bundles.gate_resident else None
+    gates, ups = ([weights[resident_part_name(i, part)] for i in range(c.n_layers)] if part in folder.bundles.resident
+                  else None for part in ("gate", "up"))
     if sparse and predictors is None:
-        predictors = load_predictors(folder.path, c, sparse, state, gate_rows=gates)
-    kernel = bundle_kernel(c, folder.bundles, threads, gates)
+        predictors = load_predictors(folder.path, c, sparse, state, gate_rows=gates, up_rows=ups)
+    kernel = bundle_kernel(c, folder.bundles, threads, gates, ups)
     biases = [weights.get(f"layers.{i}.ffn.up.bias") for i in range(c.n_layers)]
     row_crc = weights.get(ROW_CRC_TENSOR) if rt.verify_reads else None
     widened = False

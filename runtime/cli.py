@@ -198,7 +198,8 @@ def cmd_convert(args) -> int:
         return 0
     out = Path(args.output) if args.output else Path(Path(args.source).stem + ".flashlm")
     t0 = time.perf_counter()
-    convert(args.source, out, dtype=args.dtype, bundle_dtype=args.bundle_dtype, gate_resident=args.gate_resident,
+    convert(args.source, out, dtype=args.dtype, bundle_dtype=args.bundle_dtype,
+            resident=tuple(p for p in args.resident.split(",") if p != "none"),
             force=args.force, progress=not args.no_progress, tie_embeddings=args.tie_embeddings)
     from .generate import peak_rss_bytes
     _err(f"wrote {out} in {time.perf_counter() - t0:.1f} s (peak RSS {peak_rss_bytes() / 2**20:.0f} MiB)")
@@ -537,9 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle-dtype", choices=["f16", "f32", "q4_0", "q4_1", "q8_0"], default=None,
                    help="storage type of the FFN bundle rows read from flash (default: as --dtype); the "
                         "quantized types hold GGUF blocks and the FFN runs on them")
-    p.add_argument("--gate-resident", action="store_true",
-                   help="gated FFNs: keep W_gate in DRAM (a dense tensor) and store only up | down in the bundle "
-                        "rows (2/3 of the bytes per neuron read); what `calibrate --selector gate|exact` uses")
+    p.add_argument("--resident", choices=["none", "gate", "gate,up"], default="none",
+                   help="gated FFNs: keep W_gate (gate) or W_gate and W_up (gate,up) in DRAM as dense tensors and "
+                        "store only up|down or only down in the bundle rows; what `calibrate --selector gate` "
+                        "(gate) and `--selector exact` (gate,up) rank with")
     p.add_argument("--tie-embeddings", action="store_true",
                    help="drop the source's lm_head and use the token embeddings for it (one copy of the matrix; "
                         "for GGUFs of tied-embedding models that store it twice, e.g. Qwen2.5 0.5B-3B)")

@@ -146,10 +146,10 @@ class BundleKernel:
     (`gate_weights`) and begin(layer, h) computes gate.h for all neurons once per layer call; the row
     kernel then takes each neuron's gate pre-activation from there. Backends call begin() first."""
 
-    def __init__(self, config: ModelConfig, layout: BundleLayout, threads: int, gate_weights=None):
+    def __init__(self, config: ModelConfig, layout: BundleLayout, threads: int, gate_weights=None, up_weights=None):
         parts = layout.item_offsets()
         self.act = K.ACTIVATION_OF_KIND[config.ffn_kind]
-        self.in_off, self.gate_off, self.down_off = parts["up"], parts.get("gate", 0), parts["down"]
+        self.in_off, self.gate_off, self.down_off = parts.get("up", 0), parts.get("gate", 0), parts["down"]
         self.d = config.d_model
         self.threads = threads
         # Per-thread partial sums for up to BLAS_MIN_TOKENS tokens (larger T takes the BLAS path).
@@ -158,9 +158,13 @@ class BundleKernel:
         self.no_bias = np.zeros(0, np.float32)
         if layout.gate_resident and (gate_weights is None or len(gate_weights) != config.n_layers):
             raise ValueError("a gate-resident bundle layout needs every layer's W_gate")
+        if layout.up_resident and (up_weights is None or len(up_weights) != config.n_layers):
+            raise ValueError("a down-only bundle layout needs every layer's W_up")
         self.gate_weights = gate_weights if layout.gate_resident else None
-        self.gate_buf = np.zeros((1, config.n_ff), np.float32)   # grows once to a prompt chunk
-        self.gate_pre = self.gate_buf
+        self.up_weights = up_weights if layout.up_resident else None
+        self.gate_buf = np.zeros((1, config.n_ff), np.float32)   # grow once to a prompt chunk
+        self.up_buf = np.zeros((1 if self.up_weights is not None else 0, config.n_ff), np.float32)
+        self.gate_pre, self.up_pre = self.gate_buf, self.up_buf
 
     def begin(self, layer: int, h: np.ndarray) -> None:
         """Start a layer call on h [T, d]: the gate-resident layout's gate.h for every neuron."""
@@ -171,6 +175,11 @@ class BundleKernel:
             self.gate_buf = np.zeros((T, self.gate_buf.shape[1]), np.float32)
         self.gate_pre = self.gate_buf[:T]
         K.matmul(h, self.gate_weights[layer], self.gate_pre)
+        if self.up_weights is not None:
+            if self.up_buf.shape[0] < T:
+                self.up_buf = np.zeros((T, self.up_buf.shape[1]), np.float32)
+            self.up_pre = self.up_buf[:T]
+            K.matmul(h, self.up_weights[layer], self.up_pre)
 
     @staticmethod
     def scratch_bytes(config: ModelConfig, threads: int) -> int:
@@ -182,7 +191,7 @@ class BundleKernel:
             self._batched(h, rows, n_rows, neuron_of_row, bias, out)
             return
         if self.gate_weights is not None:
-            K.ffn_bundles_pregate(h, rows, n_rows, neuron_of_row, self.gate_pre, self.act, self.in_off,
+            K.ffn_bundles_pregate(h, rows, n_rows, neuron_of_row, self.gate_pre, self.up_pre, self.act, self.in_off,
                                   self.down_off, self.partial, out)
             return
         K.ffn_bundles(h, rows, n_rows, neuron_of_row, self.no_bias if bias is None else bias, self.act,
@@ -199,7 +208,8 @@ class BundleKernel:
             hi = min(n_rows, lo + block)
             w = self.scratch[:hi - lo]
             K.widen_rows(rows, lo, hi, w)
-            u = h @ w[:, self.in_off:self.in_off + d].T                        # [T, block]
+            u = h @ w[:, self.in_off:self.in_off + d].T if self.up_weights is None \
+                else self.up_pre[:, neuron_of_row[lo:hi]]                      # [T, block]
             if self.gate_weights is not None:
                 a = K.gate_np(self.gate_pre[:, neuron_of_row[lo:hi]], self.act) * u
             elif self.act != K.ACT_RELU:
@@ -275,13 +285,13 @@ class QuantBundleKernel:
         unpermute(acc, out)
 
 
-def bundle_kernel(config: ModelConfig, layout, threads: int, gate_weights=None):
-    """The kernel for this model's bundle rows: float (f32/f16) or quantized. gate_weights: every
-    layer's W_gate for a gate-resident layout."""
+def bundle_kernel(config: ModelConfig, layout, threads: int, gate_weights=None, up_weights=None):
+    """The kernel for this model's bundle rows: float (f32/f16) or quantized. gate_weights, up_weights:
+    every layer's W_gate (W_up) for a layout that keeps them resident."""
     from .storage import bundle_qformat
     if bundle_qformat(layout.storage) is not None:
         return QuantBundleKernel(config, layout, threads)
-    return BundleKernel(config, layout, threads, gate_weights)
+    return BundleKernel(config, layout, threads, gate_weights, up_weights)
 
 
 class ResidentFFN(FFNBackend):

@@ -256,9 +256,10 @@ def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, act, in_off, gate_off, 
 
 
 @njit(parallel=True, **JIT)
-def ffn_bundles_pregate(h, rows, n_rows, neuron_of_row, gate_pre, act, in_off, down_off, partial, out):
-    """ffn_bundles for the gate-resident layout (rows hold up | down): gate_pre[T, n_ff] holds gate.h for
-    every neuron (computed from the resident W_gate), so a = act(gate_pre[t, neuron]) * (up.h)."""
+def ffn_bundles_pregate(h, rows, n_rows, neuron_of_row, gate_pre, up_pre, act, in_off, down_off, partial, out):
+    """ffn_bundles for the gate-resident layouts: gate_pre[T, n_ff] holds gate.h for every neuron
+    (from the resident W_gate), so a = act(gate_pre[t, neuron]) * (up.h); rows hold up | down, or only
+    down when up_pre[T, n_ff] (from a resident W_up; empty otherwise) holds up.h as well."""
     T, d = h.shape
     C = partial.shape[0]
     for c in prange(C):
@@ -271,7 +272,8 @@ def ffn_bundles_pregate(h, rows, n_rows, neuron_of_row, gate_pre, act, in_off, d
             w_down = rows[r, down_off:down_off + d]
             n = neuron_of_row[r]
             for t in range(T):
-                a = _gate(gate_pre[t, n], act) * _dot(w_in, h[t], d)
+                u = up_pre[t, n] if up_pre.shape[0] else _dot(w_in, h[t], d)
+                a = _gate(gate_pre[t, n], act) * u
                 _axpy(a, w_down, acc[t], d)
     for t in range(T):
         for j in range(d):

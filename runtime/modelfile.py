@@ -170,11 +170,13 @@ def _bundle_layout(folder: Path, mpath: Path, manifest: dict, config: ModelConfi
     parts_in = b.get("parts")
     names_in = [p.get("name") if isinstance(p, dict) else None for p in parts_in] if isinstance(parts_in, list) else None
     # Two layouts: every part in the row, or (gated FFNs) the gate-resident variant whose rows hold up | down.
-    resident = ("gate",) if config.gated and names_in == ["up", "down"] else ()
+    resident = {("up", "down"): ("gate",), ("down",): ("gate", "up")}.get(tuple(names_in or ()), ()) \
+        if config.gated else ()
     want = config.row_parts(resident)
     if names_in != [n for n, _ in want]:
         raise ModelFileError(f"{mpath}: bundles.parts must be {[n for n, _ in config.bundle_parts]}"
-                             + (" or ['up', 'down'] (W_gate resident)" if config.gated else "")
+                             + (", ['up', 'down'] (W_gate resident) or ['down'] (W_gate, W_up resident)"
+                                if config.gated else "")
                              + f" for a {config.ffn_kind} FFN")
     parts, col = [], 0
     for p, (pname, length) in zip(parts_in, want):

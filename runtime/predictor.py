@@ -199,12 +199,14 @@ def read_calibration(folder) -> Calibration:
     return Calibration(sizes, report if isinstance(report, dict) else {})
 
 
-def load_predictors(folder: Path, config, layers=None, state=None, gate_rows=None) -> list[LayerPredictor | None]:
+def load_predictors(folder: Path, config, layers=None, state=None, gate_rows=None,
+                    up_rows=None) -> list[LayerPredictor | None]:
     """One LayerPredictor per layer in `layers` (default all); None for the others. Every tensor's
     shape is checked against `config` (ModelConfig): the matmul kernels index by those shapes.
     `state` (a RunState): the predictors write a decode token's scores into its buffers.
     gate_rows: every layer's resident W_gate of a gate-resident bundle layout; the "gate" and "exact"
-    rules then use it instead of a copy in the predictor file (calibrate writes none for such folders)."""
+    rules then use it instead of a copy in the predictor file (calibrate writes none for such folders);
+    up_rows likewise, W_up of a down-only layout, for "exact"."""
     path, header, start, meta = _open(folder)
     _check_sha256(Path(folder), path)
     try:
@@ -261,7 +263,8 @@ def load_predictors(folder: Path, config, layers=None, state=None, gate_rows=Non
                 else tensor(p + ".gate_rows", (n_ff, d))
             resident = {"gate_rows": w_gate, "down_norm": tensor(p + ".down_norm", (n_ff,))}
             if rule == "exact":
-                resident["up_rows"] = tensor(p + ".up_rows", (n_ff, d))
+                resident["up_rows"] = up_rows[i] if up_rows is not None and p + ".up_rows" not in header \
+                    else tensor(p + ".up_rows", (n_ff, d))
         out.append(LayerPredictor(up=up, gate=gate, rule=rule,
                                   threshold=info.get("threshold", 0.0), keep=info.get("keep", 0),
                                   hot=hot(p + ".hot"), ffn_kind=config.ffn_kind,

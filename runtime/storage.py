@@ -238,6 +238,12 @@ class BundleLayout:
         gate-first order), and rows are read only for the neurons it keeps."""
         return "gate" in self.resident
 
+    @property
+    def up_resident(self) -> bool:
+        """The down-only variant: W_gate and W_up both dense, rows hold only the down column (1/3 of the
+        bytes): what the exact selector (|act(gate.h) * up.h| * ||W_down[:, i]||) needs."""
+        return "up" in self.resident
+
     def decode_part(self, rows: np.ndarray, name: str) -> np.ndarray:
         """f32 [len(rows), length] of one part of stored rows [n, stride_items] (tests, calibration)."""
         p, item = self.part(name), self.storage.view_dtype.itemsize

@@ -1,6 +1,7 @@
-"""The gate-resident bundle layout (`convert --gate-resident`): rows hold up | down, W_gate is a dense
-tensor. Every run mode over it must compute the same FFN as the full layout, a selected neuron must
-cost 2/3 of a full row, and the gate selectors must use the dense W_gate instead of a copy."""
+"""The resident-part bundle layouts (`convert --resident gate`: rows hold up | down, W_gate dense;
+`--resident gate,up`: rows hold the down column, W_gate and W_up dense). Every run mode over them must
+compute the same FFN as the full layout, a selected neuron must cost what its row holds, and the
+gate/exact selectors must use the dense tensors instead of copies."""
 from __future__ import annotations
 
 import numpy as np
@@ -24,10 +25,12 @@ def folders(tmp_path_factory):
     d = tmp_path_factory.mktemp("gate_resident")
     src = tm.make_llama(d / "llama", tied=False)
     full = convert(src, d / "full.flashlm", dtype="f32", progress=False)
-    gr = convert(src, d / "gr.flashlm", dtype="f32", gate_resident=True, progress=False)
+    gr = convert(src, d / "gr.flashlm", dtype="f32", resident=("gate",), progress=False)
+    down = convert(src, d / "down.flashlm", dtype="f32", resident=("gate", "up"), progress=False)
+    calibrate(down, n_tokens=300, ranks=(4, 8), selector="exact", keep=1.0, progress=False)
     # The exact rule at keep 100%: flash then computes every neuron, through the dense W_gate.
     calibrate(gr, n_tokens=300, ranks=(4, 8), selector="exact", keep=1.0, progress=False)
-    return src, full, gr
+    return src, full, gr, down
 
 
 def _run(folder, predictors=None, **rt):
@@ -41,7 +44,7 @@ def _run(folder, predictors=None, **rt):
 
 
 def test_layout_holds_up_and_down_and_the_dense_gate(folders):
-    _, full, gr = folders
+    _, full, gr, down = folders
     f, g = open_folder(full), open_folder(gr)
     assert [p.name for p in g.bundles.parts] == ["up", "down"] and g.bundles.gate_resident
     assert not f.bundles.gate_resident
@@ -49,13 +52,18 @@ def test_layout_holds_up_and_down_and_the_dense_gate(folders):
     c = g.config
     for i in range(c.n_layers):
         assert g.dense[f"layers.{i}.ffn.gate.weight"].shape == (c.n_ff, c.d_model)
+    o = open_folder(down)
+    assert [p.name for p in o.bundles.parts] == ["down"] and o.bundles.up_resident and o.bundles.gate_resident
+    assert o.bundles.row_bytes * 3 == f.bundles.row_bytes
+    assert f"layers.0.ffn.up.weight" in o.dense
 
 
+@pytest.mark.parametrize("variant", ["gate", "gate,up"])
 @pytest.mark.parametrize("mode", ["dense", "mmap", "naive"])
-def test_every_mode_over_the_gate_resident_layout_equals_the_full_layout(folders, mode):
-    _, full, gr = folders
+def test_every_mode_over_the_resident_part_layouts_equals_the_full_layout(folders, mode, variant):
+    _, full, gr, down = folders
     ref, _ = _run(full)
-    got, _ = _run(gr, mode=mode, io="buffered")
+    got, _ = _run(gr if variant == "gate" else down, mode=mode, io="buffered")
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -70,13 +78,14 @@ class AllNeurons:
         return self.all
 
 
+@pytest.mark.parametrize("variant", ["gate", "gate,up"])
 @pytest.mark.parametrize("capacity_fraction", [1.0, 0.3])
-def test_flash_over_the_gate_resident_layout_with_an_exact_selector_equals_dense(folders, capacity_fraction):
+def test_flash_over_the_resident_part_layouts_with_an_exact_selector_equals_dense(folders, capacity_fraction, variant):
     """Sparse layers (neuron cache, background reads, overflow streaming) over up|down rows with the
     gate from DRAM compute exactly the dense FFN when the selector keeps what the FFN needs."""
-    _, full, gr = folders
+    _, full, gr, down = folders
     ref, _ = _run(full)
-    folder = open_folder(gr)
+    folder = open_folder(gr if variant == "gate" else down)
     c = folder.config
     model = Model(folder, RuntimeConfig(mode="flash", window=2, io="buffered", layer_io="sparse", kv_dtype="f32"),
                   predictors=[AllNeurons(c.n_ff) for _ in range(c.n_layers)])
@@ -98,7 +107,7 @@ def test_flash_over_the_gate_resident_layout_with_an_exact_selector_equals_dense
 
 def test_calibrated_gate_and_exact_rules_use_the_dense_gate(folders, tmp_path):
     import shutil
-    src, full, gr = folders
+    src, full, gr, down = folders
     folder = tmp_path / "gr.flashlm"
     shutil.copytree(gr, folder)
     header, _, _ = read_header(folder / "predictor.safetensors")
@@ -108,6 +117,11 @@ def test_calibrated_gate_and_exact_rules_use_the_dense_gate(folders, tmp_path):
     got, st = _run(folder, mode="flash", io="buffered", layer_io="sparse")
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     assert st.wanted > 0
+    # The down-only layout: the exact rule keeps no copies at all, W_gate and W_up are the dense ones.
+    header, _, _ = read_header(down / "predictor.safetensors")
+    assert not any(n.endswith("_rows") for n in header)
+    got, st = _run(down, mode="flash", io="buffered", layer_io="sparse")
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     # The gate rule keeps no copy of W_gate either: its DRAM is the low-rank up map and the norms.
     calibrate(folder, n_tokens=300, ranks=(4, 8), selector="gate", keep=0.5, progress=False)
     header, _, _ = read_header(folder / "predictor.safetensors")
@@ -122,7 +136,7 @@ def test_calibrated_gate_and_exact_rules_use_the_dense_gate(folders, tmp_path):
 def test_gate_resident_needs_a_gated_ffn_and_float_weights(tmp_path):
     from flashlm.converters.source import ConversionError
     with pytest.raises(ConversionError, match="gated FFN"):
-        convert(tm.make_opt(tmp_path / "opt"), tmp_path / "o.flashlm", gate_resident=True, progress=False)
+        convert(tm.make_opt(tmp_path / "opt"), tmp_path / "o.flashlm", resident=("gate",), progress=False)
     with pytest.raises(ConversionError, match="float"):
         convert(tm.make_llama(tmp_path / "l", tied=False), tmp_path / "l.flashlm", dtype="q8_0",
-                gate_resident=True, progress=False)
+                resident=("gate", "up"), progress=False)
