@@ -151,8 +151,9 @@ def _head_dim(f: _Fields, d: int, heads: int) -> int:
 
 def _llama_config(cfg: dict, arch: str, where: Path) -> ModelConfig:
     f = _Fields(cfg, where)
-    if f.str("hidden_act", "silu") != "silu":
-        raise ConversionError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
+    act = f.str("hidden_act", "silu")
+    if act not in ("silu", "relu"):           # relu: ReGLU, relu(gate) * up (ReluLLaMA, ProSparse without FATReLU)
+        raise ConversionError(f"{where}: hidden_act {act!r} is not supported (silu or relu)")
     if f.bool("mlp_bias", False):
         raise ConversionError(f"{where}: mlp_bias=true is not supported")
     max_pos = f.int("max_position_embeddings")
@@ -169,7 +170,7 @@ def _llama_config(cfg: dict, arch: str, where: Path) -> ModelConfig:
         architecture="llama", vocab_size=f.int("vocab_size"), d_model=d,
         n_layers=f.int("num_hidden_layers"), n_heads=heads,
         n_kv_heads=f.int("num_key_value_heads", heads, null_is_default=True), head_dim=head_dim,
-        n_ff=f.int("intermediate_size"), ffn_kind="swiglu", norm_kind="rms",
+        n_ff=f.int("intermediate_size"), ffn_kind="swiglu" if act == "silu" else "reglu", norm_kind="rms",
         norm_eps=f.float("rms_norm_eps", 1e-6), pos_kind="rope", max_position=max_pos,
         rope_theta=theta, rope_scaling=scaling, tied_embeddings=f.bool("tie_word_embeddings", False),
         attn_qkv_bias=attn_bias or arch == "Qwen2ForCausalLM", attn_out_bias=attn_bias,

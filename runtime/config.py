@@ -8,7 +8,9 @@ from .errors import FlashlmError
 
 FORMAT_VERSION = 1
 SUPPORTED_ARCHITECTURES = ("llama", "opt", "gemma3")
-FFN_KINDS = ("swiglu", "geglu", "relu")   # geglu: gate through tanh-approximated GELU (gelu_pytorch_tanh)
+# geglu: gate through tanh-approximated GELU (gelu_pytorch_tanh); reglu: relu(gate) * up (a Llama config
+# with hidden_act relu, as ReluLLaMA and ProSparse ship)
+FFN_KINDS = ("swiglu", "geglu", "reglu", "relu")
 
 
 @dataclass
@@ -21,7 +23,7 @@ class ModelConfig:
     n_kv_heads: int
     head_dim: int
     n_ff: int                    # FFN neurons per layer
-    ffn_kind: str                # "swiglu" / "geglu" (gate, up, down) or "relu" (up, down)
+    ffn_kind: str                # "swiglu" / "geglu" / "reglu" (gate, up, down) or "relu" (up, down)
     norm_kind: str               # "rms" or "layer"; weights are plain multipliers (Gemma's 1 + w is folded in)
     norm_eps: float
     pos_kind: str                # "rope" or "learned"
@@ -58,8 +60,8 @@ class ModelConfig:
 
     @property
     def gated(self) -> bool:
-        """FFN with a gate projection (SwiGLU, GeGLU): a = act(gate.h) * up.h."""
-        return self.ffn_kind in ("swiglu", "geglu")
+        """FFN with a gate projection (SwiGLU, GeGLU, ReGLU): a = act(gate.h) * up.h."""
+        return self.ffn_kind in ("swiglu", "geglu", "reglu")
 
     def layer_window(self, layer: int) -> int:
         """Positions a query of `layer` attends to, counting itself; 0 = all (global attention)."""

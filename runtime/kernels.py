@@ -195,8 +195,8 @@ def attention(q, k_cache, v_cache, pos0, scale, window, out):
 
 
 # FFN activations (the `act` argument of ffn_bundles): ReLU(up.h + b), or gated act(gate.h) * up.h.
-ACT_RELU, ACT_SILU, ACT_GELU_TANH = 0, 1, 2
-ACTIVATION_OF_KIND = {"relu": ACT_RELU, "swiglu": ACT_SILU, "geglu": ACT_GELU_TANH}
+ACT_RELU, ACT_SILU, ACT_GELU_TANH, ACT_RELU_GATE = 0, 1, 2, 3
+ACTIVATION_OF_KIND = {"relu": ACT_RELU, "swiglu": ACT_SILU, "geglu": ACT_GELU_TANH, "reglu": ACT_RELU_GATE}
 GELU_C = 0.7978845608028654   # sqrt(2 / pi)
 
 
@@ -204,6 +204,8 @@ GELU_C = 0.7978845608028654   # sqrt(2 / pi)
 def _gate(g, act):
     if act == ACT_SILU:
         return g / (np.float32(1.0) + np.exp(-g))
+    if act == ACT_RELU_GATE:
+        return max(g, np.float32(0.0))
     # tanh-approximated GELU, as gelu_pytorch_tanh
     return np.float32(0.5) * g * (np.float32(1.0) + np.tanh(np.float32(GELU_C) * (g + np.float32(0.044715) * g * g * g)))
 
@@ -212,6 +214,8 @@ def gate_np(g: np.ndarray, act: int) -> np.ndarray:
     """numpy twin of `_gate` for batched (BLAS) paths and predictors."""
     if act == ACT_SILU:
         return g / (1.0 + np.exp(-g))
+    if act == ACT_RELU_GATE:
+        return np.maximum(g, 0.0)
     return 0.5 * g * (1.0 + np.tanh(GELU_C * (g + 0.044715 * g * g * g)))
 
 

@@ -147,10 +147,12 @@ class GraphBuilder:
 
     def gated(self, gate_up: str, n_ff: int, act: str) -> str:
         """act(g) * u for gate_up = [g | u] along the last axis (one fused MatMulNBits produced it);
-        act silu (SwiGLU) or gelu_tanh (GeGLU, gelu_pytorch_tanh)."""
+        act silu (SwiGLU), relu (ReGLU) or gelu_tanh (GeGLU, gelu_pytorch_tanh)."""
         g, u = self.node("Split", [gate_up, self.const(np.array([n_ff, n_ff], np.int64))], "split", n_out=2, axis=-1)
         if act == "silu":
             a = self.node("Mul", [g, self.node("Sigmoid", [g])], "silu")
+        elif act == "relu":
+            a = self.node("Relu", [g])
         else:
             a = self.node("FastGelu", [g], "gelu", domain="com.microsoft")
         return self.node("Mul", [a, u], "act")

@@ -115,9 +115,9 @@ class OrtLayers:
         x = self._attn_out(g, weight, l)
         h = self._norm(g, weight, x, f"layers.{l}.ffn_norm")
         p = f"layers.{l}.ffn."
-        if c.ffn_kind in ("swiglu", "geglu"):
+        if c.gated:
             gate_up = g.linears(h, [weight(p + "gate.weight"), weight(p + "up.weight")], [None, None], "gate_up")
-            a = g.gated(gate_up, c.n_ff, "silu" if c.ffn_kind == "swiglu" else "gelu_tanh")
+            a = g.gated(gate_up, c.n_ff, {"swiglu": "silu", "reglu": "relu", "geglu": "gelu_tanh"}[c.ffn_kind])
         else:
             a = g.relu(g.linear(h, weight(p + "up.weight"), weight(p + "up.bias") if c.ffn_bias else None, "up"))
         y = g.linear(a, weight(p + "down.weight"), weight(p + "down.bias") if c.ffn_bias else None, "down")

@@ -16,6 +16,7 @@ MODELS = {
     "llama-gqa-untied": lambda p: tm.make_llama(p, tied=False, n_kv_heads=2),
     "llama-tied-mha": lambda p: tm.make_llama(p, tied=True, n_kv_heads=4),
     "qwen2-bias": lambda p: tm.make_llama(p, tied=False, qwen2=True),
+    "llama-relu-reglu": lambda p: tm.make_llama(p, tied=False, hidden_act="relu"),   # relu(gate) * up
     "llama-bf16-sharded": lambda p: tm.make_llama(p, tied=False, sharded=True, dtype=tm.torch.bfloat16),
     "opt": lambda p: tm.make_opt(p),
     "qwen3-qk-norm": lambda p: tm.make_qwen3(p),

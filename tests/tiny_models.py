@@ -65,12 +65,12 @@ def _save(model, folder: Path, seed: int, *, dtype=torch.float32, sharded=False,
 
 
 def make_llama(folder, seed: int = 0, *, tied: bool, n_kv_heads: int = 2, dtype=torch.float32,
-               sharded: bool = False, qwen2: bool = False) -> Path:
+               sharded: bool = False, qwen2: bool = False, hidden_act: str = "silu") -> Path:
     """Llama (or Qwen2 with q/k/v biases) with intermediate 160, deliberately not a multiple of 64."""
     cls, cfg_cls = ((transformers.Qwen2ForCausalLM, transformers.Qwen2Config) if qwen2 else
                     (transformers.LlamaForCausalLM, transformers.LlamaConfig))
     cfg = cfg_cls(**COMMON, num_hidden_layers=2, num_key_value_heads=n_kv_heads, intermediate_size=160,
-                  rope_theta=50000.0, rms_norm_eps=1e-5, tie_word_embeddings=tied)
+                  rope_theta=50000.0, rms_norm_eps=1e-5, tie_word_embeddings=tied, hidden_act=hidden_act)
     torch.manual_seed(seed)
     return _save(cls(cfg), Path(folder), seed, dtype=dtype, sharded=sharded)
 
