@@ -15,7 +15,11 @@ Selectors (the `layout` decides what is resident and what a neuron costs to read
   gate-lowup-wina the same times ||W_down[:, i]|| (WINA's weight-informed ranking)
   gate-stat       |act(g)| * E|u_i| * ||W_down[:, i]|| (per-neuron statistics from calibration text)
   gateup-wina     W_gate and W_up resident, exact |a| * ||W_down[:, i]||; reads only down columns
+  gateup-mass     gateup-wina's score, per token the fewest neurons holding --mass of its score mass
+  gateup-layer    gateup-wina with per-layer keep fractions calibrated on --calib-text (mean = --keep)
   griffin         per prompt (GRIFFIN): top-k by ||a[:, i] / ||a[t]|| ||_2 over the prompt, fixed after
+--comp R adds the dropped neurons back through a resident rank-R W_down (truncated SVD, or fitted to
+the dropped contributions on the calibration text with --comp-fit) for the gateup-* methods.
 Any per-token selector with --dip G is DIP's cache-aware masking: scores of neurons already in the
 cache are multiplied by G before the top-k, so cached neurons win close calls.
 
