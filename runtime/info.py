@@ -21,7 +21,7 @@ def model_info(folder: ModelFolder, *, ctx_len: int = 2048) -> dict:
     for name, t in folder.dense.items():
         part = ("embeddings" if "embeddings" in name or name == "lm_head" else
                 "attention" if ".attn." in name else
-                "resident W_gate" if ".ffn." in name and name.endswith(".weight") else "norms+biases")
+                "resident FFN parts" if ".ffn." in name and name.endswith(".weight") else "norms+biases")
         dense[part] = dense.get(part, 0) + t.nbytes
     b = folder.bundles
     ffn_bytes = c.n_layers * b.layer_bytes
