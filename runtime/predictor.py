@@ -20,9 +20,9 @@ Stored in predictor.safetensors as layers.{i}.predictor.{up,gate}.{A [r, d], B [
 layers.{i}.predictor.hot [n_ff] (neurons by calibration frequency) and, for "gate",
 layers.{i}.predictor.gate_rows [n_ff, d] and layers.{i}.predictor.down_norm [n_ff], for "exact" also
 layers.{i}.predictor.up_rows [n_ff, d] (and no low-rank maps); rule and rank in the metadata. A folder
-converted with the gate-resident layout (`convert --gate-resident`: rows hold up | down) has W_gate in
-its dense weights: no gate_rows are stored, the rules use that tensor, and a selected neuron costs
-2/3 of a full row to read.
+converted with `convert --resident gate` (rows hold up | down) or `--resident gate,up` (rows hold the
+down column) has W_gate (and W_up) in its dense weights: no copies are stored, the rules use those
+tensors, and a selected neuron costs only what its row holds (after 4 KiB alignment, docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
