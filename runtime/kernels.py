@@ -417,10 +417,10 @@ def select_above(scores, threshold, ids):
 
 
 @njit(**JIT)
-def _kth_largest(a, k):
-    # The k-th largest value of a (1 <= k <= len(a)); reorders a. Quickselect, Hoare partition around
-    # a median of three (no quadratic case on sorted input).
-    target = a.shape[0] - k
+def kth_smallest(a, k):
+    """The k-th smallest value of a (1 <= k <= len(a)); reorders a. Quickselect, Hoare partition around
+    a median of three (no quadratic case on sorted input). The selectors and the cache's eviction share it."""
+    target = k - 1
     lo, hi = 0, a.shape[0] - 1
     while lo < hi:
         mid = (lo + hi) // 2
@@ -455,7 +455,7 @@ def select_top(scores, k, work, ids):
         return 0
     for j in range(n):
         work[j] = scores[j]
-    kth = _kth_largest(work[:n], k)
+    kth = kth_smallest(work[:n], n - k + 1)   # the k-th largest
     above = 0
     for j in range(n):
         if scores[j] > kth:

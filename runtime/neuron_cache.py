@@ -41,6 +41,7 @@ import numpy as np
 from numba import njit
 
 from .flash_reader import aligned_empty
+from .kernels import kth_smallest
 
 JIT = dict(cache=True, fastmath=True, nogil=True)
 
@@ -120,7 +121,7 @@ def _evict_lru(count, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinne
         return n, 0
     # The k-th smallest age by selection (no sort, nothing allocated); then every candidate older
     # than it, and as many of its ties as are still needed, in row order.
-    kth = _kth_smallest(age[:c], k)
+    kth = kth_smallest(age[:c], k)
     older = 0
     for q in range(c):
         if last_used[cand[q]] < kth:
@@ -134,34 +135,6 @@ def _evict_lru(count, t, n, rows, neuron_of_row, row_of_neuron, last_used, pinne
                 ties -= 1
             n = _remove_row(row_of_neuron[i], n, rows, neuron_of_row, row_of_neuron)
     return n, k
-
-
-@njit(**JIT)
-def _kth_smallest(a, k):
-    # The k-th smallest value of a (1 <= k <= len(a)); reorders a (quickselect, median-of-three pivot).
-    target = k - 1
-    lo, hi = 0, a.shape[0] - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        x, y, z = a[lo], a[mid], a[hi]
-        pivot = max(min(x, y), min(max(x, y), z))
-        i, j = lo, hi
-        while i <= j:
-            while a[i] < pivot:
-                i += 1
-            while a[j] > pivot:
-                j -= 1
-            if i <= j:
-                a[i], a[j] = a[j], a[i]
-                i += 1
-                j -= 1
-        if target <= j:
-            hi = j
-        elif target >= i:
-            lo = i
-        else:
-            return a[target]
-    return a[target]
 
 
 @njit(**JIT)
