@@ -19,9 +19,8 @@ from .cost_model import CostModel
 from .embedding_rows import FileEmbeddingRows
 from .ffn import BundleKernel, FFNBackend, FlashFFN, GraphFFN, MmapFFN, ResidentFFN, bundle_kernel, read_layer_checked
 from .memory import MODES, PREFILL_CHUNK, BudgetError, MemoryPlan, Placement, plan_memory
-from .modelfile import (ROW_CRC_TENSOR, ModelFileError, ModelFolder, bundle_layers, map_verified, read_verified,
-                        resident_part_name,
-                        tensors_from_buffer)
+from .modelfile import (ROW_CRC_TENSOR, ModelFileError, ModelFolder, RowCheck, bundle_layers, map_verified,
+                        read_verified, resident_part_name, tensors_from_buffer)
 from .runstate import RunState
 
 log = logging.getLogger("flashlm")
@@ -114,7 +113,8 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
         predictors = load_predictors(folder.path, c, sparse, state, gate_rows=gates, up_rows=ups)
     kernel = bundle_kernel(c, folder.bundles, threads, gates, ups)
     biases = [weights.get(f"layers.{i}.ffn.up.bias") for i in range(c.n_layers)]
-    row_crc = weights.get(ROW_CRC_TENSOR) if rt.verify_reads else None
+    row_crc = (RowCheck(weights[ROW_CRC_TENSOR], folder.file(folder.bundles.file))
+               if rt.verify_reads and ROW_CRC_TENSOR in weights else None)
     widened = False
     if ort:
         from .engines import onnxruntime_status

@@ -27,7 +27,7 @@ from . import qkernels as QK
 from .config import ModelConfig
 from .cost_model import CostModel
 from .flash_reader import aligned_empty
-from .modelfile import ModelFileError, check_rows
+from .modelfile import ModelFileError, RowCheck
 from .storage import BundleLayout
 
 
@@ -37,13 +37,14 @@ def read_error(path, layer: int, e: OSError) -> ModelFileError:
                           "the file is truncated or unreadable")
 
 
-def read_layer_checked(reader, layer: int, buf, row_crc, all_rows) -> None:
-    """Read one whole layer into buf and check every row's CRC-32 (row_crc None: no check)."""
+def read_layer_checked(reader, layer: int, buf, row_crc: RowCheck | None, all_rows) -> None:
+    """Read one whole layer into buf and check its rows' CRC-32 (row_crc None: no check)."""
     try:
         reader.read_layer(layer, buf)
     except OSError as e:
         raise read_error(reader.path, layer, e) from None
-    check_rows(buf, all_rows, row_crc, reader.path, layer)
+    if row_crc is not None:
+        row_crc.check(buf, all_rows, layer)
 
 
 @dataclass
@@ -364,7 +365,8 @@ class MmapFFN(FFNBackend):
         if size < off + nbytes:
             raise ModelFileError(f"{self.path}: shrank to {size} bytes while mapped (layer {layer} needs "
                                  f"{off + nbytes}); the model file was truncated during the run")
-        check_rows(rows, self.all_neurons, self.row_crc, self.path, layer)
+        if self.row_crc is not None:
+            self.row_crc.check(rows, self.all_neurons, layer)
         self.kernel.begin(layer, h)
         self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
         start = off - off % mmap.PAGESIZE
@@ -427,7 +429,8 @@ class LayerStreamer:
         if self.whole:                   # only this pool's thread writes these two fields
             self.stats.stream_read_s += time.perf_counter() - t0
             self.stats.stream_bytes += n * self.stride
-        check_rows(self.buffers[b][:n], neurons, self.row_crc, self.reader.path, layer)
+        if self.row_crc is not None:
+            self.row_crc.check(self.buffers[b][:n], neurons, layer)
         return n
 
     def _submit(self, layer, neurons):
@@ -587,14 +590,14 @@ class FlashFFN(FFNBackend):
             self._read(layer, neurons, out, out_rows)
 
     def _read(self, layer, neurons, out, out_rows) -> None:
-        """Read rows and check them (in the calling thread: zlib releases the GIL, so a background
-        read's check overlaps with compute). out_rows are consecutive (the cache appends)."""
+        """Read rows and check the ones read for the first time (RowCheck), in the calling thread.
+        out_rows are consecutive (the cache appends)."""
         try:
             self.reader.read_rows(layer, neurons, out, out_rows)
         except OSError as e:
             raise read_error(self.reader.path, layer, e) from None
-        if len(neurons):
-            check_rows(out[out_rows[0]:out_rows[0] + len(neurons)], neurons, self.row_crc, self.reader.path, layer)
+        if self.row_crc is not None:
+            self.row_crc.check(out[out_rows[0]:out_rows[0] + len(neurons)], neurons, layer)
 
     # -- lookahead
     def _look_ahead(self, layer, h) -> None:

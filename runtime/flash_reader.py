@@ -28,6 +28,7 @@ import weakref
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from .errors import FlashlmError
 
@@ -60,60 +61,116 @@ def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
+@njit(cache=True, nogil=True)
+def _plan_runs(neurons, out_rows, n_rows, layer_off, stride, gap_blocks, cap_blocks, threads, out_addr,
+               counts, ns, dst, run_off, run_len, run_lo, run_hi, run_consecutive, run_direct):
+    """Turn one call's (neuron, out row) pairs into runs: aligned byte ranges in file order, each with the
+    sorted rows lo:hi it carries. Writes into the preallocated arrays; returns (runs, unique rows).
+
+    - Rows are sorted by neuron with a stable counting sort (ids are < n_rows, a few thousand).
+    - Segments: the blocks rows touch, merged when the hole between them is <= gap_blocks (reading
+      through a small hole costs less than a second request on this kind of disk).
+    - Runs: segments cut at the staging size and, for big reads (a whole layer, long runs), into about one
+      piece per worker so all of them read in parallel (not below MIN_SPLIT_BYTES). Cuts fall on whole
+      rows: the rows of a segment sit on a grid of row_blocks from the segment's first row.
+    - run_direct[k] >= 0 is a byte offset into `out` when run k is exactly its rows, consecutive in `out`
+      at an aligned address, so it is read straight into `out` without the staging copy."""
+    n = len(neurons)
+    counts[:n_rows + 1] = 0
+    for i in range(n):
+        counts[neurons[i] + 1] += 1
+    for r in range(n_rows):
+        counts[r + 1] += counts[r]
+    for i in range(n):                       # stable: equal neurons keep their call order
+        r = neurons[i]
+        j = counts[r]
+        counts[r] = j + 1
+        ns[j] = r
+        dst[j] = out_rows[i]
+    unique = 1
+    for i in range(1, n):
+        if ns[i] != ns[i - 1]:
+            unique += 1
+
+    row_blocks = max(stride // BLOCK, 1)
+    # First pass: total blocks over segments, for the per-worker split.
+    total_blocks = 0
+    seg_bs = (layer_off + ns[0] * stride) // BLOCK
+    prev_be = (layer_off + ns[0] * stride + stride + BLOCK - 1) // BLOCK
+    for i in range(1, n):
+        bs = (layer_off + ns[i] * stride) // BLOCK
+        if bs > prev_be + gap_blocks:
+            total_blocks += prev_be - seg_bs
+            seg_bs = bs
+        prev_be = (layer_off + ns[i] * stride + stride + BLOCK - 1) // BLOCK   # sorted: monotonic
+    total_blocks += prev_be - seg_bs
+    want = -(-total_blocks // threads)
+    cap = min(cap_blocks, max(want, MIN_SPLIT_BYTES // BLOCK))
+    cap = max(cap // row_blocks, 1) * row_blocks
+
+    # Second pass: runs.
+    k = -1
+    seg_bs = 0
+    piece = 0
+    prev_be = 0
+    for i in range(n):
+        start = layer_off + ns[i] * stride
+        bs = start // BLOCK
+        be = (start + stride + BLOCK - 1) // BLOCK
+        new_seg = i == 0 or bs > prev_be + gap_blocks
+        if new_seg:
+            seg_bs = bs
+        p = (bs - seg_bs) // cap
+        if new_seg or p != piece:
+            if k >= 0:
+                run_hi[k] = i
+            k += 1
+            run_lo[k] = i
+            run_off[k] = bs * BLOCK
+            run_consecutive[k] = True
+        elif ns[i] - ns[i - 1] != 1 or dst[i] - dst[i - 1] != 1:
+            run_consecutive[k] = False
+        piece = p
+        prev_be = be
+        run_len[k] = be * BLOCK - run_off[k]              # trimmed to the run's last wanted row
+    run_hi[k] = n
+    n_runs = k + 1
+    for k in range(n_runs):
+        lo, hi = run_lo[k], run_hi[k]
+        run_direct[k] = -1
+        if (out_addr >= 0 and run_consecutive[k] and layer_off + ns[lo] * stride == run_off[k]
+                and (hi - lo) * stride == run_len[k] and (out_addr + dst[lo] * stride) % BLOCK == 0):
+            run_direct[k] = dst[lo] * stride
+    return n_runs, unique
+
+
+@njit(cache=True, nogil=True)
+def _scatter_rows(rows, ns, dst, lo, hi, base, out2d):
+    """out2d[dst[j]] = rows[ns[j] - base] for j in lo:hi, without the GIL (the other readers and the
+    compute thread keep running) and without fancy-indexing temporaries."""
+    for j in range(lo, hi):
+        out2d[dst[j], :] = rows[ns[j] - base, :]
+
+
 class _Plan:
-    """Runs (aligned byte ranges) for one call, in file order, and the rows each run carries.
+    """Preallocated arrays for one call's runs (see _plan_runs), reused call after call: a decode token
+    allocates no arrays here. A reader keeps one per call in flight (concurrent callers each take one)."""
 
-    Rows are sorted by neuron, so run k carries sorted rows lo[k]:hi[k]. `direct[k]` >= 0 is a byte
-    offset into `out` when the run is exactly those rows, consecutive in `out` at an aligned address,
-    so it can be read straight into `out` without the staging copy."""
+    def __init__(self, capacity: int, n_rows: int):
+        self.capacity = capacity
+        self.counts = np.zeros(n_rows + 1, np.int64)
+        self.ns, self.dst = np.zeros(capacity, np.int64), np.zeros(capacity, np.int64)
+        self.off, self.length = np.zeros(capacity, np.int64), np.zeros(capacity, np.int64)
+        self.lo, self.hi = np.zeros(capacity, np.int64), np.zeros(capacity, np.int64)
+        self.consecutive = np.zeros(capacity, np.bool_)
+        self.direct = np.zeros(capacity, np.int64)
+        self.n_runs = self.unique = 0
 
-    def __init__(self, neurons, out_rows, layer_off, stride, gap_blocks, cap_blocks, threads, out_addr):
-        order = np.argsort(neurons, kind="stable")
-        self.ns = ns = neurons[order].astype(np.int64)
-        self.dst = dst = out_rows[order].astype(np.int64)
-        n = len(ns)
-        self.unique = int(np.count_nonzero(np.diff(ns))) + 1     # duplicates are fetched once
-        start = layer_off + ns * stride
-        bs = start // BLOCK                                   # first block of each row
-        be = (start + stride + BLOCK - 1) // BLOCK            # one past its last block (sorted: monotonic)
-        row_blocks = max(stride // BLOCK, 1)
-
-        # Segments: blocks touched, merged when the hole between them is <= gap_blocks (reading through a
-        # small hole costs less than a second request on this kind of disk).
-        seg_brk = np.ones(n, dtype=bool)
-        seg_brk[1:] = bs[1:] > be[:-1] + gap_blocks
-        seg_id = np.cumsum(seg_brk) - 1
-        seg_first = np.flatnonzero(seg_brk)
-        seg_last = np.append(seg_first[1:], n) - 1
-        total_blocks = int((be[seg_last] - bs[seg_first]).sum())
-
-        # Cap runs at the staging size, and cut big reads (a whole layer, long runs) into about one piece
-        # per worker so all of them read in parallel (not below 64 KiB: smaller reads are less efficient).
-        # Caps are whole rows, so no row straddles two pieces: the rows of a segment sit on a grid of
-        # row_blocks starting at the segment's first row.
-        want = -(-total_blocks // threads)
-        cap = min(cap_blocks, max(want, MIN_SPLIT_BYTES // BLOCK))
-        cap = max(cap // row_blocks, 1) * row_blocks
-        piece = (bs - bs[seg_first][seg_id]) // cap
-        run_brk = seg_brk.copy()
-        run_brk[1:] |= piece[1:] != piece[:-1]
-        lo = np.flatnonzero(run_brk)
-        hi = np.append(lo[1:], n)
-        off = bs[lo] * BLOCK
-        length = be[hi - 1] * BLOCK - off                     # trimmed to the first/last wanted row
-
-        # Straight-into-out runs: no holes, no duplicates, consecutive destination rows, aligned address.
-        breaks = np.zeros(n, dtype=np.int64)
-        breaks[1:] = np.cumsum((np.diff(ns) != 1) | (np.diff(dst) != 1))
-        consecutive = breaks[hi - 1] == breaks[lo]
-        direct = np.full(len(lo), -1, dtype=np.int64)
-        if out_addr is not None:
-            ok = (consecutive & (start[lo] == off) & ((hi - lo) * stride == length)
-                  & ((out_addr + dst[lo] * stride) % BLOCK == 0))
-            direct[ok] = dst[lo][ok] * stride
-
-        cols = [off.tolist(), length.tolist(), lo.tolist(), hi.tolist(), consecutive.tolist(), direct.tolist()]
-        self.runs = list(zip(*cols))
+    def fill(self, neurons, out_rows, n_rows, layer_off, stride, gap_blocks, cap_blocks, threads, out_addr):
+        self.n_runs, self.unique = _plan_runs(
+            neurons, out_rows, n_rows, layer_off, stride, gap_blocks, cap_blocks, threads, out_addr,
+            self.counts, self.ns, self.dst, self.off, self.length, self.lo, self.hi, self.consecutive,
+            self.direct)
 
 
 def _read_full(fd: int, buf: memoryview, offset: int, need: int) -> tuple[int, int]:
@@ -135,10 +192,11 @@ def _read_full(fd: int, buf: memoryview, offset: int, need: int) -> tuple[int, i
     return got, calls
 
 
-def _do_task(fd, stage_mv, stage_np, runs, claim, job):
-    ns_arr, dst_arr, ns, dst, out2d, out_mv, layer_off, stride = job
+def _do_task(fd, stage_mv, stage_np, claim, job):
+    plan, out2d, out_mv, layer_off, stride = job
+    ns, dst = plan.ns, plan.dst
     nbytes = ncalls = 0
-    n = len(runs)
+    n = plan.n_runs
     while True:
         # Workers claim runs one at a time from a shared counter (next() on itertools.count is atomic
         # under the GIL), so a worker that drew fast reads takes more: the call ends about one read after
@@ -146,24 +204,20 @@ def _do_task(fd, stage_mv, stage_np, runs, claim, job):
         i = next(claim)
         if i >= n:
             break
-        off, length, lo, hi, consecutive, direct = runs[i]
+        off, length, direct = int(plan.off[i]), int(plan.length[i]), int(plan.direct[i])
         if direct >= 0:
             b, c = _read_full(fd, out_mv[direct:direct + length], off, length)
         else:
-            first = layer_off + ns[lo] * stride - off
-            need = layer_off + ns[hi - 1] * stride + stride - off   # EOF may cut the alignment padding
+            lo, hi = int(plan.lo[i]), int(plan.hi[i])
+            first = layer_off + int(ns[lo]) * stride - off
+            need = layer_off + int(ns[hi - 1]) * stride + stride - off   # EOF may cut the alignment padding
             b, c = _read_full(fd, stage_mv[:length], off, need)
             if hi - lo == 1:                                     # the common random case: one row
-                d = dst[lo] * stride
+                d = int(dst[lo]) * stride
                 out_mv[d:d + stride] = stage_mv[first:first + stride]
             else:
                 rows = stage_np[:length].reshape(-1, stride)    # run start is on the row grid
-                base = (off - layer_off) // stride
-                if consecutive:
-                    d0, r0 = dst[lo], ns[lo] - base
-                    out2d[d0:d0 + hi - lo] = rows[r0:r0 + hi - lo]
-                else:
-                    out2d[dst_arr[lo:hi]] = rows[ns_arr[lo:hi] - base]
+                _scatter_rows(rows, ns, dst, lo, hi, (off - layer_off) // stride, out2d)
         nbytes += b
         ncalls += c
     return nbytes, ncalls
@@ -178,12 +232,12 @@ def _worker(tasks: queue.SimpleQueue, fd: int, stage: mmap.mmap) -> None:
         item = tasks.get()
         if item is None:
             break
-        runs, claim, job, done = item
+        claim, job, done = item
         try:
-            done.put((*_do_task(fd, stage_mv, stage_np, runs, claim, job), None))
+            done.put((*_do_task(fd, stage_mv, stage_np, claim, job), None))
         except BaseException as e:  # noqa: BLE001 - handed to the caller, who re-raises it
             done.put((0, 0, e))
-        del item, runs, claim, job, done   # drop references to the caller's `out` before blocking again
+        del item, claim, job, done   # drop references to the caller's `out` before blocking again
     del stage_np
     stage_mv.release()
 
@@ -234,6 +288,8 @@ class FlashReader:
         self._lock = threading.Lock()
         self._active = 0               # calls in flight, and since when the reader has been busy
         self._busy_since = 0.0
+        self._plans: list[_Plan] = []  # run arrays for calls, reused (see _Plan)
+        self._all_rows = np.arange(self.n_rows, dtype=np.int64)
 
         self._fd = self._open()
         stages = [mmap.mmap(-1, self.staging_bytes) for _ in range(self.threads)]
@@ -298,8 +354,7 @@ class FlashReader:
         out_u8 = self._check_out(out)
         if out_u8.shape[0] < self.n_rows:
             raise ValueError(f"out has {out_u8.shape[0]} rows, the layer has {self.n_rows}")
-        rows = np.arange(self.n_rows, dtype=np.int64)
-        self._run(layer, rows, out_u8, rows, t0)
+        self._run(layer, self._all_rows, out_u8, self._all_rows, t0)
 
     def drop_cache(self) -> None:
         """Evict this file's pages from the OS page cache (for cold-read baselines in buffered mode)."""
@@ -330,22 +385,36 @@ class FlashReader:
             raise ValueError(f"out rows are {out.shape[1] * out.itemsize} bytes, stride is {self.stride_bytes}")
         return out.view(np.uint8)
 
+    def _take_plan(self, n: int) -> _Plan:
+        with self._lock:
+            for i, p in enumerate(self._plans):
+                if p.capacity >= n:
+                    return self._plans.pop(i)
+        return _Plan(max(n, self.n_rows), self.n_rows)   # first call, a new concurrent caller, or duplicates
+
     def _run(self, layer: int, neurons: np.ndarray, out_u8: np.ndarray, out_rows: np.ndarray, t0: float) -> None:
+        plan = self._take_plan(len(neurons))
         layer_off = self.layer_offsets[layer]
-        plan = _Plan(neurons, out_rows, layer_off, self.stride_bytes, self.max_gap_bytes // BLOCK,
-                     self.staging_bytes // BLOCK, self.threads, _address(out_u8))
-        out_mv = memoryview(out_u8.reshape(-1))
-        # Lists too: workers mostly index single elements, and Python ints are much cheaper there.
-        job = (plan.ns, plan.dst, plan.ns.tolist(), plan.dst.tolist(), out_u8, out_mv, layer_off, self.stride_bytes)
+        try:
+            plan.fill(neurons, out_rows, self.n_rows, layer_off, self.stride_bytes, self.max_gap_bytes // BLOCK,
+                      self.staging_bytes // BLOCK, self.threads, _address(out_u8))
+            nbytes, ncalls = self._read_plan(plan, out_u8, layer_off)
+        finally:
+            with self._lock:
+                self._plans.append(plan)
+        self._account(plan.unique * self.row_bytes, nbytes, ncalls, t0)
+
+    def _read_plan(self, plan: _Plan, out_u8: np.ndarray, layer_off: int) -> tuple[int, int]:
+        job = (plan, out_u8, memoryview(out_u8.reshape(-1)), layer_off, self.stride_bytes)
         with self._lock:
             if self._active == 0:
                 self._busy_since = time.perf_counter()
             self._active += 1
         done: queue.SimpleQueue = queue.SimpleQueue()
         claim = itertools.count()
-        busy = self._queues[:len(plan.runs)]              # one task per worker that has something to do
+        busy = self._queues[:plan.n_runs]                 # one task per worker that has something to do
         for q in busy:
-            q.put((plan.runs, claim, job, done))
+            q.put((claim, job, done))
         nbytes = ncalls = 0
         error = None
         for _ in busy:
@@ -356,9 +425,9 @@ class FlashReader:
             self._active -= 1
             if self._active == 0:
                 self.stats.busy_s += time.perf_counter() - self._busy_since
-        self._account(plan.unique * self.row_bytes, nbytes, ncalls, t0)
         if error is not None:
             raise error
+        return nbytes, ncalls
 
     def _account(self, useful: int, nbytes: int, ncalls: int, t0: float) -> None:
         with self._lock:

@@ -1,5 +1,6 @@
 """The model folder: row-column bundles, alignment, atomic writes, verification of corrupt files."""
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -132,3 +133,22 @@ def test_unsupported_source_is_refused(tmp_path):
     with pytest.raises(ConversionError, match="not a GGUF file"):
         convert(tmp_path / "notes.txt", tmp_path / "x.flashlm")
     assert not (tmp_path / "x.flashlm").exists()
+
+
+def test_row_check_verifies_each_row_the_first_time_it_is_read(tmp_path):
+    from flashlm.runtime.modelfile import ModelFileError, RowCheck
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 255, (2, 16, 64), dtype=np.uint8)            # [layers, n_ff, stride]
+    expected = np.array([[zlib.crc32(r) for r in layer] for layer in rows], np.uint32)
+    check = RowCheck(expected, tmp_path / "ffn.safetensors")
+    picked = np.array([3, 7, 7, 1])                                       # a duplicate within one call
+    check.check(rows[1][picked], picked, 1)
+    bad = rows[1].copy()
+    bad[7, 5] ^= 1                                                        # neuron 7 was verified: trusted now
+    check.check(bad[[7]], np.array([7]), 1)
+    bad[2, 0] ^= 1                                                        # neuron 2 was not: caught on its first read
+    with pytest.raises(ModelFileError, match=r"ffn\.safetensors: layer 1 neuron 2 fails its CRC-32"):
+        check.check(bad[[0, 2]], np.array([0, 2]), 1)
+    check.check(rows[0], np.arange(16), 0)                                # a whole layer, then nothing left to hash
+    assert check.unseen_left[0] == 0
+    check.check(bad, np.arange(16), 0)
