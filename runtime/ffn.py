@@ -596,7 +596,7 @@ class FlashFFN(FFNBackend):
             self.reader.read_rows(layer, neurons, out, out_rows)
         except OSError as e:
             raise read_error(self.reader.path, layer, e) from None
-        if self.row_crc is not None:
+        if self.row_crc is not None and len(neurons):
             self.row_crc.check(out[out_rows[0]:out_rows[0] + len(neurons)], neurons, layer)
 
     # -- lookahead
