@@ -164,6 +164,7 @@ def bench(folder_path, modes: list[str], rt: RuntimeConfig, *, pp: int, tg: int,
             cmd += ["--memory-limit", str(rt.memory_limit)]
         if rt.dense_engine != "auto":
             cmd += ["--dense-engine", rt.dense_engine]
+        cmd += ["--ort-spin-us", str(rt.ort_spin_us)]
         if rt.embeddings != "auto":
             cmd += ["--embeddings", rt.embeddings]
         cmd += ["--kv-dtype", rt.kv_dtype]

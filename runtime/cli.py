@@ -126,6 +126,9 @@ def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_l
     p.add_argument("--dense-engine", default="auto", choices=["auto", "onnxruntime", "numba"],
                    help="quantized dense weights: onnxruntime (fast, ~1.5x their bytes resident, more while building), numba (from the "
                         "stored rows) or auto (numba under --memory-limit)")
+    p.add_argument("--ort-spin-us", type=_NON_NEGATIVE, default=10, metavar="US",
+                   help="onnxruntime dense weights with several threads: split every matvec across them, idle workers "
+                        "spinning this many microseconds before sleeping (0: no spinning, layers on one thread)")
     p.add_argument("--embeddings", default="auto", choices=["auto", "resident", "flash"],
                    help="token embeddings resident or one row read from the file per token "
                         "(auto: from the file under --budget or --memory-limit)")
@@ -158,7 +161,7 @@ def _runtime_config(args):
         embeddings=args.embeddings, dense_engine=args.dense_engine, window=args.window,
         pin=args.pin, io=args.io, io_threads=args.io_threads, max_gap_bytes=args.max_gap,
         layer_io=args.layer_io, profile=args.profile, verify_reads=not args.no_verify, kv_dtype=args.kv_dtype,
-        pipeline=not args.no_pipeline))
+        pipeline=not args.no_pipeline, ort_spin_us=args.ort_spin_us))
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:

@@ -119,6 +119,9 @@ class RuntimeConfig:
     dense_engine: str = "auto"   # quantized dense weights: onnxruntime (MatMulNBits, fast, ~1.5x their bytes
     #                              resident) | numba (from the stored rows, 1x) | auto (numba under --memory-limit)
     int8_activations: bool = True  # quantized weights: MatMulNBits with int8 activations (fast) or f32 (exact)
+    ort_spin_us: int = 10        # onnxruntime dense weights, threads > 1: every session splits its matvecs across
+    #                              the threads and its idle worker spins this long (µs) before it sleeps; 0: no
+    #                              spinning, sessions run on the calling thread (the lm_head split), prompts in row blocks
     pipeline: bool = True        # flash reads start ahead of the layer that needs them (lookahead, read-ahead
     #                              of the next streamed layer, wrapping to the next token); False: none do
 
@@ -145,6 +148,8 @@ class RuntimeConfig:
             bad("embeddings", "use auto, resident or flash")
         if self.dense_engine not in ("auto", "onnxruntime", "numba"):
             bad("dense_engine", "use auto, onnxruntime or numba")
+        if self.ort_spin_us < 0:
+            bad("ort_spin_us", "a spin time is not negative")
         if self.kv_dtype not in ("f16", "f32"):
             bad("kv_dtype", "the KV cache dtype is f16 or f32")
 

@@ -137,7 +137,8 @@ class Model:
             # embedding rows of the tokens seen, norms, biases) faults back in page by page.
             for buf in mapped:
                 release_mapped(buf)
-        self.ort = OrtLayers(c, weight, [ffn_in_graph] * c.n_layers, self.threads, lm_head, level, on_session=release)
+        self.ort = OrtLayers(c, weight, [ffn_in_graph] * c.n_layers, self.threads, lm_head, level, on_session=release,
+                             spin_us=self.runtime.ort_spin_us)
         del matrices, mapped
         keep = ("pos_embeddings", ROW_CRC_TENSOR) + (() if self.embedding_rows else ("tok_embeddings",))
         self.w = {n: a for n, a in self.w.items() if n in keep or a.ndim == 1}

@@ -11,8 +11,9 @@ The block sums are f32 (a ReduceSum over x), so the correction adds no activatio
 f16/f32 matrices become a plain MatMul over f32 initializers (used only where a folder mixes types).
 
 A graph is a short chain of such nodes plus norms, residual adds and activations, so one `run()`
-covers everything between two attention calls (see runtime/ort_model.py). Sessions never spin
-(`session.intra_op.allow_spinning=0`) so numba's threads get the cores back between runs.
+covers everything between two attention calls (see runtime/ort_model.py). Sessions spin at most a few
+microseconds (`session.intra_op.spin_duration_us`), or not at all, so numba's threads get the cores back
+between runs.
 
 Memory: weight matrices are not serialized into the model proto. Each is declared with external data
 in an in-memory "file" that is our own array (`SessionOptions.add_external_initializers_from_files_in_memory`):
@@ -181,15 +182,21 @@ class GraphBuilder:
                             ir_version=9)
 
 
-def session(builder: GraphBuilder, threads: int):
-    """An onnxruntime CPU session for the builder's graph: `threads` intra-op threads, no spinning."""
+def session(builder: GraphBuilder, threads: int, spin_us: int = 0):
+    """An onnxruntime CPU session for the builder's graph: `threads` intra-op threads whose idle workers
+    spin `spin_us` microseconds before sleeping (0: never spin)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Spinning only where it is bounded (onnxruntime >= 1.26 reads spin_duration_us; older ones would spin
+    # unbounded): a worker outliving its run would take the core from the next session's worker or numba.
+    spin = spin_us > 0 and threads > 1 and bounded_spinning()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin:
+        so.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3
     # No arena and no memory patterns: measured on SmolLM2 (31 sessions) they keep ~125 MiB of peak-size
@@ -202,6 +209,13 @@ def session(builder: GraphBuilder, threads: int):
         buffers = [a.reshape(-1).view(np.uint8) for a in builder.weights.values()]
         so.add_external_initializers_from_files_in_memory(list(builder.weights), buffers, [b.size for b in buffers])
     return ort.InferenceSession(builder.model().SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def bounded_spinning() -> bool:
+    """Whether this onnxruntime bounds its workers' spinning (`session.intra_op.spin_duration_us`, 1.26+)."""
+    import onnxruntime as ort
+    major, minor = (int(p) for p in ort.__version__.split(".")[:2])
+    return (major, minor) >= (1, 26)
 
 
 def release_freed_memory() -> None:

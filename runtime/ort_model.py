@@ -14,14 +14,19 @@ whose rows stream from flash):
 
 so a fully resident model makes n_layers + 2 runs and n_layers numba calls per forward.
 
-Threads. A decode token's matvecs are 5-40 us each: splitting one across threads costs more than it
-saves once the other thread must be woken (onnxruntime never spins here, and each session had its own
-pool). Measured on SmolLM2 q4 with 2 threads: ~176 voluntary context switches per decode token, and
-decode slower with 2 threads than with 1 (51 vs 67 tok/s, idle machine). So every session runs on the
-calling thread (intra_op 1) except `lm` (one 49152 x 576 matvec, worth splitting), decode attention
-runs serially in numba, and a prompt's T tokens are split into `threads` row blocks that go through
-each session concurrently (onnxruntime releases the GIL in run(); each row of these graphs is
-independent of the others) while attention over the whole block stays one parallel numba call.
+Threads. A decode token's matvecs are 5-40 us each, so splitting one across threads pays only if the
+other thread is awake: waking a sleeping onnxruntime worker costs ~25 us on this 2-core VM. Measured on
+SmolLM2 q4 with 2 threads and no spinning: ~176 voluntary context switches per decode token, and decode
+slower with 2 threads than with 1 (51 vs 67 tok/s, idle machine). Two policies (RuntimeConfig.ort_spin_us):
+  spin_us > 0 (default 10): every session splits its nodes across `threads` and its idle worker spins
+    spin_us before sleeping, so a session's consecutive nodes find it awake; it wakes about once per
+    session (once per layer) and, spinning no longer than a numba attention call, stops before the next
+    session's worker starts. Prompts run whole through each session (onnxruntime splits their rows).
+  spin_us = 0: every session runs on the calling thread (intra_op 1) except `lm` (one 49152 x 576 matvec,
+    worth a wake-up), decode attention runs serially in numba, and a prompt's T tokens are split into
+    `threads` row blocks that go through each session concurrently (onnxruntime releases the GIL in run();
+    each row of these graphs is independent of the others) while attention over the whole block stays one
+    parallel numba call.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import numpy as np
 
 from . import kernels as K
 from .config import ModelConfig
-from .ort_graph import INT8_ACTIVATIONS, GraphBuilder, session
+from .ort_graph import INT8_ACTIVATIONS, GraphBuilder, bounded_spinning, session
 
 
 SPLIT_MIN_ROWS = 8      # a prompt block below this is not worth a thread handoff
@@ -42,35 +47,40 @@ class OrtLayers:
     `ffn_in_graph[l]`: layer l's FFN weights are resident matrices (else `ffn(l, h, out)` runs it)."""
 
     def __init__(self, c: ModelConfig, weight, ffn_in_graph: list[bool], threads: int, lm_head_name: str,
-                 accuracy_level: int = INT8_ACTIVATIONS, on_session=None):
+                 accuracy_level: int = INT8_ACTIVATIONS, on_session=None, spin_us: int = 0):
         self.c = c
         self._on_session = on_session       # called after each session is built (the model releases mapped pages)
         self.accuracy_level = accuracy_level
         self.ffn_in_graph = ffn_in_graph
         self.qkv_width = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
         self.threads = threads
+        # The threading policy (module docstring): split every session across the threads, or only the lm_head.
+        self.split = threads > 1 and spin_us > 0 and bounded_spinning()
+        self._spin_us = spin_us if self.split else 0
+        layer_threads = threads if self.split else 1
         # Prompt row blocks beyond the first run on these threads (module docstring).
-        self._workers = ThreadPoolExecutor(threads - 1, thread_name_prefix="flashlm-ort") if threads > 1 else None
+        self._workers = ThreadPoolExecutor(threads - 1, thread_name_prefix="flashlm-ort") \
+            if threads > 1 and not self.split else None
         L = c.n_layers
         # The lm_head first: building a session briefly holds ~2.5x its weights (source pages, f32 scales,
         # onnxruntime's packing), and the largest matrix is cheapest while nothing else is resident yet.
         self.lm = self._session("lm", threads, lambda g: self._lm(g, weight, lm_head_name))
-        self.head0 = self._session("head_0", 1, lambda g: self._head(g, weight, 0, g.input("x", c.d_model)))
+        self.head0 = self._session("head_0", layer_threads, lambda g: self._head(g, weight, 0, g.input("x", c.d_model)))
         self.mid, self.tail, self.heads = [None] * L, [None] * L, [None] * L
         for l in range(L):
             if ffn_in_graph[l]:
-                self.mid[l] = self._session(f"mid_{l}", 1, lambda g, l=l: self._mid(g, weight, l))
+                self.mid[l] = self._session(f"mid_{l}", layer_threads, lambda g, l=l: self._mid(g, weight, l))
             else:
-                self.tail[l] = self._session(f"tail_{l}", 1, lambda g, l=l: self._tail(g, weight, l))
+                self.tail[l] = self._session(f"tail_{l}", layer_threads, lambda g, l=l: self._tail(g, weight, l))
                 if l + 1 < L:
-                    self.heads[l + 1] = self._session(f"head_{l + 1}", 1,
+                    self.heads[l + 1] = self._session(f"head_{l + 1}", layer_threads,
                                                       lambda g, l=l: self._head(g, weight, l + 1, g.input("x", c.d_model)))
 
     # --- graph pieces -----------------------------------------------------------------------------
     def _session(self, name, threads, build):
         g = GraphBuilder(name, self.accuracy_level)
         build(g)
-        sess = session(g, threads)
+        sess = session(g, threads, self._spin_us)
         del g
         if self._on_session is not None:
             self._on_session()

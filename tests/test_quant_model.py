@@ -277,18 +277,23 @@ def test_dense_and_streamed_quantized_runs_agree(checkpoint, tmp_path):
     assert np.abs(dense - naive).max() <= 0.1 * np.abs(dense).max()
 
 
-def test_prompt_rows_split_across_threads_equal_one_thread(tmp_path):
-    """With 2 threads a prompt's rows go through each session in two concurrent blocks (and decode runs
-    on one thread): the logits equal the 1-thread run's up to the kernels' float rounding."""
+def test_both_threading_policies_equal_one_thread(tmp_path):
+    """With 2 threads either every session splits its nodes across both (workers spinning 10 us), or a
+    prompt's rows go through each session in two concurrent blocks (ort_spin_us 0; decode on one thread):
+    the logits equal the 1-thread run's up to the kernels' float rounding (q4_1: the min correction too)."""
     src = tm.make_llama(tmp_path / "src", tied=True, n_kv_heads=2)
-    out = convert(src, tmp_path / "m.flashlm", dtype="q4_0", progress=False)
+    out = convert(src, tmp_path / "m.flashlm", dtype="q4_1", progress=False)
     ids = (IDS * 2)[:24]
     got = []
-    for threads in (1, 2):
-        model = Model(open_folder(out), RuntimeConfig(threads=threads, kv_dtype="f32", int8_activations=False))
+    for threads, spin in ((1, 10), (2, 0), (2, 10)):
+        model = Model(open_folder(out), RuntimeConfig(threads=threads, kv_dtype="f32", int8_activations=False,
+                                                      ort_spin_us=spin))
+        assert model.ort.split == (threads == 2 and spin > 0)
+        assert (model.ort._workers is not None) == (threads == 2 and spin == 0)
         got.append(np.concatenate([model.forward(ids[:20], all_logits=True), model.forward(ids[20:21])]))
         model.close()
-    np.testing.assert_allclose(got[1], got[0], rtol=1e-4, atol=1e-4 * np.abs(got[0]).max())
+    for other in got[1:]:
+        np.testing.assert_allclose(other, got[0], rtol=1e-4, atol=1e-4 * np.abs(got[0]).max())
 
 
 # --- KV cache ------------------------------------------------------------------------------------------------

@@ -10,6 +10,11 @@ environment (flashlm sets OMP_WAIT_POLICY=PASSIVE on import, which also changes 
 workers), which made the old same-process comparison unfair. Children run rep by rep, threads by
 threads, the engine order flipping every rep (flashlm, llama.cpp / llama.cpp, flashlm, ...) so load
 from other processes hits both alike; one table, mean ± sd tokens/s, and the ratios of one run.
+At more than one thread flashlm runs twice, with its default threading (every onnxruntime session split
+across the threads, idle workers spinning `--ort-spin-us`, default 10 us) and with `--ort-spin-us 0`
+(layers on one thread, the lm_head split, prompts in row blocks): which wins depends on how idle the
+machine is, so both are in the table. The first line names the CPU (AVX-512 / VNNI decide both engines'
+int8 kernels: a session-1 machine with AVX-512 ran llama.cpp at 146/185 tok/s, this AVX2 EPYC at 60/80).
 `--breakdown` also reports where flashlm's decode time goes per token (onnxruntime runs, numba
 attention, the rest) from one more child per thread count. Needs `pip install llama-cpp-python`.
 """
@@ -34,7 +39,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
-ENGINES = ("flashlm", "llama.cpp")
+ENGINES = ("flashlm", "flashlm-spin0", "llama.cpp")
+LABELS = {"flashlm": "flashlm", "flashlm-spin0": "flashlm --ort-spin-us 0", "llama.cpp": "llama.cpp"}
 
 
 def _ids(n: int) -> np.ndarray:
@@ -42,10 +48,13 @@ def _ids(n: int) -> np.ndarray:
 
 
 # --- children ------------------------------------------------------------------------------------------
-def _flashlm(folder: str, threads: int, ctx: int):
+def _flashlm(folder: str, threads: int, ctx: int, spin_us: int | None = None):
     from flashlm.runtime.config import RuntimeConfig
     from flashlm.runtime.loader import load
-    model, _, _ = load(folder, RuntimeConfig(ctx_len=ctx, threads=threads))
+    rt = RuntimeConfig(ctx_len=ctx, threads=threads)
+    if spin_us is not None:
+        rt = RuntimeConfig(ctx_len=ctx, threads=threads, ort_spin_us=spin_us)
+    model, _, _ = load(folder, rt)
 
     def prefill(ids):
         model.reset()
@@ -79,8 +88,10 @@ def child(args) -> int:
     """One engine, one thread count: warm up, then time one prefill of pp and one decode of tg tokens."""
     ctx = args.pp + args.tg + 8
     ids = _ids(args.pp + args.tg + 2)
-    make = _flashlm if args.child == "flashlm" else _llamacpp
-    _, prefill, decode = make(args.folder if args.child == "flashlm" else str(args.gguf), args.threads, ctx)
+    if args.child == "llama.cpp":
+        _, prefill, decode = _llamacpp(str(args.gguf), args.threads, ctx)
+    else:
+        _, prefill, decode = _flashlm(args.folder, args.threads, ctx, 0 if args.child == "flashlm-spin0" else None)
     prefill(ids[:args.pp])
     decode(ids[:9])
     out = {}
@@ -167,6 +178,29 @@ def _run_child(argv: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def machine() -> str:
+    """CPU model and the int8-relevant ISA extensions, onnxruntime and llama-cpp-python versions."""
+    import platform
+    name, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine()
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags] or ["(flags unknown)"]
+    versions = []
+    for mod in ("onnxruntime", "llama_cpp"):
+        try:
+            versions.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            pass
+    return f"machine: {name}, {os.cpu_count()} CPUs, {' '.join(isa)}; {', '.join(versions)}"
+
+
 def convert_in_child(gguf: Path, out: Path, dtype: str) -> dict:
     code = ("import resource,sys,time; sys.path.insert(0, %r); from flashlm.converters.convert import convert; "
             "t=time.perf_counter(); convert(%r, %r, dtype=%r, force=True, progress=False); "
@@ -200,8 +234,11 @@ def main() -> int:
         engines = ENGINES
     except ImportError:
         print("llama-cpp-python not installed (pip install llama-cpp-python): flashlm only", file=sys.stderr)
-        engines = ENGINES[:1]
-    times = {(e, t, k): [] for e in engines for t in thread_counts for k in ("pp", "tg")}
+        engines = ENGINES[:2]
+
+    def engines_at(threads):        # the threading policies differ only with more than one thread
+        return [e for e in engines if threads > 1 or e != "flashlm-spin0"]
+    times = {(e, t, k): [] for t in thread_counts for e in engines_at(t) for k in ("pp", "tg")}
     breakdown = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model.flashlm"
@@ -209,7 +246,8 @@ def main() -> int:
         common = ["--gguf", str(gguf), "--folder", str(folder), "--pp", str(args.pp), "--tg", str(args.tg)]
         for rep in range(args.reps):
             for threads in thread_counts:
-                for engine in (engines if rep % 2 == 0 else engines[::-1]):
+                order = engines_at(threads)
+                for engine in (order if rep % 2 == 0 else order[::-1]):
                     got = _run_child(["--child", engine, "--threads", str(threads), *common])
                     for k in ("pp", "tg"):
                         times[(engine, threads, k)].append(got[k])
@@ -228,17 +266,19 @@ def main() -> int:
         for threads, b in breakdown.items():
             print(json.dumps({"breakdown_threads": threads, **b}))
         return 0
+    print(machine())
     print(f"model: {gguf.name}  flashlm dtype: {args.dtype}  conversion: {conv['seconds']:.1f} s, peak RSS "
           f"{conv['peak_rss_mib']:.0f} MiB  reps: {args.reps} (one child process per engine, threads and rep)")
     print("| engine | threads | test | t/s |\n| --- | ---: | --- | ---: |")
     for row in sorted(rows, key=lambda r: (r["threads"], r["test"][:2] != "pp", r["engine"])):
-        print(f"| {row['engine']} | {row['threads']} | {row['test']} | {row['avg_ts']:.1f} ± {row['stddev_ts']:.1f} |")
+        print(f"| {LABELS[row['engine']]} | {row['threads']} | {row['test']} | {row['avg_ts']:.1f} ± {row['stddev_ts']:.1f} |")
     by = {(r["engine"], r["threads"], r["test"][:2]): r["avg_ts"] for r in rows}
     for threads in thread_counts:
-        if ("llama.cpp", threads, "tg") in by:
-            print(f"threads {threads}: decode flashlm / llama.cpp "
-                  f"{by[('flashlm', threads, 'tg')] / by[('llama.cpp', threads, 'tg')]:.2f}x, prefill "
-                  f"{by[('flashlm', threads, 'pp')] / by[('llama.cpp', threads, 'pp')]:.2f}x")
+        for engine in engines_at(threads):
+            if engine != "llama.cpp" and ("llama.cpp", threads, "tg") in by:
+                print(f"threads {threads}: decode {LABELS[engine]} / llama.cpp "
+                      f"{by[(engine, threads, 'tg')] / by[('llama.cpp', threads, 'tg')]:.2f}x, prefill "
+                      f"{by[(engine, threads, 'pp')] / by[('llama.cpp', threads, 'pp')]:.2f}x")
     for threads, b in breakdown.items():
         print(f"flashlm decode, {threads} thread(s), per token: {b['ms_per_token']:.2f} ms wall = onnxruntime "
               f"{b['ort_run_ms']:.2f} ({b['runs_per_token']:.0f} run() calls) + numba attention "
