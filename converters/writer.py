@@ -4,6 +4,8 @@ Folder layout (see manifest.json for the exact offsets):
   dense.safetensors   embeddings, attention, norms, lm_head; 2-D weights in the storage dtype, 1-D in f32
   ffn.safetensors     per layer `layers.{i}.ffn.bundles` [n_ff, stride_elems]: row i = neuron i's
                       gate row | up row | down column, zero-padded to `stride_bytes`
+  ffn_packed.safetensors  (rows padded to their stride) the same rows without the padding, for layers read
+                      whole, with a checksum per group of rows (runtime/packed_rows.py)
   ffn_matrices.safetensors  (quantized conversions) the FFN weights as whole matrices in their block
                       types, for layers kept whole in DRAM (onnxruntime sessions, runtime/ort_model.py):
                       a GGUF down matrix is blocked along n_ff, which a bundle's down column cannot hold
@@ -31,6 +33,7 @@ from tqdm import tqdm
 
 from flashlm.runtime.config import FORMAT_VERSION
 from flashlm.runtime.modelfile import MATRICES_FILE, ROW_CRC_TENSOR, row_crc32
+from flashlm.runtime.packed_rows import PACKED_FILE, SUMS_TENSOR, group_rows_for, layer_sums, layer_tensor
 from flashlm.runtime.safetensors_file import DTYPES, plan_file
 from flashlm.runtime.storage import BUNDLE_STORAGE, STORAGE_TYPES, StorageError, StorageType
 
@@ -62,6 +65,31 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 23):
             h.update(chunk)
     return h.hexdigest()
+
+
+def wants_packed_copy(row_bytes: int, stride_bytes: int) -> bool:
+    """Rows carry padding (and are whole uint16 words): layers read whole get the packed copy."""
+    return stride_bytes > row_bytes and row_bytes % 2 == 0
+
+
+class PackedWriter:
+    """Writes ffn_packed.safetensors layer by layer (rows as stored in ffn.safetensors, padding cut)."""
+
+    def __init__(self, path: Path, n_layers: int, n_rows: int, row_bytes: int, metadata: dict):
+        self.row_bytes, self.group = row_bytes, group_rows_for(row_bytes)
+        self.sums = np.zeros((n_layers, -(-n_rows // self.group)), np.uint64)
+        plan = [(layer_tensor(i), "U8", [n_rows, row_bytes]) for i in range(n_layers)]
+        plan.append((SUMS_TENSOR, "U64", list(self.sums.shape)))
+        self.file = _FileWriter(path, plan, DIRECT_IO_BLOCK, metadata)
+
+    def write(self, layer: int, padded_rows: np.ndarray) -> int:
+        rows = np.ascontiguousarray(padded_rows.view(np.uint8)[:, :self.row_bytes])
+        self.sums[layer] = layer_sums(rows, self.group)
+        return self.file.write(layer_tensor(layer), rows)
+
+    def close(self) -> None:
+        self.file.write(SUMS_TENSOR, self.sums)
+        self.file.close()
 
 
 class _FileWriter:
@@ -170,6 +198,8 @@ def write_model(source: Source, out_dir, *, dtype: str = "auto", bundle_dtype: s
             dense = _FileWriter(tmp / "dense.safetensors", dense_plan, 64, meta)
             ffn = _FileWriter(tmp / "ffn.safetensors", ffn_plan, DIRECT_IO_BLOCK, meta)
             matrices = _FileWriter(tmp / MATRICES_FILE, matrices_plan, 64, meta) if matrices_plan else None
+            packed = PackedWriter(tmp / PACKED_FILE, config.n_layers, config.n_ff, row_bytes, meta) \
+                if wants_packed_copy(row_bytes, stride_bytes) else None
             total = sum(dense.sizes.values()) + sum(ffn.sizes.values()) + \
                 (sum(matrices.sizes.values()) if matrices else 0)
             with tqdm(total=total, unit="B", unit_scale=True, desc="Writing", disable=not progress,
@@ -189,12 +219,16 @@ def write_model(source: Source, out_dir, *, dtype: str = "auto", bundle_dtype: s
                     rows = _bundle_rows(source, config, i, bst, stride_bytes // item, where, row_parts)
                     crc[i] = row_crc32(rows)
                     bar.update(ffn.write(f"layers.{i}.ffn.bundles", rows))
+                    if packed:
+                        packed.write(i, rows)
                     del rows
                 dense.write(ROW_CRC_TENSOR, crc)
             dense.close()
             ffn.close()
             if matrices:
                 matrices.close()
+            if packed:
+                packed.close()
             _write_side_files(tmp, source)
             written = [n for n, _, _ in dense_plan + matrices_plan if n in storage]
             st = STORAGE_TYPES[storage["layers.0.attn.q.weight"]]

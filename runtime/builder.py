@@ -147,7 +147,8 @@ def widen_blocks(folder: ModelFolder, weights: dict[str, np.ndarray]) -> dict[st
 def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel: BundleKernel, biases: list,
               predictors, row_crc, costs: CostModel | None) -> FFNBackend:
     """The FFN backend the plan calls for (see runtime/ffn.py)."""
-    from .flash_reader import FlashReader
+    from .flash_reader import FlashReader, aligned_empty
+    from .layer_stream import RingStreamer, RowSource
     from .neuron_cache import NeuronCache
     c, b = folder.config, folder.bundles
     path = folder.file(b.file)
@@ -163,14 +164,27 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel: 
     except OSError as e:
         raise ModelFileError(f"{path}: cannot open for flash reads ({e.strerror or e})") from None
     all_rows = np.arange(c.n_ff, dtype=np.int32)
+    # Layers used whole (resident, streamed) come from the packed copy when the folder has one (no padding:
+    # q4_0 rows of 2592 bytes instead of a 4096-byte stride), else from the bundle file.
+    rows = RowSource.of_folder(folder, row_crc, verify=rt.verify_reads)
     resident = {}
     for i in plan.resident_layers:
-        resident[i] = np.empty((c.n_ff, b.stride_items), b.dtype)
-        read_layer_checked(reader, i, resident[i], row_crc, all_rows)
+        if folder.packed is not None:
+            resident[i] = aligned_empty((c.n_ff, rows.stride // b.dtype.itemsize), b.dtype)
+            rows.read_layer(i, resident[i])
+        else:
+            resident[i] = np.empty((c.n_ff, b.stride_items), b.dtype)
+            read_layer_checked(reader, i, resident[i], row_crc, all_rows)
+    streamed = plan.layers_placed(Placement.STREAM)
+    ring_bytes = 2 * plan.stream_buffer_rows * rows.stride
+    whole = None
+    if streamed and rt.pipeline:
+        def whole(stats):
+            return RingStreamer(rows, kernel, biases, streamed, ring_bytes, stats, threads=rt.io_threads)
     caches = [NeuronCache(c.n_ff, p.cache_rows, b.stride_items, b.dtype, window=plan.window,
                           pinned=predictors[i].hot[:plan.pin_rows] if plan.pin_rows else None)
               if p.placement == Placement.SPARSE else None for i, p in enumerate(plan.layers)]
     return FlashFFN(reader, kernel, biases, b, resident=resident, streamed=plan.layers_placed(Placement.STREAM),
                     stream_buffer_rows=plan.stream_buffer_rows, predictors=predictors, caches=caches,
                     sparse_buffer_rows=plan.sparse_buffer_rows, costs=costs, layer_io=rt.layer_io, row_crc=row_crc,
-                    pipeline=rt.pipeline)
+                    pipeline=rt.pipeline, whole=whole)

@@ -516,7 +516,7 @@ class FlashFFN(FFNBackend):
     def __init__(self, reader, kernel: BundleKernel, biases: list, layout: BundleLayout, *,
                  resident: dict[int, np.ndarray], streamed: list[int], stream_buffer_rows: int,
                  predictors: list, caches: list, sparse_buffer_rows: int, costs: CostModel | None,
-                 layer_io: str = "auto", row_crc=None, pipeline: bool = True):
+                 layer_io: str = "auto", row_crc=None, pipeline: bool = True, whole=None):
         super().__init__()
         self.pipeline = pipeline         # False: no read starts before the layer that needs it runs
         self.reader, self.kernel, self.biases, self.layout = reader, kernel, biases, layout
@@ -525,8 +525,10 @@ class FlashFFN(FFNBackend):
         self.all_neurons = np.arange(layout.n_rows, dtype=np.int32)
         self.streamed = set(streamed)
         self.clock = _IOClock(self.stats)
-        self.whole = LayerStreamer(reader, kernel, biases, layout, stream_buffer_rows, self.stats, self.clock,
-                                   row_crc=row_crc, order=streamed if pipeline else (), whole=True) if streamed else None
+        # Planned STREAM layers: `whole` (layer_stream.RingStreamer, built by the builder) when given.
+        self.whole = whole(self.stats) if whole is not None and streamed else \
+            LayerStreamer(reader, kernel, biases, layout, stream_buffer_rows, self.stats, self.clock,
+                          row_crc=row_crc, order=streamed if pipeline else (), whole=True) if streamed else None
         self.sparse = LayerStreamer(reader, kernel, biases, layout, sparse_buffer_rows, self.stats, self.clock,
                                     row_crc=row_crc) if any(c is not None for c in caches) else None
         n = len(caches)
@@ -558,7 +560,12 @@ class FlashFFN(FFNBackend):
 
     def io_counts(self) -> tuple[int, int]:
         self.settle()
-        return self.reader.stats.bytes_read, self.reader.stats.reads
+        nbytes, reads = self.reader.stats.bytes_read, self.reader.stats.reads
+        if hasattr(self.whole, "io_counts"):        # a ring streamer reads through its own descriptor
+            b, r = self.whole.io_counts()
+            self.stats.stream_bytes, self.stats.stream_read_s = b, self.whole.ring.busy_s
+            nbytes, reads = nbytes + b, reads + r
+        return nbytes, reads
 
     def settle(self) -> None:
         """Wait for reads started ahead of their layer (their data is kept)."""
@@ -570,6 +577,8 @@ class FlashFFN(FFNBackend):
     def reset_stats(self) -> None:
         super().reset_stats()
         self.reader.reset_stats()
+        if hasattr(self.whole, "io_counts"):
+            self.whole.reset_stats()
 
     def close(self):
         for s in (self.whole, self.sparse):

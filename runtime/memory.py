@@ -202,29 +202,51 @@ def _rule_mmap(plan: MemoryPlan, x: _Inputs) -> None:
 MIN_STREAM_FRACTION = 16        # streaming buffers shrink to at most 1/16 of a layer each (still MiB-sized reads)
 
 
+def whole_layer_bytes(folder: ModelFolder) -> tuple[int, int]:
+    """(bytes per row, per layer) of a layer read whole: from the packed copy when the folder has one."""
+    stride = folder.packed.row_bytes if folder.packed is not None else folder.bundles.stride_bytes
+    return stride, stride * folder.config.n_ff
+
+
+def stream_ring_bytes(folder: ModelFolder, rows: int) -> int:
+    """What the whole-layer streamer's ring holds for buffers of 2 x `rows` rows (runtime/layer_stream.py)."""
+    from .layer_stream import ring_shape, unit_rows_of
+    stride, _ = whole_layer_bytes(folder)
+    unit = unit_rows_of(stride, folder.packed is not None, folder.bundles.row_bytes)
+    _, n_slots, slot = ring_shape(stride, unit, folder.config.n_ff, 2 * rows * stride)
+    return n_slots * slot
+
+
 def _rule_naive(plan: MemoryPlan, x: _Inputs) -> None:
-    """Every layer streamed through two buffers of a whole layer each, or, where the budget is short of
-    that, of the largest fraction 1/2, 1/4 .. 1/16 of a layer that fits (the streamer reads a layer in
-    chunks, the next chunk while this one computes)."""
+    """Every layer streamed through buffers of two whole layers (a ring of chunks the readers keep
+    filling, runtime/layer_stream.py), or, where the budget is short of that, of the largest fraction
+    1/2, 1/4 .. 1/16 of that which fits."""
     _all(plan, x.config.n_layers, Placement.STREAM)
-    n_ff, stride = x.config.n_ff, x.folder.bundles.stride_bytes
+    n_ff, (stride, _) = x.config.n_ff, whole_layer_bytes(x.folder)
     rows = n_ff
     if plan.budget is not None:
         room = plan.budget - plan.total
-        while 2 * rows * stride > room and rows > -(-n_ff // MIN_STREAM_FRACTION):
+        while stream_ring_bytes(x.folder, rows) > room and rows > -(-n_ff // MIN_STREAM_FRACTION):
             rows = -(-rows // 2)
-    plan.scratch = 2 * rows * stride
+    plan.scratch = stream_ring_bytes(x.folder, rows)
     plan.stream_buffer_rows = rows
 
 
+def spread(n: int, n_layers: int) -> set[int]:
+    """n layers spaced evenly through the model: between two resident layers the readers of the streamed
+    ones keep reading ahead, so the ring never has to absorb a long run of resident layers."""
+    return {int((k + 0.5) * n_layers / n) for k in range(n)} if n else set()
+
+
 def _rule_hybrid(plan: MemoryPlan, x: _Inputs) -> None:
-    """The first layers that fit stay resident; the rest stream."""
-    c, layer_bytes = x.config, x.folder.bundles.layer_bytes
+    """As many layers resident as fit beside the streaming buffers, spaced evenly; the rest stream."""
+    c, (_, layer_bytes) = x.config, whole_layer_bytes(x.folder)
     _rule_naive(plan, x)
     if plan.budget is None:
         return
     n = int(max(0, min(c.n_layers, (plan.budget - plan.total) // layer_bytes)))
-    plan.layers = [LayerPlan(Placement.RESIDENT if i < n else Placement.STREAM) for i in range(c.n_layers)]
+    keep = spread(n, c.n_layers)
+    plan.layers = [LayerPlan(Placement.RESIDENT if i in keep else Placement.STREAM) for i in range(c.n_layers)]
     plan.ffn_resident = n * layer_bytes
     if n == c.n_layers:
         plan.scratch, plan.stream_buffer_rows = 0, 0
@@ -354,8 +376,10 @@ MODES: dict[str, RunMode] = {m.name: m for m in (
     RunMode("dense", "every FFN row in DRAM (the file read whole at load)", _rule_dense, "file"),
     RunMode("flash", "per layer resident, sparse (predicted rows, window cache) or streamed, the cheapest "
             "flash time the budget allows", _rule_flash, "reader", needs_predictors=True),
-    RunMode("naive", "every FFN layer read whole from flash each token (double-buffered)", _rule_naive, "reader"),
-    RunMode("hybrid", "the first layers that fit the budget resident, the rest streamed", _rule_hybrid, "reader"),
+    RunMode("naive", "every FFN layer read whole from flash each token (read ahead through a ring of buffers)",
+            _rule_naive, "reader"),
+    RunMode("hybrid", "as many FFN layers resident as the budget holds (spaced evenly), the rest streamed",
+            _rule_hybrid, "reader"),
     RunMode("mmap", "FFN rows used from a memory map, pages dropped after each layer", _rule_mmap, "mmap"),
 )}
 

@@ -16,6 +16,8 @@ from numba import njit
 from .config import FORMAT_VERSION, ModelConfig
 from .errors import FlashlmError
 from .flash_reader import BLOCK, aligned_empty
+from .packed_rows import PACKED_FILE, SUMS_TENSOR as PACKED_SUMS, PackedLayout, group_rows_for
+from .packed_rows import layer_tensor as packed_layer_tensor
 from .pagecache import drop_cached
 from .safetensors_file import DTYPES, SafetensorsError, read_header
 from .schema import ConfigError, config_from_dict, expected_dense_tensors, expected_tensors
@@ -100,6 +102,7 @@ class ModelFolder:
     dense: dict[str, TensorEntry]         # dense.safetensors, every tensor checked against the config
     bundles: BundleLayout                 # ffn.safetensors
     matrices: dict[str, TensorEntry] = field(default_factory=dict)  # ffn_matrices.safetensors (quantized folders)
+    packed: PackedLayout | None = None    # ffn_packed.safetensors: the rows without padding (layers read whole)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -304,9 +307,31 @@ def open_folder(path) -> ModelFolder:
         bundles = _bundle_layout(path, mpath, manifest, config)
         _check_resident_parts(path / "dense.safetensors", dense, bundles, config)
         matrices = _matrix_tensors(path / MATRICES_FILE, config, overrides) if MATRICES_FILE in files else {}
+        packed = _packed_layout(path / PACKED_FILE, config, bundles) if PACKED_FILE in files else None
     except StorageError as e:
         raise ModelFileError(f"{mpath}: {e}") from None
-    return ModelFolder(path, manifest, config, storage, files, dense, bundles, matrices)
+    return ModelFolder(path, manifest, config, storage, files, dense, bundles, matrices, packed)
+
+
+def _packed_layout(path: Path, config: ModelConfig, bundles: BundleLayout) -> PackedLayout:
+    """ffn_packed.safetensors (runtime/packed_rows.py): every layer [n_ff, row_bytes] U8 on a block boundary,
+    and the group sums [n_layers, n_groups] U64."""
+    header, data_start, _ = _header(path)
+    group = group_rows_for(bundles.row_bytes)
+    offsets = []
+    for i in range(config.n_layers):
+        t = header.get(packed_layer_tensor(i))
+        off = None if t is None else data_start + t["data_offsets"][0]
+        if t is None or list(t["shape"]) != [config.n_ff, bundles.row_bytes] or t["dtype"] != "U8" or off % BLOCK:
+            raise ModelFileError(f"{path}: tensor {packed_layer_tensor(i)!r} must be U8 {[config.n_ff, bundles.row_bytes]} "
+                                 f"on a {BLOCK}-byte boundary; found {t and (t['dtype'], t['shape'], off)}")
+        offsets.append(off)
+    sums = header.get(PACKED_SUMS)
+    n_groups = -(-config.n_ff // group)
+    if sums is None or list(sums["shape"]) != [config.n_layers, n_groups] or sums["dtype"] != "U64":
+        raise ModelFileError(f"{path}: tensor {PACKED_SUMS!r} must be U64 {[config.n_layers, n_groups]}")
+    return PackedLayout(PACKED_FILE, bundles.row_bytes, config.n_ff, group, tuple(offsets),
+                        data_start + sums["data_offsets"][0])
 
 
 def read_verified(folder: ModelFolder, name: str, skip: tuple[tuple[int, int], ...] = ()) -> np.ndarray:

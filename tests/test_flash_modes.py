@@ -72,7 +72,7 @@ def test_streaming_modes_equal_dense(opt_folder, mode):
     got, stats, model = _logits(opt_folder, mode=mode, budget=budget, io="buffered")
     np.testing.assert_allclose(got, ref, atol=1e-5)
     if mode == "hybrid":
-        assert model.plan.resident_layers == [0]
+        assert model.plan.resident_layers == [1]        # one layer fits: the middle one (spread)
 
 
 @pytest.mark.parametrize("pipeline", [True, False])
@@ -116,9 +116,10 @@ def test_flash_reads_far_less_than_naive(opt_folder):
     _, flash, m2 = _logits(opt_folder, mode="flash", window=4, io="buffered", layer_io="sparse", pipeline=False)
     n_naive, n_flash = m1.ffn_backend.io_counts()[0], m2.ffn_backend.io_counts()[0]
     layer_bytes = m1.folder.bundles.layer_bytes
-    # every layer, every forward, and the first layer once more: read ahead, during the last forward's last
-    # layer, for a next token that never came
-    assert n_naive == layer_bytes * (m1.config.n_layers * (1 + len(IDS) - 6) + 1)
+    # every layer, every forward, and what the ring read ahead (at most its two layers) for a next token
+    # that never came
+    ahead = n_naive - layer_bytes * m1.config.n_layers * (1 + len(IDS) - 6)
+    assert 0 <= ahead <= m1.ffn_backend.whole.ring_bytes and ahead % layer_bytes == 0
     _, _, m3 = _logits(opt_folder, mode="naive", io="buffered", pipeline=False)
     assert m3.ffn_backend.io_counts()[0] == layer_bytes * m1.config.n_layers * (1 + len(IDS) - 6)
     assert naive.tokens == flash.tokens == len(IDS)
