@@ -38,6 +38,8 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
     """Rows for one mode, measured in this process."""
     folder = open_folder(folder_path)
     _drop_page_cache(folder.file(folder.bundles.file))     # a cold start: load and flash reads hit the disk
+    if folder.packed is not None:
+        _drop_page_cache(folder.file(folder.packed.file))
     model, _, plan = load(folder_path, rt)
     load_s = model.load_seconds
     c = model.config

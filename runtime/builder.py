@@ -166,7 +166,7 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel: 
     all_rows = np.arange(c.n_ff, dtype=np.int32)
     # Layers used whole (resident, streamed) come from the packed copy when the folder has one (no padding:
     # q4_0 rows of 2592 bytes instead of a 4096-byte stride), else from the bundle file.
-    rows = RowSource.of_folder(folder, row_crc, verify=rt.verify_reads)
+    rows = RowSource.of_folder(folder, row_crc, verify=rt.verify_reads, direct=rt.io == "direct")
     resident = {}
     for i in plan.resident_layers:
         if folder.packed is not None:
@@ -178,9 +178,10 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel: 
     streamed = plan.layers_placed(Placement.STREAM)
     ring_bytes = 2 * plan.stream_buffer_rows * rows.stride
     whole = None
-    if streamed and rt.pipeline:
+    if streamed:
         def whole(stats):
-            return RingStreamer(rows, kernel, biases, streamed, ring_bytes, stats, threads=rt.io_threads)
+            return RingStreamer(rows, kernel, biases, streamed, ring_bytes, stats, threads=rt.io_threads,
+                                read_ahead=rt.pipeline)
     caches = [NeuronCache(c.n_ff, p.cache_rows, b.stride_items, b.dtype, window=plan.window,
                           pinned=predictors[i].hot[:plan.pin_rows] if plan.pin_rows else None)
               if p.placement == Placement.SPARSE else None for i, p in enumerate(plan.layers)]

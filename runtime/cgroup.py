@@ -34,10 +34,11 @@ class CgroupUsage:
     peak: int | None    # bytes: the group's highest charge (RSS + page cache), None if the kernel has no counter
     hit_cap: bool       # the charge reached the limit at least once (the kernel had to reclaim)
     oom_kills: int      # processes of the group the kernel killed for memory
+    failcnt: int = 0    # charges refused at the cap (v1 memory.failcnt; v2 memory.events max)
 
     def as_dict(self) -> dict:
         return {"cgroup_limit": self.limit, "cgroup_peak": self.peak, "cgroup_hit_cap": self.hit_cap,
-                "cgroup_oom_kills": self.oom_kills}
+                "cgroup_oom_kills": self.oom_kills, "cgroup_failcnt": self.failcnt}
 
 
 def _own_cgroup() -> tuple[int, Path]:
@@ -137,8 +138,9 @@ class MemoryCgroup:
             peak = _read_int(self.path / "memory.peak")
             events = _read_keyed(self.path / "memory.events")
             oom = events.get("oom_kill", 0)
-            hit = events.get("max", 0) > 0 or oom > 0 or (peak is not None and peak >= self.limit)
-        return CgroupUsage(self.limit, peak, hit, oom)
+            fails = events.get("max", 0)
+            hit = fails > 0 or oom > 0 or (peak is not None and peak >= self.limit)
+        return CgroupUsage(self.limit, peak, hit, oom, fails)
 
     def remove(self) -> None:
         """Delete the group (its processes must have exited); charges left by page cache move to the parent."""

@@ -563,7 +563,9 @@ class FlashFFN(FFNBackend):
         nbytes, reads = self.reader.stats.bytes_read, self.reader.stats.reads
         if hasattr(self.whole, "io_counts"):        # a ring streamer reads through its own descriptor
             b, r = self.whole.io_counts()
-            self.stats.stream_bytes, self.stats.stream_read_s = b, self.whole.ring.busy_s
+            busy = self.whole.ring.busy_s            # its readers' wall time with a read in flight
+            self.stats.io_busy_s += busy - self.stats.stream_read_s
+            self.stats.stream_bytes, self.stats.stream_read_s = b, busy
             nbytes, reads = nbytes + b, reads + r
         return nbytes, reads
 

@@ -6,10 +6,12 @@ compute as the ring has free slots, across layers and across tokens (the next to
 layer is read while this token's last layers, attention and lm_head compute). Each of `threads` reader
 threads loops: claim the next chunk of the sequence (one lock), read it with one preadv (O_DIRECT: the
 GIL is released, the page cache is not used) into its slot, check it (numba without the GIL, or zlib),
-mark it ready. The compute thread takes the chunks of the layer it runs in order, runs the FFN kernel
-over each as soon as it is in (the FFN is a sum over neurons), and frees the slot. So the disk is never
-idle while a slot is free, and a chunk's compute overlaps the reads of the next ones. Nothing is
-allocated per token: slots, views and the read sequence are built once.
+mark it ready. The compute thread takes the layer it runs and frees its slots: with a ring of at least
+two layers each layer's chunks sit in consecutive slots and the kernel runs once over the whole layer
+(the same call on the same bytes as dense mode: identical results) while the readers fill the next
+layers; with a smaller ring the kernel runs over each chunk as it arrives (the FFN is a sum over
+neurons; the order of that sum is fixed by the chunks, not by timing). Either way the disk is never idle
+while a slot is free. Nothing is allocated per token: slots, views and the read sequence are built once.
 
 Where the rows come from (RowSource): the packed copy (ffn_packed.safetensors, rows back to back,
 chunks of whole checksum groups, runtime/packed_rows.py) or, in folders without one, ffn.safetensors
@@ -46,13 +48,14 @@ class RowSource:
     dtype: np.dtype             # the kernels' view of a row
     sums: np.ndarray | None = None      # packed: [n_layers, n_groups] uint64 (unit_rows = group rows)
     row_crc: np.ndarray | None = None   # bundle file: [n_layers, n_rows] uint32
+    direct: bool = True         # O_DIRECT (RuntimeConfig.io "direct"), else through the page cache
 
     @property
     def layer_bytes(self) -> int:
         return self.n_rows * self.stride
 
     @classmethod
-    def of_folder(cls, folder: ModelFolder, row_crc=None, *, verify: bool = True) -> "RowSource":
+    def of_folder(cls, folder: ModelFolder, row_crc=None, *, verify: bool = True, direct: bool = True) -> "RowSource":
         """The packed copy when the folder has one, else the bundle file itself."""
         b = folder.bundles
         p = folder.packed
@@ -64,10 +67,10 @@ class RowSource:
                     n = folder.config.n_layers * p.n_groups
                     sums = np.frombuffer(f.read(n * 8), np.uint64).reshape(folder.config.n_layers, p.n_groups).copy()
             return cls(str(folder.file(p.file)), p.layer_offsets, p.row_bytes, p.n_rows, p.group_rows, b.dtype,
-                       sums=sums)
+                       sums=sums, direct=direct)
         unit = unit_rows_of(b.stride_bytes, False, b.row_bytes)
         return cls(str(folder.file(b.file)), b.layer_offsets, b.stride_bytes, b.n_rows, unit, b.dtype,
-                   row_crc=row_crc if verify else None)
+                   row_crc=row_crc if verify else None, direct=direct)
 
     def chunk_rows(self, ring_bytes: int) -> int:
         return ring_shape(self.stride, self.unit_rows, self.n_rows, ring_bytes)[0]
@@ -91,6 +94,8 @@ class RowSource:
     def open(self) -> int:
         """An O_DIRECT descriptor (buffered where the filesystem refuses O_DIRECT)."""
         flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+        if not self.direct:
+            return os.open(self.path, flags)
         try:
             fd = os.open(self.path, flags | getattr(os, "O_DIRECT", 0))
             probe = mmap.mmap(-1, BLOCK)
@@ -133,6 +138,11 @@ def ring_shape(stride: int, unit_rows: int, n_rows: int, ring_bytes: int) -> tup
     fewer than two slots (the planner counts n_slots * slot bytes, which may then exceed ring_bytes)."""
     unit_bytes = unit_rows * stride
     units = max(1, min(CHUNK_BYTES, ring_bytes // 4) // unit_bytes)
+    total = -(-n_rows // unit_rows)
+    # a divisor of the layer's units when one is near (8960 rows of 2592 B: 14 chunks of 640 rows), so a
+    # ring of two layers holds exactly two layers' chunks
+    near = [k for k in range(max(1, units // 2), units + 1) if total % k == 0]
+    units = near[-1] if near else units
     chunk = min(n_rows, units * unit_rows)
     slot = -(-chunk * stride // BLOCK) * BLOCK
     return chunk, max(2, ring_bytes // slot), slot
@@ -174,10 +184,9 @@ class _Ring:
         self.slot_mv = [memoryview(self.mem)[k * slot_bytes:(k + 1) * slot_bytes] for k in range(n_slots)]
         self.slot_rows = [flat[k * slot_bytes:k * slot_bytes + chunk_rows * source.stride].view(source.dtype)
                           .reshape(chunk_rows, items) for k in range(n_slots)]
-        # Slots without padding are one [n_slots * chunk_rows, items] array: consecutive ready chunks of a
-        # layer then go to the kernel in one call (one parallel region instead of several).
-        self.contiguous = slot_bytes == chunk_rows * source.stride
-        self.all_rows = flat.view(source.dtype).reshape(n_slots * chunk_rows, items) if self.contiguous else None
+        # Slots without padding are one [n_slots * chunk_rows, items] array (a whole layer's chunks in one view).
+        contiguous = slot_bytes == chunk_rows * source.stride
+        self.all_rows = flat.view(source.dtype).reshape(n_slots * chunk_rows, items) if contiguous else None
         # The read sequence, one cycle: (layer, rows lo..hi, file offset, bytes to read, bytes needed).
         self.item_layer, self.item_lo, self.item_hi, self.item_off, self.item_len, self.item_need = ([] for _ in range(6))
         for layer in order:
@@ -196,6 +205,7 @@ class _Ring:
         self.in_flight = 0
         self.ready = [-1] * n_slots  # the sequence number whose rows slot k holds, checked
         self.paused = False
+        self.horizon = float("inf")  # no read past this sequence number (without read-ahead: the current layer's end)
         self.closed = False
         self.error: BaseException | None = None
         self.bytes_read = self.reads = 0
@@ -214,7 +224,7 @@ def _reader(ring: _Ring) -> None:
     cond, src = ring.cond, ring.source
     while True:
         with cond:
-            while not ring.closed and (ring.paused or ring.claimed >= ring.freed + ring.n_slots):
+            while not ring.closed and (ring.paused or ring.claimed >= min(ring.freed + ring.n_slots, ring.horizon)):
                 cond.wait()
             if ring.closed:
                 return
@@ -268,20 +278,30 @@ class RingStreamer:
     thread's waits (io_s), kernel time (ffn_s) and streamed_layers."""
 
     def __init__(self, source: RowSource, kernel, biases: list, order: list[int], ring_bytes: int, stats, *,
-                 threads: int = 4):
+                 threads: int = 4, read_ahead: bool = True):
         if not order:
             raise ValueError("a ring streamer needs at least one streamed layer")
         chunk, n_slots, _ = ring_shape(source.stride, source.unit_rows, source.n_rows, ring_bytes)
         self.source, self.kernel, self.biases, self.stats = source, kernel, biases, stats
         self.chunk_rows, self.n_slots = chunk, n_slots
+        n_chunks = -(-source.n_rows // chunk)
+        # A ring of whole layers: each layer's chunks then sit in consecutive slots (every layer starts at a
+        # multiple of n_chunks), and the kernel runs once over the whole layer once it is in: the same call,
+        # on the same bytes, as dense mode's (identical results), while the readers fill the other layers.
+        self.whole_layers = n_slots >= 2 * n_chunks and chunk * source.stride % BLOCK == 0
+        if self.whole_layers:
+            n_slots -= n_slots % n_chunks
         self.ring = ring = _Ring(source, list(order), chunk, n_slots)
         self.ring_bytes = n_slots * source.slot_bytes(chunk)
-        self.n_chunks = -(-source.n_rows // chunk)
+        self.n_chunks = n_chunks
         self.first_item = {layer: k * self.n_chunks for k, layer in enumerate(order)}
         self.all_ids = all_neurons = np.arange(source.n_rows, dtype=np.int32)
         self.ids = [all_neurons[ring.item_lo[i]:ring.item_hi[i]] for i in range(ring.n_items)]
         self.tmp = np.zeros((1, kernel.d), np.float32)        # grows once to a prompt chunk
         self.next_seq = 0            # the compute thread's next sequence number
+        self.read_ahead = read_ahead     # False: a layer's reads start when it runs (the --no-pipeline baseline)
+        if not read_ahead:
+            ring.horizon = 0
         self.threads = [threading.Thread(target=_reader, args=(ring,), daemon=True, name=f"flashlm-stream-{i}")
                         for i in range(max(1, threads))]
         for t in self.threads:
@@ -297,39 +317,38 @@ class RingStreamer:
             self.tmp = np.zeros((T, self.kernel.d), np.float32)
         tmp = self.tmp[:T]
         cond = ring.cond
-        k = 0                        # chunks of this layer done
-        while k < self.n_chunks:
+        if not self.read_ahead:
+            with cond:
+                ring.horizon = self.next_seq + self.n_chunks
+                cond.notify_all()
+        # whole layers: wait for all its chunks, one kernel call; else one call per chunk as it arrives
+        step = self.n_chunks if self.whole_layers else 1
+        for k in range(0, self.n_chunks, step):
             seq = self.next_seq
             slot, item = seq % ring.n_slots, seq % ring.n_items
             t0 = time.perf_counter()
             with cond:
-                while ring.ready[slot] != seq:
-                    if ring.error is not None:
-                        raise ring.error
-                    cond.wait()
-                # and the chunks after it that are in already, up to the ring's end
-                m = 1
-                if ring.contiguous:
-                    while k + m < self.n_chunks and slot + m < ring.n_slots and ring.ready[slot + m] == seq + m:
-                        m += 1
+                for j in range(step):
+                    while ring.ready[slot + j] != seq + j:
+                        if ring.error is not None:
+                            raise ring.error
+                        cond.wait()
             t1 = time.perf_counter()
-            if m == 1:
+            if step == 1:
                 rows, ids = ring.slot_rows[slot], self.ids[item]
             else:
-                lo = ring.item_lo[item]
-                n = ring.item_hi[item + m - 1] - lo
-                rows, ids = ring.all_rows[slot * self.chunk_rows:slot * self.chunk_rows + n], self.all_ids[lo:lo + n]
+                rows = ring.all_rows[slot * self.chunk_rows:slot * self.chunk_rows + self.source.n_rows]
+                ids = self.all_ids
             self.kernel(h, rows, len(ids), ids, self.biases[layer], out if k == 0 else tmp)
             if k:
                 out += tmp
             t2 = time.perf_counter()
             with cond:
-                for j in range(m):
+                for j in range(step):
                     ring.ready[slot + j] = -1
-                ring.freed += m
+                ring.freed += step
                 cond.notify_all()
-            self.next_seq = seq + m
-            k += m
+            self.next_seq = seq + step
             st.io_s += t1 - t0
             st.ffn_s += t2 - t1
         st.streamed_layers += 1
@@ -347,6 +366,8 @@ class RingStreamer:
             base = ring.freed + ring.n_items       # past everything claimed so far, at the layer's first chunk
             seq = base - base % ring.n_items + self.first_item[layer]
             ring.claimed = ring.freed = self.next_seq = seq
+            if not self.read_ahead:
+                ring.horizon = seq
             ring.ready = [-1] * ring.n_slots
             ring.error = None
             ring.paused = False

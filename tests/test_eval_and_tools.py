@@ -76,7 +76,8 @@ def test_bench_json_rows(llama):
     dense_tg, naive_tg = rows[1], rows[3]
     assert dense_tg["bytes_per_token"] == 0 and dense_tg["io"] is None
     # naive reads every FFN layer whole for every decode token, nothing else
-    assert naive_tg["bytes_per_token"] == f.config.n_layers * f.bundles.layer_bytes and naive_tg["io"] == "buffered"
+    from flashlm.runtime.memory import whole_layer_bytes
+    assert naive_tg["bytes_per_token"] == f.config.n_layers * whole_layer_bytes(f)[1] and naive_tg["io"] == "buffered"
     assert naive_tg["reads_per_token"] >= f.config.n_layers
     assert naive_tg["predicted_ms"] > 0 and dense_tg["predicted_ms"] > 0     # the run's cost model on its plan
     # the critical path: the compute thread's time splits into I/O wait + memory management + compute;

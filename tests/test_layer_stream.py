@@ -142,3 +142,19 @@ def test_packed_copy_added_to_an_older_folder_is_the_converters(q4_folder, tmp_p
     add_packed_copy(old)
     assert open_folder(old).packed is not None
     assert (old / PACKED_FILE).read_bytes() == (q4_folder / PACKED_FILE).read_bytes()
+
+
+def test_without_read_ahead_a_layer_is_read_when_it_runs(tmp_path):
+    path, layers, src = _packed_file(tmp_path, 2, 600, 2592)
+    s = RingStreamer(src, SumKernel(), [None] * 2, [0, 1], 3 * src.slot_bytes(128), FFNStats(), threads=2,
+                     read_ahead=False)
+    try:
+        h, out = np.ones((1, D), np.float32), np.zeros((1, D), np.float32)
+        for _ in range(3):
+            for layer in (0, 1):
+                s.compute(layer, h, out)
+                np.testing.assert_allclose(out, _expected(layers[layer], h), rtol=1e-5)
+        s.settle()
+        assert s.io_counts()[0] == 6 * (-(-600 * 2592 // BLOCK) * BLOCK)      # nothing read ahead
+    finally:
+        s.close()

@@ -91,6 +91,10 @@ def main() -> None:
     except CgroupError as e:
         raise SystemExit(f"headline_qwen15: memory cgroups are not available here: {e}")
     modes = a.modes.split(",")
+    from flashlm.runtime.predictor import PREDICTOR_FILE
+    calibrated = (folder / PREDICTOR_FILE).exists()
+    skipped = [m for m in modes if m == "flash" and not calibrated]      # flash needs predictors
+    modes = [m for m in modes if m not in skipped]
     caps = [int(c) * MiB for c in a.caps.split(",")]
     t0 = time.perf_counter()
     rows = []
@@ -100,9 +104,13 @@ def main() -> None:
             rows += bench(folder, [], rt, pp=0, tg=a.llamacpp_n, reps=1, cgroup_limit=cap, llamacpp=a.gguf,
                           deadline=a.deadline)
         rows += bench(folder, modes, rt, pp=0, tg=a.n_gen, reps=1, cgroup_limit=cap)
+        rows += [{"mode": m, "cgroup_limit": cap, "error": f"not calibrated (no {PREDICTOR_FILE}: flashlm calibrate)"}
+                 for m in skipped]
         print(f"# cap {cap // MiB} MiB done at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     ppl_cap = a.ppl_cap * MiB
     ppl = {"dense": perplexity(folder, "dense", None, a.ppl_tokens, a.ctx, a.ppl_tokens)}
+    for mode in skipped:
+        ppl[mode] = {"error": "not calibrated"}
     for mode in modes:
         # naive and hybrid compute the dense function over whole layers: a prompt-sized chunk gives the
         # same perplexity faster; flash predicts per token, so it sees the text as decoding does (chunk 1).
@@ -117,27 +125,28 @@ def table(rows: list[dict], ppl: dict, a) -> str:
     out = [f"Qwen2.5-Coder-1.5B-Instruct Q4_K_M, {a.threads} threads, ctx {a.ctx}, decode of random token ids; "
            f"perplexity: first {a.ppl_tokens} tokens of tools/data/heldout.txt under the {a.ppl_cap} MiB cap "
            f"(dense: no cap)",
-           "", "| cap | engine | tok/s | MiB read/tok | cgroup peak | hit cap | tokens | perplexity |",
-           "| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+           "", "| cap | engine | tok/s (x llama.cpp) | MiB read/tok | planned | cgroup peak | hit cap (failcnt) | tokens | perplexity |",
+           "| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     base = {}
     for r in rows:
         cap = r.get("cgroup_limit", 0) // MiB
         name = "llama.cpp (mmap)" if r["mode"] == "llama.cpp" else f"flashlm {r['mode']}"
         peak = f"{r['cgroup_peak'] / MiB:.0f} MiB" if r.get("cgroup_peak") else "-"
-        hit = "yes" if r.get("cgroup_hit_cap") else "no"
+        hit = ("yes" if r.get("cgroup_hit_cap") else "no") + (f" ({r['cgroup_failcnt']})" if "cgroup_failcnt" in r else "")
+        planned = f"{r['planned_process'] / MiB:.0f} MiB" if r.get("planned_process") else "-"
         p = ppl.get(r["mode"], {}) if cap == a.ppl_cap else {}
         pcell = f"{p['perplexity']:.3f}" if "perplexity" in p else (p.get("error", "-")[:60] if p else "")
         if "error" in r:
-            out.append(f"| {cap} | {name} | error: {r['error'][:90]} | | {peak} | {hit} | | {pcell} |")
+            out.append(f"| {cap} | {name} | {r['error'][:90]} | | | {peak} | {hit} | | {pcell} |")
             continue
         n = r.get("decoded_tokens", a.n_gen if r["mode"] != "llama.cpp" else a.llamacpp_n)
         if r["mode"] == "llama.cpp":
             base[cap] = r["avg_ts"]
         ratio = f" ({r['avg_ts'] / base[cap]:.0f}x)" if r["mode"] != "llama.cpp" and base.get(cap) else ""
-        out.append(f"| {cap} | {name} | {r['avg_ts']:.3f}{ratio} | {r['bytes_per_token'] / MiB:.0f} | {peak} | {hit} "
-                   f"| {n} | {pcell} |")
+        out.append(f"| {cap} | {name} | {r['avg_ts']:.3f}{ratio} | {r['bytes_per_token'] / MiB:.0f} | {planned} | {peak} "
+                   f"| {hit} | {n} | {pcell} |")
     d = ppl["dense"]
-    out.append(f"| - | flashlm dense (no cap, reference) | | | | | | "
+    out.append(f"| - | flashlm dense (no cap, reference) | | | | | | | "
                f"{d['perplexity']:.3f} |" if "perplexity" in d else f"| - | flashlm dense | error: {d['error']} |")
     return "\n".join(out)
 
