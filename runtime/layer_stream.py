@@ -141,8 +141,8 @@ def ring_shape(stride: int, unit_rows: int, n_rows: int, ring_bytes: int) -> tup
     total = -(-n_rows // unit_rows)
     # a divisor of the layer's units when one is near (8960 rows of 2592 B: 14 chunks of 640 rows), so a
     # ring of two layers holds exactly two layers' chunks
-    near = [k for k in range(max(1, units // 2), units + 1) if total % k == 0]
-    units = near[-1] if near else units
+    near = [k for k in range(max(1, units // 2), 2 * units + 1) if total % k == 0 and k * unit_bytes <= max(ring_bytes // 2, unit_bytes)]
+    units = min(near, key=lambda k: abs(math.log(k / units))) if near else units
     chunk = min(n_rows, units * unit_rows)
     slot = -(-chunk * stride // BLOCK) * BLOCK
     return chunk, max(2, ring_bytes // slot), slot

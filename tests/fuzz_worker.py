@@ -40,12 +40,14 @@ def _fault(kind: str, model: str) -> tuple[int, str, str, float]:
     folder = open_folder(model)
     m = Model(folder, RuntimeConfig(mode=mode, io="buffered"))
     m.forward([1, 2, 3])
-    path = folder.file("ffn.safetensors")
+    # the file the mode reads: naive streams the packed copy of the rows when the folder has one
+    path = folder.file(folder.packed.file if mode == "naive" and folder.packed else "ffn.safetensors")
     os.truncate(path, os.path.getsize(path) // 2)
     m.reset()
     t0 = time.perf_counter()             # the time to the error is what counts, not the model load
     try:
-        m.forward([1, 2, 3])
+        for _ in range(3):               # (naive's first layers may come from reads made ahead, before the cut)
+            m.forward([1, 2, 3])
     except FlashlmError as e:
         return 1, "", f"flashlm run: error: {e}\n", time.perf_counter() - t0
     except BaseException:                 # noqa: BLE001

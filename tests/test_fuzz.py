@@ -554,7 +554,8 @@ def test_bundle_file_shrinking_during_a_run(tmp_path, model, fault):
     """--mode mmap used to die with SIGBUS; flash reads with a traceback. Both must be one line."""
     folder = tmp_path / "m.flashlm"
     shutil.copytree(model, folder)
-    c = {"what": fault, "fault": fault, "model": str(folder), "names": [str(folder / "ffn.safetensors")],
+    c = {"what": fault, "fault": fault, "model": str(folder),
+         "names": [str(folder / "ffn.safetensors"), str(folder / "ffn_packed.safetensors")],
          "expect": "error"}
     check_all([c], tmp_path)
 
