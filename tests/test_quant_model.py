@@ -296,6 +296,21 @@ def test_both_threading_policies_equal_one_thread(tmp_path):
         np.testing.assert_allclose(other, got[0], rtol=1e-4, atol=1e-4 * np.abs(got[0]).max())
 
 
+@pytest.mark.parametrize("make", [tm.make_llama, tm.make_opt], ids=["llama-2-layers", "opt-3-layers"])
+def test_token_by_token_decode_equals_the_prompt_logits(make, tmp_path):
+    """One-token steps run through fixed bound buffers (the residual ping-pongs between two: an odd layer
+    count ends in the other one); token by token they must give the prompt's logits, row for row."""
+    src = make(tmp_path / "src", tied=True) if make is tm.make_llama else make(tmp_path / "src")
+    out = convert(src, tmp_path / "m.flashlm", dtype="q4_1", progress=False)
+    model = Model(open_folder(out), RuntimeConfig(threads=1, kv_dtype="f32", int8_activations=False))
+    ids = IDS[:9]
+    whole = model.forward(ids, all_logits=True)
+    model.reset()
+    steps = np.concatenate([model.forward(ids[i:i + 1]).copy() for i in range(len(ids))])
+    model.close()
+    np.testing.assert_allclose(steps, whole, rtol=1e-4, atol=1e-4 * np.abs(whole).max())
+
+
 # --- KV cache ------------------------------------------------------------------------------------------------
 def test_f16_kv_cache_halves_the_plan_and_stays_close(tmp_path):
     src = tm.make_llama(tmp_path / "src", tied=False, n_kv_heads=2)

@@ -120,8 +120,14 @@ def breakdown_child(args) -> int:
             self.sess = sess
 
         def run(self, *a):
+            return self._timed(self.sess.run, *a)
+
+        def run_with_iobinding(self, *a):         # one-token steps run through bound buffers
+            return self._timed(self.sess.run_with_iobinding, *a)
+
+        def _timed(self, f, *a):
             t = time.perf_counter()
-            r = self.sess.run(*a)
+            r = f(*a)
             spent["run"] += time.perf_counter() - t
             calls["run"] += 1
             return r
@@ -137,7 +143,7 @@ def breakdown_child(args) -> int:
 
     class _K:               # the kernels module as ort_model sees it, with the attention kernel timed
         def __getattr__(self, name):
-            if name in ("rope_kv_attention", "rope_kv_attention_serial"):
+            if name in ("rope_kv_attention", "rope_kv_attention_serial"):  # forward() and the bound one-token step
                 kernel = getattr(attention_module, name)
                 return lambda *a: timed_attention(kernel, *a)
             return getattr(attention_module, name)
