@@ -64,7 +64,8 @@ class FFNStats:
     overflow: int = 0        # ... of which found no cache row and streamed through the buffers
     streamed_layers: int = 0  # layer-steps that read a whole layer (planned STREAM or the sparse fallback)
     stream_bytes: int = 0    # whole-layer reads of planned STREAM layers: bytes ...
-    stream_read_s: float = 0.0  # ... and the summed duration of those reads (their rate vs the disk's sequential rate)
+    stream_read_s: float = 0.0  # ... and the summed duration of those reads (their rate vs the disk's sequential rate;
+    #                              a ring streamer: its readers' wall time with a read in flight)
     guess_rows: int = 0      # lookahead: rows read early on a guess from the previous layer's input ...
     guess_used: int = 0      # ... of which the layer wanted (the rest were over-fetched, then evicted)
     guess_missed: int = 0    # rows a guessed layer still had to read once its true input arrived

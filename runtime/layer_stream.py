@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .modelfile import ModelFileError, ModelFolder, check_rows
+from .modelfile import ModelFileError, ModelFolder, RowCheck
 from .packed_rows import BLOCK, first_bad_group
 
 CHUNK_BYTES = 3 << 19          # ~1.5 MiB per read: >= 1 MiB reads reach the disk's sequential rate here
@@ -47,7 +47,7 @@ class RowSource:
     unit_rows: int              # chunks are whole multiples of this many rows (aligned reads, whole check groups)
     dtype: np.dtype             # the kernels' view of a row
     sums: np.ndarray | None = None      # packed: [n_layers, n_groups] uint64 (unit_rows = group rows)
-    row_crc: np.ndarray | None = None   # bundle file: [n_layers, n_rows] uint32
+    row_crc: RowCheck | None = None     # bundle file: its rows' CRC-32 (each row checked once per process)
     direct: bool = True         # O_DIRECT (RuntimeConfig.io "direct"), else through the page cache
 
     @property
@@ -89,7 +89,7 @@ class RowSource:
                 raise ModelFileError(f"{self.path}: layer {layer} rows {lo + bad * self.unit_rows}.. fail their "
                                      "checksum: the packed FFN file is corrupt; re-convert the model")
         elif self.row_crc is not None:
-            check_rows(rows[:hi - lo], np.arange(lo, hi), self.row_crc, self.path, layer)
+            self.row_crc.check(rows[:hi - lo], np.arange(lo, hi), layer)
 
     def open(self) -> int:
         """An O_DIRECT descriptor (buffered where the filesystem refuses O_DIRECT)."""
