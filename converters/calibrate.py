@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from flashlm.runtime.config import RuntimeConfig
@@ -128,21 +129,33 @@ def _combine(est: dict, ffn_kind: str) -> np.ndarray:
     return est["up"] if "gate" not in est else gated_score(est["gate"], est["up"], ffn_kind)
 
 
-def fit_directions(h: np.ndarray, w: np.ndarray, max_rank: int) -> np.ndarray:
-    """The top `max_rank` directions v [n_ff, r] of the map's outputs [h, 1] @ w on real inputs.
+def fit_directions(h: np.ndarray, w: np.ndarray, max_rank: int, y: np.ndarray | None = None) -> np.ndarray:
+    """The top `max_rank` directions v [n_ff, r] of the map's outputs Y = [h, 1] @ w on real inputs
+    (`y`: Y, if the caller has it).
 
     Truncating w to w @ v[:, :r] @ v[:, :r].T is the rank-r map closest to w on these inputs (the
-    reduced-rank regression of the exact targets), so every rank shares one decomposition. The
-    outputs' Gram matrix w.T X.T X w equals M.T M with M = L.T w, L the Cholesky factor of the small
-    [d+1, d+1] input covariance X.T X, so v are M's right singular vectors: the cost does not grow
-    with the number of calibration tokens (the [N, N] Gram it replaces took minutes per layer).
+    reduced-rank regression of the exact targets), so every rank shares one decomposition: v are Y's
+    top right singular vectors, v = Y.T u / s from the top eigenvectors u of the smaller of two Gram
+    matrices, so neither an [N, n_ff] nor a [d+1, n_ff] SVD is ever taken (Qwen2.5-1.5B's shapes:
+    16 s for the SVD, 2 s this way):
+    - fewer tokens than d + 1: Y Y.T [N, N];
+    - else M M.T [d+1, d+1] with M = L.T w, L the Cholesky factor of the input covariance X.T X
+      (M.T M = Y.T Y), whose cost does not grow with the number of tokens.
     """
-    x = _with_one(h).astype(np.float64)
-    cov = x.T @ x
-    cov[np.diag_indices_from(cov)] += 1e-9 * max(np.trace(cov) / len(cov), 1e-30)   # rank-deficient inputs
-    m = np.linalg.cholesky(cov).T @ w.astype(np.float64)
-    _, _, vt = np.linalg.svd(m, full_matrices=False)
-    return vt[:max_rank].T
+    x = _with_one(h)
+    if len(x) < x.shape[1]:
+        m = y if y is not None else x @ w
+    else:
+        x = x.astype(np.float64)
+        cov = x.T @ x
+        cov[np.diag_indices_from(cov)] += 1e-9 * max(np.trace(cov) / len(cov), 1e-30)   # rank-deficient inputs
+        m = np.linalg.cholesky(cov).T.astype(np.float32) @ w.astype(np.float32)
+    _, u = np.linalg.eigh((m @ m.T).astype(np.float64))      # ascending
+    u = u[:, ::-1][:, :max_rank].astype(np.float32)
+    # v = M.T u / s; the QR (its R's diagonal made positive) only restores orthonormality lost to f32 and
+    # gives directions below float precision (s ~ 0, no signal) a well-defined unit vector
+    q, r = np.linalg.qr((m.T @ u).astype(np.float64))
+    return q * np.where(np.diag(r) < 0, -1.0, 1.0)
 
 
 def truncate(w: np.ndarray, v: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -151,8 +164,18 @@ def truncate(w: np.ndarray, v: np.ndarray, rank: int) -> tuple[np.ndarray, np.nd
     return (w[:-1] @ vr).T.astype(np.float32), vr.astype(np.float32), (w[-1] @ vr @ vr.T).astype(np.float32)
 
 
-def _scores(h, a, b, c):
-    return (h @ a.T) @ b.T + c
+def rank_scores(x: np.ndarray, w: np.ndarray, v: np.ndarray, ranks):
+    """(r, scores [N, n_ff]) of the rank-r truncations of w for each r in `ranks` (ascending), from one
+    projection: s_r = (x @ w @ v_r) @ v_r.T, which (h @ A.T) @ B.T + c of truncate(w, v, r) equals with x = [h, 1], grown rank
+    block by rank block, so all ranks together cost what the largest alone would. Each yielded array is
+    the caller's (a fresh copy)."""
+    p = x @ (w @ v[:, :max(ranks)].astype(np.float32))
+    s = np.zeros((len(x), w.shape[1]), np.float32)
+    lo = 0
+    for r in ranks:
+        s += p[:, lo:r] @ v[:, lo:r].T.astype(np.float32)
+        lo = r
+        yield r, s.copy()
 
 
 def _topk_mask(s: np.ndarray, k: int) -> np.ndarray:
@@ -191,16 +214,18 @@ def window_stats(active_by_token: np.ndarray, windows=WINDOWS) -> dict:
     """active_by_token [N, n_ff] bool in token order: neurons a window of k tokens holds, and what it misses."""
     n_tok, n_ff = active_by_token.shape
     out = {}
-    for k in windows:
-        held, missed = [], []
-        for t in range(k, n_tok):
-            union = active_by_token[t - k:t].any(axis=0)
-            held.append(union.sum())
-            nxt = active_by_token[t]
-            missed.append((nxt & ~union).sum() / max(nxt.sum(), 1))
-        if held:
-            out[str(k)] = {"mean_held": float(np.mean(held)) / n_ff, "max_held": int(np.max(held + [0])),
-                           "miss_fraction": float(np.mean(missed))}
+    union = np.zeros((max(n_tok - 1, 0), n_ff), bool)     # union[t - 1]: tokens t-k..t-1, for each t >= 1
+    for k in range(1, max(windows) + 1):
+        if k >= n_tok:
+            break
+        union[k - 1:] |= active_by_token[:n_tok - k]          # token t - k joins the window of token t
+        if k not in windows:
+            continue
+        u, nxt = union[k - 1:], active_by_token[k:]           # tokens t = k..N-1
+        held = u.sum(axis=1)
+        missed = (nxt & ~u).sum(axis=1) / np.maximum(nxt.sum(axis=1), 1)
+        out[str(k)] = {"mean_held": float(held.mean()) / n_ff, "max_held": int(held.max()),
+                       "miss_fraction": float(missed.mean())}
     return out
 
 
@@ -225,18 +250,13 @@ def resident_copies(model: Model, layer: int, parts) -> dict[str, np.ndarray]:
     return {f"{p}_rows": part_rows(model, layer, p) for p in parts if p not in model.folder.bundles.resident}
 
 
-def s_test_of(factors: dict, h: np.ndarray, ffn_kind: str) -> np.ndarray:
-    return _combine({n: _scores(h, *f) for n, f in factors.items()}, ffn_kind)
-
-
-def _output_recall(scores: np.ndarray, maps: dict, h: np.ndarray, model: Model, layer: int, keep: int) -> float:
-    """Share of the true top-`keep` output mass sum |a_i| * ||W_down[:, i]|| that the scores keep.
+def _output_recall(scores: np.ndarray, mass: np.ndarray, keep: int) -> float:
+    """Share of the true top-`keep` output mass sum |a_i| * ||W_down[:, i]|| (`mass`, per token and
+    neuron) that the scores keep.
 
     The one quality measure both SwiGLU selectors are compared by (it weighs each neuron by what it
     adds to the layer's output, unlike set overlap)."""
-    x = _with_one(h)
-    a = np.abs(gated_score(x @ maps["gate"], x @ maps["up"], model.config.ffn_kind)) * down_norms(model, layer)
-    return float((a * _topk_mask(scores, keep)).sum() / (a * _topk_mask(a, keep)).sum())
+    return float((mass * _topk_mask(scores, keep)).sum() / (mass * _topk_mask(mass, keep)).sum())
 
 
 def _layer_output(layer, factors, q, predicted, truth, hot, extra: dict):
@@ -253,45 +273,80 @@ def _layer_output(layer, factors, q, predicted, truth, hot, extra: dict):
     return t, {k: q[k] for k in ("rule", "threshold", "keep", "rank") if k in q}, q
 
 
-def _gate_fit(model, layer, h, test, maps, directions, ranks, max_rank, k_keep, truth, hot):
+def _gate_fit(model, layer, h, test, exact, y, dn, directions, rank_list, k_keep, truth, hot):
     """Rule "gate": exact silu(gate.h) from resident W_gate rows, low-rank up, scores weighted by
     ||W_down[:, i]||. The up rank is chosen as for "topk": smallest within a point of the best."""
-    dn = down_norms(model, layer)
-    x = _with_one(h)
-    g_exact = x @ maps["gate"]
-    y = gated_score(g_exact, x @ maps["up"], model.config.ffn_kind)
     w_up, v_up = directions["up"]
+    mass = y[test] * dn
     fits = []
-    for r in sorted({min(r, max_rank) for r in ranks}):
-        f = truncate(w_up, v_up, r)
-        s = gated_score(g_exact, _scores(h, *f), model.config.ffn_kind) * dn
+    for r, s_up in rank_scores(_with_one(h), w_up, v_up, rank_list):
+        s = gated_score(exact["gate"], s_up, model.config.ffn_kind) * dn
         pred, true = _topk_mask(s[test], k_keep), _topk_mask(y[test], k_keep)
         q = {"rule": "gate", "keep": k_keep, "rank": r,
              "recall": float((pred & true).sum() / true.sum()),
              "contribution_recall": float((y[test] * pred).sum() / (y[test] * true).sum()),
-             "output_recall": _output_recall(s[test], maps, h[test], model, layer, k_keep),
+             "output_recall": _output_recall(s[test], mass, k_keep),
              "predicted_fraction": k_keep / y.shape[1]}
-        fits.append((f, q, s))
+        fits.append((r, q, s))
     top = max(q["output_recall"] for _, q, _ in fits)
-    f, q, s = next(x for x in fits if x[1]["output_recall"] >= top - 0.01)
-    return _layer_output(layer, {"up": f}, q, _topk_mask(s, k_keep), truth, hot,
+    r, q, s = next(x for x in fits if x[1]["output_recall"] >= top - 0.01)
+    return _layer_output(layer, {"up": truncate(w_up, v_up, r)}, q, _topk_mask(s, k_keep), truth, hot,
                          {**resident_copies(model, layer, ("gate",)), "down_norm": dn})
 
 
-def _exact_fit(model, layer, h, test, maps, k_keep, truth, hot):
+def _exact_fit(model, layer, test, y, dn, k_keep, truth, hot):
     """Rule "exact": W_gate and W_up resident, the true top-k by |a_i| * ||W_down[:, i]||."""
-    dn = down_norms(model, layer)
-    x = _with_one(h)
-    y = gated_score(x @ maps["gate"], x @ maps["up"], model.config.ffn_kind)
     s = y * dn
     pred, true = _topk_mask(s[test], k_keep), _topk_mask(y[test], k_keep)
     q = {"rule": "exact", "keep": k_keep, "rank": 0,
          "recall": float((pred & true).sum() / true.sum()),
          "contribution_recall": float((y[test] * pred).sum() / (y[test] * true).sum()),
-         "output_recall": _output_recall(s[test], maps, h[test], model, layer, k_keep),
+         "output_recall": _output_recall(s[test], s[test], k_keep),
          "predicted_fraction": k_keep / y.shape[1]}
     return _layer_output(layer, {}, q, _topk_mask(s, k_keep), truth, hot,
                          {**resident_copies(model, layer, ("gate", "up")), "down_norm": dn})
+
+
+def _fit_layer(model: Model, layer: int, h: np.ndarray, test: np.ndarray, ranks, k_keep: int, recall: float) -> dict:
+    """{selector: (tensors, manifest entry, report entry)} of one layer. The exact projections of the
+    recorded inputs are computed once and every candidate (each rank, each selector) is scored against
+    them; all ranks of one map come from one projection (rank_scores)."""
+    c = model.config
+    maps = layer_projections(model, layer)
+    x = _with_one(h)
+    exact = {name: x @ w for name, w in maps.items()}
+    y = _combine(exact, c.ffn_kind)
+    max_rank = min(max(ranks), c.d_model, c.n_ff, int((~test).sum()))
+    rank_list = sorted({min(r, max_rank) for r in ranks})
+    directions = {name: (w, fit_directions(h[~test], w, max_rank, exact[name][~test])) for name, w in maps.items()}
+    fits = []
+    for per_map in zip(*(rank_scores(x, w, v, rank_list) for w, v in directions.values())):
+        r = per_map[0][0]
+        s_all = _combine({name: est for name, (_, est) in zip(directions, per_map)}, c.ffn_kind)
+        q = evaluate(c.ffn_kind, s_all[~test], y[~test], s_all[test], y[test], recall=recall, keep=k_keep)
+        q["rank"] = r
+        fits.append((r, q, s_all))
+    # The smallest rank within a point of the best held-out quality (more rank costs DRAM and time).
+    # ReLU thresholds fix recall, so quality there is how few neurons must be read to reach it.
+    if c.ffn_kind == "relu":
+        least = min(q["predicted_fraction"] for _, q, _ in fits)
+        r, q, s_all = next(f for f in fits if f[1]["predicted_fraction"] <= least + 0.01)
+    else:
+        top = max(q["contribution_recall"] for _, q, _ in fits)
+        r, q, s_all = next(f for f in fits if f[1]["contribution_recall"] >= top - 0.01)
+    del fits
+    factors = {name: truncate(w, v, r) for name, (w, v) in directions.items()}
+    truth = (y > 0) if c.ffn_kind == "relu" else _topk_mask(y, k_keep)
+    hot = np.argsort(-truth.mean(axis=0), kind="stable").astype(np.int32)
+    predicted = (s_all > q["threshold"]) if c.ffn_kind == "relu" else _topk_mask(s_all, k_keep)
+    layer_fits = {"lowrank": _layer_output(layer, factors, q, predicted, truth, hot, {})}
+    if c.gated:
+        dn = down_norms(model, layer)
+        q["output_recall"] = _output_recall(s_all[test], y[test] * dn, k_keep)
+        del s_all, predicted
+        layer_fits["gate"] = _gate_fit(model, layer, h, test, exact, y, dn, directions, rank_list, k_keep, truth, hot)
+        layer_fits["exact"] = _exact_fit(model, layer, test, y, dn, k_keep, truth, hot)
+    return layer_fits
 
 
 def _selector_quality(candidates: list[dict]) -> dict:
@@ -321,7 +376,37 @@ def calibrate(path, *, text_file=None, random_tokens: bool = False, n_tokens: in
               selector: str = "auto", output_recall: float = 0.97, ranks=RANKS, holdout: float = 0.2, threads: int | None = None, seed: int = 0,
               progress: bool = True) -> dict:
     """Train and store predictors for the model folder at `path`; returns the calibration report."""
+    blas = blas_threads(threads)
+    with threadpool_limits(limits=blas, user_api="blas"):
+        report = _calibrate(path, text_file, random_tokens, n_tokens, keep, recall, selector, output_recall, ranks,
+                            holdout, threads, seed, progress, blas)
+    return report
+
+
+def blas_threads(threads: int | None) -> int:
+    """OpenBLAS threads for calibration's matrix products: `threads` if given; else one when the cores
+    are oversubscribed (load average at or above the core count), all cores otherwise. BLAS threads
+    wait for each other at every call, and a thread that lost its time slice stalls them all: measured
+    at load ~11 on 2 cores, a [32, 1536] x [1536, 300] f32 product took 25-200 ms with 2 threads and
+    4 ms with 1 (the recording prefill of Qwen2.5-1.5B ran at 9 s/token with 2)."""
+    if threads is not None:
+        return threads
+    cores = os.cpu_count() or 1
+    return 1 if os.getloadavg()[0] >= cores else cores
+
+
+def _calibrate(path, text_file, random_tokens, n_tokens, keep, recall, selector, output_recall, ranks, holdout,
+               threads, seed, progress, blas) -> dict:
     t0 = time.perf_counter()
+    if not random_tokens and not text_file:
+        # Self-generated text: decoded with the folder's fastest engine (onnxruntime for quantized dense
+        # weights: measured 9x numba's decode speed on Qwen2.5-1.5B), recorded below with numba.
+        gen, tokenizer, _ = load(path, RuntimeConfig(ctx_len=1024, threads=threads), warmup=False)
+        try:
+            seqs = generated_tokens(gen, tokenizer, n_tokens, seed=seed, progress=progress)
+        finally:
+            gen.close()
+        del gen
     # numba runs quantized dense weights too: FFN inputs must pass through Model.ffn (the recording hook),
     # which onnxruntime's whole-layer sessions of a quantized dense-mode model bypass.
     model, tokenizer, _ = load(path, RuntimeConfig(ctx_len=1024, threads=threads, dense_engine="numba"), warmup=False)
@@ -336,7 +421,6 @@ def calibrate(path, *, text_file=None, random_tokens: bool = False, n_tokens: in
         seqs = [ids[i:i + 512] for i in range(0, len(ids), 512)]
         source = str(text_file)
     else:
-        seqs = generated_tokens(model, tokenizer, n_tokens, seed=seed, progress=progress)
         source = "self-generated"
     hs = record_ffn_inputs(model, seqs, progress=progress)
     n = len(hs[0])
@@ -346,37 +430,8 @@ def calibrate(path, *, text_file=None, random_tokens: bool = False, n_tokens: in
     k_keep = max(1, int(round(keep * c.n_ff)))
     tensors, layer_meta, report_layers, candidates = {}, [], [], []
     for layer in tqdm(range(c.n_layers), desc="Fitting predictors", disable=not progress, file=sys.stderr):
-        h, maps = hs[layer], layer_projections(model, layer)
-        y = _combine({name: _with_one(h) @ w for name, w in maps.items()}, c.ffn_kind)
-        max_rank = min(max(ranks), c.d_model, c.n_ff, int((~test).sum()))
-        directions = {name: (w, fit_directions(h[~test], w, max_rank)) for name, w in maps.items()}
-        fits = []
-        for r in sorted({min(r, max_rank) for r in ranks}):
-            factors = {name: truncate(w, v, r) for name, (w, v) in directions.items()}
-            s_train = _combine({n: _scores(h[~test], *f) for n, f in factors.items()}, c.ffn_kind)
-            s_test = _combine({n: _scores(h[test], *f) for n, f in factors.items()}, c.ffn_kind)
-            q = evaluate(c.ffn_kind, s_train, y[~test], s_test, y[test], recall=recall, keep=k_keep)
-            q["rank"] = r
-            fits.append((factors, q))
-        # The smallest rank within a point of the best held-out quality (more rank costs DRAM and time).
-        # ReLU thresholds fix recall, so quality there is how few neurons must be read to reach it.
-        if c.ffn_kind == "relu":
-            least = min(q["predicted_fraction"] for _, q in fits)
-            factors, q = next(f for f in fits if f[1]["predicted_fraction"] <= least + 0.01)
-        else:
-            top = max(q["contribution_recall"] for _, q in fits)
-            factors, q = next(f for f in fits if f[1]["contribution_recall"] >= top - 0.01)
-        truth = (y > 0) if c.ffn_kind == "relu" else _topk_mask(y, k_keep)
-        hot = np.argsort(-truth.mean(axis=0), kind="stable").astype(np.int32)
-        s_all = _combine({n: _scores(h, *f) for n, f in factors.items()}, c.ffn_kind)
-        predicted = (s_all > q["threshold"]) if c.ffn_kind == "relu" else _topk_mask(s_all, k_keep)
-        layer_fits = {"lowrank": _layer_output(layer, factors, q, predicted, truth, hot, {})}
-        if c.gated:
-            layer_fits["gate"] = _gate_fit(model, layer, h, test, maps, directions, ranks, max_rank, k_keep,
-                                           truth, hot)
-            layer_fits["exact"] = _exact_fit(model, layer, h, test, maps, k_keep, truth, hot)
-            q["output_recall"] = _output_recall(s_test_of(factors, h[test], c.ffn_kind), maps, h[test], model, layer, k_keep)
-        candidates.append(layer_fits)
+        candidates.append(_fit_layer(model, layer, hs[layer], test, ranks, k_keep, recall))
+        hs[layer] = None                                 # this layer's inputs are no longer needed
     choice = _choose_selector(c, candidates, selector, output_recall)
     for layer, layer_fits in enumerate(candidates):
         t, meta, q = layer_fits[choice]
@@ -387,7 +442,9 @@ def calibrate(path, *, text_file=None, random_tokens: bool = False, n_tokens: in
                  q["predicted_fraction"])
     report = {"tokens": n, "holdout": holdout, "source": source, "keep": keep, "recall_goal": recall,
               "selector": choice, "selector_quality": _selector_quality(candidates),
-              "seconds": round(time.perf_counter() - t0, 1), "layers": report_layers}
+              "blas_threads": blas, "seconds": round(time.perf_counter() - t0, 1),
+              "layers": report_layers}
+    model.close()
     _write_predictors(folder, tensors, layer_meta, report)
     return report
 
