@@ -17,6 +17,8 @@
    reaches `output_recall`.
 5. Record, per layer, activation frequency (hot-neuron order) and how many neurons a sliding window of
    k tokens holds (cache sizing), and write predictor.safetensors + its entry in the manifest.
+6. ReLU: the pipeline guesses layer l's neurons early from layer l-1's FFN input (runtime/ffn.py);
+   a guess threshold, below the rule's, keeps GUESS_RECALL of what the true input selects.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from flashlm.runtime.safetensors_file import plan_file
 log = logging.getLogger("flashlm")
 
 RANKS = (16, 32, 64, 128)
+GUESS_RECALL = 0.9      # share of a layer's selection its pipeline guess (on the previous layer's input) keeps
 WINDOWS = (1, 2, 4, 8)
 PROMPTS = [
     "The history of the Roman Empire", "How to bake bread at home:", "def quicksort(arr):",
@@ -270,7 +273,7 @@ def _layer_output(layer, factors, q, predicted, truth, hot, extra: dict):
         t[p + name + ".c"] = cc
     t[p + "hot"] = hot
     t.update({p + k: v for k, v in extra.items()})
-    return t, {k: q[k] for k in ("rule", "threshold", "keep", "rank") if k in q}, q
+    return t, {k: q[k] for k in ("rule", "threshold", "keep", "rank", "guess_threshold") if k in q}, q
 
 
 def _gate_fit(model, layer, h, test, exact, y, dn, directions, rank_list, k_keep, truth, hot):
@@ -307,7 +310,25 @@ def _exact_fit(model, layer, test, y, dn, k_keep, truth, hot):
                          {**resident_copies(model, layer, ("gate", "up")), "down_norm": dn})
 
 
-def _fit_layer(model: Model, layer: int, h: np.ndarray, test: np.ndarray, ranks, k_keep: int, recall: float) -> dict:
+def guess_rule(s_prev: np.ndarray, selected: np.ndarray, threshold: float, test: np.ndarray) -> dict:
+    """The "threshold" rule's early guess: the threshold on this layer's scores of the previous layer's
+    inputs (`s_prev`, the same tokens) that keeps GUESS_RECALL of the neurons the true inputs select
+    (`selected`), never above the rule's own; set on the training tokens, measured on the held-out ones
+    (recall, and the guessed fraction of all neurons, at the rule's threshold and at the guess's)."""
+    train = ~test
+    t = float(np.quantile(s_prev[train][selected[train]], 1 - GUESS_RECALL)) if selected[train].any() else threshold
+    t = min(t, threshold)
+    sel = selected[test]
+    out = {"guess_threshold": t}
+    for name, th in (("plain", threshold), ("guess", t)):
+        g = s_prev[test] > th
+        out[f"guess_recall_{name}"] = float((g & sel).sum() / max(sel.sum(), 1))
+        out[f"guess_fraction_{name}"] = float(g.mean())
+    return out
+
+
+def _fit_layer(model: Model, layer: int, h: np.ndarray, test: np.ndarray, ranks, k_keep: int, recall: float,
+               h_prev: np.ndarray | None = None) -> dict:
     """{selector: (tensors, manifest entry, report entry)} of one layer. The exact projections of the
     recorded inputs are computed once and every candidate (each rank, each selector) is scored against
     them; all ranks of one map come from one projection (rank_scores)."""
@@ -339,6 +360,9 @@ def _fit_layer(model: Model, layer: int, h: np.ndarray, test: np.ndarray, ranks,
     truth = (y > 0) if c.ffn_kind == "relu" else _topk_mask(y, k_keep)
     hot = np.argsort(-truth.mean(axis=0), kind="stable").astype(np.int32)
     predicted = (s_all > q["threshold"]) if c.ffn_kind == "relu" else _topk_mask(s_all, k_keep)
+    if c.ffn_kind == "relu" and h_prev is not None:     # the pipeline guesses this layer from h_prev
+        a, b, cc = factors["up"]
+        q.update(guess_rule((h_prev @ a.T) @ b.T + cc, predicted, q["threshold"], test))
     layer_fits = {"lowrank": _layer_output(layer, factors, q, predicted, truth, hot, {})}
     if c.gated:
         dn = down_norms(model, layer)
@@ -398,6 +422,7 @@ def blas_threads(threads: int | None) -> int:
 def _calibrate(path, text_file, random_tokens, n_tokens, keep, recall, selector, output_recall, ranks, holdout,
                threads, seed, progress, blas) -> dict:
     t0 = time.perf_counter()
+    phases = {}                                          # seconds per phase, for the report
     if not random_tokens and not text_file:
         # Self-generated text: decoded with the folder's fastest engine (onnxruntime for quantized dense
         # weights: measured 9x numba's decode speed on Qwen2.5-1.5B), recorded below with numba.
@@ -407,6 +432,7 @@ def _calibrate(path, text_file, random_tokens, n_tokens, keep, recall, selector,
         finally:
             gen.close()
         del gen
+        phases["generate"] = round(time.perf_counter() - t0, 1)
     # numba runs quantized dense weights too: FFN inputs must pass through Model.ffn (the recording hook),
     # which onnxruntime's whole-layer sessions of a quantized dense-mode model bypass.
     model, tokenizer, _ = load(path, RuntimeConfig(ctx_len=1024, threads=threads, dense_engine="numba"), warmup=False)
@@ -422,7 +448,10 @@ def _calibrate(path, text_file, random_tokens, n_tokens, keep, recall, selector,
         source = str(text_file)
     else:
         source = "self-generated"
+    t1 = time.perf_counter()
     hs = record_ffn_inputs(model, seqs, progress=progress)
+    t2 = time.perf_counter()
+    phases["record"] = round(t2 - t1, 1)
     n = len(hs[0])
     rng = np.random.default_rng(seed)
     test = np.zeros(n, bool)
@@ -430,8 +459,11 @@ def _calibrate(path, text_file, random_tokens, n_tokens, keep, recall, selector,
     k_keep = max(1, int(round(keep * c.n_ff)))
     tensors, layer_meta, report_layers, candidates = {}, [], [], []
     for layer in tqdm(range(c.n_layers), desc="Fitting predictors", disable=not progress, file=sys.stderr):
-        candidates.append(_fit_layer(model, layer, hs[layer], test, ranks, k_keep, recall))
-        hs[layer] = None                                 # this layer's inputs are no longer needed
+        candidates.append(_fit_layer(model, layer, hs[layer], test, ranks, k_keep, recall,
+                                     hs[layer - 1] if layer else None))
+        if layer:
+            hs[layer - 1] = None                         # no longer needed (the next layer guesses from hs[layer])
+    phases["fit"] = round(time.perf_counter() - t2, 1)
     choice = _choose_selector(c, candidates, selector, output_recall)
     for layer, layer_fits in enumerate(candidates):
         t, meta, q = layer_fits[choice]
@@ -442,7 +474,7 @@ def _calibrate(path, text_file, random_tokens, n_tokens, keep, recall, selector,
                  q["predicted_fraction"])
     report = {"tokens": n, "holdout": holdout, "source": source, "keep": keep, "recall_goal": recall,
               "selector": choice, "selector_quality": _selector_quality(candidates),
-              "blas_threads": blas, "seconds": round(time.perf_counter() - t0, 1),
+              "blas_threads": blas, "seconds": round(time.perf_counter() - t0, 1), "phase_seconds": phases,
               "layers": report_layers}
     model.close()
     _write_predictors(folder, tensors, layer_meta, report)

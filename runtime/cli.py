@@ -383,7 +383,8 @@ def cmd_calibrate(args) -> int:
         print(f"| {i} | {q['rank']} | {q['rule']} | {q['recall']:.3f} | {q.get('contribution_recall', float('nan')):.3f} "
               f"| {100 * q['predicted_fraction']:.1f} % | {100 * w.get('mean_held', 0):.1f} % | {100 * w.get('miss_fraction', 0):.1f} % |")
     _err(f"selector {report['selector']} (held-out output recall {report['selector_quality']})")
-    _err(f"calibrated on {report['tokens']} tokens ({report['source']}) in {report['seconds']} s; "
+    phases = ", ".join(f"{k} {v} s" for k, v in report.get("phase_seconds", {}).items())
+    _err(f"calibrated on {report['tokens']} tokens ({report['source']}) in {report['seconds']} s ({phases}); "
          f"predictors written to {args.model}/predictor.safetensors")
     return 0
 

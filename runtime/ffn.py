@@ -536,6 +536,8 @@ class FlashFFN(FFNBackend):
         # layer -> the sparse layer after it, guessed from this layer's FFN input
         self.lookahead_of = {i: i + 1 for i in range(n - 1) if caches[i + 1] is not None} if pipeline else {}
         self.pending = {}                # sparse layer -> future of its lookahead read
+        # the early guess: a predictor's own guess() rule (a wider threshold) where it has one
+        self.guess_of = {i: getattr(predictors[i], "guess", predictors[i].predict) for i in self.lookahead_of.values()}
         # Per guessed layer, decayed sums of (rows a guess read, of which the layer wanted): a layer whose
         # guesses waste more than they bring is not guessed, but retried every GUESS_RETRY tokens.
         self.guess_read = np.zeros(n, np.int64)      # the last guess's rows (written by the I/O thread)
@@ -625,7 +627,7 @@ class FlashFFN(FFNBackend):
         t0 = time.perf_counter()
         # a copy: a decode prediction is a view of the layer's buffers, which its true prediction reuses
         # while the I/O thread may still be admitting the guess
-        guess = self.predictors[nxt].predict(h).copy()
+        guess = self.guess_of[nxt](h).copy()
         self.stats.predict_s += time.perf_counter() - t0
         self.pending[nxt] = self.pool.submit(self._prefetch, nxt, guess)
 

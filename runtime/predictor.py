@@ -81,6 +81,10 @@ class LayerPredictor:
     gate_rows: np.ndarray | None = None   # "gate", "exact": W_gate [n_ff, d], f16 bits or f32
     up_rows: np.ndarray | None = None     # "exact": W_up [n_ff, d]
     down_norm: np.ndarray | None = None   # "gate", "exact": ||W_down[:, i]|| [n_ff] f32
+    # "threshold": the lower threshold of the pipeline's early guess (this layer's predictor applied to the
+    # previous layer's FFN input), calibrated to keep GUESS_RECALL of what the true input selects; None:
+    # the guess uses `threshold` (predictors calibrated before it existed)
+    guess_threshold: float | None = None
 
     buffers: PredictBuffers | None = None   # a decode token's scores and ids (the run state's; else own)
 
@@ -91,6 +95,7 @@ class LayerPredictor:
         self._act = K.ACTIVATION_OF_KIND[self.ffn_kind]
         self._no_norm = np.zeros(0, np.float32)
         self._threshold = np.float32(self.threshold)
+        self._guess_threshold = np.float32(self.threshold if self.guess_threshold is None else self.guess_threshold)
 
     def _rows(self, h: np.ndarray, w: np.ndarray) -> np.ndarray:
         out = np.empty((h.shape[0], w.shape[0]), np.float32)
@@ -113,10 +118,11 @@ class LayerPredictor:
         k = min(self.keep, scores.size)
         return np.sort(np.argpartition(-scores, k - 1)[:k]).astype(np.int32)
 
-    def _predict_one(self, h: np.ndarray) -> np.ndarray:
+    def _predict_one(self, h: np.ndarray, threshold=None) -> np.ndarray:
         """One token, through the preallocated buffers and the numba selection kernels: nothing is
         allocated. Returns a view of buffers.ids, valid until this layer's next prediction."""
         b = self.buffers
+        threshold = self._threshold if threshold is None else threshold
         if self.rule == "exact":
             K.matmul(h, self.gate_rows, b.gate)
             K.matmul(h, self.up_rows, b.up)
@@ -130,8 +136,14 @@ class LayerPredictor:
             K.contribution(self.gate(h)[0], up[0], self._no_norm, self._act, b.scores)
         else:
             up = self.up(h)
-            return b.ids[:K.select_above(up[0], self._threshold, b.ids)]
+            return b.ids[:K.select_above(up[0], threshold, b.ids)]
         return b.ids[:K.select_top(b.scores, self.keep, b.work, b.ids)]
+
+    def guess(self, h: np.ndarray) -> np.ndarray:
+        """The pipeline's early guess of this layer's neurons for one decode token, from the previous
+        layer's FFN input h [1, d]: the "threshold" rule at its guess threshold (wider: the guess sees a
+        shifted input), other rules as predict(). A view of buffers.ids, like predict()."""
+        return self._predict_one(h, self._guess_threshold)
 
     def predict(self, h: np.ndarray) -> np.ndarray:
         """Union of the predicted neurons of all T tokens in h [T, d] (T = 1: a view of buffers.ids)."""
@@ -267,6 +279,7 @@ def load_predictors(folder: Path, config, layers=None, state=None, gate_rows=Non
                     else tensor(p + ".up_rows", (n_ff, d))
         out.append(LayerPredictor(up=up, gate=gate, rule=rule,
                                   threshold=info.get("threshold", 0.0), keep=info.get("keep", 0),
+                                  guess_threshold=info.get("guess_threshold"),
                                   hot=hot(p + ".hot"), ffn_kind=config.ffn_kind,
                                   buffers=state.predict_buffers(i) if state is not None else None, **resident))
     return out

@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def run_child(model: str, args, pipeline: bool) -> dict:
-    cmd = [sys.executable, "-m", "flashlm", "bench", model, "--one", "--json", "--mode", args.mode,
+def run_child(model: str, args, mode: str, pipeline: bool) -> dict:
+    cmd = [sys.executable, "-m", "flashlm", "bench", model, "--one", "--json", "--mode", mode,
            "-p", str(args.prompt), "-n", str(args.tokens), "-r", str(args.reps), "--ctx", str(args.ctx),
            "--io-threads", str(args.io_threads), "--budget", args.budget] + args.extra
     if args.profile:
@@ -53,7 +53,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--budget", default="50%")
-    ap.add_argument("--mode", default="flash")
+    ap.add_argument("--mode", default="flash", help="flash, hybrid, naive, or several comma-separated (one table each)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("-n", "--tokens", type=int, default=16, help="decode tokens per repetition")
     ap.add_argument("-p", "--prompt", type=int, default=8, help="prompt tokens of the pp test (0: none)")
@@ -67,12 +67,18 @@ def main() -> int:
 
     from flashlm.runtime.device import load_device
     seq = load_device(args.profile).flash_speeds(args.io_threads).sequential_mb_s if args.profile else None
+    for mode in args.mode.split(","):
+        table(args, mode.strip(), seq)
+    return 0
+
+
+def table(args, mode: str, seq) -> None:
     rows = {True: [], False: []}
     for r in range(args.rounds):
         for pipeline in ((True, False) if r % 2 == 0 else (False, True)):
-            row = run_child(args.model, args, pipeline)
+            row = run_child(args.model, args, mode, pipeline)
             rows[pipeline].append(row)
-            print(f"round {r + 1} {'pipeline' if pipeline else 'no-pipeline'}: {row['ms_per_token']:.1f} ms/token",
+            print(f"{mode} round {r + 1} {'pipeline' if pipeline else 'no-pipeline'}: {row['ms_per_token']:.1f} ms/token",
                   file=sys.stderr)
             if args.json:
                 print(json.dumps(row))
@@ -94,12 +100,19 @@ def main() -> int:
                  fmt(m["stream_mb_s"], ".0f"),
                  fmt(m["stream_mb_s"] / seq if m["stream_mb_s"] and seq else None, ".0f", 100)]
         print("| " + " | ".join(cells) + " |")
+        if pipeline:
+            mp = m
     r0 = rows[True][0]
-    print(f"\n{Path(args.model).name}, mode {args.mode}, budget {args.budget} ({r0['budget']} bytes), window "
+    print(f"\n{Path(args.model).name}, mode {mode}, budget {args.budget} ({r0['budget']} bytes), window "
           f"{r0['window']}, {args.tokens} decode tokens x {args.reps} rep(s) x {args.rounds} rounds, medians; "
           f"decode speedup of the pipeline over --no-pipeline: {ms[False] / ms[True]:.2f}x"
           + (f"; sequential rate {seq:.0f} MB/s ({args.profile}, {args.io_threads} threads)" if seq else ""))
-    return 0
+    # the targets, for the pipeline's row (None: not applicable to this mode / not measured)
+    checks = {"ms/token <= 1.3x max(busy, compute)": mp["bound_ratio"] is not None and mp["bound_ratio"] <= 1.3,
+              "speedup >= 1.6x": ms[False] / ms[True] >= 1.6,
+              "guess misses <= 10% of bytes": None if mp["guess_miss_fraction"] is None else mp["guess_miss_fraction"] <= 0.10,
+              "streamed layers >= 80% of sequential": None if not (mp["stream_mb_s"] and seq) else mp["stream_mb_s"] >= 0.8 * seq}
+    print("targets: " + "; ".join(f"{k}: {'met' if v else 'not met'}" for k, v in checks.items() if v is not None) + "\n")
 
 
 if __name__ == "__main__":
