@@ -22,6 +22,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,7 +32,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from flashlm.runtime.config import RuntimeConfig
@@ -401,7 +401,13 @@ def calibrate(path, *, text_file=None, random_tokens: bool = False, n_tokens: in
               progress: bool = True) -> dict:
     """Train and store predictors for the model folder at `path`; returns the calibration report."""
     blas = blas_threads(threads)
-    with threadpool_limits(limits=blas, user_api="blas"):
+    try:
+        from threadpoolctl import threadpool_limits
+        limit = threadpool_limits(limits=blas, user_api="blas")
+    except ImportError:              # a venv from before it was a dependency: correct, only slower under load
+        log.warning("threadpoolctl is not installed: BLAS keeps its own thread count (pip install threadpoolctl)")
+        limit, blas = contextlib.nullcontext(), None
+    with limit:
         report = _calibrate(path, text_file, random_tokens, n_tokens, keep, recall, selector, output_recall, ranks,
                             holdout, threads, seed, progress, blas)
     return report
