@@ -458,6 +458,8 @@ def cmd_probe(args) -> int:
         if kind == "flash":
             what = "seq 1M" if pt.get("sequential") else f"rand {pt['read_bytes'] >> 10:5d}K"
             _err(f"  flash {pt['io']:8s} {what} x{pt['threads']:<2d} {pt['mb_s']:8.1f} MB/s")
+        elif kind == "reader" and "us" in pt:
+            _err(f"  FlashReader {pt['what']} x{pt['threads']}: {pt['us']:.1f} us")
         elif kind == "reader":
             _err(f"  FlashReader {pt['what']} x{pt['threads']}: {pt.get('useful_mb_s', pt.get('mb_s')):.1f} MB/s")
         elif kind == "dram":
@@ -467,6 +469,8 @@ def cmd_probe(args) -> int:
                 _err(f"  matvec {k:10s} " + ", ".join(f"{g:.2f} G weights/s x{t}" for t, g in v.items()))
             for k, e in pt["errors"].items():
                 _err(f"  matvec {k}: not available ({e})")
+        elif kind == "check":
+            _err(f"  row CRC-32 check {pt['crc32_mb_s']:.0f} MB/s + {pt['crc32_row_us']:.2f} us/row")
     _err(f"probing {directory} ({'full' if args.full else 'quick'}) ...")
     data = probe(directory, quick=not args.full, on_point=on_point)
     name = Path(args.output).stem if args.output else "this-machine"

@@ -36,6 +36,7 @@ runtime's measured accounting uses, so a prediction and a measurement compare fi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .device import DeviceProfile, load_device
@@ -62,6 +63,7 @@ class ModelShape:
     stride_bytes: int            # bytes of one bundle row on flash (padded)
     storage: str                 # storage type name of bundles and dense weights ("f16", "f32", ...)
     bytes_per_weight: float = 2.0
+    row_crc: bool = False        # the folder has per-row CRC-32s: every row read is checked after its read
 
     @property
     def layer_bytes(self) -> int:
@@ -71,9 +73,11 @@ class ModelShape:
     def from_folder(cls, folder) -> "ModelShape":
         c, b = folder.config, folder.bundles
         q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        from .modelfile import ROW_CRC_TENSOR
         return cls(c.n_layers, c.d_model, c.n_ff, c.vocab_size, attn_weights=2 * c.d_model * q + 2 * c.d_model * kv,
                    bundle_elems=c.bundle_elems, stride_bytes=b.stride_bytes, storage=b.storage.name,
-                   bytes_per_weight=b.storage.block_bytes / b.storage.block_elems)
+                   bytes_per_weight=b.storage.block_bytes / b.storage.block_elems,
+                   row_crc=ROW_CRC_TENSOR in folder.dense)
 
 
 @dataclass(frozen=True)
@@ -150,11 +154,28 @@ class TokenCost:
         return out + [f"    note: {n}" for n in self.notes]
 
 
+def hot_share(layer_stats: dict, fraction: float) -> float:
+    """Share of a layer's activations that its `fraction` hottest neurons carry. Calibration measures
+    it at 5% (`hot_top5pct_share`); other fractions follow share = fraction ** a through that point
+    (a power law: a concave share curve from (0, 0) to (1, 1)). Without the figure: no skew (share =
+    fraction). Pinned neurons are the hottest, so this is the share of the wanted rows they cover; of
+    the missed rows they cover less (a hot neuron is more often still in the window), which makes this
+    an upper bound on what pinning saves."""
+    if fraction <= 0:
+        return 0.0
+    if fraction >= 1:
+        return 1.0
+    s5 = layer_stats.get("hot_top5pct_share")
+    if not s5 or not 0.05 < s5 < 1:
+        return fraction
+    return fraction ** (math.log(s5) / math.log(0.05))
+
+
 class CostModel:
     """One device's speeds priced for one model's shape, at given reader and compute thread counts."""
 
     def __init__(self, profile: DeviceProfile, shape: ModelShape, *, compute_threads: int | None = None,
-                 io_threads: int = 4, io: str = "direct", engine: str = "numba",
+                 io_threads: int = 4, io: str = "direct", engine: str = "numba", verify_reads: bool = True,
                  layer_overhead_s: float = LAYER_OVERHEAD_S, token_overhead_s: float = TOKEN_OVERHEAD_S,
                  sparse_bookkeeping_s: float = SPARSE_BOOKKEEPING_S):
         self.profile, self.shape = profile, shape
@@ -162,13 +183,15 @@ class CostModel:
         self.io_threads = io_threads
         self.io = io
         self.engine = engine
+        self.check_rows = verify_reads and shape.row_crc
+        self.reader_call_s = profile.reader_call_s(io_threads)
         self.layer_overhead_s = layer_overhead_s
         self.token_overhead_s = token_overhead_s
         self.sparse_bookkeeping_s = sparse_bookkeeping_s
         self._table = profile.buffered if io == "buffered" and profile.buffered is not None else profile.direct
         # The figures the per-token decisions use, computed once (the sparse path asks every token).
-        self.row_read_s = self.random_read_s(io_threads, shape.stride_bytes) / io_threads   # at full concurrency
-        self.layer_stream_s = self.stream_s(shape.layer_bytes)
+        self.row_read_s = self.rows_seconds(io_threads) / io_threads   # at full concurrency
+        self.layer_stream_s = self.stream_s(shape.layer_bytes) + self.check_s(shape.n_ff)
         self._stream_above = next((n for n in range(1, io_threads) if self.rows_seconds(n) > self.layer_stream_s),
                                   self.layer_stream_s / self.row_read_s)
 
@@ -178,7 +201,8 @@ class CostModel:
         """The cost model of one run: rt's device profile (or the built-in defaults), reader threads and
         I/O mode, for the folder's model."""
         return cls(profile or load_device(rt.profile), ModelShape.from_folder(folder),
-                   compute_threads=compute_threads or rt.threads, io_threads=rt.io_threads, io=rt.io, **overheads)
+                   compute_threads=compute_threads or rt.threads, io_threads=rt.io_threads, io=rt.io,
+                   verify_reads=rt.verify_reads, **overheads)
 
     @property
     def source(self) -> str:
@@ -192,9 +216,19 @@ class CostModel:
         in_flight = max(1.0, min(float(self.io_threads), n_reads))
         return n_reads * read_bytes / (self._table.random_at(read_bytes, in_flight) * 1e6)
 
+    def check_s(self, n_rows: float) -> float:
+        """The CRC-32 check of n_rows rows just read (on the same I/O thread, after the read)."""
+        if not self.check_rows or n_rows <= 0:
+            return 0.0
+        p = self.profile
+        return n_rows * (1e-6 * p.crc32_row_us + self.shape.stride_bytes / (p.crc32_mb_s * 1e6))
+
     def rows_seconds(self, n_rows: float) -> float:
-        """Flash time to read n_rows scattered bundle rows."""
-        return self.random_read_s(n_rows, self.shape.stride_bytes)
+        """I/O thread time to read n_rows scattered bundle rows in one reader call and check them."""
+        if n_rows <= 0:
+            return 0.0
+        return (self.reader_call_s + self.random_read_s(n_rows, self.shape.stride_bytes)
+                + self.check_s(n_rows))
 
     def stream_is_cheaper(self, n_missing: int) -> bool:
         """Stream the layer whole rather than read n_missing rows one by one?"""
@@ -203,13 +237,13 @@ class CostModel:
 
     def missed_rows(self, layer_stats: dict, window: int, pin_rows: int = 0) -> float:
         """Rows a sparse layer reads per token, from its calibrated window statistics (the planner's and
-        the pricing's one estimate): the predicted neurons the window did not hold, less those the pinned
-        hottest neurons cover (a first-order correction: pinned rows never miss)."""
+        the pricing's one estimate): the predicted neurons the window did not hold, less the share of
+        them the pinned hottest neurons cover (`hot_share`: pinned rows never miss)."""
         w = layer_stats.get("windows", {}).get(str(window), {})
         wanted = layer_stats.get("predicted_fraction", 1.0) * self.shape.n_ff
         miss = w.get("miss_fraction", 1.0) * wanted
         if pin_rows:
-            miss *= max(0.0, 1.0 - pin_rows / max(1.0, wanted))
+            miss *= 1.0 - hot_share(layer_stats, pin_rows / self.shape.n_ff)
         return miss
 
     def stream_s(self, nbytes: float) -> float:
@@ -220,6 +254,12 @@ class CostModel:
         g = self.profile.matvec_gweights_s(f"{self.engine}-{storage}", self.compute_threads, bytes_per_weight)
         return weights / (g * 1e9)
 
+    def rows_compute_s(self, n_rows: float) -> float:
+        """The FFN row kernel over n_rows bundle rows (its own figure: "numba-bundle-<storage>")."""
+        s = self.shape
+        g = self.profile.matvec_gweights_s(f"{self.engine}-bundle-{s.storage}", self.compute_threads, s.bytes_per_weight)
+        return n_rows * s.bundle_elems / (g * 1e9)
+
     def dram_copy_s(self, nbytes: float) -> float:
         return 2 * nbytes / (self.profile.dram_gb_s_at(self.compute_threads) * 1e9)    # read + write
 
@@ -229,11 +269,11 @@ class CostModel:
         """One layer's decode cost with its FFN rows placed as `kind` (a Placement or its value)."""
         s = self.shape
         attn_s = self.matvec_s(s.attn_weights, s.storage, s.bytes_per_weight)
-        whole_s = attn_s + self.matvec_s(s.n_ff * s.bundle_elems, s.storage, s.bytes_per_weight)
+        whole_s = attn_s + self.rows_compute_s(s.n_ff)
         if kind == Placement.RESIDENT:
             return LayerCost(Placement.RESIDENT.value, s.n_ff, 0.0, 0.0, 0.0, 0.0, 0.0, whole_s)
         if kind == Placement.STREAM:          # double-buffered: the read overlaps the previous compute
-            io_s = self.stream_s(s.layer_bytes)
+            io_s = self.layer_stream_s
             return LayerCost(Placement.STREAM.value, s.n_ff, s.n_ff, s.layer_bytes, io_s, max(0.0, io_s - whole_s),
                              0.0, whole_s)
         if kind == Placement.MAPPED:          # page faults through the page cache, serial with compute
@@ -243,8 +283,8 @@ class CostModel:
         if kind != Placement.SPARSE:
             raise ValueError(f"unknown layer placement {kind!r}")
         pred_s = self.matvec_s(predictor_weights, "f32", 4.0) if predictor_weights else 0.0
-        held_s = self.matvec_s(max(0.0, held_rows - miss_rows) * s.bundle_elems, s.storage, s.bytes_per_weight)
-        new_s = self.matvec_s(miss_rows * s.bundle_elems, s.storage, s.bytes_per_weight)
+        held_s = self.rows_compute_s(max(0.0, held_rows - miss_rows))
+        new_s = self.rows_compute_s(miss_rows)
         io_s = self.rows_seconds(miss_rows)
         mm_s = self.sparse_bookkeeping_s + self.dram_copy_s(miss_rows * s.stride_bytes)
         return LayerCost(Placement.SPARSE.value, held_rows, miss_rows, miss_rows * s.stride_bytes, io_s,

@@ -23,6 +23,13 @@ except ModuleNotFoundError:     # Python 3.10
 DEFAULT_RANDOM_MB_S = {4096: 150.0, 16384: 500.0, 65536: 1100.0, 262144: 1600.0, 1048576: 1600.0}
 DEFAULT_SEQUENTIAL_MB_S = 1200.0
 DEFAULT_DRAM_GB_S = 10.0
+# The CRC-32 check of each row read, when a profile did not measure it: zlib.crc32 per row as
+# `flashlm probe` measured it on that VM (770-1670 MB/s; ~1 us of Python per row).
+DEFAULT_CRC32_MB_S = 1000.0
+DEFAULT_CRC32_ROW_US = 1.0
+# What a FlashReader.read_rows call pays beyond its reads (handing a batch to each worker, joining
+# them), when a profile did not measure it: a thread hand-off on that VM is 20-40 us.
+DEFAULT_READER_CALL_US = 30.0
 
 
 class ProfileError(FlashlmError, ValueError):
@@ -105,6 +112,9 @@ class DeviceProfile:
     dram_gb_s: list[float]                 # read bandwidth at each of dram_threads
     compute_threads: list[int]
     compute_gweights_s: dict[str, list[float]]   # "engine-storage" (numba-f16, ort-int4) -> G weights/s
+    crc32_mb_s: float = DEFAULT_CRC32_MB_S       # the row check after each read (modelfile.row_crc32) ...
+    crc32_row_us: float = DEFAULT_CRC32_ROW_US   # ... and its fixed cost per row
+    reader_call_us: list[float] | None = None    # per read_rows call, at each of direct.threads (None: default)
     description: str = ""
     sources: list[str] = field(default_factory=list)
     path: str = "built-in defaults"
@@ -120,6 +130,12 @@ class DeviceProfile:
         return FlashSpeeds({s: table.random_at(s, threads) for s in table.read_bytes},
                            table.sequential_at(threads), source=self.path)
 
+    def reader_call_s(self, threads: int) -> float:
+        """Fixed seconds of one FlashReader.read_rows call with `threads` workers (beyond its reads)."""
+        if self.reader_call_us is None:
+            return 1e-6 * DEFAULT_READER_CALL_US
+        return 1e-6 * _interp(self.direct.threads, self.reader_call_us, threads)
+
     def dram_gb_s_at(self, threads: int) -> float:
         return _interp(self.dram_threads, self.dram_gb_s, threads)
 
@@ -129,6 +145,8 @@ class DeviceProfile:
         A kind the profile lacks follows the DRAM bound: read GB/s / bytes per weight."""
         if kind in self.compute_gweights_s:
             return _interp(self.compute_threads, self.compute_gweights_s[kind], threads)
+        if kind.startswith("numba-bundle-"):     # the FFN row kernel: else the dense matmul's figure
+            return self.matvec_gweights_s("numba-" + kind[len("numba-bundle-"):], threads, bytes_per_weight)
         known = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "int8": 1.0625, "int4": 0.5625}
         per_weight = bytes_per_weight or known.get(kind.split("-", 1)[-1])
         if per_weight is None:
@@ -244,6 +262,12 @@ def parse_profile(data: dict, path: str = "<profile>") -> DeviceProfile:
     seq_threads = fl.numbers("sequential_threads", integer=True, increasing=True)
     seq = fl.numbers("sequential_1m_mb_s", len(seq_threads), what="one per flash.sequential_threads")
     direct = FlashTable(read_bytes, threads, _flash_table(fl, "random_mb_s", read_bytes, threads), seq_threads, seq)
+    call_us = fl.data.get("reader_call_us")
+    if call_us is not None:
+        if (not isinstance(call_us, list) or len(call_us) != len(threads)
+                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0 for x in call_us)):
+            fl.fail("reader_call_us", f"expected {len(threads)} numbers >= 0 (one per flash.threads), got {call_us!r}")
+        call_us = [float(x) for x in call_us]
     buffered = None
     if "buffered_random_mb_s" in fl.data:
         bseq = fl.numbers("buffered_sequential_1m_mb_s", len(seq_threads), what="one per flash.sequential_threads")
@@ -259,7 +283,12 @@ def parse_profile(data: dict, path: str = "<profile>") -> DeviceProfile:
     comp = r.table("compute", required=False)
     cores = dev.get("cores", int, positive=True)
     c_threads, gweights = [cores], {}
+    crc = dict(crc32_mb_s=DEFAULT_CRC32_MB_S, crc32_row_us=DEFAULT_CRC32_ROW_US)
     if comp is not None:
+        crc = dict(crc32_mb_s=comp.get("crc32_mb_s", float, default=DEFAULT_CRC32_MB_S, positive=True),
+                   crc32_row_us=comp.get("crc32_row_us", float, default=DEFAULT_CRC32_ROW_US))
+        if crc["crc32_row_us"] < 0:
+            comp.fail("crc32_row_us", f"must be >= 0, got {crc['crc32_row_us']!r}")
         c_threads = comp.numbers("threads", integer=True, increasing=True)
         g = comp.table("gweights_s")
         gweights = {k: g.numbers(k, len(c_threads), what="one per compute.threads") for k in g.data}
@@ -268,7 +297,8 @@ def parse_profile(data: dict, path: str = "<profile>") -> DeviceProfile:
         name=dev.get("name", str), measured=measured, cores=cores, ram_bytes=ram,
         memory_limit_bytes=limit, page_size=dev.get("page_size", int, default=4096, positive=True),
         machine=dev.get("machine", str, default=""), direct=direct, buffered=buffered, dram_threads=dram_threads,
-        dram_gb_s=dram, compute_threads=c_threads, compute_gweights_s=gweights,
+        dram_gb_s=dram, compute_threads=c_threads, compute_gweights_s=gweights, **crc,
+        reader_call_us=call_us,
         description=dev.get("description", str, default=""), sources=list(sources), path=path, raw=data)
 
 

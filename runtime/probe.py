@@ -229,6 +229,18 @@ def reader_rows_point(path, file_size, seconds, rows_per_call, stride=16384, thr
     return s.useful_bytes / s.seconds / 1e6, s.bytes_read / s.seconds / 1e6, s.reads / s.seconds
 
 
+def reader_call_point(path, file_size, seconds, threads, stride=4096) -> float:
+    """Seconds of FlashReader.read_rows for one random row with `threads` workers: the raw read's
+    latency plus what every call pays to hand its batch to the workers and join them (median)."""
+    n_rows = file_size // stride
+    rng = np.random.default_rng(2)
+    out = aligned_empty((1, stride), np.uint8)
+    dst = np.zeros(1, np.int64)
+    with FlashReader(path, layer_offsets=[0], stride_bytes=stride, n_rows=n_rows, mode="direct",
+                     threads=threads) as r:
+        return _timed(lambda: r.read_rows(0, rng.integers(0, n_rows, 1), out, dst), seconds)
+
+
 def reader_layer_point(path, file_size, seconds, layer_bytes=256 * MiB, stride=16384, threads=4):
     """FlashReader.read_layer of a whole layer into a reused page-aligned array: fetched MB/s."""
     layer_bytes = min(layer_bytes, file_size // stride * stride)
@@ -283,6 +295,14 @@ def probe_flash(path: str, s: ProbeSettings, on_point: Callable[[str, dict], Non
             _evict(fd)
         finally:
             os.close(fd)
+    # The per-call cost of the reader (what a sparse layer's read of its missed rows pays once per call)
+    # over the raw read's latency at one thread.
+    one = 4096 / (res["random"][4096, 1][0] * 1e6) if (4096, 1) in res["random"] else 0.0
+    res["call"] = {}
+    for nt in s.threads:
+        call = reader_call_point(path, s.file_bytes, min(s.seconds, 0.5), nt)
+        res["call"][nt] = max(0.0, call - one)
+        on_point("reader", {"what": "call overhead", "threads": nt, "us": 1e6 * res["call"][nt]})
     if s.reader_checks:
         rows = {}
         for nt, k in ((4, 64), (4, 512), (16, 512)):
@@ -297,8 +317,9 @@ def probe_flash(path: str, s: ProbeSettings, on_point: Callable[[str, dict], Non
 
 # --- DRAM and compute ------------------------------------------------------------------------------
 def _timed(fn, seconds: float, min_reps: int = 3) -> float:
-    """Best seconds per call of fn over about `seconds` (after one warm-up call): the best run is the
-    least disturbed by other processes on a shared machine, as STREAM reports its best rate."""
+    """Median seconds per call of fn over about `seconds` (after one warm-up call). The median, not the
+    best: the cost model predicts what decode steps take, and those are measured by their median too
+    (on an idle machine the two agree; under load the best run would promise speeds no step sees)."""
     fn()
     times = []
     t_end = time.perf_counter() + seconds
@@ -306,7 +327,7 @@ def _timed(fn, seconds: float, min_reps: int = 3) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return float(min(times))
+    return float(np.median(times))
 
 
 def probe_dram(threads: tuple[int, ...], seconds: float, nbytes: int = 256 * MiB) -> dict[int, float]:
@@ -349,6 +370,47 @@ def probe_matvec_numba(threads: tuple[int, ...], seconds: float, shape: tuple[in
             res[f"numba-{storage}"][t] = n * d / _timed(step, seconds) / 1e9
     set_threads(None)
     return res
+
+
+def probe_bundle_kernel(threads: tuple[int, ...], seconds: float, d: int = 1024,
+                        n_rows: int = 4096) -> dict[str, dict[int, float]]:
+    """G weights/s of the FFN row kernel (kernels.ffn_bundles, what resident, streamed and sparse layers
+    run) over f16 rows of an up|down bundle (d_model d), T = 1: "numba-bundle-f16". Its loop (a dot
+    product, an activation, an axpy per row) is not the dense matmul's, so it has its own figure."""
+    from .kernels import ACT_RELU, ffn_bundles, set_threads
+    rng = np.random.default_rng(0)
+    copies = min(64, max(2, (64 * MiB) // (n_rows * 2 * d * 2)))
+    mats = [rng.standard_normal((n_rows, 2 * d)).astype(np.float16).view(np.uint16) for _ in range(copies)]
+    h = rng.standard_normal((1, d)).astype(np.float32)
+    ids = np.arange(n_rows, dtype=np.int32)
+    bias = np.zeros(n_rows, np.float32)
+    out = np.empty((1, d), np.float32)
+    res = {}
+    for t in threads:
+        set_threads(t)
+        partial = np.zeros((t, 8, d), np.float32)
+        k = [0]
+
+        def step():
+            ffn_bundles(h, mats[k[0] % copies], n_rows, ids, bias, ACT_RELU, 0, 0, d, partial, out)
+            k[0] += 1
+        res[t] = n_rows * 2 * d / _timed(step, seconds) / 1e9
+    set_threads(None)
+    return {"numba-bundle-f16": res}
+
+
+def probe_row_check(seconds: float) -> dict[str, float]:
+    """The CRC-32 check of every row read from flash (modelfile.row_crc32, on the I/O thread after each
+    read): a fixed cost per row plus a rate, fitted from 4 KiB and 16 KiB rows."""
+    from .modelfile import row_crc32
+    rng = np.random.default_rng(0)
+    per_row = {}
+    for stride in (4096, 16384):
+        rows = rng.integers(0, 256, ((8 * MiB) // stride, stride), dtype=np.uint8)
+        per_row[stride] = _timed(lambda: row_crc32(rows), seconds) / len(rows)
+    (a, ta), (b, tb) = sorted(per_row.items())
+    sec_per_byte = max((tb - ta) / (b - a), 1e-12)
+    return {"crc32_mb_s": 1e-6 / sec_per_byte, "crc32_row_us": max(0.0, 1e6 * (ta - a * sec_per_byte))}
 
 
 def probe_matvec_onnxruntime(threads: tuple[int, ...], seconds: float, shape: tuple[int, int]) -> dict[str, dict[int, float]]:
@@ -421,19 +483,24 @@ def probe(directory: str | Path, settings: ProbeSettings | None = None, *, quick
     dram = probe_dram(s.compute_threads, s.seconds, s.dram_bytes)
     on_point("dram", {"gb_s": dram})
     compute = probe_matvec_numba(s.compute_threads, s.seconds, s.matvec_shape)
+    compute.update(probe_bundle_kernel(s.compute_threads, s.seconds, d=s.matvec_shape[1] // 2, n_rows=s.matvec_shape[0]))
     compute.update(probe_matvec_onnxruntime(s.compute_threads, s.seconds, s.matvec_shape))
     errors = compute.pop("_errors", {})
     on_point("compute", {"gweights_s": compute, "errors": errors})
-    return _as_profile(facts, disk_info(str(directory)), s, flash, dram, compute, errors)
+    check = probe_row_check(s.seconds)
+    on_point("check", check)
+    return _as_profile(facts, disk_info(str(directory)), s, flash, dram, compute, errors, check)
 
 
-def _as_profile(facts, disk, s: ProbeSettings, flash, dram, compute, errors) -> dict:
+def _as_profile(facts, disk, s: ProbeSettings, flash, dram, compute, errors, check=None) -> dict:
     rnd = lambda v: round(float(v), 1 if v >= 10 else 3)  # noqa: E731
     fl = {"read_bytes": list(s.read_bytes), "threads": list(s.threads),
           "sequential_threads": list(s.sequential_threads),
           "sequential_1m_mb_s": [rnd(flash["sequential"][t]) for t in s.sequential_threads],
           "random_mb_s": {str(b): [rnd(flash["random"][b, t][0]) for t in s.threads] for b in s.read_bytes},
           "random_iops": {str(b): [float(round(flash["random"][b, t][1])) for t in s.threads] for b in s.read_bytes}}
+    if flash.get("call"):
+        fl["reader_call_us"] = [round(1e6 * flash["call"][t], 1) for t in s.threads]
     if flash["buffered_random"]:
         fl["buffered_sequential_1m_mb_s"] = [rnd(flash["buffered_sequential"][t]) for t in s.sequential_threads]
         fl["buffered_random_mb_s"] = {str(b): [rnd(flash["buffered_random"][b, t]) for t in s.threads]
@@ -456,7 +523,8 @@ def _as_profile(facts, disk, s: ProbeSettings, flash, dram, compute, errors) -> 
                   "matvec_shape": list(s.matvec_shape), **({"engine_errors": errors} if errors else {})},
         "flash": fl,
         "memory": {"threads": threads, "read_gb_s": [rnd(dram[t]) for t in threads]},
-        "compute": {"threads": threads, "gweights_s": {k: [rnd(v[t]) for t in threads] for k, v in compute.items() if v}},
+        "compute": {"threads": threads, **({k: rnd(v) for k, v in check.items()} if check else {}),
+                    "gweights_s": {k: [rnd(v[t]) for t in threads] for k, v in compute.items() if v}},
     }
 
 

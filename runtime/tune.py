@@ -174,9 +174,12 @@ def apply_run_profile(rt: RuntimeConfig) -> RuntimeConfig:
     return dataclasses.replace(rt, **changes, profile=device)
 
 
-def measure_ms(folder_path, rt: RuntimeConfig, tokens: int, prompt: int = 8, seed: int = 0) -> float:
-    """Median ms per decode token of rt on this machine: a short prompt, then `tokens` single steps
-    (random token ids, no sampling), after one warm-up step."""
+def measure(folder_path, rt: RuntimeConfig, tokens: int, prompt: int = 8, seed: int = 0) -> dict:
+    """rt measured on this machine: a short prompt, then `tokens` single decode steps (random token
+    ids, no sampling) after one warm-up step. Returns the median ms per step (`ms`) and the decode
+    steps' mean split in the cost model's fields (io_wait_ms, io_busy_ms, mem_ms, compute_ms: the
+    runtime's own accounting, runtime/critical_path.py) with MiB read per token, so a prediction and
+    a measurement compare term by term."""
     import statistics
     import time
 
@@ -190,11 +193,21 @@ def measure_ms(folder_path, rt: RuntimeConfig, tokens: int, prompt: int = 8, see
         ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, prompt + tokens + 1)
         model.forward(ids[:prompt])
         model.forward(ids[prompt:prompt + 1])
+        model.reset_io_stats()
         times = []
         for t in ids[prompt + 1:]:
             t0 = time.perf_counter()
             model.forward([int(t)])
             times.append(time.perf_counter() - t0)
+        cp = model.critical_path()
+        nbytes, _ = model.ffn_backend.io_counts()
     finally:
         model.close()
-    return 1e3 * statistics.median(times)
+    return {"ms": 1e3 * statistics.median(times), "mean_ms": cp.ms, "io_wait_ms": cp.io_wait_ms,
+            "io_busy_ms": cp.io_busy_ms, "mem_ms": cp.mem_ms, "compute_ms": cp.compute_ms,
+            "mib_read": nbytes / max(1, len(times)) / 2**20}
+
+
+def measure_ms(folder_path, rt: RuntimeConfig, tokens: int, prompt: int = 8, seed: int = 0) -> float:
+    """Median ms per decode token of rt on this machine (see measure)."""
+    return measure(folder_path, rt, tokens, prompt, seed)["ms"]

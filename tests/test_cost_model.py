@@ -1,6 +1,8 @@
 """The cost model on hand-computed cases (a made-up device with round numbers)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from flashlm.runtime.cost_model import CostModel, ModelShape
@@ -8,14 +10,17 @@ from flashlm.runtime.device import parse_profile
 from flashlm.runtime.memory import Placement
 
 # 1 G weights/s for f16 at any thread count, 2 G for f32; DRAM 10 GB/s; flash: 4 KiB random reads at
-# 40 MB/s on one thread and 160 MB/s with 4 in flight, 1 MiB at 400 / 800 MB/s, sequential 1000 MB/s.
-DEVICE = parse_profile({
+# 40 MB/s on one thread and 160 MB/s with 4 in flight, 1 MiB at 400 / 800 MB/s, sequential 1000 MB/s;
+# no per-call reader cost. The folder of SHAPE has no row CRCs (nothing is checked after a read).
+ROUND = {
     "device": {"name": "round", "measured": True, "cores": 2, "ram_bytes": 1 << 33},
     "flash": {"read_bytes": [4096, 1048576], "threads": [1, 4], "sequential_threads": [4],
-              "sequential_1m_mb_s": [1000.0], "random_mb_s": {"4096": [40.0, 160.0], "1048576": [400.0, 800.0]}},
+              "sequential_1m_mb_s": [1000.0], "random_mb_s": {"4096": [40.0, 160.0], "1048576": [400.0, 800.0]},
+              "reader_call_us": [0.0, 0.0]},
     "memory": {"threads": [2], "read_gb_s": [10.0]},
     "compute": {"threads": [2], "gweights_s": {"numba-f16": [1.0], "numba-f32": [2.0]}},
-}, "round.toml")
+}
+DEVICE = parse_profile(ROUND, "round.toml")
 
 SHAPE = ModelShape(n_layers=2, d_model=100, n_ff=1000, vocab=500, attn_weights=40_000, bundle_elems=300,
                    stride_bytes=4096, storage="f16")
@@ -79,6 +84,52 @@ def test_token_adds_lm_head_and_overheads():
     assert ms["io_busy_ms"] == pytest.approx(4.096) and ms["io_wait_ms"] == pytest.approx(4.096 - 0.340)
     assert ms["overlap_ms"] == pytest.approx(0.340) and ms["compute_ms"] == pytest.approx(0.340 + 0.340 + 0.050)
     assert ms["total_ms"] == pytest.approx(ms["compute_ms"] + ms["mem_ms"] + ms["io_wait_ms"] + ms["overhead_ms"])
+
+
+def test_measured_reader_calls_row_checks_and_row_kernel():
+    """What the probe measures beyond raw reads: each reader call's hand-off (at the reader's thread
+    count), the CRC-32 check of every row read (per row + per byte, on the I/O thread), and the FFN
+    row kernel's own speed (numba-bundle-f16), which the FFN rows use instead of the matmul's."""
+    import copy
+    data = copy.deepcopy(ROUND)
+    data["flash"]["reader_call_us"] = [10.0, 50.0]
+    data["compute"].update(crc32_mb_s=500.0, crc32_row_us=2.0)
+    data["compute"]["gweights_s"]["numba-bundle-f16"] = [0.5]
+    dev = parse_profile(data, "measured.toml")
+    checked = ModelShape(2, 100, 1000, 500, 40_000, 300, 4096, "f16", row_crc=True)
+    m = CostModel(dev, checked, compute_threads=2, io_threads=4, layer_overhead_s=0.0, token_overhead_s=0.0,
+                  sparse_bookkeeping_s=0.0)
+    c = m.layer("sparse", held_rows=300, miss_rows=50)
+    # 50 us per call at 4 readers + 50 rows x 4096 B at 160 MB/s (1.28 ms) + check 50 x (2 us + 4096 B at 500 MB/s)
+    check = 50 * (2e-6 + 4096 / 500e6)
+    assert c.io_busy_s == pytest.approx(50e-6 + 50 * 4096 / 160e6 + check)
+    # the rows through the row kernel at 0.5 G/s: 300 x 300 / 0.5e9 = 180 us; attention at the matmul's 1 G/s
+    assert c.compute_s == pytest.approx(40e-6 + 300 * 300 / 0.5e9)
+    # a streamed layer: 4.096 MB at 1000 MB/s, then its 1000 rows checked
+    s = m.layer("stream")
+    assert s.io_busy_s == pytest.approx(4.096e-3 + 1000 * (2e-6 + 4096 / 500e6))
+    # the same folder read unchecked (--no-verify-reads): no check term
+    plain = CostModel(dev, checked, compute_threads=2, io_threads=4, verify_reads=False)
+    assert plain.layer("stream").io_busy_s == pytest.approx(4.096e-3)
+    # one reader thread: the 1-thread call cost
+    assert CostModel(dev, checked, io_threads=1, verify_reads=False).rows_seconds(1) == pytest.approx(10e-6 + 4096 / 40e6)
+
+
+def test_pinned_rows_save_the_share_of_activations_they_carry():
+    from flashlm.runtime.cost_model import hot_share
+    stats = {"predicted_fraction": 0.1, "hot_top5pct_share": 0.5, "windows": {"1": {"miss_fraction": 0.6}}}
+    # share = f ** a through (0.05, 0.5): a = ln 0.5 / ln 0.05; at 5% exactly the calibrated 0.5
+    assert hot_share(stats, 0.05) == pytest.approx(0.5)
+    assert hot_share(stats, 0.2) == pytest.approx(0.2 ** (math.log(0.5) / math.log(0.05)))
+    assert hot_share(stats, 0.0) == 0.0 and hot_share(stats, 1.0) == 1.0
+    assert hot_share({}, 0.1) == pytest.approx(0.1)            # no calibrated skew: no concentration
+    m = model()
+    # 1000 neurons, 10% predicted, 60% of those missed = 60 rows; pinning 5% (50 rows) saves half of them
+    assert m.missed_rows(stats, 1) == pytest.approx(60.0)
+    assert m.missed_rows(stats, 1, pin_rows=50) == pytest.approx(30.0)
+    # pinning more rows than the layer wants still leaves the misses of the neurons outside the pinned set
+    assert m.missed_rows(stats, 1, pin_rows=200) == pytest.approx(60.0 * (1 - hot_share(stats, 0.2)))
+    assert m.missed_rows(stats, 1, pin_rows=200) > 0
 
 
 def test_missing_engine_figures_follow_the_dram_bound():

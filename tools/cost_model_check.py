@@ -1,7 +1,7 @@
 """Check the cost model against measurement on this machine: predicted vs measured ms/token for plans
 over several models, memory limits and windows, and tune's pick against the best of a measured grid.
 
-    python tools/cost_model_check.py --prepare DIR --profile this-machine-2core --tokens 16 \\
+    python tools/cost_model_check.py --prepare DIR --probe /tmp/this-machine.toml --tokens 16 \\
         --plans smollm2:330MiB,260MiB synthetic:200MiB,175MiB qwen0.5b:1400MiB,700MiB \\
         --grid smollm2:260MiB --grid-size 24
 
@@ -80,13 +80,23 @@ def plans_for(limit: int, profile_ref: str, calibration) -> list[tuple[str, obje
     return out
 
 
-def measure(folder: Path, rt, tokens: int) -> float:
-    """measure_ms of one setting in a fresh child process (its own numba threads, caches and RSS)."""
+def measure(folder: Path, rt, tokens: int) -> dict:
+    """tune.measure of one setting in a fresh child process (its own numba threads, caches and RSS)."""
     proc = subprocess.run([sys.executable, __file__, "--measure-one", str(folder), json.dumps(dataclasses.asdict(rt)),
                            "--tokens", str(tokens)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError((proc.stderr.strip().splitlines() or ["failed"])[-1])
-    return float(proc.stdout.split()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+TERMS = ("io_busy_ms", "io_wait_ms", "mem_ms", "compute_ms")
+
+
+def terms(pred, got: dict) -> str:
+    """Predicted/measured of each term of the split (flash busy, flash waited for, memory, compute)."""
+    p = pred.cost.per_token_ms()
+    p["compute_ms"] += p["overhead_ms"]      # the runtime's compute is wall time less I/O wait and memory
+    return " | ".join(f"{p[k]:.1f}/{got[k]:.1f}" for k in TERMS) + f" | {p['mib_read']:.2f}/{got['mib_read']:.2f}"
 
 
 def _spec(spec: str, models: dict[str, Path]) -> tuple[Path, list[str]]:
@@ -97,6 +107,9 @@ def _spec(spec: str, models: dict[str, Path]) -> tuple[Path, list[str]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="this-machine-2core", help="device profile (path or shipped name)")
+    ap.add_argument("--probe", type=Path, default=None, metavar="TOML",
+                    help="first measure this machine (`flashlm probe`, on the first model's disk) into TOML and "
+                         "predict with it: the figures then describe the machine as it is during the check")
     ap.add_argument("--tokens", type=int, default=16, help="decode tokens measured per plan")
     ap.add_argument("--plans", nargs="*", default=[], metavar="MODEL:LIMIT[,LIMIT]")
     ap.add_argument("--grid", default=None, metavar="MODEL:LIMIT")
@@ -106,9 +119,9 @@ def main(argv=None) -> int:
     ap.add_argument("--measure-one", nargs=2, metavar=("FOLDER", "RUNTIME_JSON"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     from flashlm.runtime.config import RuntimeConfig
-    from flashlm.runtime.tune import measure_ms
+    from flashlm.runtime.tune import measure as measure_here
     if a.measure_one:
-        print(f"{measure_ms(Path(a.measure_one[0]), RuntimeConfig(**json.loads(a.measure_one[1])), a.tokens):.4f}")
+        print(json.dumps(measure_here(Path(a.measure_one[0]), RuntimeConfig(**json.loads(a.measure_one[1])), a.tokens)))
         return 0
 
     from flashlm.runtime.device import load_profile
@@ -116,10 +129,15 @@ def main(argv=None) -> int:
     from flashlm.runtime.modelfile import ModelFileError, open_folder
     from flashlm.runtime.predictor import calibration_report
     from flashlm.runtime.tune import candidates, evaluate
-    profile = load_profile(a.profile)
     specs = a.plans + ([a.grid] if a.grid else [])
     names = {s.rpartition(":")[0] for s in specs} & {"smollm2", "synthetic", "qwen0.5b"}
     models = prepare(a.prepare, names, a.qwen_gguf) if a.prepare else {}
+    if a.probe:
+        first = _spec(specs[0], models)[0] if specs else Path(".")
+        disk = first.parent if first.exists() else Path(".")
+        subprocess.run([sys.executable, "-m", "flashlm", "probe", "--dir", str(disk), "-o", str(a.probe)], check=True)
+        a.profile = str(a.probe)
+    profile = load_profile(a.profile)
 
     def cal(folder):
         try:
@@ -129,8 +147,9 @@ def main(argv=None) -> int:
 
     if a.plans:
         print(f"Predicted with {profile.path}; measured: median of {a.tokens} decode tokens, each plan in its own process.\n")
-        print("| model | limit | plan | predicted ms | measured ms | measured / predicted |")
-        print("| --- | --- | --- | ---: | ---: | ---: |")
+        print("| model | limit | plan | predicted ms | measured ms | measured / predicted | I/O busy | I/O wait "
+              "| memory | compute | MiB read |")
+        print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         ratios = []
         for spec in a.plans:
             path, limits = _spec(spec, models)
@@ -147,9 +166,9 @@ def main(argv=None) -> int:
                     except RuntimeError as e:
                         print(f"| {path.name} | {limit_text} | {name} ({pred.describe()}) | {pred.ms:.2f} | failed: {e} | |")
                         continue
-                    ratios.append(got / pred.ms)
-                    print(f"| {path.name} | {limit_text} | {name} ({pred.describe()}) | {pred.ms:.2f} | {got:.2f} | "
-                          f"{got / pred.ms:.2f} |", flush=True)
+                    ratios.append(got["ms"] / pred.ms)
+                    print(f"| {path.name} | {limit_text} | {name} ({pred.describe()}) | {pred.ms:.2f} | {got['ms']:.2f} | "
+                          f"{got['ms'] / pred.ms:.2f} | {terms(pred, got)} |", flush=True)
         inside = sum(0.75 <= r <= 1.25 for r in ratios)
         print(f"\n{inside} of {len(ratios)} plans within ±25% of the prediction"
               + (f" (measured/predicted from {min(ratios):.2f} to {max(ratios):.2f})" if ratios else ""))
@@ -162,13 +181,14 @@ def main(argv=None) -> int:
         chosen = [ranked[i] for i in range(0, len(ranked), step)][:a.grid_size]
         print(f"\n{path.name} within {limits[0]}: {len(ranked)} settings fit; measuring {len(chosen)} of them "
               "spread over tune's ranking (rank 1 = tune's pick)\n")
-        print("| rank | setting | predicted ms | measured ms |")
-        print("| ---: | --- | ---: | ---: |")
+        print("| rank | setting | predicted ms | measured ms | I/O busy | I/O wait | memory | compute | MiB read |")
+        print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         results = []
         for cand in chosen:
             got = measure(path, cand.rt, a.tokens)
-            results.append((cand, got))
-            print(f"| {ranked.index(cand) + 1} | {cand.describe()} | {cand.ms:.2f} | {got:.2f} |", flush=True)
+            results.append((cand, got["ms"]))
+            print(f"| {ranked.index(cand) + 1} | {cand.describe()} | {cand.ms:.2f} | {got['ms']:.2f} | {terms(cand, got)} |",
+                  flush=True)
         best = min(results, key=lambda r: r[1])
         pick = results[0]
         print(f"\ntune's pick measured {pick[1]:.2f} ms/token; best measured {best[1]:.2f} ms/token "
