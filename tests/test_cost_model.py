@@ -115,20 +115,29 @@ def test_measured_reader_calls_row_checks_and_row_kernel():
     assert CostModel(dev, checked, io_threads=1, verify_reads=False).rows_seconds(1) == pytest.approx(10e-6 + 4096 / 40e6)
 
 
-def test_pinned_rows_save_the_share_of_activations_they_carry():
-    from flashlm.runtime.cost_model import hot_share
-    stats = {"predicted_fraction": 0.1, "hot_top5pct_share": 0.5, "windows": {"1": {"miss_fraction": 0.6}}}
-    # share = f ** a through (0.05, 0.5): a = ln 0.5 / ln 0.05; at 5% exactly the calibrated 0.5
-    assert hot_share(stats, 0.05) == pytest.approx(0.5)
-    assert hot_share(stats, 0.2) == pytest.approx(0.2 ** (math.log(0.5) / math.log(0.05)))
-    assert hot_share(stats, 0.0) == 0.0 and hot_share(stats, 1.0) == 1.0
-    assert hot_share({}, 0.1) == pytest.approx(0.1)            # no calibrated skew: no concentration
+def test_pinned_rows_save_the_misses_of_the_neurons_they_hold():
+    from flashlm.runtime.cost_model import pinned_miss_share
+    # 10% of neurons selected per token, the hottest 5% carrying half of it: the hot group is selected
+    # with p = 0.5 x 0.1 / 0.05 = 1.0 per token... take 40% of it instead: p_hot = 0.4 x 0.1 / 0.05 = 0.8,
+    # p_cold = 0.6 x 0.1 / 0.95 = 0.06316
+    stats = {"predicted_fraction": 0.1, "hot_top5pct_share": 0.4, "windows": {"1": {"miss_fraction": 0.6}}}
+    p_h, p_c = 0.8, 0.6 * 0.1 / 0.95
+    m_h1, m_c1 = 0.05 * p_h * (1 - p_h), 0.95 * p_c * (1 - p_c)          # misses of a 1-token window
+    assert pinned_miss_share(stats, 0.05, 1) == pytest.approx(m_h1 / (m_h1 + m_c1))
+    # half the hot group pinned: half its misses
+    assert pinned_miss_share(stats, 0.025, 1) == pytest.approx(0.5 * m_h1 / (m_h1 + m_c1))
+    # 24% pinned: the hot group and a fifth of the cold one
+    assert pinned_miss_share(stats, 0.24, 1) == pytest.approx((m_h1 + 0.2 * m_c1) / (m_h1 + m_c1))
+    # at an 8-token window the hot neurons are almost always still held: pinning them saves little
+    m_h8, m_c8 = 0.05 * p_h * (1 - p_h) ** 8, 0.95 * p_c * (1 - p_c) ** 8
+    assert pinned_miss_share(stats, 0.05, 8) == pytest.approx(m_h8 / (m_h8 + m_c8)) and m_h8 / (m_h8 + m_c8) < 0.001
+    assert pinned_miss_share(stats, 0.0, 1) == 0.0 and pinned_miss_share(stats, 1.0, 1) == 1.0
+    assert pinned_miss_share({}, 0.1, 1) == pytest.approx(0.1)           # no calibrated skew: all alike
     m = model()
-    # 1000 neurons, 10% predicted, 60% of those missed = 60 rows; pinning 5% (50 rows) saves half of them
+    # 1000 neurons, 10% selected, 60% of those missed at window 1 = 60 rows, less the pinned share
     assert m.missed_rows(stats, 1) == pytest.approx(60.0)
-    assert m.missed_rows(stats, 1, pin_rows=50) == pytest.approx(30.0)
-    # pinning more rows than the layer wants still leaves the misses of the neurons outside the pinned set
-    assert m.missed_rows(stats, 1, pin_rows=200) == pytest.approx(60.0 * (1 - hot_share(stats, 0.2)))
+    assert m.missed_rows(stats, 1, pin_rows=50) == pytest.approx(60.0 * (1 - m_h1 / (m_h1 + m_c1)))
+    # pinning more rows than the layer selects still leaves the misses outside the pinned set
     assert m.missed_rows(stats, 1, pin_rows=200) > 0
 
 
