@@ -44,11 +44,10 @@ from .memory import RUNTIME_OVERHEAD, Calibration, MemoryPlan, Placement
 
 # Fixed costs. Layer: dense decode of the tiny test models (whose matvecs take ~1 us) on this 2-core VM,
 # 0.125 ms/token with 2 layers and 0.188 with 3 (tools/aarch64_fixture_check.py's models, 30 tokens):
-# ~62 us per layer and nothing measurable per token. Sparse bookkeeping (predictor dispatch and
-# NeuronCache.step) is an estimate, not a measurement; `flashlm tune --measure` checks the pick.
+# ~62 us per layer and nothing measurable per token. A sparse layer's cache step is the profile's
+# (`flashlm probe` measures NeuronCache.step; device.DEFAULT_CACHE_STEP_US without it).
 LAYER_OVERHEAD_S = 62e-6
 TOKEN_OVERHEAD_S = 0.0
-SPARSE_BOOKKEEPING_S = 40e-6
 
 
 @dataclass(frozen=True)
@@ -193,7 +192,7 @@ class CostModel:
     def __init__(self, profile: DeviceProfile, shape: ModelShape, *, compute_threads: int | None = None,
                  io_threads: int = 4, io: str = "direct", engine: str = "numba", verify_reads: bool = True,
                  layer_overhead_s: float = LAYER_OVERHEAD_S, token_overhead_s: float = TOKEN_OVERHEAD_S,
-                 sparse_bookkeeping_s: float = SPARSE_BOOKKEEPING_S):
+                 sparse_bookkeeping_s: float | None = None):
         self.profile, self.shape = profile, shape
         self.compute_threads = compute_threads or profile.cores
         self.io_threads = io_threads
@@ -203,7 +202,9 @@ class CostModel:
         self.reader_call_s = profile.reader_call_s(io_threads)
         self.layer_overhead_s = layer_overhead_s
         self.token_overhead_s = token_overhead_s
-        self.sparse_bookkeeping_s = sparse_bookkeeping_s
+        # the profile's measured cache step (count_missing + step) unless given
+        self.sparse_bookkeeping_s = 1e-6 * profile.cache_step_us if sparse_bookkeeping_s is None else sparse_bookkeeping_s
+        self.step_row_s = 1e-6 * profile.cache_step_row_us
         self._table = profile.buffered if io == "buffered" and profile.buffered is not None else profile.direct
         # The figures the per-token decisions use, computed once (the sparse path asks every token).
         self.row_read_s = self.rows_seconds(io_threads) / io_threads   # at full concurrency
@@ -281,7 +282,7 @@ class CostModel:
 
     # -- a token ---------------------------------------------------------------------------------------
     def layer(self, kind: str, *, held_rows: float = 0.0, miss_rows: float = 0.0,
-              predictor_weights: int = 0) -> LayerCost:
+              predictor_weights: int = 0, wanted_rows: float = 0.0) -> LayerCost:
         """One layer's decode cost with its FFN rows placed as `kind` (a Placement or its value)."""
         s = self.shape
         attn_s = self.matvec_s(s.attn_weights, s.storage, s.bytes_per_weight)
@@ -302,7 +303,8 @@ class CostModel:
         held_s = self.rows_compute_s(max(0.0, held_rows - miss_rows))
         new_s = self.rows_compute_s(miss_rows)
         io_s = self.rows_seconds(miss_rows)
-        mm_s = self.sparse_bookkeeping_s + self.dram_copy_s(miss_rows * s.stride_bytes)
+        mm_s = (self.sparse_bookkeeping_s + self.step_row_s * wanted_rows
+                + self.dram_copy_s(miss_rows * s.stride_bytes))
         return LayerCost(Placement.SPARSE.value, held_rows, miss_rows, miss_rows * s.stride_bytes, io_s,
                          max(0.0, io_s - held_s), mm_s, attn_s + pred_s + held_s + new_s)
 
@@ -330,5 +332,7 @@ class CostModel:
             # rows held: the window union (mean over calibration tokens) plus pinned rows, within the cache
             held = min(capacity, n_pin + w.get("mean_held", 1.0) * s.n_ff)
             miss = self.missed_rows(stats[i], plan.window, n_pin)
-            out.append(self.layer(Placement.SPARSE, held_rows=held, miss_rows=miss, predictor_weights=weights[i]))
+            wanted = stats[i].get("predicted_fraction", 1.0) * s.n_ff
+            out.append(self.layer(Placement.SPARSE, held_rows=held, miss_rows=miss, predictor_weights=weights[i],
+                                  wanted_rows=wanted))
         return self.token(out, plan.total + RUNTIME_OVERHEAD, notes)

@@ -30,6 +30,8 @@ DEFAULT_CRC32_ROW_US = 1.0
 # What a FlashReader.read_rows call pays beyond its reads (handing a batch to each worker, joining
 # them), when a profile did not measure it: a thread hand-off on that VM is 20-40 us.
 DEFAULT_READER_CALL_US = 30.0
+# A sparse layer's cache step (count_missing + step) when a profile did not measure it: an estimate.
+DEFAULT_CACHE_STEP_US = 40.0
 
 
 class ProfileError(FlashlmError, ValueError):
@@ -115,6 +117,8 @@ class DeviceProfile:
     crc32_mb_s: float = DEFAULT_CRC32_MB_S       # the row check after each read (modelfile.row_crc32) ...
     crc32_row_us: float = DEFAULT_CRC32_ROW_US   # ... and its fixed cost per row
     reader_call_us: list[float] | None = None    # per read_rows call, at each of direct.threads (None: default)
+    cache_step_us: float = DEFAULT_CACHE_STEP_US  # a sparse layer's NeuronCache step per token ...
+    cache_step_row_us: float = 0.0               # ... plus this per wanted neuron
     description: str = ""
     sources: list[str] = field(default_factory=list)
     path: str = "built-in defaults"
@@ -286,12 +290,15 @@ def parse_profile(data: dict, path: str = "<profile>") -> DeviceProfile:
     crc = dict(crc32_mb_s=DEFAULT_CRC32_MB_S, crc32_row_us=DEFAULT_CRC32_ROW_US)
     if comp is not None:
         crc = dict(crc32_mb_s=comp.get("crc32_mb_s", float, default=DEFAULT_CRC32_MB_S, positive=True),
-                   crc32_row_us=comp.get("crc32_row_us", float, default=DEFAULT_CRC32_ROW_US))
-        if crc["crc32_row_us"] < 0:
-            comp.fail("crc32_row_us", f"must be >= 0, got {crc['crc32_row_us']!r}")
+                   crc32_row_us=comp.get("crc32_row_us", float, default=DEFAULT_CRC32_ROW_US),
+                   cache_step_us=comp.get("cache_step_us", float, default=DEFAULT_CACHE_STEP_US),
+                   cache_step_row_us=comp.get("cache_step_row_us", float, default=0.0))
+        for k in ("crc32_row_us", "cache_step_us", "cache_step_row_us"):
+            if crc[k] < 0:
+                comp.fail(k, f"must be >= 0, got {crc[k]!r}")
         c_threads = comp.numbers("threads", integer=True, increasing=True)
-        g = comp.table("gweights_s")
-        gweights = {k: g.numbers(k, len(c_threads), what="one per compute.threads") for k in g.data}
+        g = comp.table("gweights_s", required=False)
+        gweights = {k: g.numbers(k, len(c_threads), what="one per compute.threads") for k in g.data} if g else {}
 
     return DeviceProfile(
         name=dev.get("name", str), measured=measured, cores=cores, ram_bytes=ram,

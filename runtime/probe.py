@@ -413,6 +413,29 @@ def probe_row_check(seconds: float) -> dict[str, float]:
     return {"crc32_mb_s": 1e-6 / sec_per_byte, "crc32_row_us": max(0.0, 1e6 * (ta - a * sec_per_byte))}
 
 
+def probe_cache_step(seconds: float, n_neurons: int = 4096) -> dict[str, float]:
+    """A sparse layer's memory management on the compute thread: NeuronCache.count_missing + step (the
+    window's evictions, admissions) per token, fitted as a fixed cost plus a cost per wanted neuron
+    from 64 and 512 wanted of n_neurons, window 2. Rows of 16 bytes: the delete-by-swap row copies are
+    priced separately, at DRAM bandwidth."""
+    from .neuron_cache import NeuronCache
+    rng = np.random.default_rng(3)
+    per = {}
+    for k in (64, 512):
+        cache = NeuronCache(n_neurons, 4 * k, 8, np.uint16, window=2)
+        sets = [np.sort(rng.choice(n_neurons, k, replace=False)).astype(np.int32) for _ in range(64)]
+        i = [0]
+
+        def step():
+            w = sets[i[0] % len(sets)]
+            i[0] += 1
+            cache.count_missing(w)
+            cache.step(w)
+        per[k] = _timed(step, seconds / 2)
+    row = max(0.0, (per[512] - per[64]) / (512 - 64))
+    return {"cache_step_us": 1e6 * max(0.0, per[64] - 64 * row), "cache_step_row_us": 1e6 * row}
+
+
 def probe_matvec_onnxruntime(threads: tuple[int, ...], seconds: float, shape: tuple[int, int]) -> dict[str, dict[int, float]]:
     """G weights/s of onnxruntime's com.microsoft.MatMulNBits (4 and 8 bits, block 32) on synthetic
     constant weights, T = 1; when onnxruntime cannot be used here (runtime/engines.py), only why."""
@@ -489,6 +512,9 @@ def probe(directory: str | Path, settings: ProbeSettings | None = None, *, quick
     on_point("compute", {"gweights_s": compute, "errors": errors})
     check = probe_row_check(s.seconds)
     on_point("check", check)
+    step = probe_cache_step(s.seconds)
+    on_point("cache", step)
+    check.update(step)
     return _as_profile(facts, disk_info(str(directory)), s, flash, dram, compute, errors, check)
 
 

@@ -93,13 +93,14 @@ def test_measured_reader_calls_row_checks_and_row_kernel():
     import copy
     data = copy.deepcopy(ROUND)
     data["flash"]["reader_call_us"] = [10.0, 50.0]
-    data["compute"].update(crc32_mb_s=500.0, crc32_row_us=2.0)
+    data["compute"].update(crc32_mb_s=500.0, crc32_row_us=2.0, cache_step_us=20.0, cache_step_row_us=0.01)
     data["compute"]["gweights_s"]["numba-bundle-f16"] = [0.5]
     dev = parse_profile(data, "measured.toml")
     checked = ModelShape(2, 100, 1000, 500, 40_000, 300, 4096, "f16", row_crc=True)
-    m = CostModel(dev, checked, compute_threads=2, io_threads=4, layer_overhead_s=0.0, token_overhead_s=0.0,
-                  sparse_bookkeeping_s=0.0)
-    c = m.layer("sparse", held_rows=300, miss_rows=50)
+    m = CostModel(dev, checked, compute_threads=2, io_threads=4, layer_overhead_s=0.0, token_overhead_s=0.0)
+    c = m.layer("sparse", held_rows=300, miss_rows=50, wanted_rows=100)
+    # the measured cache step: 20 us + 100 wanted x 0.01 us, and the swap copies of 50 rows at 10 GB/s
+    assert c.mm_s == pytest.approx(20e-6 + 1e-6 + 2 * 50 * 4096 / 10e9)
     # 50 us per call at 4 readers + 50 rows x 4096 B at 160 MB/s (1.28 ms) + check 50 x (2 us + 4096 B at 500 MB/s)
     check = 50 * (2e-6 + 4096 / 500e6)
     assert c.io_busy_s == pytest.approx(50e-6 + 50 * 4096 / 160e6 + check)
