@@ -65,10 +65,10 @@ def prepare(directory: Path, names: set[str], qwen_gguf: str) -> dict[str, Path]
     return out
 
 
-def plans_for(limit: int, profile_ref: str, calibration) -> list[tuple[str, object]]:
+def plans_for(limit: int, profile_ref: str, calibration, threads: int | None = None) -> list[tuple[str, object]]:
     from flashlm.runtime.config import RuntimeConfig
     from flashlm.runtime.memory import RUNTIME_OVERHEAD
-    base = dict(budget=str(limit - RUNTIME_OVERHEAD), profile=profile_ref, ctx_len=256)
+    base = dict(budget=str(limit - RUNTIME_OVERHEAD), profile=profile_ref, ctx_len=256, threads=threads)
     out = [("dense", RuntimeConfig(mode="dense", **base)), ("naive", RuntimeConfig(mode="naive", **base)),
            ("hybrid", RuntimeConfig(mode="hybrid", **base))]
     wins = (calibration or {}).get("layers", [{}])[0].get("windows", {})
@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plans", nargs="*", default=[], metavar="MODEL:LIMIT[,LIMIT]")
     ap.add_argument("--grid", default=None, metavar="MODEL:LIMIT")
     ap.add_argument("--grid-size", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=None, help="compute threads of the --plans (default: all cores)")
     ap.add_argument("--prepare", type=Path, default=None, metavar="DIR", help="make the named models in DIR")
     ap.add_argument("--qwen-gguf", default=QWEN_GGUF)
     ap.add_argument("--measure-one", nargs=2, metavar=("FOLDER", "RUNTIME_JSON"), help=argparse.SUPPRESS)
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
             folder = open_folder(path)
             c = cal(folder)
             for limit_text in limits:
-                for name, rt in plans_for(parse_size(limit_text, profile.memory_bytes), a.profile, c):
+                for name, rt in plans_for(parse_size(limit_text, profile.memory_bytes), a.profile, c, a.threads):
                     try:
                         pred = evaluate(folder, rt, profile, c)
                     except BudgetError:
