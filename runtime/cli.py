@@ -471,8 +471,6 @@ def cmd_probe(args) -> int:
                 _err(f"  matvec {k}: not available ({e})")
         elif kind == "cache":
             _err(f"  neuron cache step {pt['cache_step_us']:.1f} us + {pt['cache_step_row_us']:.3f} us per wanted row")
-        elif kind == "check":
-            _err(f"  row CRC-32 check {pt['crc32_mb_s']:.0f} MB/s + {pt['crc32_row_us']:.2f} us/row")
     _err(f"probing {directory} ({'full' if args.full else 'quick'}) ...")
     data = probe(directory, quick=not args.full, on_point=on_point)
     name = Path(args.output).stem if args.output else "this-machine"

@@ -62,7 +62,6 @@ class ModelShape:
     stride_bytes: int            # bytes of one bundle row on flash (padded)
     storage: str                 # storage type name of bundles and dense weights ("f16", "f32", ...)
     bytes_per_weight: float = 2.0
-    row_crc: bool = False        # the folder has per-row CRC-32s: every row read is checked after its read
 
     @property
     def layer_bytes(self) -> int:
@@ -72,11 +71,9 @@ class ModelShape:
     def from_folder(cls, folder) -> "ModelShape":
         c, b = folder.config, folder.bundles
         q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        from .modelfile import ROW_CRC_TENSOR
         return cls(c.n_layers, c.d_model, c.n_ff, c.vocab_size, attn_weights=2 * c.d_model * q + 2 * c.d_model * kv,
                    bundle_elems=c.bundle_elems, stride_bytes=b.stride_bytes, storage=b.storage.name,
-                   bytes_per_weight=b.storage.block_bytes / b.storage.block_elems,
-                   row_crc=ROW_CRC_TENSOR in folder.dense)
+                   bytes_per_weight=b.storage.block_bytes / b.storage.block_elems)
 
 
 @dataclass(frozen=True)
@@ -190,7 +187,7 @@ class CostModel:
     """One device's speeds priced for one model's shape, at given reader and compute thread counts."""
 
     def __init__(self, profile: DeviceProfile, shape: ModelShape, *, compute_threads: int | None = None,
-                 io_threads: int = 4, io: str = "direct", engine: str = "numba", verify_reads: bool = True,
+                 io_threads: int = 4, io: str = "direct", engine: str = "numba",
                  layer_overhead_s: float = LAYER_OVERHEAD_S, token_overhead_s: float = TOKEN_OVERHEAD_S,
                  sparse_bookkeeping_s: float | None = None):
         self.profile, self.shape = profile, shape
@@ -198,7 +195,6 @@ class CostModel:
         self.io_threads = io_threads
         self.io = io
         self.engine = engine
-        self.check_rows = verify_reads and shape.row_crc
         self.reader_call_s = profile.reader_call_s(io_threads)
         self.layer_overhead_s = layer_overhead_s
         self.token_overhead_s = token_overhead_s
@@ -208,7 +204,7 @@ class CostModel:
         self._table = profile.buffered if io == "buffered" and profile.buffered is not None else profile.direct
         # The figures the per-token decisions use, computed once (the sparse path asks every token).
         self.row_read_s = self.rows_seconds(io_threads) / io_threads   # at full concurrency
-        self.layer_stream_s = self.stream_s(shape.layer_bytes) + self.check_s(shape.n_ff)
+        self.layer_stream_s = self.stream_s(shape.layer_bytes)
         self._stream_above = next((n for n in range(1, io_threads) if self.rows_seconds(n) > self.layer_stream_s),
                                   self.layer_stream_s / self.row_read_s)
 
@@ -218,8 +214,7 @@ class CostModel:
         """The cost model of one run: rt's device profile (or the built-in defaults), reader threads and
         I/O mode, for the folder's model."""
         return cls(profile or load_device(rt.profile), ModelShape.from_folder(folder),
-                   compute_threads=compute_threads or rt.threads, io_threads=rt.io_threads, io=rt.io,
-                   verify_reads=rt.verify_reads, **overheads)
+                   compute_threads=compute_threads or rt.threads, io_threads=rt.io_threads, io=rt.io, **overheads)
 
     @property
     def source(self) -> str:
@@ -233,19 +228,13 @@ class CostModel:
         in_flight = max(1.0, min(float(self.io_threads), n_reads))
         return n_reads * read_bytes / (self._table.random_at(read_bytes, in_flight) * 1e6)
 
-    def check_s(self, n_rows: float) -> float:
-        """The CRC-32 check of n_rows rows just read (on the same I/O thread, after the read)."""
-        if not self.check_rows or n_rows <= 0:
-            return 0.0
-        p = self.profile
-        return n_rows * (1e-6 * p.crc32_row_us + self.shape.stride_bytes / (p.crc32_mb_s * 1e6))
-
     def rows_seconds(self, n_rows: float) -> float:
-        """I/O thread time to read n_rows scattered bundle rows in one reader call and check them."""
+        """I/O thread time to read n_rows scattered bundle rows in one reader call. (Their CRC-32 check
+        is not priced: modelfile.RowCheck checks a row the first time the process reads it, so a
+        steady decode token checks next to nothing.)"""
         if n_rows <= 0:
             return 0.0
-        return (self.reader_call_s + self.random_read_s(n_rows, self.shape.stride_bytes)
-                + self.check_s(n_rows))
+        return self.reader_call_s + self.random_read_s(n_rows, self.shape.stride_bytes)
 
     def stream_is_cheaper(self, n_missing: int) -> bool:
         """Stream the layer whole rather than read n_missing rows one by one?"""

@@ -23,10 +23,6 @@ except ModuleNotFoundError:     # Python 3.10
 DEFAULT_RANDOM_MB_S = {4096: 150.0, 16384: 500.0, 65536: 1100.0, 262144: 1600.0, 1048576: 1600.0}
 DEFAULT_SEQUENTIAL_MB_S = 1200.0
 DEFAULT_DRAM_GB_S = 10.0
-# The CRC-32 check of each row read, when a profile did not measure it: zlib.crc32 per row as
-# `flashlm probe` measured it on that VM (770-1670 MB/s; ~1 us of Python per row).
-DEFAULT_CRC32_MB_S = 1000.0
-DEFAULT_CRC32_ROW_US = 1.0
 # What a FlashReader.read_rows call pays beyond its reads (handing a batch to each worker, joining
 # them), when a profile did not measure it: a thread hand-off on that VM is 20-40 us.
 DEFAULT_READER_CALL_US = 30.0
@@ -114,8 +110,6 @@ class DeviceProfile:
     dram_gb_s: list[float]                 # read bandwidth at each of dram_threads
     compute_threads: list[int]
     compute_gweights_s: dict[str, list[float]]   # "engine-storage" (numba-f16, ort-int4) -> G weights/s
-    crc32_mb_s: float = DEFAULT_CRC32_MB_S       # the row check after each read (modelfile.row_crc32) ...
-    crc32_row_us: float = DEFAULT_CRC32_ROW_US   # ... and its fixed cost per row
     reader_call_us: list[float] | None = None    # per read_rows call, at each of direct.threads (None: default)
     cache_step_us: float = DEFAULT_CACHE_STEP_US  # a sparse layer's NeuronCache step per token ...
     cache_step_row_us: float = 0.0               # ... plus this per wanted neuron
@@ -287,15 +281,13 @@ def parse_profile(data: dict, path: str = "<profile>") -> DeviceProfile:
     comp = r.table("compute", required=False)
     cores = dev.get("cores", int, positive=True)
     c_threads, gweights = [cores], {}
-    crc = dict(crc32_mb_s=DEFAULT_CRC32_MB_S, crc32_row_us=DEFAULT_CRC32_ROW_US)
+    step = dict(cache_step_us=DEFAULT_CACHE_STEP_US, cache_step_row_us=0.0)
     if comp is not None:
-        crc = dict(crc32_mb_s=comp.get("crc32_mb_s", float, default=DEFAULT_CRC32_MB_S, positive=True),
-                   crc32_row_us=comp.get("crc32_row_us", float, default=DEFAULT_CRC32_ROW_US),
-                   cache_step_us=comp.get("cache_step_us", float, default=DEFAULT_CACHE_STEP_US),
-                   cache_step_row_us=comp.get("cache_step_row_us", float, default=0.0))
-        for k in ("crc32_row_us", "cache_step_us", "cache_step_row_us"):
-            if crc[k] < 0:
-                comp.fail(k, f"must be >= 0, got {crc[k]!r}")
+        step = dict(cache_step_us=comp.get("cache_step_us", float, default=DEFAULT_CACHE_STEP_US),
+                    cache_step_row_us=comp.get("cache_step_row_us", float, default=0.0))
+        for k, v in step.items():
+            if v < 0:
+                comp.fail(k, f"must be >= 0, got {v!r}")
         c_threads = comp.numbers("threads", integer=True, increasing=True)
         g = comp.table("gweights_s", required=False)
         gweights = {k: g.numbers(k, len(c_threads), what="one per compute.threads") for k in g.data} if g else {}
@@ -304,7 +296,7 @@ def parse_profile(data: dict, path: str = "<profile>") -> DeviceProfile:
         name=dev.get("name", str), measured=measured, cores=cores, ram_bytes=ram,
         memory_limit_bytes=limit, page_size=dev.get("page_size", int, default=4096, positive=True),
         machine=dev.get("machine", str, default=""), direct=direct, buffered=buffered, dram_threads=dram_threads,
-        dram_gb_s=dram, compute_threads=c_threads, compute_gweights_s=gweights, **crc,
+        dram_gb_s=dram, compute_threads=c_threads, compute_gweights_s=gweights, **step,
         reader_call_us=call_us,
         description=dev.get("description", str, default=""), sources=list(sources), path=path, raw=data)
 

@@ -399,20 +399,6 @@ def probe_bundle_kernel(threads: tuple[int, ...], seconds: float, d: int = 1024,
     return {"numba-bundle-f16": res}
 
 
-def probe_row_check(seconds: float) -> dict[str, float]:
-    """The CRC-32 check of every row read from flash (modelfile.row_crc32, on the I/O thread after each
-    read): a fixed cost per row plus a rate, fitted from 4 KiB and 16 KiB rows."""
-    from .modelfile import row_crc32
-    rng = np.random.default_rng(0)
-    per_row = {}
-    for stride in (4096, 16384):
-        rows = rng.integers(0, 256, ((8 * MiB) // stride, stride), dtype=np.uint8)
-        per_row[stride] = _timed(lambda: row_crc32(rows), seconds) / len(rows)
-    (a, ta), (b, tb) = sorted(per_row.items())
-    sec_per_byte = max((tb - ta) / (b - a), 1e-12)
-    return {"crc32_mb_s": 1e-6 / sec_per_byte, "crc32_row_us": max(0.0, 1e6 * (ta - a * sec_per_byte))}
-
-
 def probe_cache_step(seconds: float, n_neurons: int = 4096) -> dict[str, float]:
     """A sparse layer's memory management on the compute thread: NeuronCache.count_missing + step (the
     window's evictions, admissions) per token, fitted as a fixed cost plus a cost per wanted neuron
@@ -510,12 +496,9 @@ def probe(directory: str | Path, settings: ProbeSettings | None = None, *, quick
     compute.update(probe_matvec_onnxruntime(s.compute_threads, s.seconds, s.matvec_shape))
     errors = compute.pop("_errors", {})
     on_point("compute", {"gweights_s": compute, "errors": errors})
-    check = probe_row_check(s.seconds)
-    on_point("check", check)
     step = probe_cache_step(s.seconds)
     on_point("cache", step)
-    check.update(step)
-    return _as_profile(facts, disk_info(str(directory)), s, flash, dram, compute, errors, check)
+    return _as_profile(facts, disk_info(str(directory)), s, flash, dram, compute, errors, step)
 
 
 def _as_profile(facts, disk, s: ProbeSettings, flash, dram, compute, errors, check=None) -> dict:

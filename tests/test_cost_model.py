@@ -11,7 +11,7 @@ from flashlm.runtime.memory import Placement
 
 # 1 G weights/s for f16 at any thread count, 2 G for f32; DRAM 10 GB/s; flash: 4 KiB random reads at
 # 40 MB/s on one thread and 160 MB/s with 4 in flight, 1 MiB at 400 / 800 MB/s, sequential 1000 MB/s;
-# no per-call reader cost. The folder of SHAPE has no row CRCs (nothing is checked after a read).
+# no per-call reader cost.
 ROUND = {
     "device": {"name": "round", "measured": True, "cores": 2, "ram_bytes": 1 << 33},
     "flash": {"read_bytes": [4096, 1048576], "threads": [1, 4], "sequential_threads": [4],
@@ -86,34 +86,30 @@ def test_token_adds_lm_head_and_overheads():
     assert ms["total_ms"] == pytest.approx(ms["compute_ms"] + ms["mem_ms"] + ms["io_wait_ms"] + ms["overhead_ms"])
 
 
-def test_measured_reader_calls_row_checks_and_row_kernel():
+def test_measured_reader_calls_cache_steps_and_row_kernel():
     """What the probe measures beyond raw reads: each reader call's hand-off (at the reader's thread
-    count), the CRC-32 check of every row read (per row + per byte, on the I/O thread), and the FFN
-    row kernel's own speed (numba-bundle-f16), which the FFN rows use instead of the matmul's."""
+    count), the neuron cache's step (fixed + per wanted neuron), and the FFN row kernel's own speed
+    (numba-bundle-f16), which the FFN rows use instead of the matmul's."""
     import copy
     data = copy.deepcopy(ROUND)
     data["flash"]["reader_call_us"] = [10.0, 50.0]
-    data["compute"].update(crc32_mb_s=500.0, crc32_row_us=2.0, cache_step_us=20.0, cache_step_row_us=0.01)
+    data["compute"].update(cache_step_us=20.0, cache_step_row_us=0.01)
     data["compute"]["gweights_s"]["numba-bundle-f16"] = [0.5]
     dev = parse_profile(data, "measured.toml")
-    checked = ModelShape(2, 100, 1000, 500, 40_000, 300, 4096, "f16", row_crc=True)
-    m = CostModel(dev, checked, compute_threads=2, io_threads=4, layer_overhead_s=0.0, token_overhead_s=0.0)
+    m = CostModel(dev, SHAPE, compute_threads=2, io_threads=4, layer_overhead_s=0.0, token_overhead_s=0.0)
     c = m.layer("sparse", held_rows=300, miss_rows=50, wanted_rows=100)
+    # 50 us per call at 4 readers + 50 rows x 4096 B at 160 MB/s (1.28 ms)
+    assert c.io_busy_s == pytest.approx(50e-6 + 50 * 4096 / 160e6)
     # the measured cache step: 20 us + 100 wanted x 0.01 us, and the swap copies of 50 rows at 10 GB/s
     assert c.mm_s == pytest.approx(20e-6 + 1e-6 + 2 * 50 * 4096 / 10e9)
-    # 50 us per call at 4 readers + 50 rows x 4096 B at 160 MB/s (1.28 ms) + check 50 x (2 us + 4096 B at 500 MB/s)
-    check = 50 * (2e-6 + 4096 / 500e6)
-    assert c.io_busy_s == pytest.approx(50e-6 + 50 * 4096 / 160e6 + check)
     # the rows through the row kernel at 0.5 G/s: 300 x 300 / 0.5e9 = 180 us; attention at the matmul's 1 G/s
     assert c.compute_s == pytest.approx(40e-6 + 300 * 300 / 0.5e9)
-    # a streamed layer: 4.096 MB at 1000 MB/s, then its 1000 rows checked
-    s = m.layer("stream")
-    assert s.io_busy_s == pytest.approx(4.096e-3 + 1000 * (2e-6 + 4096 / 500e6))
-    # the same folder read unchecked (--no-verify-reads): no check term
-    plain = CostModel(dev, checked, compute_threads=2, io_threads=4, verify_reads=False)
-    assert plain.layer("stream").io_busy_s == pytest.approx(4.096e-3)
+    # a streamed layer is one sequential read: no per-call cost on top of 4.096 MB at 1000 MB/s
+    assert m.layer("stream").io_busy_s == pytest.approx(4.096e-3)
     # one reader thread: the 1-thread call cost
-    assert CostModel(dev, checked, io_threads=1, verify_reads=False).rows_seconds(1) == pytest.approx(10e-6 + 4096 / 40e6)
+    assert CostModel(dev, SHAPE, io_threads=1).rows_seconds(1) == pytest.approx(10e-6 + 4096 / 40e6)
+    # no figure for the row kernel: the matmul's
+    assert model().layer("resident").compute_s == pytest.approx(340e-6)
 
 
 def test_pinned_rows_save_the_misses_of_the_neurons_they_hold():
