@@ -203,10 +203,11 @@ class CostModel:
         self.step_row_s = 1e-6 * profile.cache_step_row_us
         self._table = profile.buffered if io == "buffered" and profile.buffered is not None else profile.direct
         # The figures the per-token decisions use, computed once (the sparse path asks every token).
-        self.row_read_s = self.rows_seconds(io_threads) / io_threads   # at full concurrency
+        # one more row at full concurrency (the reader call's fixed cost is paid once per call, not per row)
+        self.row_read_s = self.random_read_s(io_threads, shape.stride_bytes) / io_threads
         self.layer_stream_s = self.stream_s(shape.layer_bytes)
         self._stream_above = next((n for n in range(1, io_threads) if self.rows_seconds(n) > self.layer_stream_s),
-                                  self.layer_stream_s / self.row_read_s)
+                                  (self.layer_stream_s - self.reader_call_s) / self.row_read_s)
 
     @classmethod
     def for_run(cls, folder, rt, *, compute_threads: int | None = None, profile: DeviceProfile | None = None,

@@ -174,9 +174,12 @@ def apply_run_profile(rt: RuntimeConfig) -> RuntimeConfig:
     return dataclasses.replace(rt, **changes, profile=device)
 
 
-def measure(folder_path, rt: RuntimeConfig, tokens: int, prompt: int = 8, seed: int = 0) -> dict:
-    """rt measured on this machine: a short prompt, then `tokens` single decode steps (random token
-    ids, no sampling) after one warm-up step. Returns the median ms per step (`ms`) and the decode
+def measure(folder_path, rt: RuntimeConfig, tokens: int, prompt: int = 8, seed: int = 0,
+            text: str | None = None) -> dict:
+    """rt measured on this machine: a short prompt, then `tokens` single decode steps (no sampling)
+    after one warm-up step, over the tokens of `text` (teacher-forced: what the sliding window sees
+    in a real generation) or, without it, random token ids (what a model calibrated on random ids,
+    the synthetic ones, was calibrated for). Returns the median ms per step (`ms`) and the decode
     steps' mean split in the cost model's fields (io_wait_ms, io_busy_ms, mem_ms, compute_ms: the
     runtime's own accounting, runtime/critical_path.py) with MiB read per token, so a prediction and
     a measurement compare term by term."""
@@ -187,10 +190,18 @@ def measure(folder_path, rt: RuntimeConfig, tokens: int, prompt: int = 8, seed: 
 
     from .model import Model
     from .modelfile import open_folder
-    model = Model(open_folder(folder_path), rt)
+    folder = open_folder(folder_path)
+    need = prompt + tokens + 1
+    if text is not None:
+        from .tokenizer import Tokenizer
+        ids = np.asarray(Tokenizer.from_folder(folder, folder.manifest).encode(text)[:need])
+        if len(ids) < need:
+            raise ValueError(f"the text has {len(ids)} tokens; measuring {tokens} decode steps needs {need}")
+    else:
+        ids = np.random.default_rng(seed).integers(0, folder.config.vocab_size, need)
+    model = Model(folder, rt)
     try:
         model.warmup()
-        ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, prompt + tokens + 1)
         model.forward(ids[:prompt])
         model.forward(ids[prompt:prompt + 1])
         model.reset_io_stats()
@@ -208,6 +219,7 @@ def measure(folder_path, rt: RuntimeConfig, tokens: int, prompt: int = 8, seed: 
             "mib_read": nbytes / max(1, len(times)) / 2**20}
 
 
-def measure_ms(folder_path, rt: RuntimeConfig, tokens: int, prompt: int = 8, seed: int = 0) -> float:
+def measure_ms(folder_path, rt: RuntimeConfig, tokens: int, prompt: int = 8, seed: int = 0,
+               text: str | None = None) -> float:
     """Median ms per decode token of rt on this machine (see measure)."""
-    return measure(folder_path, rt, tokens, prompt, seed)["ms"]
+    return measure(folder_path, rt, tokens, prompt, seed, text)["ms"]

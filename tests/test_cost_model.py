@@ -106,6 +106,10 @@ def test_measured_reader_calls_cache_steps_and_row_kernel():
     assert c.compute_s == pytest.approx(40e-6 + 300 * 300 / 0.5e9)
     # a streamed layer is one sequential read: no per-call cost on top of 4.096 MB at 1000 MB/s
     assert m.layer("stream").io_busy_s == pytest.approx(4.096e-3)
+    # the per-token fallback: streaming (4.096 ms) beats one call (50 us) + n rows x 25.6 us from
+    # (4.096e-3 - 50e-6) / 25.6e-6 = 158.05 rows on (the call cost is paid once, not per row)
+    assert not m.stream_is_cheaper(158) and m.stream_is_cheaper(159)
+    assert m.rows_seconds(158) < m.layer_stream_s < m.rows_seconds(159)
     # one reader thread: the 1-thread call cost
     assert CostModel(dev, SHAPE, io_threads=1).rows_seconds(1) == pytest.approx(10e-6 + 4096 / 40e6)
     # no figure for the row kernel: the matmul's

@@ -17,7 +17,10 @@ Plans per MODEL:LIMIT: dense (when it fits), naive, hybrid, flash (the planner's
 and 4) and flash with every layer sparse (window 2), each with the budget the limit leaves after the
 runtime's own memory. Predicted: `tune.evaluate` with the profile's figures (the same CostModel the
 builder makes); measured: the median ms of --tokens decode steps after a short prompt
-(`tune.measure_ms`), each plan in its own child process, in the order listed. --grid ranks every
+(`tune.measure`: over --text's tokens for a model calibrated on text, random ids for one calibrated on
+random ids; the window statistics the model uses describe that kind of input), each plan in its own
+child process, in the order listed. Each row also shows predicted/measured of the split (I/O busy,
+I/O wait, memory management, compute, MiB read per token). --grid ranks every
 setting tune searches within the limit, measures --grid-size of them spread over the ranking (tune's
 pick first), and reports the pick's measured time against the best measured one. Prints markdown
 tables for docs/BENCHMARKS.md. Timing noise is ~15% on an idle 2-core machine and far more under load:
@@ -80,10 +83,11 @@ def plans_for(limit: int, profile_ref: str, calibration, threads: int | None = N
     return out
 
 
-def measure(folder: Path, rt, tokens: int) -> dict:
+def measure(folder: Path, rt, tokens: int, text: Path | None) -> dict:
     """tune.measure of one setting in a fresh child process (its own numba threads, caches and RSS)."""
     proc = subprocess.run([sys.executable, __file__, "--measure-one", str(folder), json.dumps(dataclasses.asdict(rt)),
-                           "--tokens", str(tokens)], capture_output=True, text=True)
+                           "--tokens", str(tokens), *(["--text", str(text)] if text else [])],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError((proc.stderr.strip().splitlines() or ["failed"])[-1])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -117,12 +121,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="compute threads of the --plans (default: all cores)")
     ap.add_argument("--prepare", type=Path, default=None, metavar="DIR", help="make the named models in DIR")
     ap.add_argument("--qwen-gguf", default=QWEN_GGUF)
+    ap.add_argument("--text", type=Path, default=REPO / "tools" / "data" / "heldout.txt",
+                    help="decode over this text's tokens (teacher-forced) for models calibrated on text; a model "
+                         "calibrated on random token ids decodes random ids")
     ap.add_argument("--measure-one", nargs=2, metavar=("FOLDER", "RUNTIME_JSON"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     from flashlm.runtime.config import RuntimeConfig
     from flashlm.runtime.tune import measure as measure_here
     if a.measure_one:
-        print(json.dumps(measure_here(Path(a.measure_one[0]), RuntimeConfig(**json.loads(a.measure_one[1])), a.tokens)))
+        text = a.text.read_text() if a.text else None
+        print(json.dumps(measure_here(Path(a.measure_one[0]), RuntimeConfig(**json.loads(a.measure_one[1])), a.tokens,
+                                      text=text)))
         return 0
 
     from flashlm.runtime.device import load_profile
@@ -146,6 +155,10 @@ def main(argv=None) -> int:
         except ModelFileError:
             return None
 
+    def text_for(c) -> Path | None:
+        """The text to decode: the model's calibration saw text unless it was random token ids."""
+        return None if (c or {}).get("source") == "random token ids" else a.text
+
     if a.plans:
         print(f"Predicted with {profile.path}; measured: median of {a.tokens} decode tokens, each plan in its own process.\n")
         print("| model | limit | plan | predicted ms | measured ms | measured / predicted | I/O busy | I/O wait "
@@ -163,7 +176,7 @@ def main(argv=None) -> int:
                     except BudgetError:
                         continue
                     try:
-                        got = measure(path, rt, a.tokens)
+                        got = measure(path, rt, a.tokens, text_for(c))
                     except RuntimeError as e:
                         print(f"| {path.name} | {limit_text} | {name} ({pred.describe()}) | {pred.ms:.2f} | failed: {e} | |")
                         continue
@@ -177,7 +190,8 @@ def main(argv=None) -> int:
         path, limits = _spec(a.grid, models)
         folder = open_folder(path)
         limit = parse_size(limits[0], profile.memory_bytes)
-        ranked = candidates(folder, profile, limit, cal(folder), profile_ref=a.profile, ctx_len=256)
+        c = cal(folder)
+        ranked = candidates(folder, profile, limit, c, profile_ref=a.profile, ctx_len=256)
         step = max(1, len(ranked) // a.grid_size)
         chosen = [ranked[i] for i in range(0, len(ranked), step)][:a.grid_size]
         print(f"\n{path.name} within {limits[0]}: {len(ranked)} settings fit; measuring {len(chosen)} of them "
@@ -186,7 +200,7 @@ def main(argv=None) -> int:
         print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         results = []
         for cand in chosen:
-            got = measure(path, cand.rt, a.tokens)
+            got = measure(path, cand.rt, a.tokens, text_for(c))
             results.append((cand, got["ms"]))
             print(f"| {ranked.index(cand) + 1} | {cand.describe()} | {cand.ms:.2f} | {got['ms']:.2f} | {terms(cand, got)} |",
                   flush=True)
