@@ -47,6 +47,7 @@ from .memory import RUNTIME_OVERHEAD, Calibration, MemoryPlan, Placement
 # ~62 us per layer and nothing measurable per token. A sparse layer's cache step is the profile's
 # (`flashlm probe` measures NeuronCache.step; device.DEFAULT_CACHE_STEP_US without it).
 LAYER_OVERHEAD_S = 62e-6
+ROW_READ_UNIT = 4096         # flash_reader.BLOCK: the smallest direct read
 TOKEN_OVERHEAD_S = 0.0
 
 
@@ -66,6 +67,12 @@ class ModelShape:
     @property
     def layer_bytes(self) -> int:
         return self.n_ff * self.stride_bytes
+
+    @property
+    def row_read_bytes(self) -> int:
+        """Bytes one scattered row read fetches: direct I/O reads whole 4 KiB blocks (and the page
+        cache whole pages), so a row smaller than a block costs a block (rows never straddle one)."""
+        return max(self.stride_bytes, ROW_READ_UNIT)
 
     @classmethod
     def from_folder(cls, folder) -> "ModelShape":
@@ -204,7 +211,7 @@ class CostModel:
         self._table = profile.buffered if io == "buffered" and profile.buffered is not None else profile.direct
         # The figures the per-token decisions use, computed once (the sparse path asks every token).
         # one more row at full concurrency (the reader call's fixed cost is paid once per call, not per row)
-        self.row_read_s = self.random_read_s(io_threads, shape.stride_bytes) / io_threads
+        self.row_read_s = self.random_read_s(io_threads, shape.row_read_bytes) / io_threads
         self.layer_stream_s = self.stream_s(shape.layer_bytes)
         self._stream_above = next((n for n in range(1, io_threads) if self.rows_seconds(n) > self.layer_stream_s),
                                   (self.layer_stream_s - self.reader_call_s) / self.row_read_s)
@@ -235,7 +242,7 @@ class CostModel:
         steady decode token checks next to nothing.)"""
         if n_rows <= 0:
             return 0.0
-        return self.reader_call_s + self.random_read_s(n_rows, self.shape.stride_bytes)
+        return self.reader_call_s + self.random_read_s(n_rows, self.shape.row_read_bytes)
 
     def stream_is_cheaper(self, n_missing: int) -> bool:
         """Stream the layer whole rather than read n_missing rows one by one?"""
@@ -295,7 +302,7 @@ class CostModel:
         io_s = self.rows_seconds(miss_rows)
         mm_s = (self.sparse_bookkeeping_s + self.step_row_s * wanted_rows
                 + self.dram_copy_s(miss_rows * s.stride_bytes))
-        return LayerCost(Placement.SPARSE.value, held_rows, miss_rows, miss_rows * s.stride_bytes, io_s,
+        return LayerCost(Placement.SPARSE.value, held_rows, miss_rows, miss_rows * s.row_read_bytes, io_s,
                          max(0.0, io_s - held_s), mm_s, attn_s + pred_s + held_s + new_s)
 
     def token(self, layers: list[LayerCost], peak_bytes: int | None = None, notes: list[str] | None = None) -> TokenCost:

@@ -112,6 +112,10 @@ def test_measured_reader_calls_cache_steps_and_row_kernel():
     assert m.rows_seconds(158) < m.layer_stream_s < m.rows_seconds(159)
     # one reader thread: the 1-thread call cost
     assert CostModel(dev, SHAPE, io_threads=1).rows_seconds(1) == pytest.approx(10e-6 + 4096 / 40e6)
+    # rows of 2 KiB still cost a 4 KiB block each (direct reads are whole blocks)
+    half = CostModel(dev, ModelShape(2, 100, 1000, 500, 40_000, 300, 2048, "f16"), io_threads=1)
+    assert half.rows_seconds(1) == pytest.approx(10e-6 + 4096 / 40e6)
+    assert half.layer("sparse", held_rows=10, miss_rows=3).bytes_read == 3 * 4096
     # no figure for the row kernel: the matmul's
     assert model().layer("resident").compute_s == pytest.approx(340e-6)
 
