@@ -194,7 +194,7 @@ def measure(folder_path, rt: RuntimeConfig, tokens: int, prompt: int = 8, seed: 
     need = prompt + tokens + 1
     if text is not None:
         from .tokenizer import Tokenizer
-        ids = np.asarray(Tokenizer.from_folder(folder, folder.manifest).encode(text)[:need])
+        ids = np.asarray(Tokenizer.from_folder(folder.path, folder.manifest).encode(text)[:need])
         if len(ids) < need:
             raise ValueError(f"the text has {len(ids)} tokens; measuring {tokens} decode steps needs {need}")
     else:

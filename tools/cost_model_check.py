@@ -121,20 +121,21 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="compute threads of the --plans (default: all cores)")
     ap.add_argument("--prepare", type=Path, default=None, metavar="DIR", help="make the named models in DIR")
     ap.add_argument("--qwen-gguf", default=QWEN_GGUF)
-    ap.add_argument("--text", type=Path, default=REPO / "tools" / "data" / "heldout.txt",
+    ap.add_argument("--text", type=Path, default=None,
                     help="decode over this text's tokens (teacher-forced) for models calibrated on text; a model "
-                         "calibrated on random token ids decodes random ids")
+                         "calibrated on random token ids decodes random ids (default: tools/data/heldout.txt)")
     ap.add_argument("--measure-one", nargs=2, metavar=("FOLDER", "RUNTIME_JSON"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     from flashlm.runtime.config import RuntimeConfig
     from flashlm.runtime.tune import measure as measure_here
     if a.measure_one:
-        text = a.text.read_text() if a.text else None
+        text = a.text.read_text() if a.text else None        # the parent passes --text only for text models
         print(json.dumps(measure_here(Path(a.measure_one[0]), RuntimeConfig(**json.loads(a.measure_one[1])), a.tokens,
                                       text=text)))
         return 0
 
     from flashlm.runtime.device import load_profile
+    a.text = a.text or REPO / "tools" / "data" / "heldout.txt"
     from flashlm.runtime.memory import BudgetError, parse_size
     from flashlm.runtime.modelfile import ModelFileError, open_folder
     from flashlm.runtime.predictor import calibration_report
