@@ -211,7 +211,7 @@ class CostModel:
         self._table = profile.buffered if io == "buffered" and profile.buffered is not None else profile.direct
         # The figures the per-token decisions use, computed once (the sparse path asks every token).
         # one more row at full concurrency (the reader call's fixed cost is paid once per call, not per row)
-        self.row_read_s = self.random_read_s(io_threads, shape.row_read_bytes) / io_threads
+        self.row_read_s = (self.rows_seconds(2 * io_threads) - self.rows_seconds(io_threads)) / io_threads
         self.layer_stream_s = self.stream_s(shape.layer_bytes)
         self._stream_above = next((n for n in range(1, io_threads) if self.rows_seconds(n) > self.layer_stream_s),
                                   (self.layer_stream_s - self.reader_call_s) / self.row_read_s)
@@ -242,7 +242,14 @@ class CostModel:
         steady decode token checks next to nothing.)"""
         if n_rows <= 0:
             return 0.0
-        return self.reader_call_s + self.random_read_s(n_rows, self.shape.row_read_bytes)
+        in_flight = max(1.0, min(float(self.io_threads), n_rows))
+        row_s = self.profile.reader_row_s(in_flight) if self.io == "direct" else None
+        if row_s is None:          # not measured in a decode step: the raw reads' figures
+            return self.reader_call_s + self.random_read_s(n_rows, self.shape.row_read_bytes)
+        # measured for 4 KiB rows; a bigger row costs what the raw table says one such read costs more
+        size = self.shape.row_read_bytes
+        scale = (size / self._table.random_at(size, in_flight)) / (ROW_READ_UNIT / self._table.random_at(ROW_READ_UNIT, in_flight))
+        return self.reader_call_s + n_rows * row_s * scale
 
     def stream_is_cheaper(self, n_missing: int) -> bool:
         """Stream the layer whole rather than read n_missing rows one by one?"""
@@ -261,7 +268,10 @@ class CostModel:
         return miss
 
     def stream_s(self, nbytes: float) -> float:
-        return nbytes / (self._table.sequential_at(self.io_threads) * 1e6)
+        """A whole layer read by the reader during a decode step (the probe's `reader_stream_mb_s`), or
+        without that figure, raw sequential 1 MiB reads at the reader's thread count."""
+        mb_s = self.profile.reader_stream_mb_s_at(self.io_threads) if self.io == "direct" else None
+        return nbytes / ((mb_s or self._table.sequential_at(self.io_threads)) * 1e6)
 
     # -- compute and memory ----------------------------------------------------------------------------
     def matvec_s(self, weights: float, storage: str, bytes_per_weight: float | None = None) -> float:

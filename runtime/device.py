@@ -110,7 +110,9 @@ class DeviceProfile:
     dram_gb_s: list[float]                 # read bandwidth at each of dram_threads
     compute_threads: list[int]
     compute_gweights_s: dict[str, list[float]]   # "engine-storage" (numba-f16, ort-int4) -> G weights/s
-    reader_call_us: list[float] | None = None    # per read_rows call, at each of direct.threads (None: default)
+    reader_call_us: list[float] | None = None    # FlashReader in a decode step, at each of direct.threads: per call,
+    reader_row_us: list[float] | None = None     # per random 4 KiB row,
+    reader_stream_mb_s: list[float] | None = None  # and a whole layer streamed (None: not measured)
     cache_step_us: float = DEFAULT_CACHE_STEP_US  # a sparse layer's NeuronCache step per token ...
     cache_step_row_us: float = 0.0               # ... plus this per wanted neuron
     description: str = ""
@@ -133,6 +135,14 @@ class DeviceProfile:
         if self.reader_call_us is None:
             return 1e-6 * DEFAULT_READER_CALL_US
         return 1e-6 * _interp(self.direct.threads, self.reader_call_us, threads)
+
+    def reader_row_s(self, threads: int) -> float | None:
+        """Seconds per random 4 KiB row in a read_rows call during a decode step (None: not measured)."""
+        return None if self.reader_row_us is None else 1e-6 * _interp(self.direct.threads, self.reader_row_us, threads)
+
+    def reader_stream_mb_s_at(self, threads: int) -> float | None:
+        """MB/s of a whole layer streamed by FlashReader during a decode step (None: not measured)."""
+        return None if self.reader_stream_mb_s is None else _interp(self.direct.threads, self.reader_stream_mb_s, threads)
 
     def dram_gb_s_at(self, threads: int) -> float:
         return _interp(self.dram_threads, self.dram_gb_s, threads)
@@ -260,12 +270,16 @@ def parse_profile(data: dict, path: str = "<profile>") -> DeviceProfile:
     seq_threads = fl.numbers("sequential_threads", integer=True, increasing=True)
     seq = fl.numbers("sequential_1m_mb_s", len(seq_threads), what="one per flash.sequential_threads")
     direct = FlashTable(read_bytes, threads, _flash_table(fl, "random_mb_s", read_bytes, threads), seq_threads, seq)
-    call_us = fl.data.get("reader_call_us")
-    if call_us is not None:
-        if (not isinstance(call_us, list) or len(call_us) != len(threads)
-                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0 for x in call_us)):
-            fl.fail("reader_call_us", f"expected {len(threads)} numbers >= 0 (one per flash.threads), got {call_us!r}")
-        call_us = [float(x) for x in call_us]
+    def per_thread(key: str, positive: bool = False):
+        v = fl.data.get(key)
+        if v is None:
+            return None
+        if (not isinstance(v, list) or len(v) != len(threads)
+                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0 or (positive and x == 0) for x in v)):
+            fl.fail(key, f"expected {len(threads)} numbers {'> 0' if positive else '>= 0'} (one per flash.threads), got {v!r}")
+        return [float(x) for x in v]
+    call_us, row_us = per_thread("reader_call_us"), per_thread("reader_row_us", positive=True)
+    stream_mb_s = per_thread("reader_stream_mb_s", positive=True)
     buffered = None
     if "buffered_random_mb_s" in fl.data:
         bseq = fl.numbers("buffered_sequential_1m_mb_s", len(seq_threads), what="one per flash.sequential_threads")
@@ -297,7 +311,7 @@ def parse_profile(data: dict, path: str = "<profile>") -> DeviceProfile:
         memory_limit_bytes=limit, page_size=dev.get("page_size", int, default=4096, positive=True),
         machine=dev.get("machine", str, default=""), direct=direct, buffered=buffered, dram_threads=dram_threads,
         dram_gb_s=dram, compute_threads=c_threads, compute_gweights_s=gweights, **step,
-        reader_call_us=call_us,
+        reader_call_us=call_us, reader_row_us=row_us, reader_stream_mb_s=stream_mb_s,
         description=dev.get("description", str, default=""), sources=list(sources), path=path, raw=data)
 
 

@@ -229,16 +229,62 @@ def reader_rows_point(path, file_size, seconds, rows_per_call, stride=16384, thr
     return s.useful_bytes / s.seconds / 1e6, s.bytes_read / s.seconds / 1e6, s.reads / s.seconds
 
 
-def reader_call_point(path, file_size, seconds, threads, stride=4096) -> float:
-    """Seconds of FlashReader.read_rows for one random row with `threads` workers: the raw read's
-    latency plus what every call pays to hand its batch to the workers and join them (median)."""
-    n_rows = file_size // stride
+class _Compute:
+    """A decode-like compute load on one thread while reads are measured: numba matvecs (which release
+    the GIL, as the decode kernels do) over weights larger than the cache, in a loop until stopped.
+    A decode step reads while it computes, and both share the cores, the memory bus and the GIL's
+    hand-offs; raw reads on an idle machine do not see that."""
+
+    def __init__(self):
+        from .kernels import matmul
+        self.w = np.ones((2048, 4096), np.uint16)
+        self.x = np.ones((1, 4096), np.float32)
+        self.out = np.empty((1, 2048), np.float32)
+        self.matmul = matmul
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self.stop.is_set():
+            self.matmul(self.x, self.w, self.out)
+
+    def __enter__(self):
+        self.matmul(self.x, self.w, self.out)       # compiled before the clock runs
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def reader_runtime_points(path, file_size, seconds, threads, stride=4096, layer_bytes=16 * MiB) -> dict:
+    """FlashReader as a decode step uses it, at `threads` workers, while a compute thread runs: a whole
+    layer of 4 KiB rows streamed (MB/s), and calls of k random rows fitted as t(k) = call + k x row
+    (k = 16 and 256: one call per sparse layer per token). Medians."""
+    layer_bytes = max(stride, min(layer_bytes, file_size // 2 // stride * stride))
+    n_rows = layer_bytes // stride
+    n_layers = file_size // layer_bytes
     rng = np.random.default_rng(2)
-    out = aligned_empty((1, stride), np.uint8)
-    dst = np.zeros(1, np.int64)
-    with FlashReader(path, layer_offsets=[0], stride_bytes=stride, n_rows=n_rows, mode="direct",
-                     threads=threads) as r:
-        return _timed(lambda: r.read_rows(0, rng.integers(0, n_rows, 1), out, dst), seconds)
+    out = aligned_empty((n_rows, stride), np.uint8)
+    out[:] = 0
+    every = np.arange(n_rows, dtype=np.int64)
+    with FlashReader(path, layer_offsets=[i * layer_bytes for i in range(n_layers)], stride_bytes=stride,
+                     n_rows=n_rows, mode="direct", threads=threads) as r, _Compute():
+        k = [0]
+
+        def stream():
+            r.read_rows(k[0] % n_layers, every, out, every)
+            k[0] += 1
+        mb_s = layer_bytes / _timed(stream, seconds) / 1e6
+        per_call = {}
+        for m in (16, min(256, n_rows)):
+            dst = np.arange(m, dtype=np.int64)
+            per_call[m] = _timed(lambda: r.read_rows(int(rng.integers(n_layers)), rng.choice(n_rows, m, replace=False),
+                                                     out, dst), seconds / 2)
+    (a, ta), (b, tb) = sorted(per_call.items())
+    row = max((tb - ta) / (b - a), 0.0) if b > a else ta / a
+    return {"stream_mb_s": mb_s, "call_s": max(0.0, ta - a * row), "row_s": row}
 
 
 def reader_layer_point(path, file_size, seconds, layer_bytes=256 * MiB, stride=16384, threads=4):
@@ -295,14 +341,13 @@ def probe_flash(path: str, s: ProbeSettings, on_point: Callable[[str, dict], Non
             _evict(fd)
         finally:
             os.close(fd)
-    # The per-call cost of the reader (what a sparse layer's read of its missed rows pays once per call)
-    # over the raw read's latency at one thread.
-    one = 4096 / (res["random"][4096, 1][0] * 1e6) if (4096, 1) in res["random"] else 0.0
-    res["call"] = {}
+    # The reader as decode steps use it (while computing): whole layers streamed, and calls of random rows.
+    res["runtime"] = {}
     for nt in s.threads:
-        call = reader_call_point(path, s.file_bytes, min(s.seconds, 0.5), nt)
-        res["call"][nt] = max(0.0, call - one)
-        on_point("reader", {"what": "call overhead", "threads": nt, "us": 1e6 * res["call"][nt]})
+        pt = reader_runtime_points(path, s.file_bytes, s.seconds, nt)
+        res["runtime"][nt] = pt
+        on_point("reader", {"what": "in a decode step", "threads": nt, "stream_mb_s": pt["stream_mb_s"],
+                            "call_us": 1e6 * pt["call_s"], "row_us": 1e6 * pt["row_s"]})
     if s.reader_checks:
         rows = {}
         for nt, k in ((4, 64), (4, 512), (16, 512)):
@@ -508,8 +553,11 @@ def _as_profile(facts, disk, s: ProbeSettings, flash, dram, compute, errors, che
           "sequential_1m_mb_s": [rnd(flash["sequential"][t]) for t in s.sequential_threads],
           "random_mb_s": {str(b): [rnd(flash["random"][b, t][0]) for t in s.threads] for b in s.read_bytes},
           "random_iops": {str(b): [float(round(flash["random"][b, t][1])) for t in s.threads] for b in s.read_bytes}}
-    if flash.get("call"):
-        fl["reader_call_us"] = [round(1e6 * flash["call"][t], 1) for t in s.threads]
+    if flash.get("runtime"):
+        rt = flash["runtime"]
+        fl["reader_stream_mb_s"] = [rnd(rt[t]["stream_mb_s"]) for t in s.threads]
+        fl["reader_call_us"] = [round(1e6 * rt[t]["call_s"], 1) for t in s.threads]
+        fl["reader_row_us"] = [round(1e6 * rt[t]["row_s"], 2) for t in s.threads]
     if flash["buffered_random"]:
         fl["buffered_sequential_1m_mb_s"] = [rnd(flash["buffered_sequential"][t]) for t in s.sequential_threads]
         fl["buffered_random_mb_s"] = {str(b): [rnd(flash["buffered_random"][b, t]) for t in s.threads]

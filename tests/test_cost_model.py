@@ -120,6 +120,29 @@ def test_measured_reader_calls_cache_steps_and_row_kernel():
     assert model().layer("resident").compute_s == pytest.approx(340e-6)
 
 
+def test_reads_measured_in_a_decode_step_replace_the_raw_figures():
+    """With the probe's reader figures (FlashReader while a compute thread runs), a sparse read is one
+    call + rows at the measured per-row time, and a streamed layer goes at the measured layer rate."""
+    import copy
+    data = copy.deepcopy(ROUND)
+    data["flash"].update(reader_call_us=[10.0, 50.0], reader_row_us=[100.0, 40.0], reader_stream_mb_s=[300.0, 500.0])
+    dev = parse_profile(data, "decode.toml")
+    m = CostModel(dev, SHAPE, compute_threads=2, io_threads=4)
+    # 50 rows with 4 in flight: 50 us + 50 x 40 us; the layer: 4.096 MB at 500 MB/s
+    assert m.rows_seconds(50) == pytest.approx(50e-6 + 50 * 40e-6)
+    assert m.layer_stream_s == pytest.approx(4.096e6 / 500e6)
+    # one row: one in flight, the 1-thread figures
+    assert m.rows_seconds(1) == pytest.approx(50e-6 + 100e-6)
+    # 8 KiB rows: 4 KiB's measured time x what the raw table says an 8 KiB read costs more (the
+    # table's time per read is linear in size between 4 KiB at 160 MB/s and 1 MiB at 800 MB/s)
+    big = CostModel(dev, ModelShape(2, 100, 1000, 500, 40_000, 300, 8192, "f16"), io_threads=4)
+    t4, t1m = 4096 / 160e6, 1048576 / 800e6
+    t8 = t4 + (t1m - t4) * (8192 - 4096) / (1048576 - 4096)
+    assert big.rows_seconds(50) == pytest.approx(50e-6 + 50 * 40e-6 * t8 / t4)
+    # buffered reads keep the raw buffered/direct table (the decode figures are direct reads)
+    assert CostModel(dev, SHAPE, io_threads=4, io="buffered").layer_stream_s == pytest.approx(4.096e-3)
+
+
 def test_pinned_rows_save_the_misses_of_the_neurons_they_hold():
     from flashlm.runtime.cost_model import pinned_miss_share
     # 10% of neurons selected per token, the hottest 5% carrying half of it: the hot group is selected

@@ -79,6 +79,7 @@ def _broken(edit):
     (lambda d: d["memory"].__setitem__("read_gb_s", [5.0]), "memory.read_gb_s"),
     (lambda d: d["compute"]["gweights_s"].__setitem__("ort-int4", [1.0, "x"]), "compute.gweights_s.ort-int4"),
     (lambda d: d["flash"].__setitem__("reader_call_us", [1.0]), "flash.reader_call_us"),
+    (lambda d: d["flash"].__setitem__("reader_row_us", [0.0, 1.0, 1.0, 1.0]), "flash.reader_row_us"),
     (lambda d: d["compute"].__setitem__("cache_step_us", -1.0), "compute.cache_step_us"),
 ])
 def test_bad_profile_is_one_line_naming_the_key(edit, key):
@@ -128,6 +129,7 @@ def test_probe_measures_and_writes_a_profile_that_loads(tmp_path):
     assert prof.compute_gweights_s["numba-bundle-f16"][0] > 0
     assert prof.cache_step_us >= 0 and prof.cache_step_row_us >= 0
     assert len(prof.reader_call_us) == 2 and prof.reader_call_s(1) >= 0
+    assert prof.reader_row_s(2) > 0 and prof.reader_stream_mb_s_at(1) > 0
     assert points.count("flash") == 2 * (2 * 2 + 1)
 
 
