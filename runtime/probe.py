@@ -261,7 +261,7 @@ class _Compute:
 def reader_runtime_points(path, file_size, seconds, threads, stride=4096, layer_bytes=16 * MiB) -> dict:
     """FlashReader as a decode step uses it, at `threads` workers, while a compute thread runs: a whole
     layer of 4 KiB rows streamed (MB/s), and calls of k random rows fitted as t(k) = call + k x row
-    (k = 16 and 256: one call per sparse layer per token). Medians."""
+    (k = 16, 64, 256, least squares: one call per sparse layer per token). Medians."""
     layer_bytes = max(stride, min(layer_bytes, file_size // 2 // stride * stride))
     n_rows = layer_bytes // stride
     n_layers = file_size // layer_bytes
@@ -277,14 +277,18 @@ def reader_runtime_points(path, file_size, seconds, threads, stride=4096, layer_
             r.read_rows(k[0] % n_layers, every, out, every)
             k[0] += 1
         mb_s = layer_bytes / _timed(stream, seconds) / 1e6
-        per_call = {}
-        for m in (16, min(256, n_rows)):
+        ks = sorted({min(k, n_rows) for k in (16, 64, 256)})
+        per_call = []
+        for m in ks:
             dst = np.arange(m, dtype=np.int64)
-            per_call[m] = _timed(lambda: r.read_rows(int(rng.integers(n_layers)), rng.choice(n_rows, m, replace=False),
-                                                     out, dst), seconds / 2)
-    (a, ta), (b, tb) = sorted(per_call.items())
-    row = max((tb - ta) / (b - a), 0.0) if b > a else ta / a
-    return {"stream_mb_s": mb_s, "call_s": max(0.0, ta - a * row), "row_s": row}
+            per_call.append(_timed(lambda: r.read_rows(int(rng.integers(n_layers)), rng.choice(n_rows, m, replace=False),
+                                                       out, dst), seconds / len(ks)))
+    if len(ks) > 1:                      # least squares t = call + k row
+        row, call = np.polyfit(np.asarray(ks, float), np.asarray(per_call), 1)
+    else:
+        row, call = per_call[0] / ks[0], 0.0
+    row = max(float(row), 1e-7)
+    return {"stream_mb_s": mb_s, "call_s": max(0.0, float(call)), "row_s": row}
 
 
 def reader_layer_point(path, file_size, seconds, layer_bytes=256 * MiB, stride=16384, threads=4):
