@@ -36,6 +36,7 @@ runtime's measured accounting uses, so a prediction and a measurement compare fi
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -63,10 +64,16 @@ class ModelShape:
     stride_bytes: int            # bytes of one bundle row on flash (padded)
     storage: str                 # storage type name of bundles and dense weights ("f16", "f32", ...)
     bytes_per_weight: float = 2.0
+    whole_row_bytes: int | None = None   # a row of a layer read whole (the packed copy has no padding); None: stride
 
     @property
     def layer_bytes(self) -> int:
         return self.n_ff * self.stride_bytes
+
+    @property
+    def stream_bytes(self) -> int:
+        """Bytes of one layer read whole (memory.whole_layer_bytes: the packed copy when there is one)."""
+        return self.n_ff * (self.whole_row_bytes or self.stride_bytes)
 
     @property
     def row_read_bytes(self) -> int:
@@ -76,11 +83,13 @@ class ModelShape:
 
     @classmethod
     def from_folder(cls, folder) -> "ModelShape":
+        from .memory import whole_layer_bytes
         c, b = folder.config, folder.bundles
         q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         return cls(c.n_layers, c.d_model, c.n_ff, c.vocab_size, attn_weights=2 * c.d_model * q + 2 * c.d_model * kv,
                    bundle_elems=c.bundle_elems, stride_bytes=b.stride_bytes, storage=b.storage.name,
-                   bytes_per_weight=b.storage.block_bytes / b.storage.block_elems)
+                   bytes_per_weight=b.storage.block_bytes / b.storage.block_elems,
+                   whole_row_bytes=whole_layer_bytes(folder)[0])
 
 
 @dataclass(frozen=True)
@@ -194,7 +203,7 @@ class CostModel:
     """One device's speeds priced for one model's shape, at given reader and compute thread counts."""
 
     def __init__(self, profile: DeviceProfile, shape: ModelShape, *, compute_threads: int | None = None,
-                 io_threads: int = 4, io: str = "direct", engine: str = "numba",
+                 io_threads: int = 4, io: str = "direct", engine: str = "numba", pipeline: bool = True,
                  layer_overhead_s: float = LAYER_OVERHEAD_S, token_overhead_s: float = TOKEN_OVERHEAD_S,
                  sparse_bookkeeping_s: float | None = None):
         self.profile, self.shape = profile, shape
@@ -202,6 +211,7 @@ class CostModel:
         self.io_threads = io_threads
         self.io = io
         self.engine = engine
+        self.pipeline = pipeline
         self.reader_call_s = profile.reader_call_s(io_threads)
         self.layer_overhead_s = layer_overhead_s
         self.token_overhead_s = token_overhead_s
@@ -212,7 +222,7 @@ class CostModel:
         # The figures the per-token decisions use, computed once (the sparse path asks every token).
         # one more row at full concurrency (the reader call's fixed cost is paid once per call, not per row)
         self.row_read_s = (self.rows_seconds(2 * io_threads) - self.rows_seconds(io_threads)) / io_threads
-        self.layer_stream_s = self.stream_s(shape.layer_bytes)
+        self.layer_stream_s = self.stream_s(shape.stream_bytes)
         self._stream_above = next((n for n in range(1, io_threads) if self.rows_seconds(n) > self.layer_stream_s),
                                   (self.layer_stream_s - self.reader_call_s) / self.row_read_s)
 
@@ -222,7 +232,8 @@ class CostModel:
         """The cost model of one run: rt's device profile (or the built-in defaults), reader threads and
         I/O mode, for the folder's model."""
         return cls(profile or load_device(rt.profile), ModelShape.from_folder(folder),
-                   compute_threads=compute_threads or rt.threads, io_threads=rt.io_threads, io=rt.io, **overheads)
+                   compute_threads=compute_threads or rt.threads, io_threads=rt.io_threads, io=rt.io,
+                   pipeline=rt.pipeline, **overheads)
 
     @property
     def source(self) -> str:
@@ -298,7 +309,7 @@ class CostModel:
             return LayerCost(Placement.RESIDENT.value, s.n_ff, 0.0, 0.0, 0.0, 0.0, 0.0, whole_s)
         if kind == Placement.STREAM:          # double-buffered: the read overlaps the previous compute
             io_s = self.layer_stream_s
-            return LayerCost(Placement.STREAM.value, s.n_ff, s.n_ff, s.layer_bytes, io_s, max(0.0, io_s - whole_s),
+            return LayerCost(Placement.STREAM.value, s.n_ff, s.n_ff, s.stream_bytes, io_s, max(0.0, io_s - whole_s),
                              0.0, whole_s)
         if kind == Placement.MAPPED:          # page faults through the page cache, serial with compute
             buffered = self.profile.buffered or self._table
@@ -316,9 +327,26 @@ class CostModel:
                          max(0.0, io_s - held_s), mm_s, attn_s + pred_s + held_s + new_s)
 
     def token(self, layers: list[LayerCost], peak_bytes: int | None = None, notes: list[str] | None = None) -> TokenCost:
+        """A decode token of these layers. Streamed layers, with the pipeline, come through a ring the
+        reader threads keep filling across layers and tokens (runtime/layer_stream.py): their reads
+        overlap the whole token's compute, not only the previous layer's, so the compute thread waits
+        for what the streamed bytes take beyond everything else the token does (max(stream, rest)),
+        shared among the streamed layers by their bytes. Without the pipeline each waits for its read."""
         s = self.shape
         head_s = self.matvec_s(s.vocab * s.d_model, s.storage, s.bytes_per_weight)
         overhead = self.token_overhead_s + self.layer_overhead_s * s.n_layers
+        streamed = [l for l in layers if l.kind == Placement.STREAM.value]
+        if streamed:
+            read = sum(l.io_busy_s for l in streamed)
+            if self.pipeline:
+                rest = sum(l.total_s for l in layers if l.kind != Placement.STREAM.value) + head_s + overhead \
+                    + sum(l.compute_s for l in streamed)
+                wait = max(0.0, read - rest)
+                layers = [dataclasses.replace(l, io_wait_s=wait * l.io_busy_s / read) if l.kind == Placement.STREAM.value
+                          and read > 0 else l for l in layers]
+            else:
+                layers = [dataclasses.replace(l, io_wait_s=l.io_busy_s) if l.kind == Placement.STREAM.value else l
+                          for l in layers]
         return TokenCost(layers, head_s, overhead, peak_bytes, list(notes or []))
 
     def plan_cost(self, plan: MemoryPlan, calibration: Calibration | None = None, pin: float = 0.0,

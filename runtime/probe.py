@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from .flash_reader import FlashReader, aligned_empty
+from .layer_stream import CHUNK_BYTES
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -259,24 +260,25 @@ class _Compute:
 
 
 def reader_runtime_points(path, file_size, seconds, threads, stride=4096, layer_bytes=16 * MiB) -> dict:
-    """FlashReader as a decode step uses it, at `threads` workers, while a compute thread runs: a whole
-    layer of 4 KiB rows streamed (MB/s), and calls of k random rows fitted as t(k) = call + k x row
+    """The reads of a decode step, at `threads` reader threads, while a compute thread runs: whole layers
+    as the ring streamer reads them (runtime/layer_stream.py: each thread loops over ~1.5 MiB reads),
+    in MB/s, and FlashReader.read_rows calls of k random rows fitted as t(k) = call + k x row
     (k = 16, 64, 256, least squares: one call per sparse layer per token). Medians."""
     layer_bytes = max(stride, min(layer_bytes, file_size // 2 // stride * stride))
     n_rows = layer_bytes // stride
     n_layers = file_size // layer_bytes
     rng = np.random.default_rng(2)
     out = aligned_empty((n_rows, stride), np.uint8)
-    out[:] = 0
-    every = np.arange(n_rows, dtype=np.int64)
     with FlashReader(path, layer_offsets=[i * layer_bytes for i in range(n_layers)], stride_bytes=stride,
                      n_rows=n_rows, mode="direct", threads=threads) as r, _Compute():
-        k = [0]
-
-        def stream():
-            r.read_rows(k[0] % n_layers, every, out, every)
-            k[0] += 1
-        mb_s = layer_bytes / _timed(stream, seconds) / 1e6
+        # whole layers: the ring streamer's `threads` readers each loop over ~1.5 MiB reads
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            chunk = max(4096, min(CHUNK_BYTES, file_size // threads // 4096 * 4096))
+            el, nbytes, _ = sequential_point(fd, file_size, threads, seconds, bs=chunk)
+        finally:
+            os.close(fd)
+        mb_s = nbytes / el / 1e6
         ks = sorted({min(k, n_rows) for k in (16, 64, 256)})
         per_call = []
         for m in ks:
