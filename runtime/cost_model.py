@@ -81,6 +81,18 @@ class ModelShape:
         cache whole pages), so a row smaller than a block costs a block (rows never straddle one)."""
         return max(self.stride_bytes, ROW_READ_UNIT)
 
+    def row_reads(self, n_rows: float) -> float:
+        """Reads (of row_read_bytes) that n_rows scattered rows of one layer take: one each for rows of a
+        block or more; smaller rows share blocks (4096 // stride rows each), so n random rows touch
+        blocks x (1 - (1 - n / n_ff) ** rows_per_block) blocks, and a block read once serves all its rows."""
+        if n_rows <= 0:
+            return 0.0
+        if self.stride_bytes >= ROW_READ_UNIT:
+            return n_rows
+        per_block = ROW_READ_UNIT // self.stride_bytes
+        density = min(1.0, n_rows / self.n_ff)
+        return self.n_ff / per_block * (1.0 - (1.0 - density) ** per_block)
+
     @classmethod
     def from_folder(cls, folder) -> "ModelShape":
         from .memory import whole_layer_bytes
@@ -223,8 +235,7 @@ class CostModel:
         # one more row at full concurrency (the reader call's fixed cost is paid once per call, not per row)
         self.row_read_s = (self.rows_seconds(2 * io_threads) - self.rows_seconds(io_threads)) / io_threads
         self.layer_stream_s = self.stream_s(shape.stream_bytes)
-        self._stream_above = next((n for n in range(1, io_threads) if self.rows_seconds(n) > self.layer_stream_s),
-                                  (self.layer_stream_s - self.reader_call_s) / self.row_read_s)
+        self._stream_above = self._first_rows_slower_than(self.layer_stream_s) - 1
 
     @classmethod
     def for_run(cls, folder, rt, *, compute_threads: int | None = None, profile: DeviceProfile | None = None,
@@ -253,19 +264,33 @@ class CostModel:
         steady decode token checks next to nothing.)"""
         if n_rows <= 0:
             return 0.0
-        in_flight = max(1.0, min(float(self.io_threads), n_rows))
-        row_s = self.profile.reader_row_s(in_flight) if self.io == "direct" else None
+        if self.io != "direct":    # the page cache: rows at their stride (pages read ahead serve neighbours)
+            return self.reader_call_s + self.random_read_s(n_rows, self.shape.stride_bytes)
+        reads = self.shape.row_reads(n_rows)
+        in_flight = max(1.0, min(float(self.io_threads), reads))
+        row_s = self.profile.reader_row_s(in_flight)
         if row_s is None:          # not measured in a decode step: the raw reads' figures
-            return self.reader_call_s + self.random_read_s(n_rows, self.shape.row_read_bytes)
+            return self.reader_call_s + self.random_read_s(reads, self.shape.row_read_bytes)
         # measured for 4 KiB rows; a bigger row costs what the raw table says one such read costs more
         size = self.shape.row_read_bytes
         scale = (size / self._table.random_at(size, in_flight)) / (ROW_READ_UNIT / self._table.random_at(ROW_READ_UNIT, in_flight))
-        return self.reader_call_s + n_rows * row_s * scale
+        return self.reader_call_s + reads * row_s * scale
+
+    def _first_rows_slower_than(self, seconds: float) -> int:
+        """The fewest rows whose scattered read takes longer than `seconds` (n_ff + 1: none do).
+        rows_seconds grows with the rows, so a bisection finds it."""
+        lo, hi = 1, self.shape.n_ff + 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.rows_seconds(mid) > seconds:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     def stream_is_cheaper(self, n_missing: int) -> bool:
         """Stream the layer whole rather than read n_missing rows one by one?"""
-        return n_missing > self._stream_above if n_missing >= self.io_threads else \
-            self.rows_seconds(n_missing) > self.layer_stream_s
+        return n_missing > self._stream_above
 
     def missed_rows(self, layer_stats: dict, window: int, pin_rows: int = 0) -> float:
         """Rows a sparse layer reads per token, from its calibrated window statistics (the planner's and
@@ -323,7 +348,8 @@ class CostModel:
         io_s = self.rows_seconds(miss_rows)
         mm_s = (self.sparse_bookkeeping_s + self.step_row_s * wanted_rows
                 + self.dram_copy_s(miss_rows * s.stride_bytes))
-        return LayerCost(Placement.SPARSE.value, held_rows, miss_rows, miss_rows * s.row_read_bytes, io_s,
+        nbytes = s.row_reads(miss_rows) * s.row_read_bytes if self.io == "direct" else miss_rows * s.stride_bytes
+        return LayerCost(Placement.SPARSE.value, held_rows, miss_rows, nbytes, io_s,
                          max(0.0, io_s - held_s), mm_s, attn_s + pred_s + held_s + new_s)
 
     def token(self, layers: list[LayerCost], peak_bytes: int | None = None, notes: list[str] | None = None) -> TokenCost:

@@ -123,10 +123,14 @@ def test_measured_reader_calls_cache_steps_and_row_kernel():
     assert m.rows_seconds(158) < m.layer_stream_s < m.rows_seconds(159)
     # one reader thread: the 1-thread call cost
     assert CostModel(dev, SHAPE, io_threads=1).rows_seconds(1) == pytest.approx(10e-6 + 4096 / 40e6)
-    # rows of 2 KiB still cost a 4 KiB block each (direct reads are whole blocks)
+    # rows of 2 KiB cost a 4 KiB block each (direct reads are whole blocks), two rows to a block: 3
+    # random rows of 1000 touch 500 x (1 - (1 - 3/1000)^2) = 2.9955 blocks (two may share one)
     half = CostModel(dev, ModelShape(2, 100, 1000, 500, 40_000, 300, 2048, "f16"), io_threads=1)
-    assert half.rows_seconds(1) == pytest.approx(10e-6 + 4096 / 40e6)
-    assert half.layer("sparse", held_rows=10, miss_rows=3).bytes_read == 3 * 4096
+    blocks = 500 * (1 - (1 - 3 / 1000) ** 2)
+    assert half.rows_seconds(3) == pytest.approx(10e-6 + blocks * 4096 / 40e6)
+    assert half.layer("sparse", held_rows=10, miss_rows=3).bytes_read == pytest.approx(blocks * 4096)
+    # every row of the layer: every block once
+    assert half.shape.row_reads(1000) == pytest.approx(500)
     # no figure for the row kernel: the matmul's
     assert model().layer("resident").compute_s == pytest.approx(340e-6)
 
