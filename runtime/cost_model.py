@@ -394,6 +394,12 @@ class CostModel:
             held = min(capacity, n_pin + w.get("mean_held", 1.0) * s.n_ff)
             miss = self.missed_rows(stats[i], plan.window, n_pin)
             wanted = stats[i].get("predicted_fraction", 1.0) * s.n_ff
+            # a cache smaller than its window's union (the planner shrinks caches to fit a budget) keeps
+            # only that share of the rows the window would have held: the rest are read again, as misses
+            # or as overflow streamed through the sparse buffers
+            union = w.get("mean_held", 1.0) * s.n_ff
+            keep = min(1.0, max(0.0, capacity - n_pin) / union) if union > 0 else 1.0
+            miss = wanted - (wanted - miss) * keep
             out.append(self.layer(Placement.SPARSE, held_rows=held, miss_rows=miss, predictor_weights=weights[i],
                                   wanted_rows=wanted))
         return self.token(out, plan.total + RUNTIME_OVERHEAD, notes)

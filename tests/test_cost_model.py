@@ -227,3 +227,25 @@ def test_the_builder_shares_one_cost_model_with_the_planner_and_the_sparse_path(
         assert cost.peak_bytes > model.plan.total
     finally:
         model.close()
+
+
+def test_a_cache_smaller_than_its_window_reads_the_rest_again():
+    """The planner shrinks sparse caches to fit a budget; a cache holding a tenth of its window's union
+    keeps a tenth of the rows the window would have kept, and reads the rest every token."""
+    from types import SimpleNamespace
+
+    from flashlm.runtime.predictor import Calibration
+    stats = {"predicted_fraction": 0.5, "windows": {"2": {"mean_held": 0.8, "miss_fraction": 0.2}}}
+    cal = Calibration([0, 0], {"layers": [stats, stats]})
+    m = model()
+
+    def plan(cache_rows):
+        layer = SimpleNamespace(placement=Placement.SPARSE, cache_rows=cache_rows)
+        return SimpleNamespace(layers=[layer, layer], window=2, total=0)
+    # 1000 neurons: 500 wanted, 100 missed by the window; its union holds 800 rows
+    full = m.plan_cost(plan(1000), cal)
+    assert [l.rows_read for l in full.layers] == pytest.approx([100.0, 100.0])
+    # 80 rows of cache: a tenth of the union, so 10% of the 400 the window keeps stay: 500 - 40 read
+    small = m.plan_cost(plan(80), cal)
+    assert [l.rows_read for l in small.layers] == pytest.approx([460.0, 460.0])
+    assert small.io_busy_s > full.io_busy_s
