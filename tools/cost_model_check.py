@@ -201,10 +201,17 @@ def main(argv=None) -> int:
         print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         results = []
         for cand in chosen:
-            got = measure(path, cand.rt, a.tokens, text_for(c))
+            try:
+                got = measure(path, cand.rt, a.tokens, text_for(c))
+            except RuntimeError as e:
+                print(f"| {ranked.index(cand) + 1} | {cand.describe()} | {cand.ms:.2f} | failed: {e} | |", flush=True)
+                continue
             results.append((cand, got["ms"]))
             print(f"| {ranked.index(cand) + 1} | {cand.describe()} | {cand.ms:.2f} | {got['ms']:.2f} | {terms(cand, got)} |",
                   flush=True)
+        if not results or results[0][0] is not chosen[0]:
+            print("\ntune's pick could not be measured")
+            return 1
         best = min(results, key=lambda r: r[1])
         pick = results[0]
         print(f"\ntune's pick measured {pick[1]:.2f} ms/token; best measured {best[1]:.2f} ms/token "
