@@ -133,8 +133,11 @@ def test_probe_measures_and_writes_a_profile_that_loads(tmp_path):
     assert points.count("flash") == 2 * (2 * 2 + 1)
 
 
-def test_cli_list_and_show():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "flashlm", "probe", *a], capture_output=True, text=True)  # noqa: E731
+def test_cli_list_and_show(tmp_path):
+    # cwd elsewhere: from a non-editable install's checkout (the aarch64 root), `-m flashlm` would find the
+    # checkout's flashlm/ folder instead of the installed package
+    run = lambda *a: subprocess.run([sys.executable, "-m", "flashlm", "probe", *a], capture_output=True,  # noqa: E731
+                                    text=True, cwd=tmp_path)
     r = run("--list")
     assert r.returncode == 0 and "rpi5-8gb-nvme" in r.stdout and "phone-ufs4" in r.stdout
     r = run("--show", "jetson-orin-nano-8gb")

@@ -110,10 +110,12 @@ def unmount_all(r: Runner, mounted: list[Path]) -> None:
 def step_install(r: Runner, args) -> None:
     root = args.root
     dest = root / "opt/flashlm"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
-                           capture_output=True, text=True).stdout.split()
-    print(f"+ copy {len(files)} files of {REPO} -> {dest}", flush=True)
-    if not r.dry_run:
+    if r.dry_run:                        # (listing needs git, which a checkout without it - the root - lacks)
+        print(f"+ copy the files git ls-files lists in {REPO} -> {dest}", flush=True)
+    else:
+        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                               capture_output=True, text=True).stdout.split()
+        print(f"+ copy {len(files)} files of {REPO} -> {dest}", flush=True)
         if dest.exists():
             shutil.rmtree(dest)
         for f in files:
