@@ -396,6 +396,20 @@ def rope_kv_attention(qkv, n_heads, cos, sin, k_cache, v_cache, pos0, scale, win
 
 
 # --- decode-time neuron selection (predictors): write into preallocated buffers, allocate nothing ---
+@njit(cache=True, nogil=True)
+def neg_log_softmax_at(logits, target):
+    """-log softmax(logits)[target] for one row, summed in f64 without temporaries (a [T, vocab] f64
+    copy of Qwen2.5's logits was 78 MB per 64 tokens: more than a memory limit leaves)."""
+    top = logits[0]
+    for i in range(1, len(logits)):
+        if logits[i] > top:
+            top = logits[i]
+    total = 0.0
+    for i in range(len(logits)):
+        total += math.exp(float(logits[i]) - float(top))
+    return math.log(total) + float(top) - float(logits[target])
+
+
 @njit(**JIT)
 def contribution(gate, up, down_norm, act, out):
     """out[j] = |act(gate[j]) * up[j]| * down_norm[j] (down_norm empty: 1): a gated neuron's estimated

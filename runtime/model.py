@@ -232,12 +232,8 @@ class Model:
         if given (decoding passes the run state's logits row: nothing is allocated per token).
         """
         c = self.config
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        tokens = self._check_tokens(tokens)
         T = len(tokens)
-        if T == 0:
-            raise ValueError("forward() needs at least one token")
-        if self.pos + T > self.ctx_len:
-            raise ContextFull(f"context full: {self.pos} + {T} tokens exceed the context length {self.ctx_len} (--ctx)")
         t0 = time.perf_counter()
         if out is None:
             out = np.empty((T if all_logits else 1, c.vocab_size), np.float32)
@@ -251,6 +247,40 @@ class Model:
         self.forward_s += time.perf_counter() - t0
         self.forward_tokens += T
         return out
+
+    def forward_nll(self, tokens, targets) -> float:
+        """Like forward(tokens), but returns sum_j -log p(targets[j] | everything up to tokens[j]).
+
+        What perplexity needs, without a [T, vocab] logits array: the layers run over whole chunks (a
+        streamed layer is read once per chunk), then the head one row at a time into the run state's
+        logits row, so scoring holds no more memory than the plan counts for decoding."""
+        tokens = self._check_tokens(tokens)
+        targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+        if len(targets) != len(tokens):
+            raise ValueError(f"{len(tokens)} tokens but {len(targets)} targets")
+        if targets.min() < 0 or targets.max() >= self.config.vocab_size:
+            raise ValueError(f"targets must be token ids below {self.config.vocab_size}")
+        t0 = time.perf_counter()
+        row = self.state.logits
+        nll = 0.0
+        chunk = self.state.chunk
+        for s in range(0, len(tokens), chunk):
+            x = self._layers(tokens[s:s + chunk])
+            for j in range(len(x)):
+                self._head(x[j:j + 1], row)
+                nll += K.neg_log_softmax_at(row[0], targets[s + j])
+        self.forward_s += time.perf_counter() - t0
+        self.forward_tokens += len(tokens)
+        return nll
+
+    def _check_tokens(self, tokens) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if len(tokens) == 0:
+            raise ValueError("forward() needs at least one token")
+        if self.pos + len(tokens) > self.ctx_len:
+            raise ContextFull(f"context full: {self.pos} + {len(tokens)} tokens exceed the context length "
+                              f"{self.ctx_len} (--ctx)")
+        return tokens
 
     def _head(self, x: np.ndarray, out: np.ndarray) -> None:
         if self.ort is not None:

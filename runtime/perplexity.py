@@ -4,16 +4,9 @@ from __future__ import annotations
 import math
 import sys
 
-import numpy as np
 from tqdm import tqdm
 
 from .model import Model
-
-
-def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    return z[np.arange(len(targets)), targets] - np.log(np.exp(z).sum(axis=-1))
 
 
 def perplexity(model: Model, ids: list[int], *, chunk: int, progress: bool = True) -> dict:
@@ -31,9 +24,7 @@ def perplexity(model: Model, ids: list[int], *, chunk: int, progress: bool = Tru
             model.reset()
             for s in range(0, len(seq) - 1, chunk):
                 part = seq[s:min(s + chunk, len(seq) - 1)]
-                logits = model.forward(part, all_logits=True)
-                lp = _log_softmax_at(logits, np.asarray(seq[s + 1:s + 1 + len(part)]))
-                nll -= lp.sum()
+                nll += model.forward_nll(part, seq[s + 1:s + 1 + len(part)])
                 count += len(part)
                 bar.update(len(part))
     return {"perplexity": math.exp(nll / count), "tokens": count, "nll": nll / count}
