@@ -77,7 +77,10 @@ def test_bench_json_rows(llama):
     assert dense_tg["bytes_per_token"] == 0 and dense_tg["io"] is None
     # naive reads every FFN layer whole for every decode token, nothing else
     from flashlm.runtime.memory import whole_layer_bytes
-    assert naive_tg["bytes_per_token"] == f.config.n_layers * whole_layer_bytes(f)[1] and naive_tg["io"] == "buffered"
+    # (the reader ring reads ahead across tokens, at most one token's layers on this 2-layer model, so
+    # the 3 timed tokens' window holds their bytes give or take one token's worth)
+    per_token = f.config.n_layers * whole_layer_bytes(f)[1]
+    assert abs(naive_tg["bytes_per_token"] - per_token) <= per_token / 3 and naive_tg["io"] == "buffered"
     assert naive_tg["reads_per_token"] >= f.config.n_layers
     assert naive_tg["predicted_ms"] > 0 and dense_tg["predicted_ms"] > 0     # the run's cost model on its plan
     # the critical path: the compute thread's time splits into I/O wait + memory management + compute;

@@ -85,9 +85,13 @@ def test_prefill_logits_close_to_transformers(ours, hf):
     got = model.forward(ids, all_logits=True)
     with torch.no_grad():
         ref = hf[0](torch.tensor([ids])).logits[0].numpy()
-    # int8 activations: measured max |diff| ~0.3 on logits spanning ~30; argmax agrees per position.
+    # int8 activations: measured max |diff| 0.46-0.93 per position on logits spanning ~30. The argmax
+    # agrees wherever transformers' top two are not a near-tie; measured flips only at gaps of 0.024 and
+    # 0.002 (positions 2 and 4 of this prompt since the q4_1 correction by ReduceSum, 9117c7c).
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    top2 = np.sort(ref, -1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.1
+    assert clear.sum() >= 10 and (got.argmax(-1) == ref.argmax(-1))[clear].all()
 
 
 def test_f32_activations_match_transformers_closely(folder, hf, ours):
