@@ -232,9 +232,7 @@ def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, act, in_off, gate_off, 
     C = partial.shape[0]
     for c in prange(C):
         acc = partial[c]                          # this chunk's own buffer: nothing allocated per call
-        for t in range(T):
-            for j in range(d):
-                acc[t, j] = 0.0
+        acc[:T] = 0.0                       # the run state sizes partial for a prompt chunk
         for r in range(c * n_rows // C, (c + 1) * n_rows // C):
             w_in = rows[r, in_off:in_off + d]
             w_gate = rows[r, gate_off:gate_off + d]
@@ -251,12 +249,7 @@ def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, act, in_off, gate_off, 
                     if a == 0.0:
                         continue                  # ReLU sparsity: an inactive neuron adds nothing
                 _axpy(a, w_down, acc[t], d)
-    for t in range(T):
-        for j in range(d):
-            s = np.float32(0.0)
-            for c in range(C):
-                s += partial[c, t, j]
-            out[t, j] = s
+    _sum_partials(partial, T, d, out)
 
 
 @njit(parallel=True, **JIT)
@@ -268,9 +261,7 @@ def ffn_bundles_pregate(h, rows, n_rows, neuron_of_row, gate_pre, up_pre, act, i
     C = partial.shape[0]
     for c in prange(C):
         acc = partial[c]
-        for t in range(T):
-            for j in range(d):
-                acc[t, j] = 0.0
+        acc[:T] = 0.0                       # the run state sizes partial for a prompt chunk
         for r in range(c * n_rows // C, (c + 1) * n_rows // C):
             w_in = rows[r, in_off:in_off + d]
             w_down = rows[r, down_off:down_off + d]
@@ -279,6 +270,14 @@ def ffn_bundles_pregate(h, rows, n_rows, neuron_of_row, gate_pre, up_pre, act, i
                 u = up_pre[t, n] if up_pre.shape[0] else _dot(w_in, h[t], d)
                 a = _gate(gate_pre[t, n], act) * u
                 _axpy(a, w_down, acc[t], d)
+    _sum_partials(partial, T, d, out)
+
+
+@njit(**JIT)
+def _sum_partials(partial, T, d, out):
+    """out[t, j] = sum over threads c of partial[c, t, j], t < T, j < d: the FFN kernels' per-thread
+    accumulators (partial may hold more rows, sized for a prompt chunk)."""
+    C = partial.shape[0]
     for t in range(T):
         for j in range(d):
             s = np.float32(0.0)
