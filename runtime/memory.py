@@ -264,13 +264,24 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
     c, rt, costs, b = x.config, x.rt, x.costs, x.folder.bundles
     if x.calibration is None:
         raise BudgetError(f"{x.folder.path}: flash mode needs predictors; run `flashlm calibrate {x.folder.path}`")
-    stride, layer_bytes = b.stride_bytes, b.layer_bytes
+    # Sparse layers hold bundle rows at their aligned stride; layers used whole (resident, streamed) come
+    # from the packed copy where the folder has one (builder.build_ffn), so they are counted packed.
+    stride, sparse_layer_bytes = b.stride_bytes, b.layer_bytes
+    _, layer_bytes = whole_layer_bytes(x.folder)
     pred = x.calibration.predictor_bytes
     stats = x.calibration.report.get("layers") or [{} for _ in range(c.n_layers)]
     n_pin = int(rt.pin * c.n_ff)
     # Two buffers of >= 64 rows for the sparse layers' overflow and fallback streams; more than two
     # layers' worth of rows would never fill.
-    sparse_scratch = min(max(SCRATCH_BYTES, 128 * stride), 2 * layer_bytes)
+    sparse_scratch = min(max(SCRATCH_BYTES, 128 * stride), 2 * sparse_layer_bytes)
+    # The streamed layers' ring, as naive sizes it: two whole layers, or where the budget is short of that
+    # the largest fraction 1/2 .. 1/16 that fits (the planner tries each).
+    ring_rows, rows = [], c.n_ff
+    while True:
+        ring_rows.append(rows)
+        if rows <= -(-c.n_ff // MIN_STREAM_FRACTION):
+            break
+        rows = -(-rows // 2)
     room = None if plan.budget is None else plan.budget - plan.total
     if room is not None and room < 0:
         raise BudgetError(f"budget {_mib(plan.budget)} is too small for flash mode: the fixed parts need "
@@ -281,13 +292,14 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
     def sparse_option(i: int, k: int):
         w = stats[i].get("windows", {}).get(str(k))
         if w is None:       # no calibration figures for this window: assume it needs the whole layer
-            return pred[i] + layer_bytes, 0.0
+            return pred[i] + sparse_layer_bytes, 0.0
         need = min(c.n_ff, n_pin + w["max_held"])
         return pred[i] + need * stride, costs.rows_seconds(costs.missed_rows(stats[i], k, n_pin))
 
     best = None
     for k in windows:
-        for buffers in (0, 2 * layer_bytes):
+        for stream_rows in [0] + ring_rows:
+            buffers = stream_ring_bytes(x.folder, stream_rows) if stream_rows else 0
             for scratch in (0, sparse_scratch):
                 # Streamed layers are read whole into two layer buffers (the next is read while this one
                 # computes), sparse layers need their streaming buffers: a plan pays only for what it uses.
@@ -300,14 +312,15 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
                 if ("stream" in kinds) != bool(buffers) or ("sparse" in kinds) != bool(scratch):
                     continue
                 if best is None or cost < best[2] - 1e-9:
-                    best = (kinds, mem, cost, k, buffers, scratch)
+                    best = (kinds, mem, cost, k, buffers, scratch, stream_rows)
     if best is None:
         raise BudgetError(f"budget {_mib(plan.budget)} is too small for flash mode: after the fixed parts "
-                          f"({_mib(plan.total)}) it cannot hold two FFN layer buffers ({_mib(2 * layer_bytes)}) "
+                          f"({_mib(plan.total)}) it cannot hold the streaming buffers "
+                          f"({_mib(stream_ring_bytes(x.folder, ring_rows[-1]))}) "
                           f"nor every layer's predictor and cache; raise --budget or lower --ctx")
-    kinds, _, cost, window, buffers, scratch = best
+    kinds, _, cost, window, buffers, scratch, stream_rows = best
     plan.scratch += buffers + scratch
-    plan.stream_buffer_rows = c.n_ff if buffers else 0
+    plan.stream_buffer_rows = stream_rows
     plan.sparse_buffer_rows = scratch // 2 // stride
     plan.window, plan.pin_rows = window, n_pin
     caps = [min(c.n_ff, n_pin + stats[i].get("windows", {}).get(str(window), {}).get("max_held", c.n_ff))

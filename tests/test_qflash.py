@@ -107,3 +107,30 @@ def test_swiglu_quantized_bundles_equal_transformers_on_the_quantized_values(tmp
     # |diff| 0.11 (q8_0), 1.45 (q4_1), 1.59 (q4_0); the bound only catches a broken quantizer.
     hf = tm.reference_logits(src, IDS)
     assert np.abs(ref - hf).max() < {"q8_0": 0.2, "q4_1": 2.5, "q4_0": 2.5}[bundle_dtype]
+
+
+def test_flash_plan_counts_whole_layers_packed_and_fits_where_naive_does(opt_q4):
+    """Layers flash keeps resident or streams come from the packed copy (no padding), so the planner
+    counts them packed: a budget that holds every layer packed (but not padded) keeps them all resident,
+    and a budget that naive fits is never refused by flash (it can always stream every layer)."""
+    from flashlm.runtime.cost_model import CostModel
+    from flashlm.runtime.memory import plan_memory, stream_ring_bytes, whole_layer_bytes
+    from flashlm.runtime.predictor import read_calibration
+    folder = open_folder(opt_q4)
+    assert folder.packed is not None and folder.packed.row_bytes < folder.bundles.stride_bytes
+    c, packed_layer = folder.config, whole_layer_bytes(folder)[1]
+    cal = read_calibration(folder)
+
+    def plan(mode, budget):
+        rt = RuntimeConfig(mode=mode, budget=str(budget), ctx_len=64)
+        return plan_memory(folder, rt, activations=0, calibration=cal, costs=CostModel.for_run(folder, rt))
+
+    fixed = plan("naive", 10 ** 9).total - plan("naive", 10 ** 9).scratch
+    every_packed = fixed + c.n_layers * packed_layer
+    assert every_packed < fixed + c.n_layers * folder.bundles.layer_bytes
+    p = plan("flash", every_packed)
+    assert [lp.placement.value for lp in p.layers] == ["resident"] * c.n_layers
+    assert p.ffn_resident == c.n_layers * packed_layer and p.total <= every_packed
+    tight = plan("naive", fixed + stream_ring_bytes(folder, -(-c.n_ff // 16))).total   # naive's smallest ring
+    q = plan("flash", tight)
+    assert q.total <= tight and "stream" in [lp.placement.value for lp in q.layers]
