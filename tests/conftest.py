@@ -13,3 +13,15 @@ def smollm2_gguf() -> pathlib.Path:
         return embedded_gguf()
     except FileNotFoundError as e:
         pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """transformers' model and tokenizer for the same GGUF (it dequantizes the file to f32): the
+    independent reference of the SmolLM2 tests, loaded once per session."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                 dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    return model, tok

@@ -284,12 +284,9 @@ def test_smollm2_config(smollm2):
 
 
 @pytest.fixture(scope="module")
-def hf_smollm2_state(smollm2_gguf):
+def hf_smollm2_state(smollm2_hf):
     """transformers' own dequantized (and Q/K un-permuted) weights for the same file."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32)
-    return model.state_dict()
+    return smollm2_hf[0].state_dict()
 
 
 @pytest.mark.slow
@@ -308,9 +305,8 @@ def test_smollm2_tensors_match_transformers(smollm2, hf_smollm2_state):
 
 
 @pytest.mark.slow
-def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_gguf):
-    from transformers import AutoTokenizer
-    hf = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_hf):
+    hf = smollm2_hf[1]
     _assert_same_tokenization(smollm2.info.tokenizer_json, hf, TEXTS)
     tok = json.loads(smollm2.info.tokenizer_json)
     assert {t["content"] for t in tok["added_tokens"] if t["special"]} >= {"<|im_start|>", "<|im_end|>", "<|endoftext|>"}

@@ -17,13 +17,8 @@ N_NEW = 24
 
 
 @pytest.fixture(scope="module")
-def hf(smollm2_gguf):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                 dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    return model, tok
+def hf(smollm2_hf):
+    return smollm2_hf
 
 
 @pytest.fixture(scope="module")
