@@ -128,9 +128,9 @@ def _with_one(h: np.ndarray) -> np.ndarray:
     return np.concatenate([h, np.ones((len(h), 1), np.float32)], axis=1)
 
 
-def _combine(est: dict, ffn_kind: str) -> np.ndarray:
+def _combine(est: dict, c) -> np.ndarray:
     """What the rule ranks: the pre-activation (ReLU) or the contribution |act(gate) * up| (gated)."""
-    return est["up"] if "gate" not in est else gated_score(est["gate"], est["up"], ffn_kind)
+    return est["up"] if "gate" not in est else gated_score(est["gate"], est["up"], c.ffn_kind, c.act_threshold)
 
 
 def fit_directions(h: np.ndarray, w: np.ndarray, max_rank: int, y: np.ndarray | None = None) -> np.ndarray:
@@ -182,14 +182,16 @@ def rank_scores(x: np.ndarray, w: np.ndarray, v: np.ndarray, ranks):
         yield r, s.copy()
 
 
-def _topk_mask(s: np.ndarray, k: int) -> np.ndarray:
+def _topk_mask(s: np.ndarray, k: int, nonzero: bool = False) -> np.ndarray:
+    """Per token, the k largest scores; nonzero (ReLU-gated FFNs): only those above zero, as the
+    runtime selects (runtime/predictor.py: a neuron scored zero is never read)."""
     idx = np.argpartition(-s, k - 1, axis=1)[:, :k]
     m = np.zeros(s.shape, bool)
     np.put_along_axis(m, idx, True, axis=1)
-    return m
+    return m & (s > 0) if nonzero else m
 
 
-def evaluate(kind: str, s_train, y_train, s_test, y_test, *, recall: float, keep: int) -> dict:
+def evaluate(kind: str, s_train, y_train, s_test, y_test, *, recall: float, keep: int, nonzero: bool = False) -> dict:
     """Rule parameters from the training tokens, quality on the held-out tokens."""
     if kind == "relu":
         active = y_train > 0
@@ -198,11 +200,11 @@ def evaluate(kind: str, s_train, y_train, s_test, y_test, *, recall: float, keep
         return {"rule": "threshold", "threshold": threshold,
                 "recall": float((pred & true).sum() / max(true.sum(), 1)),
                 "predicted_fraction": float(pred.mean()), "true_fraction": float(true.mean())}
-    pred, true = _topk_mask(s_test, keep), _topk_mask(y_test, keep)
+    pred, true = _topk_mask(s_test, keep, nonzero), _topk_mask(y_test, keep, nonzero)
     return {"rule": "topk", "keep": keep,
-            "recall": float((pred & true).sum() / true.sum()),
-            "contribution_recall": float((y_test * pred).sum() / (y_test * true).sum()),
-            "predicted_fraction": keep / y_test.shape[1]}
+            "recall": float((pred & true).sum() / max(true.sum(), 1)),
+            "contribution_recall": float((y_test * pred).sum() / max((y_test * true).sum(), 1e-30)),
+            "predicted_fraction": float(pred.mean()) if nonzero else keep / y_test.shape[1]}
 
 
 def _half_if_safe(t: np.ndarray) -> np.ndarray:
@@ -254,13 +256,14 @@ def resident_copies(model: Model, layer: int, parts) -> dict[str, np.ndarray]:
     return {f"{p}_rows": part_rows(model, layer, p) for p in parts if p not in model.folder.bundles.resident}
 
 
-def _output_recall(scores: np.ndarray, mass: np.ndarray, keep: int) -> float:
+def _output_recall(scores: np.ndarray, mass: np.ndarray, keep: int, nonzero: bool = False) -> float:
     """Share of the true top-`keep` output mass sum |a_i| * ||W_down[:, i]|| (`mass`, per token and
     neuron) that the scores keep.
 
     The one quality measure both SwiGLU selectors are compared by (it weighs each neuron by what it
     adds to the layer's output, unlike set overlap)."""
-    return float((mass * _topk_mask(scores, keep)).sum() / (mass * _topk_mask(mass, keep)).sum())
+    best = (mass * _topk_mask(mass, keep, nonzero)).sum()
+    return float((mass * _topk_mask(scores, keep, nonzero)).sum() / best) if best > 0 else 1.0
 
 
 def _layer_output(layer, factors, q, predicted, truth, hot, extra: dict):
@@ -284,30 +287,32 @@ def _gate_fit(model, layer, h, test, exact, y, dn, directions, rank_list, k_keep
     mass = y[test] * dn
     fits = []
     for r, s_up in rank_scores(_with_one(h), w_up, v_up, rank_list):
-        s = gated_score(exact["gate"], s_up, model.config.ffn_kind) * dn
-        pred, true = _topk_mask(s[test], k_keep), _topk_mask(y[test], k_keep)
+        c = model.config
+        s = gated_score(exact["gate"], s_up, c.ffn_kind, c.act_threshold) * dn
+        pred, true = _topk_mask(s[test], k_keep, c.relu_gated), _topk_mask(y[test], k_keep, c.relu_gated)
         q = {"rule": "gate", "keep": k_keep, "rank": r,
              "recall": float((pred & true).sum() / true.sum()),
              "contribution_recall": float((y[test] * pred).sum() / (y[test] * true).sum()),
-             "output_recall": _output_recall(s[test], mass, k_keep),
+             "output_recall": _output_recall(s[test], mass, k_keep, c.relu_gated),
              "predicted_fraction": k_keep / y.shape[1]}
         fits.append((r, q, s))
     top = max(q["output_recall"] for _, q, _ in fits)
     r, q, s = next(x for x in fits if x[1]["output_recall"] >= top - 0.01)
-    return _layer_output(layer, {"up": truncate(w_up, v_up, r)}, q, _topk_mask(s, k_keep), truth, hot,
+    return _layer_output(layer, {"up": truncate(w_up, v_up, r)}, q, _topk_mask(s, k_keep, c.relu_gated), truth, hot,
                          {**resident_copies(model, layer, ("gate",)), "down_norm": dn})
 
 
 def _exact_fit(model, layer, test, y, dn, k_keep, truth, hot):
     """Rule "exact": W_gate and W_up resident, the true top-k by |a_i| * ||W_down[:, i]||."""
     s = y * dn
-    pred, true = _topk_mask(s[test], k_keep), _topk_mask(y[test], k_keep)
+    nz = model.config.relu_gated
+    pred, true = _topk_mask(s[test], k_keep, nz), _topk_mask(y[test], k_keep, nz)
     q = {"rule": "exact", "keep": k_keep, "rank": 0,
          "recall": float((pred & true).sum() / true.sum()),
          "contribution_recall": float((y[test] * pred).sum() / (y[test] * true).sum()),
-         "output_recall": _output_recall(s[test], s[test], k_keep),
+         "output_recall": _output_recall(s[test], s[test], k_keep, nz),
          "predicted_fraction": k_keep / y.shape[1]}
-    return _layer_output(layer, {}, q, _topk_mask(s, k_keep), truth, hot,
+    return _layer_output(layer, {}, q, _topk_mask(s, k_keep, nz), truth, hot,
                          {**resident_copies(model, layer, ("gate", "up")), "down_norm": dn})
 
 
@@ -344,15 +349,16 @@ def _fit_layer(model: Model, layer: int, h: np.ndarray, test: np.ndarray, ranks,
     maps = layer_projections(model, layer)
     x = _with_one(h)
     exact = {name: x @ w for name, w in maps.items()}
-    y = _combine(exact, c.ffn_kind)
+    y = _combine(exact, c)
     max_rank = min(max(ranks), c.d_model, c.n_ff, int((~test).sum()))
     rank_list = sorted({min(r, max_rank) for r in ranks})
     directions = {name: (w, fit_directions(h[~test], w, max_rank, exact[name][~test])) for name, w in maps.items()}
     fits = []
     for per_map in zip(*(rank_scores(x, w, v, rank_list) for w, v in directions.values())):
         r = per_map[0][0]
-        s_all = _combine({name: est for name, (_, est) in zip(directions, per_map)}, c.ffn_kind)
-        q = evaluate(c.ffn_kind, s_all[~test], y[~test], s_all[test], y[test], recall=recall, keep=k_keep)
+        s_all = _combine({name: est for name, (_, est) in zip(directions, per_map)}, c)
+        q = evaluate(c.ffn_kind, s_all[~test], y[~test], s_all[test], y[test], recall=recall, keep=k_keep,
+                     nonzero=c.relu_gated)
         q["rank"] = r
         fits.append((r, q, s_all))
     # The smallest rank within a point of the best held-out quality (more rank costs DRAM and time).
@@ -365,16 +371,16 @@ def _fit_layer(model: Model, layer: int, h: np.ndarray, test: np.ndarray, ranks,
         r, q, s_all = next(f for f in fits if f[1]["contribution_recall"] >= top - 0.01)
     del fits
     factors = {name: truncate(w, v, r) for name, (w, v) in directions.items()}
-    truth = (y > 0) if c.ffn_kind == "relu" else _topk_mask(y, k_keep)
+    truth = (y > 0) if c.ffn_kind == "relu" else _topk_mask(y, k_keep, c.relu_gated)
     hot = np.argsort(-truth.mean(axis=0), kind="stable").astype(np.int32)
-    predicted = (s_all > q["threshold"]) if c.ffn_kind == "relu" else _topk_mask(s_all, k_keep)
+    predicted = (s_all > q["threshold"]) if c.ffn_kind == "relu" else _topk_mask(s_all, k_keep, c.relu_gated)
     if c.ffn_kind == "relu" and h_prev is not None:     # the pipeline guesses this layer from h_prev
         a, b, cc = factors["up"]
         q.update(guess_rule((h_prev @ a.T) @ b.T + cc, predicted, q["threshold"], test))
     layer_fits = {"lowrank": _layer_output(layer, factors, q, predicted, truth, hot, {})}
     if c.gated:
         dn = down_norms(model, layer)
-        q["output_recall"] = _output_recall(s_all[test], y[test] * dn, k_keep)
+        q["output_recall"] = _output_recall(s_all[test], y[test] * dn, k_keep, c.relu_gated)
         del s_all, predicted
         layer_fits["gate"] = _gate_fit(model, layer, h, test, exact, y, dn, directions, rank_list, k_keep, truth, hot)
         layer_fits["exact"] = _exact_fit(model, layer, test, y, dn, k_keep, truth, hot)

@@ -18,7 +18,12 @@ from flashlm.converters.source import SUPPORTED_SOURCES, ConversionError, Source
 from flashlm.runtime.config import ModelConfig
 from flashlm.runtime.safetensors_file import SafetensorsError, read_header, read_tensor
 
-LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# BambooForCausalLM: PowerInfer's Bamboo and TurboSparse-Mistral, a Mistral layer with dReLU
+# (relu(gate) * relu(up)); their config says hidden_act "relu", the architecture says both sides.
+# SparseLlamaForCausalLM: ProSparse-Llama 2 (hidden_act "fatrelu", threshold in hidden_act_param).
+DRELU_ARCHS = ("BambooForCausalLM",)
+LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+               "SparseLlamaForCausalLM", *DRELU_ARCHS)
 GEMMA3_ARCHS = ("Gemma3ForCausalLM",)   # the text-only model; Gemma3ForConditionalGeneration (vision) is refused
 OPT_ARCHS = ("OPTForCausalLM",)
 ROPE_TYPES = (None, "default", "linear", "llama3")   # the scaling kinds the runtime implements
@@ -149,11 +154,28 @@ def _head_dim(f: _Fields, d: int, heads: int) -> int:
     return d // heads
 
 
+def _llama_ffn(f: _Fields, arch: str) -> tuple[str, float]:
+    """(ffn_kind, act_threshold) from hidden_act: silu -> SwiGLU; relu -> ReGLU relu(gate) * up (ReluLLaMA),
+    or dReLU relu(gate) * relu(up) for the Bamboo architecture; fatrelu -> ReGLU whose gate passes only
+    values above hidden_act_param (FATReLU: ProSparse, MiniCPM-S; transformers' F.threshold)."""
+    act = f.str("hidden_act", "silu")
+    drelu = arch in DRELU_ARCHS
+    allowed = ("relu", "fatrelu") if drelu else ("silu", "relu", "fatrelu")
+    if act not in allowed:
+        raise ConversionError(f"{f.where}: hidden_act {act!r} is not supported for {arch} ({' or '.join(allowed)})")
+    threshold = 0.0
+    if act == "fatrelu":
+        v = f.cfg.get("hidden_act_param")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+            raise ConversionError(f"{f.where}: field 'hidden_act_param' (the FATReLU threshold of hidden_act fatrelu) "
+                                  f"must be a finite number >= 0, got {v!r}")
+        threshold = float(v)
+    return ("drelu" if drelu else "swiglu" if act == "silu" else "reglu"), threshold
+
+
 def _llama_config(cfg: dict, arch: str, where: Path) -> ModelConfig:
     f = _Fields(cfg, where)
-    act = f.str("hidden_act", "silu")
-    if act not in ("silu", "relu"):           # relu: ReGLU, relu(gate) * up (ReluLLaMA, ProSparse without FATReLU)
-        raise ConversionError(f"{where}: hidden_act {act!r} is not supported (silu or relu)")
+    ffn_kind, act_threshold = _llama_ffn(f, arch)
     if f.bool("mlp_bias", False):
         raise ConversionError(f"{where}: mlp_bias=true is not supported")
     max_pos = f.int("max_position_embeddings")
@@ -170,7 +192,7 @@ def _llama_config(cfg: dict, arch: str, where: Path) -> ModelConfig:
         architecture="llama", vocab_size=f.int("vocab_size"), d_model=d,
         n_layers=f.int("num_hidden_layers"), n_heads=heads,
         n_kv_heads=f.int("num_key_value_heads", heads, null_is_default=True), head_dim=head_dim,
-        n_ff=f.int("intermediate_size"), ffn_kind="swiglu" if act == "silu" else "reglu", norm_kind="rms",
+        n_ff=f.int("intermediate_size"), ffn_kind=ffn_kind, act_threshold=act_threshold, norm_kind="rms",
         norm_eps=f.float("rms_norm_eps", 1e-6), pos_kind="rope", max_position=max_pos,
         rope_theta=theta, rope_scaling=scaling, tied_embeddings=f.bool("tie_word_embeddings", False),
         attn_qkv_bias=attn_bias or arch == "Qwen2ForCausalLM", attn_out_bias=attn_bias,
@@ -312,7 +334,10 @@ def canonical_name(hf_name: str, arch: str) -> str | None:
 
 def _ignorable(hf_name: str, config: ModelConfig) -> bool:
     # Old Llama checkpoints store the RoPE table; tied models may still store a copy of lm_head.
-    return hf_name.endswith("rotary_emb.inv_freq") or (config.tied_embeddings and hf_name == "lm_head.weight")
+    # TurboSparse / Bamboo checkpoints carry their own FFN predictors (mlp.predictor.*); flashlm
+    # calibrates its own, on its own bundle layout.
+    return hf_name.endswith("rotary_emb.inv_freq") or (config.tied_embeddings and hf_name == "lm_head.weight") \
+        or (config.ffn_kind == "drelu" and ".mlp.predictor." in hf_name)
 
 
 def _weight_files(folder: Path) -> list[str]:

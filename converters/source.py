@@ -19,7 +19,8 @@ SUPPORTED_SOURCES = (
     "GGUF files with general.architecture 'llama' (SmolLM2, TinyLlama, Llama 2/3, Mistral in GGUF), "
     "'qwen2' (Qwen2/2.5), 'qwen3' or 'gemma3' (Gemma 3 text)",
     "Hugging Face folders (config.json + *.safetensors) with architectures "
-    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, OPTForCausalLM",
+    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, OPTForCausalLM, "
+    "SparseLlamaForCausalLM (ProSparse, FATReLU), BambooForCausalLM (TurboSparse / Bamboo, dReLU)",
 )
 
 

@@ -9,8 +9,12 @@ from .errors import FlashlmError
 FORMAT_VERSION = 1
 SUPPORTED_ARCHITECTURES = ("llama", "opt", "gemma3")
 # geglu: gate through tanh-approximated GELU (gelu_pytorch_tanh); reglu: relu(gate) * up (a Llama config
-# with hidden_act relu, as ReluLLaMA and ProSparse ship)
-FFN_KINDS = ("swiglu", "geglu", "reglu", "relu")
+# with hidden_act relu, as ReluLLaMA and ProSparse ship; with act_threshold t > 0 it is FATReLU,
+# hidden_act fatrelu: the gate is zero unless above t); drelu: relu(gate) * relu(up), TurboSparse /
+# Bamboo's dReLU, zero whenever either projection is not positive
+FFN_KINDS = ("swiglu", "geglu", "reglu", "drelu", "relu")
+GATED_KINDS = ("swiglu", "geglu", "reglu", "drelu")
+RELU_GATED_KINDS = ("reglu", "drelu")   # gated kinds whose activation is exactly zero for many neurons
 
 
 @dataclass
@@ -23,7 +27,7 @@ class ModelConfig:
     n_kv_heads: int
     head_dim: int
     n_ff: int                    # FFN neurons per layer
-    ffn_kind: str                # "swiglu" / "geglu" / "reglu" (gate, up, down) or "relu" (up, down)
+    ffn_kind: str                # "swiglu" / "geglu" / "reglu" / "drelu" (gate, up, down) or "relu" (up, down)
     norm_kind: str               # "rms" or "layer"; weights are plain multipliers (Gemma's 1 + w is folded in)
     norm_eps: float
     pos_kind: str                # "rope" or "learned"
@@ -45,12 +49,19 @@ class ModelConfig:
     sliding_window: int | None = None    # a sliding layer's query sees its last `sliding_window` positions
     sliding_layers: list[int] = field(default_factory=list)   # layers with sliding-window attention
     rope_local_theta: float | None = None  # RoPE base of sliding layers (unscaled); None = rope_theta
+    # FATReLU (reglu, drelu): the gate's ReLU passes g only when g > act_threshold (0: plain ReLU)
+    act_threshold: float = 0.0
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {self.architecture!r}; supported: {SUPPORTED_ARCHITECTURES}")
         if self.ffn_kind not in FFN_KINDS:
             raise ValueError(f"unsupported ffn_kind {self.ffn_kind!r}; supported: {FFN_KINDS}")
+        if not (self.act_threshold >= 0.0 and self.act_threshold < float("inf")):
+            raise ValueError(f"act_threshold {self.act_threshold} is not a finite number >= 0")
+        if self.act_threshold and self.ffn_kind not in RELU_GATED_KINDS:
+            raise ValueError(f"act_threshold {self.act_threshold} needs a ReLU-gated FFN {RELU_GATED_KINDS}, "
+                             f"not {self.ffn_kind!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.sliding_layers and not (self.sliding_window and self.sliding_window > 0):
@@ -60,8 +71,14 @@ class ModelConfig:
 
     @property
     def gated(self) -> bool:
-        """FFN with a gate projection (SwiGLU, GeGLU, ReGLU): a = act(gate.h) * up.h."""
-        return self.ffn_kind in ("swiglu", "geglu", "reglu")
+        """FFN with a gate projection (SwiGLU, GeGLU, ReGLU, dReLU): a = act(gate.h) * up.h (dReLU: * relu(up.h))."""
+        return self.ffn_kind in GATED_KINDS
+
+    @property
+    def relu_gated(self) -> bool:
+        """A gated FFN whose activation is exactly zero for many neurons (ReGLU/FATReLU, dReLU): a neuron
+        scored zero contributes nothing, so selectors never read it."""
+        return self.ffn_kind in RELU_GATED_KINDS
 
     def layer_window(self, layer: int) -> int:
         """Positions a query of `layer` attends to, counting itself; 0 = all (global attention)."""

@@ -150,7 +150,7 @@ class BundleKernel:
 
     def __init__(self, config: ModelConfig, layout: BundleLayout, threads: int, gate_weights=None, up_weights=None):
         parts = layout.item_offsets()
-        self.act = K.ACTIVATION_OF_KIND[config.ffn_kind]
+        self.act, self.thr = K.activation(config)
         self.in_off, self.gate_off, self.down_off = parts.get("up", 0), parts.get("gate", 0), parts["down"]
         self.d = config.d_model
         self.threads = threads
@@ -193,10 +193,10 @@ class BundleKernel:
             self._batched(h, rows, n_rows, neuron_of_row, bias, out)
             return
         if self.gate_weights is not None:
-            K.ffn_bundles_pregate(h, rows, n_rows, neuron_of_row, self.gate_pre, self.up_pre, self.act, self.in_off,
-                                  self.down_off, self.partial, out)
+            K.ffn_bundles_pregate(h, rows, n_rows, neuron_of_row, self.gate_pre, self.up_pre, self.act, self.thr,
+                                  self.in_off, self.down_off, self.partial, out)
             return
-        K.ffn_bundles(h, rows, n_rows, neuron_of_row, self.no_bias if bias is None else bias, self.act,
+        K.ffn_bundles(h, rows, n_rows, neuron_of_row, self.no_bias if bias is None else bias, self.act, self.thr,
                       self.in_off, self.gate_off, self.down_off, self.partial, out)
 
     def _batched(self, h, rows, n_rows, neuron_of_row, bias, out) -> None:
@@ -213,9 +213,9 @@ class BundleKernel:
             u = h @ w[:, self.in_off:self.in_off + d].T if self.up_weights is None \
                 else self.up_pre[:, neuron_of_row[lo:hi]]                      # [T, block]
             if self.gate_weights is not None:
-                a = K.gate_np(self.gate_pre[:, neuron_of_row[lo:hi]], self.act) * u
+                a = K.activate_np(self.gate_pre[:, neuron_of_row[lo:hi]], u, self.act, self.thr)
             elif self.act != K.ACT_RELU:
-                a = K.gate_np(h @ w[:, self.gate_off:self.gate_off + d].T, self.act) * u
+                a = K.activate_np(h @ w[:, self.gate_off:self.gate_off + d].T, u, self.act, self.thr)
             else:
                 if bias is not None:
                     u += bias[neuron_of_row[lo:hi]]
@@ -235,7 +235,7 @@ class QuantBundleKernel:
         from .storage import bundle_qformat
         self.fmt = bundle_qformat(layout.storage)
         self.fmt_array = self.fmt.array()
-        self.act = K.ACTIVATION_OF_KIND[config.ffn_kind]
+        self.act, self.thr = K.activation(config)
         by_name = {p.name: p.byte_offset for p in layout.parts}
         self.starts = np.array([by_name["up"], by_name.get("gate", 0), by_name["down"]], np.int64)
         names = ("up", "gate", "down") if "gate" in by_name else ("up", "down")
@@ -263,7 +263,7 @@ class QuantBundleKernel:
         if self.partial.shape[1] < T:
             self.partial = np.zeros((self.threads, T, self.d), np.float32)
         QK.ffn_qbundles(hp, q, s, n_rows, neuron_of_row, self.no_bias if bias is None else bias, self.act,
-                        self.fmt_array, self.starts, self.partial, out)
+                        self.thr, self.fmt_array, self.starts, self.partial, out)
 
     def _batched(self, hp, q, s, n_rows, neuron_of_row, bias, out) -> None:
         from .qbundle import unpermute
@@ -278,7 +278,7 @@ class QuantBundleKernel:
             QK.dequant_rows(q, s, lo, hi, self.fmt_array, self.part_starts, d, w)
             u = hp @ w[:, :d].T
             if self.act != K.ACT_RELU:
-                a = K.gate_np(hp @ w[:, d:2 * d].T, self.act) * u
+                a = K.activate_np(hp @ w[:, d:2 * d].T, u, self.act, self.thr)
             else:
                 if bias is not None:
                     u += bias[neuron_of_row[lo:hi]]

@@ -194,38 +194,54 @@ def attention(q, k_cache, v_cache, pos0, scale, window, out):
         _attend(q[t, h], k_cache, v_cache, kv, first, n, scale, out[t, h])
 
 
-# FFN activations (the `act` argument of ffn_bundles): ReLU(up.h + b), or gated act(gate.h) * up.h.
-ACT_RELU, ACT_SILU, ACT_GELU_TANH, ACT_RELU_GATE = 0, 1, 2, 3
-ACTIVATION_OF_KIND = {"relu": ACT_RELU, "swiglu": ACT_SILU, "geglu": ACT_GELU_TANH, "reglu": ACT_RELU_GATE}
+# FFN activations (the `act` argument of ffn_bundles): ReLU(up.h + b), or gated a = act(gate.h) * up.h
+# (dReLU: relu(gate.h) * relu(up.h)). `thr` is the FATReLU threshold of the ReLU gates (reglu, drelu):
+# the gate passes g only when g > thr (0: plain ReLU); the other activations ignore it.
+ACT_RELU, ACT_SILU, ACT_GELU_TANH, ACT_RELU_GATE, ACT_DRELU = 0, 1, 2, 3, 4
+ACTIVATION_OF_KIND = {"relu": ACT_RELU, "swiglu": ACT_SILU, "geglu": ACT_GELU_TANH, "reglu": ACT_RELU_GATE,
+                      "drelu": ACT_DRELU}
 GELU_C = 0.7978845608028654   # sqrt(2 / pi)
 
 
+def activation(config) -> tuple[int, np.float32]:
+    """(act, thr) of a ModelConfig's FFN: what ffn_bundles, contribution and activate_np take."""
+    return ACTIVATION_OF_KIND[config.ffn_kind], np.float32(config.act_threshold)
+
+
 @njit(**JIT)
-def _gate(g, act):
+def _activate(g, u, act, thr):
+    """One gated neuron's activation a from its gate and up pre-activations g, u (f32)."""
+    zero = np.float32(0.0)
     if act == ACT_SILU:
-        return g / (np.float32(1.0) + np.exp(-g))
+        return g / (np.float32(1.0) + np.exp(-g)) * u
     if act == ACT_RELU_GATE:
-        return max(g, np.float32(0.0))
+        return g * u if g > thr else zero
+    if act == ACT_DRELU:
+        return g * u if g > thr and u > zero else zero
     # tanh-approximated GELU, as gelu_pytorch_tanh
-    return np.float32(0.5) * g * (np.float32(1.0) + np.tanh(np.float32(GELU_C) * (g + np.float32(0.044715) * g * g * g)))
+    return np.float32(0.5) * g * (np.float32(1.0) + np.tanh(np.float32(GELU_C) * (g + np.float32(0.044715) * g * g * g))) * u
 
 
-def gate_np(g: np.ndarray, act: int) -> np.ndarray:
-    """numpy twin of `_gate` for batched (BLAS) paths and predictors."""
+def activate_np(g: np.ndarray, u: np.ndarray, act: int, thr=0.0) -> np.ndarray:
+    """numpy twin of `_activate` for batched (BLAS) paths and predictors: a = act(g) * u elementwise."""
+    zero = np.float32(0.0)
     if act == ACT_SILU:
-        return g / (1.0 + np.exp(-g))
+        return g / (1.0 + np.exp(-g)) * u
     if act == ACT_RELU_GATE:
-        return np.maximum(g, 0.0)
-    return 0.5 * g * (1.0 + np.tanh(GELU_C * (g + 0.044715 * g * g * g)))
+        return np.where(g > thr, g, zero) * u
+    if act == ACT_DRELU:
+        return np.where(g > thr, g, zero) * np.maximum(u, zero)
+    return 0.5 * g * (1.0 + np.tanh(GELU_C * (g + 0.044715 * g * g * g))) * u
 
 
 @njit(parallel=True, **JIT)
-def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, act, in_off, gate_off, down_off, partial, out):
+def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, act, thr, in_off, gate_off, down_off, partial, out):
     """FFN over the first n_rows bundle rows (one neuron each; order does not matter).
 
     h[T, d] normalized input; rows[N, stride] f32 or f16 bits; neuron_of_row[N] which neuron a row
-    holds (indexes up_bias[n_ff]; empty up_bias = no bias); act ACT_SILU / ACT_GELU_TANH: a = act(gate.h) * (up.h),
-    ACT_RELU: a = relu(up.h + bias). Each of the C = partial.shape[0] chunks of rows accumulates into its own
+    holds (indexes up_bias[n_ff]; empty up_bias = no bias); act, thr a gated activation (`_activate`:
+    a = act(gate.h) * (up.h)), or ACT_RELU: a = relu(up.h + bias). A neuron with a = 0 adds nothing
+    and is skipped (ReLU, ReGLU, dReLU sparsity). Each of the C = partial.shape[0] chunks of rows accumulates into its own
     contiguous buffer (threads never share memory), then out[T, d] = their sum.
     """
     T, d = h.shape
@@ -241,21 +257,21 @@ def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, act, in_off, gate_off, 
                 x = h[t]
                 u = _dot(w_in, x, d)
                 if act != ACT_RELU:
-                    a = _gate(_dot(w_gate, x, d), act) * u
+                    a = _activate(_dot(w_gate, x, d), u, act, thr)
                 else:
                     if up_bias.size:
                         u += up_bias[neuron_of_row[r]]
                     a = max(u, np.float32(0.0))
-                    if a == 0.0:
-                        continue                  # ReLU sparsity: an inactive neuron adds nothing
+                if a == 0.0:
+                    continue                      # an inactive neuron adds nothing
                 _axpy(a, w_down, acc[t], d)
     _sum_partials(partial, T, d, out)
 
 
 @njit(parallel=True, **JIT)
-def ffn_bundles_pregate(h, rows, n_rows, neuron_of_row, gate_pre, up_pre, act, in_off, down_off, partial, out):
+def ffn_bundles_pregate(h, rows, n_rows, neuron_of_row, gate_pre, up_pre, act, thr, in_off, down_off, partial, out):
     """ffn_bundles for the gate-resident layouts: gate_pre[T, n_ff] holds gate.h for every neuron
-    (from the resident W_gate), so a = act(gate_pre[t, neuron]) * (up.h); rows hold up | down, or only
+    (from the resident W_gate), so a = _activate(gate_pre[t, neuron], up.h); rows hold up | down, or only
     down when up_pre[T, n_ff] (from a resident W_up; empty otherwise) holds up.h as well."""
     T, d = h.shape
     C = partial.shape[0]
@@ -268,8 +284,9 @@ def ffn_bundles_pregate(h, rows, n_rows, neuron_of_row, gate_pre, up_pre, act, i
             n = neuron_of_row[r]
             for t in range(T):
                 u = up_pre[t, n] if up_pre.shape[0] else _dot(w_in, h[t], d)
-                a = _gate(gate_pre[t, n], act) * u
-                _axpy(a, w_down, acc[t], d)
+                a = _activate(gate_pre[t, n], u, act, thr)
+                if a != 0.0:
+                    _axpy(a, w_down, acc[t], d)
     _sum_partials(partial, T, d, out)
 
 
@@ -410,11 +427,11 @@ def neg_log_softmax_at(logits, target):
 
 
 @njit(**JIT)
-def contribution(gate, up, down_norm, act, out):
-    """out[j] = |act(gate[j]) * up[j]| * down_norm[j] (down_norm empty: 1): a gated neuron's estimated
+def contribution(gate, up, down_norm, act, thr, out):
+    """out[j] = |_activate(gate[j], up[j])| * down_norm[j] (down_norm empty: 1): a gated neuron's estimated
     output contribution, for one token (the numba twin of predictor.gated_score)."""
     for j in range(out.shape[0]):
-        a = abs(_gate(gate[j], act) * up[j])
+        a = abs(_activate(gate[j], up[j], act, thr))
         out[j] = a * down_norm[j] if down_norm.size else a
 
 
@@ -485,3 +502,14 @@ def select_top(scores, k, work, ids):
             m += 1
             ties -= 1
     return m
+
+
+@njit(**JIT)
+def select_top_above(scores, k, floor, work, ids):
+    """select_top among the scores above `floor` only: ids[:m] = the m = min(k, #{scores > floor})
+    largest, ascending (the ReLU-gated FFNs' selection: a neuron scored 0 is inactive). Returns m."""
+    m = 0
+    for j in range(scores.shape[0]):
+        if scores[j] > floor:
+            m += 1
+    return select_top(scores, min(k, m), work, ids)

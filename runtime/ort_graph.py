@@ -160,14 +160,21 @@ class GraphBuilder:
     def add(self, a: str, b: str) -> str:
         return self.node("Add", [a, b], "add")
 
-    def gated(self, gate_up: str, n_ff: int, act: str) -> str:
+    def gated(self, gate_up: str, n_ff: int, act: str, threshold: float = 0.0) -> str:
         """act(g) * u for gate_up = [g | u] along the last axis (one fused MatMulNBits produced it);
-        act silu (SwiGLU), relu (ReGLU) or gelu_tanh (GeGLU, gelu_pytorch_tanh)."""
+        act silu (SwiGLU), relu (ReGLU), drelu (relu(g) * relu(u), dReLU) or gelu_tanh (GeGLU,
+        gelu_pytorch_tanh). threshold > 0 (relu, drelu): FATReLU, the gate passes only g > threshold."""
         g, u = self.node("Split", [gate_up, self.const(np.array([n_ff, n_ff], np.int64))], "split", n_out=2, axis=-1)
         if act == "silu":
             a = self.node("Mul", [g, self.node("Sigmoid", [g])], "silu")
-        elif act == "relu":
-            a = self.node("Relu", [g])
+        elif act in ("relu", "drelu"):
+            if threshold:
+                t = self.const(np.array(threshold, np.float32), "fatrelu_t")
+                a = self.node("Where", [self.node("Greater", [g, t]), g, self.const(np.array(0, np.float32), "zero")])
+            else:
+                a = self.node("Relu", [g])
+            if act == "drelu":
+                u = self.node("Relu", [u])
         else:
             a = self.node("FastGelu", [g], "gelu", domain="com.microsoft")
         return self.node("Mul", [a, u], "act")

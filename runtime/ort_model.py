@@ -154,7 +154,8 @@ class OrtLayers:
         p = f"layers.{l}.ffn."
         if c.gated:
             gate_up = g.linears(h, [weight(p + "gate.weight"), weight(p + "up.weight")], [None, None], "gate_up")
-            a = g.gated(gate_up, c.n_ff, {"swiglu": "silu", "reglu": "relu", "geglu": "gelu_tanh"}[c.ffn_kind])
+            a = g.gated(gate_up, c.n_ff, {"swiglu": "silu", "reglu": "relu", "drelu": "drelu",
+                                          "geglu": "gelu_tanh"}[c.ffn_kind], c.act_threshold)
         else:
             a = g.relu(g.linear(h, weight(p + "up.weight"), weight(p + "up.bias") if c.ffn_bias else None, "up"))
         y = g.linear(a, weight(p + "down.weight"), weight(p + "down.bias") if c.ffn_bias else None, "down")

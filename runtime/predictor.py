@@ -16,6 +16,10 @@ normalized FFN input h, fitted to the layer's own projections (see converters/ca
   |a_i| * ||W_down[:, i]||, the true top-k by output norm: +1.3% perplexity at keep 50% on SmolLM2
   (the bundle rows' gate and up parts are then read without need: reading only the down column is
   the layout change this rule is waiting for); two thirds of the FFN in DRAM.
+- ReLU-gated FFNs (ReGLU, FATReLU, dReLU) use the gated rules with their own activation in the score:
+  dReLU's relu(gate) * relu(up) scores zero when either (estimated) projection is not positive, and
+  a neuron scored zero is never selected, so a token reads at most `keep` neurons and often fewer;
+  with "exact" (both projections resident) the selection is exactly the active set when keep allows.
 Stored in predictor.safetensors as layers.{i}.predictor.{up,gate}.{A [r, d], B [n_ff, r], c [n_ff]},
 layers.{i}.predictor.hot [n_ff] (neurons by calibration frequency) and, for "gate",
 layers.{i}.predictor.gate_rows [n_ff, d] and layers.{i}.predictor.down_norm [n_ff], for "exact" also
@@ -34,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from . import kernels as K
+from .config import RELU_GATED_KINDS
 from .modelfile import ModelFileError
 from .runstate import PredictBuffers
 from .safetensors_file import read_header, read_tensor
@@ -64,9 +69,20 @@ class LowRank:
         return s
 
 
-def gated_score(gate: np.ndarray, up: np.ndarray, ffn_kind: str) -> np.ndarray:
-    """|act(gate) * up|: a gated neuron's contribution magnitude (SwiGLU: silu, GeGLU: tanh-GELU)."""
-    return np.abs(K.gate_np(gate, K.ACTIVATION_OF_KIND[ffn_kind]) * up)
+def gated_score(gate: np.ndarray, up: np.ndarray, ffn_kind: str, act_threshold: float = 0.0) -> np.ndarray:
+    """|act(gate) * up|: a gated neuron's contribution magnitude (SwiGLU: silu, GeGLU: tanh-GELU, ReGLU /
+    FATReLU: the thresholded ReLU gate, dReLU: relu(gate) * relu(up), zero when either is not positive)."""
+    return np.abs(K.activate_np(gate, up, K.ACTIVATION_OF_KIND[ffn_kind], np.float32(act_threshold)))
+
+
+def select_top_nonzero(scores: np.ndarray, keep: int) -> np.ndarray:
+    """The `keep` largest of one token's scores [n_ff] that are above zero, sorted int32: the selection
+    of ReLU-gated FFNs (ReGLU, FATReLU, dReLU), where a neuron scored zero is (estimated) inactive and
+    reading it would add nothing."""
+    k = min(keep, int(np.count_nonzero(scores > 0)))
+    if k == 0:
+        return np.zeros(0, np.int32)
+    return np.sort(np.argpartition(-scores, k - 1)[:k]).astype(np.int32)
 
 
 @dataclass
@@ -78,6 +94,7 @@ class LayerPredictor:
     keep: int = 0            # neurons kept per token for "topk" and "gate"
     hot: np.ndarray | None = None   # neuron ids ordered by calibration activation frequency, hottest first
     ffn_kind: str = "swiglu"        # which gate activation the contribution score applies
+    act_threshold: float = 0.0      # its FATReLU threshold (ReGLU, dReLU)
     gate_rows: np.ndarray | None = None   # "gate", "exact": W_gate [n_ff, d], f16 bits or f32
     up_rows: np.ndarray | None = None     # "exact": W_up [n_ff, d]
     down_norm: np.ndarray | None = None   # "gate", "exact": ||W_down[:, i]|| [n_ff] f32
@@ -93,6 +110,9 @@ class LayerPredictor:
         if self.buffers is None:
             self.buffers = PredictBuffers.allocate(n_ff)
         self._act = K.ACTIVATION_OF_KIND[self.ffn_kind]
+        self._thr = np.float32(self.act_threshold)
+        # ReLU-gated kinds: a neuron scored zero is never selected (its activation is, or is estimated, 0)
+        self._nonzero = self.ffn_kind in RELU_GATED_KINDS
         self._no_norm = np.zeros(0, np.float32)
         self._threshold = np.float32(self.threshold)
         self._guess_threshold = np.float32(self.threshold if self.guess_threshold is None else self.guess_threshold)
@@ -104,17 +124,20 @@ class LayerPredictor:
 
     def scores(self, h: np.ndarray) -> np.ndarray:
         """h [T, d] -> scores [T, n_ff]: estimated pre-activation (ReLU) or contribution (SwiGLU)."""
+        kind, t = self.ffn_kind, self.act_threshold
         if self.rule == "exact":
-            return gated_score(self._rows(h, self.gate_rows), self._rows(h, self.up_rows), self.ffn_kind) * self.down_norm
+            return gated_score(self._rows(h, self.gate_rows), self._rows(h, self.up_rows), kind, t) * self.down_norm
         up = self.up(h)
         if self.rule == "gate":
-            return gated_score(self._rows(h, self.gate_rows), up, self.ffn_kind) * self.down_norm
-        return up if self.gate is None else gated_score(self.gate(h), up, self.ffn_kind)
+            return gated_score(self._rows(h, self.gate_rows), up, kind, t) * self.down_norm
+        return up if self.gate is None else gated_score(self.gate(h), up, kind, t)
 
     def select(self, scores: np.ndarray) -> np.ndarray:
         """Predicted neuron ids (int32, sorted) for one token's scores [n_ff]."""
         if self.rule == "threshold":
             return np.flatnonzero(scores > self.threshold).astype(np.int32)
+        if self._nonzero:
+            return select_top_nonzero(scores, self.keep)
         k = min(self.keep, scores.size)
         return np.sort(np.argpartition(-scores, k - 1)[:k]).astype(np.int32)
 
@@ -126,17 +149,19 @@ class LayerPredictor:
         if self.rule == "exact":
             K.matmul(h, self.gate_rows, b.gate)
             K.matmul(h, self.up_rows, b.up)
-            K.contribution(b.gate[0], b.up[0], self.down_norm, self._act, b.scores)
+            K.contribution(b.gate[0], b.up[0], self.down_norm, self._act, self._thr, b.scores)
         elif self.rule == "gate":
             up = self.up(h)
             K.matmul(h, self.gate_rows, b.gate)
-            K.contribution(b.gate[0], up[0], self.down_norm, self._act, b.scores)
+            K.contribution(b.gate[0], up[0], self.down_norm, self._act, self._thr, b.scores)
         elif self.gate is not None:
             up = self.up(h)
-            K.contribution(self.gate(h)[0], up[0], self._no_norm, self._act, b.scores)
+            K.contribution(self.gate(h)[0], up[0], self._no_norm, self._act, self._thr, b.scores)
         else:
             up = self.up(h)
             return b.ids[:K.select_above(up[0], threshold, b.ids)]
+        if self._nonzero:
+            return b.ids[:K.select_top_above(b.scores, self.keep, np.float32(0.0), b.work, b.ids)]
         return b.ids[:K.select_top(b.scores, self.keep, b.work, b.ids)]
 
     def guess(self, h: np.ndarray) -> np.ndarray:
@@ -280,6 +305,6 @@ def load_predictors(folder: Path, config, layers=None, state=None, gate_rows=Non
         out.append(LayerPredictor(up=up, gate=gate, rule=rule,
                                   threshold=info.get("threshold", 0.0), keep=info.get("keep", 0),
                                   guess_threshold=info.get("guess_threshold"),
-                                  hot=hot(p + ".hot"), ffn_kind=config.ffn_kind,
+                                  hot=hot(p + ".hot"), ffn_kind=config.ffn_kind, act_threshold=config.act_threshold,
                                   buffers=state.predict_buffers(i) if state is not None else None, **resident))
     return out

@@ -17,7 +17,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .kernels import ACT_RELU, JIT, _gate, f32
+from .kernels import ACT_RELU, JIT, _activate, f32
 
 QB = 32
 SIXTEENTH = np.float32(0.0625)
@@ -96,12 +96,12 @@ def _axpy_part(a, qr, sr, fmt, start, yp, nb, d, m):
 
 
 @njit(parallel=True, **JIT)
-def ffn_qbundles(hp, q, s, n_rows, neuron_of_row, up_bias, act, fmt, starts, partial, out):
+def ffn_qbundles(hp, q, s, n_rows, neuron_of_row, up_bias, act, thr, fmt, starts, partial, out):
     """FFN over the first n_rows quantized bundle rows (any order): the quantized kernels.ffn_bundles.
 
     hp[T, d] the permuted normalized input; q, s the two views of the rows; up_bias[n_ff] indexed by
-    neuron_of_row (empty: none); act as kernels.ffn_bundles: ACT_SILU / ACT_GELU_TANH
-    a = act(gate.h) * (up.h), ACT_RELU a = relu(up.h + bias).
+    neuron_of_row (empty: none); act, thr as kernels.ffn_bundles: a gated activation
+    a = act(gate.h) * (up.h), or ACT_RELU a = relu(up.h + bias).
     Each of the partial.shape[0] chunks of rows accumulates into its own buffer (permuted order);
     out[T, d] gets their sum in the natural order.
     """
@@ -118,13 +118,13 @@ def ffn_qbundles(hp, q, s, n_rows, neuron_of_row, up_bias, act, fmt, starts, par
                 x = hp[t]
                 u = _dot_part(qr, sr, fmt, starts[0], x, nb, ds, ms)
                 if act != ACT_RELU:
-                    a = _gate(_dot_part(qr, sr, fmt, starts[1], x, nb, ds, ms), act) * u
+                    a = _activate(_dot_part(qr, sr, fmt, starts[1], x, nb, ds, ms), u, act, thr)
                 else:
                     if up_bias.size:
                         u += up_bias[neuron_of_row[r]]
                     a = max(u, np.float32(0.0))
-                    if a == 0.0:
-                        continue                  # ReLU sparsity: an inactive neuron adds nothing
+                if a == 0.0:
+                    continue                      # an inactive neuron adds nothing
                 _axpy_part(a, qr, sr, fmt, starts[2], acc[t], nb, ds, ms)
         partial[c, :T] = acc
     for t in range(T):

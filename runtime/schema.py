@@ -80,6 +80,11 @@ def config_from_dict(d) -> ModelConfig:
             raise ConfigError(name, f"{v} is not a positive number")
         if v is not None:
             values[name] = float(v)
+    t = values.get("act_threshold")
+    if t is not None and not (math.isfinite(t) and t >= 0):
+        raise ConfigError("act_threshold", f"{t} is not a finite number >= 0")
+    if t is not None:
+        values["act_threshold"] = float(t)
     window, sliding = values.get("sliding_window"), values.get("sliding_layers", [])
     if window is not None and not 0 < window <= MAX_DIM:
         raise ConfigError("sliding_window", f"{window} is not in 1..{MAX_DIM}")

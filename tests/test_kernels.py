@@ -31,22 +31,42 @@ def test_f16_widening_handles_every_class():
     np.testing.assert_array_equal(res[0], bits.view(np.float16).astype(np.float32))
 
 
-def _ffn_reference(h, gate, up, down, bias, act):
+def _torch_activation(g, u, act, thr):
+    """a = act(g) * u by torch's own functions: silu, tanh-GELU, F.threshold (FATReLU, what MiniCPM-S /
+    ProSparse run; thr 0 is ReLU), and relu on both sides for dReLU (TurboSparse / Bamboo)."""
     torch = pytest.importorskip("torch", reason="torch is the reference for the gated activations")
+    F = torch.nn.functional
+    g, u = torch.from_numpy(np.asarray(g, np.float32)), torch.from_numpy(np.asarray(u, np.float32))
+    if act == K.ACT_SILU:
+        a = F.silu(g) * u
+    elif act == K.ACT_GELU_TANH:
+        a = F.gelu(g, approximate="tanh") * u
+    elif act == K.ACT_RELU_GATE:
+        a = F.threshold(g, float(thr), 0.0) * u
+    else:
+        a = F.threshold(g, float(thr), 0.0) * F.relu(u)
+    return a.numpy()
+
+
+def _ffn_reference(h, gate, up, down, bias, act, thr=0.0):
     u = h @ up.T
     if act == K.ACT_RELU:
         a = np.maximum(u + bias, 0)
     else:   # torch's own activations are the reference for the gated kinds
-        g = torch.from_numpy(h @ gate.T)
-        g = torch.nn.functional.silu(g) if act == K.ACT_SILU else torch.nn.functional.gelu(g, approximate="tanh")
-        a = g.numpy() * u
+        a = _torch_activation(h @ gate.T, u, act, thr)
     return a @ down.T
 
 
-@pytest.mark.parametrize("act", [K.ACT_SILU, K.ACT_GELU_TANH, K.ACT_RELU])
+# (act, FATReLU threshold): every FFN activation the kernels run
+ACTS = [(K.ACT_SILU, 0.0), (K.ACT_GELU_TANH, 0.0), (K.ACT_RELU_GATE, 0.0), (K.ACT_RELU_GATE, 0.4),
+        (K.ACT_DRELU, 0.0), (K.ACT_DRELU, 0.3), (K.ACT_RELU, 0.0)]
+
+
+@pytest.mark.parametrize("act,thr", ACTS)
 @pytest.mark.parametrize("T", [1, 3])
-def test_ffn_bundles_matches_numpy_in_any_row_order(act, T):
+def test_ffn_bundles_matches_numpy_in_any_row_order(act, thr, T):
     swiglu = act != K.ACT_RELU
+    thr = np.float32(thr)
     rng = np.random.default_rng(1)
     d, n = 24, 50
     h = rng.standard_normal((T, d)).astype(np.float32)
@@ -59,26 +79,33 @@ def test_ffn_bundles_matches_numpy_in_any_row_order(act, T):
     else:
         rows = np.concatenate([up, down.T], axis=1)
         offs, b = (0, 0, d), bias
-    ref = _ffn_reference(h, gate, up, down, bias, act)
+    ref = _ffn_reference(h, gate, up, down, bias, act, thr)
     for perm in (np.arange(n, dtype=np.int32), rng.permutation(n).astype(np.int32)):
         r = np.ascontiguousarray(rows[perm])
         out = np.empty((T, d), np.float32)
-        K.ffn_bundles(h, r, n, perm, b, act, *offs, np.zeros((3, T, d), np.float32), out)
+        K.ffn_bundles(h, r, n, perm, b, act, thr, *offs, np.zeros((3, T, d), np.float32), out)
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
     # only the first n_rows rows count: the rest of a cache matrix is free space
     out = np.empty((T, d), np.float32)
-    K.ffn_bundles(h, rows, 20, np.arange(n, dtype=np.int32), b, act, *offs, np.zeros((2, T, d), np.float32), out)
-    np.testing.assert_allclose(out, _ffn_reference(h, gate[:20], up[:20], down[:, :20], bias[:20], act),
+    K.ffn_bundles(h, rows, 20, np.arange(n, dtype=np.int32), b, act, thr, *offs, np.zeros((2, T, d), np.float32), out)
+    np.testing.assert_allclose(out, _ffn_reference(h, gate[:20], up[:20], down[:, :20], bias[:20], act, thr),
                                rtol=1e-4, atol=1e-4)
+    if swiglu:   # the gate-resident kernel: gate.h (and up.h) precomputed for every neuron
+        g_pre, u_pre = h @ gate.T, h @ up.T
+        K.ffn_bundles_pregate(h, np.ascontiguousarray(rows[:, d:]), n, np.arange(n, dtype=np.int32), g_pre,
+                              np.zeros((0, n), np.float32), act, thr, 0, d, np.zeros((2, T, d), np.float32), out)
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+        K.ffn_bundles_pregate(h, np.ascontiguousarray(rows[:, 2 * d:]), n, np.arange(n, dtype=np.int32), g_pre,
+                              u_pre, act, thr, 0, 0, np.zeros((2, T, d), np.float32), out)
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_gate_np_matches_kernel_activation():
+@pytest.mark.parametrize("act,thr", [a for a in ACTS if a[0] != K.ACT_RELU])
+def test_activate_np_matches_torch(act, thr):
     g = np.linspace(-8, 8, 101).astype(np.float32)
-    torch = pytest.importorskip("torch", reason="torch is the reference for the gated activations")
-    np.testing.assert_allclose(K.gate_np(g, K.ACT_GELU_TANH),
-                               torch.nn.functional.gelu(torch.from_numpy(g), approximate="tanh").numpy(), atol=1e-6)
-    np.testing.assert_allclose(K.gate_np(g, K.ACT_SILU), torch.nn.functional.silu(torch.from_numpy(g)).numpy(),
-                               atol=1e-6)
+    u = np.linspace(3, -5, 101).astype(np.float32)
+    np.testing.assert_allclose(K.activate_np(g, u, act, np.float32(thr)), _torch_activation(g, u, act, thr),
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("window,scale", [(0, None), (2, None), (4, 0.3)])
@@ -122,11 +149,12 @@ def test_decode_selection_kernels_match_numpy():
             np.testing.assert_array_equal(ids[:m], np.flatnonzero(s > 0.3))
     g, u, norm = (rng.standard_normal(64).astype(np.float32) for _ in range(3))
     out = np.empty(64, np.float32)
-    for act in (K.ACT_SILU, K.ACT_GELU_TANH):
-        K.contribution(g, u, norm, act, out)
-        np.testing.assert_allclose(out, np.abs(K.gate_np(g, act) * u) * norm, rtol=1e-5, atol=1e-6)
-        K.contribution(g, u, np.zeros(0, np.float32), act, out)
-        np.testing.assert_allclose(out, np.abs(K.gate_np(g, act) * u), rtol=1e-5, atol=1e-6)
+    for act, thr in [a for a in ACTS if a[0] != K.ACT_RELU]:
+        thr = np.float32(thr)
+        K.contribution(g, u, norm, act, thr, out)
+        np.testing.assert_allclose(out, np.abs(_torch_activation(g, u, act, thr)) * norm, rtol=1e-5, atol=1e-6)
+        K.contribution(g, u, np.zeros(0, np.float32), act, thr, out)
+        np.testing.assert_allclose(out, np.abs(_torch_activation(g, u, act, thr)), rtol=1e-5, atol=1e-6)
     kv = rng.standard_normal((3, 2, 8)).astype(np.float32)
     bits = np.zeros((3, 2, 8), np.uint16)
     K.store_kv(kv, bits)

@@ -78,21 +78,26 @@ def _bundle(rng, fmt, n, d, swiglu, stride_pad=20):
     return rows, vals, starts
 
 
-def _reference(h, vals, bias, act):
+def _reference(h, vals, bias, act, thr=0.0):
     u = h @ vals["up"].T
     if act != K.ACT_RELU:
         g = (h @ vals["gate"].T).astype(np.float64)
-        gated = g / (1 + np.exp(-g)) if act == K.ACT_SILU else 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
-        a = gated * u
+        if act == K.ACT_SILU:
+            a = g / (1 + np.exp(-g)) * u
+        elif act == K.ACT_GELU_TANH:
+            a = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3))) * u
+        else:   # FATReLU gate (thr 0: ReLU); dReLU also zeroes a negative up
+            a = np.where(g > thr, g, 0.0) * (u if act == K.ACT_RELU_GATE else np.maximum(u, 0.0))
     else:
         a = np.maximum(u + bias, 0)
     return a @ vals["down"]
 
 
 @pytest.mark.parametrize("name,sd", FORMATS)
-@pytest.mark.parametrize("act", [K.ACT_SILU, K.ACT_GELU_TANH, K.ACT_RELU])
+@pytest.mark.parametrize("act,thr", [(K.ACT_SILU, 0.0), (K.ACT_GELU_TANH, 0.0), (K.ACT_RELU_GATE, 0.3),
+                                     (K.ACT_DRELU, 0.0), (K.ACT_RELU, 0.0)])
 @pytest.mark.parametrize("T", [1, 3])
-def test_ffn_qbundles_matches_numpy_in_any_row_order(name, sd, act, T):
+def test_ffn_qbundles_matches_numpy_in_any_row_order(name, sd, act, thr, T):
     swiglu = act != K.ACT_RELU
     rng = np.random.default_rng(2)
     fmt = qformat(name, sd)
@@ -105,13 +110,13 @@ def test_ffn_qbundles_matches_numpy_in_any_row_order(name, sd, act, T):
         perm = perm.astype(np.int32)
         used = perm[:n_rows]
         sub = {k: v[used] for k, v in vals.items()}
-        ref = _reference(h, sub, bias[used], act)
+        ref = _reference(h, sub, bias[used], act, thr)
         out = np.full((T, d), np.nan, np.float32)
         # rows beyond n_rows hold garbage the kernel must not touch
         qr = np.concatenate([rows[perm], rng.integers(0, 255, (3, rows.shape[1]), dtype=np.uint8)])
         qv, sv = fmt.views(qr)
         QK.ffn_qbundles(permute_input(h), qv, sv, n_rows, perm, np.zeros(0, np.float32) if swiglu else bias,
-                        act, fmt.array(), starts, np.zeros((3, T, d), np.float32), out)
+                        act, np.float32(thr), fmt.array(), starts, np.zeros((3, T, d), np.float32), out)
         np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-4 * np.abs(ref).max())
 
 

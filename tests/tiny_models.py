@@ -75,6 +75,67 @@ def make_llama(folder, seed: int = 0, *, tied: bool, n_kv_heads: int = 2, dtype=
     return _save(cls(cfg), Path(folder), seed, dtype=dtype, sharded=sharded)
 
 
+def make_relu_family(folder, seed: int = 0, *, kind: str, threshold: float = 0.0) -> Path:
+    """A Llama checkpoint labelled as a ReLU-fied family transformers has no class for:
+    kind "fatrelu": ProSparse's config (SparseLlamaForCausalLM, hidden_act fatrelu, the threshold in
+    hidden_act_param); kind "drelu": TurboSparse / Bamboo's (BambooForCausalLM, hidden_act relu, with
+    the checkpoint's own predictor tensors mlp.predictor.fc1/fc2, which a converter skips; threshold > 0
+    adds hidden_act fatrelu on top). Reference logits: relu_family_logits."""
+    from safetensors.torch import load_file, save_file
+    folder = make_llama(folder, seed, tied=False, hidden_act="relu")
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    if kind == "fatrelu":
+        cfg.update(architectures=["SparseLlamaForCausalLM"], hidden_act="fatrelu", hidden_act_param=threshold)
+    elif kind == "drelu":
+        cfg.update(architectures=["BambooForCausalLM"], model_type="bamboo")
+        if threshold:
+            cfg.update(hidden_act="fatrelu", hidden_act_param=threshold)
+        weights = load_file(folder / "model.safetensors")
+        g = torch.Generator().manual_seed(seed + 1)
+        for i in range(cfg["num_hidden_layers"]):
+            weights[f"model.layers.{i}.mlp.predictor.fc1.weight"] = torch.randn((8, cfg["hidden_size"]), generator=g)
+            weights[f"model.layers.{i}.mlp.predictor.fc2.weight"] = torch.randn((cfg["intermediate_size"], 8), generator=g)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    else:
+        raise ValueError(kind)
+    path.write_text(json.dumps(cfg))
+    return folder
+
+
+def relu_family_logits(folder, token_ids, *, kind: str | None = None, threshold: float | None = None,
+                       f16_weights: bool = False) -> np.ndarray:
+    """[T, vocab] logits of a make_relu_family checkpoint: transformers' Llama with each MLP's forward
+    replaced by the family's published formula in torch: down(F.threshold(gate(x), t, 0) * up(x))
+    (FATReLU, as MiniCPM-S / ProSparse run it; t = 0 is ReLU), dReLU with relu(up(x)) instead of up(x)
+    (Bamboo's MLP). kind / threshold override what the config says (to show a wrong activation differs);
+    f16_weights: the weight matrices rounded to f16 first (what an f16 conversion stores)."""
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    kind = kind or ("drelu" if cfg["architectures"][0] == "BambooForCausalLM" else "fatrelu")
+    t = float(cfg.get("hidden_act_param", 0.0) if threshold is None else threshold)
+    config = transformers.LlamaConfig.from_pretrained(folder)
+    config.hidden_act, config.architectures = "relu", ["LlamaForCausalLM"]
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32).eval()
+    if f16_weights:   # the matrices; norm weights stay f32 in a conversion
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.copy_(p.half().float())
+    F = torch.nn.functional
+
+    def mlp_forward(m):
+        def forward(x):
+            up = m.up_proj(x)
+            return m.down_proj(F.threshold(m.gate_proj(x), t, 0.0) * (F.relu(up) if kind == "drelu" else up))
+        return forward
+
+    for layer in model.model.layers:
+        layer.mlp.forward = mlp_forward(layer.mlp)
+    with torch.no_grad():
+        out = model(torch.tensor([list(token_ids)], dtype=torch.long))
+    return out.logits[0].float().numpy()
+
+
 def make_qwen3(folder, seed: int = 0) -> Path:
     """Qwen3: per-head q/k RMSNorm, no biases, head_dim 24 != hidden/heads (16)."""
     cfg = transformers.Qwen3Config(**COMMON, num_hidden_layers=2, num_key_value_heads=2, head_dim=24,

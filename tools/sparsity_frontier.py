@@ -57,7 +57,7 @@ ACT = {"fn": None}   # set in main / layer_weights from the model's ffn_kind (si
 
 def silu(x):
     """The model's gate activation (named for SwiGLU, the common case)."""
-    return K.gate_np(x, ACT["fn"])
+    return K.activate_np(x, np.float32(1.0), ACT["fn"])
 
 
 @dataclass
@@ -71,8 +71,9 @@ class LayerWeights:
 def layer_weights(model: Model) -> list[LayerWeights]:
     """Each layer's exact projections, widened once from the dense-mode bundle rows."""
     c, layout = model.config, model.folder.bundles
-    if not c.gated:
-        raise SystemExit(f"{model.folder.path}: ffn_kind {c.ffn_kind!r}; this tool studies gated (SwiGLU, GeGLU) FFNs")
+    if not c.gated or c.relu_gated:   # the scores below take act(gate) alone, which dReLU's relu(up) breaks
+        raise SystemExit(f"{model.folder.path}: ffn_kind {c.ffn_kind!r}; this tool studies dense-activation "
+                         "gated (SwiGLU, GeGLU) FFNs")
     ACT["fn"] = K.ACTIVATION_OF_KIND[c.ffn_kind]
     from flashlm.converters.calibrate import layer_part      # the bundle rows or, if resident, the dense W_gate
     out = []
