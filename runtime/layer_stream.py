@@ -119,7 +119,18 @@ class RowSource:
         try:
             mv = memoryview(out.view(np.uint8).reshape(-1))
             need = self.layer_bytes
-            _read_full(fd, mv, self.layer_offsets[layer], need, self.path, layer)
+            # O_DIRECT reads whole blocks: the whole blocks straight into out, a layer's last partial
+            # block (packed rows of a small layer, e.g. 160 q8_0 rows of 204 B) through a bounce block
+            head = need // BLOCK * BLOCK
+            if head:
+                _read_full(fd, mv[:head], self.layer_offsets[layer], head, self.path, layer)
+            if need > head:
+                bounce = mmap.mmap(-1, BLOCK)
+                try:
+                    _read_full(fd, memoryview(bounce), self.layer_offsets[layer] + head, need - head, self.path, layer)
+                    mv[head:need] = bounce[:need - head]
+                finally:
+                    bounce.close()
         finally:
             os.close(fd)
         self.check(layer, 0, self.n_rows, out)
