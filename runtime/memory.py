@@ -397,6 +397,11 @@ MODES: dict[str, RunMode] = {m.name: m for m in (
 )}
 
 
+def _onnxruntime_usable() -> bool:
+    from .engines import onnxruntime_status
+    return onnxruntime_status().usable
+
+
 def embeddings_from_file(folder: ModelFolder, rt: RuntimeConfig) -> bool:
     """Read token embedding rows from the file per token instead of keeping the matrix resident?
 
@@ -406,7 +411,11 @@ def embeddings_from_file(folder: ModelFolder, rt: RuntimeConfig) -> bool:
     per token is a single small read, against a matrix that is a fifth of a small model."""
     c = folder.config
     quantized = any(t.storage is not None and t.storage.block_elems > 1 for t in folder.dense.values())
-    possible = not c.tied_embeddings or (quantized and dense_engine(rt) == "onnxruntime")
+    # Where onnxruntime cannot run (the builder's numba fallback) the tied matrix is the widened lm_head,
+    # resident anyway: its rows come from that copy, as in an unconstrained run (reading them from the
+    # file decoded them exactly, 1e-2 off the f16-widened run's logits on the tiny q8_0 model).
+    possible = not c.tied_embeddings or (quantized and dense_engine(rt) == "onnxruntime"
+                                         and _onnxruntime_usable())
     if rt.embeddings == "auto":
         return possible and (rt.budget is not None or rt.memory_limit is not None)
     return possible and rt.embeddings == "flash"

@@ -358,6 +358,26 @@ def test_without_onnxruntime_quantized_weights_run_on_numba(tmp_path, monkeypatc
         engines.onnxruntime_status.cache_clear()
 
 
+def test_without_onnxruntime_a_budget_changes_nothing_on_a_tied_model(tmp_path, monkeypatch):
+    """The numba fallback keeps the tied matrix resident (widened to f16: it is the lm_head), so a
+    budget must not switch its embedding lookups to the file's exactly decoded rows: those moved the
+    logits of this model by 1e-2 from the unconstrained run (the aarch64 fixtures' q8_0 hybrid)."""
+    from flashlm.runtime import engines
+    src = MODELS["tied-mha"](tmp_path / "src")
+    out = convert(src, tmp_path / "m.flashlm", dtype="q8_0", progress=False)
+    monkeypatch.setenv(engines.ENV, "off")
+    engines.onnxruntime_status.cache_clear()
+    try:
+        m0, ref = _run(out, RuntimeConfig(kv_dtype="f32"))
+        m0.close()
+        m1, got = _run(out, RuntimeConfig(kv_dtype="f32", mode="naive", budget="64MiB"))
+        assert m1.widened and not m1.plan.embeddings_from_file
+        m1.close()
+        np.testing.assert_array_equal(got, ref)
+    finally:
+        engines.onnxruntime_status.cache_clear()
+
+
 def test_the_onnxruntime_check_survives_a_crashing_child():
     from flashlm.runtime import engines
     ok = engines.check_in_child(engines._CHECK)
