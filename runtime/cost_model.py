@@ -93,6 +93,21 @@ class ModelShape:
         density = min(1.0, n_rows / self.n_ff)
         return self.n_ff / per_block * (1.0 - (1.0 - density) ** per_block)
 
+    def row_runs(self, n_rows: float, gap_bytes: int = 0) -> float:
+        """Read requests that n_rows scattered rows of one layer become: the reader (runtime/flash_reader.py)
+        sorts them and merges rows whose blocks are adjacent, or apart by at most gap_bytes, into one
+        read. Of u units (rows, or blocks for rows smaller than a block) touched out of U, taken as
+        spread at random, a unit starts a new read when none of the 1 + gap units before it is touched:
+        u (1 - u/U)^(1 + gap) reads (at least one). E.g. SmolLM2's 650 of 1536 rows: 375 reads, not 650."""
+        units = self.row_reads(n_rows)
+        if units <= 0:
+            return 0.0
+        unit_blocks = max(1, self.stride_bytes // ROW_READ_UNIT)
+        total = self.n_ff / (ROW_READ_UNIT // self.stride_bytes) if self.stride_bytes < ROW_READ_UNIT else self.n_ff
+        density = min(1.0, units / total)
+        gap_units = gap_bytes // ROW_READ_UNIT // unit_blocks
+        return max(1.0, units * (1.0 - density) ** (1 + gap_units))
+
     @classmethod
     def from_folder(cls, folder) -> "ModelShape":
         from .memory import whole_layer_bytes
@@ -127,6 +142,7 @@ class TokenCost:
     overhead_s: float            # per-token + per-layer fixed costs
     peak_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
+    contention_s: float = 0.0    # compute slowed by the streamed reads in flight (the probe's stream_slowdown)
 
     @property
     def io_busy_s(self) -> float:
@@ -142,11 +158,11 @@ class TokenCost:
 
     @property
     def compute_s(self) -> float:
-        return sum(l.compute_s for l in self.layers) + self.head_s
+        return sum(l.compute_s for l in self.layers) + self.head_s + self.contention_s
 
     @property
     def total_s(self) -> float:
-        return sum(l.total_s for l in self.layers) + self.head_s + self.overhead_s
+        return sum(l.total_s for l in self.layers) + self.head_s + self.overhead_s + self.contention_s
 
     @property
     def overlap_s(self) -> float:
@@ -172,7 +188,8 @@ class TokenCost:
                f"    flash I/O            {ms(self.io_busy_s)}   {self.bytes_read / 2**20:8.2f} MiB read",
                f"      hidden by overlap -{ms(self.overlap_s).strip():>11s}   (waited for: {ms(self.io_wait_s).strip()})",
                f"    memory management    {ms(self.mm_s)}",
-               f"    compute              {ms(self.compute_s)}   (lm_head {1e3 * self.head_s:.2f} ms)",
+               f"    compute              {ms(self.compute_s)}   (lm_head {1e3 * self.head_s:.2f} ms"
+               + (f", slowed by the streaming readers {1e3 * self.contention_s:.2f} ms)" if self.contention_s else ")"),
                f"    fixed overheads      {ms(self.overhead_s)}",
                "    layers: " + ", ".join(f"{n} {k}" for k, n in kinds.items() if n)]
         return out + [f"    note: {n}" for n in self.notes]
@@ -217,10 +234,14 @@ class CostModel:
     def __init__(self, profile: DeviceProfile, shape: ModelShape, *, compute_threads: int | None = None,
                  io_threads: int = 4, io: str = "direct", engine: str = "numba", pipeline: bool = True,
                  layer_overhead_s: float = LAYER_OVERHEAD_S, token_overhead_s: float = TOKEN_OVERHEAD_S,
-                 sparse_bookkeeping_s: float | None = None):
+                 sparse_bookkeeping_s: float | None = None, max_gap_bytes: int = 0):
         self.profile, self.shape = profile, shape
         self.compute_threads = compute_threads or profile.cores
         self.io_threads = io_threads
+        self.max_gap_bytes = max_gap_bytes
+        # compute slowed by reads in flight (the probe's figures; none: 1x and 0)
+        self.stream_slowdown = profile.stream_compute_slowdown(io_threads, self.compute_threads)
+        self.call_compute_s = profile.reader_call_compute_s(io_threads, self.compute_threads)
         self.io = io
         self.engine = engine
         self.pipeline = pipeline
@@ -244,7 +265,7 @@ class CostModel:
         I/O mode, for the folder's model."""
         return cls(profile or load_device(rt.profile), ModelShape.from_folder(folder),
                    compute_threads=compute_threads or rt.threads, io_threads=rt.io_threads, io=rt.io,
-                   pipeline=rt.pipeline, **overheads)
+                   pipeline=rt.pipeline, max_gap_bytes=rt.max_gap_bytes, **overheads)
 
     @property
     def source(self) -> str:
@@ -266,13 +287,14 @@ class CostModel:
             return 0.0
         if self.io != "direct":    # the page cache: rows at their stride (pages read ahead serve neighbours)
             return self.reader_call_s + self.random_read_s(n_rows, self.shape.stride_bytes)
-        reads = self.shape.row_reads(n_rows)
+        # adjacent rows are one read: fewer, larger reads (runs of the mean size)
+        reads = self.shape.row_runs(n_rows, self.max_gap_bytes)
+        size = self.shape.row_reads(n_rows) * self.shape.row_read_bytes / reads
         in_flight = max(1.0, min(float(self.io_threads), reads))
         row_s = self.profile.reader_row_s(in_flight)
         if row_s is None:          # not measured in a decode step: the raw reads' figures
-            return self.reader_call_s + self.random_read_s(reads, self.shape.row_read_bytes)
-        # measured for 4 KiB rows; a bigger row costs what the raw table says one such read costs more
-        size = self.shape.row_read_bytes
+            return self.reader_call_s + self.random_read_s(reads, size)
+        # measured for 4 KiB rows; a bigger read costs what the raw table says one such read costs more
         scale = (size / self._table.random_at(size, in_flight)) / (ROW_READ_UNIT / self._table.random_at(ROW_READ_UNIT, in_flight))
         return self.reader_call_s + reads * row_s * scale
 
@@ -349,8 +371,10 @@ class CostModel:
         mm_s = (self.sparse_bookkeeping_s + self.step_row_s * wanted_rows
                 + self.dram_copy_s(miss_rows * s.stride_bytes))
         nbytes = s.row_reads(miss_rows) * s.row_read_bytes if self.io == "direct" else miss_rows * s.stride_bytes
+        # the compute thread's share of the reader call (its workers wake and take the GIL and cores)
+        call_s = self.call_compute_s if miss_rows > 0 else 0.0
         return LayerCost(Placement.SPARSE.value, held_rows, miss_rows, nbytes, io_s,
-                         max(0.0, io_s - held_s), mm_s, attn_s + pred_s + held_s + new_s)
+                         max(0.0, io_s - held_s), mm_s, attn_s + pred_s + held_s + new_s + call_s)
 
     def token(self, layers: list[LayerCost], peak_bytes: int | None = None, notes: list[str] | None = None) -> TokenCost:
         """A decode token of these layers. Streamed layers, with the pipeline, come through a ring the
@@ -362,18 +386,23 @@ class CostModel:
         head_s = self.matvec_s(s.vocab * s.d_model, s.storage, s.bytes_per_weight)
         overhead = self.token_overhead_s + self.layer_overhead_s * s.n_layers
         streamed = [l for l in layers if l.kind == Placement.STREAM.value]
+        contention = 0.0
         if streamed:
             read = sum(l.io_busy_s for l in streamed)
+            # compute while the ring streams runs slower (the probe's stream_slowdown): the part of the
+            # token's compute that overlaps the streamed reads, at most all of it
+            compute = sum(l.compute_s for l in layers) + head_s
+            contention = (self.stream_slowdown - 1.0) * min(compute, read)
             if self.pipeline:
                 rest = sum(l.total_s for l in layers if l.kind != Placement.STREAM.value) + head_s + overhead \
-                    + sum(l.compute_s for l in streamed)
+                    + sum(l.compute_s for l in streamed) + contention
                 wait = max(0.0, read - rest)
                 layers = [dataclasses.replace(l, io_wait_s=wait * l.io_busy_s / read) if l.kind == Placement.STREAM.value
                           and read > 0 else l for l in layers]
             else:
                 layers = [dataclasses.replace(l, io_wait_s=l.io_busy_s) if l.kind == Placement.STREAM.value else l
                           for l in layers]
-        return TokenCost(layers, head_s, overhead, peak_bytes, list(notes or []))
+        return TokenCost(layers, head_s, overhead, peak_bytes, list(notes or []), contention)
 
     def plan_cost(self, plan: MemoryPlan, calibration: Calibration | None = None, pin: float = 0.0,
                   notes: list[str] | None = None) -> TokenCost:

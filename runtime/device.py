@@ -115,6 +115,10 @@ class DeviceProfile:
     reader_stream_mb_s: list[float] | None = None  # and a whole layer streamed (None: not measured)
     cache_step_us: float = DEFAULT_CACHE_STEP_US  # a sparse layer's NeuronCache step per token ...
     cache_step_row_us: float = 0.0               # ... plus this per wanted neuron
+    # compute slowed by reads in flight: per reader thread count, at each of compute_threads (None: 1x)
+    stream_slowdown: dict[int, list[float]] | None = None    # ... while the ring streamer reads whole layers
+    # compute-thread time lost per FlashReader.read_rows call (its workers wake, take the GIL and cores)
+    reader_call_compute_us: dict[int, list[float]] | None = None
     description: str = ""
     sources: list[str] = field(default_factory=list)
     path: str = "built-in defaults"
@@ -143,6 +147,23 @@ class DeviceProfile:
     def reader_stream_mb_s_at(self, threads: int) -> float | None:
         """MB/s of a whole layer streamed by FlashReader during a decode step (None: not measured)."""
         return None if self.reader_stream_mb_s is None else _interp(self.direct.threads, self.reader_stream_mb_s, threads)
+
+    def _per_readers(self, table: dict[int, list[float]], io_threads: int, compute_threads: int) -> float:
+        readers = sorted(table)
+        return _interp(readers, [_interp(self.compute_threads, table[n], compute_threads) for n in readers], io_threads)
+
+    def stream_compute_slowdown(self, io_threads: int, compute_threads: int) -> float:
+        """How much longer compute takes while `io_threads` readers stream whole layers, at
+        `compute_threads` compute threads (1.0: not measured)."""
+        if not self.stream_slowdown:
+            return 1.0
+        return max(1.0, self._per_readers(self.stream_slowdown, io_threads, compute_threads))
+
+    def reader_call_compute_s(self, io_threads: int, compute_threads: int) -> float:
+        """Compute-thread seconds one read_rows call with `io_threads` workers costs (0: not measured)."""
+        if not self.reader_call_compute_us:
+            return 0.0
+        return 1e-6 * max(0.0, self._per_readers(self.reader_call_compute_us, io_threads, compute_threads))
 
     def dram_gb_s_at(self, threads: int) -> float:
         return _interp(self.dram_threads, self.dram_gb_s, threads)
@@ -296,6 +317,7 @@ def parse_profile(data: dict, path: str = "<profile>") -> DeviceProfile:
     cores = dev.get("cores", int, positive=True)
     c_threads, gweights = [cores], {}
     step = dict(cache_step_us=DEFAULT_CACHE_STEP_US, cache_step_row_us=0.0)
+    slowdown: dict = {}
     if comp is not None:
         step = dict(cache_step_us=comp.get("cache_step_us", float, default=DEFAULT_CACHE_STEP_US),
                     cache_step_row_us=comp.get("cache_step_row_us", float, default=0.0))
@@ -305,12 +327,25 @@ def parse_profile(data: dict, path: str = "<profile>") -> DeviceProfile:
         c_threads = comp.numbers("threads", integer=True, increasing=True)
         g = comp.table("gweights_s", required=False)
         gweights = {k: g.numbers(k, len(c_threads), what="one per compute.threads") for k in g.data} if g else {}
+        for key, low in (("stream_slowdown", 1.0), ("reader_call_compute_us", 0.0)):
+            t = comp.table(key, required=False)
+            if t is None:
+                continue
+            table = {}
+            for k, v in t.data.items():
+                if not k.isdigit() or int(k) < 1:
+                    t.fail(k, "expected a reader thread count (a positive integer) as the key")
+                if (not isinstance(v, list) or len(v) != len(c_threads)
+                        or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x < low for x in v)):
+                    t.fail(k, f"expected {len(c_threads)} numbers >= {low:g} (one per compute.threads), got {v!r}")
+                table[int(k)] = [float(x) for x in v]
+            slowdown[key] = table or None
 
     return DeviceProfile(
         name=dev.get("name", str), measured=measured, cores=cores, ram_bytes=ram,
         memory_limit_bytes=limit, page_size=dev.get("page_size", int, default=4096, positive=True),
         machine=dev.get("machine", str, default=""), direct=direct, buffered=buffered, dram_threads=dram_threads,
-        dram_gb_s=dram, compute_threads=c_threads, compute_gweights_s=gweights, **step,
+        dram_gb_s=dram, compute_threads=c_threads, compute_gweights_s=gweights, **step, **slowdown,
         reader_call_us=call_us, reader_row_us=row_us, reader_stream_mb_s=stream_mb_s,
         description=dev.get("description", str, default=""), sources=list(sources), path=path, raw=data)
 

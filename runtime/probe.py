@@ -230,67 +230,162 @@ def reader_rows_point(path, file_size, seconds, rows_per_call, stride=16384, thr
     return s.useful_bytes / s.seconds / 1e6, s.bytes_read / s.seconds / 1e6, s.reads / s.seconds
 
 
-class _Compute:
-    """A decode-like compute load on one thread while reads are measured: numba matvecs (which release
-    the GIL, as the decode kernels do) over weights larger than the cache, in a loop until stopped.
-    A decode step reads while it computes, and both share the cores, the memory bus and the GIL's
-    hand-offs; raw reads on an idle machine do not see that."""
+class _Matvecs:
+    """The compute thread of a decode step, reduced to what contends with the readers: short numba
+    matvecs (kernels.matmul releases the GIL; at 2+ threads its parallel halves each need a core) with
+    the Python between them that needs the GIL back, as a sparse layer's predictor, cache step and
+    kernels do. `run` returns (calls, seconds) of a loop; against the same loop without reads in
+    flight it gives the compute time the readers cost. Means, not medians: a GIL hand-off that
+    stalls one call in ten is what a decode step pays."""
 
-    def __init__(self):
+    def __init__(self, rows: int = 256, cols: int = 2048, copies: int = 64):
         from .kernels import matmul
-        self.w = np.ones((2048, 4096), np.uint16)
-        self.x = np.ones((1, 4096), np.float32)
-        self.out = np.empty((1, 2048), np.float32)
+        self.w = [np.full((rows, cols), 0x3C00, np.uint16) for _ in range(copies)]      # f16 ones, > cache
+        self.x = np.ones((1, cols), np.float32)
+        self.out = np.empty((1, rows), np.float32)
         self.matmul = matmul
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.k = 0
+        self.call()                                 # compiled before any clock runs
 
-    def _loop(self):
-        while not self.stop.is_set():
-            self.matmul(self.x, self.w, self.out)
+    def call(self) -> None:
+        self.matmul(self.x, self.w[self.k % len(self.w)], self.out)
+        self.k += 1
 
-    def __enter__(self):
-        self.matmul(self.x, self.w, self.out)       # compiled before the clock runs
-        self.thread.start()
-        return self
+    def run(self, seconds: float, until=None) -> tuple[int, float]:
+        n = 0
+        t0 = time.perf_counter()
+        t_end = t0 + seconds
+        while n < 3 or (time.perf_counter() < t_end if until is None else not until()):
+            self.call()
+            n += 1
+        return n, time.perf_counter() - t0
 
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
+
+class _LayerKernel:
+    """The streamed layers' kernel in the probe: a matvec over each layer's rows as f16 weights (a
+    decode step's compute per streamed byte), timed, so the compute slowdown under streaming is measured
+    on the calls the ring streamer itself makes."""
+
+    def __init__(self, cols: int):
+        from .kernels import matmul
+        self.d = 8
+        self.matmul = matmul
+        self.x = np.ones((1, cols), np.float32)
+        self.y = None
+        self.times: list[float] = []
+
+    def __call__(self, h, rows, n, ids, bias, out) -> None:
+        if self.y is None or self.y.shape[1] != n:
+            self.y = np.empty((1, n), np.float32)
+        t0 = time.perf_counter()
+        self.matmul(self.x, rows[:n], self.y)
+        self.times.append(time.perf_counter() - t0)
 
 
-def reader_runtime_points(path, file_size, seconds, threads, stride=4096, layer_bytes=16 * MiB) -> dict:
-    """The reads of a decode step, at `threads` reader threads, while a compute thread runs: whole layers
-    as the ring streamer reads them (runtime/layer_stream.py: each thread loops over ~1.5 MiB reads),
-    in MB/s, and FlashReader.read_rows calls of k random rows fitted as t(k) = call + k x row
-    (k = 16, 64, 256, least squares: one call per sparse layer per token). Medians."""
+def ring_stream_point(path, file_size, seconds, threads, compute_threads, layer_bytes=16 * MiB, stride=4096) -> dict:
+    """Whole layers through the runtime's own ring streamer (runtime/layer_stream.py: a ring of two
+    layers, ~1.5 MiB chunks claimed in order by `threads` reader threads, read ahead across layers)
+    while the compute thread runs a matvec over each layer as it arrives, as a decode step's streamed
+    layers do. Returns the readers' rate (bytes / their busy time: the runtime's io_busy) and the
+    compute slowdown (the per-layer matvec while streaming / the same matvec on resident rows)."""
+    from .ffn import FFNStats
+    from .kernels import set_threads
+    from .layer_stream import RingStreamer, RowSource
+    layer_bytes = max(stride, min(layer_bytes, file_size // 4 // stride * stride))
+    n_rows, n_layers = layer_bytes // stride, file_size // layer_bytes
+    src = RowSource(str(path), tuple(i * layer_bytes for i in range(n_layers)), stride, n_rows, 1,
+                    np.dtype(np.uint16), direct=True)
+    kernel = _LayerKernel(stride // 2)
+    set_threads(compute_threads)
+    stats = FFNStats()
+    streamer = RingStreamer(src, kernel, [None] * n_layers, list(range(n_layers)), 2 * layer_bytes, stats,
+                            threads=threads)
+    try:
+        h, out = np.ones((1, kernel.d), np.float32), np.zeros((1, kernel.d), np.float32)
+        for layer in range(n_layers):          # one pass to warm up (ring filled, kernel compiled)
+            streamer.compute(layer, h, out)
+        streamer.settle()
+        streamer.reset_stats()
+        kernel.times.clear()
+        t_end = time.perf_counter() + seconds
+        layer = 0
+        while time.perf_counter() < t_end or layer < 2:
+            streamer.compute(layer % n_layers, h, out)
+            layer += 1
+        streamer.settle()
+        nbytes, _ = streamer.io_counts()
+        busy = streamer.ring.busy_s
+    finally:
+        streamer.close()
+    loaded = float(np.mean(kernel.times))
+    resident = [np.full((n_rows, stride // 2), 0x3C00, np.uint16) for _ in range(2)]
+    kernel.times.clear()
+    t_end = time.perf_counter() + max(0.2, seconds / 4)
+    while len(kernel.times) < 4 or time.perf_counter() < t_end:
+        kernel(h, resident[len(kernel.times) % 2], n_rows, None, None, out)
+    alone = float(np.mean(kernel.times))
+    set_threads(None)
+    return {"stream_mb_s": nbytes / max(busy, 1e-9) / 1e6, "stream_slowdown": max(1.0, loaded / alone)}
+
+
+def reader_rows_points(path, file_size, seconds, threads, compute_threads, stride=4096, layer_bytes=16 * MiB) -> dict:
+    """FlashReader.read_rows calls of k random 4 KiB rows (k = 16, 64, 256), as the sparse path makes
+    them (one call per sparse layer per token): first alone, fitted as t(k) = call + k x row (least
+    squares) - in the decode steps whose reads matter the compute thread waits for them (io_wait was
+    80-95% of the sparse plans' time in the idle check), so the readers have the cores - then from an
+    I/O thread while the compute thread runs short matvecs (`_Matvecs`), for the compute time lost per
+    call (the loop's time with calls in flight less its time alone for as many matvecs, over the calls:
+    the reader's workers wake and take the GIL and the cores). Random rows of a 16 MiB layer are rarely
+    adjacent: the cost model prices adjacent rows, which the reader merges into one read, from these
+    and the raw table."""
+    from .kernels import set_threads
     layer_bytes = max(stride, min(layer_bytes, file_size // 2 // stride * stride))
-    n_rows = layer_bytes // stride
-    n_layers = file_size // layer_bytes
+    n_rows, n_layers = layer_bytes // stride, file_size // layer_bytes
     rng = np.random.default_rng(2)
-    out = aligned_empty((n_rows, stride), np.uint8)
+    out = aligned_empty((256, stride), np.uint8)
+    ks = sorted({min(k, n_rows) for k in (16, 64, 256)})
+    set_threads(compute_threads)
+    mv = _Matvecs()
+    n0, t0 = mv.run(max(0.05, seconds / 8))
+    alone = t0 / n0
+    per_call = []
     with FlashReader(path, layer_offsets=[i * layer_bytes for i in range(n_layers)], stride_bytes=stride,
-                     n_rows=n_rows, mode="direct", threads=threads) as r, _Compute():
-        # whole layers: the ring streamer's `threads` readers each loop over ~1.5 MiB reads
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        try:
-            chunk = max(4096, min(CHUNK_BYTES, file_size // threads // 4096 * 4096))
-            el, nbytes, _ = sequential_point(fd, file_size, threads, seconds, bs=chunk)
-        finally:
-            os.close(fd)
-        mb_s = nbytes / el / 1e6
-        ks = sorted({min(k, n_rows) for k in (16, 64, 256)})
-        per_call = []
+                     n_rows=n_rows, mode="direct", threads=threads) as r:
+        def call(m, dst):
+            r.read_rows(int(rng.integers(n_layers)), rng.choice(n_rows, m, replace=False), out, dst)
         for m in ks:
             dst = np.arange(m, dtype=np.int64)
-            per_call.append(_timed(lambda: r.read_rows(int(rng.integers(n_layers)), rng.choice(n_rows, m, replace=False),
-                                                       out, dst), seconds / len(ks)))
+            per_call.append(_timed(lambda: call(m, dst), seconds / 2 / len(ks)))
+        m = ks[len(ks) // 2]
+        dst = np.arange(m, dtype=np.int64)
+        calls = [0]
+        done = threading.Event()
+
+        def io_loop():
+            t_end = time.perf_counter() + seconds / 2
+            while calls[0] < 3 or time.perf_counter() < t_end:
+                call(m, dst)
+                calls[0] += 1
+            done.set()
+        io = threading.Thread(target=io_loop, daemon=True)
+        io.start()
+        n1, t1 = mv.run(0.0, until=done.is_set)
+        io.join()
+    set_threads(None)
     if len(ks) > 1:                      # least squares t = call + k row
-        row, call = np.polyfit(np.asarray(ks, float), np.asarray(per_call), 1)
+        row, call_s = np.polyfit(np.asarray(ks, float), np.asarray(per_call), 1)
     else:
-        row, call = per_call[0] / ks[0], 0.0
-    row = max(float(row), 1e-7)
-    return {"stream_mb_s": mb_s, "call_s": max(0.0, float(call)), "row_s": row}
+        row, call_s = per_call[0] / ks[0], 0.0
+    return {"call_s": max(0.0, float(call_s)), "row_s": max(float(row), 1e-7),
+            "call_compute_s": max(0.0, t1 - n1 * alone) / calls[0]}
+
+
+def reader_runtime_points(path, file_size, seconds, threads, compute_threads) -> dict:
+    """The reads of a decode step at `threads` reader threads with the runtime's own readers, while a
+    compute thread at `compute_threads` numba threads runs: whole layers through the ring streamer
+    (`ring_stream_point`) and row calls through FlashReader (`reader_rows_points`)."""
+    return {**ring_stream_point(path, file_size, seconds / 2, threads, compute_threads),
+            **reader_rows_points(path, file_size, seconds / 2, threads, compute_threads)}
 
 
 def reader_layer_point(path, file_size, seconds, layer_bytes=256 * MiB, stride=16384, threads=4):
@@ -348,12 +443,18 @@ def probe_flash(path: str, s: ProbeSettings, on_point: Callable[[str, dict], Non
         finally:
             os.close(fd)
     # The reader as decode steps use it (while computing): whole layers streamed, and calls of random rows.
-    res["runtime"] = {}
+    # Rates at the default compute threads (all cores); the compute slowdown at each compute thread count.
+    res["runtime"], res["slowdown"] = {}, {}
     for nt in s.threads:
-        pt = reader_runtime_points(path, s.file_bytes, s.seconds, nt)
-        res["runtime"][nt] = pt
-        on_point("reader", {"what": "in a decode step", "threads": nt, "stream_mb_s": pt["stream_mb_s"],
-                            "call_us": 1e6 * pt["call_s"], "row_us": 1e6 * pt["row_s"]})
+        for ct in sorted(s.compute_threads, reverse=True):
+            pt = reader_runtime_points(path, s.file_bytes, s.seconds, nt, ct)
+            res["slowdown"][nt, ct] = (pt["stream_slowdown"], 1e6 * pt["call_compute_s"])
+            if ct == max(s.compute_threads):
+                res["runtime"][nt] = pt
+            on_point("reader", {"what": "in a decode step", "threads": nt, "compute_threads": ct,
+                                "stream_mb_s": pt["stream_mb_s"], "call_us": 1e6 * pt["call_s"],
+                                "row_us": 1e6 * pt["row_s"], "stream_slowdown": pt["stream_slowdown"],
+                                "call_compute_us": 1e6 * pt["call_compute_s"]})
     if s.reader_checks:
         rows = {}
         for nt, k in ((4, 64), (4, 512), (16, 512)):
@@ -587,8 +688,19 @@ def _as_profile(facts, disk, s: ProbeSettings, flash, dram, compute, errors, che
         "flash": fl,
         "memory": {"threads": threads, "read_gb_s": [rnd(dram[t]) for t in threads]},
         "compute": {"threads": threads, **({k: rnd(v) for k, v in check.items()} if check else {}),
-                    "gweights_s": {k: [rnd(v[t]) for t in threads] for k, v in compute.items() if v}},
+                    "gweights_s": {k: [rnd(v[t]) for t in threads] for k, v in compute.items() if v},
+                    **_slowdown_tables(flash.get("slowdown"), s.threads, threads)},
     }
+
+
+def _slowdown_tables(slowdown: dict | None, reader_threads, compute_threads) -> dict:
+    """[compute.stream_slowdown] (compute time while the ring streams / alone) and
+    [compute.reader_call_compute_us] (compute-thread time lost per read_rows call): per reader thread
+    count (the key), at each compute thread count."""
+    if not slowdown:
+        return {}
+    return {name: {str(nt): [round(float(slowdown[nt, ct][i]), 2) for ct in compute_threads] for nt in reader_threads}
+            for i, name in enumerate(("stream_slowdown", "reader_call_compute_us"))}
 
 
 # --- TOML writing (tomllib reads, nothing in the standard library writes) ----------------------------

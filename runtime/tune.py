@@ -6,7 +6,8 @@ planner's per-layer choice, or every layer sparse), the sliding window (the size
 measured), the pinned hot fraction, reader threads and compute threads. For each setting
 the planner (runtime/memory.py) decides per-layer modes and cache sizes within the budget, and the
 cost model predicts ms/token and peak memory. Not searched (fixed, and said so in the run profile):
-the coalescing gap (the cost model has no figures for how often rows are adjacent) and the
+the coalescing gap (the cost model merges adjacent rows and rows within a given gap into one read,
+but does not price the bytes a gap reads through, so it cannot weigh a gap) and the
 selector's keep fraction (fixed when the predictors were calibrated; recalibrate to change it).
 
 A run profile is TOML with a [run] table of RuntimeConfig fields and the device profile it was tuned
@@ -83,7 +84,7 @@ def evaluate(folder, rt: RuntimeConfig, profile: DeviceProfile, calibration: dic
                        calibration=cal)
     notes = []
     if rt.max_gap_bytes:
-        notes.append(f"max_gap {rt.max_gap_bytes} B is not modelled (reads counted as if not coalesced)")
+        notes.append(f"max_gap {rt.max_gap_bytes} B: the merged reads are priced, the gaps' extra bytes are not")
     return Candidate(rt, plan, costs.plan_cost(plan, cal, pin=rt.pin, notes=notes))
 
 
@@ -129,7 +130,7 @@ def run_profile_toml(best: Candidate, *, model: str, device: str, memory_limit: 
     c = best.cost
     data = {"run": run,
             "tuned": {"model": model, "device": device, "memory_limit_bytes": memory_limit,
-                      "not_searched": ["max_gap_bytes (not modelled)",
+                      "not_searched": ["max_gap_bytes (the bytes a gap reads through are not priced)",
                                        "keep fraction (fixed by calibration; recalibrate to change it)"]},
             "predicted": {"ms_per_token": round(1e3 * c.total_s, 3), "peak_bytes": int(c.peak_bytes or 0),
                           **{k: round(v, 3) for k, v in c.per_token_ms().items() if k != "total_ms"}}}

@@ -26,6 +26,19 @@ SHAPE = ModelShape(n_layers=2, d_model=100, n_ff=1000, vocab=500, attn_weights=4
                    stride_bytes=4096, storage="f16")
 
 
+def t_read(size, threads):
+    """ROUND's time per random read: linear in size between 4 KiB and 1 MiB (at 1 or 4 in flight)."""
+    lo, hi = {1: (40e6, 400e6), 4: (160e6, 800e6)}[threads]
+    t4, t1m = 4096 / lo, 1048576 / hi
+    return t4 + (t1m - t4) * (size - 4096) / (1048576 - 4096)
+
+
+def coalesced(u, total):
+    """Reads of u random units (rows, or blocks) of `total` once adjacent ones are merged: a unit starts
+    a read when the one before it is not wanted."""
+    return max(1.0, u * (1 - u / total))
+
+
 def model(io_threads=4, **kw):
     return CostModel(DEVICE, SHAPE, compute_threads=2, io_threads=io_threads, layer_overhead_s=0.0,
                      token_overhead_s=0.0, sparse_bookkeeping_s=0.0, **kw)
@@ -49,8 +62,11 @@ def test_streamed_layer_overlaps_its_read_with_compute():
 
 def test_sparse_layer_by_hand():
     c = model().layer("sparse", held_rows=300, miss_rows=50, predictor_weights=10_000)
-    # reads: 50 rows of 4 KiB with 4 in flight at 160 MB/s = 50 x 4096 / 160e6 = 1.28 ms
-    assert c.io_busy_s == pytest.approx(50 * 4096 / 160e6)
+    # reads: 50 random rows of 1000 are 50 x 0.95 = 47.5 reads (adjacent rows merge) of 50 x 4 KiB / 47.5
+    # = 4311 B each, with 4 in flight
+    reads = coalesced(50, 1000)
+    assert reads == pytest.approx(47.5)
+    assert c.io_busy_s == pytest.approx(reads * t_read(50 * 4096 / reads, 4))
     # compute: attention 40 us + predictor 10k f32 at 2 G/s = 5 us + held 250 rows x 300 = 75 us + new 50 x 300 = 15 us
     assert c.compute_s == pytest.approx(40e-6 + 5e-6 + 75e-6 + 15e-6)
     # memory management: swap copies of 50 rows, read + written at 10 GB/s = 2 x 204800 / 1e10
@@ -65,7 +81,22 @@ def test_few_missing_rows_cannot_use_every_reader_thread():
     # one row is one read in flight: 4096 B at the 1-thread 40 MB/s
     assert one.io_busy_s == pytest.approx(4096 / 40e6)
     two = model(io_threads=1).layer("sparse", held_rows=300, miss_rows=50)
-    assert two.io_busy_s == pytest.approx(50 * 4096 / 40e6)
+    assert two.io_busy_s == pytest.approx(47.5 * t_read(50 * 4096 / 47.5, 1))
+
+
+def test_adjacent_rows_are_one_read_and_a_gap_merges_more():
+    m = model()
+    # every row of the layer: one read (a run of 1000 rows), not 1000
+    assert m.shape.row_runs(1000) == pytest.approx(1.0)
+    # 500 of 1000: 500 x 0.5 = 250 reads; with an 8 KiB gap (2 rows), a row starts a read only when
+    # none of the 3 before it is wanted: 500 x 0.5^3 = 62.5
+    assert m.shape.row_runs(500) == pytest.approx(250.0)
+    assert m.shape.row_runs(500, gap_bytes=8192) == pytest.approx(62.5)
+    # 8 KiB rows: units are rows; a 4 KiB gap is less than a row, so it merges nothing more
+    big = ModelShape(2, 100, 1000, 500, 40_000, 300, 8192, "f16")
+    assert big.row_runs(500, gap_bytes=4096) == pytest.approx(250.0)
+    # the time: 250 reads of 8 KiB with 4 in flight
+    assert m.rows_seconds(500) == pytest.approx(250 * t_read(8192, 4))
 
 
 def test_token_adds_lm_head_and_overheads():
@@ -109,25 +140,28 @@ def test_measured_reader_calls_cache_steps_and_row_kernel():
     dev = parse_profile(data, "measured.toml")
     m = CostModel(dev, SHAPE, compute_threads=2, io_threads=4, layer_overhead_s=0.0, token_overhead_s=0.0)
     c = m.layer("sparse", held_rows=300, miss_rows=50, wanted_rows=100)
-    # 50 us per call at 4 readers + 50 rows x 4096 B at 160 MB/s (1.28 ms)
-    assert c.io_busy_s == pytest.approx(50e-6 + 50 * 4096 / 160e6)
+    # 50 us per call at 4 readers + 47.5 merged reads of 4311 B
+    assert c.io_busy_s == pytest.approx(50e-6 + 47.5 * t_read(50 * 4096 / 47.5, 4))
     # the measured cache step: 20 us + 100 wanted x 0.01 us, and the swap copies of 50 rows at 10 GB/s
     assert c.mm_s == pytest.approx(20e-6 + 1e-6 + 2 * 50 * 4096 / 10e9)
     # the rows through the row kernel at 0.5 G/s: 300 x 300 / 0.5e9 = 180 us; attention at the matmul's 1 G/s
     assert c.compute_s == pytest.approx(40e-6 + 300 * 300 / 0.5e9)
     # a streamed layer is one sequential read: no per-call cost on top of 4.096 MB at 1000 MB/s
     assert m.layer("stream").io_busy_s == pytest.approx(4.096e-3)
-    # the per-token fallback: streaming (4.096 ms) beats one call (50 us) + n rows x 25.6 us from
-    # (4.096e-3 - 50e-6) / 25.6e-6 = 158.05 rows on (the call cost is paid once, not per row)
-    assert not m.stream_is_cheaper(158) and m.stream_is_cheaper(159)
-    assert m.rows_seconds(158) < m.layer_stream_s < m.rows_seconds(159)
+    # the per-token fallback: streaming (4.096 ms) beats one call (50 us, paid once, not per row) + the
+    # merged reads of n rows from the first n where they take longer
+    first = next(n for n in range(1, 1001) if 50e-6 + coalesced(n, 1000) * t_read(4096 * n / coalesced(n, 1000), 4)
+                 > 4.096e-3)
+    assert not m.stream_is_cheaper(first - 1) and m.stream_is_cheaper(first)
+    assert m.rows_seconds(first - 1) < m.layer_stream_s < m.rows_seconds(first)
     # one reader thread: the 1-thread call cost
     assert CostModel(dev, SHAPE, io_threads=1).rows_seconds(1) == pytest.approx(10e-6 + 4096 / 40e6)
     # rows of 2 KiB cost a 4 KiB block each (direct reads are whole blocks), two rows to a block: 3
     # random rows of 1000 touch 500 x (1 - (1 - 3/1000)^2) = 2.9955 blocks (two may share one)
     half = CostModel(dev, ModelShape(2, 100, 1000, 500, 40_000, 300, 2048, "f16"), io_threads=1)
     blocks = 500 * (1 - (1 - 3 / 1000) ** 2)
-    assert half.rows_seconds(3) == pytest.approx(10e-6 + blocks * 4096 / 40e6)
+    reads = coalesced(blocks, 500)               # blocks, merged when adjacent
+    assert half.rows_seconds(3) == pytest.approx(10e-6 + reads * t_read(blocks * 4096 / reads, 1))
     assert half.layer("sparse", held_rows=10, miss_rows=3).bytes_read == pytest.approx(blocks * 4096)
     # every row of the layer: every block once
     assert half.shape.row_reads(1000) == pytest.approx(500)
@@ -143,17 +177,18 @@ def test_reads_measured_in_a_decode_step_replace_the_raw_figures():
     data["flash"].update(reader_call_us=[10.0, 50.0], reader_row_us=[100.0, 40.0], reader_stream_mb_s=[300.0, 500.0])
     dev = parse_profile(data, "decode.toml")
     m = CostModel(dev, SHAPE, compute_threads=2, io_threads=4)
-    # 50 rows with 4 in flight: 50 us + 50 x 40 us; the layer: 4.096 MB at 500 MB/s
-    assert m.rows_seconds(50) == pytest.approx(50e-6 + 50 * 40e-6)
+    # 50 rows with 4 in flight: 50 us + 47.5 merged reads x 40 us x what the raw table says a read of
+    # 50 x 4 KiB / 47.5 costs more than one of 4 KiB; the layer: 4.096 MB at 500 MB/s
+    size = 50 * 4096 / 47.5
+    assert m.rows_seconds(50) == pytest.approx(50e-6 + 47.5 * 40e-6 * t_read(size, 4) / t_read(4096, 4))
     assert m.layer_stream_s == pytest.approx(4.096e6 / 500e6)
     # one row: one in flight, the 1-thread figures
     assert m.rows_seconds(1) == pytest.approx(50e-6 + 100e-6)
     # 8 KiB rows: 4 KiB's measured time x what the raw table says an 8 KiB read costs more (the
     # table's time per read is linear in size between 4 KiB at 160 MB/s and 1 MiB at 800 MB/s)
     big = CostModel(dev, ModelShape(2, 100, 1000, 500, 40_000, 300, 8192, "f16"), io_threads=4)
-    t4, t1m = 4096 / 160e6, 1048576 / 800e6
-    t8 = t4 + (t1m - t4) * (8192 - 4096) / (1048576 - 4096)
-    assert big.rows_seconds(50) == pytest.approx(50e-6 + 50 * 40e-6 * t8 / t4)
+    size = 50 * 8192 / 47.5
+    assert big.rows_seconds(50) == pytest.approx(50e-6 + 47.5 * 40e-6 * t_read(size, 4) / t_read(4096, 4))
     # buffered reads keep the raw buffered/direct table (the decode figures are direct reads)
     assert CostModel(dev, SHAPE, io_threads=4, io="buffered").layer_stream_s == pytest.approx(4.096e-3)
 
@@ -193,11 +228,12 @@ def test_missing_engine_figures_follow_the_dram_bound():
 def test_placement_decisions_use_the_same_flash_figures():
     """The planner's and the sparse path's questions are answered from the figures the pricing uses."""
     m = model()
-    # a whole layer: 4.096 MB at 1000 MB/s; a row: 4 KiB at 160 MB/s with 4 in flight = 25.6 us
-    assert m.layer_stream_s == pytest.approx(4.096e-3) and m.row_read_s == pytest.approx(4096 / 160e6)
+    # a whole layer: 4.096 MB at 1000 MB/s
+    assert m.layer_stream_s == pytest.approx(4.096e-3)
     assert m.rows_seconds(50) == pytest.approx(m.layer(Placement.SPARSE, held_rows=300, miss_rows=50).io_busy_s)
-    # streaming beats scattered reads from 4.096e-3 / 25.6e-6 = 160 missing rows on
-    assert not m.stream_is_cheaper(160) and m.stream_is_cheaper(161)
+    # streaming beats scattered reads from the first n whose merged reads take longer
+    first = next(n for n in range(1, 1001) if coalesced(n, 1000) * t_read(4096 * n / coalesced(n, 1000), 4) > 4.096e-3)
+    assert not m.stream_is_cheaper(first - 1) and m.stream_is_cheaper(first)
     assert not m.stream_is_cheaper(1) and not m.stream_is_cheaper(0)
     slow = CostModel(DEVICE, ModelShape(2, 100, 2, 500, 40_000, 300, 4096, "f16"), io_threads=4)
     # a 2-row layer streams in 8 us; 1 scattered row at 40 MB/s takes 102 us: stream from 1 row on
@@ -249,3 +285,29 @@ def test_a_cache_smaller_than_its_window_reads_the_rest_again():
     small = m.plan_cost(plan(80), cal)
     assert [l.rows_read for l in small.layers] == pytest.approx([460.0, 460.0])
     assert small.io_busy_s > full.io_busy_s
+
+
+def test_reads_in_flight_slow_compute_down():
+    """The probe's compute-with-reads figures: a rows call costs the compute thread its measured time
+    (at the reader's thread count), and compute that overlaps the ring streamer's reads runs slower."""
+    import copy
+    data = copy.deepcopy(ROUND)
+    data["compute"]["stream_slowdown"] = {"1": [1.5], "4": [2.0]}
+    data["compute"]["reader_call_compute_us"] = {"1": [100.0], "4": [300.0]}
+    dev = parse_profile(data, "contended.toml")
+    m = CostModel(dev, SHAPE, compute_threads=2, io_threads=4, layer_overhead_s=0.0, token_overhead_s=0.0,
+                  sparse_bookkeeping_s=0.0)
+    # a sparse layer that reads: + 300 us of compute for its call at 4 readers; one that reads nothing: none
+    assert m.layer("sparse", held_rows=300, miss_rows=50).compute_s == pytest.approx(
+        model().layer("sparse", held_rows=300, miss_rows=50).compute_s + 300e-6)
+    assert m.layer("sparse", held_rows=300, miss_rows=0).compute_s == pytest.approx(
+        model().layer("sparse", held_rows=300, miss_rows=0).compute_s)
+    # a resident and a streamed layer: compute 340 + 340 us + lm_head 50k weights (50 us) = 730 us, all
+    # of it under the 4.096 ms of streamed reads, so 2x: 730 us more; the token still waits for the reads
+    t = m.token([m.layer("resident"), m.layer("stream")])
+    assert t.contention_s == pytest.approx(730e-6) and t.compute_s == pytest.approx(2 * 730e-6)
+    assert t.total_s == pytest.approx(4.096e-3)
+    # one reader thread: 1.5x; a token without streamed layers: no slowdown
+    one = CostModel(dev, SHAPE, compute_threads=2, io_threads=1, layer_overhead_s=0.0, token_overhead_s=0.0)
+    assert one.token([one.layer("resident"), one.layer("stream")]).contention_s == pytest.approx(0.5 * 730e-6)
+    assert m.token([m.layer("resident"), m.layer("resident")]).contention_s == 0.0
