@@ -319,6 +319,12 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
                           f"({_mib(stream_ring_bytes(x.folder, ring_rows[-1]))}) "
                           f"nor every layer's predictor and cache; raise --budget or lower --ctx")
     kinds, _, cost, window, buffers, scratch, stream_rows = best
+    # Resident and streamed layers cost the same wherever they sit, so the greedy's choice among them is
+    # by index; space the resident ones evenly among the others, as hybrid does (`spread`), so the
+    # readers of the streamed layers keep reading ahead while a resident layer computes.
+    whole = [i for i, kind in enumerate(kinds) if kind != "sparse"]
+    keep = {whole[j] for j in spread(kinds.count("resident"), len(whole))}
+    kinds = [kind if kind == "sparse" else "resident" if i in keep else "stream" for i, kind in enumerate(kinds)]
     plan.scratch += buffers + scratch
     plan.stream_buffer_rows = stream_rows
     plan.sparse_buffer_rows = scratch // 2 // stride

@@ -231,6 +231,30 @@ def deep_opt_folder(tmp_path_factory):
     return out
 
 
+def test_flash_spaces_its_resident_layers_among_the_streamed_ones(deep_opt_folder):
+    """Resident and streamed layers cost the planner the same wherever they sit: flash spaces the resident
+    ones evenly (as hybrid does) rather than taking the first layers, so the streamed layers' readers
+    keep reading ahead while a resident layer computes."""
+    from flashlm.runtime.cost_model import CostModel
+    from flashlm.runtime.memory import spread
+    from flashlm.runtime.predictor import read_calibration
+    folder = open_folder(deep_opt_folder)
+    rt = dict(mode="flash", layer_io="stream", ctx_len=64)
+    costs, cal = CostModel.for_run(folder, RuntimeConfig(**rt)), read_calibration(folder)
+    fixed = plan_memory(folder, RuntimeConfig(mode="naive", ctx_len=64), activations=0).total
+    seen = set()
+    for extra in range(0, 12 * folder.bundles.layer_bytes, folder.bundles.layer_bytes // 2):
+        try:
+            p = plan_memory(folder, RuntimeConfig(**rt, budget=str(fixed + extra)), activations=0, costs=costs,
+                            calibration=cal)
+        except BudgetError:
+            continue
+        resident = {i for i, lp in enumerate(p.layers) if lp.placement == Placement.RESIDENT}
+        assert resident == spread(len(resident), folder.config.n_layers)
+        seen.add(len(resident))
+    assert len(seen & set(range(2, 11))) >= 3, seen
+
+
 @pytest.mark.parametrize("pipeline", [True, False])
 def test_default_auto_flash_path_mixes_placements_and_equals_dense(deep_opt_folder, tmp_path, monkeypatch, pipeline):
     """The default flash path end to end: layer_io auto, resident + sparse + streamed layers, pinned
