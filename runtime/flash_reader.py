@@ -4,9 +4,12 @@ Why it is built this way (measured on a 2-core VM with a virtio disk, see ../sha
 - The disk needs depth: random 16 KiB reads give ~220 MB/s at depth 1 but 0.75-0.8 GB/s at depth 32,
   and >= 64 KiB reads 1.1-1.2 GB/s. So rows are sorted, adjacent rows become one read, small gaps may be
   read through (`max_gap_bytes`), and the reads are split over several threads.
-- Python threads that each LOOP over their own batch of `os.preadv` calls (the GIL is released in the
-  syscall) match fio, while one thread-pool task per read stalls at ~20k tasks/s. So each call sends
-  exactly one task per worker, and each worker owns a page-aligned staging buffer.
+- Threads that each LOOP over their own batch of reads match fio, while one thread-pool task per read
+  stalls at ~20k tasks/s. So each call sends exactly one task per worker, and each worker owns a
+  page-aligned staging buffer. The loop itself (claim a run, pread, scatter its rows) is one numba call
+  per task that releases the GIL for the whole batch (libc `pread` called from nopython code), not a
+  Python loop around `os.preadv`: on 2 cores that per-read Python work ran beside the compute kernels
+  and took CPU and the GIL from them (see docs/BENCHMARKS.md, "Reader loop in numba").
 - O_DIRECT bypasses the page cache (the model does not fit in RAM; the neuron cache is ours), but needs
   buffer address, file offset and length aligned: every read is widened outward to 4096-byte blocks.
   Layer offsets are multiples of 4096 and rows never straddle a block (stride is a multiple or a
@@ -18,7 +21,6 @@ Why it is built this way (measured on a 2-core VM with a virtio disk, see ../sha
 from __future__ import annotations
 
 import errno
-import itertools
 import mmap
 import os
 import queue
@@ -28,7 +30,9 @@ import weakref
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .errors import FlashlmError
 
@@ -59,6 +63,74 @@ def aligned_empty(shape, dtype) -> np.ndarray:
 
 def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
+
+
+# libc's pread(fd, buf, count, offset), called from nopython code by symbol name (so the kernels stay
+# cacheable). The buffer is passed as an integer address: same register and width as a pointer on the
+# 64-bit ABIs this runs on (x86-64, aarch64).
+_pread = types.ExternalFunction("pread", types.intp(types.intc, types.intp, types.uintp, types.intp))
+
+
+@intrinsic
+def _claim(typingctx, counter):
+    """Atomically counter[0] += 1 and return the old value: the readers' shared run counter (the same
+    role as itertools.count under the GIL in the Python loop, without the GIL)."""
+    sig = types.int64(counter)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        zero = context.get_constant(types.intp, 0)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [zero])
+        return builder.atomic_rmw("add", ptr, context.get_constant(types.int64, 1), "seq_cst")
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def _read_runs(fd, counter, n_runs, run_off, run_len, run_direct, run_lo, run_hi, ns, dst, layer_off, stride,
+               stage, stage_addr, out2d, out_addr, result):
+    """One worker's share of a call: claim runs until none is left; each is read with pread (looping over
+    short reads) straight into `out` (direct runs) or into the staging buffer, whose rows are then copied
+    to their out rows. result[:] = (bytes, preads, failed run or -1): a pread error or an early EOF stops
+    the loop and names the run, which the caller redoes with os.preadv to raise the right OSError (or to
+    retry an interrupted call)."""
+    nbytes = 0
+    ncalls = 0
+    result[2] = -1
+    while True:
+        k = _claim(counter)
+        if k >= n_runs:
+            break
+        off = run_off[k]
+        length = run_len[k]
+        direct = run_direct[k]
+        lo = run_lo[k]
+        hi = run_hi[k]
+        if direct >= 0:
+            addr = out_addr + direct
+            need = length
+        else:
+            addr = stage_addr
+            need = layer_off + ns[hi - 1] * stride + stride - off   # EOF may cut the alignment padding
+        got = 0
+        while got < need:
+            r = _pread(fd, addr + got, length - got, off + got)
+            ncalls += 1
+            if r <= 0:
+                break
+            got += r
+        if got < need:
+            result[0] = nbytes
+            result[1] = ncalls
+            result[2] = k
+            return
+        nbytes += got
+        if direct < 0:
+            for j in range(lo, hi):
+                src = layer_off + ns[j] * stride - off
+                out2d[dst[j], :] = stage[src:src + stride]
+    result[0] = nbytes
+    result[1] = ncalls
 
 
 @njit(cache=True, nogil=True)
@@ -144,14 +216,6 @@ def _plan_runs(neurons, out_rows, n_rows, layer_off, stride, gap_blocks, cap_blo
     return n_runs, unique
 
 
-@njit(cache=True, nogil=True)
-def _scatter_rows(rows, ns, dst, lo, hi, base, out2d):
-    """out2d[dst[j]] = rows[ns[j] - base] for j in lo:hi, without the GIL (the other readers and the
-    compute thread keep running) and without fancy-indexing temporaries."""
-    for j in range(lo, hi):
-        out2d[dst[j], :] = rows[ns[j] - base, :]
-
-
 class _Plan:
     """Preallocated arrays for one call's runs (see _plan_runs), reused call after call: a decode token
     allocates no arrays here. A reader keeps one per call in flight (concurrent callers each take one)."""
@@ -192,35 +256,38 @@ def _read_full(fd: int, buf: memoryview, offset: int, need: int) -> tuple[int, i
     return got, calls
 
 
-def _do_task(fd, stage_mv, stage_np, claim, job):
+def _redo_run(fd, stage_mv, stage_np, job, i) -> tuple[int, int]:
+    """Run i of a call in Python with os.preadv: the numba loop's error path (raises the OSError the
+    syscall gave, EINTR retried by Python, EOF named)."""
     plan, out2d, out_mv, layer_off, stride = job
     ns, dst = plan.ns, plan.dst
+    off, length, direct = int(plan.off[i]), int(plan.length[i]), int(plan.direct[i])
+    if direct >= 0:
+        return _read_full(fd, out_mv[direct:direct + length], off, length)
+    lo, hi = int(plan.lo[i]), int(plan.hi[i])
+    need = layer_off + int(ns[hi - 1]) * stride + stride - off
+    b, c = _read_full(fd, stage_mv[:length], off, need)
+    for j in range(lo, hi):
+        src = layer_off + int(ns[j]) * stride - off
+        out2d[int(dst[j]), :] = stage_np[src:src + stride]
+    return b, c
+
+
+def _do_task(fd, stage_mv, stage_np, stage_addr, result, claim, job):
+    plan, out2d, out_mv, layer_off, stride = job
     nbytes = ncalls = 0
-    n = plan.n_runs
+    out_addr = _address(out2d)
     while True:
-        # Workers claim runs one at a time from a shared counter (next() on itertools.count is atomic
-        # under the GIL), so a worker that drew fast reads takes more: the call ends about one read after
-        # the disk finishes, instead of waiting for the unluckiest fixed share.
-        i = next(claim)
-        if i >= n:
-            break
-        off, length, direct = int(plan.off[i]), int(plan.length[i]), int(plan.direct[i])
-        if direct >= 0:
-            b, c = _read_full(fd, out_mv[direct:direct + length], off, length)
-        else:
-            lo, hi = int(plan.lo[i]), int(plan.hi[i])
-            first = layer_off + int(ns[lo]) * stride - off
-            need = layer_off + int(ns[hi - 1]) * stride + stride - off   # EOF may cut the alignment padding
-            b, c = _read_full(fd, stage_mv[:length], off, need)
-            if hi - lo == 1:                                     # the common random case: one row
-                d = int(dst[lo]) * stride
-                out_mv[d:d + stride] = stage_mv[first:first + stride]
-            else:
-                rows = stage_np[:length].reshape(-1, stride)    # run start is on the row grid
-                _scatter_rows(rows, ns, dst, lo, hi, (off - layer_off) // stride, out2d)
+        _read_runs(fd, claim, plan.n_runs, plan.off, plan.length, plan.direct, plan.lo, plan.hi, plan.ns,
+                   plan.dst, layer_off, stride, stage_np, stage_addr, out2d, out_addr, result)
+        nbytes += int(result[0])
+        ncalls += int(result[1])
+        failed = int(result[2])
+        if failed < 0:
+            return nbytes, ncalls
+        b, c = _redo_run(fd, stage_mv, stage_np, job, failed)
         nbytes += b
         ncalls += c
-    return nbytes, ncalls
 
 
 def _worker(tasks: queue.SimpleQueue, fd: int, stage: mmap.mmap) -> None:
@@ -228,13 +295,15 @@ def _worker(tasks: queue.SimpleQueue, fd: int, stage: mmap.mmap) -> None:
     # garbage collected, and its finalizer stops this thread.
     stage_mv = memoryview(stage)
     stage_np = np.frombuffer(stage, dtype=np.uint8)
+    stage_addr = _address(stage_np)
+    result = np.zeros(3, np.int64)
     while True:
         item = tasks.get()
         if item is None:
             break
         claim, job, done = item
         try:
-            done.put((*_do_task(fd, stage_mv, stage_np, claim, job), None))
+            done.put((*_do_task(fd, stage_mv, stage_np, stage_addr, result, claim, job), None))
         except BaseException as e:  # noqa: BLE001 - handed to the caller, who re-raises it
             done.put((0, 0, e))
         del item, claim, job, done   # drop references to the caller's `out` before blocking again
@@ -411,7 +480,7 @@ class FlashReader:
                 self._busy_since = time.perf_counter()
             self._active += 1
         done: queue.SimpleQueue = queue.SimpleQueue()
-        claim = itertools.count()
+        claim = np.zeros(1, np.int64)                    # the shared run counter (see _claim)
         busy = self._queues[:plan.n_runs]                 # one task per worker that has something to do
         for q in busy:
             q.put((claim, job, done))

@@ -365,18 +365,20 @@ def test_concurrent_calls(files, data_dir):
 
 def test_busy_time_counts_concurrent_calls_once(files, data_dir, monkeypatch):
     """busy_s is the wall time with any call in flight: two overlapping calls count their overlap once,
-    calls one after the other count their own time. Each read is slowed to 50 ms so the overlap is known."""
+    calls one after the other count their own time. Each worker's batch of reads is slowed to 50 ms so the
+    overlap is known."""
     import time
+    from flashlm.runtime import flash_reader
     stride = 4096
     path, offsets, _ = files[stride]
-    real = os.preadv
+    real = flash_reader._read_runs
 
-    def slow(fd, bufs, off):
+    def slow(*args):
         time.sleep(0.05)
-        return real(fd, bufs, off)
+        return real(*args)
     with FlashReader(path, layer_offsets=offsets, stride_bytes=stride, n_rows=N_ROWS, mode=_modes(data_dir)[0],
                      threads=2) as r:
-        monkeypatch.setattr(os, "preadv", slow)
+        monkeypatch.setattr(flash_reader, "_read_runs", slow)
         go = threading.Barrier(2)
 
         def one(row):

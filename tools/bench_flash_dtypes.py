@@ -1,0 +1,117 @@
+"""The same model in two storage types, flash mode, each at the same share of its own bytes, in one run.
+
+    python tools/bench_flash_dtypes.py F16_MODEL Q4_MODEL [--budget 50%] [--rounds 3] [-n 12] [-p 0]
+        [--ctx 256] [--io-threads 4] [--no-pipeline] [-- extra flashlm bench flags]
+
+Issue 7's last benchmark: the synthetic 7B-class ReLU model in q4 at 50% of its bytes reads >= 3x fewer
+bytes per token than the f16 model at 50% of its bytes, and decodes >= 2x as fast. Each round runs
+`flashlm bench --one --json` once per model, each in its own child process (its own page cache drop,
+load and warm-up repetition), the order flipped every round. Per model it prints the median over rounds
+of ms/token, bytes and reads (preadv calls) per token, the bundle stride and row size, the rows read per
+token (bytes / stride: exact when reads do not read through gaps, --max-gap 0, the default, as every row
+is whole 4 KiB blocks or a power-of-two share of one), the hit rate, the critical
+path (I/O busy, compute) and the plan (budget, window); then the two ratios against the targets.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+KEYS = ("ms_per_token", "bytes_per_token", "reads_per_token", "hit_rate", "io_wait_ms", "io_busy_ms",
+        "compute_ms", "mem_ms", "bound_ratio", "guess_miss_fraction")
+
+
+def run_child(model: str, args) -> dict:
+    cmd = [sys.executable, "-m", "flashlm", "bench", model, "--one", "--json", "--mode", "flash",
+           "-p", str(args.prompt), "-n", str(args.tokens), "-r", str(args.reps), "--ctx", str(args.ctx),
+           "--io-threads", str(args.io_threads), "--budget", args.budget] + args.extra
+    if args.no_pipeline:
+        cmd.append("--no-pipeline")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench child failed ({' '.join(cmd)}):\n{proc.stderr.strip()[-2000:]}")
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    row = next((r for r in rows if r.get("test", "").startswith("tg")), None)
+    if row is None:
+        raise SystemExit(f"bench child printed no decode row ({' '.join(cmd)}): {rows[-1:]}")
+    return row
+
+
+def stride_of(model: str) -> tuple[int, int, str]:
+    """(stride bytes, row bytes, storage) of the folder's bundles, from its manifest."""
+    b = json.loads((Path(model) / "manifest.json").read_text())["bundles"]
+    return int(b["stride_bytes"]), int(b.get("row_bytes", b["stride_bytes"])), str(b.get("storage", b.get("dtype")))
+
+
+def fmt(v, spec=".1f", scale=1.0) -> str:
+    return "-" if v is None else format(v * scale, spec)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("base", help="the reference folder (f16 bundles)")
+    ap.add_argument("other", help="the same recipe in another storage type (q4_0)")
+    ap.add_argument("--budget", default="50%", help="each model's budget, as a share of its own bytes")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("-n", "--tokens", type=int, default=12, help="decode tokens per repetition")
+    ap.add_argument("-p", "--prompt", type=int, default=0, help="prompt tokens of the pp test (0: none)")
+    ap.add_argument("-r", "--reps", type=int, default=1, help="timed repetitions per child (after a warm-up one)")
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--io-threads", type=int, default=4)
+    ap.add_argument("--no-pipeline", action="store_true", help="both models with --no-pipeline")
+    ap.add_argument("--json", action="store_true", help="also print every child's tg row")
+    ap.add_argument("extra", nargs="*", help="more flashlm bench flags (after --)")
+    args = ap.parse_args()
+
+    models = [args.base, args.other]
+    rows = {m: [] for m in models}
+    for r in range(args.rounds):
+        for m in (models if r % 2 == 0 else models[::-1]):
+            row = run_child(m, args)
+            rows[m].append(row)
+            print(f"round {r + 1} {Path(m).name}: {row['ms_per_token']:.1f} ms/token, "
+                  f"{row['bytes_per_token'] / 2**20:.2f} MiB/token", file=sys.stderr)
+            if args.json:
+                print(json.dumps(row))
+
+    head = ["model", "bundles", "stride B", "row B", "size GB", "budget GB", "window", "ms/tok", "MiB/tok",
+            "reads/tok", "rows read/tok", "hit %", "io wait", "io busy", "compute", "mem",
+            "x bound"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join(" --- " for _ in head) + "|")
+    med = {}
+    for m in models:
+        rs = rows[m]
+        med[m] = {k: (statistics.median(v) if (v := [x[k] for x in rs if x.get(k) is not None]) else None)
+                  for k in KEYS}
+        stride, row_bytes, storage = stride_of(m)
+        md, r0 = med[m], rs[0]
+        rows_read = md["bytes_per_token"] / stride if md["bytes_per_token"] is not None else None
+        cells = [Path(m).name, storage, str(stride), str(row_bytes), fmt(r0["size"], ".2f", 1e-9),
+                 fmt(r0["budget"], ".2f", 1e-9), str(r0["window"]), fmt(md["ms_per_token"]),
+                 fmt(md["bytes_per_token"], ".2f", 2**-20), fmt(md["reads_per_token"], ".0f"), fmt(rows_read, ".0f"), fmt(md["hit_rate"], ".1f", 100), fmt(md["io_wait_ms"]), fmt(md["io_busy_ms"]),
+                 fmt(md["compute_ms"]), fmt(md["mem_ms"]), fmt(md["bound_ratio"], ".2f")]
+        print("| " + " | ".join(cells) + " |")
+    gaps = {r.get("max_gap") for m in models for r in rows[m]}
+    b, o = med[args.base], med[args.other]
+    bytes_ratio = b["bytes_per_token"] / o["bytes_per_token"] if o["bytes_per_token"] else None
+    speed_ratio = b["ms_per_token"] / o["ms_per_token"] if o["ms_per_token"] else None
+    print(f"\nbudget {args.budget} of each model's own bytes, {args.tokens} decode tokens x {args.reps} rep(s) x "
+          f"{args.rounds} rounds alternated, medians{', --no-pipeline' if args.no_pipeline else ''}, max gap "
+          f"{'/'.join(str(g) for g in sorted(gaps, key=str))} B; "
+          f"{Path(args.other).name} vs {Path(args.base).name}: bytes read per token {fmt(bytes_ratio, '.2f')}x fewer, "
+          f"decode {fmt(speed_ratio, '.2f')}x")
+    checks = {"bytes per token >= 3x fewer": bytes_ratio is not None and bytes_ratio >= 3.0,
+              "decode >= 2x": speed_ratio is not None and speed_ratio >= 2.0}
+    print("targets: " + "; ".join(f"{k}: {'met' if v else 'not met'}" for k, v in checks.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
