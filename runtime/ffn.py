@@ -490,9 +490,22 @@ class LayerStreamer:
         self.pool.shutdown()
 
 
-GUESS_MIN_PRECISION = 0.5   # guess a layer only while at least this share of its early rows gets used
-GUESS_DECAY = 0.9           # weight of the past in that share
+GUESS_DECAY = 0.9           # weight of the past in a layer's guess record (rows, time)
 GUESS_RETRY = 16            # tokens after which a layer that is not guessed is guessed again
+
+
+def guess_pays(read_rows: float, used_rows: float, read_s: float, hidden_s: float) -> bool:
+    """Does guessing a layer early save more I/O time than its over-fetch costs? From the layer's own
+    record: the guess read `read_rows` rows in `read_s` on the I/O thread, `hidden_s` of it while the
+    compute thread was busy elsewhere (the rest it waited for), and the layer wanted `used_rows` of them.
+    The hidden share h = hidden_s / read_s of the used rows' read time leaves the critical path; the
+    over-fetched rows' read time is charged in full (on an I/O-bound plan the I/O thread's time is the
+    token's). So it pays iff h * used > over, i.e. precision > 1 / (1 + h): 0.5 when all of the guess
+    hides (the fixed threshold used before), 1 (never) when the compute thread waits for all of it."""
+    if read_rows <= 0 or read_s <= 0:
+        return True                  # nothing read, or not measured yet: guessing costs nothing
+    h = min(max(hidden_s / read_s, 0.0), 1.0)
+    return h * used_rows > read_rows - used_rows
 
 
 class FlashFFN(FFNBackend):
@@ -538,10 +551,12 @@ class FlashFFN(FFNBackend):
         self.pending = {}                # sparse layer -> future of its lookahead read
         # the early guess: a predictor's own guess() rule (a wider threshold) where it has one
         self.guess_of = {i: getattr(predictors[i], "guess", predictors[i].predict) for i in self.lookahead_of.values()}
-        # Per guessed layer, decayed sums of (rows a guess read, of which the layer wanted): a layer whose
-        # guesses waste more than they bring is not guessed, but retried every GUESS_RETRY tokens.
-        self.guess_read = np.zeros(n, np.int64)      # the last guess's rows (written by the I/O thread)
-        self.guess_score = np.zeros((n, 2))
+        # Per guessed layer, decayed sums of (rows a guess read, of which the layer wanted, seconds the
+        # guess took on the I/O thread, of which hidden behind compute): a layer whose guesses cost more
+        # than they save (guess_pays) is not guessed, but retried every GUESS_RETRY tokens.
+        self.guess_read = np.zeros(n, np.int64)      # the last guess's rows and seconds (written by the I/O thread)
+        self.guess_read_s = np.zeros(n)
+        self.guess_score = np.zeros((n, 4))
         self.guess_skipped = np.zeros(n, np.int64)
         self.tmp = np.zeros((1, kernel.d), np.float32)      # grows once to a prompt chunk
         self.pool = ThreadPoolExecutor(1)   # one I/O task at a time: a layer's own misses go before the next guess
@@ -619,9 +634,8 @@ class FlashFFN(FFNBackend):
         nxt = self.lookahead_of.get(layer)
         if nxt is None or h.shape[0] != 1:          # decode tokens only: a prompt's union is streamed
             return
-        read, used = self.guess_score[nxt]
-        if used < GUESS_MIN_PRECISION * read and self.guess_skipped[nxt] < GUESS_RETRY:
-            self.guess_skipped[nxt] += 1             # this layer's guesses over-fetch: read on demand
+        if not guess_pays(*self.guess_score[nxt]) and self.guess_skipped[nxt] < GUESS_RETRY:
+            self.guess_skipped[nxt] += 1             # this layer's guesses cost more than they hide: read on demand
             return
         self.guess_skipped[nxt] = 0
         t0 = time.perf_counter()
@@ -641,6 +655,7 @@ class FlashFFN(FFNBackend):
             st.guess_rows += len(adm.missing)
             self.guess_read[layer] = len(adm.missing)
             self._read(layer, adm.missing, cache.rows, adm.dest_rows)
+            self.guess_read_s[layer] = time.perf_counter() - t0
 
     def _sparse(self, layer, h, out) -> None:
         cache, pred, st = self.caches[layer], self.predictors[layer], self.stats
@@ -649,10 +664,12 @@ class FlashFFN(FFNBackend):
         wanted = pred.predict(h)
         t1 = time.perf_counter()
         st.predict_s += t1 - t0
+        waited = 0.0
         if pending is not None:
             pending.result()                 # the guessed rows are in before the step moves rows
             t = time.perf_counter()
-            st.io_s += t - t1
+            waited = t - t1
+            st.io_s += waited
             t1 = t
         n_missing = cache.count_missing(wanted)
         st.wanted += len(wanted)
@@ -671,7 +688,8 @@ class FlashFFN(FFNBackend):
             st.guess_missed += len(adm.missing) + len(adm.overflow)
             score = self.guess_score[layer]
             score *= GUESS_DECAY
-            score += (self.guess_read[layer], adm.prefetch_hits)
+            read_s = self.guess_read_s[layer]
+            score += (self.guess_read[layer], adm.prefetch_hits, read_s, max(read_s - waited, 0.0))
         else:
             st.hits += adm.prefetch_hits     # (none: nothing was guessed)
         t2 = time.perf_counter()

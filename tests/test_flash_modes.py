@@ -352,3 +352,16 @@ def test_pipeline_changes_what_is_read_never_what_is_computed(opt_folder):
     a, _, _ = _logits(opt_folder, mode="naive", io="buffered")
     b, _, _ = _logits(opt_folder, mode="naive", io="buffered", pipeline=False)
     np.testing.assert_array_equal(a, b)
+
+
+def test_guess_pays_weighs_hidden_reads_against_overfetch():
+    """The lookahead's per-layer rule: a guess pays while the used rows' hidden read time exceeds the
+    over-fetched rows' read time (precision > 1 / (1 + hidden share))."""
+    from flashlm.runtime.ffn import guess_pays
+    assert guess_pays(0, 0, 0.0, 0.0)                       # no record yet: guess
+    assert guess_pays(100, 60, 1.0, 1.0)                    # all hidden: precision 0.6 > 0.5
+    assert not guess_pays(100, 40, 1.0, 1.0)                # all hidden, precision 0.4
+    assert not guess_pays(100, 90, 1.0, 0.0)                # the compute thread waited for all of it
+    assert guess_pays(100, 75, 1.0, 0.5)                    # h 0.5: needs precision > 2/3
+    assert not guess_pays(100, 60, 1.0, 0.5)
+    assert guess_pays(100, 60, 1.0, 5.0) == guess_pays(100, 60, 1.0, 1.0)   # h is capped at 1
