@@ -27,10 +27,12 @@ KEYS = ("ms_per_token", "bytes_per_token", "reads_per_token", "hit_rate", "io_wa
         "compute_ms", "mem_ms", "bound_ratio", "guess_miss_fraction")
 
 
-def run_child(model: str, args) -> dict:
+def run_child(model: str, budget: str, args) -> dict:
     cmd = [sys.executable, "-m", "flashlm", "bench", model, "--one", "--json", "--mode", "flash",
            "-p", str(args.prompt), "-n", str(args.tokens), "-r", str(args.reps), "--ctx", str(args.ctx),
-           "--io-threads", str(args.io_threads), "--budget", args.budget] + args.extra
+           "--io-threads", str(args.io_threads), "--budget", budget] + args.extra
+    if args.profile:
+        cmd += ["--profile", args.profile]
     if args.no_pipeline:
         cmd.append("--no-pipeline")
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -58,22 +60,27 @@ def main() -> int:
     ap.add_argument("base", help="the reference folder (f16 bundles)")
     ap.add_argument("other", help="the same recipe in another storage type (q4_0)")
     ap.add_argument("--budget", default="50%", help="each model's budget, as a share of its own bytes")
+    ap.add_argument("--other-budget", default=None,
+                    help="the second model's budget instead (e.g. the size that gives it the first one's cache "
+                         "share of its FFN rows)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("-n", "--tokens", type=int, default=12, help="decode tokens per repetition")
     ap.add_argument("-p", "--prompt", type=int, default=0, help="prompt tokens of the pp test (0: none)")
     ap.add_argument("-r", "--reps", type=int, default=1, help="timed repetitions per child (after a warm-up one)")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--io-threads", type=int, default=4)
+    ap.add_argument("--profile", default="this-machine-2core")
     ap.add_argument("--no-pipeline", action="store_true", help="both models with --no-pipeline")
     ap.add_argument("--json", action="store_true", help="also print every child's tg row")
     ap.add_argument("extra", nargs="*", help="more flashlm bench flags (after --)")
     args = ap.parse_args()
 
     models = [args.base, args.other]
+    budgets = {args.base: args.budget, args.other: args.other_budget or args.budget}
     rows = {m: [] for m in models}
     for r in range(args.rounds):
         for m in (models if r % 2 == 0 else models[::-1]):
-            row = run_child(m, args)
+            row = run_child(m, budgets[m], args)
             rows[m].append(row)
             print(f"round {r + 1} {Path(m).name}: {row['ms_per_token']:.1f} ms/token, "
                   f"{row['bytes_per_token'] / 2**20:.2f} MiB/token", file=sys.stderr)
@@ -102,8 +109,10 @@ def main() -> int:
     b, o = med[args.base], med[args.other]
     bytes_ratio = b["bytes_per_token"] / o["bytes_per_token"] if o["bytes_per_token"] else None
     speed_ratio = b["ms_per_token"] / o["ms_per_token"] if o["ms_per_token"] else None
-    print(f"\nbudget {args.budget} of each model's own bytes, {args.tokens} decode tokens x {args.reps} rep(s) x "
-          f"{args.rounds} rounds alternated, medians{', --no-pipeline' if args.no_pipeline else ''}, max gap "
+    other_budget = f" ({args.other_budget} for {Path(args.other).name})" if args.other_budget else ""
+    print(f"\nbudget {args.budget} of each model's own bytes{other_budget}, {args.tokens} decode tokens x "
+          f"{args.reps} rep(s) x {args.rounds} rounds alternated, medians"
+          f"{', --no-pipeline' if args.no_pipeline else ''}, max gap "
           f"{'/'.join(str(g) for g in sorted(gaps, key=str))} B; "
           f"{Path(args.other).name} vs {Path(args.base).name}: bytes read per token {fmt(bytes_ratio, '.2f')}x fewer, "
           f"decode {fmt(speed_ratio, '.2f')}x")
