@@ -139,6 +139,9 @@ class RuntimeConfig:
     ort_spin_us: int = 10        # onnxruntime dense weights, threads > 1: every session splits its matvecs across
     #                              the threads and its idle worker spins this long (µs) before it sleeps; 0: no
     #                              spinning, sessions run on the calling thread (the lm_head split), prompts in row blocks
+    ort_graph: str = "auto"      # onnxruntime dense weights, every FFN resident: whole (the decoder as one graph,
+    #                              attention in it: one run per token) | layers (a graph between numba attention
+    #                              calls) | auto (whole where the model allows it, measured faster: docs/BENCHMARKS.md)
     pipeline: bool = True        # flash reads start ahead of the layer that needs them (lookahead, read-ahead
     #                              of the next streamed layer, wrapping to the next token); False: none do
 
@@ -167,6 +170,8 @@ class RuntimeConfig:
             bad("dense_engine", "use auto, onnxruntime or numba")
         if self.ort_spin_us < 0:
             bad("ort_spin_us", "a spin time is not negative")
+        if self.ort_graph not in ("auto", "whole", "layers"):
+            bad("ort_graph", "use auto, whole or layers")
         if self.kv_dtype not in ("f16", "f32"):
             bad("kv_dtype", "the KV cache dtype is f16 or f32")
 

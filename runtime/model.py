@@ -17,6 +17,9 @@ from .modelfile import (MATRICES_FILE, ROW_CRC_TENSOR, ModelFileError, ModelFold
                         tensors_from_buffer)
 
 
+WHOLE_NLL_ROWS = 16     # tokens per one-graph run when scoring (their logits rows are held at once)
+
+
 class ContextFull(FlashlmError):
     """More tokens than the KV cache holds (--ctx)."""
 
@@ -62,6 +65,7 @@ class Model:
         # Block-quantized dense weights run in onnxruntime sessions (runtime/ort_model.py); a dense-mode
         # run of a quantized folder keeps its FFN layers whole there too (the builder gave it a GraphFFN).
         self.ort = None
+        self.whole = False                              # self.ort is one OrtDecoder graph (attention included)
         quantized = parts.quantized
         # Quantized weights outside onnxruntime: numba multiplies their stored rows (runtime/qmatmul.py).
         self._q = {} if parts.ort or not quantized else self._quantized_matrices()
@@ -80,7 +84,9 @@ class Model:
         self.attn_scale = c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(c.head_dim)
         if parts.ort:
             self._build_sessions(isinstance(self.ffn_backend, GraphFFN))
-        kv_shape = (c.n_layers, self.ctx_len, c.n_kv_heads, c.head_dim)
+        # [layer, position, kv head, head_dim] for numba's attention; the one-graph decoder's attention node
+        # reads and writes [layer, kv head, position, head_dim] (OrtDecoder.kv_shape). Same bytes either way.
+        kv_shape = self.ort.kv_shape if self.whole else (c.n_layers, self.ctx_len, c.n_kv_heads, c.head_dim)
         kv_dtype = KV_DTYPES[runtime.kv_dtype]
         # [layer, position, kv head, head_dim], f32 or f16 bits. On anonymous mmap pages (zero, allocated on
         # first touch) rather than np.zeros: numpy advises huge pages for large arrays, and one token then
@@ -110,7 +116,7 @@ class Model:
     def _build_sessions(self, ffn_in_graph: bool) -> None:
         """onnxruntime sessions over the quantized weights, then drop every buffer only they needed:
         the sessions hold their own (prepacked) copies; numba keeps the embedding rows and biases."""
-        from .ort_model import OrtLayers
+        from .ort_model import OrtDecoder, OrtLayers
         from .quant import from_rows
         from .storage import block_format
         c, folder = self.config, self.folder
@@ -137,8 +143,13 @@ class Model:
             # embedding rows of the tokens seen, norms, biases) faults back in page by page.
             for buf in mapped:
                 release_mapped(buf)
-        self.ort = OrtLayers(c, weight, [ffn_in_graph] * c.n_layers, self.threads, lm_head, level, on_session=release,
-                             spin_us=self.runtime.ort_spin_us)
+        self.whole = self._one_graph(ffn_in_graph)
+        if self.whole:
+            self.ort = OrtDecoder(c, weight, self.threads, lm_head, self.rope, self.ctx_len, self.runtime.kv_dtype,
+                                  level, on_session=release, spin_us=self.runtime.ort_spin_us)
+        else:
+            self.ort = OrtLayers(c, weight, [ffn_in_graph] * c.n_layers, self.threads, lm_head, level,
+                                 on_session=release, spin_us=self.runtime.ort_spin_us)
         del matrices, mapped
         keep = ("pos_embeddings", ROW_CRC_TENSOR) + (() if self.embedding_rows else ("tok_embeddings",))
         self.w = {n: a for n, a in self.w.items() if n in keep or a.ndim == 1}
@@ -151,6 +162,38 @@ class Model:
         from .ort_graph import release_freed_memory
         gc.collect()
         release_freed_memory()
+
+    def _one_graph(self, ffn_in_graph: bool) -> bool:
+        """Whether the whole decoder runs as one onnxruntime graph (RuntimeConfig.ort_graph): only when every
+        layer's FFN is resident (a streamed FFN needs numba between layers)."""
+        from .ort_model import OrtDecoder
+        choice = self.runtime.ort_graph
+        if choice == "layers":
+            return False
+        why = "FFN rows stream from flash" if not ffn_in_graph else OrtDecoder.supports(self.config)
+        if why is not None and choice == "whole":
+            raise FlashlmError(f"ort_graph 'whole': {self.folder.path}: cannot run as one graph: {why}")
+        return why is None
+
+    def _forward_whole(self, tokens, all_logits: bool, out, chunk: int) -> None:
+        """forward() through the one-graph decoder: each chunk is one run() that also yields its logits."""
+        if self.on_ffn_input is not None:
+            raise FlashlmError("the FFN input hook needs the per-layer sessions (RuntimeConfig ort_graph='layers')")
+        st = self.state
+        for s in range(0, len(tokens), chunk):
+            part = tokens[s:s + chunk]
+            T = len(part)
+            x = st.x[:T]
+            st.tokens[:T] = part
+            self.embed(st.tokens[:T], self.pos, x)
+            last = s + chunk >= len(tokens)
+            logits = self.ort.forward(x, self.pos, self.k_cache, self.v_cache, all_rows=all_logits)
+            self.history.extend(int(t) for t in part)
+            self.ffn_backend.stats.tokens += T
+            if all_logits:
+                out[s:s + T] = logits
+            elif last:
+                out[:] = logits
 
     def _layers_sessions(self, x, pos0):
         """The decoder layers through the onnxruntime sessions (x [T, d] embeddings); returns x."""
@@ -238,12 +281,15 @@ class Model:
         if out is None:
             out = np.empty((T if all_logits else 1, c.vocab_size), np.float32)
         chunk = self.state.chunk
-        for s in range(0, T, chunk):
-            x = self._layers(tokens[s:s + chunk])
-            if all_logits:
-                self._head(x, out[s:s + len(x)])
-        if not all_logits:
-            self._head(x[-1:], out)
+        if self.whole:
+            self._forward_whole(tokens, all_logits, out, chunk)
+        else:
+            for s in range(0, T, chunk):
+                x = self._layers(tokens[s:s + chunk])
+                if all_logits:
+                    self._head(x, out[s:s + len(x)])
+            if not all_logits:
+                self._head(x[-1:], out)
         self.forward_s += time.perf_counter() - t0
         self.forward_tokens += T
         return out
@@ -264,6 +310,18 @@ class Model:
         row = self.state.logits
         nll = 0.0
         chunk = self.state.chunk
+        if self.whole:
+            # The one graph yields logits only with its layers: score in sub-chunks whose [n, vocab] logits
+            # stay near the size of the run state's buffers (WHOLE_NLL_ROWS rows).
+            logits = np.empty((WHOLE_NLL_ROWS, self.config.vocab_size), np.float32)
+            for s in range(0, len(tokens), WHOLE_NLL_ROWS):
+                n = min(WHOLE_NLL_ROWS, len(tokens) - s)
+                self._forward_whole(tokens[s:s + n], True, logits[:n], chunk)
+                for j in range(n):
+                    nll += K.neg_log_softmax_at(logits[j], targets[s + j])
+            self.forward_s += time.perf_counter() - t0
+            self.forward_tokens += len(tokens)
+            return nll
         for s in range(0, len(tokens), chunk):
             x = self._layers(tokens[s:s + chunk])
             for j in range(len(x)):
@@ -345,6 +403,8 @@ class Model:
         """Compile (or load from the numba cache) every kernel for this model's dtypes, decode and prefill
         shapes, on scratch arrays: nothing is read from flash and no cache changes."""
         c = self.config
+        if self.whole:
+            return                                      # no numba kernel runs between the graph's runs
         if self.ort is not None:
             self._warmup_sessions()
             if isinstance(self.ffn_backend, GraphFFN):

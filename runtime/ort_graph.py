@@ -77,10 +77,13 @@ class GraphBuilder:
         self.inits.append(t)
         return name
 
-    def node(self, op: str, inputs: list[str], hint: str | None = None, domain: str = "", n_out: int = 1, **attrs):
-        outs = [self._fresh(hint or op.lower()) for _ in range(n_out)]
+    def node(self, op: str, inputs: list[str], hint: str | None = None, domain: str = "", n_out: int = 1,
+             names: list[str] | None = None, **attrs):
+        """One node; its outputs get fresh names, or `names` (graph outputs written by the node itself; None: fresh)."""
+        outs = [n or self._fresh(hint or op.lower()) for n in names] if names else \
+            [self._fresh(hint or op.lower()) for _ in range(n_out)]
         self.nodes.append(self._helper.make_node(op, inputs, outs, domain=domain, **attrs))
-        return outs[0] if n_out == 1 else outs
+        return outs[0] if len(outs) == 1 else outs
 
     def input(self, name: str, width: int) -> str:
         self.inputs.append(self._helper.make_tensor_value_info(name, self._tp.FLOAT, ["T", width]))
@@ -89,6 +92,18 @@ class GraphBuilder:
     def output(self, value: str, name: str, width: int) -> None:
         self.nodes.append(self._helper.make_node("Identity", [value], [name]))
         self.outputs.append(self._helper.make_tensor_value_info(name, self._tp.FLOAT, ["T", width]))
+
+    def typed_input(self, name: str, dtype, shape: list) -> str:
+        """An input of any numpy dtype and shape (ints for fixed sizes, strings for free ones)."""
+        self.inputs.append(self._helper.make_tensor_value_info(name, self._helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                                                               shape))
+        return name
+
+    def typed_output(self, name: str, dtype, shape: list) -> None:
+        """Declare an output that a node already writes under this name (no Identity: a present-KV output
+        must be the attention node's own, to share its buffer with the past input)."""
+        self.outputs.append(self._helper.make_tensor_value_info(name, self._helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                                                                shape))
 
     # --- layers -------------------------------------------------------------------------------------
     def linear(self, x: str, w, bias: np.ndarray | None = None, hint: str = "y") -> str:

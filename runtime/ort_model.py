@@ -65,7 +65,7 @@ class OrtLayers:
         # The lm_head first: building a session briefly holds ~2.5x its weights (source pages, f32 scales,
         # onnxruntime's packing), and the largest matrix is cheapest while nothing else is resident yet.
         self.lm = self._session("lm", threads, lambda g: self._lm(g, weight, lm_head_name))
-        self.head0 = self._session("head_0", layer_threads, lambda g: self._head(g, weight, 0, g.input("x", c.d_model)))
+        self.head0 = self._session("head_0", layer_threads, lambda g: self._head(g, weight, 0))
         self.mid, self.tail, self.heads = [None] * L, [None] * L, [None] * L
         for l in range(L):
             if ffn_in_graph[l]:
@@ -74,7 +74,7 @@ class OrtLayers:
                 self.tail[l] = self._session(f"tail_{l}", layer_threads, lambda g, l=l: self._tail(g, weight, l))
                 if l + 1 < L:
                     self.heads[l + 1] = self._session(f"head_{l + 1}", layer_threads,
-                                                      lambda g, l=l: self._head(g, weight, l + 1, g.input("x", c.d_model)))
+                                                      lambda g, l=l: self._head(g, weight, l + 1))
         self._step = self._bind_decode() if all(ffn_in_graph) else None
 
     def _bind_decode(self) -> dict:
@@ -113,68 +113,25 @@ class OrtLayers:
             self._on_session()
         return sess
 
-    def _norm(self, g, weight, x, prefix):
-        c = self.c
-        if c.norm_kind == "rms":
-            return g.rmsnorm(x, weight(prefix + ".weight"), c.norm_eps)
-        return g.layernorm(x, weight(prefix + ".weight"), weight(prefix + ".bias"), c.norm_eps)
-
-    def _head(self, g, weight, l, x):
-        c = self.c
-        p = f"layers.{l}.attn."
-        xn = self._norm(g, weight, x, f"layers.{l}.attn_norm")
-        bias = [weight(p + n + ".bias") if c.attn_qkv_bias else None for n in "qkv"]
-        qkv = g.linears(xn, [weight(p + n + ".weight") for n in "qkv"], bias, "qkv")
-        if c.qk_norm:
-            # Per-head RMSNorm of q and k before RoPE (Qwen 3, Gemma 3): split, norm over head_dim, rejoin.
-            hd, nq, nk = c.head_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-            q, k, v = g.node("Split", [qkv, g.const(np.array([nq, nk, nk], np.int64))], "split", n_out=3, axis=-1)
-            heads = []
-            for t, name, n in ((q, "q_norm", nq), (k, "k_norm", nk)):
-                t3 = g.node("Reshape", [t, g.const(np.array([0, n // hd, hd], np.int64))], "heads")
-                t3 = g.rmsnorm(t3, weight(p + name + ".weight"), c.norm_eps)
-                heads.append(g.node("Reshape", [t3, g.const(np.array([0, n], np.int64))], "heads"))
-            qkv = g.node("Concat", [*heads, v], "qkv", axis=-1)
-        g.output(qkv, "qkv", self.qkv_width)
-
-    def _attn_out(self, g, weight, l):
-        c = self.c
-        att = g.input("att", c.n_heads * c.head_dim)
-        x = g.input("x", c.d_model)
-        p = f"layers.{l}."
-        o = g.linear(att, weight(p + "attn.o.weight"), weight(p + "attn.o.bias") if c.attn_out_bias else None, "o")
-        if c.sandwich_norm:
-            o = self._norm(g, weight, o, p + "attn_post_norm")
-        return g.add(x, o)
+    def _head(self, g, weight, l):
+        g.output(qkv_proj(g, self.c, weight, l, g.input("x", self.c.d_model)), "qkv", self.qkv_width)
 
     def _mid(self, g, weight, l):
         c = self.c
-        x = self._attn_out(g, weight, l)
-        h = self._norm(g, weight, x, f"layers.{l}.ffn_norm")
-        p = f"layers.{l}.ffn."
-        if c.gated:
-            gate_up = g.linears(h, [weight(p + "gate.weight"), weight(p + "up.weight")], [None, None], "gate_up")
-            a = g.gated(gate_up, c.n_ff, {"swiglu": "silu", "reglu": "relu", "drelu": "drelu",
-                                          "geglu": "gelu_tanh"}[c.ffn_kind], c.act_threshold)
-        else:
-            a = g.relu(g.linear(h, weight(p + "up.weight"), weight(p + "up.bias") if c.ffn_bias else None, "up"))
-        y = g.linear(a, weight(p + "down.weight"), weight(p + "down.bias") if c.ffn_bias else None, "down")
-        if c.sandwich_norm:
-            y = self._norm(g, weight, y, f"layers.{l}.ffn_post_norm")
-        x = g.add(x, y)
+        x = attn_out(g, c, weight, l, g.input("att", c.n_heads * c.head_dim), g.input("x", c.d_model))
+        x = ffn_block(g, c, weight, l, x)
         g.output(x, "x_out", c.d_model)
         if l + 1 < c.n_layers:
-            self._head(g, weight, l + 1, x)
+            g.output(qkv_proj(g, c, weight, l + 1, x), "qkv", self.qkv_width)
 
     def _tail(self, g, weight, l):
-        x = self._attn_out(g, weight, l)
-        g.output(x, "x_out", self.c.d_model)
-        g.output(self._norm(g, weight, x, f"layers.{l}.ffn_norm"), "h", self.c.d_model)
+        c = self.c
+        x = attn_out(g, c, weight, l, g.input("att", c.n_heads * c.head_dim), g.input("x", c.d_model))
+        g.output(x, "x_out", c.d_model)
+        g.output(norm(g, c, weight, x, f"layers.{l}.ffn_norm"), "h", c.d_model)
 
     def _lm(self, g, weight, lm_head_name):
-        x = g.input("x", self.c.d_model)
-        g.output(g.linear(self._norm(g, weight, x, "norm"), weight(lm_head_name), None, "logits"), "logits",
-                 self.c.vocab_size)
+        g.output(lm_logits(g, self.c, weight, lm_head_name, g.input("x", self.c.d_model)), "logits", self.c.vocab_size)
 
     # --- running ----------------------------------------------------------------------------------
     def forward(self, x, pos0, k_cache, v_cache, rope, scale, ffn=None, down_bias=None, post_norm=None):
@@ -249,3 +206,189 @@ class OrtLayers:
             self.lm.run_with_iobinding(self._step["lm"])
             return self._step["logits"]
         return self.lm.run(None, {"x": np.ascontiguousarray(x)})[0]
+
+
+# --- graph pieces shared by the per-layer sessions and the whole-decoder graph ---------------------------
+def norm(g, c: ModelConfig, weight, x, prefix):
+    if c.norm_kind == "rms":
+        return g.rmsnorm(x, weight(prefix + ".weight"), c.norm_eps)
+    return g.layernorm(x, weight(prefix + ".weight"), weight(prefix + ".bias"), c.norm_eps)
+
+
+def qkv_proj(g, c: ModelConfig, weight, l, x):
+    """Layer l's [q|k|v] of the residual rows x (before RoPE)."""
+    p = f"layers.{l}.attn."
+    xn = norm(g, c, weight, x, f"layers.{l}.attn_norm")
+    bias = [weight(p + n + ".bias") if c.attn_qkv_bias else None for n in "qkv"]
+    qkv = g.linears(xn, [weight(p + n + ".weight") for n in "qkv"], bias, "qkv")
+    if c.qk_norm:
+        # Per-head RMSNorm of q and k before RoPE (Qwen 3, Gemma 3): split, norm over head_dim, rejoin.
+        hd, nq, nk = c.head_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        q, k, v = g.node("Split", [qkv, g.const(np.array([nq, nk, nk], np.int64))], "split", n_out=3, axis=-1)
+        heads = []
+        for t, name, n in ((q, "q_norm", nq), (k, "k_norm", nk)):
+            t3 = g.node("Reshape", [t, g.const(np.array([0, n // hd, hd], np.int64))], "heads")
+            t3 = g.rmsnorm(t3, weight(p + name + ".weight"), c.norm_eps)
+            heads.append(g.node("Reshape", [t3, g.const(np.array([0, n], np.int64))], "heads"))
+        qkv = g.node("Concat", [*heads, v], "qkv", axis=-1)
+    return qkv
+
+
+def attn_out(g, c: ModelConfig, weight, l, att, x):
+    """x + o(att) (sandwich-norm layers normalize o first)."""
+    p = f"layers.{l}."
+    o = g.linear(att, weight(p + "attn.o.weight"), weight(p + "attn.o.bias") if c.attn_out_bias else None, "o")
+    if c.sandwich_norm:
+        o = norm(g, c, weight, o, p + "attn_post_norm")
+    return g.add(x, o)
+
+
+def ffn_block(g, c: ModelConfig, weight, l, x):
+    """x + FFN(norm(x)) with layer l's resident FFN matrices."""
+    h = norm(g, c, weight, x, f"layers.{l}.ffn_norm")
+    p = f"layers.{l}.ffn."
+    if c.gated:
+        gate_up = g.linears(h, [weight(p + "gate.weight"), weight(p + "up.weight")], [None, None], "gate_up")
+        a = g.gated(gate_up, c.n_ff, {"swiglu": "silu", "reglu": "relu", "drelu": "drelu",
+                                      "geglu": "gelu_tanh"}[c.ffn_kind], c.act_threshold)
+    else:
+        a = g.relu(g.linear(h, weight(p + "up.weight"), weight(p + "up.bias") if c.ffn_bias else None, "up"))
+    y = g.linear(a, weight(p + "down.weight"), weight(p + "down.bias") if c.ffn_bias else None, "down")
+    if c.sandwich_norm:
+        y = norm(g, c, weight, y, f"layers.{l}.ffn_post_norm")
+    return g.add(x, y)
+
+
+def lm_logits(g, c: ModelConfig, weight, lm_head_name, x):
+    return g.linear(norm(g, c, weight, x, "norm"), weight(lm_head_name), None, "logits")
+
+
+class OrtDecoder:
+    """Every decoder layer, attention included, and the lm_head as ONE onnxruntime session: a decode token
+    is one run() (the layer cuts of OrtLayers make n_layers + 2, each a handoff to numba and, with two
+    threads, a wake of onnxruntime's worker). Attention is `com.microsoft.GroupQueryAttention` with packed
+    [q|k|v] input, RoPE applied inside (rotate-half, `rotary_interleaved=0`, from our own cos/sin tables) and
+    past/present K/V sharing one buffer per layer: the model's KV cache, laid out [layer, kv head, ctx,
+    head_dim] (`kv_shape`), bound through IOBinding so onnxruntime writes each new position in place and
+    nothing is copied per token. The attention runs in the KV cache's type (GroupQueryAttention's inputs
+    and cache share one type): an f16 cache means q, k, v are rounded to f16 before attention and the
+    output widened back (measured logits error in tests/test_ort_decoder.py), an f32 cache keeps f32.
+
+    Inputs: x [T, d] embeddings at positions pos0.., `rows` (which rows of the final residual get logits:
+    the last for generation, all for scoring). Prompts run through the same graph (T rows, one run per
+    chunk), so the cache is filled by the same node that reads it."""
+
+    def __init__(self, c: ModelConfig, weight, threads: int, lm_head_name: str, rope: list, ctx_len: int,
+                 kv_dtype: str, accuracy_level: int = INT8_ACTIVATIONS, on_session=None, spin_us: int = 0):
+        self.c, self.ctx_len = c, ctx_len
+        self.kv_type = np.float16 if kv_dtype == "f16" else np.float32     # the cache's elements as onnxruntime sees them
+        self.kv_shape = (c.n_layers, c.n_kv_heads, ctx_len, c.head_dim)
+        # One run per token: with several threads the worker stays awake across the token's nodes when it
+        # may spin between them (the layer cuts' reason for capping the spin no longer applies inside a run).
+        spin = spin_us if threads > 1 and bounded_spinning() else 0
+        g = GraphBuilder("decoder", accuracy_level)
+        self._build(g, weight, lm_head_name, rope)
+        self.session = session(g, threads, spin)
+        del g
+        if on_session is not None:
+            on_session()
+        self._step = None           # the bound one-token step, made on the first decode (needs the caches)
+
+    @staticmethod
+    def supports(c: ModelConfig) -> str | None:
+        """Why this model cannot run as one graph (None: it can)."""
+        if c.n_heads % c.n_kv_heads:
+            return f"{c.n_heads} query heads are not a multiple of {c.n_kv_heads} KV heads"
+        if c.sliding_layers:
+            return "sliding-window layers (GroupQueryAttention's local window is not matched to ours yet)"
+        return None
+
+    def _build(self, g: GraphBuilder, weight, lm_head_name: str, rope: list) -> None:
+        c = self.c
+        from onnx import TensorProto
+        half = self.kv_type == np.float16
+        x = g.input("x", c.d_model)
+        rows = g.typed_input("rows", np.int64, ["R"])
+        seqlens = g.typed_input("seqlens_k", np.int32, [1])                 # positions before the last new one
+        total = g.typed_input("total_sequence_length", np.int32, [])        # pos0 + T
+        kv = [1, c.n_kv_heads, self.ctx_len, c.head_dim]
+        scale = c.attn_scale if c.attn_scale is not None else 1.0 / np.sqrt(c.head_dim)
+        tables = {}                                                         # one cos/sin pair per RoPE variant
+        batch = g.const(np.array([0], np.int64))
+        for l in range(c.n_layers):
+            qkv = g.node("Unsqueeze", [qkv_proj(g, c, weight, l, x), batch], "qkv3")     # [1, T, (H + 2 Hkv) hd]
+            if half:
+                qkv = g.node("Cast", [qkv], "qkv16", to=TensorProto.FLOAT16)
+            ins = [qkv, "", "", g.typed_input(f"past_key_{l}", self.kv_type, kv),
+                   g.typed_input(f"past_value_{l}", self.kv_type, kv), seqlens, total]
+            rotary = rope[l] is not None
+            if rotary:
+                key = id(rope[l][0])
+                if key not in tables:
+                    tables[key] = [g.const(np.ascontiguousarray(t[:self.ctx_len]).astype(self.kv_type), n)
+                                   for t, n in zip(rope[l], ("cos", "sin"))]
+                ins += tables[key]
+            att = g.node("GroupQueryAttention", ins, domain="com.microsoft",
+                         names=[None, f"present_key_{l}", f"present_value_{l}"],
+                         num_heads=c.n_heads, kv_num_heads=c.n_kv_heads, scale=float(scale),
+                         do_rotary=int(rotary), rotary_interleaved=0)[0]
+            for name in ("key", "value"):
+                g.typed_output(f"present_{name}_{l}", self.kv_type, kv)
+            if half:
+                att = g.node("Cast", [att], "att32", to=TensorProto.FLOAT)
+            att = g.node("Squeeze", [att, batch], "att")
+            x = ffn_block(g, c, weight, l, attn_out(g, c, weight, l, att, x))
+        last = g.node("Gather", [x, rows], "rows", axis=0)
+        g.output(lm_logits(g, c, weight, lm_head_name, last), "logits", c.vocab_size)
+
+    def _binding(self, k_cache, v_cache, x, rows, seqlens, total, logits):
+        b = self.session.io_binding()
+        b.bind_input("x", "cpu", 0, np.float32, list(x.shape), x.ctypes.data)
+        b.bind_input("rows", "cpu", 0, np.int64, list(rows.shape), rows.ctypes.data)
+        b.bind_input("seqlens_k", "cpu", 0, np.int32, [1], seqlens.ctypes.data)
+        b.bind_input("total_sequence_length", "cpu", 0, np.int32, [], total.ctypes.data)
+        shape = [1, *self.kv_shape[1:]]
+        for l in range(self.c.n_layers):
+            for name, cache in (("key", k_cache), ("value", v_cache)):
+                ptr = cache[l].ctypes.data              # past and present: one buffer, written in place
+                b.bind_input(f"past_{name}_{l}", "cpu", 0, self.kv_type, shape, ptr)
+                b.bind_output(f"present_{name}_{l}", "cpu", 0, self.kv_type, shape, ptr)
+        b.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        return b
+
+    def forward(self, x, pos0: int, k_cache, v_cache, all_rows: bool = False) -> np.ndarray:
+        """Logits [1, vocab] of the last of x's T rows (all_rows: [T, vocab]) for embeddings x [T, d] at
+        positions pos0..; caches [layer, kv head, ctx, head_dim] (kv_shape), f32 or f16 bits. Stores the T
+        positions' K/V. A one-token result is a buffer valid until the next call."""
+        T = x.shape[0]
+        if k_cache.shape != self.kv_shape or v_cache.shape != self.kv_shape:
+            raise ValueError(f"KV cache {k_cache.shape}, the decoder graph was built for {self.kv_shape}")
+        if pos0 + T > self.ctx_len:
+            raise ValueError(f"positions {pos0}..{pos0 + T - 1} beyond the KV cache's {self.ctx_len}")
+        if T == 1 and not all_rows:
+            step = self._step
+            if step is None or step["k"] is not k_cache or step["v"] is not v_cache:
+                step = self._step = self._bind_step(k_cache, v_cache)
+            step["x"][:] = x
+            step["seqlens"][0] = pos0
+            step["total"][...] = pos0 + 1
+            self.session.run_with_iobinding(step["binding"])
+            return step["logits"]
+        rows = np.arange(T, dtype=np.int64) if all_rows else np.array([T - 1], np.int64)
+        logits = np.empty((len(rows), self.c.vocab_size), np.float32)
+        x = np.ascontiguousarray(x, np.float32)
+        seqlens, total = np.array([pos0 + T - 1], np.int32), np.array(pos0 + T, np.int32)
+        self.session.run_with_iobinding(self._binding(k_cache, v_cache, x, rows, seqlens, total, logits))
+        return logits
+
+    def _bind_step(self, k_cache, v_cache) -> dict:
+        """Fixed buffers for one-token steps: the step writes x, the position and the length into them."""
+        step = {"k": k_cache, "v": v_cache, "x": np.zeros((1, self.c.d_model), np.float32),
+                "rows": np.zeros(1, np.int64), "seqlens": np.zeros(1, np.int32), "total": np.zeros((), np.int32),
+                "logits": np.zeros((1, self.c.vocab_size), np.float32)}
+        step["binding"] = self._binding(k_cache, v_cache, step["x"], step["rows"], step["seqlens"], step["total"],
+                                        step["logits"])
+        return step
+
+    def close(self) -> None:
+        pass
