@@ -299,6 +299,8 @@ class OrtDecoder:
         """Why this model cannot run as one graph (None: it can)."""
         if c.n_heads % c.n_kv_heads:
             return f"{c.n_heads} query heads are not a multiple of {c.n_kv_heads} KV heads"
+        if c.head_dim % 16:
+            return f"head_dim {c.head_dim} (GroupQueryAttention on CPU needs a multiple of 16)"
         if c.sliding_layers:
             return "sliding-window layers (GroupQueryAttention's local window is not matched to ours yet)"
         return None

@@ -287,7 +287,7 @@ def test_both_threading_policies_equal_one_thread(tmp_path):
     got = []
     for threads, spin in ((1, 10), (2, 0), (2, 10)):
         model = Model(open_folder(out), RuntimeConfig(threads=threads, kv_dtype="f32", int8_activations=False,
-                                                      ort_spin_us=spin))
+                                                      ort_spin_us=spin, ort_graph="layers"))
         assert model.ort.split == (threads == 2 and spin > 0)
         assert (model.ort._workers is not None) == (threads == 2 and spin == 0)
         got.append(np.concatenate([model.forward(ids[:20], all_logits=True), model.forward(ids[20:21])]))

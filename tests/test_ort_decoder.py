@@ -1,0 +1,104 @@
+"""The whole decoder as one onnxruntime graph (runtime/ort_model.py OrtDecoder: GroupQueryAttention over the
+bound KV cache) against the per-layer sessions with numba attention (OrtLayers), on tiny random checkpoints
+converted to q4_1: same weights, so with f32 activations and an f32 KV cache the two paths differ only by
+float rounding. A wrong RoPE convention, a K/V written at the wrong position or a wrong KV length would
+move the logits by O(1) (these are chaotic random models)."""
+import numpy as np
+import pytest
+
+import tiny_models as tm
+from flashlm.converters.convert import convert
+from flashlm.runtime.config import RuntimeConfig
+from flashlm.runtime.errors import FlashlmError
+from flashlm.runtime.model import Model
+from flashlm.runtime.modelfile import open_folder
+from flashlm.runtime.ort_model import OrtDecoder, OrtLayers
+
+IDS = [1, 5, 17, 42, 7, 99, 3, 8, 250, 11, 64, 0, 2, 180, 33, 5, 77, 120, 9, 15]
+MODELS = {"llama-gqa-tied": lambda p: tm.make_llama(p, tied=True, n_kv_heads=2),
+          "qwen2-bias": lambda p: tm.make_llama(p, tied=False, qwen2=True),
+          # q/k norms, sandwich norms, GeGLU, a scale that is not 1/sqrt(head_dim); no sliding layer
+          "gemma3-global-layers": lambda p: tm.make_gemma3(p, layer_types=["full_attention"] * 2),
+          "opt-learned-positions": tm.make_opt}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def folder(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    return convert(MODELS[request.param](tmp / "src"), tmp / "m.flashlm", dtype="q4_1", progress=False)
+
+
+def _session(folder, graph, **kw):
+    rt = dict(threads=1, kv_dtype="f32", int8_activations=False, ort_graph=graph)
+    return Model(open_folder(folder), RuntimeConfig(**{**rt, **kw}))
+
+
+def _trace(model):
+    """Prompt logits (all rows), then token steps, then a second prompt chunk on top of the cache, then
+    the same after reset(3) (positions 3.. rewritten)."""
+    out = [model.forward(IDS[:6], all_logits=True)]
+    out += [model.forward([t]).copy() for t in IDS[6:12]]
+    out.append(model.forward(IDS[12:17], all_logits=True))
+    model.reset(3)
+    out.append(model.forward(IDS[8:13], all_logits=True))
+    out.append(model.forward([IDS[13]]).copy())
+    return np.concatenate(out)
+
+
+def test_one_graph_equals_the_layer_sessions(folder):
+    whole, layers = _session(folder, "whole"), _session(folder, "layers")
+    assert isinstance(whole.ort, OrtDecoder) and isinstance(layers.ort, OrtLayers)
+    got, want = _trace(whole), _trace(layers)
+    # measured: <= 1e-6 of the largest logit (f32 rounding of two attention implementations)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # The cache itself: [layer, kv head, position, hd] there, [layer, position, kv head, hd] here; RoPE'd K.
+    n = whole.pos
+    assert whole.k_cache.shape == (layers.k_cache.shape[0], layers.k_cache.shape[2], layers.k_cache.shape[1],
+                                   layers.k_cache.shape[3])
+    for a, b in ((whole.k_cache, layers.k_cache), (whole.v_cache, layers.v_cache)):
+        np.testing.assert_allclose(a.transpose(0, 2, 1, 3)[:, :n], b[:, :n], rtol=1e-4, atol=1e-4 * np.abs(b).max())
+    # Scoring goes through the same graph in sub-chunks.
+    whole.reset(), layers.reset()
+    assert whole.forward_nll(IDS[:-1], IDS[1:]) == pytest.approx(layers.forward_nll(IDS[:-1], IDS[1:]), rel=1e-5)
+    whole.close(), layers.close()
+
+
+def test_f16_kv_cache_runs_attention_in_f16(tmp_path):
+    """GroupQueryAttention takes its inputs in the cache's type: an f16 cache rounds q, k, v to f16 (the
+    numba path rounds only k, v). Still close to the f32 path; the plan counts 2 bytes per cached value."""
+    src = tm.make_llama(tmp_path / "src", tied=True, n_kv_heads=2)
+    out = convert(src, tmp_path / "m.flashlm", dtype="q4_1", progress=False)
+    m16, m32 = _session(out, "whole", kv_dtype="f16"), _session(out, "whole")
+    assert m16.k_cache.dtype == np.uint16 and m32.k_cache.dtype == np.float32
+    assert m16.plan.kv_cache == m16.k_cache.nbytes + m16.v_cache.nbytes
+    assert m32.plan.kv_cache == m32.k_cache.nbytes + m32.v_cache.nbytes
+    a, b = _trace(m32), _trace(m16)
+    err = np.abs(a - b).max() / np.abs(a).max()
+    assert 0 < err <= 1e-2, err                         # measured 2e-3
+
+
+def test_two_threads_equal_one(tmp_path):
+    src = tm.make_llama(tmp_path / "src", tied=False, n_kv_heads=2)
+    out = convert(src, tmp_path / "m.flashlm", dtype="q4_1", progress=False)
+    one, two = _trace(_session(out, "whole")), _trace(_session(out, "whole", threads=2))
+    np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-4 * np.abs(one).max())
+
+
+def test_auto_picks_one_graph_only_where_it_can(tmp_path):
+    """auto: one graph for a resident quantized model; per-layer sessions when the FFN streams (naive
+    mode), the model has sliding-window layers or a head_dim GroupQueryAttention refuses (CPU: multiples of
+    16; Qwen3's tiny head_dim is 24); 'whole' refuses those with the reason."""
+    llama = convert(tm.make_llama(tmp_path / "l", tied=True), tmp_path / "l.flashlm", dtype="q4_1", progress=False)
+    assert isinstance(Model(open_folder(llama), RuntimeConfig()).ort, OrtDecoder)
+    assert isinstance(Model(open_folder(llama), RuntimeConfig(mode="naive")).ort, OrtLayers)
+    with pytest.raises(FlashlmError, match="FFN rows stream"):
+        Model(open_folder(llama), RuntimeConfig(mode="naive", ort_graph="whole"))
+    gemma = convert(tm.make_gemma3(tmp_path / "g", layer_types=["sliding_attention", "full_attention"]),
+                    tmp_path / "g.flashlm", dtype="q8_0", progress=False)
+    assert isinstance(Model(open_folder(gemma), RuntimeConfig()).ort, OrtLayers)
+    with pytest.raises(FlashlmError, match="sliding-window"):
+        Model(open_folder(gemma), RuntimeConfig(ort_graph="whole"))
+    qwen3 = convert(tm.make_qwen3(tmp_path / "q"), tmp_path / "q.flashlm", dtype="q8_0", progress=False)
+    assert isinstance(Model(open_folder(qwen3), RuntimeConfig()).ort, OrtLayers)
+    with pytest.raises(FlashlmError, match="head_dim 24"):
+        Model(open_folder(qwen3), RuntimeConfig(ort_graph="whole"))
