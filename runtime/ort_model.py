@@ -301,8 +301,6 @@ class OrtDecoder:
             return f"{c.n_heads} query heads are not a multiple of {c.n_kv_heads} KV heads"
         if c.head_dim % 16:
             return f"head_dim {c.head_dim} (GroupQueryAttention on CPU needs a multiple of 16)"
-        if c.sliding_layers:
-            return "sliding-window layers (GroupQueryAttention's local window is not matched to ours yet)"
         return None
 
     def _build(self, g: GraphBuilder, weight, lm_head_name: str, rope: list) -> None:
@@ -333,7 +331,9 @@ class OrtDecoder:
             att = g.node("GroupQueryAttention", ins, domain="com.microsoft",
                          names=[None, f"present_key_{l}", f"present_value_{l}"],
                          num_heads=c.n_heads, kv_num_heads=c.n_kv_heads, scale=float(scale),
-                         do_rotary=int(rotary), rotary_interleaved=0)[0]
+                         do_rotary=int(rotary), rotary_interleaved=0,
+                         # measured: local_window_size w attends to keys p-w+1..p, like layer_window
+                         local_window_size=c.layer_window(l) or -1)[0]
             for name in ("key", "value"):
                 g.typed_output(f"present_{name}_{l}", self.kv_type, kv)
             if half:

@@ -10,10 +10,11 @@ environment (flashlm sets OMP_WAIT_POLICY=PASSIVE on import, which also changes 
 workers), which made the old same-process comparison unfair. Children run rep by rep, threads by
 threads, the engine order flipping every rep (flashlm, llama.cpp / llama.cpp, flashlm, ...) so load
 from other processes hits both alike; one table, mean ± sd tokens/s, and the ratios of one run.
-At more than one thread flashlm runs twice, with its default threading (every onnxruntime session split
-across the threads, idle workers spinning `--ort-spin-us`, default 10 us) and with `--ort-spin-us 0`
-(layers on one thread, the lm_head split, prompts in row blocks): which wins depends on how idle the
-machine is, so both are in the table. The first line names the CPU (AVX-512 / VNNI decide both engines'
+flashlm runs with its defaults (a fully resident model: the whole decoder as one onnxruntime graph, one
+run() per token) and with `ort_graph=layers` (a graph between numba attention calls, the previous path),
+and at more than one thread also with `--ort-spin-us 0` (no spinning: the one graph's two threads wake
+per run without spinning between nodes): which wins depends on how idle the machine is, so all are in
+the table. The first line names the CPU (AVX-512 / VNNI decide both engines'
 int8 kernels: a session-1 machine with AVX-512 ran llama.cpp at 146/185 tok/s, this AVX2 EPYC at 60/80).
 `--breakdown` also reports where flashlm's decode time goes per token (onnxruntime runs, numba
 attention, the rest) from one more child per thread count. Needs `pip install llama-cpp-python`.
@@ -39,8 +40,11 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
-ENGINES = ("flashlm", "flashlm-spin0", "llama.cpp")
-LABELS = {"flashlm": "flashlm", "flashlm-spin0": "flashlm --ort-spin-us 0", "llama.cpp": "llama.cpp"}
+ENGINES = ("flashlm", "flashlm-layers", "flashlm-spin0", "llama.cpp")
+LABELS = {"flashlm": "flashlm", "flashlm-layers": "flashlm ort_graph=layers", "flashlm-spin0": "flashlm --ort-spin-us 0",
+          "llama.cpp": "llama.cpp"}
+# The flashlm variants as RuntimeConfig fields (the default engine is the library's defaults).
+VARIANTS = {"flashlm": {}, "flashlm-layers": {"ort_graph": "layers"}, "flashlm-spin0": {"ort_spin_us": 0}}
 
 
 def _ids(n: int) -> np.ndarray:
@@ -48,13 +52,10 @@ def _ids(n: int) -> np.ndarray:
 
 
 # --- children ------------------------------------------------------------------------------------------
-def _flashlm(folder: str, threads: int, ctx: int, spin_us: int | None = None):
+def _flashlm(folder: str, threads: int, ctx: int, variant: dict | None = None):
     from flashlm.runtime.config import RuntimeConfig
     from flashlm.runtime.loader import load
-    rt = RuntimeConfig(ctx_len=ctx, threads=threads)
-    if spin_us is not None:
-        rt = RuntimeConfig(ctx_len=ctx, threads=threads, ort_spin_us=spin_us)
-    model, _, _ = load(folder, rt)
+    model, _, _ = load(folder, RuntimeConfig(ctx_len=ctx, threads=threads, **(variant or {})))
 
     def prefill(ids):
         model.reset()
@@ -91,7 +92,7 @@ def child(args) -> int:
     if args.child == "llama.cpp":
         _, prefill, decode = _llamacpp(str(args.gguf), args.threads, ctx)
     else:
-        _, prefill, decode = _flashlm(args.folder, args.threads, ctx, 0 if args.child == "flashlm-spin0" else None)
+        _, prefill, decode = _flashlm(args.folder, args.threads, ctx, VARIANTS[args.child])
     prefill(ids[:args.pp])
     decode(ids[:9])
     out = {}
@@ -111,7 +112,7 @@ def breakdown_child(args) -> int:
     import resource
 
     import flashlm.runtime.ort_model as ort_model
-    model, _, _ = _flashlm(args.folder, args.threads, args.tg + 16)
+    model, _, _ = _flashlm(args.folder, args.threads, args.tg + 16, VARIANTS[args.variant])
     spent = {"run": 0.0, "attention": 0.0}
     calls = {"run": 0, "attention": 0}
 
@@ -132,9 +133,12 @@ def breakdown_child(args) -> int:
             calls["run"] += 1
             return r
     o = model.ort
-    o.head0, o.lm = Timed(o.head0), Timed(o.lm)
-    for group in (o.mid, o.tail, o.heads):
-        group[:] = [Timed(s) if s is not None else None for s in group]
+    if isinstance(o, ort_model.OrtDecoder):     # the whole decoder as one graph: one run() per token
+        o.session = Timed(o.session)
+    else:
+        o.head0, o.lm = Timed(o.head0), Timed(o.lm)
+        for group in (o.mid, o.tail, o.heads):
+            group[:] = [Timed(s) if s is not None else None for s in group]
     def timed_attention(kernel, *a):
         t = time.perf_counter()
         kernel(*a)
@@ -167,6 +171,7 @@ def breakdown_child(args) -> int:
     ort_model.K = attention_module
     n = args.tg
     print(json.dumps({
+        "graph": type(o).__name__,
         "ms_per_token": 1e3 * wall / n, "ort_run_ms": 1e3 * spent["run"] / n, "runs_per_token": calls["run"] / n,
         "attention_ms": 1e3 * spent["attention"] / n, "attention_calls_per_token": calls["attention"] / n,
         "other_ms": 1e3 * (wall - spent["run"] - spent["attention"]) / n,
@@ -228,6 +233,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", choices=[*ENGINES, "breakdown"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", default="flashlm", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         args.threads = int(args.threads)
@@ -240,7 +246,7 @@ def main() -> int:
         engines = ENGINES
     except ImportError:
         print("llama-cpp-python not installed (pip install llama-cpp-python): flashlm only", file=sys.stderr)
-        engines = ENGINES[:2]
+        engines = [e for e in ENGINES if e != "llama.cpp"]
 
     def engines_at(threads):        # the threading policies differ only with more than one thread
         return [e for e in engines if threads > 1 or e != "flashlm-spin0"]
@@ -259,7 +265,9 @@ def main() -> int:
                         times[(engine, threads, k)].append(got[k])
         if args.breakdown:
             for threads in thread_counts:
-                breakdown[threads] = _run_child(["--child", "breakdown", "--threads", str(threads), *common])
+                for variant in ("flashlm", "flashlm-layers"):
+                    breakdown[(threads, variant)] = _run_child(["--child", "breakdown", "--variant", variant,
+                                                                "--threads", str(threads), *common])
     rows = []
     for (engine, threads, k), secs in times.items():
         n = args.pp if k == "pp" else args.tg
@@ -269,8 +277,8 @@ def main() -> int:
     if args.json:
         for row in rows:
             print(json.dumps(row))
-        for threads, b in breakdown.items():
-            print(json.dumps({"breakdown_threads": threads, **b}))
+        for (threads, variant), b in breakdown.items():
+            print(json.dumps({"breakdown_threads": threads, "variant": variant, **b}))
         return 0
     print(machine())
     print(f"model: {gguf.name}  flashlm dtype: {args.dtype}  conversion: {conv['seconds']:.1f} s, peak RSS "
@@ -285,8 +293,8 @@ def main() -> int:
                 print(f"threads {threads}: decode {LABELS[engine]} / llama.cpp "
                       f"{by[(engine, threads, 'tg')] / by[('llama.cpp', threads, 'tg')]:.2f}x, prefill "
                       f"{by[(engine, threads, 'pp')] / by[('llama.cpp', threads, 'pp')]:.2f}x")
-    for threads, b in breakdown.items():
-        print(f"flashlm decode, {threads} thread(s), per token: {b['ms_per_token']:.2f} ms wall = onnxruntime "
+    for (threads, _), b in breakdown.items():
+        print(f"flashlm decode ({b.get('graph', 'OrtLayers')}), {threads} thread(s), per token: {b['ms_per_token']:.2f} ms wall = onnxruntime "
               f"{b['ort_run_ms']:.2f} ({b['runs_per_token']:.0f} run() calls) + numba attention "
               f"{b['attention_ms']:.2f} ({b['attention_calls_per_token']:.0f} calls) + rest {b['other_ms']:.2f}; "
               f"CPU {b['cpu_ms_per_token']:.2f} ms, context switches {b['voluntary_switches_per_token']:.0f} "
