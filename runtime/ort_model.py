@@ -1,4 +1,6 @@
-"""The forward pass with resident weights in onnxruntime sessions and attention in numba.
+"""The forward pass with resident weights in onnxruntime sessions: OrtDecoder (every FFN resident: the
+whole decoder, attention included, as one graph, one run() per token) or OrtLayers (attention in numba
+between graphs; needed where an FFN streams from flash). RuntimeConfig.ort_graph picks; OrtLayers below.
 
 Measured on SmolLM2 (2 cores): a `run()` costs a few microseconds of Python and onnxruntime
 overhead, a numba call about one; with 30 layers that overhead is as large as the matvecs
