@@ -21,6 +21,7 @@ Why it is built this way (measured on a 2-core VM with a virtio disk, see ../sha
 from __future__ import annotations
 
 import errno
+import itertools
 import mmap
 import os
 import queue
@@ -258,7 +259,7 @@ def _read_full(fd: int, buf: memoryview, offset: int, need: int) -> tuple[int, i
 
 def _redo_run(fd, stage_mv, stage_np, job, i) -> tuple[int, int]:
     """Run i of a call in Python with os.preadv: the numba loop's error path (raises the OSError the
-    syscall gave, EINTR retried by Python, EOF named)."""
+    syscall gave, EINTR retried by Python, EOF named), and every run under loop="python"."""
     plan, out2d, out_mv, layer_off, stride = job
     ns, dst = plan.ns, plan.dst
     off, length, direct = int(plan.off[i]), int(plan.length[i]), int(plan.direct[i])
@@ -276,6 +277,12 @@ def _redo_run(fd, stage_mv, stage_np, job, i) -> tuple[int, int]:
 def _do_task(fd, stage_mv, stage_np, stage_addr, result, claim, job):
     plan, out2d, out_mv, layer_off, stride = job
     nbytes = ncalls = 0
+    if not isinstance(claim, np.ndarray):        # loop="python": claim is an itertools.count
+        while (i := next(claim)) < plan.n_runs:
+            b, c = _redo_run(fd, stage_mv, stage_np, job, i)
+            nbytes += b
+            ncalls += c
+        return nbytes, ncalls
     out_addr = _address(out2d)
     while True:
         _read_runs(fd, claim, plan.n_runs, plan.off, plan.length, plan.direct, plan.lo, plan.hi, plan.ns,
@@ -333,9 +340,14 @@ class FlashReader:
 
     def __init__(self, path, *, layer_offsets: list[int], stride_bytes: int, n_rows: int,
                  mode: str = "direct", threads: int = 4, max_gap_bytes: int = 0,
-                 staging_bytes: int = 1 << 20, row_bytes: int | None = None):
+                 staging_bytes: int = 1 << 20, row_bytes: int | None = None, loop: str = "numba"):
         if mode not in ("direct", "buffered"):
             raise ValueError(f"mode must be 'direct' or 'buffered', not {mode!r}")
+        if loop not in ("numba", "python"):
+            raise ValueError(f"loop must be 'numba' or 'python', not {loop!r}")
+        # "numba": each worker's batch is one nogil call (_read_runs); "python": one os.preadv per run
+        # from a Python loop (the reader before; kept to measure against, tools/bench_reader_loop.py)
+        self.loop = loop
         if stride_bytes <= 0 or not (stride_bytes % BLOCK == 0 or BLOCK % stride_bytes == 0):
             raise ValueError(f"stride_bytes={stride_bytes} must be a multiple or a divisor of {BLOCK}")
         bad = [o for o in layer_offsets if o % BLOCK]
@@ -480,7 +492,7 @@ class FlashReader:
                 self._busy_since = time.perf_counter()
             self._active += 1
         done: queue.SimpleQueue = queue.SimpleQueue()
-        claim = np.zeros(1, np.int64)                    # the shared run counter (see _claim)
+        claim = np.zeros(1, np.int64) if self.loop == "numba" else itertools.count()   # the shared run counter
         busy = self._queues[:plan.n_runs]                 # one task per worker that has something to do
         for q in busy:
             q.put((claim, job, done))

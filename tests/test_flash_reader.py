@@ -287,6 +287,28 @@ def test_direct_and_buffered_identical(files, data_dir):
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("stride", [512, 4096, 12288])
+def test_numba_and_python_loops_identical(files, data_dir, stride):
+    """The numba batch loop (default) and the Python os.preadv loop read the same bytes into the same
+    rows with the same counts: duplicates, adjacent runs, the file's last row, a permuted out."""
+    path, offsets, data = files[stride]
+    rng = np.random.default_rng(5)
+    rows = np.concatenate([rng.choice(N_ROWS, 60, replace=False), [0, 1, 2, N_ROWS - 1, N_ROWS - 1, 7]])
+    dest = rng.permutation(len(rows))
+    layer = len(offsets) - 1
+    results = []
+    for loop in ("numba", "python"):
+        with FlashReader(path, layer_offsets=offsets, stride_bytes=stride, n_rows=N_ROWS,
+                         mode=_modes(data_dir)[0], threads=3, max_gap_bytes=8192, loop=loop) as r:
+            out = np.zeros((len(rows), stride), np.uint8)
+            r.read_rows(layer, rows, out, dest)
+            results.append((out, r.stats.bytes_read, r.stats.reads, r.stats.useful_bytes))
+    (a, *ca), (b, *cb) = results
+    np.testing.assert_array_equal(a, b)
+    assert ca == cb
+    np.testing.assert_array_equal(a[dest], _expected(data, offsets, stride, layer, rows))
+
+
 def test_direct_refused_raises_clear_error(tmp_path, monkeypatch):
     """Refusal at open (old tmpfs) and at the first read (some FUSE filesystems) both name the fix."""
     path = tmp_path / "f.bin"
