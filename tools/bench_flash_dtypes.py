@@ -1,7 +1,7 @@
 """The same model in two storage types, flash mode, each at the same share of its own bytes, in one run.
 
     python tools/bench_flash_dtypes.py F16_MODEL Q4_MODEL [--budget 50%] [--rounds 3] [-n 12] [-p 0]
-        [--ctx 256] [--io-threads 4] [--no-pipeline] [-- extra flashlm bench flags]
+        [--ctx 256] [--io-threads 4] [--no-pipeline] [-t THREADS] [-- extra flashlm bench flags]
 
 Issue 7's last benchmark: the synthetic 7B-class ReLU model in q4 at 50% of its bytes reads >= 3x fewer
 bytes per token than the f16 model at 50% of its bytes, and decodes >= 2x as fast. Each round runs
@@ -72,8 +72,10 @@ def main() -> int:
     ap.add_argument("--profile", default="this-machine-2core")
     ap.add_argument("--no-pipeline", action="store_true", help="both models with --no-pipeline")
     ap.add_argument("--json", action="store_true", help="also print every child's tg row")
-    ap.add_argument("extra", nargs="*", help="more flashlm bench flags (after --)")
-    args = ap.parse_args()
+    ap.add_argument("-t", "--threads", type=int, default=None, help="compute threads of every child (default: all cores)")
+    # more flashlm bench flags after `--` (e.g. -- --window 2); argparse leaves them to parse_known_args
+    args, extra = ap.parse_known_args()
+    args.extra = [a for a in extra if a != "--"] + (["-t", str(args.threads)] if args.threads else [])
 
     models = [args.base, args.other]
     budgets = {args.base: args.budget, args.other: args.other_budget or args.budget}

@@ -1,7 +1,7 @@
 """The pipeline's benchmark: flash mode with and without the pipeline, in one run, engines alternated.
 
     python tools/bench_pipeline.py MODEL [--budget 50%] [--rounds 3] [-n 16] [-p 8] [--ctx 256]
-        [--profile this-machine-2core] [--io-threads 4] [--mode flash] [-- extra flashlm bench flags]
+        [--profile this-machine-2core] [--io-threads 4] [--mode flash] [-t THREADS] [-- extra flashlm bench flags]
 
 Each round runs `flashlm bench --one --json` twice, once as is and once with --no-pipeline, each in its
 own child process (its own page cache drop, load, warm-up repetition), the order flipped every round.
@@ -62,8 +62,10 @@ def main() -> int:
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--profile", default="this-machine-2core")
     ap.add_argument("--json", action="store_true", help="also print every child's tg row")
-    ap.add_argument("extra", nargs="*", help="more flashlm bench flags (after --)")
-    args = ap.parse_args()
+    ap.add_argument("-t", "--threads", type=int, default=None, help="compute threads of every child (default: all cores)")
+    # more flashlm bench flags after `--` (e.g. -- --window 2); argparse leaves them to parse_known_args
+    args, extra = ap.parse_known_args()
+    args.extra = [a for a in extra if a != "--"] + (["-t", str(args.threads)] if args.threads else [])
 
     from flashlm.runtime.device import load_device
     seq = load_device(args.profile).flash_speeds(args.io_threads).sequential_mb_s if args.profile else None
