@@ -346,8 +346,7 @@ def reader_rows_points(path, file_size, seconds, threads, compute_threads, strid
     ks = sorted({min(k, n_rows) for k in (16, 64, 256)})
     set_threads(compute_threads)
     mv = _Matvecs()
-    n0, t0 = mv.run(max(0.05, seconds / 8))
-    alone = t0 / n0
+    n0, t0 = mv.run(max(0.1, seconds / 4))
     per_call = []
     with FlashReader(path, layer_offsets=[i * layer_bytes for i in range(n_layers)], stride_bytes=stride,
                      n_rows=n_rows, mode="direct", threads=threads) as r:
@@ -361,8 +360,8 @@ def reader_rows_points(path, file_size, seconds, threads, compute_threads, strid
         calls = [0]
         done = threading.Event()
 
-        def io_loop():
-            t_end = time.perf_counter() + seconds / 2
+        def io_loop():      # the loss is small per call: at least half a second of calls, for its noise
+            t_end = time.perf_counter() + max(0.5, seconds / 2)
             while calls[0] < 3 or time.perf_counter() < t_end:
                 call(m, dst)
                 calls[0] += 1
@@ -371,6 +370,8 @@ def reader_rows_points(path, file_size, seconds, threads, compute_threads, strid
         io.start()
         n1, t1 = mv.run(0.0, until=done.is_set)
         io.join()
+    n2, t2 = mv.run(max(0.1, seconds / 4))         # alone again: before and after, for drift
+    alone = (t0 + t2) / (n0 + n2)
     set_threads(None)
     if len(ks) > 1:                      # least squares t = call + k row
         row, call_s = np.polyfit(np.asarray(ks, float), np.asarray(per_call), 1)
