@@ -654,8 +654,16 @@ def probe(directory: str | Path, settings: ProbeSettings | None = None, *, quick
     return _as_profile(facts, disk_info(str(directory)), s, flash, dram, compute, errors, step)
 
 
+def round_figure(v) -> float:
+    """A measured figure as written: 0.1 above 10, else 4 significant digits (never 0 for a positive
+    figure: an emulated aarch64 root measured the row kernel at 0.0004 G weights/s, which 3 decimals
+    wrote as 0.0 and the profile's own parser then refused)."""
+    v = float(v)
+    return round(v, 1) if v >= 10 else float(f"{v:.4g}")
+
+
 def _as_profile(facts, disk, s: ProbeSettings, flash, dram, compute, errors, check=None) -> dict:
-    rnd = lambda v: round(float(v), 1 if v >= 10 else 3)  # noqa: E731
+    rnd = round_figure
     fl = {"read_bytes": list(s.read_bytes), "threads": list(s.threads),
           "sequential_threads": list(s.sequential_threads),
           "sequential_1m_mb_s": [rnd(flash["sequential"][t]) for t in s.sequential_threads],

@@ -170,3 +170,10 @@ def test_aarch64_check_dry_run_prints_the_emulation_steps(tmp_path):
     assert not (tmp_path / "root").exists()             # a dry run changes nothing
     bad = subprocess.run([sys.executable, str(script), "--dry-run", "--steps", "root,nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown step 'nope'" in bad.stderr
+
+
+def test_a_slow_device_s_figures_are_written_nonzero():
+    # the emulated aarch64 root measured the row kernel at ~0.0004 G weights/s: written as 0.0 (three
+    # decimals), its own profile failed to load
+    assert P.round_figure(0.00042) == 0.00042 and P.round_figure(1234.567) == 1234.6
+    assert P.round_figure(7.02449) == 7.024
