@@ -168,6 +168,16 @@ class BundleKernel:
         self.up_buf = np.zeros((1 if self.up_weights is not None else 0, config.n_ff), np.float32)
         self.gate_pre, self.up_pre = self.gate_buf, self.up_buf
 
+    def projections(self, layer: int, w_gate, w_up) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(gate.h, up.h) [T, n_ff] that begin() computed for this layer call from these very tensors
+        (None for one it did not): a predictor whose rule multiplies h by the same resident W_gate
+        (W_up) takes them instead of computing the product a second time."""
+        if self.gate_weights is None:
+            return None, None
+        gate = self.gate_pre if w_gate is not None and w_gate is self.gate_weights[layer] else None
+        up = self.up_pre if self.up_weights is not None and w_up is not None and w_up is self.up_weights[layer] else None
+        return gate, up
+
     def begin(self, layer: int, h: np.ndarray) -> None:
         """Start a layer call on h [T, d]: the gate-resident layout's gate.h for every neuron."""
         if self.gate_weights is None:
@@ -249,6 +259,9 @@ class QuantBundleKernel:
 
     def begin(self, layer: int, h: np.ndarray) -> None:
         pass                             # quantized rows always hold every part
+
+    def projections(self, layer: int, w_gate, w_up):
+        return None, None
 
     def __call__(self, h, rows, n_rows, neuron_of_row, bias, out) -> None:
         from .qbundle import permute_input
@@ -661,7 +674,10 @@ class FlashFFN(FFNBackend):
         cache, pred, st = self.caches[layer], self.predictors[layer], self.stats
         pending = self.pending.pop(layer, None)
         t0 = time.perf_counter()
-        wanted = pred.predict(h)
+        # The gate/exact rules over a resident-part layout multiply h by the W_gate (W_up) that begin()
+        # already multiplied: the predictor takes those products (one matmul per part per layer call).
+        gate_h, up_h = self.kernel.projections(layer, getattr(pred, "gate_rows", None), getattr(pred, "up_rows", None))
+        wanted = pred.predict(h, gate_h=gate_h, up_h=up_h) if gate_h is not None else pred.predict(h)
         t1 = time.perf_counter()
         st.predict_s += t1 - t0
         waited = 0.0

@@ -122,14 +122,19 @@ class LayerPredictor:
         K.matmul(h, w, out)
         return out
 
-    def scores(self, h: np.ndarray) -> np.ndarray:
-        """h [T, d] -> scores [T, n_ff]: estimated pre-activation (ReLU) or contribution (SwiGLU)."""
+    def scores(self, h: np.ndarray, gate_h=None, up_h=None) -> np.ndarray:
+        """h [T, d] -> scores [T, n_ff]: estimated pre-activation (ReLU) or contribution (SwiGLU).
+        gate_h, up_h: h @ gate_rows.T (h @ up_rows.T) when the caller has them (the FFN kernel computed
+        them from the same resident tensors); otherwise this computes them."""
         kind, t = self.ffn_kind, self.act_threshold
+        if self.rule in ("gate", "exact"):
+            g = self._rows(h, self.gate_rows) if gate_h is None else gate_h
         if self.rule == "exact":
-            return gated_score(self._rows(h, self.gate_rows), self._rows(h, self.up_rows), kind, t) * self.down_norm
+            u = self._rows(h, self.up_rows) if up_h is None else up_h
+            return gated_score(g, u, kind, t) * self.down_norm
         up = self.up(h)
         if self.rule == "gate":
-            return gated_score(self._rows(h, self.gate_rows), up, kind, t) * self.down_norm
+            return gated_score(g, up, kind, t) * self.down_norm
         return up if self.gate is None else gated_score(self.gate(h), up, kind, t)
 
     def select(self, scores: np.ndarray) -> np.ndarray:
@@ -141,19 +146,22 @@ class LayerPredictor:
         k = min(self.keep, scores.size)
         return np.sort(np.argpartition(-scores, k - 1)[:k]).astype(np.int32)
 
-    def _predict_one(self, h: np.ndarray, threshold=None) -> np.ndarray:
+    def _predict_one(self, h: np.ndarray, threshold=None, gate_h=None, up_h=None) -> np.ndarray:
         """One token, through the preallocated buffers and the numba selection kernels: nothing is
         allocated. Returns a view of buffers.ids, valid until this layer's next prediction."""
         b = self.buffers
         threshold = self._threshold if threshold is None else threshold
-        if self.rule == "exact":
+        if self.rule in ("gate", "exact") and gate_h is None:
             K.matmul(h, self.gate_rows, b.gate)
-            K.matmul(h, self.up_rows, b.up)
-            K.contribution(b.gate[0], b.up[0], self.down_norm, self._act, self._thr, b.scores)
+            gate_h = b.gate
+        if self.rule == "exact":
+            if up_h is None:
+                K.matmul(h, self.up_rows, b.up)
+                up_h = b.up
+            K.contribution(gate_h[0], up_h[0], self.down_norm, self._act, self._thr, b.scores)
         elif self.rule == "gate":
             up = self.up(h)
-            K.matmul(h, self.gate_rows, b.gate)
-            K.contribution(b.gate[0], up[0], self.down_norm, self._act, self._thr, b.scores)
+            K.contribution(gate_h[0], up[0], self.down_norm, self._act, self._thr, b.scores)
         elif self.gate is not None:
             up = self.up(h)
             K.contribution(self.gate(h)[0], up[0], self._no_norm, self._act, self._thr, b.scores)
@@ -170,11 +178,13 @@ class LayerPredictor:
         shifted input), other rules as predict(). A view of buffers.ids, like predict()."""
         return self._predict_one(h, self._guess_threshold)
 
-    def predict(self, h: np.ndarray) -> np.ndarray:
-        """Union of the predicted neurons of all T tokens in h [T, d] (T = 1: a view of buffers.ids)."""
+    def predict(self, h: np.ndarray, gate_h=None, up_h=None) -> np.ndarray:
+        """Union of the predicted neurons of all T tokens in h [T, d] (T = 1: a view of buffers.ids).
+        gate_h, up_h [T, n_ff]: the products h @ gate_rows.T, h @ up_rows.T if the caller already has
+        them (the "gate" and "exact" rules then skip their own matmuls; other rules ignore them)."""
         if h.shape[0] == 1:
-            return self._predict_one(h)
-        s = self.scores(h)
+            return self._predict_one(h, gate_h=gate_h, up_h=up_h)
+        s = self.scores(h, gate_h, up_h)
         return np.unique(np.concatenate([self.select(row) for row in s])).astype(np.int32)
 
 

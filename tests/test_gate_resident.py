@@ -140,3 +140,34 @@ def test_gate_resident_needs_a_gated_ffn_and_float_weights(tmp_path):
     with pytest.raises(ConversionError, match="float"):
         convert(tm.make_llama(tmp_path / "l", tied=False), tmp_path / "l.flashlm", dtype="q8_0",
                 resident=("gate", "up"), progress=False)
+
+
+@pytest.mark.parametrize("variant,selector", [("gate", "gate"), ("gate", "exact"), ("gate,up", "exact")])
+def test_predictors_take_the_kernels_projections_and_select_the_same(folders, tmp_path, monkeypatch, variant, selector):
+    """Over a resident-part layout the FFN kernel computes gate.h (and up.h) once per layer call; the
+    gate/exact rules take those products instead of multiplying by the same tensors again. The
+    selection and the logits are what the predictor's own products give (sharing disabled)."""
+    import shutil
+    from flashlm.runtime.ffn import BundleKernel
+    from flashlm.runtime.predictor import LayerPredictor
+    _, _, gr, down = folders
+    folder = tmp_path / "m.flashlm"
+    shutil.copytree(gr if variant == "gate" else down, folder)
+    calibrate(folder, n_tokens=300, ranks=(4, 8), selector=selector, keep=0.5, progress=False)
+    passed = []
+    predict = LayerPredictor.predict
+
+    def spy(self, h, gate_h=None, up_h=None):
+        passed.append((gate_h is not None, up_h is not None))
+        return predict(self, h, gate_h=gate_h, up_h=up_h)
+
+    monkeypatch.setattr(LayerPredictor, "predict", spy)
+    shared, st = _run(folder, mode="flash", io="buffered", layer_io="sparse")
+    uses_up = selector == "exact" and variant == "gate,up"     # else W_up is the predictor's own copy
+    assert passed and all(p == (True, uses_up) for p in passed)
+    monkeypatch.setattr(BundleKernel, "projections", lambda self, layer, g, u: (None, None))
+    passed.clear()
+    own, st_own = _run(folder, mode="flash", io="buffered", layer_io="sparse")
+    assert passed and not any(g for g, _ in passed)
+    np.testing.assert_array_equal(shared, own)
+    assert (st.wanted, st.hits) == (st_own.wanted, st_own.hits)
