@@ -42,6 +42,7 @@ from .ort_graph import INT8_ACTIVATIONS, GraphBuilder, bounded_spinning, session
 
 
 SPLIT_MIN_ROWS = 8      # a prompt block below this is not worth a thread handoff
+SESSION_WEIGHTS = 40_000_000     # OrtDecoder: weights per session at most (but one layer at least): the build peak
 
 
 class OrtLayers:
@@ -266,31 +267,44 @@ def lm_logits(g, c: ModelConfig, weight, lm_head_name, x):
 
 
 class OrtDecoder:
-    """Every decoder layer, attention included, and the lm_head as ONE onnxruntime session: a decode token
-    is one run() (the layer cuts of OrtLayers make n_layers + 2, each a handoff to numba and, with two
-    threads, a wake of onnxruntime's worker). Attention is `com.microsoft.GroupQueryAttention` with packed
-    [q|k|v] input, RoPE applied inside (rotate-half, `rotary_interleaved=0`, from our own cos/sin tables) and
+    """Every decoder layer, attention included, and the lm_head in a few onnxruntime sessions, no numba in
+    between: a decode token is one run() per session (OrtLayers makes n_layers + 2, each a handoff to
+    numba and, with two threads, a wake of onnxruntime's worker). Attention is
+    `com.microsoft.GroupQueryAttention` with packed [q|k|v] input, RoPE applied inside (rotate-half,
+    `rotary_interleaved=0`, from our own cos/sin tables), sliding windows as its `local_window_size`, and
     past/present K/V sharing one buffer per layer: the model's KV cache, laid out [layer, kv head, ctx,
     head_dim] (`kv_shape`), bound through IOBinding so onnxruntime writes each new position in place and
     nothing is copied per token. The attention runs in the KV cache's type (GroupQueryAttention's inputs
     and cache share one type): an f16 cache means q, k, v are rounded to f16 before attention and the
-    output widened back (measured logits error in tests/test_ort_decoder.py), an f32 cache keeps f32.
+    output widened back (tests/test_ort_decoder.py bounds the logits' change), an f32 cache keeps f32.
 
-    Inputs: x [T, d] embeddings at positions pos0.., `rows` (which rows of the final residual get logits:
-    the last for generation, all for scoring). Prompts run through the same graph (T rows, one run per
-    chunk), so the cache is filled by the same node that reads it."""
+    Sessions: consecutive layers up to SESSION_WEIGHTS weights each, then the lm_head in its own. Building
+    a session briefly holds ~2.5x its weights (our arrays, onnxruntime's copy, its prepacked one): one
+    session for all of SmolLM2 peaked at 548 MiB RSS vs ~350 for per-layer sessions (measured), and a
+    1.5B model would hold gigabytes. Prompts run through the same sessions (T rows, one run per session
+    and chunk), so the cache is filled by the node that reads it."""
 
     def __init__(self, c: ModelConfig, weight, threads: int, lm_head_name: str, rope: list, ctx_len: int,
                  kv_dtype: str, accuracy_level: int = INT8_ACTIVATIONS, on_session=None, spin_us: int = 0):
         self.c, self.ctx_len = c, ctx_len
         self.kv_type = np.float16 if kv_dtype == "f16" else np.float32     # the cache's elements as onnxruntime sees them
         self.kv_shape = (c.n_layers, c.n_kv_heads, ctx_len, c.head_dim)
-        # One run per token: with several threads the worker stays awake across the token's nodes when it
-        # may spin between them (the layer cuts' reason for capping the spin no longer applies inside a run).
+        # Within a run the worker may spin between nodes (the layer cuts' reason for capping the spin, numba
+        # running between sessions, is gone); it sleeps after spin_us once the run ends.
         spin = spin_us if threads > 1 and bounded_spinning() else 0
-        g = GraphBuilder("decoder", accuracy_level)
-        self._build(g, weight, lm_head_name, rope)
-        self.session = session(g, threads, spin)
+        self.parts = []                 # (session, layers, is_lm)
+        for layers in layer_groups(c, SESSION_WEIGHTS):
+            g = GraphBuilder(f"layers_{layers[0]}_{layers[-1]}", accuracy_level)
+            self._layers_graph(g, weight, layers, rope)
+            self.parts.append((session(g, threads, spin), layers, False))
+            del g
+            if on_session is not None:
+                on_session()
+        g = GraphBuilder("lm", accuracy_level)
+        rows = g.typed_input("rows", np.int64, ["R"])
+        last = g.node("Gather", [g.input("x", c.d_model), rows], "rows", axis=0)
+        g.output(lm_logits(g, c, weight, lm_head_name, last), "logits", c.vocab_size)
+        self.parts.append((session(g, threads, spin), range(0), True))
         del g
         if on_session is not None:
             on_session()
@@ -305,19 +319,18 @@ class OrtDecoder:
             return f"head_dim {c.head_dim} (GroupQueryAttention on CPU needs a multiple of 16)"
         return None
 
-    def _build(self, g: GraphBuilder, weight, lm_head_name: str, rope: list) -> None:
+    def _layers_graph(self, g: GraphBuilder, weight, layers, rope: list) -> None:
         c = self.c
         from onnx import TensorProto
         half = self.kv_type == np.float16
         x = g.input("x", c.d_model)
-        rows = g.typed_input("rows", np.int64, ["R"])
         seqlens = g.typed_input("seqlens_k", np.int32, [1])                 # positions before the last new one
         total = g.typed_input("total_sequence_length", np.int32, [])        # pos0 + T
         kv = [1, c.n_kv_heads, self.ctx_len, c.head_dim]
         scale = c.attn_scale if c.attn_scale is not None else 1.0 / np.sqrt(c.head_dim)
         tables = {}                                                         # one cos/sin pair per RoPE variant
         batch = g.const(np.array([0], np.int64))
-        for l in range(c.n_layers):
+        for l in layers:
             qkv = g.node("Unsqueeze", [qkv_proj(g, c, weight, l, x), batch], "qkv3")     # [1, T, (H + 2 Hkv) hd]
             if half:
                 qkv = g.node("Cast", [qkv], "qkv16", to=TensorProto.FLOAT16)
@@ -342,23 +355,32 @@ class OrtDecoder:
                 att = g.node("Cast", [att], "att32", to=TensorProto.FLOAT)
             att = g.node("Squeeze", [att, batch], "att")
             x = ffn_block(g, c, weight, l, attn_out(g, c, weight, l, att, x))
-        last = g.node("Gather", [x, rows], "rows", axis=0)
-        g.output(lm_logits(g, c, weight, lm_head_name, last), "logits", c.vocab_size)
+        g.output(x, "x_out", c.d_model)
 
-    def _binding(self, k_cache, v_cache, x, rows, seqlens, total, logits):
-        b = self.session.io_binding()
-        b.bind_input("x", "cpu", 0, np.float32, list(x.shape), x.ctypes.data)
-        b.bind_input("rows", "cpu", 0, np.int64, list(rows.shape), rows.ctypes.data)
-        b.bind_input("seqlens_k", "cpu", 0, np.int32, [1], seqlens.ctypes.data)
-        b.bind_input("total_sequence_length", "cpu", 0, np.int32, [], total.ctypes.data)
+    def _bindings(self, k_cache, v_cache, xs, rows, seqlens, total, logits) -> list:
+        """One IOBinding per session: part i reads xs[i % 2] and writes xs[(i + 1) % 2] (onnxruntime may
+        write an output before it has read every input), the lm part writes logits."""
         shape = [1, *self.kv_shape[1:]]
-        for l in range(self.c.n_layers):
-            for name, cache in (("key", k_cache), ("value", v_cache)):
-                ptr = cache[l].ctypes.data              # past and present: one buffer, written in place
-                b.bind_input(f"past_{name}_{l}", "cpu", 0, self.kv_type, shape, ptr)
-                b.bind_output(f"present_{name}_{l}", "cpu", 0, self.kv_type, shape, ptr)
-        b.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        return b
+        out = []
+        for i, (sess, layers, is_lm) in enumerate(self.parts):
+            b = sess.io_binding()
+            x = xs[i % 2]
+            b.bind_input("x", "cpu", 0, np.float32, list(x.shape), x.ctypes.data)
+            if is_lm:
+                b.bind_input("rows", "cpu", 0, np.int64, list(rows.shape), rows.ctypes.data)
+                b.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+            else:
+                b.bind_input("seqlens_k", "cpu", 0, np.int32, [1], seqlens.ctypes.data)
+                b.bind_input("total_sequence_length", "cpu", 0, np.int32, [], total.ctypes.data)
+                for l in layers:
+                    for name, cache in (("key", k_cache), ("value", v_cache)):
+                        ptr = cache[l].ctypes.data          # past and present: one buffer, written in place
+                        b.bind_input(f"past_{name}_{l}", "cpu", 0, self.kv_type, shape, ptr)
+                        b.bind_output(f"present_{name}_{l}", "cpu", 0, self.kv_type, shape, ptr)
+                y = xs[(i + 1) % 2]
+                b.bind_output("x_out", "cpu", 0, np.float32, list(y.shape), y.ctypes.data)
+            out.append((sess, b))
+        return out
 
     def forward(self, x, pos0: int, k_cache, v_cache, all_rows: bool = False) -> np.ndarray:
         """Logits [1, vocab] of the last of x's T rows (all_rows: [T, vocab]) for embeddings x [T, d] at
@@ -373,26 +395,39 @@ class OrtDecoder:
             step = self._step
             if step is None or step["k"] is not k_cache or step["v"] is not v_cache:
                 step = self._step = self._bind_step(k_cache, v_cache)
-            step["x"][:] = x
+            step["x"][0][:] = x
             step["seqlens"][0] = pos0
             step["total"][...] = pos0 + 1
-            self.session.run_with_iobinding(step["binding"])
+            for sess, b in step["bindings"]:
+                sess.run_with_iobinding(b)
             return step["logits"]
         rows = np.arange(T, dtype=np.int64) if all_rows else np.array([T - 1], np.int64)
         logits = np.empty((len(rows), self.c.vocab_size), np.float32)
-        x = np.ascontiguousarray(x, np.float32)
+        xs = [np.ascontiguousarray(x, np.float32), np.empty((T, self.c.d_model), np.float32)]
         seqlens, total = np.array([pos0 + T - 1], np.int32), np.array(pos0 + T, np.int32)
-        self.session.run_with_iobinding(self._binding(k_cache, v_cache, x, rows, seqlens, total, logits))
+        for sess, b in self._bindings(k_cache, v_cache, xs, rows, seqlens, total, logits):
+            sess.run_with_iobinding(b)
         return logits
 
     def _bind_step(self, k_cache, v_cache) -> dict:
         """Fixed buffers for one-token steps: the step writes x, the position and the length into them."""
-        step = {"k": k_cache, "v": v_cache, "x": np.zeros((1, self.c.d_model), np.float32),
+        d = self.c.d_model
+        step = {"k": k_cache, "v": v_cache, "x": [np.zeros((1, d), np.float32), np.zeros((1, d), np.float32)],
                 "rows": np.zeros(1, np.int64), "seqlens": np.zeros(1, np.int32), "total": np.zeros((), np.int32),
                 "logits": np.zeros((1, self.c.vocab_size), np.float32)}
-        step["binding"] = self._binding(k_cache, v_cache, step["x"], step["rows"], step["seqlens"], step["total"],
-                                        step["logits"])
+        step["bindings"] = self._bindings(k_cache, v_cache, step["x"], step["rows"], step["seqlens"], step["total"],
+                                          step["logits"])
         return step
 
     def close(self) -> None:
         pass
+
+
+def layer_groups(c: ModelConfig, max_weights: int) -> list[range]:
+    """Consecutive layers in as few groups of at most max_weights weights as possible (at least one layer
+    each), the same number of layers in each up to one."""
+    per_layer = c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.d_model \
+        + (3 if c.gated else 2) * c.d_model * c.n_ff
+    n = min(c.n_layers, max(1, -(-per_layer * c.n_layers // max_weights)))
+    cuts = [c.n_layers * i // n for i in range(n + 1)]
+    return [range(a, b) for a, b in zip(cuts, cuts[1:])]

@@ -12,6 +12,7 @@ from flashlm.runtime.config import RuntimeConfig
 from flashlm.runtime.errors import FlashlmError
 from flashlm.runtime.model import Model
 from flashlm.runtime.modelfile import open_folder
+from flashlm.runtime import ort_model
 from flashlm.runtime.ort_model import OrtDecoder, OrtLayers
 
 IDS = [1, 5, 17, 42, 7, 99, 3, 8, 250, 11, 64, 0, 2, 180, 33, 5, 77, 120, 9, 15]
@@ -46,9 +47,16 @@ def _trace(model):
     return np.concatenate(out)
 
 
-def test_one_graph_equals_the_layer_sessions(folder):
+@pytest.mark.parametrize("per_session", [None, 1], ids=["one-session", "a-session-per-layer"])
+def test_one_graph_equals_the_layer_sessions(folder, per_session, monkeypatch):
+    """The decoder's layers in one session, or each in its own (SESSION_WEIGHTS caps a session's weights;
+    the residual ping-pongs between two bound rows across sessions, an odd count for OPT's 3 layers)."""
+    if per_session is not None:
+        monkeypatch.setattr(ort_model, "SESSION_WEIGHTS", per_session)
     whole, layers = _session(folder, "whole"), _session(folder, "layers")
     assert isinstance(whole.ort, OrtDecoder) and isinstance(layers.ort, OrtLayers)
+    n_parts = 2 if per_session is None else whole.config.n_layers + 1        # + the lm_head's
+    assert len(whole.ort.parts) == n_parts
     got, want = _trace(whole), _trace(layers)
     # measured: <= 1e-6 of the largest logit (f32 rounding of two attention implementations)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

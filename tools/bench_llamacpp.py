@@ -123,6 +123,9 @@ def breakdown_child(args) -> int:
         def run(self, *a):
             return self._timed(self.sess.run, *a)
 
+        def io_binding(self):
+            return self.sess.io_binding()
+
         def run_with_iobinding(self, *a):         # one-token steps run through bound buffers
             return self._timed(self.sess.run_with_iobinding, *a)
 
@@ -133,8 +136,8 @@ def breakdown_child(args) -> int:
             calls["run"] += 1
             return r
     o = model.ort
-    if isinstance(o, ort_model.OrtDecoder):     # the whole decoder as one graph: one run() per token
-        o.session = Timed(o.session)
+    if isinstance(o, ort_model.OrtDecoder):     # the whole decoder in a few graphs: one run() per graph
+        o.parts = [(Timed(sess), layers, is_lm) for sess, layers, is_lm in o.parts]
     else:
         o.head0, o.lm = Timed(o.head0), Timed(o.lm)
         for group in (o.mid, o.tail, o.heads):
