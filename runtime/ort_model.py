@@ -42,7 +42,7 @@ from .ort_graph import INT8_ACTIVATIONS, GraphBuilder, bounded_spinning, session
 
 
 SPLIT_MIN_ROWS = 8      # a prompt block below this is not worth a thread handoff
-SESSION_WEIGHTS = 40_000_000     # OrtDecoder: weights per session at most (but one layer at least): the build peak
+SESSION_WEIGHTS = 20_000_000     # OrtDecoder: weights per session at most (but one layer at least): the build peak
 
 
 class OrtLayers:
@@ -279,9 +279,10 @@ class OrtDecoder:
     output widened back (tests/test_ort_decoder.py bounds the logits' change), an f32 cache keeps f32.
 
     Sessions: consecutive layers up to SESSION_WEIGHTS weights each, then the lm_head in its own. Building
-    a session briefly holds ~2.5x its weights (our arrays, onnxruntime's copy, its prepacked one): one
-    session for all of SmolLM2 peaked at 548 MiB RSS vs ~350 for per-layer sessions (measured), and a
-    1.5B model would hold gigabytes. Prompts run through the same sessions (T rows, one run per session
+    a session briefly holds ~2.5x its weights (our arrays, onnxruntime's copy, its prepacked one). Measured
+    on SmolLM2 q4_1 (ctx 2048, peak RSS after load, pp128 and 32 tokens): one session for everything
+    548 MiB, 3 layer groups + lm 354, 6 groups + lm 335 (SESSION_WEIGHTS 20M, 7 runs per token), OrtLayers
+    379; a 1.5B model in one session would hold gigabytes. Prompts run through the same sessions (T rows, one run per session
     and chunk), so the cache is filled by the node that reads it."""
 
     def __init__(self, c: ModelConfig, weight, threads: int, lm_head_name: str, rope: list, ctx_len: int,
@@ -292,7 +293,17 @@ class OrtDecoder:
         # Within a run the worker may spin between nodes (the layer cuts' reason for capping the spin, numba
         # running between sessions, is gone); it sleeps after spin_us once the run ends.
         spin = spin_us if threads > 1 and bounded_spinning() else 0
-        self.parts = []                 # (session, layers, is_lm)
+        # The lm_head first: its build holds ~2.5x the largest matrix, cheapest while nothing else is resident
+        # (SmolLM2, measured: load peak 409 MiB with the lm_head built last, 335 first).
+        g = GraphBuilder("lm", accuracy_level)
+        rows = g.typed_input("rows", np.int64, ["R"])
+        last = g.node("Gather", [g.input("x", c.d_model), rows], "rows", axis=0)
+        g.output(lm_logits(g, c, weight, lm_head_name, last), "logits", c.vocab_size)
+        lm = (session(g, threads, spin), range(0), True)
+        del g
+        if on_session is not None:
+            on_session()
+        self.parts = []                 # (session, layers, is_lm) in running order
         for layers in layer_groups(c, SESSION_WEIGHTS):
             g = GraphBuilder(f"layers_{layers[0]}_{layers[-1]}", accuracy_level)
             self._layers_graph(g, weight, layers, rope)
@@ -300,14 +311,7 @@ class OrtDecoder:
             del g
             if on_session is not None:
                 on_session()
-        g = GraphBuilder("lm", accuracy_level)
-        rows = g.typed_input("rows", np.int64, ["R"])
-        last = g.node("Gather", [g.input("x", c.d_model), rows], "rows", axis=0)
-        g.output(lm_logits(g, c, weight, lm_head_name, last), "logits", c.vocab_size)
-        self.parts.append((session(g, threads, spin), range(0), True))
-        del g
-        if on_session is not None:
-            on_session()
+        self.parts.append(lm)
         self._step = None           # the bound one-token step, made on the first decode (needs the caches)
 
     @staticmethod
