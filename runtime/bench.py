@@ -167,6 +167,8 @@ def bench(folder_path, modes: list[str], rt: RuntimeConfig, *, pp: int, tg: int,
         if rt.dense_engine != "auto":
             cmd += ["--dense-engine", rt.dense_engine]
         cmd += ["--ort-spin-us", str(rt.ort_spin_us)]
+        if rt.ort_graph != "auto":
+            cmd += ["--ort-graph", rt.ort_graph]
         if rt.embeddings != "auto":
             cmd += ["--embeddings", rt.embeddings]
         cmd += ["--kv-dtype", rt.kv_dtype]

@@ -129,6 +129,10 @@ def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_l
     p.add_argument("--ort-spin-us", type=_NON_NEGATIVE, default=10, metavar="US",
                    help="onnxruntime dense weights with several threads: split every matvec across them, idle workers "
                         "spinning this many microseconds before sleeping (0: no spinning, layers on one thread)")
+    p.add_argument("--ort-graph", default="auto", choices=["auto", "whole", "layers"],
+                   help="onnxruntime dense weights with every FFN resident: whole (the decoder in a few graphs, attention "
+                        "included: a few run() per token), layers (a graph between numba attention calls), auto (whole "
+                        "where the model allows it)")
     p.add_argument("--embeddings", default="auto", choices=["auto", "resident", "flash"],
                    help="token embeddings resident or one row read from the file per token "
                         "(auto: from the file under --budget or --memory-limit)")
@@ -161,7 +165,7 @@ def _runtime_config(args):
         embeddings=args.embeddings, dense_engine=args.dense_engine, window=args.window,
         pin=args.pin, io=args.io, io_threads=args.io_threads, max_gap_bytes=args.max_gap,
         layer_io=args.layer_io, profile=args.profile, verify_reads=not args.no_verify, kv_dtype=args.kv_dtype,
-        pipeline=not args.no_pipeline, ort_spin_us=args.ort_spin_us))
+        pipeline=not args.no_pipeline, ort_spin_us=args.ort_spin_us, ort_graph=args.ort_graph))
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
