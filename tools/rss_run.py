@@ -1,6 +1,6 @@
 """Peak RSS of `flashlm run` vs llama.cpp generating from the same GGUF, each in its own child process.
 
-    python tools/rss_run.py [--gguf PATH] [--ctx 2048] [-n 32] [--dtype auto] [--kv-dtype f16]
+    python tools/rss_run.py [--gguf PATH] [--ctx 2048] [-n 32] [--dtype auto] [--kv-dtype f16] [--ort-graph auto]
 
 The flashlm folder is converted first (in its own child, not counted). Peak RSS is the child's
 ru_maxrss (resident pages at their peak: for llama.cpp that includes the memory-mapped GGUF pages
@@ -78,6 +78,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--kv-dtype", default="f16")
+    ap.add_argument("--ort-graph", default="auto", choices=["auto", "whole", "layers"],
+                    help="flashlm run --ort-graph (onnxruntime: the decoder in a few graphs, or one between attention calls)")
     ap.add_argument("--phases", action="store_true", help="also print flashlm's RSS step by step")
     args = ap.parse_args()
     gguf = args.gguf or embedded_gguf()
@@ -87,7 +89,7 @@ def main() -> int:
                                "--dtype", args.dtype, "--no-progress"], stdout=subprocess.DEVNULL)
         ours = _peak_mib([sys.executable, "-m", "flashlm", "run", str(folder), "-p", PROMPT, "-n", str(args.n),
                           "--ctx", str(args.ctx), "--kv-dtype", args.kv_dtype, "-t", str(args.threads),
-                          "--temp", "0", "--no-progress"])
+                          "--temp", "0", "--no-progress", "--ort-graph", args.ort_graph])
         if args.phases:
             subprocess.check_call([sys.executable, "-c", PHASES, str(folder), str(args.ctx), str(args.threads),
                                    args.kv_dtype, PROMPT, str(args.n)])
@@ -96,7 +98,7 @@ def main() -> int:
             f"llm({PROMPT!r}, max_tokens={args.n}, temperature=0)")
     theirs = _peak_mib([sys.executable, "-c", code])
     print(f"model {gguf.name}, ctx {args.ctx}, {args.n} tokens, {args.threads} threads")
-    print(f"| engine | peak RSS |\n| --- | ---: |\n| flashlm run (--dtype {args.dtype}, KV {args.kv_dtype}) | "
+    print(f"| engine | peak RSS |\n| --- | ---: |\n| flashlm run (--dtype {args.dtype}, KV {args.kv_dtype}, --ort-graph {args.ort_graph}) | "
           f"{ours:.0f} MiB |\n| llama.cpp (llama-cpp-python) | {theirs:.0f} MiB |")
     print(f"ratio flashlm / llama.cpp: {ours / theirs:.2f}x")
     return 0
