@@ -293,6 +293,10 @@ class OrtDecoder:
         # Within a run the worker may spin between nodes (the layer cuts' reason for capping the spin, numba
         # running between sessions, is gone); it sleeps after spin_us once the run ends.
         spin = spin_us if threads > 1 and bounded_spinning() else 0
+        # No spinning (spin_us 0): a split layer session would wake its sleeping worker for every parallel
+        # node (with spin 10 us it still wakes ~94 times per SmolLM2 token, measured), so the layer groups
+        # run on the calling thread and only the lm_head (one large matvec, worth a wake) splits.
+        self.layer_threads = threads if spin > 0 else 1
         # The lm_head first: its build holds ~2.5x the largest matrix, cheapest while nothing else is resident
         # (SmolLM2, measured: load peak 409 MiB with the lm_head built last, 335 first).
         g = GraphBuilder("lm", accuracy_level)
@@ -307,7 +311,7 @@ class OrtDecoder:
         for layers in layer_groups(c, SESSION_WEIGHTS):
             g = GraphBuilder(f"layers_{layers[0]}_{layers[-1]}", accuracy_level)
             self._layers_graph(g, weight, layers, rope)
-            self.parts.append((session(g, threads, spin), layers, False))
+            self.parts.append((session(g, self.layer_threads, spin), layers, False))
             del g
             if on_session is not None:
                 on_session()

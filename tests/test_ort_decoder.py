@@ -86,11 +86,15 @@ def test_f16_kv_cache_runs_attention_in_f16(tmp_path):
     assert 0 < err <= 1e-2, err                         # measured 2e-3
 
 
-def test_two_threads_equal_one(tmp_path):
+@pytest.mark.parametrize("spin", [10, 0])
+def test_two_threads_equal_one(tmp_path, spin):
+    """Two threads: every session split (workers spinning 10 us), or (spin 0) only the lm_head's."""
     src = tm.make_llama(tmp_path / "src", tied=False, n_kv_heads=2)
     out = convert(src, tmp_path / "m.flashlm", dtype="q4_1", progress=False)
-    one, two = _trace(_session(out, "whole")), _trace(_session(out, "whole", threads=2))
-    np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-4 * np.abs(one).max())
+    two = _session(out, "whole", threads=2, ort_spin_us=spin)
+    assert two.ort.layer_threads == (2 if spin else 1)
+    one, got = _trace(_session(out, "whole")), _trace(two)
+    np.testing.assert_allclose(got, one, rtol=1e-4, atol=1e-4 * np.abs(one).max())
 
 
 def test_auto_picks_one_graph_only_where_it_can(tmp_path):
