@@ -16,13 +16,10 @@ from flashlm.converters.convert import convert
 from flashlm.converters.hf_source import HFSource, parse_config
 from flashlm.converters.source import ConversionError
 from flashlm.runtime import kernels as K
-from flashlm.runtime.config import RuntimeConfig
-from flashlm.runtime.model import Model
 from flashlm.runtime.modelfile import open_folder
 from flashlm.runtime.predictor import LayerPredictor, LowRank
+from test_gate_resident import IDS, PROMPT, _run   # the same prompt/decode split and runner
 
-IDS = [3, 17, 99, 5, 42, 7, 250, 11, 64, 33, 8, 120, 1, 2, 9, 15]   # a 10-token prompt takes the BLAS path
-PROMPT = 10
 FAMILIES = {"fatrelu": ("fatrelu", 0.5), "drelu": ("drelu", 0.0), "drelu-fatrelu": ("drelu", 0.3)}
 
 
@@ -32,16 +29,6 @@ def family(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     src = tm.make_relu_family(d / "src", kind=kind, threshold=t)
     return request.param, src, tm.relu_family_logits(src, IDS)
-
-
-def _run(folder, predictors=None, **rt):
-    model = Model(open_folder(folder), RuntimeConfig(kv_dtype="f32", **rt), predictors=predictors)
-    try:
-        pre = model.forward(IDS[:PROMPT], all_logits=True)
-        dec = [model.forward([t])[0] for t in IDS[PROMPT:]]
-        return np.concatenate([pre, np.stack(dec)]), model.ffn_backend.stats
-    finally:
-        model.close()
 
 
 def test_configs_parse_to_their_ffn_kind(family):
