@@ -16,43 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pipeline import fmt, median, run_child  # noqa: E402  (the same bench child and its medians)
 
 KEYS = ("ms_per_token", "bytes_per_token", "reads_per_token", "hit_rate", "io_wait_ms", "io_busy_ms",
         "compute_ms", "mem_ms", "bound_ratio", "guess_miss_fraction")
-
-
-def run_child(model: str, budget: str, args) -> dict:
-    cmd = [sys.executable, "-m", "flashlm", "bench", model, "--one", "--json", "--mode", "flash",
-           "-p", str(args.prompt), "-n", str(args.tokens), "-r", str(args.reps), "--ctx", str(args.ctx),
-           "--io-threads", str(args.io_threads), "--budget", budget] + args.extra
-    if args.profile:
-        cmd += ["--profile", args.profile]
-    if args.no_pipeline:
-        cmd.append("--no-pipeline")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench child failed ({' '.join(cmd)}):\n{proc.stderr.strip()[-2000:]}")
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    row = next((r for r in rows if r.get("test", "").startswith("tg")), None)
-    if row is None:
-        raise SystemExit(f"bench child printed no decode row ({' '.join(cmd)}): {rows[-1:]}")
-    return row
 
 
 def stride_of(model: str) -> tuple[int, int, str]:
     """(stride bytes, row bytes, storage) of the folder's bundles, from its manifest."""
     b = json.loads((Path(model) / "manifest.json").read_text())["bundles"]
     return int(b["stride_bytes"]), int(b.get("row_bytes", b["stride_bytes"])), str(b.get("storage", b.get("dtype")))
-
-
-def fmt(v, spec=".1f", scale=1.0) -> str:
-    return "-" if v is None else format(v * scale, spec)
 
 
 def main() -> int:
@@ -82,7 +60,7 @@ def main() -> int:
     rows = {m: [] for m in models}
     for r in range(args.rounds):
         for m in (models if r % 2 == 0 else models[::-1]):
-            row = run_child(m, budgets[m], args)
+            row = run_child(m, args, "flash", not args.no_pipeline, budgets[m])
             rows[m].append(row)
             print(f"round {r + 1} {Path(m).name}: {row['ms_per_token']:.1f} ms/token, "
                   f"{row['bytes_per_token'] / 2**20:.2f} MiB/token", file=sys.stderr)
@@ -97,8 +75,7 @@ def main() -> int:
     med = {}
     for m in models:
         rs = rows[m]
-        med[m] = {k: (statistics.median(v) if (v := [x[k] for x in rs if x.get(k) is not None]) else None)
-                  for k in KEYS}
+        med[m] = {k: median(rs, k) for k in KEYS}
         stride, row_bytes, storage = stride_of(m)
         md, r0 = med[m], rs[0]
         rows_read = md["bytes_per_token"] / stride if md["bytes_per_token"] is not None else None

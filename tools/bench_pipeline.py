@@ -25,10 +25,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def run_child(model: str, args, mode: str, pipeline: bool) -> dict:
+def run_child(model: str, args, mode: str, pipeline: bool, budget: str | None = None) -> dict:
+    """One `flashlm bench --one` child (its own process): its decode row. `budget` defaults to args.budget.
+    (tools/bench_flash_dtypes.py runs its children through this too.)"""
     cmd = [sys.executable, "-m", "flashlm", "bench", model, "--one", "--json", "--mode", mode,
            "-p", str(args.prompt), "-n", str(args.tokens), "-r", str(args.reps), "--ctx", str(args.ctx),
-           "--io-threads", str(args.io_threads), "--budget", args.budget] + args.extra
+           "--io-threads", str(args.io_threads), "--budget", budget or args.budget] + args.extra
     if args.profile:
         cmd += ["--profile", args.profile]
     if not pipeline:
@@ -37,7 +39,10 @@ def run_child(model: str, args, mode: str, pipeline: bool) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"bench child failed ({' '.join(cmd)}):\n{proc.stderr.strip()[-2000:]}")
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return next(r for r in rows if r["test"].startswith("tg"))
+    row = next((r for r in rows if r.get("test", "").startswith("tg")), None)
+    if row is None:
+        raise SystemExit(f"bench child printed no decode row ({' '.join(cmd)}): {rows[-1:]}")
+    return row
 
 
 def median(rows: list[dict], key: str):
