@@ -217,17 +217,25 @@ def stream_ring_bytes(folder: ModelFolder, rows: int) -> int:
     return n_slots * slot
 
 
+def stream_ring_rows(n_ff: int) -> list[int]:
+    """Rows per buffer the whole-layer streamer's ring may be planned with, largest first: a whole layer,
+    then halves down to 1/MIN_STREAM_FRACTION of it."""
+    choices = [n_ff]
+    while choices[-1] > -(-n_ff // MIN_STREAM_FRACTION):
+        choices.append(-(-choices[-1] // 2))
+    return choices
+
+
 def _rule_naive(plan: MemoryPlan, x: _Inputs) -> None:
     """Every layer streamed through buffers of two whole layers (a ring of chunks the readers keep
     filling, runtime/layer_stream.py), or, where the budget is short of that, of the largest fraction
     1/2, 1/4 .. 1/16 of that which fits."""
     _all(plan, x.config.n_layers, Placement.STREAM)
-    n_ff, (stride, _) = x.config.n_ff, whole_layer_bytes(x.folder)
-    rows = n_ff
+    choices = stream_ring_rows(x.config.n_ff)
+    rows = choices[0]
     if plan.budget is not None:
         room = plan.budget - plan.total
-        while stream_ring_bytes(x.folder, rows) > room and rows > -(-n_ff // MIN_STREAM_FRACTION):
-            rows = -(-rows // 2)
+        rows = next((r for r in choices if stream_ring_bytes(x.folder, r) <= room), choices[-1])
     plan.scratch = stream_ring_bytes(x.folder, rows)
     plan.stream_buffer_rows = rows
 
@@ -278,12 +286,7 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
     # that, the largest fraction 1/2 .. 1/16 that does. A smaller ring streams slower (measured on
     # Qwen2.5-1.5B at 700 MiB: a quarter ring and two more resident layers read 421 MiB per token
     # instead of 465 and decoded 1.05 instead of 1.91 tok/s), which the cost model does not price.
-    ring_rows, rows = [], c.n_ff
-    while True:
-        ring_rows.append(rows)
-        if rows <= -(-c.n_ff // MIN_STREAM_FRACTION):
-            break
-        rows = -(-rows // 2)
+    ring_rows = stream_ring_rows(c.n_ff)
     room = None if plan.budget is None else plan.budget - plan.total
     if room is not None and room < 0:
         raise BudgetError(f"budget {_mib(plan.budget)} is too small for flash mode: the fixed parts need "
