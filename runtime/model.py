@@ -319,14 +319,12 @@ class Model:
                 self._forward_whole(tokens[s:s + n], True, logits[:n], chunk)
                 for j in range(n):
                     nll += K.neg_log_softmax_at(logits[j], targets[s + j])
-            self.forward_s += time.perf_counter() - t0
-            self.forward_tokens += len(tokens)
-            return nll
-        for s in range(0, len(tokens), chunk):
-            x = self._layers(tokens[s:s + chunk])
-            for j in range(len(x)):
-                self._head(x[j:j + 1], row)
-                nll += K.neg_log_softmax_at(row[0], targets[s + j])
+        else:
+            for s in range(0, len(tokens), chunk):
+                x = self._layers(tokens[s:s + chunk])
+                for j in range(len(x)):
+                    self._head(x[j:j + 1], row)
+                    nll += K.neg_log_softmax_at(row[0], targets[s + j])
         self.forward_s += time.perf_counter() - t0
         self.forward_tokens += len(tokens)
         return nll
