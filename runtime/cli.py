@@ -463,9 +463,11 @@ def cmd_probe(args) -> int:
             what = "seq 1M" if pt.get("sequential") else f"rand {pt['read_bytes'] >> 10:5d}K"
             _err(f"  flash {pt['io']:8s} {what} x{pt['threads']:<2d} {pt['mb_s']:8.1f} MB/s")
         elif kind == "reader" and "call_us" in pt:
-            _err(f"  FlashReader {pt['what']} x{pt['threads']}, compute x{pt['compute_threads']}: layer "
-                 f"{pt['stream_mb_s']:.0f} MB/s, rows {pt['call_us']:.0f} us/call + {pt['row_us']:.1f} us/row; "
+            _err(f"  FlashReader {pt['what']} x{pt['threads']}, compute x{pt['compute_threads']}: layers "
+                 f"{pt['stream_mb_s']:.0f} MB/s, rows {pt['call_us']:.0f} us/call + {pt['row_us']:.1f} us/read; "
                  f"compute slowed {pt['stream_slowdown']:.2f}x streaming, {pt['call_compute_us']:.0f} us lost per rows call")
+        elif kind == "reader" and pt["what"] == "ring":
+            _err(f"  FlashReader layers x{pt['threads']} through a 1/{pt['ring_fraction']} ring: {pt['mb_s']:.0f} MB/s")
         elif kind == "reader":
             _err(f"  FlashReader {pt['what']} x{pt['threads']}: {pt.get('useful_mb_s', pt.get('mb_s')):.1f} MB/s")
         elif kind == "dram":

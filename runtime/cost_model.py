@@ -17,9 +17,11 @@ Per layer (decode, T = 1), with the device's figures (runtime/device.py):
   norms touch the layer's attention weights; a resident, streamed or mapped FFN layer all n_ff bundle
   rows; a sparse layer the rows its cache holds (the kernel runs over the whole window union) plus
   its predictor (f32).
-- flash I/O (io_busy): a streamed layer reads n_ff rows sequentially (layer bytes / sequential MB/s at
-  the reader threads); a sparse layer reads the rows its window missed, each a random read of one
-  stride at min(reader threads, rows) in flight; a mapped layer faults back through the page cache.
+- flash I/O (io_busy): a streamed layer reads n_ff rows through the ring streamer (layer bytes / the
+  probe's ring rate at the reader threads and the plan's ring size: a smaller ring streams slower); a
+  sparse layer reads the rows its window missed, merged where adjacent: one reader call's hand-off plus
+  its reads at the probe's time per read of such calls (scaled by size from the raw table) at
+  min(reader threads, reads) in flight; a mapped layer faults back through the page cache.
 - memory management (mem): the cache's admission bookkeeping (a fixed cost per sparse layer) plus the
   evicted rows' delete-by-swap copies at DRAM bandwidth.
 - overlap: a streamed layer's read runs while the previous layer computes (two layer buffers), so the
@@ -292,9 +294,9 @@ class CostModel:
         size = self.shape.row_reads(n_rows) * self.shape.row_read_bytes / reads
         in_flight = max(1.0, min(float(self.io_threads), reads))
         row_s = self.profile.reader_row_s(in_flight)
-        if row_s is None:          # not measured in a decode step: the raw reads' figures
+        if row_s is None:          # not measured through the reader: the raw reads' figures
             return self.reader_call_s + self.random_read_s(reads, size)
-        # measured for 4 KiB rows; a bigger read costs what the raw table says one such read costs more
+        # measured for 4 KiB reads; a bigger read costs what the raw table says one such read costs more
         scale = (size / self._table.random_at(size, in_flight)) / (ROW_READ_UNIT / self._table.random_at(ROW_READ_UNIT, in_flight))
         return self.reader_call_s + reads * row_s * scale
 
@@ -325,10 +327,11 @@ class CostModel:
             miss *= 1.0 - pinned_miss_share(layer_stats, pin_rows / self.shape.n_ff, window)
         return miss
 
-    def stream_s(self, nbytes: float) -> float:
-        """A whole layer read by the reader during a decode step (the probe's `reader_stream_mb_s`), or
-        without that figure, raw sequential 1 MiB reads at the reader's thread count."""
-        mb_s = self.profile.reader_stream_mb_s_at(self.io_threads) if self.io == "direct" else None
+    def stream_s(self, nbytes: float, ring_fraction: float = 1.0) -> float:
+        """Whole layers read by the ring streamer during decode steps through a ring of 1/ring_fraction of
+        two whole layers (the probe's `ring_stream_mb_s` by ring size, else `reader_stream_mb_s` for every
+        size), or without those figures, raw sequential 1 MiB reads at the reader's thread count."""
+        mb_s = self.profile.reader_stream_mb_s_at(self.io_threads, ring_fraction) if self.io == "direct" else None
         return nbytes / ((mb_s or self._table.sequential_at(self.io_threads)) * 1e6)
 
     # -- compute and memory ----------------------------------------------------------------------------
@@ -347,15 +350,17 @@ class CostModel:
 
     # -- a token ---------------------------------------------------------------------------------------
     def layer(self, kind: str, *, held_rows: float = 0.0, miss_rows: float = 0.0,
-              predictor_weights: int = 0, wanted_rows: float = 0.0) -> LayerCost:
-        """One layer's decode cost with its FFN rows placed as `kind` (a Placement or its value)."""
+              predictor_weights: int = 0, wanted_rows: float = 0.0, ring_rows: int | None = None) -> LayerCost:
+        """One layer's decode cost with its FFN rows placed as `kind` (a Placement or its value); a streamed
+        layer's ring holds two buffers of `ring_rows` rows (None: two whole layers)."""
         s = self.shape
         attn_s = self.matvec_s(s.attn_weights, s.storage, s.bytes_per_weight)
         whole_s = attn_s + self.rows_compute_s(s.n_ff)
         if kind == Placement.RESIDENT:
             return LayerCost(Placement.RESIDENT.value, s.n_ff, 0.0, 0.0, 0.0, 0.0, 0.0, whole_s)
         if kind == Placement.STREAM:          # double-buffered: the read overlaps the previous compute
-            io_s = self.layer_stream_s
+            io_s = self.layer_stream_s if not ring_rows or ring_rows >= s.n_ff else \
+                self.stream_s(s.stream_bytes, s.n_ff / ring_rows)
             return LayerCost(Placement.STREAM.value, s.n_ff, s.n_ff, s.stream_bytes, io_s, max(0.0, io_s - whole_s),
                              0.0, whole_s)
         if kind == Placement.MAPPED:          # page faults through the page cache, serial with compute
@@ -414,7 +419,7 @@ class CostModel:
         out = []
         for i, lp in enumerate(plan.layers):
             if lp.placement != Placement.SPARSE:
-                out.append(self.layer(lp.placement))
+                out.append(self.layer(lp.placement, ring_rows=plan.stream_buffer_rows or None))
                 continue
             w = stats[i].get("windows", {}).get(str(plan.window), {})
             n_pin = int(pin * s.n_ff)

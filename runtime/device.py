@@ -110,9 +110,12 @@ class DeviceProfile:
     dram_gb_s: list[float]                 # read bandwidth at each of dram_threads
     compute_threads: list[int]
     compute_gweights_s: dict[str, list[float]]   # "engine-storage" (numba-f16, ort-int4) -> G weights/s
-    reader_call_us: list[float] | None = None    # FlashReader in a decode step, at each of direct.threads: per call,
-    reader_row_us: list[float] | None = None     # per random 4 KiB row,
-    reader_stream_mb_s: list[float] | None = None  # and a whole layer streamed (None: not measured)
+    reader_call_us: list[float] | None = None    # a FlashReader.read_rows call's hand-off, at each of direct.threads,
+    reader_row_us: list[float] | None = None     # each random 4 KiB read of such a call,
+    reader_stream_mb_s: list[float] | None = None  # whole layers through the ring streamer (None: not measured)
+    # whole layers through the ring streamer by the ring's size: ring 1/k of two whole layers -> MB/s at
+    # each of direct.threads (None: not measured; then reader_stream_mb_s for every ring size)
+    ring_stream_mb_s: dict[int, list[float]] | None = None
     cache_step_us: float = DEFAULT_CACHE_STEP_US  # a sparse layer's NeuronCache step per token ...
     cache_step_row_us: float = 0.0               # ... plus this per wanted neuron
     # compute slowed by reads in flight: per reader thread count, at each of compute_threads (None: 1x)
@@ -141,11 +144,17 @@ class DeviceProfile:
         return 1e-6 * _interp(self.direct.threads, self.reader_call_us, threads)
 
     def reader_row_s(self, threads: int) -> float | None:
-        """Seconds per random 4 KiB row in a read_rows call during a decode step (None: not measured)."""
+        """Seconds per random 4 KiB read in a read_rows call of a sparse layer's size (None: not measured)."""
         return None if self.reader_row_us is None else 1e-6 * _interp(self.direct.threads, self.reader_row_us, threads)
 
-    def reader_stream_mb_s_at(self, threads: int) -> float | None:
-        """MB/s of a whole layer streamed by FlashReader during a decode step (None: not measured)."""
+    def reader_stream_mb_s_at(self, threads: int, ring_fraction: float = 1.0) -> float | None:
+        """MB/s of whole layers streamed by the ring streamer during decode steps with `threads` readers and
+        a ring of 1/ring_fraction of two whole layers (interpolated in log2 of the fraction between the
+        ring sizes measured, held outside them); None: not measured."""
+        if self.ring_stream_mb_s:
+            sizes = sorted(self.ring_stream_mb_s)
+            return _interp(sizes, [_interp(self.direct.threads, self.ring_stream_mb_s[k], threads) for k in sizes],
+                           ring_fraction)
         return None if self.reader_stream_mb_s is None else _interp(self.direct.threads, self.reader_stream_mb_s, threads)
 
     def _per_readers(self, table: dict[int, list[float]], io_threads: int, compute_threads: int) -> float:
@@ -301,6 +310,15 @@ def parse_profile(data: dict, path: str = "<profile>") -> DeviceProfile:
         return [float(x) for x in v]
     call_us, row_us = per_thread("reader_call_us"), per_thread("reader_row_us", positive=True)
     stream_mb_s = per_thread("reader_stream_mb_s", positive=True)
+    ring = fl.table("ring_stream_mb_s", required=False)
+    ring_mb_s = None
+    if ring is not None:
+        ring_mb_s = {}
+        for k in ring.data:
+            if not k.isdigit() or int(k) < 1:
+                ring.fail(k, "expected a ring fraction (the k of a ring 1/k of two whole layers) as the key")
+            ring_mb_s[int(k)] = ring.numbers(k, len(threads), what="one per flash.threads")
+        ring_mb_s = ring_mb_s or None
     buffered = None
     if "buffered_random_mb_s" in fl.data:
         bseq = fl.numbers("buffered_sequential_1m_mb_s", len(seq_threads), what="one per flash.sequential_threads")
@@ -346,7 +364,7 @@ def parse_profile(data: dict, path: str = "<profile>") -> DeviceProfile:
         memory_limit_bytes=limit, page_size=dev.get("page_size", int, default=4096, positive=True),
         machine=dev.get("machine", str, default=""), direct=direct, buffered=buffered, dram_threads=dram_threads,
         dram_gb_s=dram, compute_threads=c_threads, compute_gweights_s=gweights, **step, **slowdown,
-        reader_call_us=call_us, reader_row_us=row_us, reader_stream_mb_s=stream_mb_s,
+        reader_call_us=call_us, reader_row_us=row_us, reader_stream_mb_s=stream_mb_s, ring_stream_mb_s=ring_mb_s,
         description=dev.get("description", str, default=""), sources=list(sources), path=path, raw=data)
 
 

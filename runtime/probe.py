@@ -282,34 +282,44 @@ class _LayerKernel:
         self.times.append(time.perf_counter() - t0)
 
 
-def ring_stream_point(path, file_size, seconds, threads, compute_threads, layer_bytes=16 * MiB, stride=4096) -> dict:
-    """Whole layers through the runtime's own ring streamer (runtime/layer_stream.py: a ring of two
-    layers, ~1.5 MiB chunks claimed in order by `threads` reader threads, read ahead across layers)
-    while the compute thread runs a matvec over each layer as it arrives, as a decode step's streamed
-    layers do. Returns the readers' rate (bytes / their busy time: the runtime's io_busy) and the
-    compute slowdown (the per-layer matvec while streaming / the same matvec on resident rows)."""
+RING_FRACTIONS = (1, 4, 16)     # rings the probe streams through: two whole layers, and 1/4, 1/16 of that
+MIN_RING_LAYERS = 16            # layers a ring point streams at least (this disk swings 0.6-1.4 GB/s within seconds)
+
+
+def ring_stream_point(path, file_size, seconds, threads, compute_threads, layer_bytes=16 * MiB, stride=4096,
+                      ring_fraction: int = 1, min_layers: int = MIN_RING_LAYERS) -> dict:
+    """Whole layers through the runtime's own ring streamer (runtime/layer_stream.py: ~1.5 MiB chunks
+    claimed in order by `threads` reader threads, read ahead across layers) with a ring of 1/ring_fraction
+    of two whole layers (the sizes the planner gives streamed layers: memory.stream_ring_rows), while the
+    compute thread runs a matvec over each layer as it arrives, as a decode step's streamed layers do.
+    Streams consecutive layers of the file, as a token streams a plan's layers, for at least `min_layers`
+    layers and `seconds`: a plan streams hundreds of MiB per token, and a short point catches this disk's
+    swings rather than its rate. Returns the readers' rate (bytes / their busy time: the runtime's
+    io_busy) and the compute slowdown (the per-layer matvec while streaming / the same matvec on
+    resident rows)."""
     from .ffn import FFNStats
     from .kernels import set_threads
     from .layer_stream import RingStreamer, RowSource
     layer_bytes = max(stride, min(layer_bytes, file_size // 4 // stride * stride))
     n_rows, n_layers = layer_bytes // stride, file_size // layer_bytes
+    ring_rows = -(-n_rows // max(1, int(ring_fraction)))
     src = RowSource(str(path), tuple(i * layer_bytes for i in range(n_layers)), stride, n_rows, 1,
                     np.dtype(np.uint16), direct=True)
     kernel = _LayerKernel(stride // 2)
     set_threads(compute_threads)
     stats = FFNStats()
-    streamer = RingStreamer(src, kernel, [None] * n_layers, list(range(n_layers)), 2 * layer_bytes, stats,
+    streamer = RingStreamer(src, kernel, [None] * n_layers, list(range(n_layers)), 2 * ring_rows * stride, stats,
                             threads=threads)
     try:
         h, out = np.ones((1, kernel.d), np.float32), np.zeros((1, kernel.d), np.float32)
-        for layer in range(n_layers):          # one pass to warm up (ring filled, kernel compiled)
+        for layer in range(2):                 # warm-up: the ring filled, the kernel compiled
             streamer.compute(layer, h, out)
         streamer.settle()
         streamer.reset_stats()
         kernel.times.clear()
         t_end = time.perf_counter() + seconds
-        layer = 0
-        while time.perf_counter() < t_end or layer < 2:
+        layer = 2
+        while time.perf_counter() < t_end or layer < 2 + min_layers:
             streamer.compute(layer % n_layers, h, out)
             layer += 1
         streamer.settle()
@@ -328,65 +338,101 @@ def ring_stream_point(path, file_size, seconds, threads, compute_threads, layer_
     return {"stream_mb_s": nbytes / max(busy, 1e-9) / 1e6, "stream_slowdown": max(1.0, loaded / alone)}
 
 
-def reader_rows_points(path, file_size, seconds, threads, compute_threads, stride=4096, layer_bytes=16 * MiB) -> dict:
-    """FlashReader.read_rows calls of k random 4 KiB rows (k = 16, 64, 256), as the sparse path makes
-    them (one call per sparse layer per token): first alone, fitted as t(k) = call + k x row (least
-    squares) - in the decode steps whose reads matter the compute thread waits for them (io_wait was
-    80-95% of the sparse plans' time in the idle check), so the readers have the cores - then from an
-    I/O thread while the compute thread runs short matvecs (`_Matvecs`), for the compute time lost per
-    call (the loop's time with calls in flight less its time alone for as many matvecs, over the calls:
-    the reader's workers wake and take the GIL and the cores). Random rows of a 16 MiB layer are rarely
-    adjacent: the cost model prices adjacent rows, which the reader merges into one read, from these
-    and the raw table."""
+ROW_CALL_ROWS = 128         # rows per read_rows call the probe times: what a sparse layer misses per token (~50-500)
+
+
+def reader_call_point(path, seconds, threads, stride=4096, layer_bytes=16 * MiB) -> float:
+    """Seconds one FlashReader.read_rows call costs beyond its reads (handing each worker its batch,
+    waking it, joining them): median of calls of one row per worker from a layer in the page cache
+    (buffered reads of cached blocks take microseconds), so the disk's noise stays out of it."""
+    layer_bytes = min(layer_bytes, os.path.getsize(path) // stride * stride)
+    n_rows = layer_bytes // stride
+    with open(path, "rb") as f:                  # the layer into the page cache
+        while f.tell() < layer_bytes and f.read(8 * MiB):
+            pass
+    rng = np.random.default_rng(4)
+    out = aligned_empty((threads, stride), np.uint8)
+    dst = np.arange(threads, dtype=np.int64)
+    with FlashReader(path, layer_offsets=[0], stride_bytes=stride, n_rows=n_rows, mode="buffered",
+                     threads=threads) as r:
+        return _timed(lambda: r.read_rows(0, np.sort(rng.choice(n_rows, threads, replace=False)), out, dst),
+                      max(0.1, seconds / 4), min_reps=20)
+
+
+def reader_row_point(path, file_size, seconds, threads, call_s, stride=4096, layer_bytes=16 * MiB,
+                     rows=ROW_CALL_ROWS) -> float:
+    """Seconds per read in FlashReader.read_rows calls of `rows` random 4 KiB rows of a 16 MiB layer (direct),
+    as the sparse path makes them: (median call time - the call's hand-off `call_s`) / reads per call
+    (a few adjacent rows merge). The median of calls over `seconds`, not a fit over call sizes: a fit's
+    intercept took 0.9-2.8 ms per call on this disk and its slope the rest, and the model sums both."""
+    layer_bytes = max(stride, min(layer_bytes, file_size // 2 // stride * stride))
+    n_rows, n_layers = layer_bytes // stride, file_size // layer_bytes
+    k = min(rows, n_rows)
+    rng = np.random.default_rng(2)
+    out = aligned_empty((k, stride), np.uint8)
+    dst = np.arange(k, dtype=np.int64)
+    with FlashReader(path, layer_offsets=[i * layer_bytes for i in range(n_layers)], stride_bytes=stride,
+                     n_rows=n_rows, mode="direct", threads=threads) as r:
+        def call():
+            r.read_rows(int(rng.integers(n_layers)), rng.choice(n_rows, k, replace=False), out, dst)
+        call()
+        r.reset_stats()
+        t = _timed(call, seconds, min_reps=5)
+        reads = r.stats.reads / max(1, r.stats.calls)
+    return max(1e-7, (t - call_s) / max(1.0, reads))
+
+
+def reader_call_compute_point(path, file_size, seconds, threads, compute_threads, stride=4096,
+                              layer_bytes=16 * MiB, rows=64, repeats=3) -> float:
+    """Compute-thread seconds lost per FlashReader.read_rows call of `rows` random 4 KiB rows made from an
+    I/O thread while the compute thread runs short matvecs (`_Matvecs`): the reader's workers wake and
+    take the GIL and the cores. Per repeat, the matvec loop's time with calls in flight less its time
+    alone (measured just before) for as many matvecs, over the calls; the median of `repeats` repeats
+    (one repeat swung 0.3-5.6 ms per call on this machine, under other processes' disk load)."""
     from .kernels import set_threads
     layer_bytes = max(stride, min(layer_bytes, file_size // 2 // stride * stride))
     n_rows, n_layers = layer_bytes // stride, file_size // layer_bytes
     rng = np.random.default_rng(2)
-    out = aligned_empty((256, stride), np.uint8)
-    ks = sorted({min(k, n_rows) for k in (16, 64, 256)})
+    out = aligned_empty((rows, stride), np.uint8)
+    dst = np.arange(min(rows, n_rows), dtype=np.int64)
     set_threads(compute_threads)
     mv = _Matvecs()
-    n0, t0 = mv.run(max(0.1, seconds / 4))
-    per_call = []
+    losses = []
     with FlashReader(path, layer_offsets=[i * layer_bytes for i in range(n_layers)], stride_bytes=stride,
                      n_rows=n_rows, mode="direct", threads=threads) as r:
-        def call(m, dst):
-            r.read_rows(int(rng.integers(n_layers)), rng.choice(n_rows, m, replace=False), out, dst)
-        for m in ks:
-            dst = np.arange(m, dtype=np.int64)
-            per_call.append(_timed(lambda: call(m, dst), seconds / 2 / len(ks)))
-        m = ks[len(ks) // 2]
-        dst = np.arange(m, dtype=np.int64)
-        calls = [0]
-        done = threading.Event()
+        def call():
+            r.read_rows(int(rng.integers(n_layers)), rng.choice(n_rows, len(dst), replace=False), out, dst)
+        call()
+        for _ in range(repeats):
+            n0, t0 = mv.run(max(0.1, seconds / 8))
+            calls = [0]
+            done = threading.Event()
 
-        def io_loop():      # the loss is small per call: at least half a second of calls, for its noise
-            t_end = time.perf_counter() + max(0.5, seconds / 2)
-            while calls[0] < 3 or time.perf_counter() < t_end:
-                call(m, dst)
-                calls[0] += 1
-            done.set()
-        io = threading.Thread(target=io_loop, daemon=True)
-        io.start()
-        n1, t1 = mv.run(0.0, until=done.is_set)
-        io.join()
-    n2, t2 = mv.run(max(0.1, seconds / 4))         # alone again: before and after, for drift
-    alone = (t0 + t2) / (n0 + n2)
+            def io_loop():
+                t_end = time.perf_counter() + max(0.3, seconds / 4)
+                while calls[0] < 3 or time.perf_counter() < t_end:
+                    call()
+                    calls[0] += 1
+                done.set()
+            io = threading.Thread(target=io_loop, daemon=True)
+            io.start()
+            n1, t1 = mv.run(0.0, until=done.is_set)
+            io.join()
+            losses.append(max(0.0, t1 - n1 * t0 / n0) / calls[0])
     set_threads(None)
-    if len(ks) > 1:                      # least squares t = call + k row
-        row, call_s = np.polyfit(np.asarray(ks, float), np.asarray(per_call), 1)
-    else:
-        row, call_s = per_call[0] / ks[0], 0.0
-    return {"call_s": max(0.0, float(call_s)), "row_s": max(float(row), 1e-7),
-            "call_compute_s": max(0.0, t1 - n1 * alone) / calls[0]}
+    return float(np.median(losses))
 
 
 def reader_runtime_points(path, file_size, seconds, threads, compute_threads) -> dict:
     """The reads of a decode step at `threads` reader threads with the runtime's own readers, while a
     compute thread at `compute_threads` numba threads runs: whole layers through the ring streamer
-    (`ring_stream_point`) and row calls through FlashReader (`reader_rows_points`)."""
-    return {**ring_stream_point(path, file_size, seconds / 2, threads, compute_threads),
-            **reader_rows_points(path, file_size, seconds / 2, threads, compute_threads)}
+    (`ring_stream_point`, the full ring), the fixed cost of a row call (`reader_call_point`), its reads
+    (`reader_row_point`) and the compute time a row call takes from the compute thread
+    (`reader_call_compute_point`)."""
+    call_s = reader_call_point(path, seconds, threads)
+    return {**ring_stream_point(path, file_size, seconds / 2, threads, compute_threads), "call_s": call_s,
+            "row_s": reader_row_point(path, file_size, seconds / 2, threads, call_s),
+            "call_compute_s": reader_call_compute_point(path, file_size, seconds, threads, compute_threads)}
 
 
 def reader_layer_point(path, file_size, seconds, layer_bytes=256 * MiB, stride=16384, threads=4):
@@ -444,18 +490,25 @@ def probe_flash(path: str, s: ProbeSettings, on_point: Callable[[str, dict], Non
         finally:
             os.close(fd)
     # The reader as decode steps use it (while computing): whole layers streamed, and calls of random rows.
-    # Rates at the default compute threads (all cores); the compute slowdown at each compute thread count.
-    res["runtime"], res["slowdown"] = {}, {}
+    # Rates at the default compute threads (all cores); the compute slowdown at each compute thread count;
+    # the streamed rate also through the smaller rings the planner may give streamed layers.
+    res["runtime"], res["slowdown"], res["ring"] = {}, {}, {}
     for nt in s.threads:
         for ct in sorted(s.compute_threads, reverse=True):
             pt = reader_runtime_points(path, s.file_bytes, s.seconds, nt, ct)
             res["slowdown"][nt, ct] = (pt["stream_slowdown"], 1e6 * pt["call_compute_s"])
             if ct == max(s.compute_threads):
                 res["runtime"][nt] = pt
+                res["ring"][1, nt] = pt["stream_mb_s"]
             on_point("reader", {"what": "in a decode step", "threads": nt, "compute_threads": ct,
                                 "stream_mb_s": pt["stream_mb_s"], "call_us": 1e6 * pt["call_s"],
                                 "row_us": 1e6 * pt["row_s"], "stream_slowdown": pt["stream_slowdown"],
                                 "call_compute_us": 1e6 * pt["call_compute_s"]})
+        for k in RING_FRACTIONS[1:]:
+            rate = ring_stream_point(path, s.file_bytes, s.seconds / 2, nt, max(s.compute_threads),
+                                     ring_fraction=k)["stream_mb_s"]
+            res["ring"][k, nt] = rate
+            on_point("reader", {"what": "ring", "threads": nt, "ring_fraction": k, "mb_s": rate})
     if s.reader_checks:
         rows = {}
         for nt, k in ((4, 64), (4, 512), (16, 512)):
@@ -674,6 +727,9 @@ def _as_profile(facts, disk, s: ProbeSettings, flash, dram, compute, errors, che
         fl["reader_stream_mb_s"] = [rnd(rt[t]["stream_mb_s"]) for t in s.threads]
         fl["reader_call_us"] = [round(1e6 * rt[t]["call_s"], 1) for t in s.threads]
         fl["reader_row_us"] = [round(1e6 * rt[t]["row_s"], 2) for t in s.threads]
+    if flash.get("ring"):
+        fl["ring_stream_mb_s"] = {str(k): [rnd(flash["ring"][k, t]) for t in s.threads]
+                                  for k in sorted({k for k, _ in flash["ring"]})}
     if flash["buffered_random"]:
         fl["buffered_sequential_1m_mb_s"] = [rnd(flash["buffered_sequential"][t]) for t in s.sequential_threads]
         fl["buffered_random_mb_s"] = {str(b): [rnd(flash["buffered_random"][b, t]) for t in s.threads]

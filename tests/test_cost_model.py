@@ -169,27 +169,47 @@ def test_measured_reader_calls_cache_steps_and_row_kernel():
     assert model().layer("resident").compute_s == pytest.approx(340e-6)
 
 
-def test_reads_measured_in_a_decode_step_replace_the_raw_figures():
-    """With the probe's reader figures (FlashReader while a compute thread runs), a sparse read is one
-    call + rows at the measured per-row time, and a streamed layer goes at the measured layer rate."""
+def test_streamed_layers_go_at_the_ring_rate_of_their_ring_size():
+    """With the probe's ring figures, a streamed layer goes at the rate measured through a ring of the
+    plan's size (interpolated in log2 of the fraction between measured sizes, held outside them);
+    without the by-size table, at reader_stream_mb_s for every size. Rows: one call's hand-off plus
+    reads at the probe's time per read in a reader call."""
     import copy
+    from types import SimpleNamespace
     data = copy.deepcopy(ROUND)
     data["flash"].update(reader_call_us=[10.0, 50.0], reader_row_us=[100.0, 40.0], reader_stream_mb_s=[300.0, 500.0])
-    dev = parse_profile(data, "decode.toml")
-    m = CostModel(dev, SHAPE, compute_threads=2, io_threads=4)
-    # 50 rows with 4 in flight: 50 us + 47.5 merged reads x 40 us x what the raw table says a read of
-    # 50 x 4 KiB / 47.5 costs more than one of 4 KiB; the layer: 4.096 MB at 500 MB/s
+    old = parse_profile(data, "old.toml")
+    m = CostModel(old, SHAPE, compute_threads=2, io_threads=4)
+    assert m.layer_stream_s == pytest.approx(4.096e6 / 500e6)
+    assert m.layer("stream", ring_rows=250).io_busy_s == pytest.approx(4.096e6 / 500e6)     # no by-size figures
+    # rows: one call (50 us at 4 readers) + 47.5 merged reads x 40 us x what the raw table says a read
+    # of 50 x 4 KiB / 47.5 costs more than one of 4 KiB
     size = 50 * 4096 / 47.5
     assert m.rows_seconds(50) == pytest.approx(50e-6 + 47.5 * 40e-6 * t_read(size, 4) / t_read(4096, 4))
-    assert m.layer_stream_s == pytest.approx(4.096e6 / 500e6)
-    # one row: one in flight, the 1-thread figures
-    assert m.rows_seconds(1) == pytest.approx(50e-6 + 100e-6)
-    # 8 KiB rows: 4 KiB's measured time x what the raw table says an 8 KiB read costs more (the
-    # table's time per read is linear in size between 4 KiB at 160 MB/s and 1 MiB at 800 MB/s)
-    big = CostModel(dev, ModelShape(2, 100, 1000, 500, 40_000, 300, 8192, "f16"), io_threads=4)
+    assert m.rows_seconds(1) == pytest.approx(50e-6 + 100e-6)       # one read: one in flight, the 1-thread figures
+    # 8 KiB rows: 4 KiB's measured time x what the raw table says an 8 KiB read costs more
+    big = CostModel(old, ModelShape(2, 100, 1000, 500, 40_000, 300, 8192, "f16"), io_threads=4)
     size = 50 * 8192 / 47.5
     assert big.rows_seconds(50) == pytest.approx(50e-6 + 47.5 * 40e-6 * t_read(size, 4) / t_read(4096, 4))
-    # buffered reads keep the raw buffered/direct table (the decode figures are direct reads)
+
+    data["flash"]["ring_stream_mb_s"] = {"1": [300.0, 600.0], "4": [200.0, 400.0], "16": [100.0, 200.0]}
+    dev = parse_profile(data, "rings.toml")
+    m = CostModel(dev, SHAPE, compute_threads=2, io_threads=4, layer_overhead_s=0.0, token_overhead_s=0.0)
+    assert m.layer_stream_s == pytest.approx(4.096e6 / 600e6)                  # the full ring's row
+    assert m.layer("stream", ring_rows=250).io_busy_s == pytest.approx(4.096e6 / 400e6)    # 1/4
+    assert m.layer("stream", ring_rows=500).io_busy_s == pytest.approx(4.096e6 / 500e6)    # 1/2: halfway in log2
+    assert m.layer("stream", ring_rows=32).io_busy_s == pytest.approx(4.096e6 / 200e6)     # below 1/16: held
+    assert m.layer("stream", ring_rows=1000).io_busy_s == pytest.approx(4.096e6 / 600e6)
+    # 2.5 reader threads: halfway (in log2) between 1 and 4 of each row... at 1/4: 200 -> 400
+    assert CostModel(dev, SHAPE, io_threads=2).layer("stream", ring_rows=250).io_busy_s == pytest.approx(
+        4.096e6 / 300e6)
+    # a plan prices its streamed layers at its ring: 2 x 4.096 MB through a quarter ring at 400 MB/s
+    plan = SimpleNamespace(layers=[SimpleNamespace(placement=Placement.STREAM)] * 2, window=0, total=0,
+                           stream_buffer_rows=250)
+    assert m.plan_cost(plan).io_busy_s == pytest.approx(2 * 4.096e6 / 400e6)
+    plan.stream_buffer_rows = 1000
+    assert m.plan_cost(plan).io_busy_s == pytest.approx(2 * 4.096e6 / 600e6)
+    # buffered reads keep the raw buffered/direct table (the ring figures are direct reads)
     assert CostModel(dev, SHAPE, io_threads=4, io="buffered").layer_stream_s == pytest.approx(4.096e-3)
 
 

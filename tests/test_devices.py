@@ -80,6 +80,8 @@ def _broken(edit):
     (lambda d: d["compute"]["gweights_s"].__setitem__("ort-int4", [1.0, "x"]), "compute.gweights_s.ort-int4"),
     (lambda d: d["flash"].__setitem__("reader_call_us", [1.0]), "flash.reader_call_us"),
     (lambda d: d["flash"].__setitem__("reader_row_us", [0.0, 1.0, 1.0, 1.0]), "flash.reader_row_us"),
+    (lambda d: d["flash"].__setitem__("ring_stream_mb_s", {"4": [100.0]}), "flash.ring_stream_mb_s.4"),
+    (lambda d: d["flash"].__setitem__("ring_stream_mb_s", {"quarter": [1.0, 1.0]}), "flash.ring_stream_mb_s.quarter"),
     (lambda d: d["compute"].__setitem__("cache_step_us", -1.0), "compute.cache_step_us"),
     (lambda d: d["compute"].__setitem__("stream_slowdown", {"4": [0.5, 1.0]}), "compute.stream_slowdown.4"),
     (lambda d: d["compute"].__setitem__("stream_slowdown", {"four": [1.0, 1.0]}), "compute.stream_slowdown.four"),
@@ -132,7 +134,9 @@ def test_probe_measures_and_writes_a_profile_that_loads(tmp_path):
     assert prof.compute_gweights_s["numba-bundle-f16"][0] > 0
     assert prof.cache_step_us >= 0 and prof.cache_step_row_us >= 0
     assert len(prof.reader_call_us) == 2 and prof.reader_call_s(1) >= 0
-    assert prof.reader_row_s(2) > 0 and prof.reader_stream_mb_s_at(1) > 0
+    assert prof.reader_stream_mb_s_at(1) > 0 and prof.reader_row_s(2) > 0
+    # the ring streamer through each ring size the planner may give streamed layers
+    assert set(prof.ring_stream_mb_s) == set(P.RING_FRACTIONS) and prof.reader_stream_mb_s_at(2, 16) > 0
     # compute with reads in flight: the ring streamer's slowdown and each rows call's compute-thread cost
     assert set(prof.stream_slowdown) == {1, 2} and prof.stream_compute_slowdown(2, 1) >= 1.0
     assert set(prof.reader_call_compute_us) == {1, 2} and prof.reader_call_compute_s(2, 1) >= 0.0

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,8 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, "-m", "flashlm", "probe", "--dir", str(disk), "-o", str(a.probe)], check=True)
         a.profile = str(a.probe)
     profile = load_profile(a.profile)
+    print(f"load average at the start: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1 / 5 / 15 min, "
+          f"{os.cpu_count()} CPUs): timings taken while others use the cores are not the idle figures\n")
 
     def cal(folder):
         try:
@@ -216,6 +219,7 @@ def main(argv=None) -> int:
         pick = results[0]
         print(f"\ntune's pick measured {pick[1]:.2f} ms/token; best measured {best[1]:.2f} ms/token "
               f"({best[0].describe()}): pick / best = {pick[1] / best[1]:.2f} (target <= 1.10)")
+    print(f"\nload average at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 
 
