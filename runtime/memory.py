@@ -285,7 +285,8 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
     # The streamed layers' ring, as naive sizes it: two whole layers, or only where no plan fits beside
     # that, the largest fraction 1/2 .. 1/16 that does. A smaller ring streams slower (measured on
     # Qwen2.5-1.5B at 700 MiB: a quarter ring and two more resident layers read 421 MiB per token
-    # instead of 465 and decoded 1.05 instead of 1.91 tok/s), which the cost model does not price.
+    # instead of 465 and decoded 1.05 instead of 1.91 tok/s); the cost model prices a plan's ring size from
+    # the probe's ring figures (CostModel.stream_s), the greedy below at the full ring's rate.
     ring_rows = stream_ring_rows(c.n_ff)
     room = None if plan.budget is None else plan.budget - plan.total
     if room is not None and room < 0:
