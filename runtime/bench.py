@@ -47,7 +47,7 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
     base = {"model": folder.path.name, "size": plan.model_bytes, "budget": plan.budget,
             "window": plan.window or None, "mode": rt.mode, "threads": model.threads,
             "io": rt.io if plan.run_mode.rows_from == "reader" else None, "max_gap": rt.max_gap_bytes,
-            "pipeline": rt.pipeline,
+            "pipeline": rt.pipeline, "pipeline_trial": rt.pipeline and rt.pipeline_trial,
             "load_s": round(load_s, 2), "memory_limit": plan.memory_limit,
             "planned_process": plan.process_total if plan.memory_limit is not None else None}
     rows = []
@@ -91,7 +91,13 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
                    flash_mb_s=nbytes / stats.io_busy_s / 1e6 if stats.io_busy_s else None,
                    stream_mb_s=stats.stream_bytes / stats.stream_read_s / 1e6 if stats.stream_read_s else None,
                    predicted_ms=_predicted_ms(model, folder, plan, rt),
-                   mem_bg_ms=1e3 * stats.mm_bg_s / n, **lookahead_fields(stats, n, folder.bundles.stride_bytes, nbytes))
+                   mem_bg_ms=1e3 * stats.mm_bg_s / n, io_cpu_ms=1e3 * stats.io_cpu_s / n,
+                   **lookahead_fields(stats, n, folder.bundles.stride_bytes, nbytes))
+        switch = getattr(ffn, "switch", None)
+        if switch is not None:              # the timed tokens' share with the lookahead on, and the last trial
+            row.update(lookahead_on=stats.lookahead_tokens / stats.decode_tokens if stats.decode_tokens else None,
+                       trial_ms_on=switch.last[0] if switch.last else None,
+                       trial_ms_off=switch.last[1] if switch.last else None)
         rows.append(row)
     model.close()
     for row in rows:
@@ -180,6 +186,8 @@ def bench(folder_path, modes: list[str], rt: RuntimeConfig, *, pp: int, tg: int,
             cmd += ["--no-verify"]
         if not rt.pipeline:
             cmd += ["--no-pipeline"]
+        elif not rt.pipeline_trial:
+            cmd += ["--pipeline-always"]
         rows += _child_rows(*_run_child(cmd, cgroup_limit), mode)
     return rows
 

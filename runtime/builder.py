@@ -188,4 +188,4 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel: 
     return FlashFFN(reader, kernel, biases, b, resident=resident, streamed=plan.layers_placed(Placement.STREAM),
                     stream_buffer_rows=plan.stream_buffer_rows, predictors=predictors, caches=caches,
                     sparse_buffer_rows=plan.sparse_buffer_rows, costs=costs, layer_io=rt.layer_io, row_crc=row_crc,
-                    pipeline=rt.pipeline, whole=whole)
+                    pipeline=rt.pipeline, pipeline_trial=rt.pipeline_trial, whole=whole)

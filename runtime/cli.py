@@ -149,6 +149,9 @@ def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_l
     p.add_argument("--no-pipeline", action="store_true",
                    help="start no flash read before its layer runs (no lookahead, no read-ahead of the next "
                         "streamed layer): the baseline the pipeline is measured against")
+    p.add_argument("--pipeline-always", action="store_true",
+                   help="run the lookahead on every decode token instead of timing tokens with it on and off "
+                        "and keeping the faster")
     if stats:
         p.add_argument("--stats", action="store_true", help="print load time, TTFT, tokens/s, flash I/O, peak RSS")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -165,7 +168,7 @@ def _runtime_config(args):
         embeddings=args.embeddings, dense_engine=args.dense_engine, window=args.window,
         pin=args.pin, io=args.io, io_threads=args.io_threads, max_gap_bytes=args.max_gap,
         layer_io=args.layer_io, profile=args.profile, verify_reads=not args.no_verify, kv_dtype=args.kv_dtype,
-        pipeline=not args.no_pipeline, ort_spin_us=args.ort_spin_us, ort_graph=args.ort_graph))
+        pipeline=not args.no_pipeline, pipeline_trial=not args.pipeline_always, ort_spin_us=args.ort_spin_us, ort_graph=args.ort_graph))
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:

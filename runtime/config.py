@@ -144,6 +144,8 @@ class RuntimeConfig:
     #                              calls) | auto (whole where the model allows it, measured faster: docs/BENCHMARKS.md)
     pipeline: bool = True        # flash reads start ahead of the layer that needs them (lookahead, read-ahead
     #                              of the next streamed layer, wrapping to the next token); False: none do
+    pipeline_trial: bool = True  # with the pipeline: time decode tokens with the lookahead on and off, keep the
+    #                              faster (runtime/pipeline_switch.py); False: the lookahead always runs
 
     def __post_init__(self):
         def bad(field: str, why: str):

@@ -28,6 +28,7 @@ from .config import ModelConfig
 from .cost_model import CostModel
 from .flash_reader import aligned_empty
 from .modelfile import ModelFileError, RowCheck
+from .pipeline_switch import PipelineSwitch
 from .storage import BundleLayout
 
 
@@ -69,6 +70,9 @@ class FFNStats:
     guess_rows: int = 0      # lookahead: rows read early on a guess from the previous layer's input ...
     guess_used: int = 0      # ... of which the layer wanted (the rest were over-fetched, then evicted)
     guess_missed: int = 0    # rows a guessed layer still had to read once its true input arrived
+    decode_tokens: int = 0   # decode tokens a pipeline switch saw (runtime/pipeline_switch.py) ...
+    lookahead_tokens: int = 0  # ... of which ran with the lookahead on
+    io_cpu_s: float = 0.0    # CPU time of the sparse reader's threads (the reads' syscalls and copies)
 
     @property
     def guess_recall(self) -> float | None:
@@ -543,7 +547,8 @@ class FlashFFN(FFNBackend):
     def __init__(self, reader, kernel: BundleKernel, biases: list, layout: BundleLayout, *,
                  resident: dict[int, np.ndarray], streamed: list[int], stream_buffer_rows: int,
                  predictors: list, caches: list, sparse_buffer_rows: int, costs: CostModel | None,
-                 layer_io: str = "auto", row_crc=None, pipeline: bool = True, whole=None):
+                 layer_io: str = "auto", row_crc=None, pipeline: bool = True, pipeline_trial: bool = True,
+                 whole=None):
         super().__init__()
         self.pipeline = pipeline         # False: no read starts before the layer that needs it runs
         self.reader, self.kernel, self.biases, self.layout = reader, kernel, biases, layout
@@ -564,6 +569,9 @@ class FlashFFN(FFNBackend):
         self.pending = {}                # sparse layer -> future of its lookahead read
         # the early guess: a predictor's own guess() rule (a wider threshold) where it has one
         self.guess_of = {i: getattr(predictors[i], "guess", predictors[i].predict) for i in self.lookahead_of.values()}
+        # Whether the lookahead runs for this decode token: always, or as the switch measures it pays
+        self.switch = PipelineSwitch() if pipeline_trial and self.lookahead_of else None
+        self.lookahead_on = True
         # Per guessed layer, decayed sums of (rows a guess read, of which the layer wanted, seconds the
         # guess took on the I/O thread, of which hidden behind compute): a layer whose guesses cost more
         # than they save (guess_pays) is not guessed, but retried every GUESS_RETRY tokens.
@@ -578,6 +586,13 @@ class FlashFFN(FFNBackend):
 
     # -- the interface
     def compute(self, layer, h, out):
+        if layer == 0 and self.switch is not None:
+            if h.shape[0] == 1:
+                self.lookahead_on = self.switch.decode_token()
+                self.stats.decode_tokens += 1
+                self.stats.lookahead_tokens += self.lookahead_on
+            else:
+                self.switch.interrupt()          # a prompt chunk: the interval is not a decode token's
         self.kernel.begin(layer, h)
         if layer in self.resident:
             self._look_ahead(layer, h)
@@ -592,6 +607,7 @@ class FlashFFN(FFNBackend):
     def io_counts(self) -> tuple[int, int]:
         self.settle()
         nbytes, reads = self.reader.stats.bytes_read, self.reader.stats.reads
+        self.stats.io_cpu_s = self.reader.stats.cpu_s
         if hasattr(self.whole, "io_counts"):        # a ring streamer reads through its own descriptor
             b, r = self.whole.io_counts()
             busy = self.whole.ring.busy_s            # its readers' wall time with a read in flight
@@ -645,8 +661,8 @@ class FlashFFN(FFNBackend):
     def _look_ahead(self, layer, h) -> None:
         """Guess the next layer's neurons from this layer's FFN input and start admitting and reading them."""
         nxt = self.lookahead_of.get(layer)
-        if nxt is None or h.shape[0] != 1:          # decode tokens only: a prompt's union is streamed
-            return
+        if nxt is None or h.shape[0] != 1 or not self.lookahead_on:   # decode tokens only: a prompt's union
+            return                                                     # is streamed
         if not guess_pays(*self.guess_score[nxt]) and self.guess_skipped[nxt] < GUESS_RETRY:
             self.guess_skipped[nxt] += 1             # this layer's guesses cost more than they hide: read on demand
             return

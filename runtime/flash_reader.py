@@ -53,6 +53,8 @@ class ReadStats:
     seconds: float = 0.0       # wall time inside read_rows / read_layer (concurrent calls each count)
     calls: int = 0             # read_rows / read_layer calls
     busy_s: float = 0.0        # wall time with at least one call in flight (concurrent calls count once)
+    cpu_s: float = 0.0         # CPU time of the worker threads on their tasks (syscalls, copies): what the
+    #                            reads take from compute on a small machine
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
@@ -309,10 +311,12 @@ def _worker(tasks: queue.SimpleQueue, fd: int, stage: mmap.mmap) -> None:
         if item is None:
             break
         claim, job, done = item
+        c0 = time.thread_time()
         try:
-            done.put((*_do_task(fd, stage_mv, stage_np, stage_addr, result, claim, job), None))
+            b, c = _do_task(fd, stage_mv, stage_np, stage_addr, result, claim, job)
+            done.put((b, c, time.thread_time() - c0, None))
         except BaseException as e:  # noqa: BLE001 - handed to the caller, who re-raises it
-            done.put((0, 0, e))
+            done.put((0, 0, time.thread_time() - c0, e))
         del item, claim, job, done   # drop references to the caller's `out` before blocking again
     del stage_np
     stage_mv.release()
@@ -497,12 +501,14 @@ class FlashReader:
         for q in busy:
             q.put((claim, job, done))
         nbytes = ncalls = 0
+        cpu = 0.0
         error = None
         for _ in busy:
-            b, c, e = done.get()
-            nbytes, ncalls = nbytes + b, ncalls + c
+            b, c, t, e = done.get()
+            nbytes, ncalls, cpu = nbytes + b, ncalls + c, cpu + t
             error = error or e
         with self._lock:
+            self.stats.cpu_s += cpu
             self._active -= 1
             if self._active == 0:
                 self.stats.busy_s += time.perf_counter() - self._busy_since

@@ -354,6 +354,25 @@ def test_pipeline_changes_what_is_read_never_what_is_computed(opt_folder):
     np.testing.assert_array_equal(a, b)
 
 
+def test_switching_lookahead_mid_sequence_is_exact(opt_folder):
+    """Oracle selector, every layer sparse, the lookahead toggled token by token by a trial: logits
+    equal dense's, and both settings ran."""
+    ref, _, _ = _logits(opt_folder, kv_dtype="f32")
+    model = Model(open_folder(opt_folder), RuntimeConfig(mode="flash", window=2, io="buffered", layer_io="sparse",
+                                                         kv_dtype="f32"), predictors=_oracles(opt_folder))
+    try:
+        ffn = model.ffn_backend
+        ffn.switch.pattern, ffn.switch.warm, ffn.switch._pos = (True, False, False, True), 1, -1
+        pre = model.forward(IDS[:6], all_logits=True)
+        dec = [model.forward([t])[0].copy() for t in IDS[6:]]
+        np.testing.assert_allclose(np.concatenate([pre, np.stack(dec)]), ref, atol=1e-5)
+        st = ffn.stats
+        assert st.decode_tokens == len(IDS) - 6 and 0 < st.lookahead_tokens < st.decode_tokens
+        assert st.guess_rows > 0 and ffn.switch.trials >= 1
+    finally:
+        model.close()
+
+
 def test_guess_pays_weighs_hidden_reads_against_overfetch():
     """The lookahead's per-layer rule: a guess pays while the used rows' hidden read time exceeds the
     over-fetched rows' read time (precision > 1 / (1 + hidden share))."""

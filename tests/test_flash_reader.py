@@ -249,6 +249,8 @@ def test_stats_match_run_plan(files, data_dir, stride, max_gap, rows, reads, nby
             assert (r.stats.reads, r.stats.bytes_read) == (reads, nbytes)
             assert r.stats.useful_bytes == len(rows) * stride
             assert r.stats.calls == 1 and r.stats.seconds > 0
+            # the workers' CPU time on the call's tasks: some, and no more than 4 threads for its wall time
+            assert 0 < r.stats.cpu_s <= 4 * r.stats.seconds
 
 
 def test_runs_are_capped_at_staging_size(files, data_dir):

@@ -1,10 +1,14 @@
 """The pipeline's benchmark: flash mode with and without the pipeline, in one run, engines alternated.
 
     python tools/bench_pipeline.py MODEL [--budget 50%] [--rounds 3] [-n 16] [-p 8] [--ctx 256]
-        [--profile this-machine-2core] [--io-threads 4] [--mode flash] [-t THREADS] [-- extra flashlm bench flags]
+        [--engines auto,always,off] [--profile this-machine-2core] [--io-threads 4] [--mode flash] [-t THREADS]
+        [-- extra flashlm bench flags]
 
-Each round runs `flashlm bench --one --json` twice, once as is and once with --no-pipeline, each in its
-own child process (its own page cache drop, load, warm-up repetition), the order flipped every round.
+Engines: `auto` is the default pipeline (the lookahead kept on or off as its own trial of decode tokens
+measures, runtime/pipeline_switch.py), `always` the pipeline with --pipeline-always (the lookahead on
+every decode token), `off` --no-pipeline. Each round runs `flashlm bench --one --json` once per engine,
+each in its own child process (its own page cache drop, load, warm-up repetition: the switch's trial runs
+in the warm-up), the order rotated every round.
 Per engine it prints the median over rounds of: ms/token, the critical path (I/O wait, I/O busy, memory
 management on the compute thread, compute), max(I/O busy, compute) and the ratio of ms/token to it,
 the overlap, bytes per token, the lookahead's recall and the share of the bytes read that its misses
@@ -25,8 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def run_child(model: str, args, mode: str, pipeline: bool, budget: str | None = None) -> dict:
-    """One `flashlm bench --one` child (its own process): its decode row. `budget` defaults to args.budget.
+def run_child(model: str, args, mode: str, pipeline, budget: str | None = None) -> dict:
+    """One `flashlm bench --one` child (its own process): its decode row. pipeline: True (the default
+    pipeline), False (--no-pipeline) or "always" (--pipeline-always); `budget` defaults to args.budget.
     (tools/bench_flash_dtypes.py runs its children through this too.)"""
     cmd = [sys.executable, "-m", "flashlm", "bench", model, "--one", "--json", "--mode", mode,
            "-p", str(args.prompt), "-n", str(args.tokens), "-r", str(args.reps), "--ctx", str(args.ctx),
@@ -35,6 +40,8 @@ def run_child(model: str, args, mode: str, pipeline: bool, budget: str | None = 
         cmd += ["--profile", args.profile]
     if not pipeline:
         cmd.append("--no-pipeline")
+    elif pipeline == "always":
+        cmd.append("--pipeline-always")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"bench child failed ({' '.join(cmd)}):\n{proc.stderr.strip()[-2000:]}")
@@ -58,6 +65,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--budget", default="50%")
+    ap.add_argument("--engines", default="auto,always,off", help="comma-separated: auto, always, off")
     ap.add_argument("--mode", default="flash", help="flash, hybrid, naive, or several comma-separated (one table each)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("-n", "--tokens", type=int, default=16, help="decode tokens per repetition")
@@ -79,47 +87,64 @@ def main() -> int:
     return 0
 
 
+ENGINES = {"auto": (True, "pipeline"), "always": ("always", "pipeline, --pipeline-always"),
+           "off": (False, "--no-pipeline")}
+
+
 def table(args, mode: str, seq) -> None:
-    rows = {True: [], False: []}
+    names = [e.strip() for e in args.engines.split(",")]
+    bad = [e for e in names if e not in ENGINES]
+    if bad or "off" not in names or len(names) < 2:
+        raise SystemExit(f"--engines: {bad or names}: use two or more of {', '.join(ENGINES)}, off among them")
+    rows = {e: [] for e in names}
     for r in range(args.rounds):
-        for pipeline in ((True, False) if r % 2 == 0 else (False, True)):
-            row = run_child(args.model, args, mode, pipeline)
-            rows[pipeline].append(row)
-            print(f"{mode} round {r + 1} {'pipeline' if pipeline else 'no-pipeline'}: {row['ms_per_token']:.1f} ms/token",
-                  file=sys.stderr)
+        for e in names[r % len(names):] + names[:r % len(names)]:
+            row = run_child(args.model, args, mode, ENGINES[e][0])
+            rows[e].append(row)
+            print(f"{mode} round {r + 1} {ENGINES[e][1]}: {row['ms_per_token']:.1f} ms/token", file=sys.stderr)
             if args.json:
                 print(json.dumps(row))
-    head = ["engine", "ms/tok", "io wait", "io busy", "mem", "mem (I/O thread)", "compute", "max(busy, compute)",
-            "ratio", "overlap %", "MiB/tok", "guess recall %", "guess-miss bytes %", "stream MB/s", "of seq %"]
+    head = ["engine", "ms/tok", "io wait", "io busy", "io CPU", "mem", "mem (I/O thread)", "compute",
+            "max(busy, compute)", "ratio", "overlap %", "MiB/tok", "reads/tok", "guess recall %",
+            "guess-miss bytes %", "lookahead on %", "stream MB/s", "of seq %"]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join(" --- " for _ in head) + "|")
-    ms = {}
-    for pipeline in (True, False):
-        rs = rows[pipeline]
-        m = {k: median(rs, k) for k in ("ms_per_token", "io_wait_ms", "io_busy_ms", "mem_ms", "mem_bg_ms",
-                                        "compute_ms", "bound_ms", "bound_ratio", "overlap", "bytes_per_token",
-                                        "guess_recall", "guess_miss_fraction", "stream_mb_s")}
-        ms[pipeline] = m["ms_per_token"]
-        cells = ["pipeline" if pipeline else "--no-pipeline", fmt(m["ms_per_token"]), fmt(m["io_wait_ms"]),
-                 fmt(m["io_busy_ms"]), fmt(m["mem_ms"]), fmt(m["mem_bg_ms"]), fmt(m["compute_ms"]), fmt(m["bound_ms"]),
+    ms, med = {}, {}
+    for e in names:
+        rs = rows[e]
+        m = med[e] = {k: median(rs, k) for k in (
+            "ms_per_token", "io_wait_ms", "io_busy_ms", "io_cpu_ms", "mem_ms", "mem_bg_ms", "compute_ms", "bound_ms",
+            "bound_ratio", "overlap", "bytes_per_token", "reads_per_token", "guess_recall", "guess_miss_fraction",
+            "lookahead_on", "stream_mb_s")}
+        ms[e] = m["ms_per_token"]
+        cells = [ENGINES[e][1], fmt(m["ms_per_token"]), fmt(m["io_wait_ms"]), fmt(m["io_busy_ms"]),
+                 fmt(m["io_cpu_ms"]), fmt(m["mem_ms"]), fmt(m["mem_bg_ms"]), fmt(m["compute_ms"]), fmt(m["bound_ms"]),
                  fmt(m["bound_ratio"], ".2f"), fmt(m["overlap"], ".0f", 100), fmt(m["bytes_per_token"], ".2f", 2**-20),
-                 fmt(m["guess_recall"], ".1f", 100), fmt(m["guess_miss_fraction"], ".1f", 100),
+                 fmt(m["reads_per_token"], ".0f"), fmt(m["guess_recall"], ".1f", 100),
+                 fmt(m["guess_miss_fraction"], ".1f", 100), fmt(m["lookahead_on"], ".0f", 100),
                  fmt(m["stream_mb_s"], ".0f"),
                  fmt(m["stream_mb_s"] / seq if m["stream_mb_s"] and seq else None, ".0f", 100)]
         print("| " + " | ".join(cells) + " |")
-        if pipeline:
-            mp = m
-    r0 = rows[True][0]
+    trials = [(r.get("trial_ms_on"), r.get("trial_ms_off")) for e in names if e == "auto" for r in rows[e]]
+    r0 = rows[names[0]][0]
+    speed = "; ".join(f"{ENGINES[e][1]} {ms['off'] / ms[e]:.2f}x" for e in names if e != "off")
     print(f"\n{Path(args.model).name}, mode {mode}, budget {args.budget} ({r0['budget']} bytes), window "
           f"{r0['window']}, {args.tokens} decode tokens x {args.reps} rep(s) x {args.rounds} rounds, medians; "
-          f"decode speedup of the pipeline over --no-pipeline: {ms[False] / ms[True]:.2f}x"
+          f"decode speedup over --no-pipeline: {speed}"
           + (f"; sequential rate {seq:.0f} MB/s ({args.profile}, {args.io_threads} threads)" if seq else ""))
+    if any(t[0] is not None for t in trials):
+        print("auto's trials (median ms/token lookahead on / off, per child): "
+              + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in trials if a is not None))
     # the issue's targets, for the pipeline's row (None: not applicable to this mode / not measured)
+    e = "auto" if "auto" in names else names[0]
+    mp = med[e]
     checks = {"ms/token <= 1.3x max(busy, compute)": mp["bound_ratio"] is not None and mp["bound_ratio"] <= 1.3,
-              "speedup >= 1.6x": ms[False] / ms[True] >= 1.6,
+              "speedup >= 1.6x": ms["off"] / ms[e] >= 1.6,
+              "never slower than --no-pipeline": ms[e] <= ms["off"],
               "guess misses <= 10% of bytes": None if mp["guess_miss_fraction"] is None else mp["guess_miss_fraction"] <= 0.10,
               "streamed layers >= 80% of sequential": None if not (mp["stream_mb_s"] and seq) else mp["stream_mb_s"] >= 0.8 * seq}
-    print("targets: " + "; ".join(f"{k}: {'met' if v else 'not met'}" for k, v in checks.items() if v is not None) + "\n")
+    print(f"targets ({ENGINES[e][1]}): " + "; ".join(f"{k}: {'met' if v else 'not met'}" for k, v in checks.items()
+                                                   if v is not None) + "\n")
 
 
 if __name__ == "__main__":
