@@ -113,7 +113,7 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
         predictors = load_predictors(folder.path, c, sparse, state, gate_rows=gates, up_rows=ups)
     kernel = bundle_kernel(c, folder.bundles, threads, gates, ups)
     biases = [weights.get(f"layers.{i}.ffn.up.bias") for i in range(c.n_layers)]
-    row_crc = (RowCheck(weights[ROW_CRC_TENSOR], folder.file(folder.bundles.file))
+    row_crc = (RowCheck(weights[ROW_CRC_TENSOR], folder.file(folder.bundles.file), folder.bundles.stride_bytes)
                if rt.verify_reads and ROW_CRC_TENSOR in weights else None)
     widened = False
     if ort:
@@ -149,7 +149,7 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel: 
     """The FFN backend the plan calls for (see runtime/ffn.py)."""
     from .flash_reader import FlashReader, aligned_empty
     from .layer_stream import RingStreamer, RowSource
-    from .neuron_cache import NeuronCache
+    from .neuron_cache import NeuronCache, cache_row_bytes
     c, b = folder.config, folder.bundles
     path = folder.file(b.file)
     rows_from = plan.run_mode.rows_from
@@ -182,7 +182,8 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel: 
         def whole(stats):
             return RingStreamer(rows, kernel, biases, streamed, ring_bytes, stats, threads=rt.io_threads,
                                 read_ahead=rt.pipeline)
-    caches = [NeuronCache(c.n_ff, p.cache_rows, b.stride_items, b.dtype, window=plan.window,
+    row_items = cache_row_bytes(b) // b.dtype.itemsize          # packed: no block padding in DRAM
+    caches = [NeuronCache(c.n_ff, p.cache_rows, row_items, b.dtype, window=plan.window,
                           pinned=predictors[i].hot[:plan.pin_rows] if plan.pin_rows else None)
               if p.placement == Placement.SPARSE else None for i, p in enumerate(plan.layers)]
     return FlashFFN(reader, kernel, biases, b, resident=resident, streamed=plan.layers_placed(Placement.STREAM),

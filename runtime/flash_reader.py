@@ -129,9 +129,10 @@ def _read_runs(fd, counter, n_runs, run_off, run_len, run_direct, run_lo, run_hi
             return
         nbytes += got
         if direct < 0:
+            width = out2d.shape[1]           # the stride, or a cache's packed row (its parts, no padding)
             for j in range(lo, hi):
                 src = layer_off + ns[j] * stride - off
-                out2d[dst[j], :] = stage[src:src + stride]
+                out2d[dst[j], :] = stage[src:src + width]
     result[0] = nbytes
     result[1] = ncalls
 
@@ -270,9 +271,10 @@ def _redo_run(fd, stage_mv, stage_np, job, i) -> tuple[int, int]:
     lo, hi = int(plan.lo[i]), int(plan.hi[i])
     need = layer_off + int(ns[hi - 1]) * stride + stride - off
     b, c = _read_full(fd, stage_mv[:length], off, need)
+    width = out2d.shape[1]
     for j in range(lo, hi):
         src = layer_off + int(ns[j]) * stride - off
-        out2d[int(dst[j]), :] = stage_np[src:src + stride]
+        out2d[int(dst[j]), :] = stage_np[src:src + width]
     return b, c
 
 
@@ -417,7 +419,8 @@ class FlashReader:
     # -- public API --------------------------------------------------------------------------------
 
     def read_rows(self, layer: int, neurons, out: np.ndarray, out_rows) -> None:
-        """Copy bundle row neurons[j] of `layer` into out[out_rows[j]] for every j."""
+        """Copy bundle row neurons[j] of `layer` into out[out_rows[j]] for every j. Rows of `out` are the
+        stride or narrower (a neuron cache's packed rows): then each gets the first bytes of its row."""
         t0 = time.perf_counter()
         neurons = np.asarray(neurons).reshape(-1)
         out_rows = np.asarray(out_rows).reshape(-1)
@@ -466,8 +469,9 @@ class FlashReader:
             raise ValueError("FlashReader is closed")
         if out.ndim != 2 or not out.flags.c_contiguous or not out.flags.writeable:
             raise ValueError("out must be a writable 2-D C-contiguous array")
-        if out.shape[1] * out.itemsize != self.stride_bytes:
-            raise ValueError(f"out rows are {out.shape[1] * out.itemsize} bytes, stride is {self.stride_bytes}")
+        if not 0 < out.shape[1] * out.itemsize <= self.stride_bytes:
+            raise ValueError(f"out rows are {out.shape[1] * out.itemsize} bytes, the stride is {self.stride_bytes}: "
+                             "rows of at most the stride fit")
         return out.view(np.uint8)
 
     def _take_plan(self, n: int) -> _Plan:
@@ -481,8 +485,10 @@ class FlashReader:
         plan = self._take_plan(len(neurons))
         layer_off = self.layer_offsets[layer]
         try:
+            # runs go straight into `out` only where its rows are the file's (packed rows: via staging)
+            direct_to = _address(out_u8) if out_u8.shape[1] == self.stride_bytes else -1
             plan.fill(neurons, out_rows, self.n_rows, layer_off, self.stride_bytes, self.max_gap_bytes // BLOCK,
-                      self.staging_bytes // BLOCK, self.threads, _address(out_u8))
+                      self.staging_bytes // BLOCK, self.threads, direct_to)
             nbytes, ncalls = self._read_plan(plan, out_u8, layer_off)
         finally:
             with self._lock:

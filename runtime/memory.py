@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable
 from .config import ModelConfig, RuntimeConfig, dense_engine
 from .errors import FlashlmError
 from .modelfile import ModelFolder
+from .neuron_cache import cache_row_bytes
 
 if TYPE_CHECKING:        # the cost model prices plans (it imports this module); the planner only asks it
     from .cost_model import CostModel
@@ -272,9 +273,10 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
     c, rt, costs, b = x.config, x.rt, x.costs, x.folder.bundles
     if x.calibration is None:
         raise BudgetError(f"{x.folder.path}: flash mode needs predictors; run `flashlm calibrate {x.folder.path}`")
-    # Sparse layers hold bundle rows at their aligned stride; layers used whole (resident, streamed) come
+    # Sparse layers' caches hold rows without the block padding (cache_row_bytes); layers used whole (resident, streamed) come
     # from the packed copy where the folder has one (builder.build_ffn), so they are counted packed.
     stride, sparse_layer_bytes = b.stride_bytes, b.layer_bytes
+    cache_row = cache_row_bytes(b)               # a cached row: its parts, without the file's block padding
     _, layer_bytes = whole_layer_bytes(x.folder)
     pred = x.calibration.predictor_bytes
     stats = x.calibration.report.get("layers") or [{} for _ in range(c.n_layers)]
@@ -298,9 +300,9 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
     def sparse_option(i: int, k: int):
         w = stats[i].get("windows", {}).get(str(k))
         if w is None:       # no calibration figures for this window: assume it needs the whole layer
-            return pred[i] + sparse_layer_bytes, 0.0
+            return pred[i] + c.n_ff * cache_row, 0.0
         need = min(c.n_ff, n_pin + w["max_held"])
-        return pred[i] + need * stride, costs.rows_seconds(costs.missed_rows(stats[i], k, n_pin))
+        return pred[i] + need * cache_row, costs.rows_seconds(costs.missed_rows(stats[i], k, n_pin))
 
     best = None
     for stream_rows in ring_rows:
@@ -340,16 +342,16 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
             if kinds[i] == "sparse" else 0 for i in range(c.n_layers)]
     plan.predictors = sum(pred[i] for i in range(c.n_layers) if kinds[i] == "sparse")
     n_resident = kinds.count("resident")
-    plan.ffn_resident = sum(caps) * stride + n_resident * layer_bytes
+    plan.ffn_resident = sum(caps) * cache_row + n_resident * layer_bytes
     room = None if room is None else room - buffers - scratch
     if room is not None and plan.ffn_resident + plan.predictors > room:
         # Forced sparse everywhere (layer_io="sparse") with too little room: shrink every cache alike.
-        share = (room - plan.predictors) / max(1, sum(caps) * stride)
+        share = (room - plan.predictors) / max(1, sum(caps) * cache_row)
         if share <= 0:
             raise BudgetError(f"budget {_mib(plan.budget)} is too small for flash mode with sparse layers: "
                               f"predictors alone need {_mib(plan.predictors)} beyond the fixed parts")
         caps = [max(n_pin + 1, int(cap * share)) if cap else 0 for cap in caps]
-        plan.ffn_resident = sum(caps) * stride
+        plan.ffn_resident = sum(caps) * cache_row
     plan.layers = [LayerPlan(Placement(kind), cap) for kind, cap in zip(kinds, caps)]
     plan.est_io_ms = 1e3 * cost
     plan.speeds_source = costs.source

@@ -60,9 +60,12 @@ class RowCheck:
     read; the file is opened read-only and convert never rewrites a folder in place (it swaps a new one
     in), and a failing disk read surfaces as an OSError."""
 
-    def __init__(self, expected: np.ndarray, path):
+    def __init__(self, expected: np.ndarray, path, stride_bytes: int = 0):
         self.expected = expected                                   # [n_layers, n_ff] uint32
         self.path = path
+        # the CRC covers a row at the file's stride, zero padding included (the converter writes zeros);
+        # a row checked without its padding (a cache's packed row) is continued over these zeros
+        self.pad = bytes(stride_bytes)
         self.seen = np.zeros(expected.shape, np.bool_)
         self.unseen_left = np.full(expected.shape[0], expected.shape[1], np.int64)
         self.todo = np.zeros(expected.shape[1], np.int64)
@@ -74,11 +77,12 @@ class RowCheck:
         seen, expected = self.seen[layer], self.expected[layer]
         n = _unverified(seen, neurons, self.todo)
         raw = rows.view(np.uint8).reshape(len(rows), -1)
+        pad = memoryview(self.pad)[:max(0, len(self.pad) - raw.shape[1])]
         for j in self.todo[:n]:
             neuron = int(neurons[j])
             if seen[neuron]:                      # a duplicate within this call
                 continue
-            if zlib.crc32(raw[j]) != expected[neuron]:
+            if zlib.crc32(pad, zlib.crc32(raw[j])) != expected[neuron]:
                 raise ModelFileError(f"{self.path}: layer {layer} neuron {neuron} fails its CRC-32: the bundle "
                                      f"file is corrupt; re-convert the model")
             seen[neuron] = True

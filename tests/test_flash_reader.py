@@ -289,6 +289,29 @@ def test_direct_and_buffered_identical(files, data_dir):
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("stride, width", [(512, 320), (4096, 2880), (12288, 10240)])
+def test_read_rows_into_packed_rows(files, data_dir, stride, width):
+    """Rows of `out` narrower than the stride (a neuron cache's packed rows) get each row's first `width`
+    bytes, for both loops, including consecutive rows into a page-aligned out (no straight-in read there:
+    the file's rows carry padding)."""
+    path, offsets, data = files[stride]
+    rng = np.random.default_rng(9)
+    rows = np.concatenate([np.arange(8, 8 + 40), rng.choice(N_ROWS, 30, replace=False), [N_ROWS - 1]])
+    for mode in _modes(data_dir):
+        for loop in ("numba", "python"):
+            with FlashReader(path, layer_offsets=offsets, stride_bytes=stride, n_rows=N_ROWS, mode=mode, threads=3,
+                             loop=loop) as r:
+                out = aligned_empty((len(rows) + 2, width), np.uint8)
+                out[:] = 0xA5
+                r.read_rows(1, rows, out, np.arange(len(rows)))
+                want = _expected(data, offsets, stride, 1, rows)[:, :width]
+                np.testing.assert_array_equal(out[:len(rows)], want)
+                assert (out[len(rows):] == 0xA5).all()
+                dest = rng.permutation(len(rows))
+                r.read_rows(2, rows, out, dest)
+                np.testing.assert_array_equal(out[dest], _expected(data, offsets, stride, 2, rows)[:, :width])
+
+
 @pytest.mark.parametrize("stride", [512, 4096, 12288])
 def test_numba_and_python_loops_identical(files, data_dir, stride):
     """The numba batch loop (default) and the Python os.preadv loop read the same bytes into the same
@@ -442,7 +465,7 @@ def test_bad_arguments(files, data_dir):
         with pytest.raises(IndexError):
             r.read_rows(0, [0], np.zeros((1, 4096), np.uint8), [1])
         with pytest.raises(ValueError):
-            r.read_rows(0, [0], np.zeros((1, 2048), np.uint8), [0])       # wrong row size
+            r.read_rows(0, [0], np.zeros((1, 8192), np.uint8), [0])       # rows wider than the stride
         with pytest.raises(ValueError):
             r.read_rows(0, [0], np.zeros((2, 4096), np.uint8)[:, :1024].copy().T, [0])
         with pytest.raises(ValueError):

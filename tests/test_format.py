@@ -135,6 +135,23 @@ def test_unsupported_source_is_refused(tmp_path):
     assert not (tmp_path / "x.flashlm").exists()
 
 
+def test_row_check_verifies_packed_rows_against_the_padded_crc(tmp_path):
+    """A neuron cache holds rows without the file's zero padding: their check continues the CRC over
+    the padding the stride adds, so good rows pass and a flipped bit in the parts is caught."""
+    from flashlm.runtime.modelfile import ModelFileError, RowCheck
+    rng = np.random.default_rng(1)
+    rows = np.zeros((1, 8, 64), np.uint8)                                 # [layers, n_ff, stride]
+    rows[..., :40] = rng.integers(0, 255, (1, 8, 40), dtype=np.uint8)     # 40 bytes of parts, 24 of padding
+    expected = np.array([[zlib.crc32(r) for r in layer] for layer in rows], np.uint32)
+    check = RowCheck(expected, tmp_path / "ffn.safetensors", 64)
+    packed = rows[0, :, :48].copy()                                       # a cache row: parts + 8 padding bytes
+    check.check(packed[[1, 4]], np.array([1, 4]), 0)
+    check.check(rows[0][[2]], np.array([2]), 0)                           # a row at the full stride still checks
+    packed[5, 3] ^= 1
+    with pytest.raises(ModelFileError, match="layer 0 neuron 5 fails its CRC-32"):
+        check.check(packed[[5]], np.array([5]), 0)
+
+
 def test_row_check_verifies_each_row_the_first_time_it_is_read(tmp_path):
     from flashlm.runtime.modelfile import ModelFileError, RowCheck
     rng = np.random.default_rng(0)

@@ -8,6 +8,7 @@ from flashlm.converters.convert import convert
 from flashlm.runtime.config import RuntimeConfig
 from flashlm.runtime.model import Model
 from flashlm.runtime.modelfile import open_folder
+from flashlm.runtime.neuron_cache import cache_row_bytes
 from test_flash_modes import IDS, OraclePredictor, _logits
 
 
@@ -47,6 +48,8 @@ def test_flash_with_oracle_over_q4_bundles_equals_dense_q4(opt_q4, capacity_frac
     model = Model(folder, RuntimeConfig(mode="flash", window=2, io="buffered", layer_io="sparse", kv_dtype="f32"),
                   predictors=_oracles(opt_q4))
     ffn = model.ffn_backend
+    # the caches hold the rows' 72 bytes of parts (rounded to 80), not the file's 128-byte stride
+    assert all(c.rows.shape[1] == cache_row_bytes(folder.bundles) == 80 for c in ffn.caches)
     if capacity_fraction < 1:
         from flashlm.runtime.neuron_cache import NeuronCache
         cap = int(folder.config.n_ff * capacity_fraction)
