@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from flashlm.runtime.config import FORMAT_VERSION
 from flashlm.runtime.modelfile import MATRICES_FILE, ROW_CRC_TENSOR, row_crc32
-from flashlm.runtime.packed_rows import PACKED_FILE, SUMS_TENSOR, group_rows_for, layer_sums, layer_tensor
+from flashlm.runtime.group_sums import layer_sums
+from flashlm.runtime.packed_rows import PACKED_FILE, SUMS_TENSOR, group_rows_for, layer_tensor
 from flashlm.runtime.safetensors_file import DTYPES, plan_file
 from flashlm.runtime.storage import BUNDLE_STORAGE, STORAGE_TYPES, StorageError, StorageType
 

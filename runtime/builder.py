@@ -13,15 +13,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels as K
+from .lazy import lazy_module
 from .config import RuntimeConfig, dense_engine
+from .errors import FlashlmError
 from .cost_model import CostModel
 from .embedding_rows import FileEmbeddingRows
 from .ffn import BundleKernel, FFNBackend, FlashFFN, GraphFFN, MmapFFN, ResidentFFN, bundle_kernel, read_layer_checked
 from .memory import MODES, PREFILL_CHUNK, BudgetError, MemoryPlan, Placement, plan_memory
 from .modelfile import (ROW_CRC_TENSOR, ModelFileError, ModelFolder, RowCheck, bundle_layers, map_verified,
                         read_verified, resident_part_name, tensors_from_buffer)
-from .runstate import RunState
+from .runstate import BLAS_BLOCK_BYTES, RunState
+
+# numba loads on a kernel's first use: the one-graph decoder runs none (runtime/lazy.py)
+K = lazy_module(f"{__package__}.kernels")
 
 log = logging.getLogger("flashlm")
 
@@ -32,7 +36,7 @@ class ModelParts:
     plan: MemoryPlan
     costs: CostModel                    # the run's cost model (the planner and the sparse path used it)
     ffn: FFNBackend
-    kernel: BundleKernel
+    kernel: BundleKernel | None         # None: the FFN layers run inside onnxruntime (GraphFFN)
     state: RunState
     threads: int
     ctx_len: int
@@ -40,6 +44,7 @@ class ModelParts:
     widened: bool = False               # ... which onnxruntime could not run here: widened to f16 for numba
     ort: bool = False                   # quantized dense weights run in onnxruntime sessions (else qmatmul.py)
     embedding_rows: FileEmbeddingRows | None = None   # token embeddings read per token (not resident)
+    whole: bool = False                 # the decoder runs as one onnxruntime graph (no numba kernel runs)
 
 
 def passive_openmp() -> None:
@@ -53,24 +58,48 @@ def passive_openmp() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def compute_threads(requested: int | None) -> int:
+    """The run's compute threads: `requested` (None: every core this process may run on), at most numba's
+    pool size (NUMBA_NUM_THREADS, which defaults to those cores). Worked out without importing numba: the
+    one-graph decoder never starts numba's pool (see runtime/lazy.py)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    pool = int(os.environ.get("NUMBA_NUM_THREADS") or cores)
+    return max(1, min(requested or cores, pool))
+
+
+def one_graph(folder: ModelFolder, rt: RuntimeConfig, ffn_in_graph: bool) -> bool:
+    """Whether the whole decoder runs as one onnxruntime graph (RuntimeConfig.ort_graph): only when every
+    layer's FFN is resident (a streamed FFN needs numba between layers)."""
+    from .ort_model import OrtDecoder
+    if rt.ort_graph == "layers":
+        return False
+    why = "FFN rows stream from flash" if not ffn_in_graph else OrtDecoder.supports(folder.config)
+    if why is not None and rt.ort_graph == "whole":
+        raise FlashlmError(f"ort_graph 'whole': {folder.path}: cannot run as one graph: {why}")
+    return why is None
+
+
 def activation_bytes(folder: ModelFolder, threads: int) -> int:
     """What the run state and the kernels' scratch allocate (the plan's activation line)."""
     c = folder.config
     return (RunState.nbytes_for(c, PREFILL_CHUNK) + BundleKernel.scratch_bytes(c, threads)
-            + K.BLAS_BLOCK_BYTES                       # the dense matmuls' widened block for prompts
+            + BLAS_BLOCK_BYTES                       # the dense matmuls' widened block for prompts
             + 2 * PREFILL_CHUNK * c.d_model * 4)       # the FFN backends' accumulation buffers
 
 
 def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelParts:
     """Plan and build everything `rt` asks for. `predictors` (one per layer, with .predict(h) and .hot)
     replaces the calibrated ones, e.g. an oracle in tests."""
-    from .predictor import load_predictors, read_calibration
     c = folder.config
     mode = MODES.get(rt.mode)
     if mode is None:
         raise BudgetError(f"unknown mode {rt.mode!r}; choose one of {list(MODES)}")
-    threads = K.set_threads(rt.threads)
-    calibration = read_calibration(folder) if mode.needs_predictors else None
+    threads = compute_threads(rt.threads)
+    if mode.needs_predictors:
+        from .predictor import read_calibration     # numba's kernels: only runs that predict import them
+        calibration = read_calibration(folder)
+    else:
+        calibration = None
     costs = CostModel.for_run(folder, rt, compute_threads=threads)      # the one cost model of this run
     quantized = any(t.storage is not None and t.storage.block_elems > 1 for t in folder.dense.values())
     ort = quantized and dense_engine(rt) == "onnxruntime"
@@ -110,8 +139,8 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
     gates, ups = ([weights[resident_part_name(i, part)] for i in range(c.n_layers)] if part in folder.bundles.resident
                   else None for part in ("gate", "up"))
     if sparse and predictors is None:
+        from .predictor import load_predictors
         predictors = load_predictors(folder.path, c, sparse, state, gate_rows=gates, up_rows=ups)
-    kernel = bundle_kernel(c, folder.bundles, threads, gates, ups)
     biases = [weights.get(f"layers.{i}.ffn.up.bias") for i in range(c.n_layers)]
     row_crc = (RowCheck(weights[ROW_CRC_TENSOR], folder.file(folder.bundles.file), folder.bundles.stride_bytes)
                if rt.verify_reads and ROW_CRC_TENSOR in weights else None)
@@ -126,11 +155,16 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
                         "kernels instead, widened to f16 (%.0f MiB more than the plan's dense line)", folder.path,
                         status.detail, (sum(a.nbytes for a in weights.values()) - plan.dense) / 2**20)
     if ort and plan.run_mode.rows_from == "file" and folder.matrices:
-        ffn = GraphFFN()        # the FFN layers run whole inside the onnxruntime sessions (ffn_matrices)
+        # The FFN layers run whole inside the onnxruntime sessions (ffn_matrices): no bundle kernel.
+        ffn, kernel = GraphFFN(), None
     else:
+        kernel = bundle_kernel(c, folder.bundles, threads, gates, ups)
         ffn = build_ffn(folder, rt, plan, kernel, biases, predictors, row_crc, costs)
+    whole = ort and one_graph(folder, rt, isinstance(ffn, GraphFFN))
+    if not whole:
+        K.set_threads(threads)  # numba's pool, before its first parallel kernel
     return ModelParts(weights, plan, costs, ffn, kernel, state, threads,
-                      min(rt.ctx_len, c.max_position), quantized, widened, ort, embedding_rows)
+                      min(rt.ctx_len, c.max_position), quantized, widened, ort, embedding_rows, whole)
 
 
 def widen_blocks(folder: ModelFolder, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -147,7 +181,8 @@ def widen_blocks(folder: ModelFolder, weights: dict[str, np.ndarray]) -> dict[st
 def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel: BundleKernel, biases: list,
               predictors, row_crc, costs: CostModel | None) -> FFNBackend:
     """The FFN backend the plan calls for (see runtime/ffn.py)."""
-    from .flash_reader import FlashReader, aligned_empty
+    from .aligned import aligned_empty
+    from .flash_reader import FlashReader
     from .layer_stream import RingStreamer, RowSource
     from .neuron_cache import NeuronCache, cache_row_bytes
     c, b = folder.config, folder.bundles

@@ -22,14 +22,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels as K
-from . import qkernels as QK
+from .lazy import lazy_module
 from .config import ModelConfig
 from .cost_model import CostModel
-from .flash_reader import aligned_empty
+from .aligned import aligned_empty
 from .modelfile import ModelFileError, RowCheck
 from .pipeline_switch import PipelineSwitch
+from .runstate import BLAS_BLOCK_BYTES, BLAS_MIN_TOKENS
 from .storage import BundleLayout
+
+# numba loads on a kernel's first use: the one-graph decoder runs none (runtime/lazy.py)
+K = lazy_module(f"{__package__}.kernels")
+QK = lazy_module(f"{__package__}.qkernels")
 
 
 def read_error(path, layer: int, e: OSError) -> ModelFileError:
@@ -159,7 +163,7 @@ class BundleKernel:
         self.d = config.d_model
         self.threads = threads
         # Per-thread partial sums for up to BLAS_MIN_TOKENS tokens (larger T takes the BLAS path).
-        self.partial = np.zeros((threads, K.BLAS_MIN_TOKENS, config.d_model), np.float32)
+        self.partial = np.zeros((threads, BLAS_MIN_TOKENS, config.d_model), np.float32)
         self.scratch = None               # f32 block of widened rows for prompt-sized batches
         self.no_bias = np.zeros(0, np.float32)
         if layout.gate_resident and (gate_weights is None or len(gate_weights) != config.n_layers):
@@ -199,11 +203,11 @@ class BundleKernel:
 
     @staticmethod
     def scratch_bytes(config: ModelConfig, threads: int) -> int:
-        return threads * K.BLAS_MIN_TOKENS * config.d_model * 4 + K.BLAS_BLOCK_BYTES
+        return threads * BLAS_MIN_TOKENS * config.d_model * 4 + BLAS_BLOCK_BYTES
 
     def __call__(self, h, rows, n_rows, neuron_of_row, bias, out) -> None:
         T = h.shape[0]
-        if T >= K.BLAS_MIN_TOKENS:
+        if T >= BLAS_MIN_TOKENS:
             self._batched(h, rows, n_rows, neuron_of_row, bias, out)
             return
         if self.gate_weights is not None:
@@ -216,7 +220,7 @@ class BundleKernel:
     def _batched(self, h, rows, n_rows, neuron_of_row, bias, out) -> None:
         """Prompt-sized T: widen blocks of bundle rows to f32 and let BLAS do the three products."""
         d = self.d
-        block = max(1, K.BLAS_BLOCK_BYTES // (4 * rows.shape[1]))
+        block = max(1, BLAS_BLOCK_BYTES // (4 * rows.shape[1]))
         if self.scratch is None or self.scratch.shape != (block, rows.shape[1]):
             self.scratch = np.empty((block, rows.shape[1]), np.float32)
         out[:] = 0.0
@@ -274,7 +278,7 @@ class QuantBundleKernel:
             self.hp = np.zeros((T, self.d), np.float32)
         hp = permute_input(h, self.hp[:T])
         q, s = self.fmt.views(rows)
-        if T >= K.BLAS_MIN_TOKENS:
+        if T >= BLAS_MIN_TOKENS:
             self._batched(hp, q, s, n_rows, neuron_of_row, bias, out)
             return
         if self.partial.shape[1] < T:
@@ -285,7 +289,7 @@ class QuantBundleKernel:
     def _batched(self, hp, q, s, n_rows, neuron_of_row, bias, out) -> None:
         from .qbundle import unpermute
         d, n_parts = self.d, len(self.part_starts)
-        block = max(1, K.BLAS_BLOCK_BYTES // (4 * n_parts * d))
+        block = max(1, BLAS_BLOCK_BYTES // (4 * n_parts * d))
         if self.scratch is None or self.scratch.shape[0] != block:
             self.scratch = np.empty((block, n_parts * d), np.float32)
         acc = np.zeros_like(out)                                   # permuted order

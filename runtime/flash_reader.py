@@ -35,9 +35,9 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .aligned import BLOCK
 from .errors import FlashlmError
 
-BLOCK = 4096                   # alignment unit for O_DIRECT (512 often works; 4096 always does)
 MIN_SPLIT_BYTES = 64 * 1024    # don't cut a run below this just to keep every worker busy
 
 
@@ -55,13 +55,6 @@ class ReadStats:
     busy_s: float = 0.0        # wall time with at least one call in flight (concurrent calls count once)
     cpu_s: float = 0.0         # CPU time of the worker threads on their tasks (syscalls, copies): what the
     #                            reads take from compute on a small machine
-
-
-def aligned_empty(shape, dtype) -> np.ndarray:
-    """A C-contiguous array on page-aligned memory (anonymous mmap), so O_DIRECT can read straight into it."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    buf = mmap.mmap(-1, max(nbytes, 1))
-    return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 def _address(a: np.ndarray) -> int:

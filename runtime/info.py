@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import RuntimeConfig
-from .builder import activation_bytes
-from .kernels import set_threads
+from .builder import activation_bytes, compute_threads
 from .memory import RUNTIME_OVERHEAD, plan_memory
 from .modelfile import ModelFolder
 
@@ -26,7 +25,7 @@ def model_info(folder: ModelFolder, *, ctx_len: int = 2048) -> dict:
     b = folder.bundles
     ffn_bytes = c.n_layers * b.layer_bytes
     ctx = min(ctx_len, c.max_position)
-    plan = plan_memory(folder, RuntimeConfig(ctx_len=ctx), activations=activation_bytes(folder, set_threads(None)))
+    plan = plan_memory(folder, RuntimeConfig(ctx_len=ctx), activations=activation_bytes(folder, compute_threads(None)))
     kv = plan.kv_cache
     dense_total = sum(dense.values())
     resident = plan.total + RUNTIME_OVERHEAD

@@ -14,6 +14,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .runstate import BLAS_BLOCK_BYTES
+
 JIT = dict(cache=True, fastmath=True, nogil=True)
 
 
@@ -83,8 +85,6 @@ def gather_rows(w, ids, out):
         _widen(w[ids[t]], w.shape[1], out[t])
 
 
-BLAS_MIN_TOKENS = 8     # from this many tokens on, widening weights once and calling BLAS wins
-BLAS_BLOCK_BYTES = 4 << 20
 
 
 def matmul_batched(x, w, out, scratch=None):

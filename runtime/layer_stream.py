@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .modelfile import ModelFileError, ModelFolder, RowCheck
-from .packed_rows import BLOCK, first_bad_group
+from .group_sums import first_bad_group
+from .packed_rows import BLOCK
 
 CHUNK_BYTES = 3 << 19          # ~1.5 MiB per read: >= 1 MiB reads reach the disk's sequential rate here
 

@@ -6,15 +6,19 @@ import time
 
 import numpy as np
 
-from . import kernels as K
+from .lazy import lazy_module
 from .config import ModelConfig, RuntimeConfig
 from .errors import FlashlmError
 from .builder import build
-from .flash_reader import aligned_empty
+from .aligned import aligned_empty
 from .ffn import GraphFFN
 from .memory import KV_DTYPES
 from .modelfile import (MATRICES_FILE, ROW_CRC_TENSOR, ModelFileError, ModelFolder, map_verified, release_mapped,
                         tensors_from_buffer)
+from .runstate import BLAS_MIN_TOKENS
+
+# numba loads on a kernel's first use: the one-graph decoder runs none (runtime/lazy.py)
+K = lazy_module(f"{__package__}.kernels")
 
 
 WHOLE_NLL_ROWS = 16     # tokens per one-graph run when scoring (their logits rows are held at once)
@@ -83,7 +87,7 @@ class Model:
                 self.rope[i] = tables[key]
         self.attn_scale = c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(c.head_dim)
         if parts.ort:
-            self._build_sessions(isinstance(self.ffn_backend, GraphFFN))
+            self._build_sessions(isinstance(self.ffn_backend, GraphFFN), parts.whole)
         # [layer, position, kv head, head_dim] for numba's attention; the one-graph decoder's attention node
         # reads and writes [layer, kv head, position, head_dim] (OrtDecoder.kv_shape). Same bytes either way.
         kv_shape = self.ort.kv_shape if self.whole else (c.n_layers, self.ctx_len, c.n_kv_heads, c.head_dim)
@@ -113,7 +117,7 @@ class Model:
             return name != "tok_embeddings" or self.config.tied_embeddings    # the lookup decodes its rows
         return {n: QDense.from_stored(a, dense[n].storage, dense[n].shape[1]) for n, a in self.w.items() if quantized(n)}
 
-    def _build_sessions(self, ffn_in_graph: bool) -> None:
+    def _build_sessions(self, ffn_in_graph: bool, whole: bool) -> None:
         """onnxruntime sessions over the quantized weights, then drop every buffer only they needed:
         the sessions hold their own (prepacked) copies; numba keeps the embedding rows and biases."""
         from .ort_model import OrtDecoder, OrtLayers
@@ -132,7 +136,7 @@ class Model:
             return from_rows(arr, fmt, entry.shape[1]) if fmt is not None else arr
 
         lm_head = "tok_embeddings" if c.tied_embeddings else "lm_head"
-        from .ort_graph import F32_ACTIVATIONS, INT8_ACTIVATIONS
+        from .ort_graph import F32_ACTIVATIONS, INT8_ACTIVATIONS, release_freed_memory
         level = INT8_ACTIVATIONS if self.runtime.int8_activations else F32_ACTIVATIONS
         # Any view of the mapped dense file reaches its map (tok_embeddings may not be among the weights).
         mapped = [self.w["norm.weight"]] + ([matrices_buf] if ffn_in_graph else [])
@@ -143,7 +147,8 @@ class Model:
             # embedding rows of the tokens seen, norms, biases) faults back in page by page.
             for buf in mapped:
                 release_mapped(buf)
-        self.whole = self._one_graph(ffn_in_graph)
+            release_freed_memory()
+        self.whole = whole
         if self.whole:
             self.ort = OrtDecoder(c, weight, self.threads, lm_head, self.rope, self.ctx_len, self.runtime.kv_dtype,
                                   level, on_session=release, spin_us=self.runtime.ort_spin_us)
@@ -159,21 +164,8 @@ class Model:
         self._ffn_post_norm = (lambda l, y: self._norm(y.copy(), f"layers.{l}.ffn_post_norm", y)) \
             if c.sandwich_norm else None
         import gc
-        from .ort_graph import release_freed_memory
         gc.collect()
         release_freed_memory()
-
-    def _one_graph(self, ffn_in_graph: bool) -> bool:
-        """Whether the whole decoder runs as one onnxruntime graph (RuntimeConfig.ort_graph): only when every
-        layer's FFN is resident (a streamed FFN needs numba between layers)."""
-        from .ort_model import OrtDecoder
-        choice = self.runtime.ort_graph
-        if choice == "layers":
-            return False
-        why = "FFN rows stream from flash" if not ffn_in_graph else OrtDecoder.supports(self.config)
-        if why is not None and choice == "whole":
-            raise FlashlmError(f"ort_graph 'whole': {self.folder.path}: cannot run as one graph: {why}")
-        return why is None
 
     def _forward_whole(self, tokens, all_logits: bool, out, chunk: int) -> None:
         """forward() through the one-graph decoder: each chunk is one run() that also yields its logits."""
@@ -233,7 +225,7 @@ class Model:
     def _matmul(self, x, w, out):
         if not isinstance(w, np.ndarray):               # QDense: block-quantized stored rows
             w.matmul(x, out)
-        elif x.shape[0] >= K.BLAS_MIN_TOKENS:
+        elif x.shape[0] >= BLAS_MIN_TOKENS:
             self._blas_scratch = K.matmul_batched(x, w, out, self._blas_scratch)
         else:
             K.matmul(x, w, out)
@@ -434,7 +426,7 @@ class Model:
             if self._storage("tok_embeddings").block_elems == 1 and "tok_embeddings" in self.w:
                 K.gather_rows(self.w["tok_embeddings"], np.zeros(T, np.int64), x)
         if rows_dt == np.uint8:                         # the prompt path of quantized rows
-            xb = np.ones((K.BLAS_MIN_TOKENS, c.d_model), np.float32)
+            xb = np.ones((BLAS_MIN_TOKENS, c.d_model), np.float32)
             self.kernel(xb, rows, 2, np.arange(2, dtype=np.int32), None, np.empty_like(xb))
         if c.norm_kind == "layer":
             K.layernorm(x, np.ones(c.d_model, np.float32), np.zeros(c.d_model, np.float32), 1e-5, np.empty_like(x))

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from numba import njit
 
 from .config import FORMAT_VERSION, ModelConfig
 from .errors import FlashlmError
-from .flash_reader import BLOCK, aligned_empty
+from .aligned import BLOCK, aligned_empty
 from .packed_rows import PACKED_FILE, SUMS_TENSOR as PACKED_SUMS, PackedLayout, group_rows_for
 from .packed_rows import layer_tensor as packed_layer_tensor
 from .pagecache import drop_cached
@@ -38,17 +37,6 @@ def row_crc32(rows: np.ndarray) -> np.ndarray:
     return np.fromiter((zlib.crc32(r) for r in raw), dtype=np.uint32, count=len(rows))
 
 
-@njit(cache=True, nogil=True)
-def _unverified(seen, neurons, out) -> int:
-    """Positions j (into neurons) whose row was not verified yet, into out; returns how many."""
-    k = 0
-    for j in range(len(neurons)):
-        if not seen[neurons[j]]:
-            out[k] = j
-            k += 1
-    return k
-
-
 class RowCheck:
     """Checks bundle rows read from flash against their CRC-32 from conversion, each row the first time
     this process reads it.
@@ -68,17 +56,15 @@ class RowCheck:
         self.pad = bytes(stride_bytes)
         self.seen = np.zeros(expected.shape, np.bool_)
         self.unseen_left = np.full(expected.shape[0], expected.shape[1], np.int64)
-        self.todo = np.zeros(expected.shape[1], np.int64)
 
     def check(self, rows: np.ndarray, neurons: np.ndarray, layer: int) -> None:
         """rows[j] holds neuron neurons[j] of `layer`; raise ModelFileError if a new one fails its CRC."""
         if not self.unseen_left[layer] or not len(neurons):
             return
         seen, expected = self.seen[layer], self.expected[layer]
-        n = _unverified(seen, neurons, self.todo)
         raw = rows.view(np.uint8).reshape(len(rows), -1)
         pad = memoryview(self.pad)[:max(0, len(self.pad) - raw.shape[1])]
-        for j in self.todo[:n]:
+        for j in np.flatnonzero(~seen[neurons]):          # positions of rows not verified yet
             neuron = int(neurons[j])
             if seen[neuron]:                      # a duplicate within this call
                 continue

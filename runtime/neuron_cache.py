@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from .flash_reader import aligned_empty
+from .aligned import aligned_empty
 from .kernels import kth_smallest
 
 JIT = dict(cache=True, fastmath=True, nogil=True)

@@ -36,9 +36,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import kernels as K
+from .lazy import lazy_module
 from .config import ModelConfig
 from .ort_graph import INT8_ACTIVATIONS, GraphBuilder, bounded_spinning, session
+
+# numba loads on a kernel's first use: the one-graph decoder runs none (runtime/lazy.py)
+K = lazy_module(f"{__package__}.kernels")
 
 
 SPLIT_MIN_ROWS = 8      # a prompt block below this is not worth a thread handoff

@@ -11,7 +11,8 @@ A group is the fewest rows whose bytes are a whole number of 4096-byte blocks (4
 4096): 128 rows of 2592 bytes), so a read of whole groups is an aligned direct read and is checked on the
 reader thread by the groups' sums. The sum of a group is over its little-endian uint16 words w_j:
 sum_j w_j * (2j + 1) mod 2^64 (numba, ~12 GB/s on one core here; zlib's CRC-32 per row runs ~2 GB/s,
-which at ~500 MB streamed per token would take a quarter of this machine's two cores). Any change to a
+which at ~500 MB streamed per token would take a quarter of this machine's two cores; the kernels are
+in runtime/group_sums.py). Any change to a
 single word changes it (the multipliers are odd), and so do truncated, zeroed or misplaced reads of
 nonzero data. It guards against a damaged or replaced file, not against an adversary.
 
@@ -23,10 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-from numba import njit
+from .aligned import BLOCK
 
-BLOCK = 4096
 PACKED_FILE = "ffn_packed.safetensors"
 SUMS_TENSOR = "group_sums"
 
@@ -66,40 +65,3 @@ class PackedLayout:
         """Rows [lo, hi) of group g (the last group may be short)."""
         lo = g * self.group_rows
         return lo, min(self.n_rows, lo + self.group_rows)
-
-
-@njit(nogil=True, cache=True)
-def _sum_words(w, lo, hi):
-    h = np.uint64(0)
-    for j in range(hi - lo):
-        h += np.uint64(w[lo + j]) * np.uint64(2 * j + 1)
-    return h
-
-
-@njit(nogil=True, cache=True)
-def group_sums_of(words, group_words, n_words, out):
-    """out[g] = checksum of words[g * group_words : min(n_words, (g + 1) * group_words)] (uint16 words)."""
-    for g in range(out.shape[0]):
-        lo = g * group_words
-        out[g] = _sum_words(words, lo, min(n_words, lo + group_words))
-
-
-@njit(nogil=True, cache=True)
-def first_bad_group(words, group_words, n_words, expected):
-    """Index of the first group whose checksum differs from expected[g], or -1 (runs without the GIL)."""
-    for g in range(expected.shape[0]):
-        lo = g * group_words
-        if _sum_words(words, lo, min(n_words, lo + group_words)) != expected[g]:
-            return g
-    return -1
-
-
-def layer_sums(rows: np.ndarray, group_rows: int) -> np.ndarray:
-    """The group sums of one layer's packed rows [n, row_bytes] (uint8 or any dtype of those bytes)."""
-    raw = np.ascontiguousarray(rows).view(np.uint8).reshape(-1)
-    if raw.size % 2:
-        raise ValueError("packed rows must have an even number of bytes (uint16 words)")
-    n, row_bytes = rows.shape[0], raw.size // max(rows.shape[0], 1)
-    out = np.zeros(-(-n // group_rows), np.uint64)
-    group_sums_of(raw.view(np.uint16), group_rows * row_bytes // 2, raw.size // 2, out)
-    return out

@@ -28,7 +28,8 @@ from typing import Callable
 
 import numpy as np
 
-from .flash_reader import FlashReader, aligned_empty
+from .aligned import aligned_empty
+from .flash_reader import FlashReader
 from .layer_stream import CHUNK_BYTES
 
 GiB = 1 << 30

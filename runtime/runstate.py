@@ -12,6 +12,10 @@ import numpy as np
 
 from .config import ModelConfig
 
+# The prompt path's sizes, which the memory plan counts (here, not in kernels.py, so planning needs no numba):
+BLAS_MIN_TOKENS = 8         # from this many tokens on, widening weights once and calling BLAS wins
+BLAS_BLOCK_BYTES = 4 << 20  # weights widened to f32 per BLAS call, at most
+
 
 @dataclass(frozen=True)
 class PredictBuffers:

@@ -72,15 +72,14 @@ def evaluate(folder, rt: RuntimeConfig, profile: DeviceProfile, calibration: dic
     """Plan rt with the run's cost model and price the plan with the same object, as the builder
     would (runtime/builder.py); raises BudgetError when it does not fit. `sizes`: the predictors'
     bytes per layer (read from the folder when None)."""
-    from .builder import activation_bytes
-    from .kernels import set_threads
+    from .builder import activation_bytes, compute_threads
     from .predictor import Calibration
     costs = CostModel.for_run(folder, rt, profile=profile, **(overheads or {}))   # threads None: the profile's cores
     cal = None
     if rt.mode == "flash":
         sizes = sizes if sizes is not None else predictor_bytes(folder)
         cal = Calibration(sizes, calibration or {}) if sizes is not None else None
-    plan = plan_memory(folder, rt, activations=activation_bytes(folder, rt.threads or set_threads(None)), costs=costs,
+    plan = plan_memory(folder, rt, activations=activation_bytes(folder, compute_threads(rt.threads)), costs=costs,
                        calibration=cal)
     notes = []
     if rt.max_gap_bytes:

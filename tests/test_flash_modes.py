@@ -8,7 +8,7 @@ from flashlm.converters.convert import convert
 from flashlm.runtime import modelfile
 from flashlm.runtime.config import RuntimeConfig
 from flashlm.runtime.builder import activation_bytes
-from flashlm.runtime.kernels import set_threads
+from flashlm.runtime.builder import compute_threads
 from flashlm.runtime.memory import BudgetError, Placement, parse_size, plan_memory
 from flashlm.runtime.model import Model
 from flashlm.runtime.neuron_cache import cache_row_bytes
@@ -50,7 +50,7 @@ class OraclePredictor:
 
 def _fixed_bytes(folder, mode="naive"):
     f = open_folder(folder)
-    return plan_memory(f, RuntimeConfig(mode=mode), activations=activation_bytes(f, set_threads(None))).total
+    return plan_memory(f, RuntimeConfig(mode=mode), activations=activation_bytes(f, compute_threads(None))).total
 
 
 def _oracles(folder):
@@ -286,7 +286,7 @@ def test_default_auto_flash_path_mixes_placements_and_equals_dense(deep_opt_fold
     # difference of FFN summation order can flip a rounding
     rt = dict(mode="flash", io="buffered", pin=0.1, profile=str(profile), kv_dtype="f32")
     costs = CostModel.for_run(folder, RuntimeConfig(**rt))
-    activations = activation_bytes(folder, set_threads(None))
+    activations = activation_bytes(folder, compute_threads(None))
     fixed = plan_memory(folder, RuntimeConfig(mode="naive", kv_dtype="f32"), activations=activations).total
     budget = plan = None
     for extra in range(0, 14 * folder.bundles.layer_bytes, 2048):   # the planner is pure: cheap

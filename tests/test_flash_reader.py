@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flashlm.runtime.flash_reader import BLOCK, DirectIOUnsupported, FlashReader, aligned_empty
+from flashlm.runtime.aligned import BLOCK, aligned_empty
+from flashlm.runtime.flash_reader import DirectIOUnsupported, FlashReader
 
 STRIDES = (512, 4096, 12288)
 N_ROWS = 203                  # odd: 203 * 512 is not a multiple of 4096, so the file ends mid-block

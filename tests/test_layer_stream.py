@@ -11,11 +11,12 @@ from flashlm.converters.convert import convert
 from flashlm.converters.packed import add_packed_copy
 from flashlm.runtime.config import RuntimeConfig
 from flashlm.runtime.ffn import FFNStats
-from flashlm.runtime.flash_reader import aligned_empty
+from flashlm.runtime.aligned import aligned_empty
 from flashlm.runtime.layer_stream import RingStreamer, RowSource
 from flashlm.runtime.model import Model
 from flashlm.runtime.modelfile import ModelFileError, open_folder
-from flashlm.runtime.packed_rows import BLOCK, PACKED_FILE, group_rows_for, layer_sums
+from flashlm.runtime.group_sums import layer_sums
+from flashlm.runtime.packed_rows import BLOCK, PACKED_FILE, group_rows_for
 
 D = 8
 

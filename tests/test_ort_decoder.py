@@ -110,3 +110,20 @@ def test_auto_picks_one_graph_only_where_it_can(tmp_path):
     assert isinstance(Model(open_folder(qwen3), RuntimeConfig()).ort, OrtLayers)
     with pytest.raises(FlashlmError, match="head_dim 24"):
         Model(open_folder(qwen3), RuntimeConfig(ort_graph="whole"))
+
+
+def test_one_graph_run_never_imports_numba(tmp_path):
+    """The one-graph decoder runs no numba kernel, so a process that decodes with it must not pay numba's
+    ~65 MiB of RSS (LLVM): `flashlm run` on it, in a fresh interpreter, leaves numba unimported, and the
+    per-layer path in the same setting does import it (so the check can fail)."""
+    import subprocess
+    import sys
+    src = tm.make_llama(tmp_path / "src", tied=True, n_kv_heads=2)
+    out = convert(src, tmp_path / "m.flashlm", dtype="q4_1", progress=False)
+    code = ("import sys; from flashlm.runtime.cli import main; "
+            f"main(['run', {str(out)!r}, '-p', 'a b c', '-n', '3', '--temp', '0', '--no-progress', "
+            "'--ort-graph', sys.argv[1]]); print('numba' in sys.modules, file=sys.stderr)")
+    for graph, want in (("whole", "False"), ("layers", "True")):
+        r = subprocess.run([sys.executable, "-c", code, graph], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.strip().splitlines()[-1] == want, (graph, r.stderr)

@@ -41,10 +41,10 @@ def run_modes(folder: Path, modes: list[str]) -> dict[str, np.ndarray]:
     from flashlm.runtime.model import Model
     from flashlm.runtime.modelfile import open_folder
     from flashlm.runtime.builder import activation_bytes
-    from flashlm.runtime.kernels import set_threads
+    from flashlm.runtime.builder import compute_threads
     from flashlm.runtime.memory import plan_memory
     f = open_folder(folder)
-    fixed = plan_memory(f, RuntimeConfig(ctx_len=64, mode="naive"), activations=activation_bytes(f, set_threads(None))).total
+    fixed = plan_memory(f, RuntimeConfig(ctx_len=64, mode="naive"), activations=activation_bytes(f, compute_threads(None))).total
     layer = f.config.n_ff * f.bundles.stride_bytes
     out = {}
     for name in modes:

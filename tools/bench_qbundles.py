@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flashlm.converters.writer import bundle_stride  # noqa: E402
 from flashlm.runtime import kernels as K, qkernels as QK  # noqa: E402
-from flashlm.runtime.flash_reader import aligned_empty  # noqa: E402
+from flashlm.runtime.aligned import aligned_empty  # noqa: E402
 from flashlm.runtime.qbundle import permute_input, qformat, quantize_part  # noqa: E402
 
 

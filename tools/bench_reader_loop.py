@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def one(folder: str, loop: str, seed: int, rows: int, calls: int, threads: int, io: str) -> dict:
-    from flashlm.runtime.flash_reader import FlashReader, aligned_empty
+    from flashlm.runtime.aligned import aligned_empty
+    from flashlm.runtime.flash_reader import FlashReader
     from flashlm.runtime.modelfile import open_folder
     f = open_folder(folder)
     b = f.bundles

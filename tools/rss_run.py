@@ -46,7 +46,6 @@ def mib(label):
 print("| after | RSS MiB | anonymous | file-backed | peak so far |\n| --- | ---: | ---: | ---: | ---: |")
 mib("interpreter")
 import numpy; mib("import numpy")
-import numba; mib("import numba")
 import onnxruntime; mib("import onnxruntime")
 from pathlib import Path
 from flashlm.runtime.config import RuntimeConfig
@@ -66,6 +65,7 @@ logits = model.forward(ids); mib(f"prompt ({len(ids)} tokens)")
 for _ in range(int(sys.argv[6])):
     logits = model.forward([int(logits[-1].argmax())])
 mib(f"{sys.argv[6]} decode tokens")
+print("numba imported:", "numba" in sys.modules, "| onnx imported:", "onnx" in sys.modules, "| jinja2 imported:", "jinja2" in sys.modules)
 """
 
 
