@@ -103,17 +103,29 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
     costs = CostModel.for_run(folder, rt, compute_threads=threads)      # the one cost model of this run
     quantized = any(t.storage is not None and t.storage.block_elems > 1 for t in folder.dense.values())
     ort = quantized and dense_engine(rt) == "onnxruntime"
+    ort_unusable = None             # why onnxruntime cannot run here: the numba dense path instead (below)
+    if ort:
+        from .engines import onnxruntime_status
+        status = onnxruntime_status()
+        if not status.usable:
+            ort, ort_unusable = False, status.detail
+    # A dense-mode run of a quantized folder keeps its FFN layers whole in the onnxruntime sessions
+    # (ffn_matrices), and then may run the whole decoder as one graph, with no numba kernel at all.
+    graph_ffn = ort and mode.rows_from == "file" and bool(folder.matrices)
+    whole = ort and one_graph(folder, rt, graph_ffn)
     if ort:
         passive_openmp()
+    if not whole:
+        K.set_threads(threads)      # imports numba and sizes its pool, before the runtime is measured below
     runtime_bytes = ram = 0
     if rt.memory_limit is not None:
         # The runtime itself counts against a whole-process limit: measure it once every module the run
-        # needs is imported (onnxruntime is imported by the sessions anyway), before anything big is read.
+        # needs is imported (onnxruntime and onnx, which build the sessions, numba unless the run is one
+        # graph), before anything big is read.
         from .process_memory import physical_memory_bytes, release_freed_heap, rss_bytes
         if ort:
-            from .engines import onnxruntime_status
-            if onnxruntime_status().usable:
-                import onnxruntime  # noqa: F401
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
         release_freed_heap()
         runtime_bytes, ram = rss_bytes(), physical_memory_bytes()
     plan = plan_memory(folder, rt, activations=activation_bytes(folder, threads), costs=costs,
@@ -144,25 +156,18 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
     biases = [weights.get(f"layers.{i}.ffn.up.bias") for i in range(c.n_layers)]
     row_crc = (RowCheck(weights[ROW_CRC_TENSOR], folder.file(folder.bundles.file), folder.bundles.stride_bytes)
                if rt.verify_reads and ROW_CRC_TENSOR in weights else None)
-    widened = False
-    if ort:
-        from .engines import onnxruntime_status
-        status = onnxruntime_status()
-        if not status.usable:       # the numba dense path: block-quantized weights widened to f16 once
-            weights = widen_blocks(folder, weights)
-            widened, quantized, ort = True, False, False
-            log.warning("%s: onnxruntime cannot be used here (%s); running the dense weights on the numba "
-                        "kernels instead, widened to f16 (%.0f MiB more than the plan's dense line)", folder.path,
-                        status.detail, (sum(a.nbytes for a in weights.values()) - plan.dense) / 2**20)
-    if ort and plan.run_mode.rows_from == "file" and folder.matrices:
-        # The FFN layers run whole inside the onnxruntime sessions (ffn_matrices): no bundle kernel.
-        ffn, kernel = GraphFFN(), None
+    widened = ort_unusable is not None
+    if widened:                     # block-quantized weights widened to f16 once, for the numba kernels
+        weights = widen_blocks(folder, weights)
+        quantized = False
+        log.warning("%s: onnxruntime cannot be used here (%s); running the dense weights on the numba "
+                    "kernels instead, widened to f16 (%.0f MiB more than the plan's dense line)", folder.path,
+                    ort_unusable, (sum(a.nbytes for a in weights.values()) - plan.dense) / 2**20)
+    if graph_ffn:
+        ffn, kernel = GraphFFN(), None      # the FFN layers run inside the onnxruntime sessions: no bundle kernel
     else:
         kernel = bundle_kernel(c, folder.bundles, threads, gates, ups)
         ffn = build_ffn(folder, rt, plan, kernel, biases, predictors, row_crc, costs)
-    whole = ort and one_graph(folder, rt, isinstance(ffn, GraphFFN))
-    if not whole:
-        K.set_threads(threads)  # numba's pool, before its first parallel kernel
     return ModelParts(weights, plan, costs, ffn, kernel, state, threads,
                       min(rt.ctx_len, c.max_position), quantized, widened, ort, embedding_rows, whole)
 
