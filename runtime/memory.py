@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Callable
 from .config import ModelConfig, RuntimeConfig, dense_engine
 from .errors import FlashlmError
 from .modelfile import ModelFolder
-from .neuron_cache import cache_row_bytes
 
 if TYPE_CHECKING:        # the cost model prices plans (it imports this module); the planner only asks it
     from .cost_model import CostModel
@@ -270,6 +269,7 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
     (random reads of one bundle each); a streamed layer reads all its rows sequentially; a resident
     layer costs its bytes once. Greedy by time saved per byte, for each window size; the best window wins.
     """
+    from .neuron_cache import cache_row_bytes      # numba's module: imported by flash plans only (runtime/lazy.py)
     c, rt, costs, b = x.config, x.rt, x.costs, x.folder.bundles
     if x.calibration is None:
         raise BudgetError(f"{x.folder.path}: flash mode needs predictors; run `flashlm calibrate {x.folder.path}`")
