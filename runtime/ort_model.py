@@ -285,7 +285,7 @@ class OrtDecoder:
     a session briefly holds ~2.5x its weights (our arrays, onnxruntime's copy, its prepacked one). Measured
     on SmolLM2 q4_1 (ctx 2048, peak RSS after load, pp128 and 32 tokens): one session for everything
     548 MiB, 3 layer groups + lm 354, 6 groups + lm 335 (SESSION_WEIGHTS 20M, 7 runs per token), OrtLayers
-    379; a 1.5B model in one session would hold gigabytes. Prompts run through the same sessions (T rows, one run per session
+    379; the last group split in two (layer_groups) brings it to 261 with 8 runs; a 1.5B model in one session would hold gigabytes. Prompts run through the same sessions (T rows, one run per session
     and chunk), so the cache is filled by the node that reads it."""
 
     def __init__(self, c: ModelConfig, weight, threads: int, lm_head_name: str, rope: list, ctx_len: int,
@@ -436,9 +436,18 @@ class OrtDecoder:
 
 def layer_groups(c: ModelConfig, max_weights: int) -> list[range]:
     """Consecutive layers in as few groups of at most max_weights weights as possible (at least one layer
-    each), the same number of layers in each up to one."""
+    each), the same number of layers in each up to one; then the last group split in two.
+
+    Why the split: building a session holds its weights ~1.8 times over for a moment (the mapped source
+    pages, the builder's temporaries, onnxruntime's prepacked copy), on top of every session built before
+    it, so the last one sets the load's peak. Half as many layers there keeps that peak under the
+    decoding process's own (SmolLM2 q4_1, `tools/rss_run.py --phases`: peak 271 -> 261 MiB, the load's
+    part 271 -> 256) for one more run() per token."""
     per_layer = c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.d_model \
         + (3 if c.gated else 2) * c.d_model * c.n_ff
     n = min(c.n_layers, max(1, -(-per_layer * c.n_layers // max_weights)))
     cuts = [c.n_layers * i // n for i in range(n + 1)]
-    return [range(a, b) for a, b in zip(cuts, cuts[1:])]
+    groups = [range(a, b) for a, b in zip(cuts, cuts[1:])]
+    last = groups.pop()
+    mid = last.start + (len(last) + 1) // 2
+    return groups + [g for g in (range(last.start, mid), range(mid, last.stop)) if len(g)]

@@ -55,7 +55,8 @@ def test_one_graph_equals_the_layer_sessions(folder, per_session, monkeypatch):
         monkeypatch.setattr(ort_model, "SESSION_WEIGHTS", per_session)
     whole, layers = _session(folder, "whole"), _session(folder, "layers")
     assert isinstance(whole.ort, OrtDecoder) and isinstance(layers.ort, OrtLayers)
-    n_parts = 2 if per_session is None else whole.config.n_layers + 1        # + the lm_head's
+    # one group for these tiny models, split in two (layer_groups), or a session per layer; + the lm_head's
+    n_parts = min(whole.config.n_layers, 2) + 1 if per_session is None else whole.config.n_layers + 1
     assert len(whole.ort.parts) == n_parts
     got, want = _trace(whole), _trace(layers)
     # measured: <= 1e-6 of the largest logit (f32 rounding of two attention implementations)
@@ -70,6 +71,19 @@ def test_one_graph_equals_the_layer_sessions(folder, per_session, monkeypatch):
     whole.reset(), layers.reset()
     assert whole.forward_nll(IDS[:-1], IDS[1:]) == pytest.approx(layers.forward_nll(IDS[:-1], IDS[1:]), rel=1e-5)
     whole.close(), layers.close()
+
+
+def test_layer_groups_cover_the_layers_in_order_and_end_with_a_half_group():
+    """SmolLM2's shapes: 30 layers of 3.5M weights under 20M per session -> five groups of 5, then the last
+    5 split 3 + 2 (the last session built sets the load's peak); one layer per group when a layer alone
+    exceeds the cap; a single group still splits."""
+    from types import SimpleNamespace
+    smol = SimpleNamespace(n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, head_dim=64, n_ff=1536, gated=True)
+    groups = ort_model.layer_groups(smol, 20_000_000)
+    assert [len(g) for g in groups] == [5, 5, 5, 5, 5, 3, 2]
+    assert [i for g in groups for i in g] == list(range(30))
+    assert [len(g) for g in ort_model.layer_groups(smol, 1)] == [1] * 30
+    assert [len(g) for g in ort_model.layer_groups(smol, 10**12)] == [15, 15]
 
 
 def test_f16_kv_cache_runs_attention_in_f16(tmp_path):
