@@ -100,3 +100,26 @@ def test_griffin_fixes_its_selection_from_the_prompt(model):
     g, u = h @ w.gate[sel].T, h @ w.up[sel].T
     np.testing.assert_allclose(out, (g / (1 + np.exp(-g)) * u) @ w.down[sel], rtol=1e-4, atol=1e-5)
     assert ffn.bytes_read == 0                          # decoding reads nothing: the set was read once
+
+
+@pytest.mark.parametrize("kind,t", [("drelu", 0.0), ("fatrelu", 0.5)])
+def test_relu_gated_families_analysed_with_their_own_formula(kind, t, tmp_path):
+    """dReLU's relu(up) and FATReLU's threshold are in the analysis FFN: the dense analysis reproduces
+    the model, and the exact selector at keep 1 reads no neuron whose contribution is zero."""
+    src = tm.make_relu_family(tmp_path / "src", kind=kind, threshold=t)
+    m = Model(open_folder(convert(src, tmp_path / "m.flashlm", dtype="f32", progress=False)))
+    m.reset()
+    ref = m.forward(IDS, all_logits=True)
+    weights = sf.layer_weights(m)                    # from the model's own backend, before it is replaced
+    for name in ("dense", "gateup-wina"):
+        ffn = sf.AnalysisFFN(weights, sf.Scorer(weights, None, None), sf.Method(name, 1.0), 0, m.config.d_model)
+        ffn.dense_phase, ffn.bytes_read, ffn.neuron_tokens = False, 0, 0
+        m.ffn_backend = ffn
+        m.reset()
+        np.testing.assert_allclose(m.forward(IDS, all_logits=True), ref, rtol=1e-4, atol=1e-4)
+    w = ffn.w[0]
+    h = np.random.default_rng(3).standard_normal((4, m.config.d_model)).astype(np.float32)
+    g, u = h @ w.gate.T, h @ w.up.T
+    a = np.where(g > t, g, 0) * (np.maximum(u, 0) if kind == "drelu" else u)
+    np.testing.assert_allclose(sf.contribution(g, u), a, rtol=1e-6, atol=1e-6)
+    assert (a == 0).mean() > 0.3                     # the families' zeros are really there

@@ -16,7 +16,11 @@ Selectors (the `layout` decides what is resident and what a neuron costs to read
   gate-stat       |act(g)| * E|u_i| * ||W_down[:, i]|| (per-neuron statistics from calibration text)
   gateup-wina     W_gate and W_up resident, exact |a| * ||W_down[:, i]||; reads only down columns
   gateup-mass     gateup-wina's score, per token the fewest neurons holding --mass of its score mass
-  gateup-layer    gateup-wina with per-layer keep fractions calibrated on --calib-text (mean = --keep)
+  gateup-layer    gateup-wina with per-layer keep fractions calibrated on --calib-text (mean = --keep):
+                  one score-mass share for all layers
+  gateup-err      the same with fractions that equalize each layer's relative output error
+  gateup-thr      per-layer score thresholds calibrated so each layer keeps --keep on average: the count
+                  varies per token; gateup-err-thr / gateup-layer-thr: thresholds at those fractions
   griffin         per prompt (GRIFFIN): top-k by ||a[:, i] / ||a[t]|| ||_2 over the prompt, fixed after
 --comp R adds the dropped neurons back through a resident rank-R W_down (truncated SVD, or fitted to
 the dropped contributions on the calibration text with --comp-fit) for the gateup-* methods.
@@ -52,12 +56,18 @@ HERE = Path(__file__).resolve().parent
 F16 = 2          # bytes per stored weight (f16 bundle rows)
 
 
-ACT = {"fn": None}   # set in main / layer_weights from the model's ffn_kind (silu for SwiGLU, tanh-GELU for GeGLU)
+ACT = {"fn": None, "thr": 0.0}   # set in layer_weights from the model's ffn_kind and FATReLU threshold
 
 
 def silu(x):
-    """The model's gate activation (named for SwiGLU, the common case)."""
-    return K.activate_np(x, np.float32(1.0), ACT["fn"])
+    """The model's gate activation alone, act(g) (named for SwiGLU, the common case; ReLU / FATReLU
+    for the ReLU-gated kinds): what a gate-only score ranks by."""
+    return K.activate_np(x, np.float32(1.0), ACT["fn"], ACT["thr"])
+
+
+def contribution(g, u):
+    """a = act(g) * u, or dReLU's relu(g) * relu(u): the family's own formula (runtime/kernels.py)."""
+    return K.activate_np(g, u, ACT["fn"], ACT["thr"])
 
 
 @dataclass
@@ -71,10 +81,10 @@ class LayerWeights:
 def layer_weights(model: Model) -> list[LayerWeights]:
     """Each layer's exact projections, widened once from the dense-mode bundle rows."""
     c, layout = model.config, model.folder.bundles
-    if not c.gated or c.relu_gated:   # the scores below take act(gate) alone, which dReLU's relu(up) breaks
-        raise SystemExit(f"{model.folder.path}: ffn_kind {c.ffn_kind!r}; this tool studies dense-activation "
-                         "gated (SwiGLU, GeGLU) FFNs")
-    ACT["fn"] = K.ACTIVATION_OF_KIND[c.ffn_kind]
+    if not c.gated:
+        raise SystemExit(f"{model.folder.path}: ffn_kind {c.ffn_kind!r}; this tool studies gated FFNs "
+                         "(SwiGLU, GeGLU, ReGLU, dReLU)")
+    ACT["fn"], ACT["thr"] = K.activation(c)
     from flashlm.converters.calibrate import layer_part      # the bundle rows or, if resident, the dense W_gate
     out = []
     for i in range(c.n_layers):                                 # dense mode: every layer resident
@@ -90,6 +100,7 @@ class Method:
     dip: float = 1.0         # DIP cache-aware boost of cached neurons' scores (1 = off)
     mass: float = 0.0        # > 0: per token, keep the fewest neurons holding this share of the score mass
     layer_keep: tuple[float, ...] | None = None   # per-layer keep fractions (calibrated, mean = keep)
+    thresholds: tuple[float, ...] | None = None   # per-layer score thresholds (calibrated): count varies per token
     comp: int = 0            # rank of the resident low-rank W_down that adds the dropped neurons back
     comp_fit: list | None = field(default=None, repr=False)   # calibration inputs per layer: fit it to them
 
@@ -124,7 +135,7 @@ class Scorer:
         w = self.w[layer]
         if name == "oracle":
             return np.abs(a)
-        if name in ("oracle-wina", "gateup-wina", "gateup-mass", "gateup-layer"):
+        if name == "oracle-wina" or name.startswith("gateup"):
             return np.abs(a) * w.down_norm
         if name == "cats":
             return np.abs(silu(g))
@@ -132,10 +143,10 @@ class Scorer:
             return np.abs(silu(g)) * self.stats[layer]
         p = self.pred[layer]
         if name in ("lowrank", "lowrank-wina"):
-            s = np.abs(silu(p.gate(h)) * p.up(h))
+            s = np.abs(contribution(p.gate(h), p.up(h)))
             return s * w.down_norm if name == "lowrank-wina" else s
         if name in ("gate-lowup", "gate-lowup-wina"):
-            s = np.abs(silu(g) * p.up(h))
+            s = np.abs(contribution(g, p.up(h)))
             return s * w.down_norm if name == "gate-lowup-wina" else s
         raise SystemExit(f"unknown method {name!r}")
 
@@ -189,7 +200,7 @@ def fitted_down(h: np.ndarray, w: LayerWeights, rank: int, k: int, mass: float) 
     dropped activations (a with the kept neurons zeroed), the rank-r map closest to D @ W_down is
     W_down projected onto the top r right singular vectors of D @ W_down (reduced-rank regression of
     exact targets), so the resident rank goes to the output directions the dropped neurons move."""
-    a = silu(h @ w.gate.T) * (h @ w.up.T)
+    a = contribution(h @ w.gate.T, h @ w.up.T)
     s = np.abs(a) * w.down_norm
     if mass:
         keep = mass_mask(s, mass)
@@ -207,7 +218,7 @@ def layer_keep_fractions(hs: list[np.ndarray], weights: list[LayerWeights], keep
     on average (layers whose contributions are spread out get more neurons)."""
     shares = []                  # per layer [N, n_ff]: cumulative score share of the top-j neurons
     for h, w in zip(hs, weights):
-        s = -np.sort(-np.abs(silu(h @ w.gate.T) * (h @ w.up.T)) * w.down_norm, axis=1)
+        s = -np.sort(-np.abs(contribution(h @ w.gate.T, h @ w.up.T)) * w.down_norm, axis=1)
         cum = np.cumsum(s, axis=1)
         shares.append(cum / cum[:, -1:])
     n_ff = weights[0].gate.shape[0]
@@ -217,6 +228,43 @@ def layer_keep_fractions(hs: list[np.ndarray], weights: list[LayerWeights], keep
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if np.mean(fractions(mid)) < keep else (lo, mid)
     return tuple(round(f, 4) for f in fractions((lo + hi) / 2))
+
+
+def _scores(h: np.ndarray, w: LayerWeights) -> np.ndarray:
+    return np.abs(contribution(h @ w.gate.T, h @ w.up.T)) * w.down_norm
+
+
+def error_keep_fractions(hs: list[np.ndarray], weights: list[LayerWeights], keep: float,
+                         grid=tuple(np.arange(0.1, 1.0001, 0.05))) -> tuple[float, ...]:
+    """Per-layer keep fractions with mean `keep` that equalize the layers' relative output error
+    ||sum of the dropped neurons' a_i W_down[:, i]|| / ||layer output|| (mean over calibration inputs)
+    under top-k by the exact score: unlike a score-mass share it sees the dropped terms cancelling."""
+    curves = []
+    for h, w in zip(hs, weights):
+        a = contribution(h @ w.gate.T, h @ w.up.T)
+        order = np.argsort(-np.abs(a) * w.down_norm, axis=1)
+        full = np.linalg.norm(a @ w.down, axis=1) + 1e-30
+        errs = []
+        for f in grid:
+            drop = np.zeros(a.shape, bool)
+            np.put_along_axis(drop, order[:, int(round(f * a.shape[1])):], True, axis=1)
+            errs.append(float((np.linalg.norm((a * drop) @ w.down, axis=1) / full).mean()))
+        curves.append(np.maximum.accumulate(np.array(errs)[::-1])[::-1])   # non-increasing in f
+    g = np.asarray(grid)
+    # the smallest fraction whose error is <= e, interpolated linearly between grid points
+    frac = lambda e: [float(np.interp(-e, -c, g)) if e < c[0] else float(g[0]) for c in curves]
+    lo, hi = 0.0, max(c[0] for c in curves)
+    for _ in range(40):                      # larger allowed error -> fewer neurons
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.mean(frac(mid)) > keep else (lo, mid)
+    return tuple(round(f, 4) for f in frac((lo + hi) / 2))
+
+
+def layer_thresholds(hs: list[np.ndarray], weights: list[LayerWeights], fractions) -> tuple[float, ...]:
+    """Per layer, the score above which `fractions[l]` of the calibration tokens' neurons lie: a token
+    keeps every neuron scoring above its layer's threshold, so the count varies from token to token
+    around the calibrated mean."""
+    return tuple(float(np.quantile(_scores(h, w), 1.0 - f)) for h, w, f in zip(hs, weights, fractions))
 
 
 class AnalysisFFN:
@@ -256,7 +304,7 @@ class AnalysisFFN:
         w = self.w[layer]
         g = h @ w.gate.T
         u = h @ w.up.T
-        a = silu(g) * u
+        a = contribution(g, u)
         if self.dense_phase or self.method.name == "dense":
             if self.method.per_prompt:
                 norm = np.linalg.norm(a, axis=1, keepdims=True)
@@ -280,6 +328,9 @@ class AnalysisFFN:
         if cache.capacity == 0:          # no cache state: every token independent, one vectorized top-k
             if self.method.mass:
                 mask = mass_mask(s, self.method.mass)
+            elif self.method.thresholds:
+                mask = s > self.method.thresholds[layer]
+                mask[np.arange(len(s)), np.argmax(s, axis=1)] = True     # at least one neuron
             else:
                 k = self.layer_k[layer]
                 np.put_along_axis(mask, np.argpartition(-s, k - 1, axis=1)[:, :k], True, axis=1)
@@ -342,7 +393,14 @@ def read_prompts(path: Path) -> list[str]:
             if line.strip() and not line.startswith("#")]
 
 
-def greedy(model: Model, ffn: AnalysisFFN, tokenizer, prompt: str, n: int) -> str:
+@dataclass
+class Answer:
+    text: str                # the first line of the greedy continuation (what the task check compares)
+    ids: list[int]           # its tokens
+    margins: list[float]     # per step: logit of the chosen token minus the runner-up's
+
+
+def greedy(model: Model, ffn: AnalysisFFN, tokenizer, prompt: str, n: int) -> Answer:
     model.reset()
     ffn.reset()
     ffn.dense_phase = True
@@ -351,9 +409,11 @@ def greedy(model: Model, ffn: AnalysisFFN, tokenizer, prompt: str, n: int) -> st
     if ffn.method.per_prompt:
         ffn.fix_prompt_selection()
     ffn.dense_phase = False
-    out = []
+    out, margins = [], []
     for _ in range(n):
         t = int(np.argmax(logits))
+        top2 = np.partition(logits, -2)[-2:]
+        margins.append(float(top2[1] - top2[0]))
         if tokenizer.is_eos(t):
             break
         out.append(t)
@@ -361,7 +421,18 @@ def greedy(model: Model, ffn: AnalysisFFN, tokenizer, prompt: str, n: int) -> st
         if "\n" in text.strip(" "):
             break
         logits = model.forward([t])[-1]
-    return tokenizer.decode(out, skip_special_tokens=True).split("\n")[0].strip()
+    return Answer(tokenizer.decode(out, skip_special_tokens=True).split("\n")[0].strip(), out, margins)
+
+
+def divergence(got: Answer, ref: Answer) -> dict | None:
+    """Where a sparse answer leaves dense's (None: the same answer): the first differing token and
+    dense's own margin there (a near-tie if small: dense itself barely preferred its token)."""
+    if got.text == ref.text:
+        return None
+    pos = next((i for i, (a, b) in enumerate(zip(got.ids, ref.ids)) if a != b), min(len(got.ids), len(ref.ids)))
+    return {"position": pos, "dense_margin": ref.margins[pos] if pos < len(ref.margins) else None,
+            "sparse_margin": got.margins[pos] if pos < len(got.margins) else None,
+            "dense_tokens": len(ref.ids), "got": got.text, "dense": ref.text}
 
 
 def calibration_stats(model: Model, weights: list[LayerWeights], tokenizer, n_tokens: int, cache: Path) -> list[np.ndarray]:
@@ -450,7 +521,9 @@ def main() -> int:
         rows = [rows[0]] + [r for r in rows if r["method"] != "dense"]
         report(rows, runs[0]["meta"], args.svg, [None] if all("task_exact" in r for r in rows) else [])
         return 0
-    model, tokenizer, _ = load(args.model, RuntimeConfig(ctx_len=max(args.ctx, 256), threads=args.threads), warmup=False)
+    # numba dense engine: the analysis widens the stored FFN rows (a one-graph onnxruntime model has none)
+    model, tokenizer, _ = load(args.model, RuntimeConfig(ctx_len=max(args.ctx, 256), threads=args.threads,
+                                                         dense_engine="numba"), warmup=False)
     folder = model.folder
     weights = layer_weights(model)
     n_ff, d = folder.config.n_ff, folder.config.d_model
@@ -469,7 +542,7 @@ def main() -> int:
     prompts = read_prompts(Path(args.prompts)) if args.prompts else []
 
     calib_hs = None
-    if "gateup-layer" in methods or args.comp_fit:
+    if any(m.startswith(("gateup-layer", "gateup-err", "gateup-thr")) for m in methods) or args.comp_fit:
         from flashlm.converters.calibrate import generated_tokens, record_ffn_inputs
         if args.calib_text:
             cids = tokenizer.encode(Path(args.calib_text).read_text())[:args.calib_tokens]
@@ -488,6 +561,12 @@ def main() -> int:
             elif name == "gateup-layer":
                 runs += [Method(name, k, layer_keep=layer_keep_fractions(calib_hs, weights, k), comp=comp, comp_fit=fit)
                          for k in keeps]
+            elif name in ("gateup-err", "gateup-thr", "gateup-err-thr", "gateup-layer-thr"):
+                for k in keeps:
+                    fr = (error_keep_fractions(calib_hs, weights, k) if "err" in name else
+                          layer_keep_fractions(calib_hs, weights, k) if "layer" in name else (k,) * len(weights))
+                    thr = layer_thresholds(calib_hs, weights, fr) if name.endswith("thr") else None
+                    runs.append(Method(name, k, layer_keep=fr, thresholds=thr, comp=comp, comp_fit=fit))
             else:
                 for keep in keeps:
                     for dip in ([1.0] if name == "griffin" else [float(g) for g in args.dip.split(",")]):
@@ -515,9 +594,11 @@ def main() -> int:
             answers = [greedy(model, ffn, tokenizer, p, args.gen) for p in prompts]
             if dense_answers is None:
                 dense_answers = answers
-            r["task_exact"] = sum(a == b for a, b in zip(answers, dense_answers)) / len(prompts)
+                r["dense_margins"] = [a.margins for a in answers]
+            r["task_exact"] = sum(a.text == b.text for a, b in zip(answers, dense_answers)) / len(prompts)
             r["task_kept_fraction"] = ffn.neuron_tokens / max(1, ffn.decode_tokens * len(weights) * n_ff)
-            r["answers"] = answers
+            r["answers"] = [a.text for a in answers]
+            r["divergence"] = [divergence(a, b) for a, b in zip(answers, dense_answers)]
         r["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(r)
         meta["scored_tokens"] = rows[0]["scored_tokens"]
@@ -527,6 +608,10 @@ def main() -> int:
               f"({100 * (r['perplexity'] / rows[0]['perplexity'] - 1):+6.1f}%) "
               f"MB/token {r['bytes_per_token'] / 1e6:6.2f} kept {r['kept_fraction']:.3f}"
               + (f" task {r['task_exact']:.2f} (kept {r['task_kept_fraction']:.3f})" if prompts else "") + f" [{r['seconds']} s]", file=sys.stderr)
+        if prompts and m.name != "dense":
+            print("    diverge at token (dense margin): " + ", ".join(
+                f"{v['position']} ({v['dense_margin']:.2f})" if v["dense_margin"] is not None else f"{v['position']} (-)"
+                for v in r["divergence"] if v), file=sys.stderr)
     report(rows, meta, args.svg, prompts)
     return 0
 
