@@ -123,3 +123,32 @@ def test_relu_gated_families_analysed_with_their_own_formula(kind, t, tmp_path):
     a = np.where(g > t, g, 0) * (np.maximum(u, 0) if kind == "drelu" else u)
     np.testing.assert_allclose(sf.contribution(g, u), a, rtol=1e-6, atol=1e-6)
     assert (a == 0).mean() > 0.3                     # the families' zeros are really there
+
+
+class _Ids:
+    """A tokenizer double for greedy(): the prompt is IDS, an answer prints as its token ids."""
+    encode = staticmethod(lambda text: list(IDS))
+    decode = staticmethod(lambda ids, skip_special_tokens=True: " ".join(map(str, ids)))
+    is_eos = staticmethod(lambda t: False)
+
+
+def test_margin_fallback_recomputes_unsure_tokens_with_every_neuron(model):
+    weights = sf.layer_weights(model)
+    backend = model.ffn_backend
+
+    def run(name, keep, fb):
+        f = sf.AnalysisFFN(weights, sf.Scorer(weights, None, None), sf.Method(name, keep, fallback=fb), 0,
+                           model.config.d_model)
+        model.ffn_backend = f
+        return sf.greedy(model, f, _Ids, "", 8, fb), f
+    try:
+        dense, _ = run("dense", 1.0, 0.0)
+        sparse, _ = run("oracle", 0.1, 0.0)
+        always, f_always = run("oracle", 0.1, 1e9)          # every decoded token is unsure: all dense
+        never, f_never = run("oracle", 0.1, 1e-30)
+    finally:
+        model.ffn_backend = backend
+    assert sparse.ids != dense.ids                           # keep 10% changes this tiny model's answer
+    assert always.ids == dense.ids and f_always.fallbacks == 8 and f_always.neuron_tokens == 8 * len(weights) * model.config.n_ff
+    assert never.ids == sparse.ids and f_never.fallbacks == 0
+    assert sf.divergence(sparse, dense)["position"] == next(i for i, (a, b) in enumerate(zip(sparse.ids, dense.ids)) if a != b)

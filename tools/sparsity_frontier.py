@@ -101,6 +101,7 @@ class Method:
     mass: float = 0.0        # > 0: per token, keep the fewest neurons holding this share of the score mass
     layer_keep: tuple[float, ...] | None = None   # per-layer keep fractions (calibrated, mean = keep)
     thresholds: tuple[float, ...] | None = None   # per-layer score thresholds (calibrated): count varies per token
+    fallback: float = 0.0    # > 0: tokens whose sparse logit margin is below this are recomputed dense
     comp: int = 0            # rank of the resident low-rank W_down that adds the dropped neurons back
     comp_fit: list | None = field(default=None, repr=False)   # calibration inputs per layer: fit it to them
 
@@ -111,7 +112,8 @@ class Method:
     @property
     def label(self) -> str:
         return (self.name + (f"@{self.mass:g}" if self.mass else "") + (f"+dip{self.dip:g}" if self.dip != 1.0 else "")
-                + (f"+comp{self.comp}" + ("fit" if self.comp_fit is not None else "") if self.comp else ""))
+                + (f"+comp{self.comp}" + ("fit" if self.comp_fit is not None else "") if self.comp else "")
+                + (f"+fb{self.fallback:g}" if self.fallback else ""))
 
     def layout(self) -> tuple[str, ...]:
         """Parts of a neuron that are read from flash when it is selected (the rest is resident)."""
@@ -285,7 +287,8 @@ class AnalysisFFN:
         self.cache_capacity = cache
         self.row_bytes = len(method.layout()) * d_model * F16
         self.dense_phase = True
-        self.bytes_read = self.neuron_tokens = self.decode_tokens = 0
+        self.dense_rows = None   # [T] bool: tokens this call computes with every neuron (the fallback)
+        self.bytes_read = self.neuron_tokens = self.decode_tokens = self.fallbacks = 0
         self.stats = type("S", (), {"tokens": 0})()
         self.reset()
 
@@ -311,6 +314,7 @@ class AnalysisFFN:
                 self.prompt_stat[layer] += ((a / np.maximum(norm, 1e-30)) ** 2).sum(axis=0)
             out[:] = a @ w.down
             if not self.dense_phase:     # the dense reference: every row of every layer, every token
+                self.decode_tokens += len(h) if layer == 0 else 0
                 self.bytes_read += a.size * self.row_bytes
                 self.neuron_tokens += a.size
             return
@@ -334,6 +338,8 @@ class AnalysisFFN:
             else:
                 k = self.layer_k[layer]
                 np.put_along_axis(mask, np.argpartition(-s, k - 1, axis=1)[:, :k], True, axis=1)
+            if self.dense_rows is not None:
+                mask[self.dense_rows] = True
             kept = int(mask.sum())
             self.bytes_read += kept * self.row_bytes
             self.neuron_tokens += kept
@@ -361,8 +367,17 @@ def _log_softmax_at(logits, targets):
     return z[np.arange(len(targets)), targets] - np.log(np.exp(z).sum(axis=-1))
 
 
-def perplexity(model: Model, ffn: AnalysisFFN, ids: list[int], ctx: int, prompt: int) -> dict:
-    """Windows of ctx tokens: the first `prompt` dense, the rest sparse and scored."""
+def margins_of(logits: np.ndarray) -> np.ndarray:
+    """Per row: the largest logit minus the runner-up (how sure the greedy choice is)."""
+    top2 = np.partition(logits, -2, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
+
+
+def perplexity(model: Model, ffn: AnalysisFFN, ids: list[int], ctx: int, prompt: int, fallback: float = 0.0) -> dict:
+    """Windows of ctx tokens: the first `prompt` dense, the rest sparse and scored. fallback M > 0:
+    positions whose sparse logits have a margin below M are recomputed with every neuron; in this
+    batched check the decision comes from a first all-sparse pass and the second pass computes those
+    positions dense (their KV too), as decoding would up to the decisions' dependence on each other."""
     nll, count, sparse_tokens, fill = 0.0, 0, 0, 0
     ffn.bytes_read, ffn.neuron_tokens = 0, 0
     for start in range(0, len(ids) - 1, ctx):
@@ -377,7 +392,13 @@ def perplexity(model: Model, ffn: AnalysisFFN, ids: list[int], ctx: int, prompt:
             fill += ffn.fix_prompt_selection()
         ffn.dense_phase = False
         part = seq[prompt:-1]
+        if fallback:
+            before = ffn.bytes_read, ffn.neuron_tokens
+            ffn.dense_rows = margins_of(model.forward(part, all_logits=True)) < fallback
+            ffn.bytes_read, ffn.neuron_tokens = before
+            model.reset(prompt)
         logits = model.forward(part, all_logits=True)
+        ffn.dense_rows = None
         nll -= _log_softmax_at(logits, np.asarray(seq[prompt + 1:])).sum()
         count += len(part)
         sparse_tokens += len(part)
@@ -400,7 +421,10 @@ class Answer:
     margins: list[float]     # per step: logit of the chosen token minus the runner-up's
 
 
-def greedy(model: Model, ffn: AnalysisFFN, tokenizer, prompt: str, n: int) -> Answer:
+def greedy(model: Model, ffn: AnalysisFFN, tokenizer, prompt: str, n: int, fallback: float = 0.0) -> Answer:
+    """Greedy first line after `prompt` (dense), decoded sparse; fallback M > 0: a token whose sparse
+    logits have a margin below M is computed again with every neuron (its reads are then the whole
+    FFN, counted once) and that token's KV replaced."""
     model.reset()
     ffn.reset()
     ffn.dense_phase = True
@@ -420,7 +444,15 @@ def greedy(model: Model, ffn: AnalysisFFN, tokenizer, prompt: str, n: int) -> An
         text = tokenizer.decode(out, skip_special_tokens=True)
         if "\n" in text.strip(" "):
             break
+        before = ffn.bytes_read, ffn.neuron_tokens, ffn.decode_tokens
         logits = model.forward([t])[-1]
+        if fallback and margins_of(logits) < fallback:
+            ffn.bytes_read, ffn.neuron_tokens, ffn.decode_tokens = before
+            model.reset(model.pos - 1)
+            ffn.dense_rows = np.ones(1, bool)
+            logits = model.forward([t])[-1]
+            ffn.dense_rows = None
+            ffn.fallbacks += 1
     return Answer(tokenizer.decode(out, skip_special_tokens=True).split("\n")[0].strip(), out, margins)
 
 
@@ -508,6 +540,8 @@ def main() -> int:
                     "compensating dropped neurons (gateup-* methods; 0 = off)")
     ap.add_argument("--comp-fit", action="store_true", help="fit the compensating W_down to what the "
                     "selection drops on the calibration text (default: truncated SVD of W_down)")
+    ap.add_argument("--fallback", default="0", help="comma-separated logit margins: a sparse token whose top "
+                    "two logits are closer than this is recomputed with every neuron (0 = off)")
     ap.add_argument("--no-ppl", action="store_true", help="task check only (no held-out perplexity)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
@@ -571,6 +605,11 @@ def main() -> int:
                 for keep in keeps:
                     for dip in ([1.0] if name == "griffin" else [float(g) for g in args.dip.split(",")]):
                         runs.append(Method(name, keep, dip, comp=comp, comp_fit=fit if comp else None))
+    import dataclasses
+    fallbacks = [float(f) for f in args.fallback.split(",") if float(f) > 0]
+    base = [m for m in runs[1:] if not m.per_prompt]
+    runs = ([runs[0]] + [dataclasses.replace(m, fallback=f) for f in fallbacks for m in base]
+            + ([m for m in runs[1:]] if "0" in args.fallback.split(",") or not fallbacks else []))
     meta = {"model": str(folder.path), "ctx": args.ctx, "prompt_tokens": args.prompt, "cache_neurons": cache,
             "scored_tokens": None,
             "n_ff": n_ff, "dense_layer_bytes_per_token": n_ff * d * F16 * 3 * len(weights)}
@@ -579,7 +618,7 @@ def main() -> int:
         t0 = time.perf_counter()
         ffn = AnalysisFFN(weights, scorer, m, cache, d)
         model.ffn_backend = ffn
-        r = perplexity(model, ffn, ids, args.ctx, args.prompt) if not args.no_ppl else \
+        r = perplexity(model, ffn, ids, args.ctx, args.prompt, m.fallback) if not args.no_ppl else \
             {"perplexity": float("nan"), "scored_tokens": 0, "bytes_per_token": float("nan"), "kept_fraction": float("nan")}
         if m.layer_keep:
             r["layer_keep"] = list(m.layer_keep)
@@ -591,13 +630,15 @@ def main() -> int:
                                  (n_ff * m.keep if m.per_prompt else cache) * ffn.row_bytes
                                  + m.comp * (n_ff + d) * F16) * len(weights))
         if prompts:
-            answers = [greedy(model, ffn, tokenizer, p, args.gen) for p in prompts]
+            answers = [greedy(model, ffn, tokenizer, p, args.gen, m.fallback) for p in prompts]
             if dense_answers is None:
                 dense_answers = answers
                 r["dense_margins"] = [a.margins for a in answers]
             r["task_exact"] = sum(a.text == b.text for a, b in zip(answers, dense_answers)) / len(prompts)
             r["task_kept_fraction"] = ffn.neuron_tokens / max(1, ffn.decode_tokens * len(weights) * n_ff)
             r["answers"] = [a.text for a in answers]
+            r["fallback_tokens"] = ffn.fallbacks
+            r["decoded_tokens"] = ffn.decode_tokens
             r["divergence"] = [divergence(a, b) for a, b in zip(answers, dense_answers)]
         r["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(r)
