@@ -136,9 +136,9 @@ def test_margin_fallback_recomputes_unsure_tokens_with_every_neuron(model):
     weights = sf.layer_weights(model)
     backend = model.ffn_backend
 
-    def run(name, keep, fb):
-        f = sf.AnalysisFFN(weights, sf.Scorer(weights, None, None), sf.Method(name, keep, fallback=fb), 0,
-                           model.config.d_model)
+    def run(name, keep, fb, fk=1.0):
+        f = sf.AnalysisFFN(weights, sf.Scorer(weights, None, None), sf.Method(name, keep, fallback=fb, fallback_keep=fk),
+                           0, model.config.d_model)
         model.ffn_backend = f
         return sf.greedy(model, f, _Ids, "", 8, fb), f
     try:
@@ -146,9 +146,11 @@ def test_margin_fallback_recomputes_unsure_tokens_with_every_neuron(model):
         sparse, _ = run("oracle", 0.1, 0.0)
         always, f_always = run("oracle", 0.1, 1e9)          # every decoded token is unsure: all dense
         never, f_never = run("oracle", 0.1, 1e-30)
+        _, f_half = run("oracle", 0.1, 1e9, 0.5)            # unsure tokens get the top half instead
     finally:
         model.ffn_backend = backend
     assert sparse.ids != dense.ids                           # keep 10% changes this tiny model's answer
     assert always.ids == dense.ids and f_always.fallbacks == 8 and f_always.neuron_tokens == 8 * len(weights) * model.config.n_ff
     assert never.ids == sparse.ids and f_never.fallbacks == 0
+    assert f_half.neuron_tokens == 8 * len(weights) * round(0.5 * model.config.n_ff)
     assert sf.divergence(sparse, dense)["position"] == next(i for i, (a, b) in enumerate(zip(sparse.ids, dense.ids)) if a != b)

@@ -102,6 +102,7 @@ class Method:
     layer_keep: tuple[float, ...] | None = None   # per-layer keep fractions (calibrated, mean = keep)
     thresholds: tuple[float, ...] | None = None   # per-layer score thresholds (calibrated): count varies per token
     fallback: float = 0.0    # > 0: tokens whose sparse logit margin is below this are recomputed dense
+    fallback_keep: float = 1.0   # ... or with this larger top-k share instead of every neuron
     comp: int = 0            # rank of the resident low-rank W_down that adds the dropped neurons back
     comp_fit: list | None = field(default=None, repr=False)   # calibration inputs per layer: fit it to them
 
@@ -113,7 +114,8 @@ class Method:
     def label(self) -> str:
         return (self.name + (f"@{self.mass:g}" if self.mass else "") + (f"+dip{self.dip:g}" if self.dip != 1.0 else "")
                 + (f"+comp{self.comp}" + ("fit" if self.comp_fit is not None else "") if self.comp else "")
-                + (f"+fb{self.fallback:g}" if self.fallback else ""))
+                + (f"+fb{self.fallback:g}" + (f"@{self.fallback_keep:g}" if self.fallback_keep < 1 else "")
+                   if self.fallback else ""))
 
     def layout(self) -> tuple[str, ...]:
         """Parts of a neuron that are read from flash when it is selected (the rest is resident)."""
@@ -338,8 +340,13 @@ class AnalysisFFN:
             else:
                 k = self.layer_k[layer]
                 np.put_along_axis(mask, np.argpartition(-s, k - 1, axis=1)[:, :k], True, axis=1)
-            if self.dense_rows is not None:
+            if self.dense_rows is not None and self.method.fallback_keep >= 1.0:
                 mask[self.dense_rows] = True
+            elif self.dense_rows is not None:        # the unsure tokens: a larger top-k (a superset)
+                rows = np.flatnonzero(self.dense_rows)
+                kk = max(1, int(round(self.method.fallback_keep * s.shape[1])))
+                top = np.argpartition(-s[rows], kk - 1, axis=1)[:, :kk]
+                mask[rows[:, None], top] = True
             kept = int(mask.sum())
             self.bytes_read += kept * self.row_bytes
             self.neuron_tokens += kept
@@ -424,7 +431,7 @@ class Answer:
 def greedy(model: Model, ffn: AnalysisFFN, tokenizer, prompt: str, n: int, fallback: float = 0.0) -> Answer:
     """Greedy first line after `prompt` (dense), decoded sparse; fallback M > 0: a token whose sparse
     logits have a margin below M is computed again with every neuron (its reads are then the whole
-    FFN, counted once) and that token's KV replaced."""
+    FFN, counted once; or its --fallback-keep top share) and that token's KV replaced."""
     model.reset()
     ffn.reset()
     ffn.dense_phase = True
@@ -542,6 +549,8 @@ def main() -> int:
                     "selection drops on the calibration text (default: truncated SVD of W_down)")
     ap.add_argument("--fallback", default="0", help="comma-separated logit margins: a sparse token whose top "
                     "two logits are closer than this is recomputed with every neuron (0 = off)")
+    ap.add_argument("--fallback-keep", type=float, default=1.0, help="the share of neurons (top-k) an unsure "
+                    "token is recomputed with (1 = every neuron)")
     ap.add_argument("--no-ppl", action="store_true", help="task check only (no held-out perplexity)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
@@ -608,7 +617,7 @@ def main() -> int:
     import dataclasses
     fallbacks = [float(f) for f in args.fallback.split(",") if float(f) > 0]
     base = [m for m in runs[1:] if not m.per_prompt]
-    runs = ([runs[0]] + [dataclasses.replace(m, fallback=f) for f in fallbacks for m in base]
+    runs = ([runs[0]] + [dataclasses.replace(m, fallback=f, fallback_keep=args.fallback_keep) for f in fallbacks for m in base]
             + ([m for m in runs[1:]] if "0" in args.fallback.split(",") or not fallbacks else []))
     meta = {"model": str(folder.path), "ctx": args.ctx, "prompt_tokens": args.prompt, "cache_neurons": cache,
             "scored_tokens": None,
