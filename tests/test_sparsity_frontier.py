@@ -154,3 +154,25 @@ def test_margin_fallback_recomputes_unsure_tokens_with_every_neuron(model):
     assert never.ids == sparse.ids and f_never.fallbacks == 0
     assert f_half.neuron_tokens == 8 * len(weights) * round(0.5 * model.config.n_ff)
     assert sf.divergence(sparse, dense)["position"] == next(i for i, (a, b) in enumerate(zip(sparse.ids, dense.ids)) if a != b)
+
+
+def test_perplexity_fallback_marks_the_unsure_positions_across_the_models_chunks(model, monkeypatch):
+    """The batched check's second pass computes exactly the positions the first found unsure with
+    more neurons, also when the model runs the window in several chunks."""
+    weights = sf.layer_weights(model)
+    backend, ids = model.ffn_backend, (IDS * 8)[:90]
+    monkeypatch.setattr(model.state, "chunk", 16)      # 81 sparse positions -> 6 chunks
+    make = lambda name, keep, fb: sf.AnalysisFFN(weights, sf.Scorer(weights, None, None),
+                                                 sf.Method(name, keep, fallback=fb), 0, model.config.d_model)
+    try:
+        got = {}
+        for key, (name, keep, fb) in {"dense": ("dense", 1.0, 0.0), "all": ("oracle", 0.1, 1e9),
+                                      "none": ("oracle", 0.1, 1e-30), "sparse": ("oracle", 0.1, 0.0)}.items():
+            model.ffn_backend = f = make(name, keep, fb)
+            got[key] = sf.perplexity(model, f, ids, ctx=89, prompt=8, fallback=fb)
+    finally:
+        model.ffn_backend = backend
+    assert got["sparse"]["perplexity"] != got["dense"]["perplexity"]
+    assert got["all"]["perplexity"] == pytest.approx(got["dense"]["perplexity"], rel=1e-5)
+    assert got["all"]["kept_fraction"] == 1.0
+    assert got["none"]["perplexity"] == pytest.approx(got["sparse"]["perplexity"], rel=1e-6)

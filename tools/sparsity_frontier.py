@@ -289,7 +289,8 @@ class AnalysisFFN:
         self.cache_capacity = cache
         self.row_bytes = len(method.layout()) * d_model * F16
         self.dense_phase = True
-        self.dense_rows = None   # [T] bool: tokens this call computes with every neuron (the fallback)
+        self.dense_rows = None   # [T] bool over the next forward's tokens: computed with more neurons (fallback)
+        self.row = 0             # where the current chunk starts in dense_rows (the model runs chunks)
         self.bytes_read = self.neuron_tokens = self.decode_tokens = self.fallbacks = 0
         self.stats = type("S", (), {"tokens": 0})()
         self.reset()
@@ -328,6 +329,7 @@ class AnalysisFFN:
             return
         if layer == 0:
             self.decode_tokens += len(h)
+            self.row += len(h)
         s = self.scorer(self.method.name, layer, h, g, u, a)
         cache = self.caches[layer]
         mask = np.zeros(s.shape, bool)
@@ -340,10 +342,11 @@ class AnalysisFFN:
             else:
                 k = self.layer_k[layer]
                 np.put_along_axis(mask, np.argpartition(-s, k - 1, axis=1)[:, :k], True, axis=1)
-            if self.dense_rows is not None and self.method.fallback_keep >= 1.0:
-                mask[self.dense_rows] = True
-            elif self.dense_rows is not None:        # the unsure tokens: a larger top-k (a superset)
-                rows = np.flatnonzero(self.dense_rows)
+            unsure = None if self.dense_rows is None else self.dense_rows[self.row - len(h):self.row]
+            if unsure is not None and self.method.fallback_keep >= 1.0:
+                mask[unsure] = True
+            elif unsure is not None and unsure.any():    # the unsure tokens: a larger top-k (a superset)
+                rows = np.flatnonzero(unsure)
                 kk = max(1, int(round(self.method.fallback_keep * s.shape[1])))
                 top = np.argpartition(-s[rows], kk - 1, axis=1)[:, :kk]
                 mask[rows[:, None], top] = True
@@ -403,6 +406,7 @@ def perplexity(model: Model, ffn: AnalysisFFN, ids: list[int], ctx: int, prompt:
             before = ffn.bytes_read, ffn.neuron_tokens
             ffn.dense_rows = margins_of(model.forward(part, all_logits=True)) < fallback
             ffn.bytes_read, ffn.neuron_tokens = before
+            ffn.row = 0
             model.reset(prompt)
         logits = model.forward(part, all_logits=True)
         ffn.dense_rows = None
@@ -456,7 +460,7 @@ def greedy(model: Model, ffn: AnalysisFFN, tokenizer, prompt: str, n: int, fallb
         if fallback and margins_of(logits) < fallback:
             ffn.bytes_read, ffn.neuron_tokens, ffn.decode_tokens = before
             model.reset(model.pos - 1)
-            ffn.dense_rows = np.ones(1, bool)
+            ffn.dense_rows, ffn.row = np.ones(1, bool), 0
             logits = model.forward([t])[-1]
             ffn.dense_rows = None
             ffn.fallbacks += 1
