@@ -42,7 +42,7 @@ from starlette.routing import Route
 
 from .engine import Engine, Failed, Finished, GenerationRequest, NotReady, Piece, QueueFull
 from .sampling import SamplingParams
-from .tokenizer import ChatTemplateError
+from .chat_template import ChatTemplateError
 
 log = logging.getLogger("flashlm.server")
 

@@ -1,27 +1,17 @@
 """Text <-> token ids for a converted model: encoding, streaming decoding and chat templates.
 
 Chat templates are rendered the way transformers' `apply_chat_template` renders them, so prompts match the ones
-the model was trained and evaluated with token for token.
+the model was trained and evaluated with token for token (runtime/chat_template.py).
 """
 from __future__ import annotations
 
-import functools
-import json
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
-
-from .errors import FlashlmError
-from .pagecache import drop_file
 from tokenizers.decoders import DecodeStream
 
 from .modelfile import ModelFileError, read_small_verified
+from .pagecache import drop_file
 
 
 def _utf8(path: Path, data: bytes) -> str:
@@ -29,98 +19,6 @@ def _utf8(path: Path, data: bytes) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ModelFileError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
-
-
-class ChatTemplateError(ValueError, FlashlmError):
-    """A chat template is missing, invalid, or refused the conversation (via `raise_exception`)."""
-
-
-# --- chat template environment ------------------------------------------------------------------------------------
-
-def _raise_exception(message: str):
-    raise ChatTemplateError(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # Jinja's own tojson escapes HTML characters and ASCII-escapes text, which would change the prompt the
-    # model was trained on (tool schemas etc.); transformers overrides it the same way.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-class _TemplateDict:
-    # Templates only need dict construction; handing them the real `dict` type exposes type-level attributes.
-    def __call__(self, *args, **kwargs):
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args, **kwargs):
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    # Namespaces that reject underscore names, so `ns.__class__`-style keys can't be planted and read back.
-    def __init__(*args, **kwargs):  # same signature trick as jinja's Namespace, so `namespace(self=...)` works
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _check_namespace_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name, value):
-        _check_namespace_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-
-def _check_namespace_name(name) -> None:
-    if isinstance(name, str) and name.startswith("_"):
-        raise jinja2.exceptions.SecurityError(f"chat templates cannot store underscore attribute {name!r}")
-
-
-@functools.lru_cache(maxsize=16)
-def _compile(template: str) -> jinja2.Template:
-    """Compile once per distinct template string: compiling costs far more than rendering."""
-    # Templates come from the Hub and are untrusted code: the immutable sandbox blocks dunder access and mutation
-    # of Python objects; trim/lstrip blocks and loopcontrols are what transformers enables, so output matches.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
-                       dict=_TemplateDict(), namespace=_TemplateNamespace)
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateError as e:
-        raise ChatTemplateError(f"invalid chat template: {e}") from e
-
-
-def _plain(value: Any) -> Any:
-    """A copy built only from JSON-like types, so templates can't call methods of rich caller objects."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, dict):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    for base in (bool, str, int, float):   # subclasses (enums, numpy scalars) lose their extra methods
-        if isinstance(value, base):
-            return base(value)
-    return f"<{type(value).__name__}>"
-
-
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-
-
-def _normalize_message(message: dict) -> dict:
-    """Drop None values and alias reasoning fields, as transformers does before rendering."""
-    if not isinstance(message, dict):
-        raise TypeError(f"chat messages must be dicts, got {message!r}")
-    # Many templates print a literal "None" for content=None but handle a missing key (OpenAI sends such messages).
-    message = {k: v for k, v in message.items() if v is not None}
-    reasoning = next((message[k] for k in _REASONING_FIELDS if k in message), None)
-    if reasoning is not None:   # templates read `reasoning_content`, gpt-oss reads `thinking`
-        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-    return message
 
 
 # --- streaming detokenization --------------------------------------------------------------------------------------
@@ -223,20 +121,16 @@ class Tokenizer:
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True, tools: list[dict] | None = None,
                     **extra) -> str:
         """The prompt string transformers' apply_chat_template(..., tokenize=False) would produce."""
+        from .chat_template import ChatTemplateError, render     # jinja2 loads when a chat is rendered
         if self.chat_template is None:
             raise ChatTemplateError("model has no chat template; use raw completion")
         if not messages:
             raise ChatTemplateError("cannot render an empty conversation")
         if tools is not None and not all(isinstance(t, dict) for t in tools):
             raise TypeError("tools must be JSON-schema dicts")
-        template = _compile(self.chat_template)
         # Special token strings first so explicit extras override them, as in transformers.
-        variables = _plain({**self.special_tokens, "tools": tools, "documents": None, **extra})
-        chat = [_normalize_message(m) for m in _plain(list(messages))]
-        try:
-            return template.render(messages=chat, add_generation_prompt=add_generation_prompt, **variables)
-        except jinja2.TemplateError as e:   # sandbox violations, undefined calls...: one error type for callers
-            raise ChatTemplateError(f"chat template failed: {e}") from e
+        return render(self.chat_template, messages, {**self.special_tokens, "tools": tools, "documents": None, **extra},
+                      add_generation_prompt=add_generation_prompt)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         # The template writes BOS etc. itself: adding special tokens again would double them.

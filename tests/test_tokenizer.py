@@ -2,7 +2,8 @@
 import jinja2
 import pytest
 
-from flashlm.runtime.tokenizer import ChatTemplateError, Tokenizer
+from flashlm.runtime.chat_template import ChatTemplateError
+from flashlm.runtime.tokenizer import Tokenizer
 
 STREAM_TEXTS = [
     "Hello 👋🏽 世界",
