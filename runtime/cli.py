@@ -145,7 +145,8 @@ def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_l
                    help="flash mode: per layer, sparse reads, streaming the layer, or the cheaper (measured)")
     p.add_argument("--profile", default=None, help="device profile: devices/NAME.toml or a path (flash read speeds)")
     p.add_argument("--no-verify", action="store_true", help="skip the CRC-32 check of bundle rows read from flash")
-    p.add_argument("--kv-dtype", default="f16", choices=["f16", "f32"], help="KV cache storage")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "f16", "f32"],
+                   help="KV cache storage (auto: f32 for the one-graph decoder, else f16)")
     p.add_argument("--no-pipeline", action="store_true",
                    help="start no flash read before its layer runs (no lookahead, no read-ahead of the next "
                         "streamed layer): the baseline the pipeline is measured against")

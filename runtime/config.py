@@ -132,7 +132,8 @@ class RuntimeConfig:
     layer_io: str = "auto"       # flash mode per layer: auto (cheaper of sparse/stream) | sparse | stream
     profile: str | None = None   # device profile (devices/NAME.toml or a path): measured flash speeds
     verify_reads: bool = True    # check every bundle row read from flash against its CRC-32
-    kv_dtype: str = "f16"        # KV cache storage: f16 (half the bytes; attention widens in-register) | f32
+    kv_dtype: str = "auto"       # KV cache storage: f16 (half the bytes; attention widens in-register) | f32 |
+    #                              auto (f32 where the decoder runs as one onnxruntime graph, else f16: kv_storage)
     dense_engine: str = "auto"   # quantized dense weights: onnxruntime (MatMulNBits, fast, ~1.5x their bytes
     #                              resident) | numba (from the stored rows, 1x) | auto (numba under --memory-limit)
     int8_activations: bool = True  # quantized weights: MatMulNBits with int8 activations (fast) or f32 (exact)
@@ -174,8 +175,8 @@ class RuntimeConfig:
             bad("ort_spin_us", "a spin time is not negative")
         if self.ort_graph not in ("auto", "whole", "layers"):
             bad("ort_graph", "use auto, whole or layers")
-        if self.kv_dtype not in ("f16", "f32"):
-            bad("kv_dtype", "the KV cache dtype is f16 or f32")
+        if self.kv_dtype not in ("auto", "f16", "f32"):
+            bad("kv_dtype", "the KV cache dtype is auto, f16 or f32")
 
 
 def dense_engine(rt: RuntimeConfig) -> str:
@@ -183,6 +184,17 @@ def dense_engine(rt: RuntimeConfig) -> str:
     if rt.dense_engine != "auto":
         return rt.dense_engine
     return "numba" if rt.memory_limit is not None else "onnxruntime"
+
+
+def kv_storage(rt: RuntimeConfig, one_graph: bool) -> str:
+    """The KV cache's element type for `rt` when the decoder does (one_graph) or does not run as one
+    onnxruntime graph. auto: f32 for the one graph, whose GroupQueryAttention over an f16 cache costs ~3 ms
+    more per SmolLM2 token at 1 thread than over f32 (onnxruntime 1.32 CPU, no f16 arithmetic on AVX2:
+    docs/BENCHMARKS.md, issue 7 decode); f16 for numba's attention, which widens in-register at no cost.
+    The cache's pages are touched as positions fill, so f32 costs RSS only for the positions used."""
+    if rt.kv_dtype != "auto":
+        return rt.kv_dtype
+    return "f32" if one_graph else "f16"
 
 
 class RuntimeConfigError(FlashlmError):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Callable
 
-from .config import ModelConfig, RuntimeConfig, dense_engine
+from .config import ModelConfig, RuntimeConfig, dense_engine, kv_storage
 from .errors import FlashlmError
 from .modelfile import ModelFolder
 
@@ -470,8 +470,12 @@ def plan_memory(folder: ModelFolder, rt: RuntimeConfig, *, activations: int, cos
                               f"+ {_mib(LATE_RUNTIME_BYTES)} for kernels and threads)")
         budget = room if budget is None else min(budget, room)
     ctx = min(rt.ctx_len, c.max_position)
+    # The one-graph decoder (f32 KV under kv_dtype auto) needs quantized weights in onnxruntime and every
+    # FFN resident; counted as f32 wherever it may run (the model may still fall back to f16: an upper bound).
+    one_graph = quantized and dense_engine(rt) == "onnxruntime" and rt.mode == "dense" and rt.ort_graph != "layers"
+    kv_bytes = KV_ITEM_BYTES[kv_storage(rt, one_graph)]
     plan = MemoryPlan(rt.mode, budget, folder.model_bytes, dense,
-                      kv_cache=2 * c.n_layers * ctx * c.n_kv_heads * c.head_dim * KV_ITEM_BYTES[rt.kv_dtype],
+                      kv_cache=2 * c.n_layers * ctx * c.n_kv_heads * c.head_dim * kv_bytes,
                       activations=activations, memory_limit=limit, runtime=runtime or 0,
                       embeddings_from_file=from_file)
     mode.rule(plan, _Inputs(c, folder, rt, costs, calibration))

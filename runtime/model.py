@@ -91,7 +91,8 @@ class Model:
         # [layer, position, kv head, head_dim] for numba's attention; the one-graph decoder's attention node
         # reads and writes [layer, kv head, position, head_dim] (OrtDecoder.kv_shape). Same bytes either way.
         kv_shape = self.ort.kv_shape if self.whole else (c.n_layers, self.ctx_len, c.n_kv_heads, c.head_dim)
-        kv_dtype = KV_DTYPES[runtime.kv_dtype]
+        from .config import kv_storage
+        kv_dtype = KV_DTYPES[kv_storage(runtime, self.whole)]
         # [layer, position, kv head, head_dim], f32 or f16 bits. On anonymous mmap pages (zero, allocated on
         # first touch) rather than np.zeros: numpy advises huge pages for large arrays, and one token then
         # makes 2 MiB of every layer's cache resident (measured on SmolLM2 at ctx 2048: +42 MiB RSS on the
@@ -150,7 +151,8 @@ class Model:
             release_freed_memory()
         self.whole = whole
         if self.whole:
-            self.ort = OrtDecoder(c, weight, self.threads, lm_head, self.rope, self.ctx_len, self.runtime.kv_dtype,
+            from .config import kv_storage
+            self.ort = OrtDecoder(c, weight, self.threads, lm_head, self.rope, self.ctx_len, kv_storage(self.runtime, True),
                                   level, on_session=release, spin_us=self.runtime.ort_spin_us)
         else:
             self.ort = OrtLayers(c, weight, [ffn_in_graph] * c.n_layers, self.threads, lm_head, level,

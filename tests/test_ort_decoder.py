@@ -100,6 +100,19 @@ def test_f16_kv_cache_runs_attention_in_f16(tmp_path):
     assert 0 < err <= 1e-2, err                         # measured 2e-3
 
 
+def test_auto_kv_dtype_is_f32_for_the_one_graph_only(tmp_path):
+    """kv_dtype auto: an f32 cache under the one graph (its attention node is slower over f16 on CPU), f16
+    bits under the per-layer sessions (numba widens in-register); the plan counts what is allocated."""
+    src = tm.make_llama(tmp_path / "src", tied=True, n_kv_heads=2)
+    out = convert(src, tmp_path / "m.flashlm", dtype="q4_1", progress=False)
+    whole, layers = (_session(out, graph, kv_dtype="auto") for graph in ("whole", "layers"))
+    assert whole.whole and whole.k_cache.dtype == np.float32 and whole.ort.kv_type == np.float32
+    assert not layers.whole and layers.k_cache.dtype == np.uint16
+    for m in (whole, layers):
+        assert m.plan.kv_cache == m.k_cache.nbytes + m.v_cache.nbytes
+    assert RuntimeConfig().kv_dtype == "auto"
+
+
 @pytest.mark.parametrize("spin", [10, 0])
 def test_two_threads_equal_one(tmp_path, spin):
     """Two threads: every session split (workers spinning 10 us), or (spin 0) only the lm_head's."""
