@@ -145,6 +145,7 @@ class TokenCost:
     peak_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
     contention_s: float = 0.0    # compute slowed by the streamed reads in flight (the probe's stream_slowdown)
+    ring_fraction: float = 1.0   # streamed layers' ring: 1/ring_fraction of two whole layers
 
     @property
     def io_busy_s(self) -> float:
@@ -436,4 +437,11 @@ class CostModel:
             miss = wanted - (wanted - miss) * keep
             out.append(self.layer(Placement.SPARSE, held_rows=held, miss_rows=miss, predictor_weights=weights[i],
                                   wanted_rows=wanted))
-        return self.token(out, plan.total + RUNTIME_OVERHEAD, notes)
+        token = self.token(out, plan.total + RUNTIME_OVERHEAD, notes)
+        rows = getattr(plan, "stream_buffer_rows", 0)
+        if rows and rows < s.n_ff and any(l.kind == Placement.STREAM.value for l in out):
+            token.ring_fraction = s.n_ff / rows
+            token.notes.append(f"streamed layers through a 1/{token.ring_fraction:g} ring: "
+                               f"{s.stream_bytes / self.stream_s(s.stream_bytes, token.ring_fraction) / 1e6:.0f} MB/s "
+                               f"(a whole-layer ring: {s.stream_bytes / self.layer_stream_s / 1e6:.0f})")
+        return token

@@ -54,6 +54,8 @@ class Candidate:
                       "/".join(f"{n} {k}" for k, n in kinds.items() if n)]
         elif r.mode == "hybrid":
             parts += [f"{len(self.plan.resident_layers)} resident layers", f"{r.io_threads} readers"]
+        if self.cost.ring_fraction > 1:
+            parts.append(f"ring 1/{self.cost.ring_fraction:g}")
         parts.append(f"{r.threads or 'all'} threads")
         return ", ".join(parts)
 

@@ -206,9 +206,11 @@ def test_streamed_layers_go_at_the_ring_rate_of_their_ring_size():
     # a plan prices its streamed layers at its ring: 2 x 4.096 MB through a quarter ring at 400 MB/s
     plan = SimpleNamespace(layers=[SimpleNamespace(placement=Placement.STREAM)] * 2, window=0, total=0,
                            stream_buffer_rows=250)
-    assert m.plan_cost(plan).io_busy_s == pytest.approx(2 * 4.096e6 / 400e6)
+    quarter = m.plan_cost(plan)
+    assert quarter.io_busy_s == pytest.approx(2 * 4.096e6 / 400e6)
+    assert quarter.ring_fraction == 4 and "1/4 ring: 400 MB/s (a whole-layer ring: 600)" in quarter.notes[-1]
     plan.stream_buffer_rows = 1000
-    assert m.plan_cost(plan).io_busy_s == pytest.approx(2 * 4.096e6 / 600e6)
+    assert m.plan_cost(plan).io_busy_s == pytest.approx(2 * 4.096e6 / 600e6) and m.plan_cost(plan).ring_fraction == 1
     # buffered reads keep the raw buffered/direct table (the ring figures are direct reads)
     assert CostModel(dev, SHAPE, io_threads=4, io="buffered").layer_stream_s == pytest.approx(4.096e-3)
 
