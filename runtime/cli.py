@@ -487,6 +487,8 @@ def cmd_probe(args) -> int:
     data = probe(directory, quick=not args.full, on_point=on_point)
     name = Path(args.output).stem if args.output else "this-machine"
     data["device"]["name"] = name
+    if args.description:
+        data["device"]["description"] = args.description
     parse_profile(data, name)           # what is written must load back
     text = to_toml(data, [f"Device profile written by `flashlm probe` on {data['probe']['date']}.",
                           "MB = 10^6 bytes/s, GB = 10^9; random reads at random size-aligned offsets."])
@@ -657,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="thorough grid: 2 GiB file, 1.5 s per point, FlashReader checks")
     p.add_argument("--list", action="store_true", help="list the shipped device profiles")
     p.add_argument("--show", metavar="NAME", default=None, help="print a shipped (or given) profile")
+    p.add_argument("--description", default=None, help="the profile's device.description (default: measured by flashlm probe)")
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("tune", help="pick run settings for a model under a memory limit on a device (cost model)",
