@@ -471,7 +471,11 @@ def cmd_probe(args) -> int:
                  f"{pt['stream_mb_s']:.0f} MB/s, rows {pt['call_us']:.0f} us/call + {pt['row_us']:.1f} us/read; "
                  f"compute slowed {pt['stream_slowdown']:.2f}x streaming, {pt['call_compute_us']:.0f} us lost per rows call")
         elif kind == "reader" and pt["what"] == "ring":
-            _err(f"  FlashReader layers x{pt['threads']} through a 1/{pt['ring_fraction']} ring: {pt['mb_s']:.0f} MB/s")
+            _err(f"  FlashReader layers x{pt['threads']} through a 1/{pt['ring_fraction']} ring: {pt['mb_s']:.0f} MB/s "
+                 f"(median of {', '.join(f'{x:.0f}' for x in pt['rounds'])})")
+        elif kind == "reader" and pt["what"] == "row reads":
+            _err(f"  FlashReader x{pt['threads']}: {pt['row_us']:.1f} us per read in 128-row calls "
+                 f"(median of {', '.join(f'{x:.1f}' for x in pt['rounds'])})")
         elif kind == "reader":
             _err(f"  FlashReader {pt['what']} x{pt['threads']}: {pt.get('useful_mb_s', pt.get('mb_s')):.1f} MB/s")
         elif kind == "dram":

@@ -284,6 +284,7 @@ class _LayerKernel:
 
 
 RING_FRACTIONS = (1, 4, 16)     # rings the probe streams through: two whole layers, and 1/4, 1/16 of that
+RATE_ROUNDS = 3                 # rounds over the reader thread counts whose median a ring or row rate is
 MIN_RING_LAYERS = 16            # layers a ring point streams at least (this disk swings 0.6-1.4 GB/s within seconds)
 
 
@@ -492,24 +493,38 @@ def probe_flash(path: str, s: ProbeSettings, on_point: Callable[[str, dict], Non
             os.close(fd)
     # The reader as decode steps use it (while computing): whole layers streamed, and calls of random rows.
     # Rates at the default compute threads (all cores); the compute slowdown at each compute thread count;
-    # the streamed rate also through the smaller rings the planner may give streamed layers.
+    # the streamed rate also through the smaller rings the planner may give streamed layers. The rates
+    # (rings, reads per call) are the median of RATE_ROUNDS rounds over every reader thread count in turn:
+    # this disk swings 2x within seconds, and one point taken in a swing would misprice that thread count.
     res["runtime"], res["slowdown"], res["ring"] = {}, {}, {}
+    ct_max = max(s.compute_threads)
+    ring, rows = {}, {}
     for nt in s.threads:
         for ct in sorted(s.compute_threads, reverse=True):
             pt = reader_runtime_points(path, s.file_bytes, s.seconds, nt, ct)
             res["slowdown"][nt, ct] = (pt["stream_slowdown"], 1e6 * pt["call_compute_s"])
-            if ct == max(s.compute_threads):
+            if ct == ct_max:
                 res["runtime"][nt] = pt
-                res["ring"][1, nt] = pt["stream_mb_s"]
+                ring[1, nt], rows[nt] = [pt["stream_mb_s"]], [pt["row_s"]]
             on_point("reader", {"what": "in a decode step", "threads": nt, "compute_threads": ct,
                                 "stream_mb_s": pt["stream_mb_s"], "call_us": 1e6 * pt["call_s"],
                                 "row_us": 1e6 * pt["row_s"], "stream_slowdown": pt["stream_slowdown"],
                                 "call_compute_us": 1e6 * pt["call_compute_s"]})
-        for k in RING_FRACTIONS[1:]:
-            rate = ring_stream_point(path, s.file_bytes, s.seconds / 2, nt, max(s.compute_threads),
-                                     ring_fraction=k)["stream_mb_s"]
-            res["ring"][k, nt] = rate
-            on_point("reader", {"what": "ring", "threads": nt, "ring_fraction": k, "mb_s": rate})
+    for r in range(RATE_ROUNDS):
+        for nt in s.threads:
+            for k in RING_FRACTIONS if r else RING_FRACTIONS[1:]:
+                ring.setdefault((k, nt), []).append(
+                    ring_stream_point(path, s.file_bytes, s.seconds / 2, nt, ct_max, ring_fraction=k)["stream_mb_s"])
+            if r:
+                rows[nt].append(reader_row_point(path, s.file_bytes, s.seconds / 2, nt, res["runtime"][nt]["call_s"]))
+    for (k, nt), rates in ring.items():
+        res["ring"][k, nt] = float(np.median(rates))
+        on_point("reader", {"what": "ring", "threads": nt, "ring_fraction": k, "mb_s": res["ring"][k, nt],
+                            "rounds": rates})
+    for nt in s.threads:             # the rates written: the rounds' medians
+        res["runtime"][nt] = {**res["runtime"][nt], "stream_mb_s": res["ring"][1, nt], "row_s": float(np.median(rows[nt]))}
+        on_point("reader", {"what": "row reads", "threads": nt, "row_us": 1e6 * res["runtime"][nt]["row_s"],
+                            "rounds": [1e6 * x for x in rows[nt]]})
     if s.reader_checks:
         rows = {}
         for nt, k in ((4, 64), (4, 512), (16, 512)):
