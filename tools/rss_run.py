@@ -1,6 +1,6 @@
 """Peak RSS of `flashlm run` vs llama.cpp generating from the same GGUF, each in its own child process.
 
-    python tools/rss_run.py [--gguf PATH] [--ctx 2048] [-n 32] [--dtype auto] [--kv-dtype f16] [--ort-graph auto]
+    python tools/rss_run.py [--gguf PATH] [--ctx 2048] [-n 32] [--dtype auto] [--kv-dtype auto] [--ort-graph auto]
 
 The flashlm folder is converted first (in its own child, not counted). Peak RSS is the child's
 ru_maxrss (resident pages at their peak: for llama.cpp that includes the memory-mapped GGUF pages
@@ -77,7 +77,7 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=32, help="tokens to generate")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--kv-dtype", default="f16")
+    ap.add_argument("--kv-dtype", default="auto", help="flashlm run --kv-dtype (auto, its default: f32 under the one-graph decoder, else f16)")
     ap.add_argument("--ort-graph", default="auto", choices=["auto", "whole", "layers"],
                     help="flashlm run --ort-graph (onnxruntime: the decoder in a few graphs, or one between attention calls)")
     ap.add_argument("--phases", action="store_true", help="also print flashlm's RSS step by step")
