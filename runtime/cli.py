@@ -228,6 +228,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _switch_line(ffn) -> list[str]:
+    """What the lookahead switch (runtime/pipeline_switch.py) decided, when the run has one."""
+    switch, fs = getattr(ffn, "switch", None), ffn.stats
+    if switch is None or not fs.decode_tokens:
+        return []
+    trial = (f"; last trial {switch.last[0]:.1f} ms/token on vs {switch.last[1]:.1f} off"
+             if switch.last else "; no trial decided yet")
+    return [f"lookahead switch:    on for {fs.lookahead_tokens} of {fs.decode_tokens} decode tokens{trial}"]
+
+
 def _stats_lines(stats, model) -> list[str]:
     """The generation figures, plus the flash accounting of the paper's Table 3 when FFN rows stream."""
     lines = stats.lines()
@@ -240,6 +250,7 @@ def _stats_lines(stats, model) -> list[str]:
                   + (f" ({nbytes / cp.io_busy_ms / n / 1e3:.0f} MB/s while busy)" if cp.io_busy_ms else "")
                   + f"; FFN kernels {1e3 * fs.ffn_s / n:.2f} ms",
                   f"critical path:       {cp.line()}" + ("" if model.runtime.pipeline else " (--no-pipeline)"),
+                  *_switch_line(model.ffn_backend),
                   *([f"lookahead:           recall {100 * fs.guess_recall:.1f} % of a guessed layer's rows; misses "
                      f"{fs.guess_missed * model.folder.bundles.stride_bytes / n / 2**20:.2f} MiB, over-fetched "
                      f"{(fs.guess_rows - fs.guess_used) * model.folder.bundles.stride_bytes / n / 2**20:.2f} MiB per token; "

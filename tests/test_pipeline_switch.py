@@ -48,3 +48,16 @@ def test_switch_drops_interrupted_intervals():
     assert sw.decode_token() is True     # no "on" sample: nothing decided, the default kept
     assert sw.trials == 0 and sw.last is None
 
+
+
+def test_stats_line_says_what_the_switch_decided():
+    from types import SimpleNamespace
+    from flashlm.runtime.cli import _switch_line
+    from flashlm.runtime.ffn import FFNStats
+    sw = PipelineSwitch()
+    st = FFNStats(decode_tokens=20, lookahead_tokens=8)
+    assert _switch_line(SimpleNamespace(switch=sw, stats=st)) == [
+        "lookahead switch:    on for 8 of 20 decode tokens; no trial decided yet"]
+    sw.last = (120.04, 100.0)
+    assert _switch_line(SimpleNamespace(switch=sw, stats=st))[0].endswith("last trial 120.0 ms/token on vs 100.0 off")
+    assert _switch_line(SimpleNamespace(switch=None, stats=st)) == []         # --no-pipeline, --pipeline-always
