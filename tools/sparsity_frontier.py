@@ -24,6 +24,9 @@ Selectors (the `layout` decides what is resident and what a neuron costs to read
   griffin         per prompt (GRIFFIN): top-k by ||a[:, i] / ||a[t]|| ||_2 over the prompt, fixed after
 --comp R adds the dropped neurons back through a resident rank-R W_down (truncated SVD, or fitted to
 the dropped contributions on the calibration text with --comp-fit) for the gateup-* methods.
+--fallback M [--fallback-keep F]: a decoded token whose sparse logits' top two are closer than M is
+computed again with every neuron (or the top F share) and its KV replaced; it counts once at that share.
+The task check reports where each changed answer first leaves dense's and dense's own margin there.
 Any per-token selector with --dip G is DIP's cache-aware masking: scores of neurons already in the
 cache are multiplied by G before the top-k, so cached neurons win close calls.
 
