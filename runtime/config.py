@@ -188,9 +188,10 @@ def dense_engine(rt: RuntimeConfig) -> str:
 
 def kv_storage(rt: RuntimeConfig, one_graph: bool) -> str:
     """The KV cache's element type for `rt` when the decoder does (one_graph) or does not run as one
-    onnxruntime graph. auto: f32 for the one graph, whose GroupQueryAttention over an f16 cache costs ~3 ms
-    more per SmolLM2 token at 1 thread than over f32 (onnxruntime 1.32 CPU, no f16 arithmetic on AVX2:
-    docs/BENCHMARKS.md, issue 7 decode); f16 for numba's attention, which widens in-register at no cost.
+    onnxruntime graph. auto: f32 for the one graph, whose GroupQueryAttention over an f16 cache made a
+    SmolLM2 decode token ~8% slower at past 128, 1 thread (onnxruntime 1.32 CPU, no f16 arithmetic on AVX2;
+    ~3% from position 0, none measured at 2 threads: docs/BENCHMARKS.md, issue 7 session 6); f16 for
+    numba's attention, which widens in-register at no cost.
     The cache's pages are touched as positions fill, so f32 costs RSS only for the positions used."""
     if rt.kv_dtype != "auto":
         return rt.kv_dtype
