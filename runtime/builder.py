@@ -189,7 +189,7 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel: 
     from .aligned import aligned_empty
     from .flash_reader import FlashReader
     from .layer_stream import RingStreamer, RowSource
-    from .neuron_cache import NeuronCache, cache_row_bytes
+    from .neuron_cache import NeuronCache
     c, b = folder.config, folder.bundles
     path = folder.file(b.file)
     rows_from = plan.run_mode.rows_from
@@ -222,7 +222,7 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel: 
         def whole(stats):
             return RingStreamer(rows, kernel, biases, streamed, ring_bytes, stats, threads=rt.io_threads,
                                 read_ahead=rt.pipeline)
-    row_items = cache_row_bytes(b) // b.dtype.itemsize          # packed: no block padding in DRAM
+    row_items = b.cache_row_bytes // b.dtype.itemsize          # packed: no block padding in DRAM
     caches = [NeuronCache(c.n_ff, p.cache_rows, row_items, b.dtype, window=plan.window,
                           pinned=predictors[i].hot[:plan.pin_rows] if plan.pin_rows else None)
               if p.placement == Placement.SPARSE else None for i, p in enumerate(plan.layers)]

@@ -269,14 +269,13 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
     (random reads of one bundle each); a streamed layer reads all its rows sequentially; a resident
     layer costs its bytes once. Greedy by time saved per byte, for each window size; the best window wins.
     """
-    from .neuron_cache import cache_row_bytes      # numba's module: imported by flash plans only (runtime/lazy.py)
     c, rt, costs, b = x.config, x.rt, x.costs, x.folder.bundles
     if x.calibration is None:
         raise BudgetError(f"{x.folder.path}: flash mode needs predictors; run `flashlm calibrate {x.folder.path}`")
-    # Sparse layers' caches hold rows without the block padding (cache_row_bytes); layers used whole (resident, streamed) come
+    # Sparse layers' caches hold rows without the block padding (BundleLayout.cache_row_bytes); layers used whole (resident, streamed) come
     # from the packed copy where the folder has one (builder.build_ffn), so they are counted packed.
     stride, sparse_layer_bytes = b.stride_bytes, b.layer_bytes
-    cache_row = cache_row_bytes(b)               # a cached row: its parts, without the file's block padding
+    cache_row = b.cache_row_bytes                # a cached row: its parts, without the file's block padding
     _, layer_bytes = whole_layer_bytes(x.folder)
     pred = x.calibration.predictor_bytes
     stats = x.calibration.report.get("layers") or [{} for _ in range(c.n_layers)]

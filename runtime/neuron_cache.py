@@ -259,19 +259,6 @@ class Admission:
 
 _EMPTY = np.zeros(0, np.int32)
 
-CACHE_ROW_ALIGN = 16        # cached rows start on 16-byte boundaries (a multiple of every scale view's item)
-
-
-def cache_row_bytes(layout) -> int:
-    """Bytes of one cached bundle row: the row's parts without the file's block padding (rounded up to
-    CACHE_ROW_ALIGN), not the file's stride. Why: the stride pads rows so none straddles a 4 KiB block (q4_0 rows
-    of 2880 B sit at a 4096 B stride, f16 rows of 10240 B at 12288 B), and a cache holding the padding
-    spent 30 % (q4) / 17 % (f16) of its bytes on nothing; packed, the same budget holds 1.42x / 1.2x the
-    rows. Reads still fetch whole blocks; the reader copies each row's parts out of its staging buffer."""
-    width = -(-layout.row_bytes // CACHE_ROW_ALIGN) * CACHE_ROW_ALIGN
-    item = layout.dtype.itemsize
-    return min(layout.stride_bytes, -(-width // item) * item)
-
 
 class NeuronCache:
     """Sliding-window DRAM cache of one layer's FFN bundle rows (see module docstring)."""

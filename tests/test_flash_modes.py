@@ -11,7 +11,6 @@ from flashlm.runtime.builder import activation_bytes
 from flashlm.runtime.builder import compute_threads
 from flashlm.runtime.memory import BudgetError, Placement, parse_size, plan_memory
 from flashlm.runtime.model import Model
-from flashlm.runtime.neuron_cache import cache_row_bytes
 from flashlm.runtime.modelfile import open_folder
 
 FAR_LESS = 0.5     # flash with a window of 4 must read at most half of what naive reads
@@ -322,7 +321,7 @@ def test_default_auto_flash_path_mixes_placements_and_equals_dense(deep_opt_fold
         # caches hold rows without the file's block padding (none here: 256-byte rows; see test_qflash),
         # and the plan counts them so
         b = folder.bundles
-        width = cache_row_bytes(b)
+        width = b.cache_row_bytes
         assert b.row_bytes <= width <= b.stride_bytes
         assert all(ffn.caches[i].rows.shape[1] * ffn.caches[i].rows.itemsize == width for i in sparse)
         assert sum(ffn.caches[i].capacity for i in sparse) * width + \

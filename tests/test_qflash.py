@@ -8,7 +8,6 @@ from flashlm.converters.convert import convert
 from flashlm.runtime.config import RuntimeConfig
 from flashlm.runtime.model import Model
 from flashlm.runtime.modelfile import open_folder
-from flashlm.runtime.neuron_cache import cache_row_bytes
 from test_flash_modes import IDS, OraclePredictor, _logits
 
 
@@ -49,7 +48,7 @@ def test_flash_with_oracle_over_q4_bundles_equals_dense_q4(opt_q4, capacity_frac
                   predictors=_oracles(opt_q4))
     ffn = model.ffn_backend
     # the caches hold the rows' 72 bytes of parts (rounded to 80), not the file's 128-byte stride
-    assert all(c.rows.shape[1] == cache_row_bytes(folder.bundles) == 80 for c in ffn.caches)
+    assert all(c.rows.shape[1] == folder.bundles.cache_row_bytes == 80 for c in ffn.caches)
     if capacity_fraction < 1:
         from flashlm.runtime.neuron_cache import NeuronCache
         cap = int(folder.config.n_ff * capacity_fraction)
