@@ -85,8 +85,6 @@ def gather_rows(w, ids, out):
         _widen(w[ids[t]], w.shape[1], out[t])
 
 
-
-
 def matmul_batched(x, w, out, scratch=None):
     """out[T, n] = x @ w.T for prompt-sized T: widen blocks of w to f32, then BLAS (numpy) per block."""
     n, d = w.shape

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from .lazy import lazy_module
-from .config import ModelConfig, RuntimeConfig
+from .config import ModelConfig, RuntimeConfig, kv_storage
 from .errors import FlashlmError
 from .builder import build
 from .aligned import aligned_empty
@@ -91,7 +91,6 @@ class Model:
         # [layer, position, kv head, head_dim] for numba's attention; the one-graph decoder's attention node
         # reads and writes [layer, kv head, position, head_dim] (OrtDecoder.kv_shape). Same bytes either way.
         kv_shape = self.ort.kv_shape if self.whole else (c.n_layers, self.ctx_len, c.n_kv_heads, c.head_dim)
-        from .config import kv_storage
         kv_dtype = KV_DTYPES[kv_storage(runtime, self.whole)]
         # [layer, position, kv head, head_dim], f32 or f16 bits. On anonymous mmap pages (zero, allocated on
         # first touch) rather than np.zeros: numpy advises huge pages for large arrays, and one token then
@@ -148,10 +147,11 @@ class Model:
             # embedding rows of the tokens seen, norms, biases) faults back in page by page.
             for buf in mapped:
                 release_mapped(buf)
+            # and the heap each build freed, before the next build: SmolLM2 q4_1 peak 257 MiB with this
+            # trim per session, 260-262 with only the final one (tools/rss_run.py, two runs each)
             release_freed_memory()
         self.whole = whole
         if self.whole:
-            from .config import kv_storage
             self.ort = OrtDecoder(c, weight, self.threads, lm_head, self.rope, self.ctx_len, kv_storage(self.runtime, True),
                                   level, on_session=release, spin_us=self.runtime.ort_spin_us)
         else:

@@ -285,8 +285,9 @@ class OrtDecoder:
     a session briefly holds ~2.5x its weights (our arrays, onnxruntime's copy, its prepacked one). Measured
     on SmolLM2 q4_1 (ctx 2048, peak RSS after load, pp128 and 32 tokens): one session for everything
     548 MiB, 3 layer groups + lm 354, 6 groups + lm 335 (SESSION_WEIGHTS 20M, 7 runs per token), OrtLayers
-    379; the last group split in two (layer_groups) brings it to 261 with 8 runs; a 1.5B model in one session would hold gigabytes. Prompts run through the same sessions (T rows, one run per session
-    and chunk), so the cache is filled by the node that reads it."""
+    379; the last group split in two (layer_groups) brings it to 261 with 8 runs; a 1.5B model in one
+    session would hold gigabytes. Prompts run through the same sessions (T rows, one run per session and
+    chunk), so the cache is filled by the node that reads it."""
 
     def __init__(self, c: ModelConfig, weight, threads: int, lm_head_name: str, rope: list, ctx_len: int,
                  kv_dtype: str, accuracy_level: int = INT8_ACTIVATIONS, on_session=None, spin_us: int = 0):
