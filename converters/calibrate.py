@@ -38,7 +38,7 @@ from flashlm.runtime.config import RuntimeConfig
 from flashlm.runtime.loader import load
 from flashlm.runtime.model import Model
 from flashlm.runtime.modelfile import resident_part_name
-from flashlm.runtime.predictor import PREDICTOR_FILE, gated_score
+from flashlm.runtime.predictor import PREDICTOR_FILE, dequantize_rows_int8, gated_score, quantize_rows_int8
 from flashlm.runtime.safetensors_file import plan_file
 
 log = logging.getLogger("flashlm")
@@ -47,6 +47,11 @@ RANKS = (16, 32, 64, 128)
 GUESS_RECALL = 0.9      # share of a layer's rows to read that its pipeline guess (on the previous layer's input) keeps
 GUESS_WINDOW = 2        # ... the rows to read: selected, and not selected by the GUESS_WINDOW tokens before
 WINDOWS = (1, 2, 4, 8)
+# How the low-rank maps A, B are stored: f16 (f32 where f16 would lose too much) or int8 with one f32
+# scale per row (half the DRAM; runtime/kernels.matmul_scaled). auto: int8 for folders whose FFN rows are
+# quantized, whose budgets are small enough that the predictors' share matters (the 7B-class synthetic
+# model in q4_0 at 50%: 98 of 952 MiB in f16); f16 otherwise.
+PREDICTOR_DTYPES = ("auto", "f16", "int8")
 PROMPTS = [
     "The history of the Roman Empire", "How to bake bread at home:", "def quicksort(arr):",
     "Photosynthesis is the process", "Dear hiring manager,", "The weather today in London",
@@ -207,6 +212,31 @@ def evaluate(kind: str, s_train, y_train, s_test, y_test, *, recall: float, keep
             "predicted_fraction": float(pred.mean()) if nonzero else keep / y_test.shape[1]}
 
 
+def predictor_dtype_of(folder, choice: str) -> str:
+    """The storage of the low-rank maps for `choice` (PREDICTOR_DTYPES) in this folder: "f16" or "int8"."""
+    if choice not in PREDICTOR_DTYPES:
+        raise ValueError(f"predictor dtype must be one of {PREDICTOR_DTYPES}, not {choice!r}")
+    if choice != "auto":
+        return choice
+    return "int8" if folder.bundles.storage.block_elems > 1 else "f16"
+
+
+def as_stored(factors: tuple, pdtype: str) -> tuple:
+    """(A, B, c) as the runtime will multiply by them: int8 maps dequantized (q * scale), so the rule's
+    threshold and the window statistics are set on the scores the runtime computes; f16 maps as they are
+    (f16 keeps them within 1e-3 of f32, _half_if_safe)."""
+    if pdtype != "int8":
+        return factors
+    a, b, c = factors
+    return dequantize_rows_int8(*quantize_rows_int8(a)), dequantize_rows_int8(*quantize_rows_int8(b)), c
+
+
+def low_rank_scores(h: np.ndarray, factors: tuple) -> np.ndarray:
+    """(h @ A.T) @ B.T + c: the map's estimates for recorded inputs h [N, d]."""
+    a, b, c = factors
+    return (h @ a.T) @ b.T + c
+
+
 def _half_if_safe(t: np.ndarray) -> np.ndarray:
     """f16 halves the predictor's DRAM; keep f32 where values would overflow or lose too much."""
     if np.abs(t).max() < 6e4:
@@ -266,40 +296,51 @@ def _output_recall(scores: np.ndarray, mass: np.ndarray, keep: int, nonzero: boo
     return float((mass * _topk_mask(scores, keep, nonzero)).sum() / best) if best > 0 else 1.0
 
 
-def _layer_output(layer, factors, q, predicted, truth, hot, extra: dict):
+def _layer_output(layer, factors, q, predicted, truth, hot, extra: dict, pdtype: str = "f16"):
     """(tensors, manifest entry, report entry) of one layer's predictor."""
     q["windows"] = window_stats(predicted)
     q["hot_top5pct_share"] = float(truth[:, hot[:max(1, truth.shape[1] // 20)]].sum() / max(truth.sum(), 1))
+    q["predictor_dtype"] = pdtype
     p = f"layers.{layer}.predictor."
     t = {}
     for name, (a, b, cc) in factors.items():
-        t[p + name + ".A"], t[p + name + ".B"] = _half_if_safe(a), _half_if_safe(b)
+        if pdtype == "int8":
+            t[p + name + ".A"], t[p + name + ".A_scale"] = quantize_rows_int8(a)
+            t[p + name + ".B"], t[p + name + ".B_scale"] = quantize_rows_int8(b)
+        else:
+            t[p + name + ".A"], t[p + name + ".B"] = _half_if_safe(a), _half_if_safe(b)
         t[p + name + ".c"] = cc
     t[p + "hot"] = hot
     t.update({p + k: v for k, v in extra.items()})
     return t, {k: q[k] for k in ("rule", "threshold", "keep", "rank", "guess_threshold") if k in q}, q
 
 
-def _gate_fit(model, layer, h, test, exact, y, dn, directions, rank_list, k_keep, truth, hot):
+def _gate_fit(model, layer, h, test, exact, y, dn, directions, rank_list, k_keep, truth, hot, pdtype="f16"):
     """Rule "gate": exact silu(gate.h) from resident W_gate rows, low-rank up, scores weighted by
     ||W_down[:, i]||. The up rank is chosen as for "topk": smallest within a point of the best."""
     w_up, v_up = directions["up"]
     mass = y[test] * dn
-    fits = []
-    for r, s_up in rank_scores(_with_one(h), w_up, v_up, rank_list):
-        c = model.config
+    c = model.config
+
+    def quality(r, s_up):
         s = gated_score(exact["gate"], s_up, c.ffn_kind, c.act_threshold) * dn
         pred, true = _topk_mask(s[test], k_keep, c.relu_gated), _topk_mask(y[test], k_keep, c.relu_gated)
-        q = {"rule": "gate", "keep": k_keep, "rank": r,
-             "recall": float((pred & true).sum() / true.sum()),
-             "contribution_recall": float((y[test] * pred).sum() / (y[test] * true).sum()),
-             "output_recall": _output_recall(s[test], mass, k_keep, c.relu_gated),
-             "predicted_fraction": k_keep / y.shape[1]}
-        fits.append((r, q, s))
+        return {"rule": "gate", "keep": k_keep, "rank": r,
+                "recall": float((pred & true).sum() / true.sum()),
+                "contribution_recall": float((y[test] * pred).sum() / (y[test] * true).sum()),
+                "output_recall": _output_recall(s[test], mass, k_keep, c.relu_gated),
+                "predicted_fraction": k_keep / y.shape[1]}, s
+
+    fits = [(r, *quality(r, s_up)) for r, s_up in rank_scores(_with_one(h), w_up, v_up, rank_list)]
     top = max(q["output_recall"] for _, q, _ in fits)
     r, q, s = next(x for x in fits if x[1]["output_recall"] >= top - 0.01)
-    return _layer_output(layer, {"up": truncate(w_up, v_up, r)}, q, _topk_mask(s, k_keep, c.relu_gated), truth, hot,
-                         {**resident_copies(model, layer, ("gate",)), "down_norm": dn})
+    up = truncate(w_up, v_up, r)
+    if pdtype == "int8":         # the report and window statistics of the scores the int8 map gives
+        unquantized = {k: q[k] for k in ("recall", "contribution_recall", "output_recall")}
+        q, s = quality(r, low_rank_scores(h, as_stored(up, pdtype)))
+        q["unquantized"] = unquantized
+    return _layer_output(layer, {"up": up}, q, _topk_mask(s, k_keep, c.relu_gated), truth, hot,
+                         {**resident_copies(model, layer, ("gate",)), "down_norm": dn}, pdtype)
 
 
 def _exact_fit(model, layer, test, y, dn, k_keep, truth, hot):
@@ -341,7 +382,7 @@ def guess_rule(s_prev: np.ndarray, selected: np.ndarray, threshold: float, test:
 
 
 def _fit_layer(model: Model, layer: int, h: np.ndarray, test: np.ndarray, ranks, k_keep: int, recall: float,
-               h_prev: np.ndarray | None = None) -> dict:
+               h_prev: np.ndarray | None = None, pdtype: str = "f16") -> dict:
     """{selector: (tensors, manifest entry, report entry)} of one layer. The exact projections of the
     recorded inputs are computed once and every candidate (each rank, each selector) is scored against
     them; all ranks of one map come from one projection (rank_scores)."""
@@ -371,18 +412,27 @@ def _fit_layer(model: Model, layer: int, h: np.ndarray, test: np.ndarray, ranks,
         r, q, s_all = next(f for f in fits if f[1]["contribution_recall"] >= top - 0.01)
     del fits
     factors = {name: truncate(w, v, r) for name, (w, v) in directions.items()}
+    stored = {name: as_stored(f, pdtype) for name, f in factors.items()}
+    if pdtype == "int8":
+        # The rule (threshold), its held-out figures and the window statistics come from the scores the
+        # runtime computes with the int8 maps; the f32 maps' figures at their own threshold stay beside them.
+        unquantized = {k: q[k] for k in ("threshold", "recall", "predicted_fraction", "contribution_recall") if k in q}
+        s_all = _combine({name: low_rank_scores(h, f) for name, f in stored.items()}, c)
+        q = evaluate(c.ffn_kind, s_all[~test], y[~test], s_all[test], y[test], recall=recall, keep=k_keep,
+                     nonzero=c.relu_gated)
+        q.update(rank=r, unquantized=unquantized)
     truth = (y > 0) if c.ffn_kind == "relu" else _topk_mask(y, k_keep, c.relu_gated)
     hot = np.argsort(-truth.mean(axis=0), kind="stable").astype(np.int32)
     predicted = (s_all > q["threshold"]) if c.ffn_kind == "relu" else _topk_mask(s_all, k_keep, c.relu_gated)
     if c.ffn_kind == "relu" and h_prev is not None:     # the pipeline guesses this layer from h_prev
-        a, b, cc = factors["up"]
-        q.update(guess_rule((h_prev @ a.T) @ b.T + cc, predicted, q["threshold"], test))
-    layer_fits = {"lowrank": _layer_output(layer, factors, q, predicted, truth, hot, {})}
+        q.update(guess_rule(low_rank_scores(h_prev, stored["up"]), predicted, q["threshold"], test))
+    layer_fits = {"lowrank": _layer_output(layer, factors, q, predicted, truth, hot, {}, pdtype)}
     if c.gated:
         dn = down_norms(model, layer)
         q["output_recall"] = _output_recall(s_all[test], y[test] * dn, k_keep, c.relu_gated)
         del s_all, predicted
-        layer_fits["gate"] = _gate_fit(model, layer, h, test, exact, y, dn, directions, rank_list, k_keep, truth, hot)
+        layer_fits["gate"] = _gate_fit(model, layer, h, test, exact, y, dn, directions, rank_list, k_keep, truth, hot,
+                                       pdtype)
         layer_fits["exact"] = _exact_fit(model, layer, test, y, dn, k_keep, truth, hot)
     return layer_fits
 
@@ -412,8 +462,11 @@ def _choose_selector(c, candidates: list[dict], selector: str, goal: float) -> s
 
 def calibrate(path, *, text_file=None, random_tokens: bool = False, n_tokens: int = 2048, keep: float = 0.5, recall: float = 0.99,
               selector: str = "auto", output_recall: float = 0.97, ranks=RANKS, holdout: float = 0.2, threads: int | None = None, seed: int = 0,
-              progress: bool = True) -> dict:
-    """Train and store predictors for the model folder at `path`; returns the calibration report."""
+              progress: bool = True, predictor_dtype: str = "auto") -> dict:
+    """Train and store predictors for the model folder at `path`; returns the calibration report.
+    predictor_dtype (PREDICTOR_DTYPES): how the low-rank maps are stored."""
+    if predictor_dtype not in PREDICTOR_DTYPES:
+        raise ValueError(f"predictor dtype must be one of {PREDICTOR_DTYPES}, not {predictor_dtype!r}")
     blas = blas_threads(threads)
     try:
         from threadpoolctl import threadpool_limits
@@ -423,7 +476,7 @@ def calibrate(path, *, text_file=None, random_tokens: bool = False, n_tokens: in
         limit, blas = contextlib.nullcontext(), None
     with limit:
         report = _calibrate(path, text_file, random_tokens, n_tokens, keep, recall, selector, output_recall, ranks,
-                            holdout, threads, seed, progress, blas)
+                            holdout, threads, seed, progress, blas, predictor_dtype)
     return report
 
 
@@ -440,7 +493,7 @@ def blas_threads(threads: int | None) -> int:
 
 
 def _calibrate(path, text_file, random_tokens, n_tokens, keep, recall, selector, output_recall, ranks, holdout,
-               threads, seed, progress, blas) -> dict:
+               threads, seed, progress, blas, predictor_dtype) -> dict:
     t0 = time.perf_counter()
     phases = {}                                          # seconds per phase, for the report
     if not random_tokens and not text_file:
@@ -457,6 +510,7 @@ def _calibrate(path, text_file, random_tokens, n_tokens, keep, recall, selector,
     # which onnxruntime's whole-layer sessions of a quantized dense-mode model bypass.
     model, tokenizer, _ = load(path, RuntimeConfig(ctx_len=1024, threads=threads, dense_engine="numba"), warmup=False)
     folder, c = model.folder, model.config
+    pdtype = predictor_dtype_of(folder, predictor_dtype)
     if random_tokens:
         # For synthetic models, whose "language" is uniformly random token ids.
         ids = np.random.default_rng(seed).integers(0, c.vocab_size, n_tokens).tolist()
@@ -480,7 +534,7 @@ def _calibrate(path, text_file, random_tokens, n_tokens, keep, recall, selector,
     tensors, layer_meta, report_layers, candidates = {}, [], [], []
     for layer in tqdm(range(c.n_layers), desc="Fitting predictors", disable=not progress, file=sys.stderr):
         candidates.append(_fit_layer(model, layer, hs[layer], test, ranks, k_keep, recall,
-                                     hs[layer - 1] if layer else None))
+                                     hs[layer - 1] if layer else None, pdtype))
         if layer:
             hs[layer - 1] = None                         # no longer needed (the next layer guesses from hs[layer])
     phases["fit"] = round(time.perf_counter() - t2, 1)
@@ -493,7 +547,7 @@ def _calibrate(path, text_file, random_tokens, n_tokens, keep, recall, selector,
         log.info("layer %d: %s rank %d recall %.3f predicted %.2f", layer, q["rule"], q["rank"], q["recall"],
                  q["predicted_fraction"])
     report = {"tokens": n, "holdout": holdout, "source": source, "keep": keep, "recall_goal": recall,
-              "selector": choice, "selector_quality": _selector_quality(candidates),
+              "selector": choice, "selector_quality": _selector_quality(candidates), "predictor_dtype": pdtype,
               "blas_threads": blas, "seconds": round(time.perf_counter() - t0, 1), "phase_seconds": phases,
               "layers": report_layers}
     model.close()
@@ -503,7 +557,8 @@ def _calibrate(path, text_file, random_tokens, n_tokens, keep, recall, selector,
 
 def _write_predictors(folder, tensors: dict, layer_meta: list, report: dict) -> None:
     """predictor.safetensors and the manifest entry, each replaced atomically."""
-    names = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int32): "I32"}
+    names = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int32): "I32",
+             np.dtype(np.int8): "I8"}
     plan = [(name, names[t.dtype], list(t.shape)) for name, t in tensors.items()]
     header, offsets = plan_file(plan, align=64, metadata={"layers": json.dumps(layer_meta),
                                                           "report": json.dumps(report)})

@@ -391,7 +391,8 @@ def cmd_serve(args) -> int:
 def cmd_calibrate(args) -> int:
     from flashlm.converters.calibrate import calibrate
     report = calibrate(args.model, text_file=args.file, random_tokens=args.random_tokens, n_tokens=args.tokens, keep=args.keep, recall=args.recall,
-                       selector=args.selector, output_recall=args.output_recall, threads=args.threads, progress=not args.no_progress)
+                       selector=args.selector, output_recall=args.output_recall, threads=args.threads, progress=not args.no_progress,
+                       predictor_dtype=args.predictor_dtype)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -635,6 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SwiGLU: fraction of neurons kept per token")
     p.add_argument("--recall", type=_float_in(0.0, 1.0, low_open=True), default=0.99,
                    help="ReLU: recall of active neurons to aim for")
+    p.add_argument("--predictor-dtype", choices=("auto", "f16", "int8"), default="auto",
+                   help="storage of the low-rank maps: int8 (one scale per row) halves the predictors' DRAM; "
+                        "auto: int8 when the FFN rows are quantized, else f16")
     p.add_argument("-t", "--threads", type=_POSITIVE, default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")

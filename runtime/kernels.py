@@ -21,7 +21,8 @@ JIT = dict(cache=True, fastmath=True, nogil=True)
 
 @intrinsic
 def f32(typingctx, x):
-    """uint16 (f16 bits) -> float32 via LLVM fpext (one vcvtph2ps/fcvt); float32 passes through."""
+    """uint16 (f16 bits) -> float32 via LLVM fpext (one vcvtph2ps/fcvt); float32 passes through; int8
+    -> float32 via sitofp (its scale is the caller's)."""
     if isinstance(x, types.Integer) and x.bitwidth == 16:
         def codegen(context, builder, sig, args):
             return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
@@ -29,6 +30,11 @@ def f32(typingctx, x):
     if x == types.float32:
         def codegen(context, builder, sig, args):
             return args[0]
+        return types.float32(x), codegen
+    if isinstance(x, types.Integer) and x.bitwidth == 8 and x.signed:
+        # int8 (the int8 predictors' weights, one f32 scale per row applied after the dot): sitofp
+        def codegen(context, builder, sig, args):
+            return builder.sitofp(args[0], ir.FloatType())
         return types.float32(x), codegen
     return None
 
@@ -66,6 +72,26 @@ def matmul(x, w, out):
                 _widen(w[i], d, row)
                 for t in range(T):
                     out[t, i] = _dot(row, x[t], d)
+
+
+@njit(parallel=True, **JIT)
+def matmul_scaled(x, w, scale, out):
+    """out[T, n] = (x[T, d] @ w[n, d].T) * scale[n]: w int8, one f32 scale per row (the int8 predictors'
+    low-rank maps, runtime/predictor.py); the scale multiplies each finished dot, so the inner loop is
+    matmul's with the int8 widened in-register."""
+    T, d = x.shape
+    n = w.shape[0]
+    nblocks = (n + 31) // 32
+    for b in prange(nblocks):
+        if T == 1:
+            for i in range(b * 32, min(n, b * 32 + 32)):
+                out[0, i] = _dot(w[i], x[0], d) * scale[i]
+        else:
+            row = np.empty(d, np.float32)
+            for i in range(b * 32, min(n, b * 32 + 32)):
+                _widen(w[i], d, row)
+                for t in range(T):
+                    out[t, i] = _dot(row, x[t], d) * scale[i]
 
 
 @njit(**JIT)

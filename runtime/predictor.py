@@ -20,7 +20,8 @@ normalized FFN input h, fitted to the layer's own projections (see converters/ca
   dReLU's relu(gate) * relu(up) scores zero when either (estimated) projection is not positive, and
   a neuron scored zero is never selected, so a token reads at most `keep` neurons and often fewer;
   with "exact" (both projections resident) the selection is exactly the active set when keep allows.
-Stored in predictor.safetensors as layers.{i}.predictor.{up,gate}.{A [r, d], B [n_ff, r], c [n_ff]},
+Stored in predictor.safetensors as layers.{i}.predictor.{up,gate}.{A [r, d], B [n_ff, r], c [n_ff]}
+(A, B in f16, f32 or int8; int8 maps also hold their per-row scales .A_scale [r], .B_scale [n_ff], f32),
 layers.{i}.predictor.hot [n_ff] (neurons by calibration frequency) and, for "gate",
 layers.{i}.predictor.gate_rows [n_ff, d] and layers.{i}.predictor.down_norm [n_ff], for "exact" also
 layers.{i}.predictor.up_rows [n_ff, d] (and no low-rank maps); rule and rank in the metadata. A folder
@@ -49,24 +50,53 @@ PREDICTOR_FILE = "predictor.safetensors"
 
 @dataclass
 class LowRank:
-    A: np.ndarray            # [r, d] f16 bits (uint16, widened inside the matmul kernel) or f32
-    B: np.ndarray            # [n_ff, r] f16 bits or f32
+    A: np.ndarray            # [r, d] f16 bits (uint16, widened inside the matmul kernel), f32 or int8
+    B: np.ndarray            # [n_ff, r] f16 bits, f32 or int8
     c: np.ndarray            # [n_ff] f32
+    A_scale: np.ndarray | None = None    # int8 maps: one f32 scale per row of A [r] and of B [n_ff]
+    B_scale: np.ndarray | None = None
 
     def __post_init__(self):
         # Decode (one token) scores into these: no allocation per token. Longer inputs allocate.
         self.z1 = np.empty((1, self.A.shape[0]), np.float32)
         self.s1 = np.empty((1, self.B.shape[0]), np.float32)
 
+    @property
+    def nbytes(self) -> int:
+        """What this map holds in DRAM (the memory plan counts the same bytes from the file's header)."""
+        return sum(t.nbytes for t in (self.A, self.B, self.c, self.A_scale, self.B_scale) if t is not None)
+
     def __call__(self, h: np.ndarray) -> np.ndarray:
         """Scores [T, n_ff]; for T = 1 a view of this map's own buffer, valid until its next call."""
         T = h.shape[0]
         z = self.z1 if T == 1 else np.empty((T, self.A.shape[0]), np.float32)
         s = self.s1 if T == 1 else np.empty((T, self.B.shape[0]), np.float32)
-        K.matmul(h, self.A, z)
-        K.matmul(z, self.B, s)
+        if self.A_scale is None:
+            K.matmul(h, self.A, z)
+        else:
+            K.matmul_scaled(h, self.A, self.A_scale, z)
+        if self.B_scale is None:
+            K.matmul(z, self.B, s)
+        else:
+            K.matmul_scaled(z, self.B, self.B_scale, s)
         s += self.c
         return s
+
+
+def quantize_rows_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(q int8 [n, k], scale f32 [n]) with w ~ q * scale[:, None]: symmetric, one scale per row (a row's
+    largest magnitude maps to 127; an all-zero row gets scale 0 and zeros)."""
+    w = np.asarray(w, np.float32)
+    peak = np.abs(w).max(axis=1) if w.size else np.zeros(len(w), np.float32)
+    scale = (peak / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def dequantize_rows_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """f32 [n, k]: what the int8 kernel multiplies by (q * scale per row)."""
+    return q.astype(np.float32) * scale[:, None]
 
 
 def gated_score(gate: np.ndarray, up: np.ndarray, ffn_kind: str, act_threshold: float = 0.0) -> np.ndarray:
@@ -264,22 +294,36 @@ def load_predictors(folder: Path, config, layers=None, state=None, gate_rows=Non
         raise ModelFileError(f"{path}: predictors for {len(infos)} layers, the model has {config.n_layers}")
     d, n_ff = config.d_model, config.n_ff
 
-    def tensor(name: str, shape) -> np.ndarray:
+    def tensor(name: str, shape, int8: bool = False) -> np.ndarray:
         info = header.get(name)
         if info is None:
             raise ModelFileError(f"{path}: tensor {name!r} is missing")
-        if tuple(info["shape"]) != tuple(shape) or (len(shape) == 2 and float_storage_of(info["dtype"]) is None):
-            raise ModelFileError(f"{path}: tensor {name!r} is {info['dtype']} {info['shape']}, expected a float "
-                                 f"{list(shape)} for this model")
+        matrix = len(shape) == 2
+        if int8:
+            ok = info["dtype"] == "I8"
+        else:
+            ok = not matrix or float_storage_of(info["dtype"]) is not None
+        if tuple(info["shape"]) != tuple(shape) or not ok:
+            raise ModelFileError(f"{path}: tensor {name!r} is {info['dtype']} {info['shape']}, expected "
+                                 f"{'an I8' if int8 else 'a float'} {list(shape)} for this model")
         t = read_tensor(path, info, start)
-        return t.view(float_storage_of(info["dtype"]).view_dtype) if len(shape) == 2 else t.astype(np.float32)
+        if int8:
+            return t
+        return t.view(float_storage_of(info["dtype"]).view_dtype) if matrix else t.astype(np.float32)
 
     def low_rank(prefix: str) -> LowRank | None:
         if prefix + ".A" not in header:
             return None
         rank = header[prefix + ".A"]["shape"][0]
-        return LowRank(tensor(prefix + ".A", (rank, d)), tensor(prefix + ".B", (n_ff, rank)),
-                       tensor(prefix + ".c", (n_ff,)))
+        # int8 maps (calibrate --predictor-dtype int8) carry their per-row scales beside them
+        int8 = header[prefix + ".A"]["dtype"] == "I8"
+        if int8 and (prefix + ".A_scale" not in header or prefix + ".B_scale" not in header):
+            raise ModelFileError(f"{path}: int8 map {prefix!r} has no per-row scales ({prefix}.A_scale, "
+                                 f"{prefix}.B_scale); run `flashlm calibrate {folder}` again")
+        scales = dict(A_scale=tensor(prefix + ".A_scale", (rank,)), B_scale=tensor(prefix + ".B_scale", (n_ff,))) \
+            if int8 else {}
+        return LowRank(tensor(prefix + ".A", (rank, d), int8), tensor(prefix + ".B", (n_ff, rank), int8),
+                       tensor(prefix + ".c", (n_ff,)), **scales)
 
     def hot(name: str) -> np.ndarray:
         h = read_tensor(path, header[name], start) if name in header else None
