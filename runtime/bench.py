@@ -97,7 +97,11 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
         if switch is not None:              # the timed tokens' share with the lookahead on, and the last trial
             row.update(lookahead_on=stats.lookahead_tokens / stats.decode_tokens if stats.decode_tokens else None,
                        trial_ms_on=switch.last[0] if switch.last else None,
-                       trial_ms_off=switch.last[1] if switch.last else None)
+                       trial_ms_off=switch.last[1] if switch.last else None,
+                       trial_pairs_won=switch.last_pairs[0] if switch.last_pairs else None,
+                       trial_pairs=switch.last_pairs[1] if switch.last_pairs else None,
+                       trials=switch.trials, trial_tokens=switch.trial_tokens,
+                       **switch_count_fields(ffn))
         rows.append(row)
     model.close()
     for row in rows:
@@ -110,6 +114,17 @@ def _predicted_ms(model, folder, plan, rt: RuntimeConfig) -> float:
     from .predictor import read_calibration
     calibration = read_calibration(folder) if plan.run_mode.needs_predictors else None
     return 1e3 * model.costs.plan_cost(plan, calibration, pin=rt.pin).total_s
+
+
+def switch_count_fields(ffn) -> dict:
+    """The pipeline switch's trial tokens, per setting: each of the backend's SWITCH_COUNTS per token
+    (e.g. trial_on_reads, trial_off_io_wait_ms): what the lookahead bought and cost, measured."""
+    out = {}
+    for setting, tag in ((True, "on"), (False, "off")):
+        sums, n = ffn.switch.counts[setting], ffn.switch.count_tokens[setting]
+        for name, v in zip(ffn.SWITCH_COUNTS, sums or ()):
+            out[f"trial_{tag}_{name}"] = v / n if n else None
+    return out
 
 
 def lookahead_fields(stats: FFNStats, n: int, stride: int, nbytes: int) -> dict:

@@ -234,6 +234,7 @@ def _switch_line(ffn) -> list[str]:
     if switch is None or not fs.decode_tokens:
         return []
     trial = (f"; last trial {switch.last[0]:.1f} ms/token on vs {switch.last[1]:.1f} off"
+             + (f", on won {switch.last_pairs[0]} of {switch.last_pairs[1]} pairs" if switch.last_pairs else "")
              if switch.last else "; no trial decided yet")
     return [f"lookahead switch:    on for {fs.lookahead_tokens} of {fs.decode_tokens} decode tokens{trial}"]
 

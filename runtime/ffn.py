@@ -592,7 +592,7 @@ class FlashFFN(FFNBackend):
     def compute(self, layer, h, out):
         if layer == 0 and self.switch is not None:
             if h.shape[0] == 1:
-                self.lookahead_on = self.switch.decode_token()
+                self.lookahead_on = self.switch.decode_token(self.switch_counts())
                 self.stats.decode_tokens += 1
                 self.stats.lookahead_tokens += self.lookahead_on
             else:
@@ -607,6 +607,14 @@ class FlashFFN(FFNBackend):
             self.whole.compute(layer, h, out)
         else:
             self._sparse(layer, h, out)
+
+    SWITCH_COUNTS = ("io_wait_ms", "mem_ms", "io_busy_ms", "reads", "bytes", "io_cpu_ms")
+
+    def switch_counts(self) -> tuple:
+        """The cumulative counters the pipeline switch keeps per setting for its trial tokens (names in
+        SWITCH_COUNTS; at a token's start no read is in flight: every layer waited for its own)."""
+        st, rs = self.stats, self.reader.stats
+        return (1e3 * st.io_s, 1e3 * st.mm_s, 1e3 * st.io_busy_s, rs.reads, rs.bytes_read, 1e3 * rs.cpu_s)
 
     def io_counts(self) -> tuple[int, int]:
         self.settle()

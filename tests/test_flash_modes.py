@@ -363,6 +363,7 @@ def test_pipeline_changes_what_is_read_never_what_is_computed(opt_folder):
 
 
 def test_switching_lookahead_mid_sequence_is_exact(opt_folder):
+    from flashlm.runtime.pipeline_switch import PipelineSwitch
     """Oracle selector, every layer sparse, the lookahead toggled token by token by a trial: logits
     equal dense's, and both settings ran."""
     ref, _, _ = _logits(opt_folder, kv_dtype="f32")
@@ -370,7 +371,8 @@ def test_switching_lookahead_mid_sequence_is_exact(opt_folder):
                                                          kv_dtype="f32"), predictors=_oracles(opt_folder))
     try:
         ffn = model.ffn_backend
-        ffn.switch.pattern, ffn.switch.warm, ffn.switch._pos = (True, False, False, True), 1, -1
+        # a trial from the second decode token on, pairs (on, off), (off, on), that cannot end before both ran
+        ffn.switch = PipelineSwitch(pairs=2, accept_wins=1, warm=1, every=2)
         pre = model.forward(IDS[:6], all_logits=True)
         dec = [model.forward([t])[0].copy() for t in IDS[6:]]
         np.testing.assert_allclose(np.concatenate([pre, np.stack(dec)]), ref, atol=1e-5)

@@ -133,8 +133,11 @@ def table(args, mode: str, seq) -> None:
           f"decode speedup over --no-pipeline: {speed}"
           + (f"; sequential rate {seq:.0f} MB/s ({args.profile}, {args.io_threads} threads)" if seq else ""))
     if any(t[0] is not None for t in trials):
-        print("auto's trials (median ms/token lookahead on / off, per child): "
-              + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in trials if a is not None))
+        print("auto's last trial per child (median ms/token lookahead on / off, pairs the lookahead won / "
+              "compared, trials, trial tokens): " + ", ".join(
+                  f"{r['trial_ms_on']:.0f}/{r['trial_ms_off']:.0f} {r.get('trial_pairs_won')}/{r.get('trial_pairs')} "
+                  f"{r.get('trials')} {r.get('trial_tokens')}" for r in rows.get("auto", []) if r.get("trial_ms_on")))
+        print(trial_counts(rows.get("auto", [])))
     # the issue's targets, for the pipeline's row (None: not applicable to this mode / not measured)
     e = "auto" if "auto" in names else names[0]
     mp = med[e]
@@ -145,6 +148,23 @@ def table(args, mode: str, seq) -> None:
               "streamed layers >= 80% of sequential": None if not (mp["stream_mb_s"] and seq) else mp["stream_mb_s"] >= 0.8 * seq}
     print(f"targets ({ENGINES[e][1]}): " + "; ".join(f"{k}: {'met' if v else 'not met'}" for k, v in checks.items()
                                                    if v is not None) + "\n")
+
+
+def trial_counts(rows: list[dict]) -> str:
+    """What the lookahead bought and cost in the switch's trial tokens (all of auto's children pooled,
+    medians of the children's per-token means), on vs off: the compute thread's I/O wait and cache
+    bookkeeping, the reader's busy time, reads and MiB, the reader threads' CPU and its CPU per read."""
+    cells = []
+    for name, scale, spec in (("io_wait_ms", 1, ".1f"), ("mem_ms", 1, ".1f"), ("io_busy_ms", 1, ".1f"),
+                              ("reads", 1, ".0f"), ("bytes", 2**-20, ".2f"), ("io_cpu_ms", 1, ".1f")):
+        on, off = median(rows, f"trial_on_{name}"), median(rows, f"trial_off_{name}")
+        if on is not None and off is not None:
+            cells.append(f"{name} {fmt(on, spec, scale)} / {fmt(off, spec, scale)}")
+    on_r, off_r = median(rows, "trial_on_reads"), median(rows, "trial_off_reads")
+    on_c, off_c = median(rows, "trial_on_io_cpu_ms"), median(rows, "trial_off_io_cpu_ms")
+    if on_r and off_r and on_c is not None and off_c is not None:
+        cells.append(f"CPU us/read {1e3 * on_c / on_r:.1f} / {1e3 * off_c / off_r:.1f}")
+    return "auto's trial tokens per token, lookahead on / off: " + ("; ".join(cells) if cells else "-")
 
 
 if __name__ == "__main__":
