@@ -608,11 +608,11 @@ class FlashFFN(FFNBackend):
         else:
             self._sparse(layer, h, out)
 
-    SWITCH_COUNTS = ("io_wait_ms", "mem_ms", "io_busy_ms", "reads", "bytes", "io_cpu_ms")
+    SWITCH_COUNTS = ("ms", "io_wait_ms", "mem_ms", "io_busy_ms", "reads", "bytes", "io_cpu_ms")   # ms: the switch's
 
     def switch_counts(self) -> tuple:
-        """The cumulative counters the pipeline switch keeps per setting for its trial tokens (names in
-        SWITCH_COUNTS; at a token's start no read is in flight: every layer waited for its own)."""
+        """The cumulative counters the pipeline switch keeps per setting for its trial tokens (SWITCH_COUNTS
+        after its own "ms"; at a token's start no read is in flight: every layer waited for its own)."""
         st, rs = self.stats, self.reader.stats
         return (1e3 * st.io_s, 1e3 * st.mm_s, 1e3 * st.io_busy_s, rs.reads, rs.bytes_read, 1e3 * rs.cpu_s)
 

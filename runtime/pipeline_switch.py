@@ -78,7 +78,7 @@ class PipelineSwitch:
 
     def decode_token(self, counts: tuple | None = None) -> bool:
         """counts: the backend's cumulative counters now (any tuple of numbers, the same every call);
-        the deltas of trial tokens are summed per setting into self.counts."""
+        per setting, self.counts sums over the trial tokens (the token's ms, *the counters' deltas)."""
         now = self.clock()
         if self._start is not None:
             t0, setting, trial, c0 = self._start
@@ -102,7 +102,7 @@ class PipelineSwitch:
     # -- the trial
     def _sample(self, setting: bool, seconds: float, c0, c1) -> None:
         if c0 is not None and c1 is not None:
-            d = tuple(b - a for a, b in zip(c0, c1))
+            d = (1e3 * seconds, *(b - a for a, b in zip(c0, c1)))
             old = self.counts[setting]
             self.counts[setting] = d if old is None else tuple(a + b for a, b in zip(old, d))
             self.count_tokens[setting] += 1

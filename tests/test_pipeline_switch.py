@@ -101,7 +101,8 @@ def test_trial_tokens_counts_are_kept_per_setting():
         clock.t += 0.1
         total = [total[0] + add[0], total[1] + add[1]]
     # token 0 warming (not kept), token 1 on (3 ms, 14 reads), token 2 off (7, 9); token 3 after the trial
-    assert sw.counts == {True: (3.0, 14), False: (7.0, 9)} and sw.count_tokens == {True: 1, False: 1}
+    assert sw.counts == {True: pytest.approx((100.0, 3.0, 14)), False: pytest.approx((100.0, 7.0, 9))}
+    assert sw.count_tokens == {True: 1, False: 1}
 
 
 def test_stats_line_says_what_the_switch_decided():

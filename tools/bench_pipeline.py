@@ -152,10 +152,10 @@ def table(args, mode: str, seq) -> None:
 
 def trial_counts(rows: list[dict]) -> str:
     """What the lookahead bought and cost in the switch's trial tokens (all of auto's children pooled,
-    medians of the children's per-token means), on vs off: the compute thread's I/O wait and cache
+    medians of the children's per-token means), on vs off: the token's ms, the compute thread's I/O wait and cache
     bookkeeping, the reader's busy time, reads and MiB, the reader threads' CPU and its CPU per read."""
     cells = []
-    for name, scale, spec in (("io_wait_ms", 1, ".1f"), ("mem_ms", 1, ".1f"), ("io_busy_ms", 1, ".1f"),
+    for name, scale, spec in (("ms", 1, ".1f"), ("io_wait_ms", 1, ".1f"), ("mem_ms", 1, ".1f"), ("io_busy_ms", 1, ".1f"),
                               ("reads", 1, ".0f"), ("bytes", 2**-20, ".2f"), ("io_cpu_ms", 1, ".1f")):
         on, off = median(rows, f"trial_on_{name}"), median(rows, f"trial_off_{name}")
         if on is not None and off is not None:
