@@ -35,10 +35,13 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import native_aio
 from .aligned import BLOCK
 from .errors import FlashlmError
 
 MIN_SPLIT_BYTES = 64 * 1024    # don't cut a run below this just to keep every worker busy
+AIO_DEPTH = 64                 # reads each worker keeps in flight through native AIO (see _aio_read_runs)
+AIO_REAP = 32                  # ... and how many completions it waits for per io_getevents
 
 
 class DirectIOUnsupported(OSError, FlashlmError):
@@ -49,7 +52,8 @@ class DirectIOUnsupported(OSError, FlashlmError):
 class ReadStats:
     bytes_read: int = 0        # bytes fetched from the file, including alignment and gap overhead
     useful_bytes: int = 0      # distinct requested rows x row_bytes
-    reads: int = 0             # preadv calls
+    reads: int = 0             # read requests: preads, or reads submitted through native AIO
+    syscalls: int = 0          # read syscalls: one per pread; io_submit + io_getevents calls under AIO
     seconds: float = 0.0       # wall time inside read_rows / read_layer (concurrent calls each count)
     calls: int = 0             # read_rows / read_layer calls
     busy_s: float = 0.0        # wall time with at least one call in flight (concurrent calls count once)
@@ -128,6 +132,163 @@ def _read_runs(fd, counter, n_runs, run_off, run_len, run_direct, run_lo, run_hi
                 out2d[dst[j], :] = stage[src:src + width]
     result[0] = nbytes
     result[1] = ncalls
+
+
+@njit(cache=True, nogil=True)
+def _aio_read_runs(nr_submit, nr_getevents, ctx, iocbs, iocb_addr, submit_ptrs, events, ws, reap,
+                   fd, counter, n_runs, run_off, run_len, run_direct, run_lo, run_hi, ns, dst, layer_off, stride,
+                   stage, stage_addr, out2d, out_addr, failed, result):
+    """_read_runs through native AIO: claim runs and keep up to depth = len(submit_ptrs) of them in flight,
+    submitting every claimable run in one io_submit and reaping at least `reap` completions per
+    io_getevents, scattering staged rows as their reads complete.
+
+    Staged runs take space in the staging arena `stage` in claim order, as a ring (byte counters head and
+    tail; a run that would wrap starts at the arena's beginning instead), released in the same order once
+    read, so a run's bytes stay put while its read is in flight. The arena holds any one run (the plan caps
+    runs at the staging size), so a run always fits once the ring has drained. ws (depth x 6, int64)
+    holds per slot: run, ring end, done, ring start (-1: read straight into out), the free-slot stack,
+    and the release FIFO of staged slots.
+
+    result[:] = (bytes, requests, syscalls, failed runs, fatal errno). A read that failed or came back
+    short (res < what the run needs) is listed in failed[] for the caller to redo with os.preadv (which
+    raises the right error, or finishes a read the kernel cut short); claiming stops at the first one and
+    the loop drains what is in flight. A refused io_submit (fatal errno: AIO unusable here) lists the runs
+    it claimed but could not submit and returns once nothing is in flight; the caller goes on with pread."""
+    depth = len(submit_ptrs)
+    arena = len(stage)
+    for s in range(depth):
+        ws[s, 4] = s
+    nfree = depth
+    fifo_h = 0
+    fifo_n = 0
+    head = 0
+    tail = 0
+    pending = -1
+    exhausted = False
+    stop = False
+    inflight = 0
+    nprep = 0                     # iocb pointers prepared in submit_ptrs[:nprep], not yet submitted
+    nbytes = 0
+    nreq = 0
+    nsys = 0
+    nfail = 0
+    fatal = 0
+    width = out2d.shape[1]
+    while True:
+        while not stop and nfree > 0:
+            if pending < 0:
+                if exhausted:
+                    break
+                k = _claim(counter)
+                if k >= n_runs:
+                    exhausted = True
+                    break
+                pending = k
+            k = pending
+            length = run_len[k]
+            if run_direct[k] >= 0:
+                addr = out_addr + run_direct[k]
+                start = -1
+            else:
+                if fifo_n == 0:
+                    head = 0
+                    tail = 0
+                pos = head % arena
+                pad = arena - pos if pos + length > arena else 0
+                if head + pad + length - tail > arena:
+                    break                               # wait for the ring to drain
+                start = head + pad
+                head = start + length
+                addr = stage_addr + start % arena
+            nfree -= 1
+            s = ws[nfree, 4]
+            ws[s, 0] = k
+            ws[s, 1] = head
+            ws[s, 2] = 0
+            ws[s, 3] = start
+            if start >= 0:
+                ws[(fifo_h + fifo_n) % depth, 5] = s
+                fifo_n += 1
+            native_aio.fill_iocb(iocbs, s, fd, addr, length, run_off[k])
+            submit_ptrs[nprep] = iocb_addr[s]
+            nprep += 1
+            pending = -1
+        if nprep > 0:
+            r = native_aio.submit_from(nr_submit, ctx, submit_ptrs, 0, nprep)
+            nsys += 1
+            if r > 0:
+                for j in range(r, nprep):               # keep the rest for the next round
+                    submit_ptrs[j - r] = submit_ptrs[j]
+                nprep -= r
+                inflight += r
+                nreq += r
+            elif (r == 0 or r == -11) and inflight > 0:  # EAGAIN: the context is full; reap, then retry
+                pass
+            else:
+                fatal = -r if r < 0 else 11
+                stop = True
+                for j in range(nprep):                  # hand the unsubmitted runs back to the caller
+                    s = (submit_ptrs[j] - iocb_addr[0]) // (native_aio.IOCB_WORDS * 8)
+                    failed[nfail] = ws[s, 0]
+                    nfail += 1
+                    ws[s, 2] = 1
+                    if ws[s, 3] < 0:
+                        ws[nfree, 4] = s
+                        nfree += 1
+                nprep = 0
+        if inflight == 0:
+            if nprep == 0 and pending < 0 and (exhausted or stop):
+                break
+            if stop and nprep == 0:
+                break
+            continue
+        want = 1 if (nprep > 0 or pending >= 0) else min(reap, inflight)
+        r = native_aio.get_events(nr_getevents, ctx, events, want, depth)
+        nsys += 1
+        if r < 0:                                       # cannot happen with valid arguments; nothing safe is left
+            fatal = r
+            break
+        for j in range(r):
+            s = events[j, 0]
+            res = events[j, 2]
+            k = ws[s, 0]
+            start = ws[s, 3]
+            off = run_off[k]
+            if start < 0:
+                need = run_len[k]
+            else:
+                need = layer_off + ns[run_hi[k] - 1] * stride + stride - off   # EOF may cut the padding
+            if res < need:
+                failed[nfail] = k
+                nfail += 1
+                stop = True
+            else:
+                nbytes += res
+                if start >= 0:
+                    base = start % arena - off
+                    for i in range(run_lo[k], run_hi[k]):
+                        src = base + layer_off + ns[i] * stride
+                        out2d[dst[i], :] = stage[src:src + width]
+            ws[s, 2] = 1
+            if start < 0:
+                ws[nfree, 4] = s
+                nfree += 1
+        inflight -= r
+        while fifo_n > 0 and ws[ws[fifo_h, 5], 2] == 1:   # release staged slots in claim order
+            s = ws[fifo_h, 5]
+            tail = ws[s, 1]
+            ws[nfree, 4] = s
+            nfree += 1
+            fifo_h = (fifo_h + 1) % depth
+            fifo_n -= 1
+    if pending >= 0:                                    # claimed, never submitted: the caller reads it
+        failed[nfail] = pending
+        nfail += 1
+    result[0] = nbytes
+    result[1] = nreq
+    result[2] = nsys
+    result[3] = nfail
+    result[4] = fatal
 
 
 @njit(cache=True, nogil=True)
@@ -234,73 +395,118 @@ class _Plan:
             self.direct)
 
 
-def _read_full(fd: int, buf: memoryview, offset: int, need: int) -> tuple[int, int]:
-    """preadv until at least `need` bytes arrived; returns (bytes, calls). Short reads only happen at EOF."""
-    got = os.preadv(fd, [buf], offset)
-    calls = 1
+def _read_full(fd: int, buf: memoryview, offset: int, need: int, path: str) -> tuple[int, int]:
+    """preadv until at least `need` bytes arrived; returns (bytes, calls). Short reads only happen at EOF.
+    Errors name the file and the offset."""
+    got, calls = 0, 0
     while got < need:
         try:
             n = os.preadv(fd, [buf[got:]], offset + got)
-        except OSError as e:            # O_DIRECT refuses to continue after an unaligned short read (EOF)
-            if e.errno != errno.EINVAL or got % BLOCK == 0:
-                raise
-            n = 0
+        except OSError as e:
+            if got and e.errno == errno.EINVAL and got % BLOCK:   # O_DIRECT refuses to go on after an
+                n = 0                                              # unaligned short read (EOF)
+            else:
+                raise OSError(e.errno, f"{path}: reading {len(buf) - got} bytes at offset {offset + got}: "
+                                       f"{e.strerror}") from e
         calls += 1
         if n <= 0:
-            raise OSError(errno.EIO, f"short read at offset {offset + got}: file ends before the bundle rows "
-                                     f"(got {got} of {need} bytes)")
+            raise OSError(errno.EIO, f"{path}: short read at offset {offset + got}: the file ends before the "
+                                     f"bundle rows (got {got} of {need} bytes)")
         got += n
     return got, calls
 
 
-def _redo_run(fd, stage_mv, stage_np, job, i) -> tuple[int, int]:
-    """Run i of a call in Python with os.preadv: the numba loop's error path (raises the OSError the
-    syscall gave, EINTR retried by Python, EOF named), and every run under loop="python"."""
-    plan, out2d, out_mv, layer_off, stride = job
-    ns, dst = plan.ns, plan.dst
-    off, length, direct = int(plan.off[i]), int(plan.length[i]), int(plan.direct[i])
-    if direct >= 0:
-        return _read_full(fd, out_mv[direct:direct + length], off, length)
-    lo, hi = int(plan.lo[i]), int(plan.hi[i])
-    need = layer_off + int(ns[hi - 1]) * stride + stride - off
-    b, c = _read_full(fd, stage_mv[:length], off, need)
-    width = out2d.shape[1]
-    for j in range(lo, hi):
-        src = layer_off + int(ns[j]) * stride - off
-        out2d[int(dst[j]), :] = stage_np[src:src + width]
-    return b, c
+@dataclass
+class Submission:
+    """How a reader's workers hand reads to the kernel, shared by the reader and its workers: "aio" (native
+    AIO, AIO_DEPTH reads in flight per worker) or "pread" (one blocking read per syscall), and why pread
+    where AIO was not used (one line; empty under AIO). A worker whose io_submit is refused switches the
+    whole reader to pread and says so here."""
+    engine: str
+    note: str = ""
 
 
-def _do_task(fd, stage_mv, stage_np, stage_addr, result, claim, job):
-    plan, out2d, out_mv, layer_off, stride = job
-    nbytes = ncalls = 0
-    if not isinstance(claim, np.ndarray):        # loop="python": claim is an itertools.count
-        while (i := next(claim)) < plan.n_runs:
-            b, c = _redo_run(fd, stage_mv, stage_np, job, i)
-            nbytes += b
-            ncalls += c
-        return nbytes, ncalls
-    out_addr = _address(out2d)
-    while True:
-        _read_runs(fd, claim, plan.n_runs, plan.off, plan.length, plan.direct, plan.lo, plan.hi, plan.ns,
-                   plan.dst, layer_off, stride, stage_np, stage_addr, out2d, out_addr, result)
-        nbytes += int(result[0])
-        ncalls += int(result[1])
-        failed = int(result[2])
-        if failed < 0:
-            return nbytes, ncalls
-        b, c = _redo_run(fd, stage_mv, stage_np, job, failed)
-        nbytes += b
-        ncalls += c
+class _Worker:
+    """One reader thread's buffers and loops. Module-level state only (no reference to the reader), so an
+    abandoned reader is garbage collected and its finalizer stops the thread."""
+
+    def __init__(self, fd: int, stage: mmap.mmap, path: str, submission: Submission, aio):
+        self.fd, self.path, self.submission, self.aio = fd, path, submission, aio
+        self.stage_mv = memoryview(stage)
+        self.stage_np = np.frombuffer(stage, dtype=np.uint8)
+        self.stage_addr = _address(self.stage_np)
+        self.result = np.zeros(5, np.int64)
+        if aio is not None:
+            self.ws = np.zeros((aio.depth, 6), np.int64)
+            self.failed = np.zeros(aio.depth + 1, np.int64)
+
+    def redo(self, job, i) -> tuple[int, int]:
+        """Run i of a call in Python with os.preadv: the numba loops' error path (raises the OSError the
+        syscall gave, EINTR retried by Python, EOF named; a read the kernel cut short is finished), and
+        every run under loop="python"."""
+        plan, out2d, out_mv, layer_off, stride = job
+        ns, dst = plan.ns, plan.dst
+        off, length, direct = int(plan.off[i]), int(plan.length[i]), int(plan.direct[i])
+        if direct >= 0:
+            return _read_full(self.fd, out_mv[direct:direct + length], off, length, self.path)
+        lo, hi = int(plan.lo[i]), int(plan.hi[i])
+        need = layer_off + int(ns[hi - 1]) * stride + stride - off
+        b, c = _read_full(self.fd, self.stage_mv[:length], off, need, self.path)
+        width = out2d.shape[1]
+        for j in range(lo, hi):
+            src = layer_off + int(ns[j]) * stride - off
+            out2d[int(dst[j]), :] = self.stage_np[src:src + width]
+        return b, c
+
+    def task(self, claim, job) -> tuple[int, int, int]:
+        """Read runs of one call until none is left to claim: (bytes, read requests, syscalls)."""
+        plan, out2d, out_mv, layer_off, stride = job
+        nbytes = nreq = nsys = 0
+        if not isinstance(claim, np.ndarray):        # loop="python": claim is an itertools.count
+            while (i := next(claim)) < plan.n_runs:
+                b, c = self.redo(job, i)
+                nbytes, nreq, nsys = nbytes + b, nreq + c, nsys + c
+            return nbytes, nreq, nsys
+        out_addr = _address(out2d)
+        res = self.result
+        a = self.aio
+        if a is not None and self.submission.engine == "aio":
+            while True:
+                _aio_read_runs(a.nr_submit, a.nr_getevents, a.ctx, a.iocbs, a.iocb_addr, a.submit, a.events,
+                               self.ws, AIO_REAP, self.fd, claim, plan.n_runs, plan.off, plan.length, plan.direct,
+                               plan.lo, plan.hi, plan.ns, plan.dst, layer_off, stride, self.stage_np,
+                               self.stage_addr, out2d, out_addr, self.failed, res)
+                nbytes, nreq, nsys = nbytes + int(res[0]), nreq + int(res[1]), nsys + int(res[2])
+                nfail, fatal = int(res[3]), int(res[4])
+                if fatal < 0:          # io_getevents failed: reads may still be in flight; nothing is safe
+                    raise OSError(-fatal, f"{self.path}: native AIO io_getevents failed: {os.strerror(-fatal)}")
+                if fatal > 0:
+                    self.submission.engine = "pread"
+                    self.submission.note = (f"native AIO refused reads of {self.path} "
+                                            f"({os.strerror(fatal)}): reading with pread")
+                for i in self.failed[:nfail].tolist():
+                    b, c = self.redo(job, i)
+                    nbytes, nreq, nsys = nbytes + b, nreq + c, nsys + c
+                if fatal:
+                    break                              # the rest of this call with pread
+                if nfail == 0:
+                    return nbytes, nreq, nsys
+        while True:
+            _read_runs(self.fd, claim, plan.n_runs, plan.off, plan.length, plan.direct, plan.lo, plan.hi, plan.ns,
+                       plan.dst, layer_off, stride, self.stage_np, self.stage_addr, out2d, out_addr, res)
+            nbytes, nreq, nsys = nbytes + int(res[0]), nreq + int(res[1]), nsys + int(res[1])
+            failed = int(res[2])
+            if failed < 0:
+                return nbytes, nreq, nsys
+            b, c = self.redo(job, failed)
+            nbytes, nreq, nsys = nbytes + b, nreq + c, nsys + c
+
+    def release(self) -> None:
+        del self.stage_np
+        self.stage_mv.release()
 
 
-def _worker(tasks: queue.SimpleQueue, fd: int, stage: mmap.mmap) -> None:
-    # Module-level (not a method) so the thread holds no reference to the reader: an abandoned reader is
-    # garbage collected, and its finalizer stops this thread.
-    stage_mv = memoryview(stage)
-    stage_np = np.frombuffer(stage, dtype=np.uint8)
-    stage_addr = _address(stage_np)
-    result = np.zeros(3, np.int64)
+def _worker(tasks: queue.SimpleQueue, w: _Worker) -> None:
     while True:
         item = tasks.get()
         if item is None:
@@ -308,21 +514,22 @@ def _worker(tasks: queue.SimpleQueue, fd: int, stage: mmap.mmap) -> None:
         claim, job, done = item
         c0 = time.thread_time()
         try:
-            b, c = _do_task(fd, stage_mv, stage_np, stage_addr, result, claim, job)
-            done.put((b, c, time.thread_time() - c0, None))
+            b, c, n = w.task(claim, job)
+            done.put((b, c, n, time.thread_time() - c0, None))
         except BaseException as e:  # noqa: BLE001 - handed to the caller, who re-raises it
-            done.put((0, 0, time.thread_time() - c0, e))
+            done.put((0, 0, 0, time.thread_time() - c0, e))
         del item, claim, job, done   # drop references to the caller's `out` before blocking again
-    del stage_np
-    stage_mv.release()
+    w.release()
 
 
-def _shutdown(queues, threads, fd, stages):
+def _shutdown(queues, threads, fd, stages, aios):
     for q in queues:
         q.put(None)
     for t in threads:
         if t is not threading.current_thread():
             t.join(timeout=10)
+    for a in aios:                   # io_destroy waits for reads still in flight
+        a.close()
     try:
         os.close(fd)
     except OSError:
@@ -339,11 +546,19 @@ class FlashReader:
 
     def __init__(self, path, *, layer_offsets: list[int], stride_bytes: int, n_rows: int,
                  mode: str = "direct", threads: int = 4, max_gap_bytes: int = 0,
-                 staging_bytes: int = 1 << 20, row_bytes: int | None = None, loop: str = "numba"):
+                 staging_bytes: int = 1 << 20, row_bytes: int | None = None, loop: str = "numba",
+                 submit: str = "auto", aio_depth: int = AIO_DEPTH):
         if mode not in ("direct", "buffered"):
             raise ValueError(f"mode must be 'direct' or 'buffered', not {mode!r}")
         if loop not in ("numba", "python"):
             raise ValueError(f"loop must be 'numba' or 'python', not {loop!r}")
+        if submit not in ("auto", "aio", "pread"):
+            raise ValueError(f"submit must be 'auto', 'aio' or 'pread', not {submit!r}")
+        if aio_depth < 1:
+            raise ValueError("aio_depth must be >= 1")
+        # submit: "aio" hands each worker's reads to the kernel in batches (native AIO, aio_depth in flight
+        # per worker), "pread" issues one blocking read per syscall; "auto" takes AIO where it works (direct
+        # mode, a kernel and filesystem that accept it) and says why not in submission_note otherwise.
         # "numba": each worker's batch is one nogil call (_read_runs); "python": one os.preadv per run
         # from a Python loop (the reader before; kept to measure against, tools/bench_reader_loop.py)
         self.loop = loop
@@ -372,14 +587,22 @@ class FlashReader:
         self._all_rows = np.arange(self.n_rows, dtype=np.int64)
 
         self._fd = self._open()
-        stages = [mmap.mmap(-1, self.staging_bytes) for _ in range(self.threads)]
+        self._submission, aios = self._open_aio(submit, int(aio_depth))
+        # Under AIO a worker's staging buffer is the ring its in-flight staged runs share: room for a full
+        # window of single-row runs as well as for the largest run.
+        stage_bytes = self.staging_bytes
+        if aios:
+            stage_bytes = max(stage_bytes, int(aio_depth) * (-(-self.stride_bytes // BLOCK) * BLOCK))
+        stages = [mmap.mmap(-1, stage_bytes) for _ in range(self.threads)]
         self._queues = [queue.SimpleQueue() for _ in range(self.threads)]
-        self._workers = [threading.Thread(target=_worker, args=(q, self._fd, s), daemon=True,
-                                          name=f"flashlm-reader-{i}")
-                         for i, (q, s) in enumerate(zip(self._queues, stages))]
+        workers = [_Worker(self._fd, s, self.path, self._submission, aios[i] if aios else None)
+                   for i, s in enumerate(stages)]
+        self._workers = [threading.Thread(target=_worker, args=(q, w), daemon=True, name=f"flashlm-reader-{i}")
+                         for i, (q, w) in enumerate(zip(self._queues, workers))]
+        del workers
         for t in self._workers:
             t.start()
-        self._finalizer = weakref.finalize(self, _shutdown, self._queues, self._workers, self._fd, stages)
+        self._finalizer = weakref.finalize(self, _shutdown, self._queues, self._workers, self._fd, stages, aios)
 
     def _open(self) -> int:
         flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
@@ -409,7 +632,43 @@ class FlashReader:
                 probe.close()
         return fd
 
+    def _open_aio(self, submit: str, depth: int) -> tuple[Submission, list]:
+        """The submission engine and, under AIO, one io_setup context per worker."""
+        if submit == "pread":
+            return Submission("pread", "pread asked for (submit='pread')"), []
+        if self.loop == "python":
+            return Submission("pread", "the Python loop reads with os.preadv"), []
+        if self.mode != "direct":
+            reason = "buffered reads: pread (native AIO runs page-cache reads synchronously)"
+        else:
+            reason = native_aio.unavailable(self._fd)
+        aios = []
+        if reason is None:
+            try:
+                for _ in range(self.threads):
+                    aios.append(native_aio.AioContext(depth))
+            except OSError as e:        # e.g. /proc/sys/fs/aio-max-nr reached by other readers
+                for a in aios:
+                    a.close()
+                aios, reason = [], f"native AIO unavailable: {e.strerror or e}"
+        if reason is None:
+            return Submission("aio"), aios
+        if submit == "aio":
+            os.close(self._fd)
+            raise OSError(errno.ENOTSUP, f"{self.path}: submit='aio' but {reason}")
+        return Submission("pread", reason), []
+
     # -- public API --------------------------------------------------------------------------------
+
+    @property
+    def submission(self) -> str:
+        """"aio" or "pread": how reads reach the kernel now (a refused AIO submit switches to pread)."""
+        return self._submission.engine
+
+    @property
+    def submission_note(self) -> str:
+        """Why reads go through pread, in one line ("" under AIO)."""
+        return self._submission.note
 
     def read_rows(self, layer: int, neurons, out: np.ndarray, out_rows) -> None:
         """Copy bundle row neurons[j] of `layer` into out[out_rows[j]] for every j. Rows of `out` are the
@@ -499,15 +758,16 @@ class FlashReader:
         busy = self._queues[:plan.n_runs]                 # one task per worker that has something to do
         for q in busy:
             q.put((claim, job, done))
-        nbytes = ncalls = 0
+        nbytes = ncalls = nsys = 0
         cpu = 0.0
         error = None
         for _ in busy:
-            b, c, t, e = done.get()
-            nbytes, ncalls, cpu = nbytes + b, ncalls + c, cpu + t
+            b, c, n, t, e = done.get()
+            nbytes, ncalls, nsys, cpu = nbytes + b, ncalls + c, nsys + n, cpu + t
             error = error or e
         with self._lock:
             self.stats.cpu_s += cpu
+            self.stats.syscalls += nsys
             self._active -= 1
             if self._active == 0:
                 self.stats.busy_s += time.perf_counter() - self._busy_since

@@ -6,6 +6,7 @@ layer ends the file at a size that is not a multiple of 4096, which exercises th
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import pathlib
@@ -419,14 +420,15 @@ def test_busy_time_counts_concurrent_calls_once(files, data_dir, monkeypatch):
     from flashlm.runtime import flash_reader
     stride = 4096
     path, offsets, _ = files[stride]
-    real = flash_reader._read_runs
-
-    def slow(*args):
-        time.sleep(0.05)
-        return real(*args)
+    def slowed(real):
+        def slow(*args):
+            time.sleep(0.05)
+            return real(*args)
+        return slow
     with FlashReader(path, layer_offsets=offsets, stride_bytes=stride, n_rows=N_ROWS, mode=_modes(data_dir)[0],
                      threads=2) as r:
-        monkeypatch.setattr(flash_reader, "_read_runs", slow)
+        for kernel in ("_read_runs", "_aio_read_runs"):       # whichever the reader submits with
+            monkeypatch.setattr(flash_reader, kernel, slowed(getattr(flash_reader, kernel)))
         go = threading.Barrier(2)
 
         def one(row):
@@ -487,3 +489,117 @@ def test_truncated_file_raises(data_dir):
                 r.read_rows(0, [0, 1, 2], out, [0, 1, 2])     # the intact rows still read fine
     finally:
         os.unlink(path)
+
+
+# -- batched submission (native AIO) and its pread fallback ----------------------------------------------
+
+def _aio_or_skip(data_dir, files):
+    if not data_dir[1]:
+        pytest.skip(f"no O_DIRECT-capable filesystem among tmp dirs tried (last: {data_dir[0]})")
+    path, offsets, _ = files[4096]
+    with FlashReader(path, layer_offsets=offsets, stride_bytes=4096, n_rows=N_ROWS) as r:
+        if r.submission != "aio":
+            pytest.skip(f"native AIO not used here: {r.submission_note}")
+
+
+@pytest.mark.parametrize("stride", STRIDES)
+@pytest.mark.parametrize("depth, staging", [(64, 1 << 20), (3, 16 * 1024)])
+def test_aio_and_pread_read_the_same_bytes(files, data_dir, stride, depth, staging):
+    """Native AIO submission and pread give the file's bytes (numpy's view of it) for random row sets,
+    edge rows and the file's last partial block, into full and packed (staged) rows, with the same run
+    counts; AIO needs fewer syscalls. Depth 3 with a 16 KiB ring makes staged runs wrap the ring and wait
+    for it to drain."""
+    _aio_or_skip(data_dir, files)
+    path, offsets, data = files[stride]
+    rng = np.random.default_rng(stride + depth)
+    sets = [rng.choice(N_ROWS, 90, replace=False), np.arange(N_ROWS), [0, 1, N_ROWS - 2, N_ROWS - 1],
+            np.concatenate([np.arange(20, 60), [N_ROWS - 1, N_ROWS - 1, 5]]), [N_ROWS - 1]]
+    width = max(stride * 5 // 8, 1)
+    got = {}
+    for submit in ("aio", "pread"):
+        with FlashReader(path, layer_offsets=offsets, stride_bytes=stride, n_rows=N_ROWS, threads=2,
+                         max_gap_bytes=8192, staging_bytes=staging, submit=submit, aio_depth=depth) as r:
+            assert r.submission == submit
+            outs = []
+            for k, rows in enumerate(sets):
+                rows = np.asarray(rows, np.int64)
+                layer = k % N_LAYERS if k != len(sets) - 1 else N_LAYERS - 1
+                full = aligned_empty((len(rows), stride), np.uint8)
+                dest = rng.permutation(len(rows))
+                r.read_rows(layer, rows, full, dest)
+                np.testing.assert_array_equal(full[dest], _expected(data, offsets, stride, layer, rows))
+                packed = np.zeros((len(rows), width), np.uint8)
+                r.read_rows(layer, rows, packed, dest)
+                np.testing.assert_array_equal(packed[dest], _expected(data, offsets, stride, layer, rows)[:, :width])
+                outs.append((full[dest], packed[dest]))
+            layer_out = aligned_empty((N_ROWS, stride), np.uint8)
+            r.read_layer(N_LAYERS - 1, layer_out)
+            last = offsets[-1]
+            np.testing.assert_array_equal(layer_out, data[last:last + N_ROWS * stride].reshape(N_ROWS, stride))
+            got[submit] = (r.stats.reads, r.stats.bytes_read, r.stats.syscalls)
+    assert got["aio"][:2] == got["pread"][:2]
+    assert got["pread"][2] == got["pread"][0]            # one syscall per pread
+    if stride >= 4096 and depth >= 16:                   # (512-byte rows: a few block runs per call)
+        assert got["aio"][2] < got["pread"][2]
+
+
+def test_aio_unavailable_falls_back_to_pread_and_says_why(files, data_dir, monkeypatch):
+    from flashlm.runtime import flash_reader
+    path, offsets, data = files[12288]
+    monkeypatch.setattr(flash_reader.native_aio, "unavailable", lambda fd: "native AIO unavailable: test")
+    mode = _modes(data_dir)[0]
+    with FlashReader(path, layer_offsets=offsets, stride_bytes=12288, n_rows=N_ROWS, mode=mode) as r:
+        assert r.submission == "pread"
+        assert r.submission_note == ("native AIO unavailable: test" if mode == "direct" else
+                                     "buffered reads: pread (native AIO runs page-cache reads synchronously)")
+        _check(r, data, offsets, 12288, 1, [0, 7, 8, N_ROWS - 1], np.uint8, np.random.default_rng(0))
+        assert r.stats.syscalls == r.stats.reads
+    if mode == "direct":
+        with pytest.raises(OSError, match="submit='aio' but native AIO unavailable: test"):
+            FlashReader(path, layer_offsets=offsets, stride_bytes=12288, n_rows=N_ROWS, submit="aio")
+    with FlashReader(path, layer_offsets=offsets, stride_bytes=12288, n_rows=N_ROWS, mode="buffered") as r:
+        assert r.submission == "pread" and "buffered" in r.submission_note
+
+
+def test_refused_aio_submit_switches_to_pread(files, data_dir, monkeypatch):
+    """A context the kernel refuses at io_submit (here: a context id that io_setup never returned, EINVAL)
+    switches the reader to pread mid-call: the call still returns the right rows, and the note says what
+    was refused."""
+    _aio_or_skip(data_dir, files)
+    from flashlm.runtime import flash_reader
+    real = flash_reader.native_aio.AioContext
+
+    class Refused(real):
+        def __init__(self, depth):
+            super().__init__(depth)
+            self.real_ctx, self.ctx = self.ctx, 0x7fff0000
+
+        def close(self):
+            self.ctx = self.real_ctx
+            super().close()
+    monkeypatch.setattr(flash_reader.native_aio, "AioContext", Refused)
+    monkeypatch.setattr(flash_reader.native_aio, "unavailable", lambda fd: None)   # (it would see the refusal)
+    path, offsets, data = files[4096]
+    with FlashReader(path, layer_offsets=offsets, stride_bytes=4096, n_rows=N_ROWS, threads=2) as r:
+        assert r.submission == "aio"
+        rng = np.random.default_rng(4)
+        _check(r, data, offsets, 4096, 2, rng.choice(N_ROWS, 70, replace=False), np.uint8, rng)
+        assert r.submission == "pread"
+        assert "native AIO refused reads of" in r.submission_note and path in r.submission_note
+        _check(r, data, offsets, 4096, 0, rng.choice(N_ROWS, 70, replace=False), np.uint8, rng)
+
+
+def test_io_error_names_file_and_offset(files, data_dir, monkeypatch):
+    """A read the kernel fails (here: EIO on the Python redo of a failed run) raises an OSError naming the
+    file and the offset."""
+    from flashlm.runtime import flash_reader
+    path, offsets, _ = files[4096]
+
+    def eio(fd, bufs, off):
+        raise OSError(errno.EIO, "Input/output error")
+    with FlashReader(path, layer_offsets=offsets, stride_bytes=4096, n_rows=N_ROWS, mode=_modes(data_dir)[0],
+                     loop="python") as r:
+        monkeypatch.setattr(flash_reader.os, "preadv", eio)
+        with pytest.raises(OSError, match=f"{path}: reading 4096 bytes at offset {offsets[1] + 5 * 4096}") as info:
+            r.read_rows(1, [5], np.zeros((1, 4096), np.uint8), [0])
+        assert info.value.errno == errno.EIO
