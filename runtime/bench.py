@@ -92,6 +92,7 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
                    stream_mb_s=stats.stream_bytes / stats.stream_read_s / 1e6 if stats.stream_read_s else None,
                    predicted_ms=_predicted_ms(model, folder, plan, rt),
                    mem_bg_ms=1e3 * stats.mm_bg_s / n, io_cpu_ms=1e3 * stats.io_cpu_s / n,
+                   io_submit=getattr(getattr(ffn, "reader", None), "submission", None),
                    **lookahead_fields(stats, n, folder.bundles.stride_bytes, nbytes))
         switch = getattr(ffn, "switch", None)
         if switch is not None:              # the timed tokens' share with the lookahead on, and the last trial
@@ -177,7 +178,7 @@ def bench(folder_path, modes: list[str], rt: RuntimeConfig, *, pp: int, tg: int,
     for mode in modes:
         cmd = [sys.executable, "-m", "flashlm", "bench", str(folder_path), "--one", "--json", "--mode", mode,
                "-p", str(pp), "-n", str(tg), "-r", str(reps), "--ctx", str(rt.ctx_len), "--io", rt.io,
-               "--io-threads", str(rt.io_threads), "--layer-io", rt.layer_io, "--pin", str(rt.pin),
+               "--io-threads", str(rt.io_threads), "--io-submit", rt.io_submit, "--layer-io", rt.layer_io, "--pin", str(rt.pin),
                "--max-gap", str(rt.max_gap_bytes)]
         if rt.threads:
             cmd += ["--threads", str(rt.threads)]

@@ -200,7 +200,7 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel: 
     try:
         reader = FlashReader(path, layer_offsets=list(b.layer_offsets), stride_bytes=b.stride_bytes, n_rows=c.n_ff,
                              mode=rt.io, threads=rt.io_threads, max_gap_bytes=rt.max_gap_bytes,
-                             row_bytes=b.stride_bytes)
+                             row_bytes=b.stride_bytes, submit=rt.io_submit)
     except OSError as e:
         raise ModelFileError(f"{path}: cannot open for flash reads ({e.strerror or e})") from None
     all_rows = np.arange(c.n_ff, dtype=np.int32)

@@ -140,6 +140,8 @@ def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_l
     p.add_argument("--pin", type=_FRACTION, default=0.0, help="fraction of each layer's hottest neurons kept resident")
     p.add_argument("--io", default="direct", choices=["direct", "buffered"], help="flash reads: O_DIRECT or page cache")
     p.add_argument("--io-threads", type=_POSITIVE, default=4, help="reader threads")
+    p.add_argument("--io-submit", default="auto", choices=["auto", "aio", "pread"],
+                   help="flash reads: batches through Linux native AIO, one pread per read, or aio where it works")
     p.add_argument("--max-gap", type=_NON_NEGATIVE, default=0, help="coalesce reads across gaps up to this many bytes")
     p.add_argument("--layer-io", default="auto", choices=["auto", "sparse", "stream"],
                    help="flash mode: per layer, sparse reads, streaming the layer, or the cheaper (measured)")
@@ -167,7 +169,7 @@ def _runtime_config(args):
     return apply_run_profile(RuntimeConfig(
         ctx_len=args.ctx, threads=args.threads, mode=mode, budget=args.budget, memory_limit=args.memory_limit,
         embeddings=args.embeddings, dense_engine=args.dense_engine, window=args.window,
-        pin=args.pin, io=args.io, io_threads=args.io_threads, max_gap_bytes=args.max_gap,
+        pin=args.pin, io=args.io, io_threads=args.io_threads, io_submit=args.io_submit, max_gap_bytes=args.max_gap,
         layer_io=args.layer_io, profile=args.profile, verify_reads=not args.no_verify, kv_dtype=args.kv_dtype,
         pipeline=not args.no_pipeline, pipeline_trial=not args.pipeline_always, ort_spin_us=args.ort_spin_us, ort_graph=args.ort_graph))
 
@@ -239,6 +241,14 @@ def _switch_line(ffn) -> list[str]:
     return [f"lookahead switch:    on for {fs.lookahead_tokens} of {fs.decode_tokens} decode tokens{trial}"]
 
 
+def _submission_line(ffn) -> list[str]:
+    reader = getattr(ffn, "reader", None)
+    if reader is None:
+        return []
+    return [f"flash reads:         {'native AIO' if reader.submission == 'aio' else 'pread'}, "
+            f"{reader.threads} reader threads" + (f" ({reader.submission_note})" if reader.submission_note else "")]
+
+
 def _stats_lines(stats, model) -> list[str]:
     """The generation figures, plus the flash accounting of the paper's Table 3 when FFN rows stream."""
     lines = stats.lines()
@@ -251,6 +261,7 @@ def _stats_lines(stats, model) -> list[str]:
                   + (f" ({nbytes / cp.io_busy_ms / n / 1e3:.0f} MB/s while busy)" if cp.io_busy_ms else "")
                   + f"; FFN kernels {1e3 * fs.ffn_s / n:.2f} ms",
                   f"critical path:       {cp.line()}" + ("" if model.runtime.pipeline else " (--no-pipeline)"),
+                  *_submission_line(model.ffn_backend),
                   *_switch_line(model.ffn_backend),
                   *([f"lookahead:           recall {100 * fs.guess_recall:.1f} % of a guessed layer's rows; misses "
                      f"{fs.guess_missed * model.folder.bundles.stride_bytes / n / 2**20:.2f} MiB, over-fetched "
@@ -483,6 +494,8 @@ def cmd_probe(args) -> int:
             _err(f"  FlashReader {pt['what']} x{pt['threads']}, compute x{pt['compute_threads']}: layers "
                  f"{pt['stream_mb_s']:.0f} MB/s, rows {pt['call_us']:.0f} us/call + {pt['row_us']:.1f} us/read; "
                  f"compute slowed {pt['stream_slowdown']:.2f}x streaming, {pt['call_compute_us']:.0f} us lost per rows call")
+        elif kind == "reader" and pt["what"] == "submission":
+            _err(f"  FlashReader reads through {pt['submit']}")
         elif kind == "reader" and pt["what"] == "ring":
             _err(f"  FlashReader layers x{pt['threads']} through a 1/{pt['ring_fraction']} ring: {pt['mb_s']:.0f} MB/s "
                  f"(median of {', '.join(f'{x:.0f}' for x in pt['rounds'])})")

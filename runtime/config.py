@@ -128,6 +128,8 @@ class RuntimeConfig:
     pin: float = 0.0             # fraction of each layer's hottest neurons kept resident for good
     io: str = "direct"           # direct (O_DIRECT) | buffered (page cache)
     io_threads: int = 4          # reader threads, each looping over its share of a batch of reads
+    io_submit: str = "auto"      # how reads reach the kernel: aio (Linux native AIO, a batch per syscall) | pread
+    #                              (one read per syscall) | auto (aio where the kernel and filesystem take it)
     max_gap_bytes: int = 0       # coalesce reads across gaps up to this size (reads a little extra)
     layer_io: str = "auto"       # flash mode per layer: auto (cheaper of sparse/stream) | sparse | stream
     profile: str | None = None   # device profile (devices/NAME.toml or a path): measured flash speeds
@@ -163,6 +165,8 @@ class RuntimeConfig:
             bad("io", "use direct or buffered")
         if self.io_threads < 1:
             bad("io_threads", "use at least one reader thread")
+        if self.io_submit not in ("auto", "aio", "pread"):
+            bad("io_submit", "use auto, aio or pread")
         if self.max_gap_bytes < 0:
             bad("max_gap_bytes", "a gap is not negative")
         if self.layer_io not in ("auto", "sparse", "stream"):

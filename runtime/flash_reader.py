@@ -10,6 +10,13 @@ Why it is built this way (measured on a 2-core VM with a virtio disk, see ../sha
   per task that releases the GIL for the whole batch (libc `pread` called from nopython code), not a
   Python loop around `os.preadv`: on 2 cores that per-read Python work ran beside the compute kernels
   and took CPU and the GIL from them (see docs/BENCHMARKS.md, "Reader loop in numba").
+- Each worker hands its reads to the kernel in batches through Linux native AIO (runtime/native_aio.py):
+  every claimable run in one io_submit, up to AIO_DEPTH in flight, completions reaped in groups. In this
+  VM a pread cost 30-65 us of CPU (a syscall, a virtual-disk notification, an interrupt, a thread wake per
+  read); batched, 6-8 us, and 1.5-3x the reads/s from host-cached rows (tools/bench_read_submit.py,
+  docs/BENCHMARKS.md "Batched read submission"). pread stays the path where AIO is not there or refused
+  (buffered mode, a kernel without it, a filesystem failing it, aio-max-nr reached): `submission_note`
+  says why in one line.
 - O_DIRECT bypasses the page cache (the model does not fit in RAM; the neuron cache is ours), but needs
   buffer address, file offset and length aligned: every read is widened outward to 4096-byte blocks.
   Layer offsets are multiples of 4096 and rows never straddle a block (stride is a multiple or a
@@ -149,11 +156,12 @@ def _aio_read_runs(nr_submit, nr_getevents, ctx, iocbs, iocb_addr, submit_ptrs, 
     holds per slot: run, ring end, done, ring start (-1: read straight into out), the free-slot stack,
     and the release FIFO of staged slots.
 
-    result[:] = (bytes, requests, syscalls, failed runs, fatal errno). A read that failed or came back
-    short (res < what the run needs) is listed in failed[] for the caller to redo with os.preadv (which
-    raises the right error, or finishes a read the kernel cut short); claiming stops at the first one and
-    the loop drains what is in flight. A refused io_submit (fatal errno: AIO unusable here) lists the runs
-    it claimed but could not submit and returns once nothing is in flight; the caller goes on with pread."""
+    result[:] = (bytes, requests, syscalls, failed runs, fatal). A read that failed or came back short
+    (res < what the run needs) is listed in failed[] for the caller to redo with os.preadv (which raises
+    the right error, or finishes a read the kernel cut short); claiming stops at the first one and the
+    loop drains what is in flight. fatal > 0: io_submit refused with that errno (AIO unusable here): the
+    runs claimed but not submitted are listed too, and it returns once nothing is in flight; the caller
+    goes on with pread. fatal < 0: io_getevents failed (-errno; not expected with valid arguments)."""
     depth = len(submit_ptrs)
     arena = len(stage)
     for s in range(depth):

@@ -28,8 +28,8 @@ from typing import Callable
 
 import numpy as np
 
-from .aligned import aligned_empty
-from .flash_reader import FlashReader
+from .aligned import BLOCK, aligned_empty
+from .flash_reader import AIO_DEPTH, FlashReader
 from .layer_stream import CHUNK_BYTES
 
 GiB = 1 << 30
@@ -455,9 +455,20 @@ def reader_layer_point(path, file_size, seconds, layer_bytes=256 * MiB, stride=1
     return s.bytes_read / s.seconds / 1e6
 
 
+def reader_submission(path: str) -> str:
+    """How FlashReader submits direct reads of this file, as the probe's reader points measured them:
+    "native AIO, N in flight per reader thread", or "pread" and why (runtime/flash_reader.py)."""
+    with FlashReader(path, layer_offsets=[0], stride_bytes=BLOCK, n_rows=1, mode="direct", threads=1) as r:
+        if r.submission == "aio":
+            return f"native AIO, {AIO_DEPTH} reads in flight per reader thread"
+        return f"pread ({r.submission_note})"
+
+
 def probe_flash(path: str, s: ProbeSettings, on_point: Callable[[str, dict], None]) -> dict:
     """Direct (and buffered) random reads by size x threads, sequential 1 MiB reads, FlashReader checks."""
-    res = {"random": {}, "sequential": {}, "buffered_random": {}, "buffered_sequential": {}, "reader": {}}
+    res = {"random": {}, "sequential": {}, "buffered_random": {}, "buffered_sequential": {}, "reader": {},
+           "reader_submit": reader_submission(path)}
+    on_point("reader", {"what": "submission", "submit": res["reader_submit"]})
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
         for bs in s.read_bytes:
@@ -765,6 +776,7 @@ def _as_profile(facts, disk, s: ProbeSettings, flash, dram, compute, errors, che
         "probe": {"date": datetime.date.today().isoformat(), "file_bytes": s.file_bytes, "seconds_per_point": s.seconds,
                   "method": "python threads, each looping os.preadv over its own offsets (fio psync numjobs); "
                             "buffered points after POSIX_FADV_DONTNEED",
+                  **({"reader_submit": flash["reader_submit"]} if flash.get("reader_submit") else {}),
                   "matvec_shape": list(s.matvec_shape), **({"engine_errors": errors} if errors else {})},
         "flash": fl,
         "memory": {"threads": threads, "read_gb_s": [rnd(dram[t]) for t in threads]},

@@ -141,6 +141,8 @@ def test_probe_measures_and_writes_a_profile_that_loads(tmp_path):
     assert set(prof.stream_slowdown) == {1, 2} and prof.stream_compute_slowdown(2, 1) >= 1.0
     assert set(prof.reader_call_compute_us) == {1, 2} and prof.reader_call_compute_s(2, 1) >= 0.0
     assert points.count("flash") == 2 * (2 * 2 + 1)
+    # the reader points say how the reader submitted its reads (native AIO, or pread and why)
+    assert data["probe"]["reader_submit"].startswith(("native AIO, ", "pread ("))
 
 
 def test_cli_list_and_show(tmp_path):

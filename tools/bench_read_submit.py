@@ -5,8 +5,10 @@
 
 FILE is any large file on the disk under test (a bundle file, e.g. .../ffn.safetensors).
 A config is `pread:T` (T threads, each a numba nogil loop of libc pread over its share of the reads,
-as FlashReader's workers do today) or `aio:T:D:B` (T threads, each with its own io_setup context
-keeping up to D reads in flight, submitting and reaping in groups of B per syscall). Every
+as FlashReader's workers did before native AIO), `aio:T:D:B` (T threads, each with its own io_setup
+context keeping up to D reads in flight, submitting and reaping in groups of B per syscall), or
+`reader:T:SUBMIT` (FlashReader itself, T worker threads, submit pread or aio, read_rows calls of
+`--rows-per-call` rows as the sparse path makes them; CPU includes the calling thread's hand-off). Every
 configuration reads rows never read before in this run (a fresh slice of one random permutation of
 the file's size-aligned rows: the host caches the virtual disk, so a repeated row is not a disk read);
 the configurations are alternated (reversed every other round). `--warm` re-reads the same rows right
@@ -139,8 +141,10 @@ def _irqs(names: list[str]) -> int:
 
 
 class Runner:
-    def __init__(self, path: str, size: int, max_threads: int, max_depth: int):
+    def __init__(self, path: str, size: int, max_threads: int, max_depth: int, rows_per_call: int):
         self.fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        self.path, self.file_size, self.rows_per_call = path, os.path.getsize(path), rows_per_call
+        self.readers: dict = {}
         self.size = size
         self.bufs = [aligned_empty((max(max_depth, 1) * size,), np.uint8) for _ in range(max_threads)]
         self.ctxs: dict[tuple[int, int], native_aio.AioContext] = {}
@@ -150,9 +154,26 @@ class Runner:
             self.ctxs[(i, depth)] = native_aio.AioContext(depth)
         return self.ctxs[(i, depth)]
 
+    def reader(self, cfg: tuple):
+        from flashlm.runtime.flash_reader import FlashReader
+        if cfg not in self.readers:
+            self.readers[cfg] = FlashReader(self.path, layer_offsets=[0], stride_bytes=self.size,
+                                            n_rows=self.file_size // self.size, threads=cfg[1], submit=cfg[2])
+        return self.readers[cfg]
+
     def run(self, cfg: tuple, offsets: np.ndarray) -> tuple[int, int]:
         """Read all offsets with config cfg; returns (bytes, syscalls)."""
         kind, t = cfg[0], cfg[1]
+        if kind == "reader":
+            r = self.reader(cfg)
+            r.reset_stats()
+            k = self.rows_per_call
+            out = aligned_empty((k, self.size), np.uint8)
+            dst = np.arange(k)
+            for i in range(0, len(offsets), k):
+                rows = offsets[i:i + k] // self.size
+                r.read_rows(0, rows, out, dst[:len(rows)])
+            return r.stats.bytes_read, r.stats.syscalls
         shares = np.array_split(offsets, t)
         out = [None] * t
 
@@ -190,10 +211,14 @@ def parse_config(s: str) -> tuple:
         return ("pread", int(p[1]))
     if p[0] == "aio" and len(p) == 4:
         return ("aio", int(p[1]), int(p[2]), int(p[3]))
-    raise SystemExit(f"bad config {s!r}: pread:T or aio:T:DEPTH:BATCH")
+    if p[0] == "reader" and len(p) == 3 and p[2] in ("aio", "pread"):
+        return ("reader", int(p[1]), p[2])
+    raise SystemExit(f"bad config {s!r}: pread:T, aio:T:DEPTH:BATCH or reader:T:aio|pread")
 
 
 def label(cfg: tuple) -> str:
+    if cfg[0] == "reader":
+        return f"FlashReader x{cfg[1]} {cfg[2]}"
     return f"pread x{cfg[1]}" if cfg[0] == "pread" else f"aio x{cfg[1]} depth {cfg[2]} batch {cfg[3]}"
 
 
@@ -207,6 +232,7 @@ def main() -> int:
                                          "aio:1:64:64,aio:2:64:32,aio:4:32:16")
     ap.add_argument("--warm", action="store_true", help="also re-read each point's rows (host-cached)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rows-per-call", type=int, default=128, help="reader:* configs: rows per read_rows call")
     args = ap.parse_args()
     if native_aio.syscall_numbers() is None:
         raise SystemExit(f"native AIO: no syscall numbers for this machine ({os.uname().machine})")
@@ -226,7 +252,7 @@ def main() -> int:
             raise SystemExit(f"{file_size} bytes hold {len(rows[size])} rows of {size}: fewer than the {need} asked")
     for size in sizes:
         runner = Runner(args.file, size, max(c[1] for c in configs),
-                        max([c[2] for c in configs if c[0] == "aio"] + [1]))
+                        max([c[2] for c in configs if c[0] == "aio"] + [1]), args.rows_per_call)
         # warm-up: compile/load the kernels, open the contexts (not timed)
         for cfg in configs:
             runner.run(cfg, rows[size][-8 * cfg[1]:])
@@ -256,6 +282,8 @@ def main() -> int:
                           file=sys.stderr)
         for c in runner.ctxs.values():
             c.close()
+        for r in runner.readers.values():
+            r.close()
         os.close(runner.fd)
     print(f"| size | rows | config | reads/s | MB/s | CPU us/read | sys us/read | machine CPU us/read | "
           f"irq+softirq us/read | disk irqs/read | syscalls/read |")
