@@ -83,7 +83,7 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
         stats = FFNStats(**{f: sums[f] for f in fields})
         row = _row(base, f"tg{tg}", tg, times)
         cp = critical_path(sum(times), n, io_wait_s=stats.io_s, mem_s=stats.mm_s, predict_s=stats.predict_s,
-                           io_busy_s=stats.io_busy_s)
+                           io_busy_s=stats.io_busy_s, ffn_s=stats.ffn_s)
         row.update(bytes_per_token=nbytes / n, reads_per_token=nreads / n,
                    hit_rate=stats.hit_rate if stats.wanted else None, **cp.fields(),
                    streamed_layer_fraction=(stats.streamed_layers / (n * c.n_layers)

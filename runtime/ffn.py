@@ -61,7 +61,7 @@ class FFNStats:
     mm_s: float = 0.0        # cache bookkeeping on the compute thread: evict (delete-by-swap), append, pin
     mm_bg_s: float = 0.0     # cache bookkeeping of lookahead admissions, on the I/O thread (off the critical path)
     predict_s: float = 0.0   # predictor matmuls + selection
-    ffn_s: float = 0.0       # FFN kernel time not hidden behind I/O
+    ffn_s: float = 0.0       # FFN kernel time on the compute thread (mmap: page faults included)
     bytes_read: int = 0      # from flash (reader-based backends: the reader's own count)
     reads: int = 0           # read system calls
     wanted: int = 0          # neurons the predictors asked for (sum over sparse layers and tokens)
@@ -601,7 +601,9 @@ class FlashFFN(FFNBackend):
         if layer in self.resident:
             self._look_ahead(layer, h)
             rows = self.resident[layer]
+            t0 = time.perf_counter()
             self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
+            self.stats.ffn_s += time.perf_counter() - t0
         elif layer in self.streamed:
             self._look_ahead(layer, h)
             self.whole.compute(layer, h, out)
@@ -741,7 +743,8 @@ class FlashFFN(FFNBackend):
         n_valid = cache.n - len(adm.missing)
         fut = self.pool.submit(self._read_busy, layer, adm.missing, cache.rows, adm.dest_rows) \
             if len(adm.missing) else None
-        self._look_ahead(layer, h)           # queued behind this layer's own misses
+        self._look_ahead(layer, h)           # queued behind this layer's own misses (its predictor: predict_s)
+        t2 = time.perf_counter()
         self.kernel(h, cache.rows, n_valid, cache.neuron_of_row, self.biases[layer], out)
         t3 = time.perf_counter()
         st.ffn_s += t3 - t2

@@ -454,7 +454,7 @@ class Model:
         fs = self.ffn_backend.stats
         self.ffn_backend.io_counts()                    # reads started ahead are finished and counted
         return critical_path(self.forward_s, self.forward_tokens, io_wait_s=fs.io_s, mem_s=fs.mm_s,
-                             predict_s=fs.predict_s, io_busy_s=fs.io_busy_s)
+                             predict_s=fs.predict_s, io_busy_s=fs.io_busy_s, ffn_s=fs.ffn_s)
 
     def close(self) -> None:
         self.ffn_backend.close()

@@ -89,6 +89,11 @@ def test_bench_json_rows(llama):
         assert row["pipeline"] is True
         assert row["io_wait_ms"] + row["mem_ms"] + row["compute_ms"] == pytest.approx(row["ms_per_token"])
         assert row["bound_ms"] == max(row["io_busy_ms"], row["compute_ms"])
+        # compute splits into predictors + FFN kernels + the rest; the wall time into disk busy + disk idle
+        assert row["predict_ms"] + row["ffn_kernel_ms"] <= row["compute_ms"] + 1e-9
+        assert row["predict_ms"] + row["ffn_kernel_ms"] + row["other_compute_ms"] == pytest.approx(row["compute_ms"])
+        assert row["disk_idle_ms"] == pytest.approx(max(0.0, row["ms_per_token"] - row["io_busy_ms"]))
+    assert naive_tg["ffn_kernel_ms"] > 0
     assert dense_tg["io_busy_ms"] == 0 and dense_tg["overlap"] is None and dense_tg["io_wait_ms"] == 0
     # (waiting includes the I/O thread's wake-up, so on a loaded machine it can exceed the busy time)
     assert naive_tg["io_wait_ms"] > 0 and naive_tg["io_busy_ms"] > 0 and 0 <= naive_tg["overlap"] <= 1

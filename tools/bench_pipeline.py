@@ -9,8 +9,9 @@ measures, runtime/pipeline_switch.py), `always` the pipeline with --pipeline-alw
 every decode token), `off` --no-pipeline. Each round runs `flashlm bench --one --json` once per engine,
 each in its own child process (its own page cache drop, load, warm-up repetition: the switch's trial runs
 in the warm-up), the order rotated every round.
-Per engine it prints the median over rounds of: ms/token, the critical path (I/O wait, I/O busy, memory
-management on the compute thread, compute), max(I/O busy, compute) and the ratio of ms/token to it,
+Per engine it prints the median over rounds of: ms/token, the critical path (I/O wait, I/O busy, the
+disk's idle time ms - busy, memory management on the compute thread, compute and its predictor / FFN
+kernel / other parts), max(I/O busy, compute) and the ratio of ms/token to it,
 the overlap, bytes per token, the lookahead's recall and the share of the bytes read that its misses
 cost, and the streamed layers' read rate against the device profile's sequential rate (the probe's
 1 MiB reads at the reader's thread count). Then the decode speedup of the pipeline over --no-pipeline.
@@ -104,8 +105,8 @@ def table(args, mode: str, seq) -> None:
             print(f"{mode} round {r + 1} {ENGINES[e][1]}: {row['ms_per_token']:.1f} ms/token", file=sys.stderr)
             if args.json:
                 print(json.dumps(row))
-    head = ["engine", "ms/tok", "io wait", "io busy", "io CPU", "mem", "mem (I/O thread)", "compute",
-            "max(busy, compute)", "ratio", "overlap %", "MiB/tok", "reads/tok", "guess recall %",
+    head = ["engine", "ms/tok", "io wait", "io busy", "disk idle", "io CPU", "mem", "mem (I/O thread)", "compute",
+            "predict", "FFN kernels", "other compute", "max(busy, compute)", "ratio", "overlap %", "MiB/tok", "reads/tok", "guess recall %",
             "guess-miss bytes %", "lookahead on %", "stream MB/s", "of seq %"]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join(" --- " for _ in head) + "|")
@@ -113,12 +114,14 @@ def table(args, mode: str, seq) -> None:
     for e in names:
         rs = rows[e]
         m = med[e] = {k: median(rs, k) for k in (
-            "ms_per_token", "io_wait_ms", "io_busy_ms", "io_cpu_ms", "mem_ms", "mem_bg_ms", "compute_ms", "bound_ms",
+            "ms_per_token", "io_wait_ms", "io_busy_ms", "disk_idle_ms", "io_cpu_ms", "mem_ms", "mem_bg_ms", "compute_ms",
+            "predict_ms", "ffn_kernel_ms", "other_compute_ms", "bound_ms",
             "bound_ratio", "overlap", "bytes_per_token", "reads_per_token", "guess_recall", "guess_miss_fraction",
             "lookahead_on", "stream_mb_s")}
         ms[e] = m["ms_per_token"]
-        cells = [ENGINES[e][1], fmt(m["ms_per_token"]), fmt(m["io_wait_ms"]), fmt(m["io_busy_ms"]),
-                 fmt(m["io_cpu_ms"]), fmt(m["mem_ms"]), fmt(m["mem_bg_ms"]), fmt(m["compute_ms"]), fmt(m["bound_ms"]),
+        cells = [ENGINES[e][1], fmt(m["ms_per_token"]), fmt(m["io_wait_ms"]), fmt(m["io_busy_ms"]), fmt(m["disk_idle_ms"]),
+                 fmt(m["io_cpu_ms"]), fmt(m["mem_ms"]), fmt(m["mem_bg_ms"]), fmt(m["compute_ms"]), fmt(m["predict_ms"]),
+                 fmt(m["ffn_kernel_ms"]), fmt(m["other_compute_ms"]), fmt(m["bound_ms"]),
                  fmt(m["bound_ratio"], ".2f"), fmt(m["overlap"], ".0f", 100), fmt(m["bytes_per_token"], ".2f", 2**-20),
                  fmt(m["reads_per_token"], ".0f"), fmt(m["guess_recall"], ".1f", 100),
                  fmt(m["guess_miss_fraction"], ".1f", 100), fmt(m["lookahead_on"], ".0f", 100),
