@@ -383,6 +383,30 @@ def test_switching_lookahead_mid_sequence_is_exact(opt_folder):
         model.close()
 
 
+def test_switch_off_reads_exactly_what_no_pipeline_reads(opt_folder):
+    """With the switch saying off (no trial reached), the pipeline reads the same rows, bytes and read
+    calls as --no-pipeline and computes the same bits: "off" adds nothing."""
+    from flashlm.runtime.pipeline_switch import PipelineSwitch
+    got = {}
+    for pipeline in (True, False):
+        model = Model(open_folder(opt_folder), RuntimeConfig(mode="flash", window=2, io="buffered", layer_io="sparse",
+                                                             kv_dtype="f32", pipeline=pipeline),
+                      predictors=_oracles(opt_folder))
+        try:
+            ffn = model.ffn_backend
+            if pipeline:
+                ffn.switch = PipelineSwitch(warm=10**9)
+            pre = model.forward(IDS[:6], all_logits=True)
+            dec = [model.forward([t])[0].copy() for t in IDS[6:]]
+            rs, st = ffn.reader.stats, ffn.stats
+            got[pipeline] = (np.concatenate([pre, np.stack(dec)]), (rs.reads, rs.bytes_read, rs.useful_bytes),
+                             (st.wanted, st.hits, st.guess_rows, st.streamed_layers))
+        finally:
+            model.close()
+    np.testing.assert_array_equal(got[True][0], got[False][0])
+    assert got[True][1:] == got[False][1:] and got[True][2][2] == 0
+
+
 def test_guess_pays_weighs_hidden_reads_against_overfetch():
     """The lookahead's per-layer rule: a guess pays while the used rows' hidden read time exceeds the
     over-fetched rows' read time (precision > 1 / (1 + hidden share))."""
