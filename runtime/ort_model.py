@@ -22,8 +22,8 @@ SmolLM2 q4 with 2 threads and no spinning: ~176 voluntary context switches per d
 slower with 2 threads than with 1 (51 vs 67 tok/s, idle machine). Two policies (RuntimeConfig.ort_spin_us):
   spin_us > 0 (default 10): every session splits its nodes across `threads` and its idle worker spins
     spin_us before sleeping, so a session's consecutive nodes find it awake; it wakes about once per
-    session (once per layer) and, spinning no longer than a numba attention call, stops before the next
-    session's worker starts. Prompts run whole through each session (onnxruntime splits their rows).
+    session (once per layer) and stops as soon as the session's run returns, before the next session's
+    worker starts. Prompts run whole through each session (onnxruntime splits their rows).
   spin_us = 0: every session runs on the calling thread (intra_op 1) except `lm` (one 49152 x 576 matvec,
     worth a wake-up), decode attention runs serially in numba, and a prompt's T tokens are split into
     `threads` row blocks that go through each session concurrently (onnxruntime releases the GIL in run();
@@ -294,8 +294,8 @@ class OrtDecoder:
         self.c, self.ctx_len = c, ctx_len
         self.kv_type = np.float16 if kv_dtype == "f16" else np.float32     # the cache's elements as onnxruntime sees them
         self.kv_shape = (c.n_layers, c.n_kv_heads, ctx_len, c.head_dim)
-        # Within a run the worker may spin between nodes (the layer cuts' reason for capping the spin, numba
-        # running between sessions, is gone); it sleeps after spin_us once the run ends.
+        # Within a run the worker spins up to spin_us between nodes; when the run returns it stops at once
+        # (runtime/ort_graph.py session), so the next session's worker has the other core.
         spin = spin_us if threads > 1 and bounded_spinning() else 0
         # No spinning (spin_us 0): a split layer session would wake its sleeping worker for every parallel
         # node (with spin 10 us it still wakes ~94 times per SmolLM2 token, measured), so the layer groups
