@@ -223,7 +223,7 @@ def build_ffn(folder: ModelFolder, rt: RuntimeConfig, plan: MemoryPlan, kernel: 
             return RingStreamer(rows, kernel, biases, streamed, ring_bytes, stats, threads=rt.io_threads,
                                 read_ahead=rt.pipeline)
     row_items = b.cache_row_bytes // b.dtype.itemsize          # packed: no block padding in DRAM
-    caches = [NeuronCache(c.n_ff, p.cache_rows, row_items, b.dtype, window=plan.window,
+    caches = [NeuronCache(c.n_ff, p.cache_rows, row_items, b.dtype, window=plan.window_of(i),
                           pinned=predictors[i].hot[:plan.pin_rows] if plan.pin_rows else None)
               if p.placement == Placement.SPARSE else None for i, p in enumerate(plan.layers)]
     return FlashFFN(reader, kernel, biases, b, resident=resident, streamed=plan.layers_placed(Placement.STREAM),

@@ -422,12 +422,13 @@ class CostModel:
             if lp.placement != Placement.SPARSE:
                 out.append(self.layer(lp.placement, ring_rows=plan.stream_buffer_rows or None))
                 continue
-            w = stats[i].get("windows", {}).get(str(plan.window), {})
+            window = lp.window or plan.window        # a layer's own window where the plan mixes them
+            w = stats[i].get("windows", {}).get(str(window), {})
             n_pin = int(pin * s.n_ff)
             capacity = lp.cache_rows or s.n_ff
             # rows held: the window union (mean over calibration tokens) plus pinned rows, within the cache
             held = min(capacity, n_pin + w.get("mean_held", 1.0) * s.n_ff)
-            miss = self.missed_rows(stats[i], plan.window, n_pin)
+            miss = self.missed_rows(stats[i], window, n_pin)
             wanted = stats[i].get("predicted_fraction", 1.0) * s.n_ff
             # a cache smaller than its window's union (the planner shrinks caches to fit a budget) keeps
             # only that share of the rows the window would have held: the rest are read again, as misses

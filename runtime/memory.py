@@ -79,6 +79,7 @@ class Placement(str, Enum):
 class LayerPlan:
     placement: Placement
     cache_rows: int = 0          # SPARSE: neuron-cache capacity (rows)
+    window: int = 0              # SPARSE: this layer's sliding window (tokens); 0: the plan's
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class MemoryPlan:
     predictors: int = 0
     scratch: int = 0              # streaming buffers (both halves) and the mapped layer
     ffn_resident: int = 0         # neuron caches + resident layers
-    window: int = 0               # sparse layers: sliding window (tokens)
+    window: int = 0               # sparse layers: sliding window (tokens); the largest where layers differ
     pin_rows: int = 0             # sparse layers: hottest neurons pinned per layer
     stream_buffer_rows: int = 0   # rows per buffer of the whole-layer streamer (0: nothing streams whole)
     sparse_buffer_rows: int = 0   # rows per buffer of the sparse layers' streamer (overflow, fallback)
@@ -137,6 +138,10 @@ class MemoryPlan:
     def capacities(self) -> list[int]:
         return [p.cache_rows for p in self.layers]
 
+    def window_of(self, layer: int) -> int:
+        """The sliding window of a sparse layer (its own where the plan mixes windows)."""
+        return self.layers[layer].window or self.window
+
     @property
     def resident_layers(self) -> list[int]:
         return self.layers_placed(Placement.RESIDENT)
@@ -148,7 +153,10 @@ class MemoryPlan:
         n_sparse, n_res, n_stream = (self.count(p) for p in (Placement.SPARSE, Placement.RESIDENT, Placement.STREAM))
         if self.run_mode.needs_predictors:
             caps = [p.cache_rows for p in self.layers if p.cache_rows]
-            out.append(f"  layers: {n_sparse} sparse (window {self.window}"
+            wins = sorted({self.window_of(i) for i in self.layers_placed(Placement.SPARSE)}, reverse=True)
+            window = (f"window {self.window}" if len(wins) <= 1 else "windows " + ", ".join(
+                f"{w} ({sum(self.window_of(i) == w for i in self.layers_placed(Placement.SPARSE))} layers)" for w in wins))
+            out.append(f"  layers: {n_sparse} sparse ({window}"
                        + (f", caches {min(caps)}..{max(caps)} rows" if caps else "")
                        + f"), {n_res} resident, {n_stream} streamed; "
                        f"FFN in DRAM {_mib(self.ffn_resident)}, predictors {_mib(self.predictors)}, "
@@ -295,38 +303,43 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
                           f"{_mib(plan.total)} (dense {_mib(plan.dense)}, KV cache {_mib(plan.kv_cache)}, "
                           f"scratch {_mib(plan.scratch + plan.activations)}); raise --budget or lower --ctx")
     windows = [rt.window] if rt.window else [k for k in WINDOW_CHOICES if str(k) in stats[0].get("windows", {})] or [1]
+    # One window for every sparse layer, each choice in turn; then (unless the window is forced or every
+    # layer must be sparse) a plan whose layers may each take any of them: where the budget is just short
+    # of every layer's cache at the larger window, some layers take it and the rest the smaller one
+    # (measured on the 7B-class model in q4 at 50%: window 8 for all needs 271 MiB of caches, 259 are left).
+    window_sets = [(k,) for k in windows] + ([tuple(windows)] if len(windows) > 1 and rt.layer_io != "sparse" else [])
 
     def sparse_option(i: int, k: int):
         w = stats[i].get("windows", {}).get(str(k))
         if w is None:       # no calibration figures for this window: assume it needs the whole layer
-            return pred[i] + c.n_ff * cache_row, 0.0
+            return pred[i] + c.n_ff * cache_row, 0.0, k
         need = min(c.n_ff, n_pin + w["max_held"])
-        return pred[i] + need * cache_row, costs.rows_seconds(costs.missed_rows(stats[i], k, n_pin))
+        return pred[i] + need * cache_row, costs.rows_seconds(costs.missed_rows(stats[i], k, n_pin)), k
 
     best = None
     for stream_rows in ring_rows:
         if best is not None:
             break
-        for k, buffers in ((k, b) for k in windows for b in (0, stream_ring_bytes(x.folder, stream_rows))):
+        for ks, buffers in ((ks, b) for ks in window_sets for b in (0, stream_ring_bytes(x.folder, stream_rows))):
             for scratch in (0, sparse_scratch):
                 # Streamed layers are read whole into two layer buffers (the next is read while this one
                 # computes), sparse layers need their streaming buffers: a plan pays only for what it uses.
                 r = None if room is None else room - buffers - scratch
                 if (r is not None and r < 0) or (not scratch and rt.layer_io == "sparse"):
                     continue
-                kinds, mem, cost = _greedy(c.n_layers, r, layer_bytes, costs.layer_stream_s,
-                                           [sparse_option(i, k) for i in range(c.n_layers)],
-                                           rt.layer_io if scratch else "stream")
+                kinds, wins, mem, cost = _greedy(c.n_layers, r, layer_bytes, costs.layer_stream_s,
+                                                 [[sparse_option(i, k) for k in ks] for i in range(c.n_layers)],
+                                                 rt.layer_io if scratch else "stream")
                 if ("stream" in kinds) != bool(buffers) or ("sparse" in kinds) != bool(scratch):
                     continue
                 if best is None or cost < best[2] - 1e-9:
-                    best = (kinds, mem, cost, k, buffers, scratch, stream_rows if buffers else 0)
+                    best = (kinds, mem, cost, wins, buffers, scratch, stream_rows if buffers else 0, max(ks))
     if best is None:
         raise BudgetError(f"budget {_mib(plan.budget)} is too small for flash mode: after the fixed parts "
                           f"({_mib(plan.total)}) it cannot hold the streaming buffers "
                           f"({_mib(stream_ring_bytes(x.folder, ring_rows[-1]))}) "
                           f"nor every layer's predictor and cache; raise --budget or lower --ctx")
-    kinds, _, cost, window, buffers, scratch, stream_rows = best
+    kinds, _, cost, wins, buffers, scratch, stream_rows, window = best
     # Resident and streamed layers cost the same wherever they sit, so the greedy's choice among them is
     # by index; space the resident ones evenly among the others, as hybrid does (`spread`), so the
     # readers of the streamed layers keep reading ahead while a resident layer computes.
@@ -336,8 +349,10 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
     plan.scratch += buffers + scratch
     plan.stream_buffer_rows = stream_rows
     plan.sparse_buffer_rows = scratch // 2 // stride
-    plan.window, plan.pin_rows = window, n_pin
-    caps = [min(c.n_ff, n_pin + stats[i].get("windows", {}).get(str(window), {}).get("max_held", c.n_ff))
+    sparse_wins = {w for w, kind in zip(wins, kinds) if kind == "sparse"}
+    plan.window, plan.pin_rows = max(sparse_wins) if sparse_wins else window, n_pin
+    mixed = len(sparse_wins) > 1
+    caps = [min(c.n_ff, n_pin + stats[i].get("windows", {}).get(str(wins[i]), {}).get("max_held", c.n_ff))
             if kinds[i] == "sparse" else 0 for i in range(c.n_layers)]
     plan.predictors = sum(pred[i] for i in range(c.n_layers) if kinds[i] == "sparse")
     n_resident = kinds.count("resident")
@@ -351,37 +366,42 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
                               f"predictors alone need {_mib(plan.predictors)} beyond the fixed parts")
         caps = [max(n_pin + 1, int(cap * share)) if cap else 0 for cap in caps]
         plan.ffn_resident = sum(caps) * cache_row
-    plan.layers = [LayerPlan(Placement(kind), cap) for kind, cap in zip(kinds, caps)]
+    plan.layers = [LayerPlan(Placement(kind), cap, w if mixed and kind == "sparse" else 0)
+                   for kind, cap, w in zip(kinds, caps, wins)]
     plan.est_io_ms = 1e3 * cost
     plan.speeds_source = costs.source
 
 
 def _greedy(n_layers, room, layer_bytes, stream_s, sparse, layer_io):
     """Start with every layer streamed; upgrade the layer that saves most time per extra byte until
-    the room is used. sparse[i] = (bytes, seconds per token) of running layer i sparse."""
-    if layer_io == "sparse":
-        return ["sparse"] * n_layers, sum(m for m, _ in sparse), sum(t for _, t in sparse)
+    the room is used. sparse[i] = [(bytes, seconds per token, window), ...]: running layer i sparse at each
+    window the plan may give it (a sparse layer may move up to a larger window, or to resident, later).
+    Returns (kinds, windows (0 where not sparse), bytes, seconds)."""
+    if layer_io == "sparse":         # every layer sparse, at the (one) window
+        first = [options[0] for options in sparse]
+        return ["sparse"] * n_layers, [w for _, _, w in first], sum(m for m, _, _ in first), sum(t for _, t, _ in first)
     kinds = ["stream"] * n_layers
+    wins = [0] * n_layers
     cost = [stream_s] * n_layers
     mem = [0] * n_layers
     free = float("inf") if room is None else room
     while True:
         choice = None
         for i in range(n_layers):
-            options = [("resident", layer_bytes, 0.0)]
-            if layer_io == "auto" and kinds[i] == "stream":
-                options.append(("sparse", *sparse[i]))
-            for kind, m, t in options:
+            options = [("resident", layer_bytes, 0.0, 0)]
+            if layer_io == "auto" and kinds[i] != "resident":
+                options += [("sparse", *o) for o in sparse[i]]
+            for kind, m, t, w in options:
                 extra, saved = m - mem[i], cost[i] - t
                 if saved > 0 and extra <= free:
                     ratio = saved / max(extra, 1)
                     if choice is None or ratio > choice[0]:
-                        choice = (ratio, i, kind, m, t)
+                        choice = (ratio, i, kind, m, t, w)
         if choice is None:
-            return kinds, sum(mem), sum(cost)
-        _, i, kind, m, t = choice
+            return kinds, wins, sum(mem), sum(cost)
+        _, i, kind, m, t, w = choice
         free -= m - mem[i]
-        kinds[i], mem[i], cost[i] = kind, m, t
+        kinds[i], mem[i], cost[i], wins[i] = kind, m, t, w
 
 
 @dataclass(frozen=True)

@@ -298,7 +298,7 @@ def test_a_cache_smaller_than_its_window_reads_the_rest_again():
     m = model()
 
     def plan(cache_rows):
-        layer = SimpleNamespace(placement=Placement.SPARSE, cache_rows=cache_rows)
+        layer = SimpleNamespace(placement=Placement.SPARSE, cache_rows=cache_rows, window=0)
         return SimpleNamespace(layers=[layer, layer], window=2, total=0)
     # 1000 neurons: 500 wanted, 100 missed by the window; its union holds 800 rows
     full = m.plan_cost(plan(1000), cal)

@@ -159,16 +159,22 @@ def test_parse_budget_rejects_garbage():
 def test_planner_chooses_sparse_only_where_it_saves_flash_time():
     from flashlm.runtime.memory import _greedy
     layer, stream_s = 1000, 1.0
-    cheap = [(300, 0.1)] * 4          # ReLU-like: small window cache, few misses
-    costly = [(300, 1.2)] * 4         # dense-ish SwiGLU on slow random reads: worse than streaming
-    kinds, mem, cost = _greedy(4, 1200, layer, stream_s, cheap, "auto")
-    assert kinds == ["sparse"] * 4 and mem == 1200 and cost == pytest.approx(0.4)
-    kinds, mem, cost = _greedy(4, 2100, layer, stream_s, costly, "auto")
+    cheap = [[(300, 0.1, 4)]] * 4     # ReLU-like: small window cache, few misses (window 4)
+    costly = [[(300, 1.2, 4)]] * 4    # dense-ish SwiGLU on slow random reads: worse than streaming
+    kinds, wins, mem, cost = _greedy(4, 1200, layer, stream_s, cheap, "auto")
+    assert kinds == ["sparse"] * 4 and wins == [4] * 4 and mem == 1200 and cost == pytest.approx(0.4)
+    kinds, wins, mem, cost = _greedy(4, 2100, layer, stream_s, costly, "auto")
     assert kinds.count("resident") == 2 and kinds.count("sparse") == 0 and cost == pytest.approx(2.0)
-    kinds, _, _ = _greedy(4, 5000, layer, stream_s, cheap, "auto")
+    kinds, _, _, _ = _greedy(4, 5000, layer, stream_s, cheap, "auto")
     assert kinds == ["resident"] * 4, "with room for everything, nothing is read per token"
-    kinds, _, _ = _greedy(4, 0, layer, stream_s, cheap, "stream")
+    kinds, _, _, _ = _greedy(4, 0, layer, stream_s, cheap, "stream")
     assert kinds == ["stream"] * 4
+    # two windows per layer: a sparse layer moves up to the larger window while room is left for it
+    two = [[(300, 0.4, 4), (500, 0.1, 8)]] * 4
+    kinds, wins, mem, cost = _greedy(4, 1600, layer, stream_s, two, "auto")
+    assert kinds == ["sparse"] * 4 and sorted(wins) == [4, 4, 8, 8] and mem == 1600 and cost == pytest.approx(1.0)
+    kinds, wins, mem, _ = _greedy(4, 2000, layer, stream_s, two, "auto")
+    assert wins == [8] * 4 and mem == 2000
 
 
 @pytest.mark.parametrize("mode, extra", [("naive", {}), ("flash", {"layer_io": "sparse", "window": 1})])

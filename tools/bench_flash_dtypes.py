@@ -1,7 +1,7 @@
 """The same model in two storage types, flash mode, each at the same share of its own bytes, in one run.
 
     python tools/bench_flash_dtypes.py F16_MODEL Q4_MODEL [MORE_MODELS ...] [--budget 50%] [--rounds 3] [-n 12]
-        [-p 0] [--ctx 256] [--io-threads 4] [--no-pipeline] [-t THREADS] [-- extra flashlm bench flags]
+        [-p 0] [--ctx 256|auto] [--io-threads 4] [--no-pipeline] [-t THREADS] [-- extra flashlm bench flags]
 
 Issue 7's last benchmark: the synthetic 7B-class ReLU model in q4 at 50% of its bytes reads >= 3x fewer
 bytes per token than the f16 model at 50% of its bytes, and decodes >= 2x as fast. Each round runs
@@ -70,7 +70,9 @@ def main() -> int:
     ap.add_argument("-n", "--tokens", type=int, default=12, help="decode tokens per repetition")
     ap.add_argument("-p", "--prompt", type=int, default=0, help="prompt tokens of the pp test (0: none)")
     ap.add_argument("-r", "--reps", type=int, default=1, help="timed repetitions per child (after a warm-up one)")
-    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--ctx", default="256",
+                    help="the KV cache's length the plans hold (tokens); auto: what the test reaches, -p + -n + 1 "
+                         "(llama-bench sizes its context so: n_prompt + n_gen)")
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--profile", default="this-machine-2core")
     ap.add_argument("--no-pipeline", action="store_true", help="both models with --no-pipeline")
@@ -79,6 +81,11 @@ def main() -> int:
     # more flashlm bench flags after `--` (e.g. -- --window 2); argparse leaves them to parse_known_args
     args, extra = ap.parse_known_args()
     args.extra = [a for a in extra if a != "--"] + (["-t", str(args.threads)] if args.threads else [])
+    if args.ctx == "auto":
+        args.ctx = args.prompt + args.tokens + 1
+    elif not args.ctx.isdigit() or int(args.ctx) < 1:
+        ap.error(f"--ctx {args.ctx!r}: a positive number of tokens or auto")
+    args.ctx = int(args.ctx)
 
     models = [args.base] + args.others
     if len(set(models)) != len(models):
@@ -124,7 +131,7 @@ def main() -> int:
         print("| " + " | ".join(cells) + " |")
     gaps = {r.get("max_gap") for m in models for r in rows[m]}
     other_budget = f" ({args.other_budget} for the others)" if args.other_budget else ""
-    print(f"\nbudget {args.budget} of each model's own bytes{other_budget}, {args.tokens} decode tokens x "
+    print(f"\nbudget {args.budget} of each model's own bytes{other_budget}, --ctx {args.ctx}, {args.tokens} decode tokens x "
           f"{args.reps} rep(s) x {args.rounds} rounds alternated, medians"
           f"{', --no-pipeline' if args.no_pipeline else ''}, max gap "
           f"{'/'.join(str(g) for g in sorted(gaps, key=str))} B")
