@@ -10,8 +10,11 @@ Why it is built this way (measured on a 2-core VM with a virtio disk, see ../sha
   per task that releases the GIL for the whole batch (libc `pread` called from nopython code), not a
   Python loop around `os.preadv`: on 2 cores that per-read Python work ran beside the compute kernels
   and took CPU and the GIL from them (see docs/BENCHMARKS.md, "Reader loop in numba").
-- Each worker hands its reads to the kernel in batches through Linux native AIO (runtime/native_aio.py):
-  every claimable run in one io_submit, up to AIO_DEPTH in flight, completions reaped in groups. In this
+- Reads reach the kernel in batches through Linux native AIO (runtime/native_aio.py): every claimable run
+  in one io_submit, up to AIO_DEPTH in flight, completions reaped in groups. With AIO one thread keeps the
+  disk as deep as four did, so by default the calling thread submits its own call's reads (`inline`, one
+  context per concurrent caller) and no worker wakes: that cut the CPU per read another 1.1-1.6x in
+  128- and 32-row calls. In this
   VM a pread cost 30-65 us of CPU (a syscall, a virtual-disk notification, an interrupt, a thread wake per
   read); batched, 6-8 us, and 1.5-3x the reads/s from host-cached rows (tools/bench_read_submit.py,
   docs/BENCHMARKS.md "Batched read submission"). pread stays the path where AIO is not there or refused
@@ -530,7 +533,7 @@ def _worker(tasks: queue.SimpleQueue, w: _Worker) -> None:
     w.release()
 
 
-def _shutdown(queues, threads, fd, stages, aios):
+def _shutdown(queues, threads, fd, stages, aios, callers):
     for q in queues:
         q.put(None)
     for t in threads:
@@ -538,6 +541,10 @@ def _shutdown(queues, threads, fd, stages, aios):
             t.join(timeout=10)
     for a in aios:                   # io_destroy waits for reads still in flight
         a.close()
+    for w, stage in callers:
+        w.aio.close()
+        w.release()
+        stages = [*stages, stage]
     try:
         os.close(fd)
     except OSError:
@@ -555,7 +562,7 @@ class FlashReader:
     def __init__(self, path, *, layer_offsets: list[int], stride_bytes: int, n_rows: int,
                  mode: str = "direct", threads: int = 4, max_gap_bytes: int = 0,
                  staging_bytes: int = 1 << 20, row_bytes: int | None = None, loop: str = "numba",
-                 submit: str = "auto", aio_depth: int = AIO_DEPTH):
+                 submit: str = "auto", aio_depth: int = AIO_DEPTH, inline: bool = True):
         if mode not in ("direct", "buffered"):
             raise ValueError(f"mode must be 'direct' or 'buffered', not {mode!r}")
         if loop not in ("numba", "python"):
@@ -567,6 +574,8 @@ class FlashReader:
         # submit: "aio" hands each worker's reads to the kernel in batches (native AIO, aio_depth in flight
         # per worker), "pread" issues one blocking read per syscall; "auto" takes AIO where it works (direct
         # mode, a kernel and filesystem that accept it) and says why not in submission_note otherwise.
+        # inline (AIO only): the calling thread submits and reaps its call's reads itself (one context per
+        # concurrent caller) instead of handing them to the workers: no thread wake-up, hand-off or join.
         # "numba": each worker's batch is one nogil call (_read_runs); "python": one os.preadv per run
         # from a Python loop (the reader before; kept to measure against, tools/bench_reader_loop.py)
         self.loop = loop
@@ -610,7 +619,13 @@ class FlashReader:
         del workers
         for t in self._workers:
             t.start()
-        self._finalizer = weakref.finalize(self, _shutdown, self._queues, self._workers, self._fd, stages, aios)
+        self.inline = bool(inline)
+        self._stage_bytes, self._aio_depth = stage_bytes, int(aio_depth)
+        self._callers: list[_Worker] = []    # idle calling-thread contexts (inline AIO), reused call after call
+        callers_all: list = []               # every one made, for the finalizer (it closes their contexts)
+        self._callers_all = callers_all
+        self._finalizer = weakref.finalize(self, _shutdown, self._queues, self._workers, self._fd, stages, aios,
+                                           callers_all)
 
     def _open(self) -> int:
         flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
@@ -761,18 +776,29 @@ class FlashReader:
             if self._active == 0:
                 self._busy_since = time.perf_counter()
             self._active += 1
-        done: queue.SimpleQueue = queue.SimpleQueue()
         claim = np.zeros(1, np.int64) if self.loop == "numba" else itertools.count()   # the shared run counter
-        busy = self._queues[:plan.n_runs]                 # one task per worker that has something to do
-        for q in busy:
-            q.put((claim, job, done))
         nbytes = ncalls = nsys = 0
         cpu = 0.0
         error = None
-        for _ in busy:
-            b, c, n, t, e = done.get()
-            nbytes, ncalls, nsys, cpu = nbytes + b, ncalls + c, nsys + n, cpu + t
-            error = error or e
+        caller = self._take_caller() if self.inline and self._submission.engine == "aio" else None
+        if caller is not None:
+            c0 = time.thread_time()
+            try:
+                nbytes, ncalls, nsys = caller.task(claim, job)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after the accounting
+                error = e
+            cpu = time.thread_time() - c0
+            with self._lock:
+                self._callers.append(caller)
+        else:
+            done: queue.SimpleQueue = queue.SimpleQueue()
+            busy = self._queues[:plan.n_runs]             # one task per worker that has something to do
+            for q in busy:
+                q.put((claim, job, done))
+            for _ in busy:
+                b, c, n, t, e = done.get()
+                nbytes, ncalls, nsys, cpu = nbytes + b, ncalls + c, nsys + n, cpu + t
+                error = error or e
         with self._lock:
             self.stats.cpu_s += cpu
             self.stats.syscalls += nsys
@@ -782,6 +808,22 @@ class FlashReader:
         if error is not None:
             raise error
         return nbytes, ncalls
+
+    def _take_caller(self) -> _Worker | None:
+        """An idle calling-thread AIO context, or a new one; None when io_setup refuses one more (e.g.
+        aio-max-nr reached): the call then goes to the workers."""
+        with self._lock:
+            if self._callers:
+                return self._callers.pop()
+        try:
+            aio = native_aio.AioContext(self._aio_depth)
+        except OSError:
+            return None
+        stage = mmap.mmap(-1, self._stage_bytes)
+        w = _Worker(self._fd, stage, self.path, self._submission, aio)
+        with self._lock:
+            self._callers_all.append((w, stage))
+        return w
 
     def _account(self, useful: int, nbytes: int, ncalls: int, t0: float) -> None:
         with self._lock:

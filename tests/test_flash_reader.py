@@ -412,10 +412,12 @@ def test_concurrent_calls(files, data_dir):
     assert not errors, errors[0]
 
 
-def test_busy_time_counts_concurrent_calls_once(files, data_dir, monkeypatch):
+@pytest.mark.parametrize("inline", [False, True], ids=["workers", "inline"])
+def test_busy_time_counts_concurrent_calls_once(files, data_dir, monkeypatch, inline):
     """busy_s is the wall time with any call in flight: two overlapping calls count their overlap once,
-    calls one after the other count their own time. Each worker's batch of reads is slowed to 50 ms so the
-    overlap is known."""
+    calls one after the other count their own time. Each batch of reads is slowed to 50 ms so the overlap
+    is known. Through the workers the two calls queue on the first worker; inline (native AIO) each
+    calling thread reads its own call, so they overlap entirely."""
     import time
     from flashlm.runtime import flash_reader
     stride = 4096
@@ -426,7 +428,7 @@ def test_busy_time_counts_concurrent_calls_once(files, data_dir, monkeypatch):
             return real(*args)
         return slow
     with FlashReader(path, layer_offsets=offsets, stride_bytes=stride, n_rows=N_ROWS, mode=_modes(data_dir)[0],
-                     threads=2) as r:
+                     threads=2, inline=inline) as r:
         for kernel in ("_read_runs", "_aio_read_runs"):       # whichever the reader submits with
             monkeypatch.setattr(flash_reader, kernel, slowed(getattr(flash_reader, kernel)))
         go = threading.Barrier(2)
@@ -440,10 +442,14 @@ def test_busy_time_counts_concurrent_calls_once(files, data_dir, monkeypatch):
             t.start()
         for t in ts:
             t.join()
-        # One run each: both calls queue on the first worker, so one waits for the other: 50 + 100 ms of
-        # call time, 100 ms of busy time.
-        assert r.stats.calls == 2 and r.stats.seconds >= 0.14
-        assert 0.095 <= r.stats.busy_s <= 0.8 * r.stats.seconds
+        if inline and r.submission == "aio":   # 50 + 50 ms of call time, 50 ms of busy time
+            assert r.stats.calls == 2 and r.stats.seconds >= 0.095
+            assert 0.045 <= r.stats.busy_s <= 0.8 * r.stats.seconds
+        else:
+            # One run each: both calls queue on the first worker, so one waits for the other: 50 + 100 ms
+            # of call time, 100 ms of busy time.
+            assert r.stats.calls == 2 and r.stats.seconds >= 0.14
+            assert 0.095 <= r.stats.busy_s <= 0.8 * r.stats.seconds
         r.reset_stats()
         out = np.empty((1, stride), np.uint8)
         for row in (7, 8):
@@ -505,7 +511,8 @@ def _aio_or_skip(data_dir, files):
 @pytest.mark.parametrize("stride", STRIDES)
 @pytest.mark.parametrize("depth, staging", [(64, 1 << 20), (3, 16 * 1024)])
 def test_aio_and_pread_read_the_same_bytes(files, data_dir, stride, depth, staging):
-    """Native AIO submission and pread give the file's bytes (numpy's view of it) for random row sets,
+    """Native AIO submission (from the calling thread, and through the workers) and pread give the file's
+    bytes (numpy's view of it) for random row sets,
     edge rows and the file's last partial block, into full and packed (staged) rows, with the same run
     counts; AIO needs fewer syscalls. Depth 3 with a 16 KiB ring makes staged runs wrap the ring and wait
     for it to drain."""
@@ -516,10 +523,11 @@ def test_aio_and_pread_read_the_same_bytes(files, data_dir, stride, depth, stagi
             np.concatenate([np.arange(20, 60), [N_ROWS - 1, N_ROWS - 1, 5]]), [N_ROWS - 1]]
     width = max(stride * 5 // 8, 1)
     got = {}
-    for submit in ("aio", "pread"):
+    for submit, inline in (("aio", True), ("aio-workers", False), ("pread", True)):
         with FlashReader(path, layer_offsets=offsets, stride_bytes=stride, n_rows=N_ROWS, threads=2,
-                         max_gap_bytes=8192, staging_bytes=staging, submit=submit, aio_depth=depth) as r:
-            assert r.submission == submit
+                         max_gap_bytes=8192, staging_bytes=staging, submit=submit.split("-")[0], aio_depth=depth,
+                         inline=inline) as r:
+            assert r.submission == submit.split("-")[0]
             outs = []
             for k, rows in enumerate(sets):
                 rows = np.asarray(rows, np.int64)
@@ -537,7 +545,7 @@ def test_aio_and_pread_read_the_same_bytes(files, data_dir, stride, depth, stagi
             last = offsets[-1]
             np.testing.assert_array_equal(layer_out, data[last:last + N_ROWS * stride].reshape(N_ROWS, stride))
             got[submit] = (r.stats.reads, r.stats.bytes_read, r.stats.syscalls)
-    assert got["aio"][:2] == got["pread"][:2]
+    assert got["aio"][:2] == got["pread"][:2] == got["aio-workers"][:2]
     assert got["pread"][2] == got["pread"][0]            # one syscall per pread
     if stride >= 4096 and depth >= 16:                   # (512-byte rows: a few block runs per call)
         assert got["aio"][2] < got["pread"][2]

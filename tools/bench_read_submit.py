@@ -7,8 +7,9 @@ FILE is any large file on the disk under test (a bundle file, e.g. .../ffn.safet
 A config is `pread:T` (T threads, each a numba nogil loop of libc pread over its share of the reads,
 as FlashReader's workers did before native AIO), `aio:T:D:B` (T threads, each with its own io_setup
 context keeping up to D reads in flight, submitting and reaping in groups of B per syscall), or
-`reader:T:SUBMIT` (FlashReader itself, T worker threads, submit pread or aio, read_rows calls of
-`--rows-per-call` rows as the sparse path makes them; CPU includes the calling thread's hand-off). Every
+`reader:T:SUBMIT` (FlashReader itself, T worker threads, SUBMIT pread, aio (through the workers) or
+aio-inline (the calling thread submits), read_rows calls of `--rows-per-call` rows as the sparse path
+makes them; CPU includes the calling thread's hand-off). Every
 configuration reads rows never read before in this run (a fresh slice of one random permutation of
 the file's size-aligned rows: the host caches the virtual disk, so a repeated row is not a disk read);
 the configurations are alternated (reversed every other round). `--warm` re-reads the same rows right
@@ -158,7 +159,8 @@ class Runner:
         from flashlm.runtime.flash_reader import FlashReader
         if cfg not in self.readers:
             self.readers[cfg] = FlashReader(self.path, layer_offsets=[0], stride_bytes=self.size,
-                                            n_rows=self.file_size // self.size, threads=cfg[1], submit=cfg[2])
+                                            n_rows=self.file_size // self.size, threads=cfg[1],
+                                            submit=cfg[2].split("-")[0], inline=cfg[2].endswith("-inline"))
         return self.readers[cfg]
 
     def run(self, cfg: tuple, offsets: np.ndarray) -> tuple[int, int]:
@@ -211,9 +213,9 @@ def parse_config(s: str) -> tuple:
         return ("pread", int(p[1]))
     if p[0] == "aio" and len(p) == 4:
         return ("aio", int(p[1]), int(p[2]), int(p[3]))
-    if p[0] == "reader" and len(p) == 3 and p[2] in ("aio", "pread"):
+    if p[0] == "reader" and len(p) == 3 and p[2] in ("aio", "aio-inline", "pread"):
         return ("reader", int(p[1]), p[2])
-    raise SystemExit(f"bad config {s!r}: pread:T, aio:T:DEPTH:BATCH or reader:T:aio|pread")
+    raise SystemExit(f"bad config {s!r}: pread:T, aio:T:DEPTH:BATCH or reader:T:aio|aio-inline|pread")
 
 
 def label(cfg: tuple) -> str:
@@ -231,18 +233,21 @@ def main() -> int:
     ap.add_argument("--configs", default="pread:1,pread:4,pread:16,aio:1:16:8,aio:1:64:32,aio:1:256:128,"
                                          "aio:1:64:64,aio:2:64:32,aio:4:32:16")
     ap.add_argument("--warm", action="store_true", help="also re-read each point's rows (host-cached)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=None,
+                    help="row permutation seed (default: from the clock, so a rerun reads rows the host has not cached)")
     ap.add_argument("--rows-per-call", type=int, default=128, help="reader:* configs: rows per read_rows call")
     args = ap.parse_args()
     if native_aio.syscall_numbers() is None:
         raise SystemExit(f"native AIO: no syscall numbers for this machine ({os.uname().machine})")
     configs = [parse_config(c) for c in args.configs.split(",")]
+    if args.seed is None:
+        args.seed = time.time_ns() % (1 << 31)
     sizes = [int(s) for s in args.sizes.split(",")]
     file_size = os.path.getsize(args.file)
     irq_names = _disk_irq_names(args.file)
     rows = {}
     print(f"# {args.file} ({file_size / 2**30:.2f} GiB), {args.reads} reads per point, {args.rounds} rounds, "
-          f"load {os.getloadavg()[0]:.2f}", file=sys.stderr)
+          f"load {os.getloadavg()[0]:.2f}, seed {args.seed}", file=sys.stderr)
     results: dict = {}
     for size in sizes:
         rng = np.random.default_rng((args.seed, size))
