@@ -661,9 +661,9 @@ class FlashReader:
             return Submission("pread", "pread asked for (submit='pread')"), []
         if self.loop == "python":
             return Submission("pread", "the Python loop reads with os.preadv"), []
-        if self.mode != "direct":
+        if self.mode != "direct" and submit == "auto":
             reason = "buffered reads: pread (native AIO runs page-cache reads synchronously)"
-        else:
+        else:                   # (buffered with submit="aio": synchronous, the probe's hand-off timing)
             reason = native_aio.unavailable(self._fd)
         aios = []
         if reason is None:

@@ -343,10 +343,13 @@ def ring_stream_point(path, file_size, seconds, threads, compute_threads, layer_
 ROW_CALL_ROWS = 128         # rows per read_rows call the probe times: what a sparse layer misses per token (~50-500)
 
 
-def reader_call_point(path, seconds, threads, stride=4096, layer_bytes=16 * MiB) -> float:
+def reader_call_point(path, seconds, threads, stride=4096, layer_bytes=16 * MiB, submit="pread") -> float:
     """Seconds one FlashReader.read_rows call costs beyond its reads (handing each worker its batch,
-    waking it, joining them): median of calls of one row per worker from a layer in the page cache
-    (buffered reads of cached blocks take microseconds), so the disk's noise stays out of it."""
+    waking it, joining them; under native AIO the calling thread's own submit and reap): median of calls
+    of one row per reader thread from a layer in the page cache (buffered reads of cached blocks take
+    microseconds), so the disk's noise stays out of it. `submit` is how the reader's direct reads go
+    (reader_submission): AIO on a buffered file runs each read inside io_submit, the same calls and
+    syscalls as a direct call without the disk's wait."""
     layer_bytes = min(layer_bytes, os.path.getsize(path) // stride * stride)
     n_rows = layer_bytes // stride
     with open(path, "rb") as f:                  # the layer into the page cache
@@ -356,7 +359,7 @@ def reader_call_point(path, seconds, threads, stride=4096, layer_bytes=16 * MiB)
     out = aligned_empty((threads, stride), np.uint8)
     dst = np.arange(threads, dtype=np.int64)
     with FlashReader(path, layer_offsets=[0], stride_bytes=stride, n_rows=n_rows, mode="buffered",
-                     threads=threads) as r:
+                     threads=threads, submit=submit) as r:
         return _timed(lambda: r.read_rows(0, np.sort(rng.choice(n_rows, threads, replace=False)), out, dst),
                       max(0.1, seconds / 4), min_reps=20)
 
@@ -425,13 +428,13 @@ def reader_call_compute_point(path, file_size, seconds, threads, compute_threads
     return float(np.median(losses))
 
 
-def reader_runtime_points(path, file_size, seconds, threads, compute_threads) -> dict:
+def reader_runtime_points(path, file_size, seconds, threads, compute_threads, submit="pread") -> dict:
     """The reads of a decode step at `threads` reader threads with the runtime's own readers, while a
     compute thread at `compute_threads` numba threads runs: whole layers through the ring streamer
     (`ring_stream_point`, the full ring), the fixed cost of a row call (`reader_call_point`), its reads
     (`reader_row_point`) and the compute time a row call takes from the compute thread
     (`reader_call_compute_point`)."""
-    call_s = reader_call_point(path, seconds, threads)
+    call_s = reader_call_point(path, seconds, threads, submit=submit)
     return {**ring_stream_point(path, file_size, seconds / 2, threads, compute_threads), "call_s": call_s,
             "row_s": reader_row_point(path, file_size, seconds / 2, threads, call_s),
             "call_compute_s": reader_call_compute_point(path, file_size, seconds, threads, compute_threads)}
@@ -455,20 +458,21 @@ def reader_layer_point(path, file_size, seconds, layer_bytes=256 * MiB, stride=1
     return s.bytes_read / s.seconds / 1e6
 
 
-def reader_submission(path: str) -> str:
-    """How FlashReader submits direct reads of this file, as the probe's reader points measured them:
-    "native AIO, N in flight per reader thread", or "pread" and why (runtime/flash_reader.py)."""
+def reader_submission(path: str) -> tuple[str, str]:
+    """How FlashReader submits direct reads of this file, as the probe's reader points measure them: the
+    engine ("aio" or "pread") and a line for the profile ("native AIO, ..." or "pread (why)")."""
     with FlashReader(path, layer_offsets=[0], stride_bytes=BLOCK, n_rows=1, mode="direct", threads=1) as r:
         if r.submission == "aio":
-            return f"native AIO, {AIO_DEPTH} reads in flight per reader thread"
-        return f"pread ({r.submission_note})"
+            return "aio", f"native AIO from the calling thread, {AIO_DEPTH} reads in flight per call"
+        return "pread", f"pread ({r.submission_note})"
 
 
 def probe_flash(path: str, s: ProbeSettings, on_point: Callable[[str, dict], None]) -> dict:
     """Direct (and buffered) random reads by size x threads, sequential 1 MiB reads, FlashReader checks."""
+    submit, res_submit = reader_submission(path)
     res = {"random": {}, "sequential": {}, "buffered_random": {}, "buffered_sequential": {}, "reader": {},
-           "reader_submit": reader_submission(path)}
-    on_point("reader", {"what": "submission", "submit": res["reader_submit"]})
+           "reader_submit": res_submit}
+    on_point("reader", {"what": "submission", "submit": res_submit})
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
         for bs in s.read_bytes:
@@ -512,7 +516,7 @@ def probe_flash(path: str, s: ProbeSettings, on_point: Callable[[str, dict], Non
     ring, rows = {}, {}
     for nt in s.threads:
         for ct in sorted(s.compute_threads, reverse=True):
-            pt = reader_runtime_points(path, s.file_bytes, s.seconds, nt, ct)
+            pt = reader_runtime_points(path, s.file_bytes, s.seconds, nt, ct, submit)
             res["slowdown"][nt, ct] = (pt["stream_slowdown"], 1e6 * pt["call_compute_s"])
             if ct == ct_max:
                 res["runtime"][nt] = pt

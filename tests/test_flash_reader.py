@@ -567,6 +567,12 @@ def test_aio_unavailable_falls_back_to_pread_and_says_why(files, data_dir, monke
             FlashReader(path, layer_offsets=offsets, stride_bytes=12288, n_rows=N_ROWS, submit="aio")
     with FlashReader(path, layer_offsets=offsets, stride_bytes=12288, n_rows=N_ROWS, mode="buffered") as r:
         assert r.submission == "pread" and "buffered" in r.submission_note
+    monkeypatch.undo()
+    # asked for explicitly, AIO reads a buffered file too (synchronously: the probe times its hand-off so)
+    with FlashReader(path, layer_offsets=offsets, stride_bytes=12288, n_rows=N_ROWS, mode="buffered",
+                     submit="aio") as r:
+        assert r.submission == "aio"
+        _check(r, data, offsets, 12288, 2, [1, 2, 50, N_ROWS - 1], np.uint8, np.random.default_rng(1))
 
 
 def test_refused_aio_submit_switches_to_pread(files, data_dir, monkeypatch):
