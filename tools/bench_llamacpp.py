@@ -12,10 +12,11 @@ threads, the engine order flipping every rep (flashlm, llama.cpp / llama.cpp, fl
 from other processes hits both alike; one table, mean ± sd tokens/s, and the ratios of one run.
 flashlm runs with its defaults (a fully resident model: the whole decoder as one onnxruntime graph, one
 run() per token) and with `ort_graph=layers` (a graph between numba attention calls, the previous path),
-and at more than one thread also with `--ort-spin-us 0` (no spinning: the one graph's two threads wake
-per run without spinning between nodes): which wins depends on how idle the machine is, so all are in
-the table. The first line names the CPU (AVX-512 / VNNI decide both engines'
-int8 kernels: a session-1 machine with AVX-512 ran llama.cpp at 146/185 tok/s, this AVX2 EPYC at 60/80).
+and at more than one thread also with `--ort-spin-us 0` (no spinning: the layer graphs run on the calling
+thread, only the lm_head splits) and `--ort-spin-us 100` (workers spin up to 100 us between a run's nodes
+instead of 10, and stop when the run returns): which wins depends on how idle the machine is (a spinning
+worker loses its core to other jobs), so all are in the table. The first line names the CPU (AVX-512 /
+VNNI decide both engines' int8 kernels: a session-1 machine with AVX-512 ran llama.cpp at 146/185 tok/s, this AVX2 EPYC at 60/80).
 `--breakdown` also reports where flashlm's decode time goes per token (onnxruntime runs, numba
 attention, the rest) from one more child per thread count. Needs `pip install llama-cpp-python`.
 """
@@ -40,11 +41,14 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
-ENGINES = ("flashlm", "flashlm-layers", "flashlm-spin0", "llama.cpp")
+ENGINES = ("flashlm", "flashlm-layers", "flashlm-spin0", "flashlm-spin100", "llama.cpp")
+SPIN_ENGINES = ("flashlm-spin0", "flashlm-spin100")       # threading policies: they differ only at threads > 1
 LABELS = {"flashlm": "flashlm", "flashlm-layers": "flashlm ort_graph=layers", "flashlm-spin0": "flashlm --ort-spin-us 0",
+          "flashlm-spin100": "flashlm --ort-spin-us 100",
           "llama.cpp": "llama.cpp"}
 # The flashlm variants as RuntimeConfig fields (the default engine is the library's defaults).
-VARIANTS = {"flashlm": {}, "flashlm-layers": {"ort_graph": "layers"}, "flashlm-spin0": {"ort_spin_us": 0}}
+VARIANTS = {"flashlm": {}, "flashlm-layers": {"ort_graph": "layers"}, "flashlm-spin0": {"ort_spin_us": 0},
+            "flashlm-spin100": {"ort_spin_us": 100}}
 
 
 def _ids(n: int) -> np.ndarray:
@@ -252,7 +256,7 @@ def main() -> int:
         engines = [e for e in ENGINES if e != "llama.cpp"]
 
     def engines_at(threads):        # the threading policies differ only with more than one thread
-        return [e for e in engines if threads > 1 or e != "flashlm-spin0"]
+        return [e for e in engines if threads > 1 or e not in SPIN_ENGINES]
     times = {(e, t, k): [] for t in thread_counts for e in engines_at(t) for k in ("pp", "tg")}
     breakdown = {}
     with tempfile.TemporaryDirectory() as tmp:

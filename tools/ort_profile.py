@@ -10,6 +10,8 @@ temporary folder) with the library's defaults (plus `--set` RuntimeConfig fields
 runs are left out). One child process per thread count. The profiler adds a few microseconds per node
 and per run, so small nodes look dearer than they are: the op-type shares are the point, and the
 `model_run` total shows how much the profiler added (compare ms/token with tools/bench_llamacpp.py).
+At more than one thread it also counts the nodes that ran a parallel loop in the intra-op pool and the
+serial stretches between two of them within a run (what a worker must spin through to stay awake).
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ def child(args) -> int:
         model.forward(ids[args.past + i:args.past + i + 1])
     files = [sess.end_profiling() for sess, _, _ in model.ort.parts]
     by_op, by_node, run_us = collections.Counter(), collections.Counter(), 0.0
+    pooled, gaps = collections.Counter(), []        # nodes that ran a parallel loop; serial stretches between them
     for part, f in enumerate(files):
         events = json.loads(Path(f).read_text())
         runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
@@ -59,15 +62,29 @@ def child(args) -> int:
             raise SystemExit(f"{f}: {len(runs)} runs profiled, expected at least {args.tokens}")
         start = runs[-args.tokens]["ts"]             # the decode runs are the last `tokens`
         run_us += sum(e["dur"] for e in runs[-args.tokens:])
-        for e in events:
+        run_starts = [e["ts"] for e in runs[-args.tokens:]]
+        last_end, last_run = None, None
+        for e in sorted(events, key=lambda e: e["ts"]):
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
                 op = e["args"]["op_name"]
                 shape = "x".join(str(d) for d in next(iter(e["args"]["output_type_shape"][0].values())))
                 by_op[op] += e["dur"]
                 by_node[(part, e["name"][:-len("_kernel_time")], op, shape)] += e["dur"]
+                # A node that entered the intra-op pool logs the blocks its main thread ran (thread_scheduling_stats;
+                # empty without a pool): between two such nodes of one run a worker must stay awake or be woken.
+                stats = e["args"].get("thread_scheduling_stats") or {}
+                if args.threads > 1 and stats.get("main_thread", {}).get("block_size"):
+                    pooled[op] += 1
+                    run = sum(1 for t in run_starts if t <= e["ts"])
+                    if run == last_run:
+                        gaps.append(e["ts"] - last_end)
+                    last_end, last_run = e["ts"] + e["dur"], run
         os.remove(f)
     n = args.tokens
+    gaps.sort()
     print(json.dumps({"threads": args.threads, "run_ms": run_us / n / 1e3, "parts": len(files),
+                      "pooled": {op: k / n for op, k in pooled.most_common()},
+                      "gap_us": [gaps[int(q * (len(gaps) - 1))] for q in (0.1, 0.25, 0.5, 0.75, 0.9)] if gaps else [],
                       "ops": {op: us / n / 1e3 for op, us in by_op.most_common()},
                       "nodes": [[*key, us / n] for key, us in by_node.most_common(args.top)]}))
     return 0
@@ -112,6 +129,11 @@ def main() -> int:
             print("| op type | ms / token | share |\n| --- | ---: | ---: |")
             for op, ms in r["ops"].items():
                 print(f"| {op} | {ms:.3f} | {100 * ms / total:.1f}% |")
+            if r["pooled"]:
+                print("nodes per token that ran a parallel loop in the intra-op pool: "
+                      + ", ".join(f"{op} {k:.0f}" for op, k in r["pooled"].items())
+                      + "; serial stretch between two of them within a run, us (profiled; 10/25/50/75/90th "
+                      f"percentile): {' / '.join(str(g) for g in r['gap_us'])} (a worker that spins less than that sleeps)")
             print("| session | node | op | output | us / token |\n| ---: | --- | --- | --- | ---: |")
             for part, name, op, shape, us in r["nodes"]:
                 print(f"| {part} | {name} | {op} | {shape} | {us:.1f} |")
