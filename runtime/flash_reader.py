@@ -604,6 +604,7 @@ class FlashReader:
         self._all_rows = np.arange(self.n_rows, dtype=np.int64)
 
         self._fd = self._open()
+        self.inline = bool(inline)
         self._submission, aios = self._open_aio(submit, int(aio_depth))
         # Under AIO a worker's staging buffer is the ring its in-flight staged runs share: room for a full
         # window of single-row runs as well as for the largest run.
@@ -619,8 +620,8 @@ class FlashReader:
         del workers
         for t in self._workers:
             t.start()
-        self.inline = bool(inline)
-        self._stage_bytes, self._aio_depth = stage_bytes, int(aio_depth)
+        self._stage_bytes = max(self.staging_bytes, int(aio_depth) * (-(-self.stride_bytes // BLOCK) * BLOCK))
+        self._aio_depth = int(aio_depth)
         self._callers: list[_Worker] = []    # idle calling-thread contexts (inline AIO), reused call after call
         callers_all: list = []               # every one made, for the finalizer (it closes their contexts)
         self._callers_all = callers_all
@@ -656,7 +657,8 @@ class FlashReader:
         return fd
 
     def _open_aio(self, submit: str, depth: int) -> tuple[Submission, list]:
-        """The submission engine and, under AIO, one io_setup context per worker."""
+        """The submission engine and, under AIO through the workers (not inline), one io_setup context per
+        worker (inline callers make theirs on their first call)."""
         if submit == "pread":
             return Submission("pread", "pread asked for (submit='pread')"), []
         if self.loop == "python":
@@ -666,7 +668,7 @@ class FlashReader:
         else:                   # (buffered with submit="aio": synchronous, the probe's hand-off timing)
             reason = native_aio.unavailable(self._fd)
         aios = []
-        if reason is None:
+        if reason is None and not self.inline:
             try:
                 for _ in range(self.threads):
                     aios.append(native_aio.AioContext(depth))
@@ -817,7 +819,9 @@ class FlashReader:
                 return self._callers.pop()
         try:
             aio = native_aio.AioContext(self._aio_depth)
-        except OSError:
+        except OSError as e:
+            self._submission.note = (f"native AIO: io_setup refused a context for one more caller "
+                                     f"({e.strerror or e}): such calls read with pread")
             return None
         stage = mmap.mmap(-1, self._stage_bytes)
         w = _Worker(self._fd, stage, self.path, self._submission, aio)

@@ -32,7 +32,7 @@ def plan_parts(model: str, args) -> dict:
     from flashlm.runtime.builder import activation_bytes, compute_threads
     from flashlm.runtime.config import RuntimeConfig
     from flashlm.runtime.cost_model import CostModel
-    from flashlm.runtime.memory import plan_memory
+    from flashlm.runtime.memory import Placement, plan_memory
     from flashlm.runtime.modelfile import open_folder
     from flashlm.runtime.predictor import read_calibration
     folder = open_folder(model)
@@ -42,8 +42,12 @@ def plan_parts(model: str, args) -> dict:
     plan = plan_memory(folder, rt, activations=activation_bytes(folder, threads),
                        costs=CostModel.for_run(folder, rt, compute_threads=threads), calibration=read_calibration(folder))
     kinds = plan.layer_kinds
+    sparse = plan.layers_placed(Placement.SPARSE)
+    wins = sorted({plan.window_of(i) for i in sparse}, reverse=True)
+    window = "/".join(f"{w} x{sum(plan.window_of(i) == w for i in sparse)}" for w in wins) if len(wins) > 1 \
+        else str(plan.window)
     return {"budget": plan.budget, "dense": plan.dense, "kv": plan.kv_cache, "activations": plan.activations,
-            "predictors": plan.predictors, "buffers": plan.scratch, "ffn": plan.ffn_resident, "window": plan.window,
+            "predictors": plan.predictors, "buffers": plan.scratch, "ffn": plan.ffn_resident, "window": window,
             "layers": "/".join(str(kinds.count(k)) for k in ("sparse", "resident", "stream"))}
 
 
