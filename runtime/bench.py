@@ -43,7 +43,11 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
     model, _, plan = load(folder_path, rt)
     load_s = model.load_seconds
     c = model.config
-    ids = np.random.default_rng(seed).integers(0, c.vocab_size, size=pp + tg + 1)
+    # Fresh token ids for every repetition, the warm-up's included: a neuron cache that outlives
+    # model.reset() would otherwise hold exactly the rows the timed rep asks for (with -n at most the
+    # window, every one), which no real conversation gets. Rep r reads ids[r]: its prompt test the first pp,
+    # its decode test the rest.
+    ids = np.random.default_rng(seed).integers(0, c.vocab_size, size=(reps + 1, pp + tg + 1))
     base = {"model": folder.path.name, "size": plan.model_bytes, "budget": plan.budget,
             "window": plan.window or None, "mode": rt.mode, "threads": model.threads,
             "io": rt.io if plan.run_mode.rows_from == "reader" else None, "max_gap": rt.max_gap_bytes,
@@ -56,7 +60,7 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
         for r in range(reps + 1):
             model.reset()
             t = time.perf_counter()
-            model.forward(ids[:pp])                 # in run-state chunks of PREFILL_CHUNK tokens
+            model.forward(ids[r, :pp])              # in run-state chunks of PREFILL_CHUNK tokens
             if r:
                 times.append(time.perf_counter() - t)
         rows.append(_row(base, f"pp{pp}", pp, times))
@@ -67,12 +71,12 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
         sums = dict.fromkeys(fields + ["bytes", "reads"], 0)
         for r in range(reps + 1):
             model.reset()
-            model.forward(ids[:1])
+            model.forward(ids[r, pp:pp + 1])
             # Count only the timed decode tokens (not this rep's one-token prompt).
             before = (*ffn.io_counts(), *(getattr(ffn.stats, f) for f in fields))
             t = time.perf_counter()
             for i in range(tg):
-                model.forward(ids[1 + i:2 + i], out=logits)
+                model.forward(ids[r, pp + 1 + i:pp + 2 + i], out=logits)
             if r:
                 times.append(time.perf_counter() - t)
                 after = (*ffn.io_counts(), *(getattr(ffn.stats, f) for f in fields))
