@@ -69,14 +69,15 @@ def compute_threads(requested: int | None) -> int:
 
 def one_graph(folder: ModelFolder, rt: RuntimeConfig, ffn_in_graph: bool) -> bool:
     """Whether the whole decoder runs as one onnxruntime graph (RuntimeConfig.ort_graph): only when every
-    layer's FFN is resident (a streamed FFN needs numba between layers)."""
+    layer's FFN is resident (a streamed FFN needs numba between layers), and under auto only where it is
+    the faster path (OrtDecoder.pays: models with small layers)."""
     from .ort_model import OrtDecoder
     if rt.ort_graph == "layers":
         return False
     why = "FFN rows stream from flash" if not ffn_in_graph else OrtDecoder.supports(folder.config)
     if why is not None and rt.ort_graph == "whole":
         raise FlashlmError(f"ort_graph 'whole': {folder.path}: cannot run as one graph: {why}")
-    return why is None
+    return why is None and (rt.ort_graph == "whole" or OrtDecoder.pays(folder.config))
 
 
 def activation_bytes(folder: ModelFolder, threads: int) -> int:

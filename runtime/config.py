@@ -144,7 +144,8 @@ class RuntimeConfig:
     #                              spinning, sessions run on the calling thread (the lm_head split), prompts in row blocks
     ort_graph: str = "auto"      # onnxruntime dense weights, every FFN resident: whole (the decoder as one graph,
     #                              attention in it: one run per token) | layers (a graph between numba attention
-    #                              calls) | auto (whole where the model allows it, measured faster: docs/BENCHMARKS.md)
+    #                              calls) | auto (whole where the model allows it and its layers are small: measured
+    #                              faster on SmolLM2-135M, slower on Qwen2.5-0.5B; OrtDecoder.pays)
     pipeline: bool = True        # flash reads start ahead of the layer that needs them (lookahead, read-ahead
     #                              of the next streamed layer, wrapping to the next token); False: none do
     pipeline_trial: bool = True  # with the pipeline: time decode tokens with the lookahead on and off, keep the

@@ -46,6 +46,9 @@ K = lazy_module(f"{__package__}.kernels")
 
 SPLIT_MIN_ROWS = 8      # a prompt block below this is not worth a thread handoff
 SESSION_WEIGHTS = 20_000_000     # OrtDecoder: weights per session at most (but one layer at least): the build peak
+# ort_graph auto: the one graph only for layers of at most this many weights (OrtDecoder.pays): measured faster
+# at 3.5M (SmolLM2-135M), slower at 14.9M (Qwen2.5-0.5B); the cut between is a guess at the midpoint.
+ONE_GRAPH_MAX_LAYER_WEIGHTS = 8_000_000
 
 
 class OrtLayers:
@@ -323,6 +326,19 @@ class OrtDecoder:
         self._step = None           # the bound one-token step, made on the first decode (needs the caches)
 
     @staticmethod
+    def pays(c: ModelConfig) -> bool:
+        """Whether the one graph is expected to decode faster than OrtLayers (what ort_graph auto follows).
+        What it saves is fixed per layer: a run() and a numba call, a few microseconds each. What it costs
+        is GroupQueryAttention, dearer in the graph than numba's attention over the f16 cache, more so as
+        the position grows. So it pays only where a layer's matvecs are short. Measured (1 thread, decode
+        tokens of the two paths interleaved in one process, CPU ms/token min / median, load ~0.2):
+        SmolLM2-135M (3.5M weights a layer) one graph 5-7% faster (docs/BENCHMARKS.md, issue 7 session 5);
+        Qwen2.5-Coder-0.5B (14.9M) one graph slower at every position: past 8 30.42 / 35.08 vs layers
+        29.92 / 34.30, past 256 33.81 / 39.96 vs 31.69 / 36.97, past 1024 37.02 / 41.48 vs 35.54 / 39.52
+        (docs/BENCHMARKS.md, issue 7 session 8). The cut between the two is not measured (no model there)."""
+        return layer_weights(c) <= ONE_GRAPH_MAX_LAYER_WEIGHTS
+
+    @staticmethod
     def supports(c: ModelConfig) -> str | None:
         """Why this model cannot run as one graph (None: it can)."""
         if c.n_heads % c.n_kv_heads:
@@ -444,11 +460,15 @@ def layer_groups(c: ModelConfig, max_weights: int) -> list[range]:
     it, so the last one sets the load's peak. Half as many layers there keeps that peak under the
     decoding process's own (SmolLM2 q4_1, `tools/rss_run.py --phases`: peak 271 -> 261 MiB, the load's
     part 271 -> 256) for one more run() per token."""
-    per_layer = c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.d_model \
-        + (3 if c.gated else 2) * c.d_model * c.n_ff
-    n = min(c.n_layers, max(1, -(-per_layer * c.n_layers // max_weights)))
+    n = min(c.n_layers, max(1, -(-layer_weights(c) * c.n_layers // max_weights)))
     cuts = [c.n_layers * i // n for i in range(n + 1)]
     groups = [range(a, b) for a, b in zip(cuts, cuts[1:])]
     last = groups.pop()
     mid = last.start + (len(last) + 1) // 2
     return groups + [g for g in (range(last.start, mid), range(mid, last.stop)) if len(g)]
+
+
+def layer_weights(c: ModelConfig) -> int:
+    """Weights of one decoder layer's matrices (q|k|v, o, the FFN)."""
+    return c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.d_model \
+        + (3 if c.gated else 2) * c.d_model * c.n_ff

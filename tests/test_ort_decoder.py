@@ -139,6 +139,38 @@ def test_auto_picks_one_graph_only_where_it_can(tmp_path):
         Model(open_folder(qwen3), RuntimeConfig(ort_graph="whole"))
 
 
+def _config(**shape):
+    from flashlm.runtime.config import ModelConfig
+    return ModelConfig(architecture="llama", vocab_size=49152, ffn_kind="swiglu", norm_kind="rms", norm_eps=1e-5,
+                       pos_kind="rope", max_position=2048, **shape)
+
+
+def test_auto_one_graph_rule_follows_the_measured_models():
+    """OrtDecoder.pays: SmolLM2-135M's layers (one graph measured faster) pass, Qwen2.5-0.5B's and
+    1.5B's (measured slower: docs/BENCHMARKS.md issue 7 session 8) do not."""
+    smollm2 = _config(d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, n_ff=1536)
+    qwen05 = _config(d_model=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64, n_ff=4864)
+    qwen15 = _config(d_model=1536, n_layers=28, n_heads=12, n_kv_heads=2, head_dim=128, n_ff=8960)
+    assert ort_model.layer_weights(smollm2) == 576 * 15 * 64 + 576 * 576 + 3 * 576 * 1536
+    assert OrtDecoder.pays(smollm2)
+    assert not OrtDecoder.pays(qwen05) and not OrtDecoder.pays(qwen15)
+
+
+def test_auto_takes_the_layer_sessions_where_the_one_graph_does_not_pay(tmp_path, monkeypatch):
+    """Under auto a model whose layers are over the rule's size runs OrtLayers with the f16 cache (and the
+    plan counts that cache); 'whole' still builds the one graph."""
+    out = convert(tm.make_llama(tmp_path / "src", tied=True, n_kv_heads=2), tmp_path / "m.flashlm", dtype="q4_1",
+                  progress=False)
+    assert isinstance(Model(open_folder(out), RuntimeConfig(threads=1)).ort, OrtDecoder)
+    monkeypatch.setattr(ort_model, "ONE_GRAPH_MAX_LAYER_WEIGHTS", 0)
+    auto = Model(open_folder(out), RuntimeConfig(threads=1))
+    assert isinstance(auto.ort, OrtLayers) and not auto.whole and auto.k_cache.dtype == np.uint16
+    assert auto.plan.kv_cache == auto.k_cache.nbytes + auto.v_cache.nbytes
+    whole = Model(open_folder(out), RuntimeConfig(threads=1, ort_graph="whole"))
+    assert isinstance(whole.ort, OrtDecoder) and whole.k_cache.dtype == np.float32
+    assert whole.plan.kv_cache == whole.k_cache.nbytes + whole.v_cache.nbytes
+
+
 def test_one_graph_run_never_imports_numba(tmp_path):
     """The one-graph decoder runs no numba kernel, so a process that decodes with it must not pay numba's
     ~65 MiB of RSS (LLVM): `flashlm run` on it, in a fresh interpreter, leaves numba unimported, and the

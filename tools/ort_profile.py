@@ -42,17 +42,22 @@ def child(args) -> int:
     ort.InferenceSession = Profiled
     from flashlm.runtime.config import RuntimeConfig
     from flashlm.runtime.loader import load
-    from flashlm.runtime.ort_model import OrtDecoder
+    from flashlm.runtime.ort_model import OrtDecoder, OrtLayers
     fields = json.loads(args.fields)
     model, _, _ = load(args.folder, RuntimeConfig(ctx_len=args.past + args.tokens + 8, threads=args.threads, **fields))
-    if not isinstance(model.ort, OrtDecoder):
-        raise SystemExit(f"{args.folder}: the decoder does not run as one graph ({type(model.ort).__name__})")
+    o = model.ort
+    if isinstance(o, OrtDecoder):
+        sessions = [sess for sess, _, _ in o.parts]
+    elif isinstance(o, OrtLayers):      # ort_graph=layers: the graphs between numba attention calls
+        sessions = [s for s in (o.head0, *o.mid, *o.tail, *o.heads, o.lm) if s is not None]
+    else:
+        raise SystemExit(f"{args.folder}: the decoder does not run in onnxruntime sessions ({type(o).__name__})")
     ids = np.random.default_rng(0).integers(100, 40000, size=args.past + args.tokens)
     model.reset()
     model.forward(ids[:args.past])
     for i in range(args.tokens):
         model.forward(ids[args.past + i:args.past + i + 1])
-    files = [sess.end_profiling() for sess, _, _ in model.ort.parts]
+    files = [sess.end_profiling() for sess in sessions]
     by_op, by_node, run_us = collections.Counter(), collections.Counter(), 0.0
     pooled, gaps = collections.Counter(), []        # nodes that ran a parallel loop; serial stretches between them
     for part, f in enumerate(files):
