@@ -46,8 +46,8 @@ K = lazy_module(f"{__package__}.kernels")
 
 SPLIT_MIN_ROWS = 8      # a prompt block below this is not worth a thread handoff
 SESSION_WEIGHTS = 20_000_000     # OrtDecoder: weights per session at most (but one layer at least): the build peak
-# ort_graph auto: the one graph only for layers of at most this many weights (OrtDecoder.pays): measured faster
-# at 3.5M (SmolLM2-135M), slower at 14.9M (Qwen2.5-0.5B); the cut between is a guess at the midpoint.
+# ort_graph auto: the one graph only for layers of at most this many weights (OrtDecoder.pays): kept at 3.5M
+# (SmolLM2-135M), slower decode at 14.9M and 46.8M (Qwen2.5 0.5B, 1.5B); the cut between is a guess.
 ONE_GRAPH_MAX_LAYER_WEIGHTS = 8_000_000
 
 
@@ -331,11 +331,14 @@ class OrtDecoder:
         What it saves is fixed per layer: a run() and a numba call, a few microseconds each. What it costs
         is GroupQueryAttention, dearer in the graph than numba's attention over the f16 cache, more so as
         the position grows. So it pays only where a layer's matvecs are short. Measured (1 thread, decode
-        tokens of the two paths interleaved in one process, CPU ms/token min / median, load ~0.2):
-        SmolLM2-135M (3.5M weights a layer) one graph 5-7% faster (docs/BENCHMARKS.md, issue 7 session 5);
-        Qwen2.5-Coder-0.5B (14.9M) one graph slower at every position: past 8 30.42 / 35.08 vs layers
-        29.92 / 34.30, past 256 33.81 / 39.96 vs 31.69 / 36.97, past 1024 37.02 / 41.48 vs 35.54 / 39.52
-        (docs/BENCHMARKS.md, issue 7 session 8). The cut between the two is not measured (no model there)."""
+        tokens of the two paths interleaved in one process, CPU ms/token min / median, load ~0.2-1,
+        docs/BENCHMARKS.md issue 7 session 8): Qwen2.5-Coder-0.5B (14.9M weights a layer) one graph slower
+        at every position: past 8 30.42 / 35.08 vs layers 29.92 / 34.30, past 256 33.81 / 39.96 vs
+        31.69 / 36.97, past 1024 37.02 / 41.48 vs 35.54 / 39.52; Qwen2.5-Coder-1.5B (46.8M) past 256
+        100.70 / 119.16 vs 98.03 / 117.57. SmolLM2-135M (3.5M) decodes within noise of the layers either
+        way (past 256 11.73 / 14.65 vs 11.48 / 14.23) and keeps the one graph for what else it gives there:
+        prefill at 2 threads 1.6x (session 5's bench) and no numba in the process (~65 MiB of RSS).
+        The cut between 3.5M and 14.9M is not measured (no model there)."""
         return layer_weights(c) <= ONE_GRAPH_MAX_LAYER_WEIGHTS
 
     @staticmethod

@@ -146,7 +146,7 @@ def _config(**shape):
 
 
 def test_auto_one_graph_rule_follows_the_measured_models():
-    """OrtDecoder.pays: SmolLM2-135M's layers (one graph measured faster) pass, Qwen2.5-0.5B's and
+    """OrtDecoder.pays: SmolLM2-135M's layers (one graph kept) pass, Qwen2.5-0.5B's and
     1.5B's (measured slower: docs/BENCHMARKS.md issue 7 session 8) do not."""
     smollm2 = _config(d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, n_ff=1536)
     qwen05 = _config(d_model=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64, n_ff=4864)
