@@ -121,11 +121,10 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
     runtime_bytes = ram = 0
     if rt.memory_limit is not None:
         # The runtime itself counts against a whole-process limit: measure it once every module the run
-        # needs is imported (onnxruntime and onnx, which build the sessions, numba unless the run is one
-        # graph), before anything big is read.
+        # needs is imported (onnxruntime, which runs the sessions; numba unless the run is one graph),
+        # before anything big is read. (The graphs are written by onnx_proto: no `onnx` import.)
         from .process_memory import physical_memory_bytes, release_freed_heap, rss_bytes
         if ort:
-            import onnx  # noqa: F401
             import onnxruntime  # noqa: F401
         release_freed_heap()
         runtime_bytes, ram = rss_bytes(), physical_memory_bytes()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import onnx_proto as proto
 from .quant import QTensor
 
 INT8_ACTIVATIONS = 4      # MatMulNBits accuracy_level: int8 activations, int32 sums (the fast CPU path)
@@ -39,11 +40,9 @@ class GraphBuilder:
     """Accumulates nodes and constant initializers for one onnxruntime session."""
 
     def __init__(self, name: str, accuracy_level: int = INT8_ACTIVATIONS):
-        from onnx import TensorProto, helper
         self.accuracy_level = accuracy_level
-        self._helper, self._tp = helper, TensorProto
         self.name = name
-        self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
+        self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []     # serialized protos (onnx_proto)
         self.weights: dict[str, np.ndarray] = {}       # initializers handed over as OrtValues (see above)
         self._sums: dict[tuple, str] = {}               # block sums already computed, by (input, k, block)
         self._n = 0
@@ -54,27 +53,17 @@ class GraphBuilder:
 
     def const(self, arr: np.ndarray, hint: str = "c") -> str:
         """A small constant, serialized into the graph."""
-        from onnx import numpy_helper
         name = self._fresh(hint)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        self.inits.append(proto.tensor(name, arr))
         return name
 
     def weight(self, arr: np.ndarray, hint: str = "w") -> str:
         """A weight consumed by a prepacking node (MatMulNBits, MatMul): declared with external data in an
         in-memory "file" that is `arr` itself, so the session reads it in place (see the module docstring)."""
-        from onnx import TensorProto, helper
         name = self._fresh(hint)
         arr = np.ascontiguousarray(arr)
         self.weights[name + ".bin"] = arr
-        t = TensorProto()
-        t.name = name
-        t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
-        t.dims.extend(arr.shape)
-        t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", name + ".bin"), ("offset", "0"), ("length", str(arr.nbytes))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
-        self.inits.append(t)
+        self.inits.append(proto.external_tensor(name, arr.dtype, arr.shape, name + ".bin", 0, arr.nbytes))
         return name
 
     def node(self, op: str, inputs: list[str], hint: str | None = None, domain: str = "", n_out: int = 1,
@@ -82,28 +71,26 @@ class GraphBuilder:
         """One node; its outputs get fresh names, or `names` (graph outputs written by the node itself; None: fresh)."""
         outs = [n or self._fresh(hint or op.lower()) for n in names] if names else \
             [self._fresh(hint or op.lower()) for _ in range(n_out)]
-        self.nodes.append(self._helper.make_node(op, inputs, outs, domain=domain, **attrs))
+        self.nodes.append(proto.node(op, inputs, outs, domain=domain, **attrs))
         return outs[0] if len(outs) == 1 else outs
 
     def input(self, name: str, width: int) -> str:
-        self.inputs.append(self._helper.make_tensor_value_info(name, self._tp.FLOAT, ["T", width]))
+        self.inputs.append(proto.value_info(name, proto.FLOAT, ["T", width]))
         return name
 
     def output(self, value: str, name: str, width: int) -> None:
-        self.nodes.append(self._helper.make_node("Identity", [value], [name]))
-        self.outputs.append(self._helper.make_tensor_value_info(name, self._tp.FLOAT, ["T", width]))
+        self.nodes.append(proto.node("Identity", [value], [name]))
+        self.outputs.append(proto.value_info(name, proto.FLOAT, ["T", width]))
 
     def typed_input(self, name: str, dtype, shape: list) -> str:
         """An input of any numpy dtype and shape (ints for fixed sizes, strings for free ones)."""
-        self.inputs.append(self._helper.make_tensor_value_info(name, self._helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
-                                                               shape))
+        self.inputs.append(proto.value_info(name, proto.tensor_dtype(dtype), shape))
         return name
 
     def typed_output(self, name: str, dtype, shape: list) -> None:
         """Declare an output that a node already writes under this name (no Identity: a present-KV output
         must be the attention node's own, to share its buffer with the past input)."""
-        self.outputs.append(self._helper.make_tensor_value_info(name, self._helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
-                                                                shape))
+        self.outputs.append(proto.value_info(name, proto.tensor_dtype(dtype), shape))
 
     # --- layers -------------------------------------------------------------------------------------
     def linear(self, x: str, w, bias: np.ndarray | None = None, hint: str = "y") -> str:
@@ -197,11 +184,10 @@ class GraphBuilder:
     def relu(self, x: str) -> str:
         return self.node("Relu", [x])
 
-    def model(self):
-        h = self._helper
-        graph = h.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
-        return h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET), h.make_opsetid("com.microsoft", 1)],
-                            ir_version=9)
+    def model(self) -> bytes:
+        """The serialized ModelProto (onnx_proto: no `onnx` import in a decoding process)."""
+        return proto.model(self.nodes, self.name, self.inputs, self.outputs, self.inits,
+                           opsets=[("", OPSET), ("com.microsoft", 1)], ir_version=9)
 
 
 def session(builder: GraphBuilder, threads: int, spin_us: int = 0):
@@ -235,7 +221,7 @@ def session(builder: GraphBuilder, threads: int, spin_us: int = 0):
     if builder.weights:
         buffers = [a.reshape(-1).view(np.uint8) for a in builder.weights.values()]
         so.add_external_initializers_from_files_in_memory(list(builder.weights), buffers, [b.size for b in buffers])
-    return ort.InferenceSession(builder.model().SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(builder.model(), so, providers=["CPUExecutionProvider"])
 
 
 def bounded_spinning() -> bool:

@@ -38,6 +38,7 @@ import numpy as np
 
 from .lazy import lazy_module
 from .config import ModelConfig
+from . import onnx_proto
 from .ort_graph import INT8_ACTIVATIONS, GraphBuilder, bounded_spinning, session
 
 # numba loads on a kernel's first use: the one-graph decoder runs none (runtime/lazy.py)
@@ -352,7 +353,6 @@ class OrtDecoder:
 
     def _layers_graph(self, g: GraphBuilder, weight, layers, rope: list) -> None:
         c = self.c
-        from onnx import TensorProto
         half = self.kv_type == np.float16
         x = g.input("x", c.d_model)
         seqlens = g.typed_input("seqlens_k", np.int32, [1])                 # positions before the last new one
@@ -364,7 +364,7 @@ class OrtDecoder:
         for l in layers:
             qkv = g.node("Unsqueeze", [qkv_proj(g, c, weight, l, x), batch], "qkv3")     # [1, T, (H + 2 Hkv) hd]
             if half:
-                qkv = g.node("Cast", [qkv], "qkv16", to=TensorProto.FLOAT16)
+                qkv = g.node("Cast", [qkv], "qkv16", to=onnx_proto.FLOAT16)
             ins = [qkv, "", "", g.typed_input(f"past_key_{l}", self.kv_type, kv),
                    g.typed_input(f"past_value_{l}", self.kv_type, kv), seqlens, total]
             rotary = rope[l] is not None
@@ -383,7 +383,7 @@ class OrtDecoder:
             for name in ("key", "value"):
                 g.typed_output(f"present_{name}_{l}", self.kv_type, kv)
             if half:
-                att = g.node("Cast", [att], "att32", to=TensorProto.FLOAT)
+                att = g.node("Cast", [att], "att32", to=onnx_proto.FLOAT)
             att = g.node("Squeeze", [att, batch], "att")
             x = ffn_block(g, c, weight, l, attn_out(g, c, weight, l, att, x))
         g.output(x, "x_out", c.d_model)
