@@ -126,9 +126,9 @@ def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_l
     p.add_argument("--dense-engine", default="auto", choices=["auto", "onnxruntime", "numba"],
                    help="quantized dense weights: onnxruntime (fast, ~1.5x their bytes resident, more while building), numba (from the "
                         "stored rows) or auto (numba under --memory-limit)")
-    p.add_argument("--ort-spin-us", type=_NON_NEGATIVE, default=10, metavar="US",
+    p.add_argument("--ort-spin-us", type=_NON_NEGATIVE, default=100, metavar="US",
                    help="onnxruntime dense weights with several threads: split every matvec across them, idle workers "
-                        "spinning this many microseconds before sleeping (0: no spinning, layers on one thread)")
+                        "spinning this many microseconds before sleeping, within a run (0: no spinning, layers on one thread; 10 on a busy machine)")
     p.add_argument("--ort-graph", default="auto", choices=["auto", "whole", "layers"],
                    help="onnxruntime dense weights with every FFN resident: whole (the decoder in a few graphs, attention "
                         "included: a few run() per token), layers (a graph between numba attention calls), auto (whole "

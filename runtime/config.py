@@ -139,9 +139,13 @@ class RuntimeConfig:
     dense_engine: str = "auto"   # quantized dense weights: onnxruntime (MatMulNBits, fast, ~1.5x their bytes
     #                              resident) | numba (from the stored rows, 1x) | auto (numba under --memory-limit)
     int8_activations: bool = True  # quantized weights: MatMulNBits with int8 activations (fast) or f32 (exact)
-    ort_spin_us: int = 10        # onnxruntime dense weights, threads > 1: every session splits its matvecs across
-    #                              the threads and its idle worker spins this long (µs) before it sleeps; 0: no
-    #                              spinning, sessions run on the calling thread (the lm_head split), prompts in row blocks
+    ort_spin_us: int = 100       # onnxruntime dense weights, threads > 1: every session splits its matvecs across
+    #                              the threads and its idle worker spins this long (µs) before it sleeps, never past
+    #                              the end of a run; 0: no spinning, sessions run on the calling thread (the lm_head
+    #                              split), prompts in row blocks. 100 covers the serial stretches between a run's
+    #                              parallel nodes (25-86 us, tools/ort_profile.py): SmolLM2 2-thread decode at idle
+    #                              88.6-98.6 tok/s vs 74.5-82.5 at 10 (two runs of tools/bench_llamacpp.py, session 8);
+    #                              on a loaded machine 10 loses less (docs/BENCHMARKS.md, session 7 dec2)
     ort_graph: str = "auto"      # onnxruntime dense weights, every FFN resident: whole (the decoder as one graph,
     #                              attention in it: one run per token) | layers (a graph between numba attention
     #                              calls) | auto (whole where the model allows it and its layers are small: measured

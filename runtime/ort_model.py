@@ -20,7 +20,7 @@ Threads. A decode token's matvecs are 5-40 us each, so splitting one across thre
 other thread is awake: waking a sleeping onnxruntime worker costs ~25 us on this 2-core VM. Measured on
 SmolLM2 q4 with 2 threads and no spinning: ~176 voluntary context switches per decode token, and decode
 slower with 2 threads than with 1 (51 vs 67 tok/s, idle machine). Two policies (RuntimeConfig.ort_spin_us):
-  spin_us > 0 (default 10): every session splits its nodes across `threads` and its idle worker spins
+  spin_us > 0 (default 100): every session splits its nodes across `threads` and its idle worker spins
     spin_us before sleeping, so a session's consecutive nodes find it awake; it wakes about once per
     session (once per layer) and stops as soon as the session's run returns, before the next session's
     worker starts. Prompts run whole through each session (onnxruntime splits their rows).

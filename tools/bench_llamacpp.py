@@ -13,8 +13,8 @@ from other processes hits both alike; one table, mean ± sd tokens/s, and the ra
 flashlm runs with its defaults (a fully resident model: the whole decoder as one onnxruntime graph, one
 run() per token) and with `ort_graph=layers` (a graph between numba attention calls, the previous path),
 and at more than one thread also with `--ort-spin-us 0` (no spinning: the layer graphs run on the calling
-thread, only the lm_head splits) and `--ort-spin-us 100` (workers spin up to 100 us between a run's nodes
-instead of 10, and stop when the run returns): which wins depends on how idle the machine is (a spinning
+thread, only the lm_head splits) and `--ort-spin-us 10` (workers spin up to 10 us between a run's nodes
+instead of the default 100, and stop when the run returns): which wins depends on how idle the machine is (a spinning
 worker loses its core to other jobs), so all are in the table. The first line names the CPU (AVX-512 /
 VNNI decide both engines' int8 kernels: a session-1 machine with AVX-512 ran llama.cpp at 146/185 tok/s, this AVX2 EPYC at 60/80).
 `--breakdown` also reports where flashlm's decode time goes per token (onnxruntime runs, numba
@@ -41,14 +41,14 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
-ENGINES = ("flashlm", "flashlm-layers", "flashlm-spin0", "flashlm-spin100", "llama.cpp")
-SPIN_ENGINES = ("flashlm-spin0", "flashlm-spin100")       # threading policies: they differ only at threads > 1
+ENGINES = ("flashlm", "flashlm-layers", "flashlm-spin0", "flashlm-spin10", "llama.cpp")
+SPIN_ENGINES = ("flashlm-spin0", "flashlm-spin10")       # threading policies: they differ only at threads > 1
 LABELS = {"flashlm": "flashlm", "flashlm-layers": "flashlm ort_graph=layers", "flashlm-spin0": "flashlm --ort-spin-us 0",
-          "flashlm-spin100": "flashlm --ort-spin-us 100",
+          "flashlm-spin10": "flashlm --ort-spin-us 10",
           "llama.cpp": "llama.cpp"}
 # The flashlm variants as RuntimeConfig fields (the default engine is the library's defaults).
 VARIANTS = {"flashlm": {}, "flashlm-layers": {"ort_graph": "layers"}, "flashlm-spin0": {"ort_spin_us": 0},
-            "flashlm-spin100": {"ort_spin_us": 100}}
+            "flashlm-spin10": {"ort_spin_us": 10}}
 
 
 def _ids(n: int) -> np.ndarray:
