@@ -141,3 +141,26 @@ def test_device_profiles_are_found_from_outside_the_checkout(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "True"]
     assert shipped_profile("no-such-device") is None
+
+
+def test_bench_reps_see_fresh_token_ids(llama, monkeypatch):
+    """Every repetition of a bench test (the warm-up's included) feeds its own token ids, and decode ids are
+    not the prompt's: a neuron cache outlives model.reset(), so repeated ids would pre-load the timed rows."""
+    from flashlm.runtime import bench
+    from flashlm.runtime.config import RuntimeConfig
+    from flashlm.runtime.model import Model
+    seen: list[list[int]] = []
+    real = Model.forward
+
+    def recording(self, tokens, **kw):
+        seen.append([int(t) for t in np.asarray(tokens).reshape(-1)])
+        return real(self, tokens, **kw)
+    monkeypatch.setattr(Model, "forward", recording)
+    _, folder = llama
+    bench.bench_one(folder, RuntimeConfig(ctx_len=64), pp=4, tg=3, reps=2)
+    prompts, decodes = seen[:3], seen[3:]                  # 3 prompt tests, then 3 x (1 + 3) decode steps
+    assert len(prompts) == 3 and all(len(p) == 4 for p in prompts) and len(decodes) == 12
+    decode_runs = [sum(decodes[4 * r:4 * r + 4], []) for r in range(3)]
+    assert len({tuple(p) for p in prompts}) == 3, "each repetition's prompt is its own"
+    assert len({tuple(d) for d in decode_runs}) == 3, "each repetition's decode tokens are their own"
+    assert all(d[:4] != p for p, d in zip(prompts, decode_runs)), "decode does not replay the prompt"
