@@ -56,22 +56,34 @@ def _widen(w, n, out):
         out[j] = f32(w[j])
 
 
+@njit(**JIT)
+def _matmul_block(x, w, scale, out, b):
+    """Rows b*32 .. b*32+31 of out = x @ w.T, each dot times scale[row] unless scale is None (numba
+    compiles the two cases apart, the None branch pruned: matmul's loop is as before)."""
+    T, d = x.shape
+    n = w.shape[0]
+    if T == 1:
+        for i in range(b * 32, min(n, b * 32 + 32)):
+            y = _dot(w[i], x[0], d)
+            if scale is not None:
+                y *= scale[i]
+            out[0, i] = y
+    else:
+        row = np.empty(d, np.float32)     # widened once, reused by all T tokens
+        for i in range(b * 32, min(n, b * 32 + 32)):
+            _widen(w[i], d, row)
+            for t in range(T):
+                y = _dot(row, x[t], d)
+                if scale is not None:
+                    y *= scale[i]
+                out[t, i] = y
+
+
 @njit(parallel=True, **JIT)
 def matmul(x, w, out):
     """out[T, n] = x[T, d] @ w[n, d].T  (w f32 or f16 bits)."""
-    T, d = x.shape
-    n = w.shape[0]
-    nblocks = (n + 31) // 32
-    for b in prange(nblocks):
-        if T == 1:
-            for i in range(b * 32, min(n, b * 32 + 32)):
-                out[0, i] = _dot(w[i], x[0], d)
-        else:
-            row = np.empty(d, np.float32)     # widened once, reused by all T tokens
-            for i in range(b * 32, min(n, b * 32 + 32)):
-                _widen(w[i], d, row)
-                for t in range(T):
-                    out[t, i] = _dot(row, x[t], d)
+    for b in prange((w.shape[0] + 31) // 32):
+        _matmul_block(x, w, None, out, b)
 
 
 @njit(parallel=True, **JIT)
@@ -79,19 +91,8 @@ def matmul_scaled(x, w, scale, out):
     """out[T, n] = (x[T, d] @ w[n, d].T) * scale[n]: w int8, one f32 scale per row (the int8 predictors'
     low-rank maps, runtime/predictor.py); the scale multiplies each finished dot, so the inner loop is
     matmul's with the int8 widened in-register."""
-    T, d = x.shape
-    n = w.shape[0]
-    nblocks = (n + 31) // 32
-    for b in prange(nblocks):
-        if T == 1:
-            for i in range(b * 32, min(n, b * 32 + 32)):
-                out[0, i] = _dot(w[i], x[0], d) * scale[i]
-        else:
-            row = np.empty(d, np.float32)
-            for i in range(b * 32, min(n, b * 32 + 32)):
-                _widen(w[i], d, row)
-                for t in range(T):
-                    out[t, i] = _dot(row, x[t], d) * scale[i]
+    for b in prange((w.shape[0] + 31) // 32):
+        _matmul_block(x, w, scale, out, b)
 
 
 @njit(**JIT)
