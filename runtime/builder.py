@@ -77,7 +77,7 @@ def one_graph(folder: ModelFolder, rt: RuntimeConfig, ffn_in_graph: bool) -> boo
     why = "FFN rows stream from flash" if not ffn_in_graph else OrtDecoder.supports(folder.config)
     if why is not None and rt.ort_graph == "whole":
         raise FlashlmError(f"ort_graph 'whole': {folder.path}: cannot run as one graph: {why}")
-    return why is None and (rt.ort_graph == "whole" or OrtDecoder.pays(folder.config))
+    return why is None and OrtDecoder.wanted(folder.config, rt.ort_graph)
 
 
 def activation_bytes(folder: ModelFolder, threads: int) -> int:

@@ -492,8 +492,8 @@ def plan_memory(folder: ModelFolder, rt: RuntimeConfig, *, activations: int, cos
     # The one-graph decoder (f32 KV under kv_dtype auto) needs quantized weights in onnxruntime and every
     # FFN resident; counted as f32 wherever it may run (the model may still fall back to f16: an upper bound).
     from .ort_model import OrtDecoder       # (no onnxruntime import: only its graph-choice rule)
-    one_graph = quantized and dense_engine(rt) == "onnxruntime" and rt.mode == "dense" and (
-        rt.ort_graph == "whole" or rt.ort_graph == "auto" and OrtDecoder.pays(c))
+    one_graph = quantized and dense_engine(rt) == "onnxruntime" and rt.mode == "dense" and \
+        OrtDecoder.wanted(c, rt.ort_graph)
     kv_bytes = KV_ITEM_BYTES[kv_storage(rt, one_graph)]
     plan = MemoryPlan(rt.mode, budget, folder.model_bytes, dense,
                       kv_cache=2 * c.n_layers * ctx * c.n_kv_heads * c.head_dim * kv_bytes,

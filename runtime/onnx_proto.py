@@ -82,7 +82,7 @@ def external_tensor(name: str, dtype, shape, location: str, offset: int, length:
 
 def _attribute(name: str, value) -> bytes:
     out = _bytes(1, name)
-    if isinstance(value, bool) or isinstance(value, (int, np.integer)):
+    if isinstance(value, (int, np.integer)):     # (bool is an int: 0 / 1, as onnx.helper writes it)
         return out + _int(3, int(value)) + _int(20, _ATTR_INT)
     if isinstance(value, (float, np.floating)):
         return out + _float(2, float(value)) + _int(20, _ATTR_FLOAT)

@@ -343,6 +343,12 @@ class OrtDecoder:
         return layer_weights(c) <= ONE_GRAPH_MAX_LAYER_WEIGHTS
 
     @staticmethod
+    def wanted(c: ModelConfig, ort_graph: str) -> bool:
+        """Whether RuntimeConfig.ort_graph asks for the one graph on this model: whole always, auto where
+        it pays, layers never (whether the model can run as one is `supports`)."""
+        return ort_graph == "whole" or (ort_graph == "auto" and OrtDecoder.pays(c))
+
+    @staticmethod
     def supports(c: ModelConfig) -> str | None:
         """Why this model cannot run as one graph (None: it can)."""
         if c.n_heads % c.n_kv_heads:
