@@ -25,12 +25,17 @@ def opt_folder(tmp_path_factory):
     return out
 
 
+def _run_ids(model):
+    """Logits of IDS: the first 6 as one prompt, the rest decoded one at a time."""
+    pre = model.forward(IDS[:6], all_logits=True)
+    dec = [model.forward([t])[0].copy() for t in IDS[6:]]
+    return np.concatenate([pre, np.stack(dec)])
+
+
 def _logits(folder, **rt):
     model = Model(open_folder(folder), RuntimeConfig(**rt))
     try:
-        pre = model.forward(IDS[:6], all_logits=True)
-        dec = [model.forward([t])[0] for t in IDS[6:]]
-        return np.concatenate([pre, np.stack(dec)]), model.ffn_backend.stats, model
+        return _run_ids(model), model.ffn_backend.stats, model
     finally:
         model.close()
 
@@ -62,6 +67,13 @@ def _oracles(folder):
     return out
 
 
+def _oracle_flash(folder_path, **rt):
+    """Flash mode over an oracle selector, every layer sparse, window 2, f32 KV caches (with f16 ones a 1e-7
+    difference of FFN summation order can flip one rounding); `rt` adds RuntimeConfig fields."""
+    return Model(open_folder(folder_path), RuntimeConfig(mode="flash", window=2, io="buffered", layer_io="sparse",
+                                                         kv_dtype="f32", **rt), predictors=_oracles(folder_path))
+
+
 @pytest.mark.parametrize("mode", ["naive", "hybrid", "mmap"])
 def test_streaming_modes_equal_dense(opt_folder, mode):
     ref, _, _ = _logits(opt_folder)
@@ -83,16 +95,13 @@ def test_flash_with_oracle_predictor_is_exact(opt_folder, capacity_fraction, pip
     summation order can flip one rounding.)"""
     ref, _, _ = _logits(opt_folder, kv_dtype="f32")
     folder = open_folder(opt_folder)
-    model = Model(folder, RuntimeConfig(mode="flash", window=2, io="buffered", layer_io="sparse", kv_dtype="f32",
-                                        pipeline=pipeline), predictors=_oracles(opt_folder))
+    model = _oracle_flash(opt_folder, pipeline=pipeline)
     ffn = model.ffn_backend
     if capacity_fraction < 1:
         from flashlm.runtime.neuron_cache import NeuronCache
         cap = int(folder.config.n_ff * capacity_fraction)
         ffn.caches = [NeuronCache(folder.config.n_ff, cap, c.row_elems, c.rows.dtype, window=2) for c in ffn.caches]
-    pre = model.forward(IDS[:6], all_logits=True)
-    dec = [model.forward([t])[0] for t in IDS[6:]]
-    np.testing.assert_allclose(np.concatenate([pre, np.stack(dec)]), ref, atol=1e-5)
+    np.testing.assert_allclose(_run_ids(model), ref, atol=1e-5)
     st = ffn.stats
     assert st.wanted > 0 and 0 < st.hits < st.wanted
     # Every wanted neuron that was not resident is read exactly once (into the cache or, overflowing,
@@ -310,9 +319,7 @@ def test_default_auto_flash_path_mixes_placements_and_equals_dense(deep_opt_fold
         assert model.plan.layer_kinds == plan.layer_kinds and model.plan.pin_rows == int(0.1 * folder.config.n_ff)
         ffn = model.ffn_backend
         sparse = plan.layers_placed(Placement.SPARSE)
-        pre = model.forward(IDS[:6], all_logits=True)
-        dec = [model.forward([t])[0].copy() for t in IDS[6:]]
-        np.testing.assert_allclose(np.concatenate([pre, np.stack(dec)]), ref, atol=1e-5)
+        np.testing.assert_allclose(_run_ids(model), ref, atol=1e-5)
         st = ffn.stats
         n_planned = plan.count(Placement.STREAM) * len(IDS[5:])    # 1 prefill + 14 decode forwards
         assert st.streamed_layers > n_planned, "the prompt's union must take the per-token stream fallback"
@@ -343,13 +350,9 @@ def test_pipeline_changes_what_is_read_never_what_is_computed(opt_folder):
     ref, _, _ = _logits(opt_folder, kv_dtype="f32")
     runs = {}
     for pipeline in (True, False):
-        model = Model(open_folder(opt_folder), RuntimeConfig(mode="flash", window=2, io="buffered", layer_io="sparse",
-                                                             kv_dtype="f32", pipeline=pipeline),
-                      predictors=_oracles(opt_folder))
+        model = _oracle_flash(opt_folder, pipeline=pipeline)
         try:
-            pre = model.forward(IDS[:6], all_logits=True)
-            dec = [model.forward([t])[0].copy() for t in IDS[6:]]
-            runs[pipeline] = np.concatenate([pre, np.stack(dec)]), model.ffn_backend.stats, model.ffn_backend
+            runs[pipeline] = _run_ids(model), model.ffn_backend.stats, model.ffn_backend
         finally:
             model.close()
     (on, st_on, ffn_on), (off, st_off, ffn_off) = runs[True], runs[False]
@@ -373,15 +376,12 @@ def test_switching_lookahead_mid_sequence_is_exact(opt_folder):
     """Oracle selector, every layer sparse, the lookahead toggled token by token by a trial: logits
     equal dense's, and both settings ran."""
     ref, _, _ = _logits(opt_folder, kv_dtype="f32")
-    model = Model(open_folder(opt_folder), RuntimeConfig(mode="flash", window=2, io="buffered", layer_io="sparse",
-                                                         kv_dtype="f32"), predictors=_oracles(opt_folder))
+    model = _oracle_flash(opt_folder)
     try:
         ffn = model.ffn_backend
         # a trial from the second decode token on, pairs (on, off), (off, on), that cannot end before both ran
         ffn.switch = PipelineSwitch(pairs=2, accept_wins=1, warm=1, every=2)
-        pre = model.forward(IDS[:6], all_logits=True)
-        dec = [model.forward([t])[0].copy() for t in IDS[6:]]
-        np.testing.assert_allclose(np.concatenate([pre, np.stack(dec)]), ref, atol=1e-5)
+        np.testing.assert_allclose(_run_ids(model), ref, atol=1e-5)
         st = ffn.stats
         assert st.decode_tokens == len(IDS) - 6 and 0 < st.lookahead_tokens < st.decode_tokens
         assert st.guess_rows > 0 and ffn.switch.trials >= 1
@@ -395,17 +395,14 @@ def test_switch_off_reads_exactly_what_no_pipeline_reads(opt_folder):
     from flashlm.runtime.pipeline_switch import PipelineSwitch
     got = {}
     for pipeline in (True, False):
-        model = Model(open_folder(opt_folder), RuntimeConfig(mode="flash", window=2, io="buffered", layer_io="sparse",
-                                                             kv_dtype="f32", pipeline=pipeline),
-                      predictors=_oracles(opt_folder))
+        model = _oracle_flash(opt_folder, pipeline=pipeline)
         try:
             ffn = model.ffn_backend
             if pipeline:
                 ffn.switch = PipelineSwitch(warm=10**9)
-            pre = model.forward(IDS[:6], all_logits=True)
-            dec = [model.forward([t])[0].copy() for t in IDS[6:]]
+            logits = _run_ids(model)
             rs, st = ffn.reader.stats, ffn.stats
-            got[pipeline] = (np.concatenate([pre, np.stack(dec)]), (rs.reads, rs.bytes_read, rs.useful_bytes),
+            got[pipeline] = (logits, (rs.reads, rs.bytes_read, rs.useful_bytes),
                              (st.wanted, st.hits, st.guess_rows, st.streamed_layers))
         finally:
             model.close()
