@@ -7,7 +7,7 @@ Timing only: the variants compute wrong logits on purpose. Each runs in its own 
 with the library's defaults plus `--set`), variants alternating rep by rep:
   full         the decoder as built (runtime/ort_model.py OrtDecoder)
   no-attn      every GroupQueryAttention replaced by a slice of its q (the KV caches pass through)
-  no-min       the q4_1 min correction left out (MatMulNBits alone; the block sums and Gemm go unused)
+  no-min       the q4_1 min correction left out (MatMulNBits alone, no block sums nor correction MatMul)
   no-attn-min  both
 Per variant: decode wall and CPU ms per token (best rep), and the wall ms of the lm_head's run() alone,
 so full - no-attn is what attention costs, full - no-min what the q4_1 mins cost, and no-attn-min - lm
@@ -33,8 +33,12 @@ VARIANTS = ("full", "no-attn", "no-min", "no-attn-min")
 
 def _patch(variant: str) -> None:
     """Rewrite GraphBuilder.node so the graphs the library builds leave the variant's pieces out."""
+    import dataclasses
+
     import flashlm.runtime.ort_graph as og
-    node = og.GraphBuilder.node
+    from flashlm.runtime import onnx_proto
+    from flashlm.runtime.quant import QUANT_TYPES
+    node, matmul_nbits = og.GraphBuilder.node, og.GraphBuilder._matmul_nbits
 
     def patched(self, op, inputs, hint=None, domain="", n_out=1, names=None, **attrs):
         if "attn" in variant and op == "GroupQueryAttention":
@@ -43,12 +47,16 @@ def _patch(variant: str) -> None:
             q = node(self, "Slice", [inputs[0], self.const(np.array([0], np.int64)),
                                      self.const(np.array([width], np.int64)), self.const(np.array([2], np.int64))], "q")
             for name, past in zip(names[1:], inputs[3:5]):
-                self.nodes.append(self._helper.make_node("Identity", [past], [name]))
+                self.nodes.append(onnx_proto.node("Identity", [past], [name]))
             return [q, names[1], names[2]]
-        if "min" in variant and op == "Gemm":           # only the q4_1 min correction is a Gemm in these graphs
-            return inputs[2]
         return node(self, op, inputs, hint, domain, n_out, names, **attrs)
+
+    def no_min(self, x, w, hint):                       # the matrix without its mins: MatMulNBits alone
+        plain = QUANT_TYPES["q8_0" if w.qtype.bits == 8 else "q4_0"]
+        return matmul_nbits(self, x, dataclasses.replace(w, qtype=plain, mins=None), hint)
     og.GraphBuilder.node = patched
+    if "min" in variant:
+        og.GraphBuilder._matmul_nbits = no_min
 
 
 def child(args) -> int:
