@@ -149,6 +149,9 @@ def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_l
     p.add_argument("--no-verify", action="store_true", help="skip the CRC-32 check of bundle rows read from flash")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "f16", "f32"],
                    help="KV cache storage (auto: f32 for the one-graph decoder, else f16)")
+    p.add_argument("--activations", default="mixed", choices=["int8", "mixed", "f32"],
+                   help="quantized weights in onnxruntime: inputs quantized to int8 blocks (fastest), the same but "
+                        "f32 into the attention's q|k|v (mixed: closer to f16), or f32 everywhere (exact, slower)")
     p.add_argument("--no-pipeline", action="store_true",
                    help="start no flash read before its layer runs (no lookahead, no read-ahead of the next "
                         "streamed layer): the baseline the pipeline is measured against")
@@ -171,7 +174,7 @@ def _runtime_config(args):
         embeddings=args.embeddings, dense_engine=args.dense_engine, window=args.window,
         pin=args.pin, io=args.io, io_threads=args.io_threads, io_submit=args.io_submit, max_gap_bytes=args.max_gap,
         layer_io=args.layer_io, profile=args.profile, verify_reads=not args.no_verify, kv_dtype=args.kv_dtype,
-        pipeline=not args.no_pipeline, pipeline_trial=not args.pipeline_always, ort_spin_us=args.ort_spin_us, ort_graph=args.ort_graph))
+        activations=args.activations, pipeline=not args.no_pipeline, pipeline_trial=not args.pipeline_always, ort_spin_us=args.ort_spin_us, ort_graph=args.ort_graph))
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:

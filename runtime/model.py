@@ -136,8 +136,7 @@ class Model:
             return from_rows(arr, fmt, entry.shape[1]) if fmt is not None else arr
 
         lm_head = "tok_embeddings" if c.tied_embeddings else "lm_head"
-        from .ort_graph import F32_ACTIVATIONS, INT8_ACTIVATIONS, release_freed_memory
-        level = INT8_ACTIVATIONS if self.runtime.int8_activations else F32_ACTIVATIONS
+        from .ort_graph import release_freed_memory
         # Any view of the mapped dense file reaches its map (tok_embeddings may not be among the weights).
         mapped = [self.w["norm.weight"]] + ([matrices_buf] if ffn_in_graph else [])
 
@@ -153,9 +152,9 @@ class Model:
         self.whole = whole
         if self.whole:
             self.ort = OrtDecoder(c, weight, self.threads, lm_head, self.rope, self.ctx_len, kv_storage(self.runtime, True),
-                                  level, on_session=release, spin_us=self.runtime.ort_spin_us)
+                                  self.runtime.activations, on_session=release, spin_us=self.runtime.ort_spin_us)
         else:
-            self.ort = OrtLayers(c, weight, [ffn_in_graph] * c.n_layers, self.threads, lm_head, level,
+            self.ort = OrtLayers(c, weight, [ffn_in_graph] * c.n_layers, self.threads, lm_head, self.runtime.activations,
                                  on_session=release, spin_us=self.runtime.ort_spin_us)
         del matrices, mapped
         keep = ("pos_embeddings", ROW_CRC_TENSOR) + (() if self.embedding_rows else ("tok_embeddings",))

@@ -32,15 +32,22 @@ from . import onnx_proto as proto
 from .quant import QTensor
 
 INT8_ACTIVATIONS = 4      # MatMulNBits accuracy_level: int8 activations, int32 sums (the fast CPU path)
-F32_ACTIVATIONS = 0       # f32 activations: exact up to f32 rounding, 2-10x slower (tests, reference runs)
+F32_ACTIVATIONS = 0       # f32 activations: exact up to f32 rounding, 2-3x slower (tests, reference runs)
+# RuntimeConfig.activations -> the linears (by their hint) whose MatMulNBits take f32 activations; None: all.
+# Why q|k|v in "mixed": of the SmolLM2 Q4_1 linears made f32 one kind at a time, only q|k|v (or gate|up,
+# 3.2x its weights) moved the held-out perplexity toward f16's (one 901-token window: int8 +0.77%, f32 q|k|v
+# +0.18%, f32 gate|up +0.39%, f32 down/o/logits +0.68-0.87%; windows of 512: int8 +0.17%, f32 q|k|v +0.19%;
+# llama.cpp's own Q8_1 activations +0.40/+0.39%, tools/ppl_llamacpp.py). f32 q|k|v costs ~14 us of a 576 x 960
+# matvec per layer (2 threads; 27 at 1), within the decode token's run-to-run noise.
+F32_LINEARS = {"int8": frozenset(), "mixed": frozenset({"qkv"}), "f32": None}
 OPSET = 17
 
 
 class GraphBuilder:
     """Accumulates nodes and constant initializers for one onnxruntime session."""
 
-    def __init__(self, name: str, accuracy_level: int = INT8_ACTIVATIONS):
-        self.accuracy_level = accuracy_level
+    def __init__(self, name: str, activations: str = "int8"):
+        self.f32_linears = F32_LINEARS[activations]     # KeyError: not a RuntimeConfig.activations value
         self.name = name
         self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []     # serialized protos (onnx_proto)
         self.weights: dict[str, np.ndarray] = {}       # initializers handed over as OrtValues (see above)
@@ -117,8 +124,9 @@ class GraphBuilder:
             # zero point, as the default 128 would multiply int8-activation error by |q - 128| ~ 100.
             zero = (int(w.qs.max()) + 1) // 2
             inputs.append(self.weight(np.full(n * nb, zero, np.uint8), hint + "_z"))
+        f32 = self.f32_linears is None or hint in self.f32_linears
         y = self.node("MatMulNBits", inputs, hint, domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
-                      accuracy_level=self.accuracy_level)
+                      accuracy_level=F32_ACTIVATIONS if f32 else INT8_ACTIVATIONS)
         if w.mins is None:
             return y
         folded = w.mins.astype(np.float32) + np.float32(zero) * scales      # m + z s, [n, nb]

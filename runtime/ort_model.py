@@ -39,7 +39,7 @@ import numpy as np
 from .lazy import lazy_module
 from .config import ModelConfig
 from . import onnx_proto
-from .ort_graph import INT8_ACTIVATIONS, GraphBuilder, bounded_spinning, session
+from .ort_graph import GraphBuilder, bounded_spinning, session
 
 # numba loads on a kernel's first use: the one-graph decoder runs none (runtime/lazy.py)
 K = lazy_module(f"{__package__}.kernels")
@@ -57,10 +57,10 @@ class OrtLayers:
     `ffn_in_graph[l]`: layer l's FFN weights are resident matrices (else `ffn(l, h, out)` runs it)."""
 
     def __init__(self, c: ModelConfig, weight, ffn_in_graph: list[bool], threads: int, lm_head_name: str,
-                 accuracy_level: int = INT8_ACTIVATIONS, on_session=None, spin_us: int = 0):
+                 activations: str = "int8", on_session=None, spin_us: int = 0):
         self.c = c
         self._on_session = on_session       # called after each session is built (the model releases mapped pages)
-        self.accuracy_level = accuracy_level
+        self.activations = activations
         self.ffn_in_graph = ffn_in_graph
         self.qkv_width = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
         self.threads = threads
@@ -115,7 +115,7 @@ class OrtLayers:
 
     # --- graph pieces -----------------------------------------------------------------------------
     def _session(self, name, threads, build):
-        g = GraphBuilder(name, self.accuracy_level)
+        g = GraphBuilder(name, self.activations)
         build(g)
         sess = session(g, threads, self._spin_us)
         del g
@@ -294,7 +294,7 @@ class OrtDecoder:
     chunk), so the cache is filled by the node that reads it."""
 
     def __init__(self, c: ModelConfig, weight, threads: int, lm_head_name: str, rope: list, ctx_len: int,
-                 kv_dtype: str, accuracy_level: int = INT8_ACTIVATIONS, on_session=None, spin_us: int = 0):
+                 kv_dtype: str, activations: str = "int8", on_session=None, spin_us: int = 0):
         self.c, self.ctx_len = c, ctx_len
         self.kv_type = np.float16 if kv_dtype == "f16" else np.float32     # the cache's elements as onnxruntime sees them
         self.kv_shape = (c.n_layers, c.n_kv_heads, ctx_len, c.head_dim)
@@ -307,7 +307,7 @@ class OrtDecoder:
         self.layer_threads = threads if spin > 0 else 1
         # The lm_head first: its build holds ~2.5x the largest matrix, cheapest while nothing else is resident
         # (SmolLM2, measured: load peak 409 MiB with the lm_head built last, 335 first).
-        g = GraphBuilder("lm", accuracy_level)
+        g = GraphBuilder("lm", activations)
         rows = g.typed_input("rows", np.int64, ["R"])
         last = g.node("Gather", [g.input("x", c.d_model), rows], "rows", axis=0)
         g.output(lm_logits(g, c, weight, lm_head_name, last), "logits", c.vocab_size)
@@ -317,7 +317,7 @@ class OrtDecoder:
             on_session()
         self.parts = []                 # (session, layers, is_lm) in running order
         for layers in layer_groups(c, SESSION_WEIGHTS):
-            g = GraphBuilder(f"layers_{layers[0]}_{layers[-1]}", accuracy_level)
+            g = GraphBuilder(f"layers_{layers[0]}_{layers[-1]}", activations)
             self._layers_graph(g, weight, layers, rope)
             self.parts.append((session(g, self.layer_threads, spin), layers, False))
             del g

@@ -201,7 +201,7 @@ def test_numba_over_quantized_rows_equals_onnxruntime_f32(untied):
     """The same q8_0 weights through numba (qmatmul over the stored rows) and through onnxruntime's
     MatMulNBits with f32 activations: the same function up to float summation order."""
     q8 = untied[2]
-    ort, _ = _run(q8, mode="naive", dense_engine="onnxruntime", int8_activations=False)
+    ort, _ = _run(q8, mode="naive", dense_engine="onnxruntime", activations="f32")
     nb, _ = _run(q8, mode="naive", dense_engine="numba")
     assert np.abs(nb - ort).max() <= 1e-4 * max(1.0, np.abs(ort).max())
 

@@ -31,7 +31,7 @@ def folder(request, tmp_path_factory):
 
 
 def _session(folder, graph, **kw):
-    rt = dict(threads=1, kv_dtype="f32", int8_activations=False, ort_graph=graph)
+    rt = dict(threads=1, kv_dtype="f32", activations="f32", ort_graph=graph)
     return Model(open_folder(folder), RuntimeConfig(**{**rt, **kw}))
 
 

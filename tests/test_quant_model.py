@@ -85,6 +85,25 @@ def test_stacked_linears_equal_separate():
         assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
 
 
+
+@pytest.mark.parametrize("activations,exact", [("int8", ()), ("mixed", ("qkv",)), ("f32", ("qkv", "o"))])
+def test_activations_policy(activations, exact):
+    """RuntimeConfig.activations: which linears multiply f32 inputs (equal to numpy up to f32 rounding)
+    and which quantize them to int8 blocks (visibly off: an input with one large element per block)."""
+    rng = np.random.default_rng(11)
+    w = Q.quantize(rng.standard_normal((48, 64)).astype(np.float32), "q4_1")
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    x[:, ::32] *= 40.0                           # a block's int8 step set by its outlier
+    g = GraphBuilder("t", activations)
+    xin = g.input("x", 64)
+    for hint in ("qkv", "o"):
+        g.output(g.linear(xin, w, hint=hint), hint + "_y", 48)
+    got = dict(zip(("qkv", "o"), session(g, 1).run(None, {"x": x})))
+    want = x @ w.dequantize().T
+    for hint, y in got.items():
+        err = np.abs(y - want).max() / np.abs(want).max()
+        assert (err <= 1e-5) if hint in exact else (err > 1e-4), (activations, hint, err)
+
 # --- GGUF blocks through convert ---------------------------------------------------------------------
 def _write_quantized_gguf(path, rng):
     """A tiny llama GGUF with Q4_1 attention, Q8_0 embeddings and gate, Q4_0 up/down."""
@@ -170,7 +189,7 @@ def test_quantized_gguf_with_f32_activations_equals_its_f32_conversion(quantized
                 RuntimeConfig(kv_dtype="f32"))
     # f32 bundle rows: the streamed FFN holds the same values (auto would requantize the down columns).
     q = Model(open_folder(convert(path, tmp_path / "auto.flashlm", bundle_dtype="f32", progress=False)),
-              RuntimeConfig(mode=mode, kv_dtype="f32", int8_activations=False))
+              RuntimeConfig(mode=mode, kv_dtype="f32", activations="f32"))
     assert q.ort is not None and ref.ort is None
     a = np.concatenate([ref.forward(IDS[:5], all_logits=True)] + [ref.forward([t]) for t in IDS[5:]])
     b = np.concatenate([q.forward(IDS[:5], all_logits=True)] + [q.forward([t]) for t in IDS[5:]])
@@ -255,7 +274,7 @@ def test_q8_0_error_is_the_weights_not_the_activations(checkpoint, tmp_path):
     out = convert(src, tmp_path / "m.flashlm", dtype="q8_0", progress=False)
     ref_stored = _dequantized_reference(src, open_folder(out), IDS)
     ref = tm.reference_logits(src, IDS)
-    _, exact = _run(out, RuntimeConfig(kv_dtype="f32", int8_activations=False))
+    _, exact = _run(out, RuntimeConfig(kv_dtype="f32", activations="f32"))
     _, fast = _run(out, RuntimeConfig(kv_dtype="f32"))
     top = np.abs(ref).max()
     errs = {k: float(np.abs(v - r).max() / top) for k, (v, r) in
@@ -286,7 +305,7 @@ def test_both_threading_policies_equal_one_thread(tmp_path):
     ids = (IDS * 2)[:24]
     got = []
     for threads, spin in ((1, 10), (2, 0), (2, 10)):
-        model = Model(open_folder(out), RuntimeConfig(threads=threads, kv_dtype="f32", int8_activations=False,
+        model = Model(open_folder(out), RuntimeConfig(threads=threads, kv_dtype="f32", activations="f32",
                                                       ort_spin_us=spin, ort_graph="layers"))
         assert model.ort.split == (threads == 2 and spin > 0)
         assert (model.ort._workers is not None) == (threads == 2 and spin == 0)
@@ -302,7 +321,7 @@ def test_token_by_token_decode_equals_the_prompt_logits(make, tmp_path):
     count ends in the other one); token by token they must give the prompt's logits, row for row."""
     src = make(tmp_path / "src", tied=True) if make is tm.make_llama else make(tmp_path / "src")
     out = convert(src, tmp_path / "m.flashlm", dtype="q4_1", progress=False)
-    model = Model(open_folder(out), RuntimeConfig(threads=1, kv_dtype="f32", int8_activations=False))
+    model = Model(open_folder(out), RuntimeConfig(threads=1, kv_dtype="f32", activations="f32"))
     ids = IDS[:9]
     whole = model.forward(ids, all_logits=True)
     model.reset()

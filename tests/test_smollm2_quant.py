@@ -92,7 +92,7 @@ def test_prefill_logits_close_to_transformers(ours, hf):
 def test_f32_activations_match_transformers_closely(folder, hf, ours):
     import torch
     _, tok = ours
-    model = Model(folder, RuntimeConfig(kv_dtype="f32", int8_activations=False))
+    model = Model(folder, RuntimeConfig(kv_dtype="f32", activations="f32"))
     ids = tok.encode("Hello! My name is Ada and I like to write programs in")
     got = model.forward(ids, all_logits=True)
     with torch.no_grad():

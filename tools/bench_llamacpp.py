@@ -11,7 +11,8 @@ workers), which made the old same-process comparison unfair. Children run rep by
 threads, the engine order flipping every rep (flashlm, llama.cpp / llama.cpp, flashlm, ...) so load
 from other processes hits both alike; one table, mean ± sd tokens/s, and the ratios of one run.
 flashlm runs with its defaults (a fully resident model: the whole decoder as one onnxruntime graph, one
-run() per token) and with `ort_graph=layers` (a graph between numba attention calls, the previous path),
+run() per token, q|k|v with f32 activations), with `--activations int8` (every matvec on int8 inputs: the
+cost of the default's f32 q|k|v), with `ort_graph=layers` (a graph between numba attention calls, the previous path),
 and at more than one thread also with `--ort-spin-us 0` (no spinning: the layer graphs run on the calling
 thread, only the lm_head splits) and `--ort-spin-us 10` (workers spin up to 10 us between a run's nodes
 instead of the default 100, and stop when the run returns): which wins depends on how idle the machine is (a spinning
@@ -41,13 +42,13 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
-ENGINES = ("flashlm", "flashlm-layers", "flashlm-spin0", "flashlm-spin10", "llama.cpp")
+ENGINES = ("flashlm", "flashlm-int8", "flashlm-layers", "flashlm-spin0", "flashlm-spin10", "llama.cpp")
 SPIN_ENGINES = ("flashlm-spin0", "flashlm-spin10")       # threading policies: they differ only at threads > 1
-LABELS = {"flashlm": "flashlm", "flashlm-layers": "flashlm ort_graph=layers", "flashlm-spin0": "flashlm --ort-spin-us 0",
+LABELS = {"flashlm": "flashlm", "flashlm-int8": "flashlm --activations int8", "flashlm-layers": "flashlm ort_graph=layers", "flashlm-spin0": "flashlm --ort-spin-us 0",
           "flashlm-spin10": "flashlm --ort-spin-us 10",
           "llama.cpp": "llama.cpp"}
 # The flashlm variants as RuntimeConfig fields (the default engine is the library's defaults).
-VARIANTS = {"flashlm": {}, "flashlm-layers": {"ort_graph": "layers"}, "flashlm-spin0": {"ort_spin_us": 0},
+VARIANTS = {"flashlm": {}, "flashlm-int8": {"activations": "int8"}, "flashlm-layers": {"ort_graph": "layers"}, "flashlm-spin0": {"ort_spin_us": 0},
             "flashlm-spin10": {"ort_spin_us": 10}}
 
 

@@ -2,14 +2,14 @@
 ids and the same windows: what int8 activations cost each engine.
 
     python tools/ppl_llamacpp.py [--gguf PATH] [-f tools/data/heldout.txt] [--ctx 0,512] [--dtypes auto,f16]
-                                 [--threads 2]
+                                 [--activations mixed,int8] [--threads 2]
 
 Each window starts from an empty KV cache, as `flashlm ppl` does (`--ctx 0`: one window over the whole
 text, flashlm's default for this file; `--ctx 512`: windows of 512 tokens). The ids are flashlm's
 tokenization, fed to llama.cpp as they are, so both engines score exactly the same tokens. llama.cpp runs
 its own kernels on the GGUF (for Q4_1 weights: activations quantized to Q8_1, int8 blocks of 32, as
 onnxruntime's MatMulNBits at accuracy_level 4 does for flashlm's `auto`); `--dtype f16` is the exact
-reference. One table: perplexity per engine and window, and each one's change against flashlm f16.
+reference; the quantized conversions run once per `--activations` policy (RuntimeConfig.activations). One table: perplexity per engine and window, and each one's change against flashlm f16.
 Needs `pip install llama-cpp-python`.
 """
 from __future__ import annotations
@@ -45,12 +45,12 @@ def llamacpp_nll(gguf: Path, ids: list[int], window: int, threads: int) -> float
     return nll / count
 
 
-def flashlm_nll(folder: Path, ids: list[int], window: int, threads: int) -> float:
+def flashlm_nll(folder: Path, ids: list[int], window: int, threads: int, activations: str) -> float:
     from flashlm.runtime.config import RuntimeConfig
     from flashlm.runtime.loader import load
     from flashlm.runtime.memory import PREFILL_CHUNK
     from flashlm.runtime.perplexity import perplexity
-    model, _, _ = load(folder, RuntimeConfig(ctx_len=window, threads=threads))
+    model, _, _ = load(folder, RuntimeConfig(ctx_len=window, threads=threads, activations=activations))
     try:
         return perplexity(model, ids, chunk=PREFILL_CHUNK, progress=False)["nll"]
     finally:
@@ -63,6 +63,7 @@ def main() -> int:
     ap.add_argument("-f", "--file", type=Path, default=ROOT / "tools" / "data" / "heldout.txt")
     ap.add_argument("--ctx", default="0,512", help="window lengths, 0 = the whole text in one window")
     ap.add_argument("--dtypes", default="auto,f16", help="flashlm conversions (convert --dtype)")
+    ap.add_argument("--activations", default="mixed,int8", help="policies for the quantized conversions")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     from flashlm.converters.convert import convert
@@ -82,7 +83,9 @@ def main() -> int:
         for ctx in (int(c) for c in args.ctx.split(",")):
             window = ctx or len(ids)
             label = f"{window} (whole text)" if not ctx else str(window)
-            ppl = {f"flashlm {d}": math.exp(flashlm_nll(folders[d], ids, window, args.threads)) for d in dtypes}
+            runs = [(d, a) for d in dtypes for a in (["f32"] if d == "f16" else args.activations.split(","))]
+            ppl = {f"flashlm {d}" + ("" if d == "f16" else f" ({a} activations)"):
+                   math.exp(flashlm_nll(folders[d], ids, window, args.threads, a)) for d, a in runs}
             ppl["llama.cpp"] = math.exp(llamacpp_nll(gguf, ids, window, args.threads))
             rows.append((label, ppl))
     print(f"{gguf.name}, {args.file.name}: {len(ids)} tokens (flashlm's tokenization, fed to both engines)")
