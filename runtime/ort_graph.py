@@ -38,7 +38,7 @@ F32_ACTIVATIONS = 0       # f32 activations: exact up to f32 rounding, 2-3x slow
 # 3.2x its weights) moved the held-out perplexity toward f16's (one 901-token window: int8 +0.77%, f32 q|k|v
 # +0.18%, f32 gate|up +0.39%, f32 down/o/logits +0.68-0.87%; windows of 512: int8 +0.17%, f32 q|k|v +0.19%;
 # llama.cpp's own Q8_1 activations +0.40/+0.39%, tools/ppl_llamacpp.py). f32 q|k|v costs ~14 us of a 576 x 960
-# matvec per layer (2 threads; 27 at 1), within the decode token's run-to-run noise.
+# matvec per layer (2 threads; 27 at 1), within the decode token's run-to-run noise. 4-bit codes only (below).
 F32_LINEARS = {"int8": frozenset(), "mixed": frozenset({"qkv"}), "f32": None}
 OPSET = 17
 
@@ -124,7 +124,9 @@ class GraphBuilder:
             # zero point, as the default 128 would multiply int8-activation error by |q - 128| ~ 100.
             zero = (int(w.qs.max()) + 1) // 2
             inputs.append(self.weight(np.full(n * nb, zero, np.uint8), hint + "_z"))
-        f32 = self.f32_linears is None or hint in self.f32_linears
+        # "mixed" keeps 8-bit codes on int8 activations: MatMulNBits has no f32 kernel for them (its fallback
+        # ran 18-21x slower here, 896 x 128: 146-183 vs 8.3-8.6 us; Qwen2.5's Q6_K v made mixed decode 2.5x slower)
+        f32 = self.f32_linears is None or (hint in self.f32_linears and bits == 4)
         y = self.node("MatMulNBits", inputs, hint, domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
                       accuracy_level=F32_ACTIVATIONS if f32 else INT8_ACTIVATIONS)
         if w.mins is None:

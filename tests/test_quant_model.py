@@ -86,12 +86,15 @@ def test_stacked_linears_equal_separate():
 
 
 
-@pytest.mark.parametrize("activations,exact", [("int8", ()), ("mixed", ("qkv",)), ("f32", ("qkv", "o"))])
-def test_activations_policy(activations, exact):
+@pytest.mark.parametrize("activations,kind,exact", [
+    ("int8", "q4_1", ()), ("mixed", "q4_1", ("qkv",)), ("f32", "q4_1", ("qkv", "o")),
+    ("mixed", "q8_0", ()), ("f32", "q8_0", ("qkv", "o"))])
+def test_activations_policy(activations, kind, exact):
     """RuntimeConfig.activations: which linears multiply f32 inputs (equal to numpy up to f32 rounding)
-    and which quantize them to int8 blocks (visibly off: an input with one large element per block)."""
+    and which quantize them to int8 blocks (visibly off: an input with one large element per block).
+    mixed leaves 8-bit codes on int8 inputs (MatMulNBits has no fast f32 path for them)."""
     rng = np.random.default_rng(11)
-    w = Q.quantize(rng.standard_normal((48, 64)).astype(np.float32), "q4_1")
+    w = Q.quantize(rng.standard_normal((48, 64)).astype(np.float32), kind)
     x = rng.standard_normal((2, 64)).astype(np.float32)
     x[:, ::32] *= 40.0                           # a block's int8 step set by its outlier
     g = GraphBuilder("t", activations)
