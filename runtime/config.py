@@ -140,9 +140,8 @@ class RuntimeConfig:
     #                              resident) | numba (from the stored rows, 1x) | auto (numba under --memory-limit)
     activations: str = "mixed"   # what onnxruntime's quantized matvecs (MatMulNBits) multiply: int8 (every input
     #                              quantized to int8 blocks of 32, the fast path, as llama.cpp's Q8 activations) |
-    #                              mixed (the same but the attention's 4-bit q|k|v projection reads f32: SmolLM2 Q4_1
-    #                              held-out perplexity +0.18/+0.19% over f16 against int8's +0.77/+0.17%, two
-    #                              windows; ~15 us more per layer) | f32 (every input f32: exact, 2-3x slower)
+    #                              mixed (the same but the attention's 4-bit q|k|v projection reads f32: closer to
+    #                              f16, the measured why in ort_graph.F32_LINEARS) | f32 (every input f32: exact, slower)
     ort_spin_us: int = 100       # onnxruntime dense weights, threads > 1: every session splits its matvecs across
     #                              the threads and its idle worker spins this long (µs) before it sleeps, never past
     #                              the end of a run; 0: no spinning, sessions run on the calling thread (the lm_head

@@ -85,7 +85,6 @@ def test_stacked_linears_equal_separate():
         assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
 
 
-
 @pytest.mark.parametrize("activations,kind,exact", [
     ("int8", "q4_1", ()), ("mixed", "q4_1", ("qkv",)), ("f32", "q4_1", ("qkv", "o")),
     ("mixed", "q8_0", ()), ("f32", "q8_0", ("qkv", "o"))])
@@ -106,6 +105,7 @@ def test_activations_policy(activations, kind, exact):
     for hint, y in got.items():
         err = np.abs(y - want).max() / np.abs(want).max()
         assert (err <= 1e-5) if hint in exact else (err > 1e-4), (activations, hint, err)
+
 
 # --- GGUF blocks through convert ---------------------------------------------------------------------
 def _write_quantized_gguf(path, rng):
