@@ -80,11 +80,11 @@ def main() -> int:
             convert(gguf, folders[d], dtype=d, progress=False)
         first = open_folder(folders[dtypes[0]])
         ids = Tokenizer.from_folder(first.path, first.manifest).encode(args.file.read_text())
+        runs = [(d, a) for d in dtypes for a in (["f32"] if d == "f16" else args.activations.split(","))]
         rows = []
         for ctx in (int(c) for c in args.ctx.split(",")):
             window = ctx or len(ids)
             label = f"{window} (whole text)" if not ctx else str(window)
-            runs = [(d, a) for d in dtypes for a in (["f32"] if d == "f16" else args.activations.split(","))]
             ppl = {f"flashlm {d}" + ("" if d == "f16" else f" ({a} activations)"):
                    math.exp(flashlm_nll(folders[d], ids, window, args.threads, a)) for d, a in runs}
             ppl["llama.cpp"] = math.exp(llamacpp_nll(gguf, ids, window, args.threads))
