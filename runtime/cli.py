@@ -149,9 +149,10 @@ def _add_runtime_flags(p: argparse.ArgumentParser, *, stats: bool = True, mode_l
     p.add_argument("--no-verify", action="store_true", help="skip the CRC-32 check of bundle rows read from flash")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "f16", "f32"],
                    help="KV cache storage (auto: f32 for the one-graph decoder, else f16)")
-    p.add_argument("--activations", default="mixed", choices=["int8", "mixed", "f32"],
+    p.add_argument("--activations", default="auto", choices=["auto", "int8", "mixed", "f32"],
                    help="quantized weights in onnxruntime: inputs quantized to int8 blocks (fastest), the same but "
-                        "f32 into the attention's q|k|v (mixed: closer to f16), or f32 everywhere (exact, slower)")
+                        "f32 into the attention's q|k|v (mixed: closer to f16), or f32 everywhere (exact, slower); "
+                        "auto: mixed on AVX-512 CPUs, int8 elsewhere")
     p.add_argument("--no-pipeline", action="store_true",
                    help="start no flash read before its layer runs (no lookahead, no read-ahead of the next "
                         "streamed layer): the baseline the pipeline is measured against")

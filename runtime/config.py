@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .cpu import cpu_flags
 from .errors import FlashlmError
 
 FORMAT_VERSION = 1
@@ -138,10 +139,11 @@ class RuntimeConfig:
     #                              auto (f32 where the decoder runs as one onnxruntime graph, else f16: kv_storage)
     dense_engine: str = "auto"   # quantized dense weights: onnxruntime (MatMulNBits, fast, ~1.5x their bytes
     #                              resident) | numba (from the stored rows, 1x) | auto (numba under --memory-limit)
-    activations: str = "mixed"   # what onnxruntime's quantized matvecs (MatMulNBits) multiply: int8 (every input
+    activations: str = "auto"    # what onnxruntime's quantized matvecs (MatMulNBits) multiply: int8 (every input
     #                              quantized to int8 blocks of 32, the fast path, as llama.cpp's Q8 activations) |
     #                              mixed (the same but the attention's 4-bit q|k|v projection reads f32: closer to
-    #                              f16, the measured why in ort_graph.F32_LINEARS) | f32 (every input f32: exact, slower)
+    #                              f16, the measured why in ort_graph.F32_LINEARS) | f32 (every input f32: exact,
+    #                              slower) | auto (mixed or int8 by the CPU: activation_policy)
     ort_spin_us: int = 100       # onnxruntime dense weights, threads > 1: every session splits its matvecs across
     #                              the threads and its idle worker spins this long (µs) before it sleeps, never past
     #                              the end of a run; 0: no spinning, sessions run on the calling thread (the lm_head
@@ -189,8 +191,8 @@ class RuntimeConfig:
             bad("ort_graph", "use auto, whole or layers")
         if self.kv_dtype not in ("auto", "f16", "f32"):
             bad("kv_dtype", "the KV cache dtype is auto, f16 or f32")
-        if self.activations not in ("int8", "mixed", "f32"):
-            bad("activations", "use int8, mixed or f32")
+        if self.activations not in ("auto", "int8", "mixed", "f32"):
+            bad("activations", "use auto, int8, mixed or f32")
 
 
 def dense_engine(rt: RuntimeConfig) -> str:
@@ -210,6 +212,19 @@ def kv_storage(rt: RuntimeConfig, one_graph: bool) -> str:
     if rt.kv_dtype != "auto":
         return rt.kv_dtype
     return "f32" if one_graph else "f16"
+
+
+def activation_policy(rt: RuntimeConfig, flags: frozenset[str] | None = None) -> str:
+    """The activations policy for `rt` on a CPU with these instruction-set flags (None: this CPU's).
+    auto: mixed where the CPU has AVX-512, int8 elsewhere. MatMulNBits' f32-input 4-bit kernel is the
+    cost: on an AVX-512 VNNI EPYC f32 q|k|v added ~27 us a SmolLM2 layer (1 thread) and bought perplexity
+    (int8 +0.77% over f16 on one 901-token window, mixed +0.18%); on an AVX2 EPYC it runs 3x slower than
+    int8 (113 vs 38 us a 960 x 576 q4_1 matvec), SmolLM2 decode fell from 75.4 to 53.8 tok/s, and int8
+    there was the closer of the two (+0.02% / -0.15% against mixed +0.16% / +0.26%; docs/BENCHMARKS.md,
+    session 11). Where the flags are unknown (no /proc/cpuinfo, aarch64), int8: the path llama.cpp takes."""
+    if rt.activations != "auto":
+        return rt.activations
+    return "mixed" if "avx512f" in (cpu_flags() if flags is None else flags) else "int8"
 
 
 class RuntimeConfigError(FlashlmError):

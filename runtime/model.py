@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from .lazy import lazy_module
-from .config import ModelConfig, RuntimeConfig, kv_storage
+from .config import ModelConfig, RuntimeConfig, activation_policy, kv_storage
 from .errors import FlashlmError
 from .builder import build
 from .aligned import aligned_empty
@@ -152,9 +152,9 @@ class Model:
         self.whole = whole
         if self.whole:
             self.ort = OrtDecoder(c, weight, self.threads, lm_head, self.rope, self.ctx_len, kv_storage(self.runtime, True),
-                                  self.runtime.activations, on_session=release, spin_us=self.runtime.ort_spin_us)
+                                  activation_policy(self.runtime), on_session=release, spin_us=self.runtime.ort_spin_us)
         else:
-            self.ort = OrtLayers(c, weight, [ffn_in_graph] * c.n_layers, self.threads, lm_head, self.runtime.activations,
+            self.ort = OrtLayers(c, weight, [ffn_in_graph] * c.n_layers, self.threads, lm_head, activation_policy(self.runtime),
                                  on_session=release, spin_us=self.runtime.ort_spin_us)
         del matrices, mapped
         keep = ("pos_embeddings", ROW_CRC_TENSOR) + (() if self.embedding_rows else ("tok_embeddings",))

@@ -91,7 +91,7 @@ def test_bad_runtime_setting_is_one_line(model):
     from flashlm.runtime.config import RuntimeConfig      # ... and by RuntimeConfig for library callers
     with pytest.raises(Exception, match="ctx_len 0: the context must hold at least one token"):
         RuntimeConfig(ctx_len=0)
-    with pytest.raises(Exception, match="activations 'int4': use int8, mixed or f32"):
+    with pytest.raises(Exception, match="activations 'int4': use auto, int8, mixed or f32"):
         RuntimeConfig(activations="int4")
 
 

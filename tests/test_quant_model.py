@@ -107,6 +107,25 @@ def test_activations_policy(activations, kind, exact):
         assert (err <= 1e-5) if hint in exact else (err > 1e-4), (activations, hint, err)
 
 
+def test_activation_policy_auto_follows_the_cpu(tmp_path):
+    """auto: mixed where /proc/cpuinfo lists avx512f, int8 on AVX2, aarch64 or unknown flags; a set policy stays."""
+    from flashlm.runtime.config import RuntimeConfig, activation_policy
+    from flashlm.runtime.cpu import cpu_flags
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512_vnni\n\n"
+                   "processor\t: 1\nflags\t\t: fpu\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")
+    assert cpu_flags(x86) >= {"avx2", "avx512f"} and "avx512f" not in cpu_flags(arm)
+    assert cpu_flags(tmp_path / "absent") == frozenset()
+    auto = RuntimeConfig()
+    assert activation_policy(auto, cpu_flags(x86)) == "mixed"
+    assert activation_policy(auto, frozenset({"avx", "avx2", "fma"})) == "int8"
+    assert activation_policy(auto, cpu_flags(arm)) == activation_policy(auto, frozenset()) == "int8"
+    assert activation_policy(RuntimeConfig(activations="f32"), cpu_flags(x86)) == "f32"
+    assert activation_policy(RuntimeConfig(activations="mixed"), frozenset()) == "mixed"
+
+
 # --- GGUF blocks through convert ---------------------------------------------------------------------
 def _write_quantized_gguf(path, rng):
     """A tiny llama GGUF with Q4_1 attention, Q8_0 embeddings and gate, Q4_0 up/down."""

@@ -11,8 +11,8 @@ workers), which made the old same-process comparison unfair. Children run rep by
 threads, the engine order flipping every rep (flashlm, llama.cpp / llama.cpp, flashlm, ...) so load
 from other processes hits both alike; one table, mean ± sd tokens/s, and the ratios of one run.
 flashlm runs with its defaults (a fully resident model: the whole decoder as one onnxruntime graph, one
-run() per token, q|k|v with f32 activations), with `--activations int8` (every matvec on int8 inputs: the
-cost of the default's f32 q|k|v), with `ort_graph=layers` (a graph between numba attention calls, the previous path),
+run() per token, `--activations auto`: mixed on AVX-512, int8 elsewhere), with whichever of `--activations
+int8` (every matvec on int8 inputs) and `--activations mixed` (q|k|v on f32 inputs) auto did not pick, with `ort_graph=layers` (a graph between numba attention calls, the previous path),
 and at more than one thread also with `--ort-spin-us 0` (no spinning: the layer graphs run on the calling
 thread, only the lm_head splits) and `--ort-spin-us 10` (workers spin up to 10 us between a run's nodes
 instead of the default 100, and stop when the run returns): which wins depends on how idle the machine is (a spinning
@@ -42,13 +42,13 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
-ENGINES = ("flashlm", "flashlm-int8", "flashlm-layers", "flashlm-spin0", "flashlm-spin10", "llama.cpp")
+ENGINES = ("flashlm", "flashlm-int8", "flashlm-mixed", "flashlm-layers", "flashlm-spin0", "flashlm-spin10", "llama.cpp")
 SPIN_ENGINES = ("flashlm-spin0", "flashlm-spin10")       # threading policies: they differ only at threads > 1
-LABELS = {"flashlm": "flashlm", "flashlm-int8": "flashlm --activations int8", "flashlm-layers": "flashlm ort_graph=layers", "flashlm-spin0": "flashlm --ort-spin-us 0",
+LABELS = {"flashlm": "flashlm", "flashlm-int8": "flashlm --activations int8", "flashlm-mixed": "flashlm --activations mixed", "flashlm-layers": "flashlm ort_graph=layers", "flashlm-spin0": "flashlm --ort-spin-us 0",
           "flashlm-spin10": "flashlm --ort-spin-us 10",
           "llama.cpp": "llama.cpp"}
 # The flashlm variants as RuntimeConfig fields (the default engine is the library's defaults).
-VARIANTS = {"flashlm": {}, "flashlm-int8": {"activations": "int8"}, "flashlm-layers": {"ort_graph": "layers"}, "flashlm-spin0": {"ort_spin_us": 0},
+VARIANTS = {"flashlm": {}, "flashlm-int8": {"activations": "int8"}, "flashlm-mixed": {"activations": "mixed"}, "flashlm-layers": {"ort_graph": "layers"}, "flashlm-spin0": {"ort_spin_us": 0},
             "flashlm-spin10": {"ort_spin_us": 10}}
 
 
@@ -198,18 +198,11 @@ def _run_child(argv: list[str]) -> dict:
 
 
 def machine() -> str:
-    """CPU model and the int8-relevant ISA extensions, onnxruntime and llama-cpp-python versions."""
-    import platform
-    name, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not name:
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    name = name or platform.processor() or platform.machine()
+    """CPU model and the int8-relevant ISA extensions, the activations policy auto picks, onnxruntime and
+    llama-cpp-python versions."""
+    from flashlm.runtime.config import RuntimeConfig, activation_policy
+    from flashlm.runtime.cpu import cpu_flags, cpu_name
+    flags = cpu_flags()
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags] or ["(flags unknown)"]
     versions = []
     for mod in ("onnxruntime", "llama_cpp"):
@@ -217,7 +210,8 @@ def machine() -> str:
             versions.append(f"{mod} {__import__(mod).__version__}")
         except ImportError:
             pass
-    return f"machine: {name}, {os.cpu_count()} CPUs, {' '.join(isa)}; {', '.join(versions)}"
+    return (f"machine: {cpu_name()}, {os.cpu_count()} CPUs, {' '.join(isa)} (activations auto: "
+            f"{activation_policy(RuntimeConfig())}); {', '.join(versions)}")
 
 
 def convert_in_child(gguf: Path, out: Path, dtype: str) -> dict:
@@ -249,12 +243,14 @@ def main() -> int:
     from flashlm.runtime.default_model import embedded_gguf
     gguf = args.gguf or embedded_gguf()
     thread_counts = [int(t) for t in args.threads.split(",")]
+    from flashlm.runtime.config import RuntimeConfig, activation_policy
+    auto = "flashlm-" + activation_policy(RuntimeConfig())         # the default's policy: its row would repeat "flashlm"
+    engines = [e for e in ENGINES if e != auto]
     try:
         import llama_cpp  # noqa: F401
-        engines = ENGINES
     except ImportError:
         print("llama-cpp-python not installed (pip install llama-cpp-python): flashlm only", file=sys.stderr)
-        engines = [e for e in ENGINES if e != "llama.cpp"]
+        engines = [e for e in engines if e != "llama.cpp"]
 
     def engines_at(threads):        # the threading policies differ only with more than one thread
         return [e for e in engines if threads > 1 or e not in SPIN_ENGINES]
