@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from .config import RuntimeConfig
+from .config import RuntimeConfig, activation_policy
 from .critical_path import critical_path
 from .ffn import FFNStats
 from .generate import peak_rss_bytes
@@ -51,7 +51,7 @@ def bench_one(folder_path, rt: RuntimeConfig, *, pp: int, tg: int, reps: int, se
     base = {"model": folder.path.name, "size": plan.model_bytes, "budget": plan.budget,
             "window": plan.window or None, "mode": rt.mode, "threads": model.threads,
             "io": rt.io if plan.run_mode.rows_from == "reader" else None, "max_gap": rt.max_gap_bytes,
-            "pipeline": rt.pipeline, "pipeline_trial": rt.pipeline and rt.pipeline_trial,
+            "activations": activation_policy(rt), "pipeline": rt.pipeline, "pipeline_trial": rt.pipeline and rt.pipeline_trial,
             "load_s": round(load_s, 2), "memory_limit": plan.memory_limit,
             "planned_process": plan.process_total if plan.memory_limit is not None else None}
     rows = []
@@ -197,7 +197,7 @@ def bench(folder_path, modes: list[str], rt: RuntimeConfig, *, pp: int, tg: int,
             cmd += ["--ort-graph", rt.ort_graph]
         if rt.embeddings != "auto":
             cmd += ["--embeddings", rt.embeddings]
-        cmd += ["--kv-dtype", rt.kv_dtype]
+        cmd += ["--kv-dtype", rt.kv_dtype, "--activations", rt.activations]
         if rt.window:
             cmd += ["--window", str(rt.window)]
         if rt.profile:

@@ -60,7 +60,7 @@ def test_perplexity_windows_restart_from_an_empty_cache(llama):
 def test_bench_json_rows(llama):
     _, folder = llama
     r = subprocess.run([sys.executable, "-m", "flashlm", "bench", str(folder), "--mode", "dense,naive", "-p", "4",
-                        "-n", "3", "-r", "2", "--ctx", "64", "--io", "buffered", "--max-gap", "8192", "--json"],
+                        "-n", "3", "-r", "2", "--ctx", "64", "--io", "buffered", "--max-gap", "8192", "--activations", "f32", "--json"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
@@ -70,6 +70,7 @@ def test_bench_json_rows(llama):
         assert row["model"] == "m.flashlm" and len(row["samples_ts"]) == 2 and row["avg_ts"] > 0
         assert row["avg_ts"] == pytest.approx(sum(row["samples_ts"]) / 2)
         assert row["max_gap"] == 8192, "bench passes --max-gap to its children"
+        assert row["activations"] == "f32", "and --activations (f32: never what auto picks)"
         assert row["peak_rss"] > 0
     from flashlm.runtime.modelfile import open_folder
     f = open_folder(folder)
