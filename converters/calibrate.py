@@ -18,7 +18,8 @@
 5. Record, per layer, activation frequency (hot-neuron order) and how many neurons a sliding window of
    k tokens holds (cache sizing), and write predictor.safetensors + its entry in the manifest.
 6. ReLU: the pipeline guesses layer l's neurons early from layer l-1's FFN input (runtime/ffn.py);
-   a guess threshold, below the rule's, keeps GUESS_RECALL of what the true input selects.
+   a guess threshold, below the rule's, keeps GUESS_RECALL of what the true input selects; a compute
+   threshold, also below it, keeps COMPUTE_RECALL of the active neurons among the rows already cached.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ log = logging.getLogger("flashlm")
 RANKS = (16, 32, 64, 128)
 GUESS_RECALL = 0.9      # share of a layer's rows to read that its pipeline guess (on the previous layer's input) keeps
 GUESS_WINDOW = 2        # ... the rows to read: selected, and not selected by the GUESS_WINDOW tokens before
+COMPUTE_RECALL = 0.999  # share of the truly active neurons a cached row's score must not rule out (compute_rule)
 WINDOWS = (1, 2, 4, 8)
 # How the low-rank maps A, B are stored: f16 (f32 where f16 would lose too much) or int8 with one f32
 # scale per row (half the DRAM; runtime/kernels.matmul_scaled). auto: int8 for folders whose FFN rows are
@@ -312,7 +314,8 @@ def _layer_output(layer, factors, q, predicted, truth, hot, extra: dict, pdtype:
         t[p + name + ".c"] = cc
     t[p + "hot"] = hot
     t.update({p + k: v for k, v in extra.items()})
-    return t, {k: q[k] for k in ("rule", "threshold", "keep", "rank", "guess_threshold") if k in q}, q
+    return t, {k: q[k] for k in ("rule", "threshold", "keep", "rank", "guess_threshold", "compute_threshold")
+               if k in q}, q
 
 
 def _gate_fit(model, layer, h, test, exact, y, dn, directions, rank_list, k_keep, truth, hot, pdtype="f16"):
@@ -381,6 +384,21 @@ def guess_rule(s_prev: np.ndarray, selected: np.ndarray, threshold: float, test:
     return out
 
 
+def compute_rule(scores: np.ndarray, y: np.ndarray, threshold: float, test: np.ndarray) -> dict:
+    """The "threshold" rule's compute threshold: a row already in the neuron cache is computed for a
+    decode token only if its score is above it (runtime/ffn.py FlashFFN._cached_rows_to_compute). Set on
+    the training tokens to keep COMPUTE_RECALL of the truly active neurons (y > 0), never above the rule's
+    threshold; measured on the held-out ones: the recall it keeps and the share of all neurons it computes
+    (the window's cached rows are a subset: what a token computes is at most that share of them)."""
+    active, train = y > 0, ~test
+    t = float(np.quantile(scores[train][active[train]], 1 - COMPUTE_RECALL)) if active[train].any() else threshold
+    t = min(t, threshold)
+    above = scores[test] > t
+    return {"compute_threshold": t,
+            "compute_recall": float((above & active[test]).sum() / max(active[test].sum(), 1)),
+            "compute_fraction": float(above.mean())}
+
+
 def _fit_layer(model: Model, layer: int, h: np.ndarray, test: np.ndarray, ranks, k_keep: int, recall: float,
                h_prev: np.ndarray | None = None, pdtype: str = "f16") -> dict:
     """{selector: (tensors, manifest entry, report entry)} of one layer. The exact projections of the
@@ -424,6 +442,8 @@ def _fit_layer(model: Model, layer: int, h: np.ndarray, test: np.ndarray, ranks,
     truth = (y > 0) if c.ffn_kind == "relu" else _topk_mask(y, k_keep, c.relu_gated)
     hot = np.argsort(-truth.mean(axis=0), kind="stable").astype(np.int32)
     predicted = (s_all > q["threshold"]) if c.ffn_kind == "relu" else _topk_mask(s_all, k_keep, c.relu_gated)
+    if c.ffn_kind == "relu":
+        q.update(compute_rule(s_all, y, q["threshold"], test))
     if c.ffn_kind == "relu" and h_prev is not None:     # the pipeline guesses this layer from h_prev
         q.update(guess_rule(low_rank_scores(h_prev, stored["up"]), predicted, q["threshold"], test))
     layer_fits = {"lowrank": _layer_output(layer, factors, q, predicted, truth, hot, {}, pdtype)}

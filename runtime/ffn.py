@@ -34,6 +34,7 @@ from .storage import BundleLayout
 # numba loads on a kernel's first use: the one-graph decoder runs none (runtime/lazy.py)
 K = lazy_module(f"{__package__}.kernels")
 QK = lazy_module(f"{__package__}.qkernels")
+NO_ROWS = np.zeros(0, np.int32)     # an FFN kernel's `keep` that selects no subset: every row is computed
 
 
 def read_error(path, layer: int, e: OSError) -> ModelFileError:
@@ -67,6 +68,7 @@ class FFNStats:
     wanted: int = 0          # neurons the predictors asked for (sum over sparse layers and tokens)
     hits: int = 0            # ... of which already resident
     overflow: int = 0        # ... of which found no cache row and streamed through the buffers
+    cached_skipped: int = 0  # cached rows a decode token did not compute: scored below the compute threshold
     streamed_layers: int = 0  # layer-steps that read a whole layer (planned STREAM or the sparse fallback)
     stream_bytes: int = 0    # whole-layer reads of planned STREAM layers: bytes ...
     stream_read_s: float = 0.0  # ... and the summed duration of those reads (their rate vs the disk's sequential rate;
@@ -205,17 +207,18 @@ class BundleKernel:
     def scratch_bytes(config: ModelConfig, threads: int) -> int:
         return threads * BLAS_MIN_TOKENS * config.d_model * 4 + BLAS_BLOCK_BYTES
 
-    def __call__(self, h, rows, n_rows, neuron_of_row, bias, out) -> None:
+    def __call__(self, h, rows, n_rows, neuron_of_row, bias, out, keep=NO_ROWS) -> None:
+        """out = the FFN over rows[:n_rows] (keep, decode only: just those row indices; empty: all)."""
         T = h.shape[0]
         if T >= BLAS_MIN_TOKENS:
             self._batched(h, rows, n_rows, neuron_of_row, bias, out)
             return
-        if self.gate_weights is not None:
+        if self.gate_weights is not None:        # gated layouts: keep is never set (threshold rule only)
             K.ffn_bundles_pregate(h, rows, n_rows, neuron_of_row, self.gate_pre, self.up_pre, self.act, self.thr,
                                   self.in_off, self.down_off, self.partial, out)
             return
         K.ffn_bundles(h, rows, n_rows, neuron_of_row, self.no_bias if bias is None else bias, self.act, self.thr,
-                      self.in_off, self.gate_off, self.down_off, self.partial, out)
+                      self.in_off, self.gate_off, self.down_off, self.partial, out, keep)
 
     def _batched(self, h, rows, n_rows, neuron_of_row, bias, out) -> None:
         """Prompt-sized T: widen blocks of bundle rows to f32 and let BLAS do the three products."""
@@ -271,7 +274,7 @@ class QuantBundleKernel:
     def projections(self, layer: int, w_gate, w_up):
         return None, None
 
-    def __call__(self, h, rows, n_rows, neuron_of_row, bias, out) -> None:
+    def __call__(self, h, rows, n_rows, neuron_of_row, bias, out, keep=NO_ROWS) -> None:
         from .qbundle import permute_input
         T = h.shape[0]
         if self.hp.shape[0] < T:
@@ -284,7 +287,7 @@ class QuantBundleKernel:
         if self.partial.shape[1] < T:
             self.partial = np.zeros((self.threads, T, self.d), np.float32)
         QK.ffn_qbundles(hp, q, s, n_rows, neuron_of_row, self.no_bias if bias is None else bias, self.act,
-                        self.thr, self.fmt_array, self.starts, self.partial, out)
+                        self.thr, self.fmt_array, self.starts, self.partial, out, keep)
 
     def _batched(self, hp, q, s, n_rows, neuron_of_row, bias, out) -> None:
         from .qbundle import unpermute
@@ -584,6 +587,7 @@ class FlashFFN(FFNBackend):
         self.guess_score = np.zeros((n, 4))
         self.guess_skipped = np.zeros(n, np.int64)
         self.tmp = np.zeros((1, kernel.d), np.float32)      # grows once to a prompt chunk
+        self.keep = NO_ROWS                  # the cached rows a decode token computes (grows once)
         self.pool = ThreadPoolExecutor(1)   # one I/O task at a time: a layer's own misses go before the next guess
         self._load_pinned()
         reader.reset_stats()             # loading resident layers and pinned rows is not per-token I/O
@@ -671,6 +675,22 @@ class FlashFFN(FFNBackend):
         if self.row_crc is not None and len(neurons):
             self.row_crc.check(out[out_rows[0]:out_rows[0] + len(neurons)], neurons, layer)
 
+    def _cached_rows_to_compute(self, pred, cache, n_valid):
+        """For one decode token, the cached rows (< n_valid) whose neuron the predictor does not rule out
+        (LayerPredictor.compute_filter): NO_ROWS to compute all of them, None for none.
+        The window holds every neuron of its last tokens, several times what one token fires (the
+        7B-class synthetic model: ~3000-4000 rows a layer against ~580 predicted), and the kernel pays a
+        dot product for each."""
+        filt = getattr(pred, "compute_filter", None)
+        filt = filt() if filt is not None else None
+        if filt is None or not n_valid:
+            return NO_ROWS
+        if len(self.keep) < n_valid:
+            self.keep = np.zeros(cache.rows.shape[0], np.int32)       # once: the cache's capacity
+        k = K.select_rows(filt[0], cache.neuron_of_row, n_valid, filt[1], self.keep)
+        self.stats.cached_skipped += n_valid - k
+        return self.keep[:k] if k else None
+
     # -- lookahead
     def _look_ahead(self, layer, h) -> None:
         """Guess the next layer's neurons from this layer's FFN input and start admitting and reading them."""
@@ -743,9 +763,14 @@ class FlashFFN(FFNBackend):
         n_valid = cache.n - len(adm.missing)
         fut = self.pool.submit(self._read_busy, layer, adm.missing, cache.rows, adm.dest_rows) \
             if len(adm.missing) else None
+        # Before the lookahead, which scores the next layer: which cached rows this token computes
+        keep = self._cached_rows_to_compute(pred, cache, n_valid) if h.shape[0] == 1 else NO_ROWS
         self._look_ahead(layer, h)           # queued behind this layer's own misses (its predictor: predict_s)
         t2 = time.perf_counter()
-        self.kernel(h, cache.rows, n_valid, cache.neuron_of_row, self.biases[layer], out)
+        if keep is None:
+            out[:] = 0.0                     # no cached row is worth computing
+        else:
+            self.kernel(h, cache.rows, n_valid, cache.neuron_of_row, self.biases[layer], out, keep)
         t3 = time.perf_counter()
         st.ffn_s += t3 - t2
         if fut is not None:

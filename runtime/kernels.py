@@ -260,7 +260,8 @@ def activate_np(g: np.ndarray, u: np.ndarray, act: int, thr=0.0) -> np.ndarray:
 
 
 @njit(parallel=True, **JIT)
-def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, act, thr, in_off, gate_off, down_off, partial, out):
+def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, act, thr, in_off, gate_off, down_off, partial, out,
+                keep):
     """FFN over the first n_rows bundle rows (one neuron each; order does not matter).
 
     h[T, d] normalized input; rows[N, stride] f32 or f16 bits; neuron_of_row[N] which neuron a row
@@ -268,13 +269,17 @@ def ffn_bundles(h, rows, n_rows, neuron_of_row, up_bias, act, thr, in_off, gate_
     a = act(gate.h) * (up.h)), or ACT_RELU: a = relu(up.h + bias). A neuron with a = 0 adds nothing
     and is skipped (ReLU, ReGLU, dReLU sparsity). Each of the C = partial.shape[0] chunks of rows accumulates into its own
     contiguous buffer (threads never share memory), then out[T, d] = their sum.
+    keep: int32 row indices (< n_rows) to compute instead of all n_rows (empty: all of them; see
+    select_rows: a cached row whose neuron the predictor scores as surely inactive is skipped).
     """
     T, d = h.shape
     C = partial.shape[0]
+    m = keep.size if keep.size else n_rows
     for c in prange(C):
         acc = partial[c]                          # this chunk's own buffer: nothing allocated per call
         acc[:T] = 0.0                       # the run state sizes partial for a prompt chunk
-        for r in range(c * n_rows // C, (c + 1) * n_rows // C):
+        for i in range(c * m // C, (c + 1) * m // C):
+            r = keep[i] if keep.size else i
             w_in = rows[r, in_off:in_off + d]
             w_gate = rows[r, gate_off:gate_off + d]
             w_down = rows[r, down_off:down_off + d]
@@ -326,6 +331,18 @@ def _sum_partials(partial, T, d, out):
             for c in range(C):
                 s += partial[c, t, j]
             out[t, j] = s
+
+
+@njit(**JIT)
+def select_rows(scores, neuron_of_row, n_rows, threshold, out):
+    """The rows r < n_rows whose neuron's score is above threshold, into out; returns their count.
+    (The FFN kernels' `keep`: cached rows worth computing for one decode token.)"""
+    k = 0
+    for r in range(n_rows):
+        if scores[neuron_of_row[r]] > threshold:
+            out[k] = r
+            k += 1
+    return k
 
 
 @njit(**JIT)

@@ -132,6 +132,11 @@ class LayerPredictor:
     # previous layer's FFN input), calibrated to keep GUESS_RECALL of what the true input selects; None:
     # the guess uses `threshold` (predictors calibrated before it existed)
     guess_threshold: float | None = None
+    # "threshold": the lower threshold below which a row already in the neuron cache is not computed for a
+    # decode token (calibrated to keep COMPUTE_RECALL of the truly active neurons: the FFN kernels then
+    # skip most of the window's rows, which cost their dot product and add nothing); None: every cached
+    # row is computed (predictors calibrated before it existed)
+    compute_threshold: float | None = None
 
     buffers: PredictBuffers | None = None   # a decode token's scores and ids (the run state's; else own)
 
@@ -146,6 +151,7 @@ class LayerPredictor:
         self._no_norm = np.zeros(0, np.float32)
         self._threshold = np.float32(self.threshold)
         self._guess_threshold = np.float32(self.threshold if self.guess_threshold is None else self.guess_threshold)
+        self._compute_threshold = np.float32(self.compute_threshold if self.compute_threshold is not None else 0.0)
 
     def _rows(self, h: np.ndarray, w: np.ndarray) -> np.ndarray:
         out = np.empty((h.shape[0], w.shape[0]), np.float32)
@@ -201,6 +207,14 @@ class LayerPredictor:
         if self._nonzero:
             return b.ids[:K.select_top_above(b.scores, self.keep, np.float32(0.0), b.work, b.ids)]
         return b.ids[:K.select_top(b.scores, self.keep, b.work, b.ids)]
+
+    def compute_filter(self) -> tuple[np.ndarray, np.float32] | None:
+        """(scores [n_ff], threshold) of the decode token predict() last scored: a cached row whose
+        neuron scores at or below the threshold is surely inactive and need not be computed. None: compute
+        every cached row (no compute threshold, or a rule whose scores are not pre-activations)."""
+        if self.rule != "threshold" or self.compute_threshold is None:
+            return None
+        return self.up.s1[0], self._compute_threshold
 
     def guess(self, h: np.ndarray) -> np.ndarray:
         """The pipeline's early guess of this layer's neurons for one decode token, from the previous
@@ -359,6 +373,7 @@ def load_predictors(folder: Path, config, layers=None, state=None, gate_rows=Non
         out.append(LayerPredictor(up=up, gate=gate, rule=rule,
                                   threshold=info.get("threshold", 0.0), keep=info.get("keep", 0),
                                   guess_threshold=info.get("guess_threshold"),
+                                  compute_threshold=info.get("compute_threshold"),
                                   hot=hot(p + ".hot"), ffn_kind=config.ffn_kind, act_threshold=config.act_threshold,
                                   buffers=state.predict_buffers(i) if state is not None else None, **resident))
     return out

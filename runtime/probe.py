@@ -629,7 +629,7 @@ def probe_bundle_kernel(threads: tuple[int, ...], seconds: float, d: int = 1024,
         k = [0]
 
         def step():
-            ffn_bundles(h, mats[k[0] % copies], n_rows, ids, bias, ACT_RELU, np.float32(0), 0, 0, d, partial, out)
+            ffn_bundles(h, mats[k[0] % copies], n_rows, ids, bias, ACT_RELU, np.float32(0), 0, 0, d, partial, out, np.zeros(0, np.int32))
             k[0] += 1
         res[t] = n_rows * 2 * d / _timed(step, seconds) / 1e9
     set_threads(None)

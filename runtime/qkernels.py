@@ -96,23 +96,26 @@ def _axpy_part(a, qr, sr, fmt, start, yp, nb, d, m):
 
 
 @njit(parallel=True, **JIT)
-def ffn_qbundles(hp, q, s, n_rows, neuron_of_row, up_bias, act, thr, fmt, starts, partial, out):
+def ffn_qbundles(hp, q, s, n_rows, neuron_of_row, up_bias, act, thr, fmt, starts, partial, out, keep):
     """FFN over the first n_rows quantized bundle rows (any order): the quantized kernels.ffn_bundles.
 
     hp[T, d] the permuted normalized input; q, s the two views of the rows; up_bias[n_ff] indexed by
     neuron_of_row (empty: none); act, thr as kernels.ffn_bundles: a gated activation
     a = act(gate.h) * (up.h), or ACT_RELU a = relu(up.h + bias).
     Each of the partial.shape[0] chunks of rows accumulates into its own buffer (permuted order);
-    out[T, d] gets their sum in the natural order.
+    out[T, d] gets their sum in the natural order. keep: the row indices to compute (empty: all n_rows),
+    as kernels.ffn_bundles.
     """
     T, d = hp.shape
     nb = d // QB
     C = partial.shape[0]
+    m = keep.size if keep.size else n_rows
     for c in prange(C):
         acc = np.zeros((T, d), np.float32)
         ds = np.empty(nb, np.float32)
         ms = np.empty(nb, np.float32)
-        for r in range(c * n_rows // C, (c + 1) * n_rows // C):
+        for i in range(c * m // C, (c + 1) * m // C):
+            r = keep[i] if keep.size else i
             qr, sr = q[r], s[r]
             for t in range(T):
                 x = hp[t]

@@ -57,6 +57,13 @@ def test_relu_predictor_recall_on_held_out_tokens(calibrated):
         assert layer["rule"] == "threshold"
         assert layer["recall"] >= 0.95                   # goal 0.99 on training tokens
         assert layer["predicted_fraction"] < layer["true_fraction"] + 0.15
+        # the compute threshold (cached rows below it are skipped) sits below the rule's and keeps more
+        assert layer["compute_threshold"] <= layer["threshold"]
+        assert layer["compute_recall"] >= max(layer["recall"], 0.98)
+        assert layer["predicted_fraction"] <= layer["compute_fraction"] < 1.0
+    folder, _ = calibrated["opt"]
+    preds = load_predictors(folder, open_folder(folder).config)
+    assert [p.compute_threshold for p in preds] == [layer["compute_threshold"] for layer in report["layers"]]
 
 
 def test_swiglu_predictor_ranks_contributions(calibrated):

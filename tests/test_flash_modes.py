@@ -52,6 +52,18 @@ class OraclePredictor:
         return np.flatnonzero(active.any(axis=0)).astype(np.int32)
 
 
+class OracleComputeFilter(OraclePredictor):
+    """The oracle, also telling the FFN which cached rows a decode token may skip: its scores are the
+    true pre-activations and its compute threshold 0, so exactly the inactive ones."""
+
+    def predict(self, h):
+        self.last = (h @ self.up.T + self.bias)[0].astype(np.float32)
+        return super().predict(h)
+
+    def compute_filter(self):
+        return self.last, np.float32(0.0)
+
+
 def _fixed_bytes(folder, mode="naive"):
     f = open_folder(folder)
     return plan_memory(f, RuntimeConfig(mode=mode), activations=activation_bytes(f, compute_threads(None))).total
@@ -116,6 +128,27 @@ def test_flash_with_oracle_predictor_is_exact(opt_folder, capacity_fraction, pip
     assert ffn.io_counts()[0] >= misses * folder.bundles.stride_bytes
     if capacity_fraction < 1:
         assert 0 < st.overflow < misses, "small caches must stream the surplus, and only the surplus"
+    model.close()
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_cached_rows_the_filter_rules_out_are_skipped_exactly(opt_folder, pipeline):
+    """A decode token computes only the cached rows its predictor does not rule out (compute_filter):
+    with the oracle's filter (skip exactly the inactive neurons) the logits stay dense's, and rows were
+    skipped; a filter that rules out every cached row changes them (the filter is what decides)."""
+    ref, _, _ = _logits(opt_folder, kv_dtype="f32")
+    rt = RuntimeConfig(mode="flash", window=4, io="buffered", layer_io="sparse", kv_dtype="f32", pipeline=pipeline)
+    folder = open_folder(opt_folder)
+    oracles = _oracles(opt_folder)
+    filtered = [OracleComputeFilter(o.up, o.bias) for o in oracles]
+    model = Model(folder, rt, predictors=filtered)
+    np.testing.assert_allclose(_run_ids(model), ref, atol=1e-5)
+    assert model.ffn_backend.stats.cached_skipped > 0
+    model.close()
+    for f in filtered:
+        f.compute_filter = lambda f=f: (f.last, np.float32(np.inf))
+    model = Model(folder, rt, predictors=filtered)
+    assert np.abs(_run_ids(model)[6:] - ref[6:]).max() > 1e-3
     model.close()
 
 

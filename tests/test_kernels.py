@@ -58,9 +58,19 @@ def _ffn_reference(h, gate, up, down, bias, act, thr=0.0):
 
 
 # (act, FATReLU threshold): every FFN activation the kernels run
+ALL = np.zeros(0, np.int32)      # an FFN kernel's keep: every row
 ACTS = [(K.ACT_SILU, 0.0), (K.ACT_GELU_TANH, 0.0), (K.ACT_RELU_GATE, 0.0), (K.ACT_RELU_GATE, 0.4),
         (K.ACT_DRELU, 0.0), (K.ACT_DRELU, 0.3), (K.ACT_RELU, 0.0)]
 
+
+def test_select_rows_keeps_the_rows_scored_above_the_threshold():
+    rng = np.random.default_rng(5)
+    scores = rng.standard_normal(40).astype(np.float32)
+    neuron_of_row = rng.permutation(40)[:25].astype(np.int32)       # 25 cached rows of 40 neurons
+    out = np.full(40, -1, np.int32)
+    k = K.select_rows(scores, neuron_of_row, 20, np.float32(0.3), out)     # the first 20 rows are live
+    want = [r for r in range(20) if scores[neuron_of_row[r]] > 0.3]
+    assert 0 < len(want) < 20 and out[:k].tolist() == want and (out[k:] == -1).all()
 
 @pytest.mark.parametrize("act,thr", ACTS)
 @pytest.mark.parametrize("T", [1, 3])
@@ -83,12 +93,19 @@ def test_ffn_bundles_matches_numpy_in_any_row_order(act, thr, T):
     for perm in (np.arange(n, dtype=np.int32), rng.permutation(n).astype(np.int32)):
         r = np.ascontiguousarray(rows[perm])
         out = np.empty((T, d), np.float32)
-        K.ffn_bundles(h, r, n, perm, b, act, thr, *offs, np.zeros((3, T, d), np.float32), out)
+        K.ffn_bundles(h, r, n, perm, b, act, thr, *offs, np.zeros((3, T, d), np.float32), out, ALL)
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
     # only the first n_rows rows count: the rest of a cache matrix is free space
     out = np.empty((T, d), np.float32)
-    K.ffn_bundles(h, rows, 20, np.arange(n, dtype=np.int32), b, act, thr, *offs, np.zeros((2, T, d), np.float32), out)
+    K.ffn_bundles(h, rows, 20, np.arange(n, dtype=np.int32), b, act, thr, *offs, np.zeros((2, T, d), np.float32), out,
+                  ALL)
     np.testing.assert_allclose(out, _ffn_reference(h, gate[:20], up[:20], down[:, :20], bias[:20], act, thr),
+                               rtol=1e-4, atol=1e-4)
+    # keep: just these rows (any order, 3 chunks over 7 rows), as if the others were not there
+    keep = np.array([17, 2, 30, 5, 11, 29, 0], np.int32)
+    K.ffn_bundles(h, rows, n, np.arange(n, dtype=np.int32), b, act, thr, *offs, np.zeros((3, T, d), np.float32), out,
+                  keep)
+    np.testing.assert_allclose(out, _ffn_reference(h, gate[keep], up[keep], down[:, keep], bias[keep], act, thr),
                                rtol=1e-4, atol=1e-4)
     if swiglu:   # the gate-resident kernel: gate.h (and up.h) precomputed for every neuron
         g_pre, u_pre = h @ gate.T, h @ up.T

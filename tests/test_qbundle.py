@@ -116,7 +116,15 @@ def test_ffn_qbundles_matches_numpy_in_any_row_order(name, sd, act, thr, T):
         qr = np.concatenate([rows[perm], rng.integers(0, 255, (3, rows.shape[1]), dtype=np.uint8)])
         qv, sv = fmt.views(qr)
         QK.ffn_qbundles(permute_input(h), qv, sv, n_rows, perm, np.zeros(0, np.float32) if swiglu else bias,
-                        act, np.float32(thr), fmt.array(), starts, np.zeros((3, T, d), np.float32), out)
+                        act, np.float32(thr), fmt.array(), starts, np.zeros((3, T, d), np.float32), out,
+                        np.zeros(0, np.int32))
+        np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-4 * np.abs(ref).max())
+        # keep: only these rows, in any order (the cached rows a decode token computes)
+        keep = np.array([n_rows - 1, 0, n_rows // 2], np.int32)
+        sub = {k: v[perm[keep]] for k, v in vals.items()}
+        QK.ffn_qbundles(permute_input(h), qv, sv, n_rows, perm, np.zeros(0, np.float32) if swiglu else bias,
+                        act, np.float32(thr), fmt.array(), starts, np.zeros((3, T, d), np.float32), out, keep)
+        ref = _reference(h, sub, bias[perm[keep]], act, thr)
         np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-4 * np.abs(ref).max())
 
 

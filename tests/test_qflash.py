@@ -8,7 +8,7 @@ from flashlm.converters.convert import convert
 from flashlm.runtime.config import RuntimeConfig
 from flashlm.runtime.model import Model
 from flashlm.runtime.modelfile import open_folder
-from test_flash_modes import IDS, OraclePredictor, _logits
+from test_flash_modes import IDS, OracleComputeFilter, OraclePredictor, _logits
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +24,10 @@ def opt_q4(opt_src, tmp_path_factory):
     return out
 
 
-def _oracles(folder):
+def _oracles(folder, kind=OraclePredictor):
     """Oracle predictors from the quantized up rows' values (the rows the kernels compute with)."""
     dense = Model(open_folder(folder))
-    out = [OraclePredictor(dense.folder.bundles.decode_part(rows, "up"), dense.w[f"layers.{i}.ffn.up.bias"])
+    out = [kind(dense.folder.bundles.decode_part(rows, "up"), dense.w[f"layers.{i}.ffn.up.bias"])
            for i, rows in enumerate(dense.ffn_backend.layer_rows)]
     dense.close()
     return out
@@ -39,13 +39,15 @@ def test_q4_bundles_are_stored_quantized(opt_q4):
     assert b.row_bytes == 2 * 2 * 18 and b.stride_bytes == 128       # 2 parts of 2 blocks, padded to 2^k
 
 
+@pytest.mark.parametrize("kind", [OraclePredictor, OracleComputeFilter])
 @pytest.mark.parametrize("capacity_fraction", [1.0, 0.3])
-def test_flash_with_oracle_over_q4_bundles_equals_dense_q4(opt_q4, capacity_fraction):
+def test_flash_with_oracle_over_q4_bundles_equals_dense_q4(opt_q4, capacity_fraction, kind):
+    """(OracleComputeFilter: decode tokens also skip the cached rows of inactive neurons, exactly.)"""
     # f32 KV caches: with the f16 default a 1e-7 difference of FFN summation order can flip one rounding.
     ref, _, _ = _logits(opt_q4, kv_dtype="f32")                       # dense: the same bundles all resident
     folder = open_folder(opt_q4)
     model = Model(folder, RuntimeConfig(mode="flash", window=2, io="buffered", layer_io="sparse", kv_dtype="f32"),
-                  predictors=_oracles(opt_q4))
+                  predictors=_oracles(opt_q4, kind))
     ffn = model.ffn_backend
     # the caches hold the rows' 72 bytes of parts (rounded to 80), not the file's 128-byte stride
     assert all(c.rows.shape[1] == folder.bundles.cache_row_bytes == 80 for c in ffn.caches)
@@ -58,6 +60,8 @@ def test_flash_with_oracle_over_q4_bundles_equals_dense_q4(opt_q4, capacity_frac
     np.testing.assert_allclose(np.concatenate([pre, np.stack(dec)]), ref, atol=1e-5)
     st = ffn.stats
     assert st.wanted > 0 and 0 < st.hits < st.wanted
+    # (caches at 30% keep little beyond each token's own rows: nothing left to skip there)
+    assert (st.cached_skipped > 0) == (kind is OracleComputeFilter and capacity_fraction == 1)
     assert ffn.reader.stats.bytes_read >= (st.wanted - st.hits) * folder.bundles.stride_bytes * \
         (0.99 if capacity_fraction == 1 else 0)
     if capacity_fraction < 1:

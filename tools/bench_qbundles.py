@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     def quant():
         for i in range(L):
             q, s = fmt.views(qrows[i])
-            QK.ffn_qbundles(permute_input(h, hp), q, s, n, ids, bias, K.ACT_RELU, np.float32(0), fa, starts, partial, out)
+            QK.ffn_qbundles(permute_input(h, hp), q, s, n, ids, bias, K.ACT_RELU, np.float32(0), fa, starts, partial, out, np.zeros(0, np.int32))
         return 0.0
 
     def widen():
@@ -94,12 +94,12 @@ def main(argv=None) -> int:
             # admitted rows are appended at the end of the live rows (neuron_cache), a contiguous block
             QK.widen_rows_f16(q, s, src, args.misses, fa, starts[[0, 2]], d, wrows[i][n - args.misses:])
             t_w += time.perf_counter() - t0
-            K.ffn_bundles(permute_input(h, hp), wrows[i], n, ids, bias, K.ACT_RELU, np.float32(0), 0, 0, d, partial, out)
+            K.ffn_bundles(permute_input(h, hp), wrows[i], n, ids, bias, K.ACT_RELU, np.float32(0), 0, 0, d, partial, out, np.zeros(0, np.int32))
         return t_w
 
     def plain_f16():
         for i in range(L):
-            K.ffn_bundles(h, frows[i], n, ids, bias, K.ACT_RELU, np.float32(0), 0, 0, d, partial, out)
+            K.ffn_bundles(h, frows[i], n, ids, bias, K.ACT_RELU, np.float32(0), 0, 0, d, partial, out, np.zeros(0, np.int32))
         return 0.0
 
     variants = {"quant": quant, "widen": widen, "f16": plain_f16}
