@@ -678,9 +678,9 @@ class FlashFFN(FFNBackend):
     def _cached_rows_to_compute(self, pred, cache, n_valid):
         """For one decode token, the cached rows (< n_valid) whose neuron the predictor does not rule out
         (LayerPredictor.compute_filter): NO_ROWS to compute all of them, None for none.
-        The window holds every neuron of its last tokens, several times what one token fires (the
-        7B-class synthetic model: ~3000-4000 rows a layer against ~580 predicted), and the kernel pays a
-        dot product for each."""
+        The window holds every neuron of its last tokens, several times what one token fires, and the
+        kernel pays a dot product for each (the 7B-class synthetic model at 50%, window 8: ~2300 rows a
+        layer held, ~70% of them below the threshold; docs/BENCHMARKS.md, session 11)."""
         filt = getattr(pred, "compute_filter", None)
         filt = filt() if filt is not None else None
         if filt is None or not n_valid:
