@@ -8,8 +8,8 @@ Each window starts from an empty KV cache, as `flashlm ppl` does (`--ctx 0`: one
 text, flashlm's default for this file; `--ctx 512`: windows of 512 tokens). The ids are flashlm's
 tokenization, fed to llama.cpp as they are, so both engines score exactly the same tokens. llama.cpp runs
 its own kernels on the GGUF (for Q4_1 weights: activations quantized to Q8_1, int8 blocks of 32, as
-flashlm's MatMulNBits do under `--activations int8`; `mixed` keeps q|k|v f32, the default `auto` takes mixed on AVX-512 and int8 elsewhere); `--dtype f16`
-is the exact reference. The quantized conversions run once per `--activations` policy. One table:
+flashlm's MatMulNBits do under `--activations int8`; `mixed` keeps q|k|v f32; the default `auto` takes
+mixed on AVX-512 and int8 elsewhere); `--dtype f16` is the exact reference. The quantized conversions run once per `--activations` policy. One table:
 perplexity per engine and window, and each one's change against flashlm f16. Needs `pip install
 llama-cpp-python`.
 """
