@@ -370,7 +370,8 @@ def test_threads_exit_on_close_and_on_gc(files, data_dir):
     assert len({t for t in threading.enumerate() if t.name.startswith("flashlm-reader")} - before) == 5
     r.close()
     r.close()                                          # idempotent
-    assert {t for t in threading.enumerate() if t.name.startswith("flashlm-reader")} == before
+    # (<= before: an earlier test's reader, collected meanwhile, may have stopped too)
+    assert {t for t in threading.enumerate() if t.name.startswith("flashlm-reader")} <= before
     with pytest.raises(ValueError, match="closed"):
         r.read_rows(0, [0], np.zeros((1, 4096), np.uint8), [0])
 
@@ -383,7 +384,7 @@ def test_threads_exit_on_close_and_on_gc(files, data_dir):
     for t in threading.enumerate():
         if t.name.startswith("flashlm-reader") and t not in before:
             t.join(timeout=5)
-    assert {t for t in threading.enumerate() if t.name.startswith("flashlm-reader")} == before
+    assert {t for t in threading.enumerate() if t.name.startswith("flashlm-reader")} <= before
 
 
 def test_concurrent_calls(files, data_dir):
