@@ -131,7 +131,6 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
     plan = plan_memory(folder, rt, activations=activation_bytes(folder, threads), costs=costs,
                        calibration=calibration, runtime_bytes=runtime_bytes, ram_bytes=ram or None)
     state = RunState(c, PREFILL_CHUNK)
-    sparse = plan.layers_placed(Placement.SPARSE)
     emb = folder.dense["tok_embeddings"]
     # Embedding rows read per token: an untied matrix is never read into memory; a tied quantized one is
     # (onnxruntime's lm_head session takes it), and the model drops it once the session holds its copy.
@@ -150,9 +149,9 @@ def build(folder: ModelFolder, rt: RuntimeConfig, *, predictors=None) -> ModelPa
     # The gate-resident layout's W_gate: a dense tensor the FFN kernel and the gate selectors share.
     gates, ups = ([weights[resident_part_name(i, part)] for i in range(c.n_layers)] if part in folder.bundles.resident
                   else None for part in ("gate", "up"))
-    if sparse and predictors is None:
+    if plan.predictor_layers and predictors is None:
         from .predictor import load_predictors
-        predictors = load_predictors(folder.path, c, sparse, state, gate_rows=gates, up_rows=ups)
+        predictors = load_predictors(folder.path, c, plan.predictor_layers, state, gate_rows=gates, up_rows=ups)
     biases = [weights.get(f"layers.{i}.ffn.up.bias") for i in range(c.n_layers)]
     row_crc = (RowCheck(weights[ROW_CRC_TENSOR], folder.file(folder.bundles.file), folder.bundles.stride_bytes)
                if rt.verify_reads and ROW_CRC_TENSOR in weights else None)

@@ -68,7 +68,7 @@ class FFNStats:
     wanted: int = 0          # neurons the predictors asked for (sum over sparse layers and tokens)
     hits: int = 0            # ... of which already resident
     overflow: int = 0        # ... of which found no cache row and streamed through the buffers
-    cached_skipped: int = 0  # cached rows a decode token did not compute: scored below the compute threshold
+    cached_skipped: int = 0  # cached or resident rows a decode token skipped (below the compute threshold)
     streamed_layers: int = 0  # layer-steps that read a whole layer (planned STREAM or the sparse fallback)
     stream_bytes: int = 0    # whole-layer reads of planned STREAM layers: bytes ...
     stream_read_s: float = 0.0  # ... and the summed duration of those reads (their rate vs the disk's sequential rate;
@@ -605,8 +605,12 @@ class FlashFFN(FFNBackend):
         if layer in self.resident:
             self._look_ahead(layer, h)
             rows = self.resident[layer]
+            keep = self._resident_rows_to_compute(layer, h, rows.shape[0]) if h.shape[0] == 1 else NO_ROWS
             t0 = time.perf_counter()
-            self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out)
+            if keep is None:
+                out[:] = 0.0
+            else:
+                self.kernel(h, rows, rows.shape[0], self.all_neurons, self.biases[layer], out, keep)
             self.stats.ffn_s += time.perf_counter() - t0
         elif layer in self.streamed:
             self._look_ahead(layer, h)
@@ -689,6 +693,24 @@ class FlashFFN(FFNBackend):
             self.keep = np.zeros(cache.rows.shape[0], np.int32)       # once: the cache's capacity
         k = K.select_rows(filt[0], cache.neuron_of_row, n_valid, filt[1], self.keep)
         self.stats.cached_skipped += n_valid - k
+        return self.keep[:k] if k else None
+
+    def _resident_rows_to_compute(self, layer, h, n_rows):
+        """A resident layer's rows (row i holds neuron i) that a decode token computes: those its predictor
+        does not rule out, where the plan kept one for it (MemoryPlan.predictor_layers); else NO_ROWS, all."""
+        pred = self.predictors[layer] if self.predictors is not None else None      # (hybrid: none)
+        if pred is None or getattr(pred, "compute_filter", None) is None:
+            return NO_ROWS
+        t0 = time.perf_counter()
+        pred.predict(h)                      # scores every neuron (the selection itself is not used)
+        filt = pred.compute_filter()
+        self.stats.predict_s += time.perf_counter() - t0
+        if filt is None:
+            return NO_ROWS
+        if len(self.keep) < n_rows:
+            self.keep = np.zeros(n_rows, np.int32)
+        k = K.select_rows(filt[0], self.all_neurons, n_rows, filt[1], self.keep)
+        self.stats.cached_skipped += n_rows - k
         return self.keep[:k] if k else None
 
     # -- lookahead

@@ -99,6 +99,8 @@ class MemoryPlan:
     activations: int              # the run state and kernel scratch, as allocated
     layers: list[LayerPlan] = field(default_factory=list)   # where each layer's FFN rows live
     predictors: int = 0
+    predictor_layers: list[int] = field(default_factory=list)   # layers whose predictor is loaded (and counted):
+    #                               the sparse ones, and resident ones that skip rows by a compute threshold
     scratch: int = 0              # streaming buffers (both halves) and the mapped layer
     ffn_resident: int = 0         # neuron caches + resident layers
     window: int = 0               # sparse layers: sliding window (tokens); the largest where layers differ
@@ -287,6 +289,11 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
     _, layer_bytes = whole_layer_bytes(x.folder)
     pred = x.calibration.predictor_bytes
     stats = x.calibration.report.get("layers") or [{} for _ in range(c.n_layers)]
+    # A resident layer may keep its predictor, where it has a compute threshold: a decode token then
+    # computes only the rows above it (runtime/ffn.py), not all n_ff (the q4 synthetic model at 50%: its 3
+    # resident layers were ~60% of the FFN kernels' rows). The placement is planned with those predictors
+    # counted and without; the first wins unless the flash time it adds exceeds the compute it saves.
+    resident_pred = [pred[i] if stats[i].get("compute_threshold") is not None else 0 for i in range(c.n_layers)]
     n_pin = int(rt.pin * c.n_ff)
     # Two buffers of >= 64 rows for the sparse layers' overflow and fallback streams; more than two
     # layers' worth of rows would never fill.
@@ -327,19 +334,26 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
                 r = None if room is None else room - buffers - scratch
                 if (r is not None and r < 0) or (not scratch and rt.layer_io == "sparse"):
                     continue
-                kinds, wins, mem, cost = _greedy(c.n_layers, r, layer_bytes, costs.layer_stream_s,
-                                                 [[sparse_option(i, k) for k in ks] for i in range(c.n_layers)],
-                                                 rt.layer_io if scratch else "stream")
-                if ("stream" in kinds) != bool(buffers) or ("sparse" in kinds) != bool(scratch):
-                    continue
-                if best is None or cost < best[2] - 1e-9:
-                    best = (kinds, mem, cost, wins, buffers, scratch, stream_rows if buffers else 0, max(ks))
+                # Resident layers with their predictors first (kept on a tie of flash time), then without
+                for resident_bytes, with_pred in (([layer_bytes + p for p in resident_pred], True),
+                                                  ([layer_bytes] * c.n_layers, False)):
+                    kinds, wins, mem, cost = _greedy(c.n_layers, r, resident_bytes, costs.layer_stream_s,
+                                                     [[sparse_option(i, k) for k in ks] for i in range(c.n_layers)],
+                                                     rt.layer_io if scratch else "stream")
+                    if ("stream" in kinds) != bool(buffers) or ("sparse" in kinds) != bool(scratch):
+                        continue
+                    # what the predictors save: the rows of their resident layers a token no longer computes
+                    saved = sum(costs.rows_compute_s(c.n_ff * (1.0 - stats[i].get("compute_fraction", 1.0)))
+                                for i in range(c.n_layers) if with_pred and kinds[i] == "resident" and resident_pred[i])
+                    if best is None or cost - saved < best[-1] - 1e-9:
+                        best = (kinds, mem, cost, wins, buffers, scratch, stream_rows if buffers else 0, max(ks),
+                                with_pred, cost - saved)
     if best is None:
         raise BudgetError(f"budget {_mib(plan.budget)} is too small for flash mode: after the fixed parts "
                           f"({_mib(plan.total)}) it cannot hold the streaming buffers "
                           f"({_mib(stream_ring_bytes(x.folder, ring_rows[-1]))}) "
                           f"nor every layer's predictor and cache; raise --budget or lower --ctx")
-    kinds, _, cost, wins, buffers, scratch, stream_rows, window = best
+    kinds, _, cost, wins, buffers, scratch, stream_rows, window, with_pred, _ = best
     # Resident and streamed layers cost the same wherever they sit, so the greedy's choice among them is
     # by index; space the resident ones evenly among the others, as hybrid does (`spread`), so the
     # readers of the streamed layers keep reading ahead while a resident layer computes.
@@ -354,10 +368,19 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
     mixed = len(sparse_wins) > 1
     caps = [min(c.n_ff, n_pin + stats[i].get("windows", {}).get(str(wins[i]), {}).get("max_held", c.n_ff))
             if kinds[i] == "sparse" else 0 for i in range(c.n_layers)]
-    plan.predictors = sum(pred[i] for i in range(c.n_layers) if kinds[i] == "sparse")
+    plan.predictor_layers = [i for i in range(c.n_layers) if kinds[i] == "sparse"]
+    plan.predictors = sum(pred[i] for i in plan.predictor_layers)
     n_resident = kinds.count("resident")
     plan.ffn_resident = sum(caps) * cache_row + n_resident * layer_bytes
     room = None if room is None else room - buffers - scratch
+    # Resident layers' predictors: all where the placement counted them, else those the room left holds.
+    left = None if room is None else room - plan.ffn_resident - plan.predictors
+    for i in range(c.n_layers):
+        if kinds[i] == "resident" and resident_pred[i] and (with_pred or left is None or pred[i] <= left):
+            plan.predictor_layers.append(i)
+            plan.predictors += pred[i]
+            left = None if left is None else left - pred[i]
+    plan.predictor_layers.sort()
     if room is not None and plan.ffn_resident + plan.predictors > room:
         # Forced sparse everywhere (layer_io="sparse") with too little room: shrink every cache alike.
         share = (room - plan.predictors) / max(1, sum(caps) * cache_row)
@@ -372,9 +395,10 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
     plan.speeds_source = costs.source
 
 
-def _greedy(n_layers, room, layer_bytes, stream_s, sparse, layer_io):
+def _greedy(n_layers, room, resident_bytes, stream_s, sparse, layer_io):
     """Start with every layer streamed; upgrade the layer that saves most time per extra byte until
-    the room is used. sparse[i] = [(bytes, seconds per token, window), ...]: running layer i sparse at each
+    the room is used. resident_bytes[i]: layer i kept resident (its rows, with its predictor where the
+    plan counts one); sparse[i] = [(bytes, seconds per token, window), ...]: running layer i sparse at each
     window the plan may give it (a sparse layer may move up to a larger window, or to resident, later).
     Returns (kinds, windows (0 where not sparse), bytes, seconds)."""
     if layer_io == "sparse":         # every layer sparse, at the (one) window
@@ -388,7 +412,7 @@ def _greedy(n_layers, room, layer_bytes, stream_s, sparse, layer_io):
     while True:
         choice = None
         for i in range(n_layers):
-            options = [("resident", layer_bytes, 0.0, 0)]
+            options = [("resident", resident_bytes[i], 0.0, 0)]
             if layer_io == "auto" and kinds[i] != "resident":
                 options += [("sparse", *o) for o in sparse[i]]
             for kind, m, t, w in options:

@@ -152,6 +152,26 @@ def test_cached_rows_the_filter_rules_out_are_skipped_exactly(opt_folder, pipeli
     model.close()
 
 
+def test_resident_layers_keep_their_predictor_and_skip_rows_exactly(opt_folder):
+    """Flash with room for every layer resident: the plan keeps each layer's predictor (it has a compute
+    threshold), counted in the plan, and a decode token computes only the rows its filter leaves (the
+    oracle's: exactly the active ones), so the logits stay dense's; without a filter every row runs."""
+    ref, _, _ = _logits(opt_folder, kv_dtype="f32")
+    folder = open_folder(opt_folder)
+    rt = RuntimeConfig(mode="flash", io="buffered", kv_dtype="f32")
+    model = Model(folder, rt)                                  # its own calibrated predictors
+    plan = model.plan
+    model.close()
+    assert plan.resident_layers == list(range(folder.config.n_layers))
+    assert plan.predictor_layers == plan.resident_layers and plan.predictors > 0
+    oracles = _oracles(opt_folder)
+    for kind, skips in ((OracleComputeFilter, True), (OraclePredictor, False)):
+        model = Model(folder, rt, predictors=[kind(o.up, o.bias) for o in oracles])
+        np.testing.assert_allclose(_run_ids(model), ref, atol=1e-5)
+        assert (model.ffn_backend.stats.cached_skipped > 0) == skips
+        model.close()
+
+
 def test_flash_reads_far_less_than_naive(opt_folder):
     _, naive, m1 = _logits(opt_folder, mode="naive", io="buffered")
     # (without the pipeline: on this tiny random model the lookahead's guesses are poor and over-fetch)
@@ -200,7 +220,7 @@ def test_parse_budget_rejects_garbage():
 
 def test_planner_chooses_sparse_only_where_it_saves_flash_time():
     from flashlm.runtime.memory import _greedy
-    layer, stream_s = 1000, 1.0
+    layer, stream_s = [1000] * 4, 1.0     # resident bytes per layer
     cheap = [[(300, 0.1, 4)]] * 4     # ReLU-like: small window cache, few misses (window 4)
     costly = [[(300, 1.2, 4)]] * 4    # dense-ish SwiGLU on slow random reads: worse than streaming
     kinds, wins, mem, cost = _greedy(4, 1200, layer, stream_s, cheap, "auto")
@@ -217,6 +237,9 @@ def test_planner_chooses_sparse_only_where_it_saves_flash_time():
     assert kinds == ["sparse"] * 4 and sorted(wins) == [4, 4, 8, 8] and mem == 1600 and cost == pytest.approx(1.0)
     kinds, wins, mem, _ = _greedy(4, 2000, layer, stream_s, two, "auto")
     assert wins == [8] * 4 and mem == 2000
+    # a resident layer counted with its predictor costs its bytes too
+    kinds, _, mem, _ = _greedy(4, 4000, [1000, 1000, 1100, 1000], stream_s, cheap, "auto")
+    assert kinds.count("resident") == 3 and kinds[2] == "sparse" and mem == 3300
 
 
 @pytest.mark.parametrize("mode, extra", [("naive", {}), ("flash", {"layer_io": "sparse", "window": 1})])
