@@ -183,12 +183,7 @@ class DeviceProfile:
         A kind the profile lacks follows the DRAM bound: read GB/s / bytes per weight."""
         if kind in self.compute_gweights_s:
             return _interp(self.compute_threads, self.compute_gweights_s[kind], threads)
-        if kind.startswith("numba-bundle-"):     # the FFN row kernel
-            # Quantized rows without their own figure: the f16 row kernel's weight rate, not the DRAM bound of
-            # their fewer bytes, which the kernel does not reach (it splits its blocks in f32: 600 q4_0 rows x 32
-            # layers 14.7 ms against f16's 12.7, tools/bench_qbundles.py, session 11; the DRAM bound said 4.4x).
-            if "numba-bundle-f16" in self.compute_gweights_s:
-                return self.matvec_gweights_s("numba-bundle-f16", threads)
+        if kind.startswith("numba-bundle-"):     # the FFN row kernel: else the dense matmul's figure
             return self.matvec_gweights_s("numba-" + kind[len("numba-bundle-"):], threads, bytes_per_weight)
         known = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "int8": 1.0625, "int4": 0.5625}
         per_weight = bytes_per_weight or known.get(kind.split("-", 1)[-1])

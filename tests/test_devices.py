@@ -55,12 +55,6 @@ def test_interpolation_hand_computed():
     assert p.matvec_gweights_s("numba-f16", 2) == pytest.approx(4.0)
     # a kind without figures follows the DRAM bound: 11 GB/s over 4 bytes per f32 weight
     assert p.matvec_gweights_s("numba-f32", 4) == pytest.approx(11.0 / 4)
-    # quantized bundle rows: the f16 row kernel's weight rate where the profile has it, else the DRAM bound
-    assert p.matvec_gweights_s("numba-bundle-q4_0.lanes", 4, 0.5625) == pytest.approx(11.0 / 0.5625)
-    data = copy.deepcopy(GOOD)
-    data["compute"]["gweights_s"]["numba-bundle-f16"] = [3.0] * len(data["compute"]["threads"])
-    q = D.parse_profile(data)
-    assert q.matvec_gweights_s("numba-bundle-q4_0.lanes", 2, 0.5625) == pytest.approx(3.0)
     # FlashSpeeds at 4 threads gives the same time per 16 KiB read
     assert p.flash_speeds(4).random_seconds(16384) == pytest.approx(t16)
 
