@@ -689,11 +689,7 @@ class FlashFFN(FFNBackend):
         filt = filt() if filt is not None else None
         if filt is None or not n_valid:
             return NO_ROWS
-        if len(self.keep) < n_valid:
-            self.keep = np.zeros(cache.rows.shape[0], np.int32)       # once: the cache's capacity
-        k = K.select_rows(filt[0], cache.neuron_of_row, n_valid, filt[1], self.keep)
-        self.stats.cached_skipped += n_valid - k
-        return self.keep[:k] if k else None
+        return self._rows_above(filt, cache.neuron_of_row, n_valid, cache.rows.shape[0])
 
     def _resident_rows_to_compute(self, layer, h, n_rows):
         """A resident layer's rows (row i holds neuron i) that a decode token computes: those its predictor
@@ -707,9 +703,14 @@ class FlashFFN(FFNBackend):
         self.stats.predict_s += time.perf_counter() - t0
         if filt is None:
             return NO_ROWS
+        return self._rows_above(filt, self.all_neurons, n_rows, n_rows)
+
+    def _rows_above(self, filt, neuron_of_row, n_rows, capacity):
+        """The rows < n_rows whose neuron scores above the filter's threshold (filt: compute_filter's
+        (scores, threshold)), in self.keep (grown once to `capacity` rows); None where no row is."""
         if len(self.keep) < n_rows:
-            self.keep = np.zeros(n_rows, np.int32)
-        k = K.select_rows(filt[0], self.all_neurons, n_rows, filt[1], self.keep)
+            self.keep = np.zeros(capacity, np.int32)
+        k = K.select_rows(filt[0], neuron_of_row, n_rows, filt[1], self.keep)
         self.stats.cached_skipped += n_rows - k
         return self.keep[:k] if k else None
 

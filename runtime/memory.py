@@ -294,6 +294,8 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
     # resident layers were ~60% of the FFN kernels' rows). The placement is planned with those predictors
     # counted and without; the first wins unless the flash time it adds exceeds the compute it saves.
     resident_pred = [pred[i] if stats[i].get("compute_threshold") is not None else 0 for i in range(c.n_layers)]
+    resident_variants = ([([layer_bytes + p for p in resident_pred], True)] if any(resident_pred) else []) + \
+        [([layer_bytes] * c.n_layers, False)]          # (without any threshold the two would be one plan)
     n_pin = int(rt.pin * c.n_ff)
     # Two buffers of >= 64 rows for the sparse layers' overflow and fallback streams; more than two
     # layers' worth of rows would never fill.
@@ -335,8 +337,7 @@ def _rule_flash(plan: MemoryPlan, x: _Inputs) -> None:
                 if (r is not None and r < 0) or (not scratch and rt.layer_io == "sparse"):
                     continue
                 # Resident layers with their predictors first (kept on a tie of flash time), then without
-                for resident_bytes, with_pred in (([layer_bytes + p for p in resident_pred], True),
-                                                  ([layer_bytes] * c.n_layers, False)):
+                for resident_bytes, with_pred in resident_variants:
                     kinds, wins, mem, cost = _greedy(c.n_layers, r, resident_bytes, costs.layer_stream_s,
                                                      [[sparse_option(i, k) for k in ks] for i in range(c.n_layers)],
                                                      rt.layer_io if scratch else "stream")

@@ -622,6 +622,7 @@ def probe_bundle_kernel(threads: tuple[int, ...], seconds: float, d: int = 1024,
     ids = np.arange(n_rows, dtype=np.int32)
     bias = np.zeros(n_rows, np.float32)
     out = np.empty((1, d), np.float32)
+    every_row = np.zeros(0, np.int32)          # the kernel's `keep`: no subset
     res = {}
     for t in threads:
         set_threads(t)
@@ -629,7 +630,8 @@ def probe_bundle_kernel(threads: tuple[int, ...], seconds: float, d: int = 1024,
         k = [0]
 
         def step():
-            ffn_bundles(h, mats[k[0] % copies], n_rows, ids, bias, ACT_RELU, np.float32(0), 0, 0, d, partial, out, np.zeros(0, np.int32))
+            ffn_bundles(h, mats[k[0] % copies], n_rows, ids, bias, ACT_RELU, np.float32(0), 0, 0, d, partial, out,
+                        every_row)
             k[0] += 1
         res[t] = n_rows * 2 * d / _timed(step, seconds) / 1e9
     set_threads(None)
